@@ -1,0 +1,20 @@
+"""shardopt's own error types.
+
+Optimizer misuse raises what torch.optim raises (``ValueError``, ``TypeError``) with torch's
+phrasing; the types here cover what only a distributed optimizer can get wrong. Later layers
+(the gRPC gateway) map each to one status code.
+"""
+
+from __future__ import annotations
+
+
+class ShardoptError(RuntimeError):
+    """Base class of shardopt's own errors."""
+
+
+class ShardUnavailableError(ShardoptError):
+    """A shard actor died or cannot be reached, and the request could not be served."""
+
+
+class OptimizerClosedError(ShardoptError):
+    """The optimizer was closed; its shards are released."""

@@ -1,0 +1,518 @@
+"""The client-side proxy: a real ``torch.optim.Optimizer`` whose state lives on Ray shards.
+
+:class:`ShardedOptimizer` keeps the user's ``param_groups`` (their own tensors, every option torch
+would show) and nothing else of the optimizer: the master copy of each parameter and all optimizer
+state live on shard actors (:mod:`shardopt.shard`), placed by :mod:`shardopt.plan`. A step packs
+each shard's gradients into one flat buffer, the shards update in parallel with torch's own
+optimizer, and the new values are copied back into the user's tensors in place.
+
+Talks to: shard hosts through Ray (:mod:`shardopt.runtime`), with the records of
+:mod:`shardopt.records` and the buffers of :mod:`shardopt.buffers`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+import weakref
+from collections.abc import Callable, Iterable
+from copy import deepcopy
+from itertools import chain
+from typing import Any
+
+import ray
+import torch
+
+from shardopt.buffers import FlatLayout, pack_tree, readonly_tensor, to_numpy, unpack_tree
+from shardopt.errors import OptimizerClosedError, ShardUnavailableError
+from shardopt.plan import ShardPlan
+from shardopt.records import (
+    ParamBlock,
+    ParamUpdate,
+    ShardSpec,
+    ShardStatus,
+    SparseGrad,
+    StepRequest,
+)
+from shardopt.runtime import ensure_ray, host_pool
+from shardopt.state_view import ShardStateView
+
+logger = logging.getLogger(__name__)
+
+_NOT_OPTIONS = ("params", "param_names")
+
+
+def _group_options(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group's hyperparameters: everything but the tensors and their names."""
+    return {k: v for k, v in group.items() if k not in _NOT_OPTIONS}
+
+
+def _copy_param_groups(params: list[Any]) -> list[Any]:
+    """Copies the user's group dicts so that validating with a throwaway optimizer mutates none."""
+    return [
+        {**g, "params": g["params"] if isinstance(g["params"], torch.Tensor) else list(g["params"])}
+        if isinstance(g, dict)
+        else g
+        for g in params
+    ]
+
+
+def ray_get(refs: Any) -> Any:
+    """``ray.get`` that re-raises a shard's own exception and names a lost shard."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from None
+        raise
+    except ray.exceptions.RayActorError as err:
+        raise ShardUnavailableError(f"a shard actor is unavailable: {err}") from err
+
+
+def _drop_shards(hosts: list[Any], keys: list[str]) -> None:
+    """Releases an optimizer's shards (run by close() or when the optimizer is collected)."""
+    host_pool.release(hosts)
+    if not ray.is_initialized():
+        return
+    for host, key in zip(hosts, keys):
+        try:
+            host.drop.remote(key)
+        except Exception:  # the cluster is going away
+            pass
+
+
+def default_num_shards() -> int:
+    """One shard per GPU where the cluster has GPUs, else one per alive node."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus >= 1:
+        return gpus
+    return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """Any ``torch.optim`` optimizer, with its state and master parameters sharded on Ray actors.
+
+    Behaves as ``optimizer_class(params, **defaults)`` would, step for step and in its
+    ``state_dict`` format, while each shard actor runs ``optimizer_class`` over its share of the
+    parameters (whole tensors, balanced by bytes).
+
+    Args:
+        params: the parameters, or dicts defining param groups, or ``(name, tensor)`` pairs,
+            exactly as for ``torch.optim``.
+        optimizer_class: a ``torch.optim.Optimizer`` subclass (torch's or your own).
+        num_shards: how many shards; by default one per GPU in the cluster, else one per node.
+        actor_options: options for the shard actors (``ray.remote(...).options(**actor_options)``),
+            e.g. ``{"num_gpus": 1}`` to run each shard on its own GPU.
+        **defaults: ``optimizer_class``'s hyperparameters.
+
+    Raises:
+        TypeError: ``optimizer_class`` is not a torch optimizer class.
+        ValueError: ``num_shards < 1``, or a hyperparameter ``optimizer_class`` rejects.
+
+    Example:
+        >>> import torch, shardopt
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = shardopt.ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3,
+        ...                                 num_shards=2)
+        >>> model(torch.randn(8, 4)).sum().backward()
+        >>> opt.step()
+        >>> opt.close()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        optimizer_class: type[torch.optim.Optimizer],
+        *,
+        num_shards: int | None = None,
+        actor_options: dict[str, Any] | None = None,
+        **defaults: Any,
+    ) -> None:
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+            raise TypeError(
+                f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}"
+            )
+        if issubclass(optimizer_class, torch.optim.LBFGS):
+            raise NotImplementedError(
+                "LBFGS needs global dot products across shards and is not sharded yet; "
+                "use torch.optim.LBFGS"
+            )
+        if num_shards is not None and (not isinstance(num_shards, int) or num_shards < 1):
+            raise ValueError(f"Invalid num_shards: {num_shards} (must be an int >= 1)")
+        if isinstance(params, torch.Tensor):
+            raise TypeError(
+                "params argument given to the optimizer should be "
+                "an iterable of Tensors or dicts, but got " + torch.typename(params)
+            )
+        params = list(params)
+        # The real class validates every hyperparameter with torch's own errors and tells us its
+        # full defaults. It creates no state worth keeping (Adagrad's is dropped right here).
+        template = optimizer_class(_copy_param_groups(params), **defaults)
+        full_defaults = dict(template.defaults)
+        del template
+
+        self.optimizer_class = optimizer_class
+        self._shard_defaults = dict(defaults)
+        self._actor_options = dict(actor_options or {})
+        self._closed = False
+        self._shards_ready = False
+        super().__init__(params, full_defaults)
+
+        ensure_ray()
+        self._num_shards = num_shards or default_num_shards()
+        self._plan = ShardPlan.empty(self._num_shards)
+        self._layouts = [FlatLayout.for_specs([]) for _ in range(self._num_shards)]
+        self._shard_params: list[list[int]] = [[] for _ in range(self._num_shards)]
+        self._local: list[tuple[int, int]] = []  # global id -> (shard, local index)
+        self._ids_by_tensor: dict[int, int] = {}
+        self._versions: list[tuple[int, int]] = []
+        self._state_order: dict[int, None] = {}
+        self._next_step_id = 0
+        self._start_shards()
+        self.state = ShardStateView(self)
+
+    # ----- the parameters -------------------------------------------------------------------
+
+    def _flat_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _param_id(self, param: object) -> int | None:
+        return self._ids_by_tensor.get(id(param))
+
+    @property
+    def plan(self) -> ShardPlan:
+        """Which shard owns which parameter (global ids in param_groups order)."""
+        return self._plan
+
+    @property
+    def num_shards(self) -> int:
+        return self._num_shards
+
+    def _record_version(self, pid: int, p: torch.Tensor) -> None:
+        self._versions[pid] = (p._version, p.data_ptr())
+
+    def _place(self, new_params: list[torch.Tensor], groups: list[int]) -> list[ParamBlock]:
+        """Assigns new parameters to shards and returns each shard's block of initial values."""
+        first = len(self._local)
+        self._plan = self._plan.extended([p.numel() * p.element_size() for p in new_params])
+        self._local.extend([(-1, -1)] * len(new_params))
+        blocks = []
+        for s in range(self._num_shards):
+            picks = [j for j in range(len(new_params)) if self._plan.owners[first + j] == s]
+            tensors = [new_params[j] for j in picks]
+            layout = FlatLayout.for_tensors(tensors)
+            blocks.append(
+                ParamBlock(
+                    param_ids=tuple(first + j for j in picks),
+                    group_indices=tuple(groups[j] for j in picks),
+                    layout=layout,
+                    values=to_numpy(layout.pack([t.detach().cpu() for t in tensors])),
+                )
+            )
+            base = len(self._shard_params[s])
+            for k, j in enumerate(picks):
+                self._shard_params[s].append(first + j)
+                self._local[first + j] = (s, base + k)
+            self._layouts[s] = self._layouts[s].extended(list(zip(layout.shapes, layout.dtypes)))
+        for j, p in enumerate(new_params):
+            self._ids_by_tensor[id(p)] = first + j
+            self._versions.append((p._version, p.data_ptr()))
+        return blocks
+
+    def _start_shards(self) -> None:
+        params = self._flat_params()
+        groups = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
+        blocks = self._place(params, groups)
+        options = tuple(_group_options(g) for g in self.param_groups)
+        self._hosts = host_pool.acquire(self._num_shards, self._actor_options)
+        owner = host_pool.new_owner_key()
+        self._keys = [f"{owner}/{s}" for s in range(self._num_shards)]
+        self._finalizer = weakref.finalize(self, _drop_shards, self._hosts, self._keys)
+        specs = [
+            ShardSpec(self.optimizer_class, self._shard_defaults, options, blocks[s])
+            for s in range(self._num_shards)
+        ]
+        initial = ray_get(
+            [h.create.remote(k, s, specs[s]) for s, (h, k) in enumerate(zip(self._hosts, self._keys))]
+        )
+        self._note_state(chain.from_iterable(initial))
+        self._shards_ready = True
+
+    def _note_state(self, param_ids: Iterable[int]) -> None:
+        for pid in sorted(param_ids):
+            self._state_order.setdefault(pid, None)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OptimizerClosedError("this optimizer was closed; its shards are released")
+
+    def _call(self, shard: int, method: str, *args: Any) -> Any:
+        return self._hosts[shard].call.remote(self._keys[shard], method, *args)
+
+    # ----- torch.optim.Optimizer ------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a param group (torch's semantics); its parameters go to the least-loaded shards."""
+        shards_ready = getattr(self, "_shards_ready", False)
+        if shards_ready:
+            self._check_open()
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if len(group["params"]) != len(set(group["params"])):
+            self.param_groups.pop()
+            raise ValueError(
+                "optimizer contains a parameter group with duplicate parameters; "
+                "shardopt cannot shard a parameter twice"
+            )
+        if not shards_ready:
+            return
+        g = len(self.param_groups) - 1
+        blocks = self._place(list(group["params"]), [g] * len(group["params"]))
+        options = _group_options(group)
+        ray_get([self._call(s, "add_param_group", options, blocks[s]) for s in range(self._num_shards)])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Runs the closure (if any) here, then one update on every shard in parallel.
+
+        Returns:
+            The closure's return value, or None, as ``torch.optim`` does.
+        """
+        self._check_open()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._flat_params()
+        options = tuple(_group_options(g) for g in self.param_groups)
+        step_id = self._next_step_id
+        self._next_step_id += 1
+        pending: dict[int, Any] = {}
+        updated: dict[int, list[int]] = {}
+        for s in range(self._num_shards):
+            ids = self._shard_params[s]
+            if not ids:
+                continue
+            layout = self._layouts[s]
+            changed = self._changed_params(s, params)
+            flat = None
+            has_grad, sparse, touched = [], {}, []
+            for j, pid in enumerate(ids):
+                grad = params[pid].grad
+                if grad is None:
+                    has_grad.append(False)
+                    continue
+                touched.append(j)
+                if grad.is_sparse:
+                    grad = grad.coalesce()
+                    sparse[j] = SparseGrad(
+                        indices=grad.indices().cpu().numpy(),
+                        values=grad.values().cpu().contiguous().numpy(),
+                    )
+                    has_grad.append(False)
+                    continue
+                if flat is None:
+                    flat = layout.empty()
+                layout.view(flat, j).copy_(grad)
+                has_grad.append(True)
+            if not touched:
+                if changed is not None:
+                    ray_get(self._call(s, "set_params", changed))
+                continue
+            request = StepRequest(
+                step_id=step_id,
+                group_options=options,
+                grads=to_numpy(flat if flat is not None else layout.empty()),
+                has_grad=tuple(has_grad),
+                sparse_grads=sparse,
+                params_in=changed,
+            )
+            pending[s] = self._call(s, "step", request)
+            updated[s] = touched
+        results = ray_get(list(pending.values()))
+        new_state: list[int] = []
+        for (s, touched), result in zip(updated.items(), results):
+            values = readonly_tensor(result.params)
+            layout = self._layouts[s]
+            for j in touched:
+                pid = self._shard_params[s][j]
+                p = params[pid]
+                p.copy_(layout.view(values, j))
+                self._record_version(pid, p)
+            new_state.extend(result.new_state_ids)
+        self._note_state(new_state)
+        return loss
+
+    def _changed_params(self, shard: int, params: list[torch.Tensor]) -> ParamUpdate | None:
+        """The user's parameters of ``shard`` modified since shardopt last wrote them."""
+        changed = [
+            j
+            for j, pid in enumerate(self._shard_params[shard])
+            if self._versions[pid] != (params[pid]._version, params[pid].data_ptr())
+        ]
+        if not changed:
+            return None
+        tensors = [params[self._shard_params[shard][j]].detach().cpu() for j in changed]
+        layout = FlatLayout.for_tensors(tensors)
+        update = ParamUpdate(tuple(changed), layout, to_numpy(layout.pack(tensors)))
+        for j in changed:
+            pid = self._shard_params[shard][j]
+            self._record_version(pid, params[pid])
+        return update
+
+    def push_params(self) -> None:
+        """Sends the current values of all parameters to the shards.
+
+        shardopt notices in-place changes to parameters (``load_state_dict`` on the model,
+        ``torch.nn.init``) by their version counters, but PyTorch does not version writes made
+        through ``param.data``; call this after such writes.
+        """
+        self._check_open()
+        params = self._flat_params()
+        for pid, p in enumerate(params):
+            self._versions[pid] = (-1, -1)
+        ray_get(
+            [
+                self._call(s, "set_params", self._changed_params(s, params))
+                for s in range(self._num_shards)
+                if self._shard_params[s]
+            ]
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict, gathered from the shards one at a time.
+
+        Returns:
+            ``{"state": {id: {...}}, "param_groups": [...]}``, equal to what
+            ``optimizer_class.state_dict()`` gives for the same run (state tensors on CPU).
+        """
+        self._check_open()
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        param_groups = []
+        start = 0
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = list(range(start, start + len(group["params"])))
+            start += len(group["params"])
+            param_groups.append(packed)
+        gathered: dict[int, Any] = {}
+        for s in range(self._num_shards):
+            if self._shard_params[s]:
+                gathered.update(unpack_tree(ray_get(self._call(s, "state"))))
+        order = list(self._state_order) + sorted(set(gathered) - set(self._state_order))
+        state_dict = {
+            "state": {pid: gathered[pid] for pid in order if pid in gathered},
+            "param_groups": param_groups,
+        }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a torch.optim state dict (from torch or from shardopt with any shard count).
+
+        All-or-nothing: every shard validates its part first, and only if all accept does any
+        apply it. A rejected state dict leaves every shard and every param group as it was.
+
+        Raises:
+            ValueError: the groups or the state do not match this optimizer's parameters.
+            TypeError: the state holds objects other than tensors, numbers, strings and plain
+                containers.
+        """
+        self._check_open()
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups = self.param_groups
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+            raise ValueError(
+                "loaded state dict contains a parameter group "
+                "that doesn't match the size of optimizer's group"
+            )
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups), range(len(self._local))))
+        per_shard: list[dict[int, Any]] = [{} for _ in range(self._num_shards)]
+        order = []
+        for key, value in state_dict["state"].items():
+            if key not in id_map:
+                raise ValueError(
+                    f"loaded state dict has state for parameter id {key!r}, "
+                    "which is in none of its parameter groups"
+                )
+            pid = id_map[key]
+            if not isinstance(value, dict):
+                raise TypeError(f"state of parameter id {key!r} must be a dict, got {type(value).__name__}")
+            per_shard[self._local[pid][0]][pid] = value
+            order.append(pid)
+        options = tuple(_group_options(g) for g in saved_groups)
+        packed = [pack_tree(part) for part in per_shard]
+        token = uuid.uuid4().hex
+        live = [s for s in range(self._num_shards) if self._shard_params[s]]
+        errors = ray_get([self._call(s, "prepare_load", token, options, packed[s]) for s in live])
+        failure = next((e for e in errors if e is not None), None)
+        if failure is not None:
+            ray_get([self._call(s, "abort_load", token) for s in live])
+            raise failure
+        ray_get([self._call(s, "commit_load", token) for s in live])
+
+        new_groups = []
+        for group, saved in zip(groups, saved_groups):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+            for name, default in self.defaults.items():
+                saved.setdefault(name, default)
+            new_groups.append(saved)
+        self.param_groups = new_groups
+        self._state_order = dict.fromkeys(order)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # ----- the state view's backend ---------------------------------------------------------
+
+    def _fetch_param_state(self, pid: int) -> dict[str, Any]:
+        self._check_open()
+        shard = self._local[pid][0]
+        return unpack_tree(ray_get(self._call(shard, "state", (pid,)))).get(pid, {})
+
+    def _store_param_state(self, pid: int, value: dict[str, Any]) -> None:
+        self._check_open()
+        if not isinstance(value, dict):
+            raise TypeError(f"optimizer state of a parameter must be a dict, got {type(value).__name__}")
+        shard = self._local[pid][0]
+        ray_get(self._call(shard, "set_param_state", pid, pack_tree(value)))
+        self._state_order.setdefault(pid, None)
+
+    # ----- inspection and lifecycle ---------------------------------------------------------
+
+    def shard_status(self) -> list[ShardStatus]:
+        """What each shard reports: device, parameter count and bytes, which ids have state."""
+        self._check_open()
+        return ray_get([self._call(s, "status") for s in range(self._num_shards)])
+
+    def close(self) -> None:
+        """Releases the shards (their hosts return to the pool). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._finalizer()
+
+    def __enter__(self) -> ShardedOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        label = type(self).__name__
+        if label != self.optimizer_class.__name__:
+            label += f"[{self.optimizer_class.__name__}]"
+        return text.replace(type(self).__name__ + " (", f"{label} x{self._num_shards} shards (", 1)

@@ -1,0 +1,97 @@
+"""The typed records that cross the process boundary between the proxy and its shard actors.
+
+Each is a frozen dataclass; numpy buffers inside them travel through Ray's object store
+out-of-band (zero-copy reads on the same node). Talks to nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shardopt.buffers import FlatLayout, PackedTree
+
+
+@dataclass(frozen=True)
+class ParamBlock:
+    """A run of parameters handed to a shard: their global ids, group indices and values."""
+
+    param_ids: tuple[int, ...]
+    group_indices: tuple[int, ...]
+    layout: FlatLayout
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Everything a shard needs to build its optimizer: the class, its defaults, the groups."""
+
+    optimizer_class: type
+    defaults: dict[str, Any]
+    group_options: tuple[dict[str, Any], ...]
+    params: ParamBlock
+
+
+@dataclass(frozen=True)
+class SparseGrad:
+    """A coalesced sparse COO gradient (SparseAdam's input)."""
+
+    indices: np.ndarray
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """One optimizer step for one shard.
+
+    ``grads`` is laid out as the shard's parameters; ``has_grad`` says which of its slots carry a
+    dense gradient (the rest are skipped as torch skips ``grad=None``), ``sparse_grads`` holds
+    sparse ones by local index. ``params_in`` carries parameters the user changed since the last
+    step, which the shard adopts before updating.
+    """
+
+    step_id: int
+    group_options: tuple[dict[str, Any], ...]
+    grads: np.ndarray
+    has_grad: tuple[bool, ...]
+    sparse_grads: dict[int, SparseGrad]
+    params_in: ParamUpdate | None = None
+
+
+@dataclass(frozen=True)
+class ParamUpdate:
+    """New values for some of a shard's parameters, by local index."""
+
+    local_indices: tuple[int, ...]
+    layout: FlatLayout
+    values: np.ndarray
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a shard returns after a step: its parameters and who gained optimizer state."""
+
+    step_id: int
+    params: np.ndarray
+    new_state_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """A shard's optimizer state keyed by global parameter id, tensors in one flat buffer."""
+
+    state: PackedTree
+
+
+@dataclass(frozen=True)
+class ShardStatus:
+    """What a shard reports about itself."""
+
+    shard_index: int
+    device: str
+    num_params: int
+    param_bytes: int
+    state_ids: tuple[int, ...]
+    last_step_id: int

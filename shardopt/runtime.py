@@ -1,0 +1,105 @@
+"""Ray for shardopt: joining or starting a cluster, and the pool of reusable shard hosts.
+
+Starting a Ray actor costs seconds (a worker process that imports torch), so shard hosts are
+pooled per process and per set of actor options: an optimizer borrows the least-loaded hosts,
+creates its shards on them, and drops its shards when it is closed or collected; the hosts stay
+for the next optimizer. A host can hold shards of several live optimizers (Ray runs one call at a
+time per actor, so they take turns).
+
+Talks to: Ray (``ray.init``, actor creation); :class:`shardopt.shard.ShardHost` remotely.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import threading
+from typing import Any
+
+import ray
+
+from shardopt.shard import ShardHost
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "shardopt"
+"""The Ray namespace of shardopt's named actors."""
+
+
+def ensure_ray() -> None:
+    """Connects to the Ray cluster in reach, or starts a local one in-process.
+
+    Inside a Ray cluster (a driver started by ``ray job submit``, ``RAY_ADDRESS`` set, or a
+    task/actor) this joins it; with nothing running it starts an embedded local Ray.
+    """
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs["include_dashboard"] = False
+    logger.info("starting/joining Ray (%s)", os.environ.get("RAY_ADDRESS") or "embedded local Ray")
+    ray.init(**kwargs)
+
+
+def _cluster_id() -> str:
+    ctx = ray.get_runtime_context()
+    return f"{ctx.gcs_address}/{ctx.get_job_id()}"
+
+
+class HostPool:
+    """The shard hosts this process has started, per actor options, with their current load."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cluster: str | None = None
+        self._hosts: dict[str, list[Any]] = {}
+        self._load: dict[int, int] = {}
+        self._keys = itertools.count()
+
+    def _reset_if_new_cluster(self) -> None:
+        cluster = _cluster_id()
+        if cluster != self._cluster:
+            self._cluster, self._hosts, self._load = cluster, {}, {}
+
+    def acquire(self, count: int, actor_options: dict[str, Any] | None = None) -> list[Any]:
+        """``count`` distinct hosts with the given options, least loaded first (new if needed)."""
+        ensure_ray()
+        options = dict(actor_options or {})
+        options_key = json.dumps(options, sort_keys=True, default=str)
+        with self._lock:
+            self._reset_if_new_cluster()
+            hosts = self._hosts.setdefault(options_key, [])
+            remote_host = ray.remote(ShardHost)
+            while len(hosts) < count:
+                hosts.append(remote_host.options(namespace=NAMESPACE, **options).remote())
+            chosen = sorted(hosts, key=lambda h: (self._load.get(id(h), 0), hosts.index(h)))[:count]
+            chosen.sort(key=hosts.index)
+            for h in chosen:
+                self._load[id(h)] = self._load.get(id(h), 0) + 1
+            return chosen
+
+    def release(self, hosts: list[Any]) -> None:
+        with self._lock:
+            for h in hosts:
+                if self._load.get(id(h), 0) > 0:
+                    self._load[id(h)] -= 1
+
+    def new_owner_key(self) -> str:
+        return f"{os.getpid()}-{next(self._keys)}"
+
+    def clear(self) -> None:
+        """Kills every pooled host (for tests and explicit shutdown)."""
+        with self._lock:
+            for hosts in self._hosts.values():
+                for h in hosts:
+                    try:
+                        ray.kill(h)
+                    except Exception:  # already gone
+                        pass
+            self._hosts, self._load = {}, {}
+
+
+host_pool = HostPool()
+"""The process-wide pool used by every optimizer of this process."""

@@ -1,0 +1,295 @@
+"""One shard: the master copy of some parameters and a real torch optimizer over them.
+
+A :class:`Shard` is a plain class (unit tests call it in-process); :class:`ShardHost` is the Ray
+actor that holds shards, made remote by :mod:`shardopt.runtime` where it is created. The shard
+writes no optimizer math: it owns a genuine ``optimizer_class`` instance whose parameters are
+views into one flat buffer, fills their ``.grad`` from the buffer the proxy sends, calls
+``optimizer.step()``, and hands the updated flat buffer back.
+
+Talks to: the proxy (:mod:`shardopt.optimizer`) through the records of :mod:`shardopt.records`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from shardopt.buffers import FlatLayout, PackedTree, pack_tree, readonly_tensor, to_numpy, unpack_tree
+from shardopt.records import (
+    ParamBlock,
+    ParamUpdate,
+    ShardSpec,
+    ShardStatus,
+    StepRequest,
+    StepResult,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _copy_into(dst: torch.Tensor, src_array) -> None:
+    """Copies a (read-only) numpy buffer into a uint8 tensor on any device."""
+    dst.copy_(readonly_tensor(src_array), non_blocking=False)
+
+
+class Shard:
+    """The master parameters and optimizer of one shard.
+
+    Args:
+        shard_index: this shard's position in its optimizer's plan.
+        spec: the optimizer class, its defaults, every param group's options, and the initial
+            values of this shard's parameters.
+        device: where the parameters and state live (defaults to CPU).
+    """
+
+    def __init__(self, shard_index: int, spec: ShardSpec, device: str | torch.device = "cpu"):
+        self.shard_index = shard_index
+        self.device = torch.device(device)
+        self._param_ids: list[int] = []
+        self._group_of: list[int] = []
+        self._params: list[torch.Tensor] = []
+        self._grads: list[torch.Tensor] = []
+        self._local_of: dict[int, int] = {}
+        self._layout = FlatLayout.for_specs([])
+        self._flat = self._layout.empty(self.device)
+        self._grad_flat = self._layout.empty(self.device)
+        self._adopt(spec.params)
+        groups = [
+            {**options, "params": self._params_in_group(g)}
+            for g, options in enumerate(spec.group_options)
+        ]
+        self.optimizer: torch.optim.Optimizer = spec.optimizer_class(groups, **spec.defaults)
+        self._known_state = 0
+        self._last_step_id = -1
+        self._last_result: StepResult | None = None
+        self._pending_loads: dict[str, tuple[Any, Any]] = {}
+
+    # ----- parameters -------------------------------------------------------------------------
+
+    def _params_in_group(self, group: int) -> list[torch.Tensor]:
+        return [p for p, g in zip(self._params, self._group_of) if g == group]
+
+    def _adopt(self, block: ParamBlock) -> list[torch.Tensor]:
+        """Appends ``block``'s parameters to the flat buffers, keeping existing tensor identities."""
+        if not block.param_ids:
+            return []
+        old_count = len(self._params)
+        specs = list(zip(block.layout.shapes, block.layout.dtypes))
+        layout = self._layout.extended(specs)
+        flat = layout.empty(self.device)
+        grad_flat = layout.empty(self.device)
+        flat[: self._layout.nbytes].copy_(self._flat)
+        for i, (p, g) in enumerate(zip(self._params, self._grads)):
+            layout.rebind(p, flat, i)
+            layout.rebind(g, grad_flat, i)
+        new_values = readonly_tensor(block.values)
+        new_params = []
+        for j, (pid, group) in enumerate(zip(block.param_ids, block.group_indices)):
+            i = old_count + j
+            p = layout.bind(flat, i)
+            p.copy_(block.layout.view(new_values, j))
+            self._params.append(p)
+            self._grads.append(layout.bind(grad_flat, i))
+            self._param_ids.append(pid)
+            self._group_of.append(group)
+            self._local_of[pid] = i
+            new_params.append(p)
+        self._layout, self._flat, self._grad_flat = layout, flat, grad_flat
+        return new_params
+
+    def add_param_group(self, options: dict[str, Any], block: ParamBlock) -> None:
+        """Adds one param group (possibly with none of its parameters on this shard)."""
+        new_params = self._adopt(block)
+        self.optimizer.add_param_group({**options, "params": new_params})
+        self._note_new_state()
+
+    def set_params(self, update: ParamUpdate) -> None:
+        """Overwrites some master parameters with values the user set on the client."""
+        values = readonly_tensor(update.values)
+        with torch.no_grad():
+            for j, i in enumerate(update.local_indices):
+                self._params[i].copy_(update.layout.view(values, j))
+
+    def param_values(self) -> Any:
+        """The flat buffer of this shard's parameters as numpy (a snapshot once sent)."""
+        return to_numpy(self._flat)
+
+    # ----- stepping ---------------------------------------------------------------------------
+
+    def _note_new_state(self) -> tuple[int, ...]:
+        """Global ids of parameters that gained optimizer state since the last call."""
+        keys = list(self.optimizer.state.keys())
+        new = keys[self._known_state :]
+        self._known_state = len(keys)
+        index = {id(p): pid for p, pid in zip(self._params, self._param_ids)}
+        return tuple(sorted(index[id(k)] for k in new if id(k) in index))
+
+    def initial_state_ids(self) -> tuple[int, ...]:
+        """Parameters given state by the optimizer's constructor (Adagrad does this)."""
+        return self._note_new_state()
+
+    def step(self, request: StepRequest) -> StepResult:
+        """Applies one step exactly once; a repeated ``step_id`` returns the earlier result."""
+        if request.step_id <= self._last_step_id:
+            if request.step_id == self._last_step_id and self._last_result is not None:
+                return self._last_result
+            raise ValueError(
+                f"shard {self.shard_index}: step {request.step_id} is older than the last "
+                f"applied step {self._last_step_id}"
+            )
+        if request.params_in is not None:
+            self.set_params(request.params_in)
+        for group, options in zip(self.optimizer.param_groups, request.group_options):
+            group.update(options)
+        _copy_into(self._grad_flat, request.grads)
+        for i, p in enumerate(self._params):
+            sparse = request.sparse_grads.get(i)
+            if sparse is not None:
+                p.grad = torch.sparse_coo_tensor(
+                    readonly_tensor(sparse.indices).to(self.device),
+                    readonly_tensor(sparse.values).to(self.device),
+                    p.shape,
+                ).coalesce()
+            elif request.has_grad[i]:
+                p.grad = self._grads[i]
+            else:
+                p.grad = None
+        self.optimizer.step()
+        for p in self._params:
+            p.grad = None
+        result = StepResult(
+            step_id=request.step_id,
+            params=self.param_values(),
+            new_state_ids=self._note_new_state(),
+        )
+        self._last_step_id = request.step_id
+        self._last_result = result
+        return result
+
+    # ----- state ------------------------------------------------------------------------------
+
+    def _state_by_id(self) -> dict[int, Any]:
+        index = {id(p): pid for p, pid in zip(self._params, self._param_ids)}
+        return {index[id(p)]: value for p, value in self.optimizer.state.items()}
+
+    def state(self, param_ids: tuple[int, ...] | None = None) -> PackedTree:
+        """This shard's optimizer state by global id (all of it, or only ``param_ids``)."""
+        state = self._state_by_id()
+        if param_ids is not None:
+            state = {pid: state[pid] for pid in param_ids if pid in state}
+        return pack_tree(state)
+
+    def set_param_state(self, param_id: int, packed: PackedTree) -> None:
+        """Replaces one parameter's state (the proxy's ``opt.state[p] = ...``)."""
+        value = unpack_tree(packed, self.device)
+        p = self._params[self._local_of[param_id]]
+        self.optimizer.state[p] = value
+        self._note_new_state()
+
+    def prepare_load(
+        self, token: str, group_options: tuple[dict[str, Any], ...], packed: PackedTree
+    ) -> Exception | None:
+        """Phase one of an all-or-nothing load: build the new state aside, report any error.
+
+        Nothing visible changes until :meth:`commit_load`; :meth:`abort_load` drops the candidate.
+        Returns the exception that rejected the state, or None.
+        """
+        opt = self.optimizer
+        old = (opt.state, opt.param_groups)
+        try:
+            state_by_id = unpack_tree(packed, self.device)
+            local_state = {}
+            for pid, value in state_by_id.items():
+                if pid not in self._local_of:
+                    raise ValueError(f"shard {self.shard_index} does not hold parameter id {pid}")
+                local_state[self._local_of[pid]] = value
+            groups = []
+            for g, options in enumerate(group_options):
+                ids = [i for i, grp in enumerate(self._group_of) if grp == g]
+                groups.append({**options, "params": ids})
+            opt.load_state_dict({"state": local_state, "param_groups": groups})
+            self._check_shapes(old[0], opt.state)
+            self._pending_loads[token] = (opt.state, opt.param_groups)
+            return None
+        except Exception as exc:  # reported to the proxy, which rejects the whole load
+            return exc
+        finally:
+            opt.__dict__.update(state=old[0], param_groups=old[1])
+
+    def _check_shapes(self, current: Any, loaded: Any) -> None:
+        index = {id(p): pid for p, pid in zip(self._params, self._param_ids)}
+        for p, new_state in loaded.items():
+            old_state = current.get(p)
+            if not old_state:
+                continue
+            for key, value in new_state.items():
+                old_value = old_state.get(key)
+                if (
+                    isinstance(value, torch.Tensor)
+                    and isinstance(old_value, torch.Tensor)
+                    and value.shape != old_value.shape
+                ):
+                    raise ValueError(
+                        f"loaded state dict has {key!r} of shape {tuple(value.shape)} for "
+                        f"parameter id {index.get(id(p))}, expected {tuple(old_value.shape)}"
+                    )
+
+    def commit_load(self, token: str) -> None:
+        state, groups = self._pending_loads.pop(token)
+        self.optimizer.__dict__.update(state=state, param_groups=groups)
+        self._known_state = len(self.optimizer.state)
+
+    def abort_load(self, token: str) -> None:
+        self._pending_loads.pop(token, None)
+
+    def status(self) -> ShardStatus:
+        return ShardStatus(
+            shard_index=self.shard_index,
+            device=str(self.device),
+            num_params=len(self._params),
+            param_bytes=self._layout.nbytes,
+            state_ids=tuple(self._state_by_id()),
+            last_step_id=self._last_step_id,
+        )
+
+
+def actor_device() -> torch.device:
+    """CUDA when Ray gave this actor a GPU (and torch can see it), else CPU."""
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
+            return torch.device("cuda", 0)
+    except Exception:  # outside an actor
+        pass
+    return torch.device("cpu")
+
+
+class ShardHost:
+    """A Ray actor holding the shards of one or more optimizers, keyed by ``(owner, index)``.
+
+    Hosts are pooled and reused by :mod:`shardopt.runtime`, so a new optimizer does not pay for
+    a new worker process. Made remote at creation: ``ray.remote(ShardHost).options(...)``.
+    """
+
+    def __init__(self) -> None:
+        self._shards: dict[str, Shard] = {}
+        self.device = actor_device()
+
+    def create(self, key: str, shard_index: int, spec: ShardSpec) -> tuple[int, ...]:
+        """Creates a shard; returns the ids that its optimizer's constructor gave state to."""
+        shard = Shard(shard_index, spec, self.device)
+        self._shards[key] = shard
+        return shard.initial_state_ids()
+
+    def call(self, key: str, method: str, *args: Any) -> Any:
+        """Runs ``Shard.<method>(*args)`` on shard ``key``."""
+        return getattr(self._shards[key], method)(*args)
+
+    def drop(self, key: str) -> None:
+        self._shards.pop(key, None)
+
+    def info(self) -> dict[str, Any]:
+        return {"device": str(self.device), "shards": sorted(self._shards)}
