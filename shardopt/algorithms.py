@@ -66,7 +66,11 @@ def _sharded(torch_class: type[torch.optim.Optimizer]) -> type[ShardedOptimizer]
         f"Same arguments and defaults as ``torch.optim.{name}``, plus the keyword-only "
         "``num_shards`` and ``actor_options`` of :class:`~shardopt.ShardedOptimizer`."
     )
-    return type(name, (ShardedOptimizer,), {"__init__": __init__, "__doc__": doc, "__module__": __name__, "__qualname__": name})
+    return type(
+        name,
+        (ShardedOptimizer,),
+        {"__init__": __init__, "__doc__": doc, "__module__": __name__, "__qualname__": name},
+    )
 
 
 SGD = _sharded(torch.optim.SGD)
@@ -96,7 +100,19 @@ class LBFGS(ShardedOptimizer):
 
 
 ALGORITHMS = (
-    SGD, Adam, AdamW, Adadelta, Adagrad, Adamax, ASGD, NAdam, RAdam, RMSprop, Rprop,
-    Adafactor, Muon, SparseAdam,
+    SGD,
+    Adam,
+    AdamW,
+    Adadelta,
+    Adagrad,
+    Adamax,
+    ASGD,
+    NAdam,
+    RAdam,
+    RMSprop,
+    Rprop,
+    Adafactor,
+    Muon,
+    SparseAdam,
 )
 """Every per-tensor algorithm shardopt shards (LBFGS excluded)."""

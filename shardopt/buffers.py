@@ -81,7 +81,9 @@ class FlatLayout:
     def empty(self, device: torch.device | str = "cpu", pin_memory: bool = False) -> torch.Tensor:
         return torch.empty(self.nbytes, dtype=torch.uint8, device=device, pin_memory=pin_memory)
 
-    def pack(self, tensors: list[torch.Tensor | None], out: torch.Tensor | None = None) -> torch.Tensor:
+    def pack(
+        self, tensors: list[torch.Tensor | None], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Copies ``tensors`` into a flat buffer (``None`` entries leave their bytes unwritten)."""
         flat = self.empty() if out is None else out
         for i, t in enumerate(tensors):

@@ -48,13 +48,19 @@ def _group_options(group: dict[str, Any]) -> dict[str, Any]:
 
 
 def _copy_param_groups(params: list[Any]) -> list[Any]:
-    """Copies the user's group dicts so that validating with a throwaway optimizer mutates none."""
-    return [
-        {**g, "params": g["params"] if isinstance(g["params"], torch.Tensor) else list(g["params"])}
-        if isinstance(g, dict)
-        else g
-        for g in params
-    ]
+    """Copies the user's groups so that validating with a throwaway optimizer consumes nothing.
+
+    A group's ``params`` may be a generator (``model.parameters()``): it becomes a list in the
+    user's dict, as ``torch.optim`` itself does, before the copy is made.
+    """
+    copies = []
+    for group in params:
+        if isinstance(group, dict):
+            if not isinstance(group.get("params"), (torch.Tensor, set, type(None))):
+                group["params"] = list(group["params"])
+            group = dict(group)
+        copies.append(group)
+    return copies
 
 
 def ray_get(refs: Any) -> Any:
@@ -129,7 +135,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         actor_options: dict[str, Any] | None = None,
         **defaults: Any,
     ) -> None:
-        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        if not (
+            isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)
+        ):
             raise TypeError(
                 f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}"
             )
@@ -234,7 +242,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             for s in range(self._num_shards)
         ]
         initial = ray_get(
-            [h.create.remote(k, s, specs[s]) for s, (h, k) in enumerate(zip(self._hosts, self._keys))]
+            [
+                h.create.remote(k, s, specs[s])
+                for s, (h, k) in enumerate(zip(self._hosts, self._keys))
+            ]
         )
         self._note_state(chain.from_iterable(initial))
         self._shards_ready = True
@@ -270,7 +281,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         g = len(self.param_groups) - 1
         blocks = self._place(list(group["params"]), [g] * len(group["params"]))
         options = _group_options(group)
-        ray_get([self._call(s, "add_param_group", options, blocks[s]) for s in range(self._num_shards)])
+        ray_get(
+            [self._call(s, "add_param_group", options, blocks[s]) for s in range(self._num_shards)]
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -370,8 +383,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """
         self._check_open()
         params = self._flat_params()
-        for pid, p in enumerate(params):
-            self._versions[pid] = (-1, -1)
+        self._versions = [(-1, -1)] * len(params)
         ray_get(
             [
                 self._call(s, "set_params", self._changed_params(s, params))
@@ -438,7 +450,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "loaded state dict contains a parameter group "
                 "that doesn't match the size of optimizer's group"
             )
-        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups), range(len(self._local))))
+        id_map = dict(
+            zip(chain.from_iterable(g["params"] for g in saved_groups), range(len(self._local)))
+        )
         per_shard: list[dict[int, Any]] = [{} for _ in range(self._num_shards)]
         order = []
         for key, value in state_dict["state"].items():
@@ -449,7 +463,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 )
             pid = id_map[key]
             if not isinstance(value, dict):
-                raise TypeError(f"state of parameter id {key!r} must be a dict, got {type(value).__name__}")
+                raise TypeError(
+                    f"state of parameter id {key!r} must be a dict, got {type(value).__name__}"
+                )
             per_shard[self._local[pid][0]][pid] = value
             order.append(pid)
         options = tuple(_group_options(g) for g in saved_groups)
@@ -486,7 +502,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def _store_param_state(self, pid: int, value: dict[str, Any]) -> None:
         self._check_open()
         if not isinstance(value, dict):
-            raise TypeError(f"optimizer state of a parameter must be a dict, got {type(value).__name__}")
+            raise TypeError(
+                f"optimizer state of a parameter must be a dict, got {type(value).__name__}"
+            )
         shard = self._local[pid][0]
         ray_get(self._call(shard, "set_param_state", pid, pack_tree(value)))
         self._state_order.setdefault(pid, None)

@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from shardopt.buffers import FlatLayout, PackedTree, pack_tree, readonly_tensor, to_numpy, unpack_tree
+from shardopt.buffers import (
+    FlatLayout,
+    PackedTree,
+    pack_tree,
+    readonly_tensor,
+    to_numpy,
+    unpack_tree,
+)
 from shardopt.records import (
     ParamBlock,
     ParamUpdate,
@@ -72,7 +79,7 @@ class Shard:
         return [p for p, g in zip(self._params, self._group_of) if g == group]
 
     def _adopt(self, block: ParamBlock) -> list[torch.Tensor]:
-        """Appends ``block``'s parameters to the flat buffers, keeping existing tensor identities."""
+        """Appends ``block``'s parameters to the flat buffers; existing tensors keep their identity."""
         if not block.param_ids:
             return []
         old_count = len(self._params)

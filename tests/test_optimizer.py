@@ -1,0 +1,493 @@
+"""Integration tests of the proxy on real Ray shards: the torch.optim contract beyond plain parity.
+
+Param groups, lr schedulers, add_param_group, zero_grad, grad None, closures, hooks, GradScaler,
+the state view, state_dict round trips with torch in both directions and across shard counts,
+bad input rejected with torch's error types and nothing changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import shardopt
+from shardopt import OptimizerClosedError, ShardedOptimizer
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 2))
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 6, generator=gen)
+    y = torch.randn(12, 2, generator=gen)
+    opt.zero_grad()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def assert_same_params(a: nn.Module, b: nn.Module) -> None:
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def assert_same_state_dict(got: dict, want: dict) -> None:
+    assert got["param_groups"] == want["param_groups"]
+    assert list(got["state"]) == list(want["state"])
+    for pid, state in want["state"].items():
+        assert list(got["state"][pid]) == list(state), pid
+        for key, value in state.items():
+            other = got["state"][pid][key]
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(other, value, rtol=0, atol=0)
+            else:
+                assert other == value
+
+
+@pytest.fixture
+def pair():
+    """A model under shardopt (2 shards) and an identical one under torch.optim.AdamW."""
+    sharded, reference = make_model(), make_model()
+    opt = shardopt.AdamW(sharded.parameters(), lr=1e-2, weight_decay=0.1, num_shards=2)
+    ref = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    yield sharded, opt, reference, ref
+    opt.close()
+
+
+def test_is_a_torch_optimizer(pair):
+    _, opt, _, ref = pair
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert isinstance(opt, ShardedOptimizer)
+    assert opt.defaults == ref.defaults
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == [
+        {k: v for k, v in g.items() if k != "params"} for g in ref.param_groups
+    ]
+    assert sum(len(s.state_ids) for s in opt.shard_status()) == 0
+    assert "AdamW x2 shards" in repr(opt)
+
+
+def test_user_tensors_updated_in_place(pair):
+    model, opt, reference, ref = pair
+    before = [p.data_ptr() for p in model.parameters()]
+    for k in range(3):
+        torch.testing.assert_close(train_step(model, opt, k), train_step(reference, ref, k))
+    assert [p.data_ptr() for p in model.parameters()] == before
+    assert_same_params(model, reference)
+
+
+def test_param_groups_base_classifier():
+    """The torch docs' per-group options example."""
+
+    def build():
+        torch.manual_seed(1)
+        return nn.ModuleDict({"base": nn.Linear(6, 8), "classifier": nn.Linear(8, 3)})
+
+    m1, m2 = build(), build()
+
+    def groups(m):
+        return [
+            {"params": m["base"].parameters()},
+            {"params": m["classifier"].parameters(), "lr": 1e-3, "momentum": 0.5},
+        ]
+
+    opt = shardopt.SGD(groups(m1), lr=1e-2, momentum=0.9, num_shards=3)
+    ref = torch.optim.SGD(groups(m2), lr=1e-2, momentum=0.9)
+    for k in range(4):
+        for m, o in ((m1, opt), (m2, ref)):
+            o.zero_grad()
+            m["classifier"](
+                torch.relu(m["base"](torch.randn(5, 6, generator=torch.Generator().manual_seed(k))))
+            ).sum().backward()
+            o.step()
+        assert_same_params(m1, m2)
+    assert_same_state_dict(opt.state_dict(), ref.state_dict())
+    opt.close()
+
+
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=10),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda epoch: 1.0 / (1 + epoch)),
+    ],
+    ids=["StepLR", "OneCycleLR", "LambdaLR"],
+)
+def test_lr_schedulers(pair, make_scheduler):
+    model, opt, reference, ref = pair
+    sched, ref_sched = make_scheduler(opt), make_scheduler(ref)
+    for k in range(6):
+        train_step(model, opt, k)
+        train_step(reference, ref, k)
+        sched.step()
+        ref_sched.step()
+        assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
+        assert opt.param_groups[0]["betas"] == ref.param_groups[0]["betas"]
+        assert_same_params(model, reference)
+    assert_same_state_dict(opt.state_dict(), ref.state_dict())
+
+
+def test_add_param_group_mid_training():
+    m1, m2 = make_model(), make_model()
+    layers1, layers2 = list(m1), list(m2)
+    opt = shardopt.Adam(layers1[0].parameters(), lr=1e-2, num_shards=2)
+    ref = torch.optim.Adam(layers2[0].parameters(), lr=1e-2)
+    for k in range(5):
+        if k == 2:
+            opt.add_param_group(
+                {
+                    "params": list(layers1[2].parameters()) + list(layers1[4].parameters()),
+                    "lr": 3e-3,
+                }
+            )
+            ref.add_param_group(
+                {
+                    "params": list(layers2[2].parameters()) + list(layers2[4].parameters()),
+                    "lr": 3e-3,
+                }
+            )
+        train_step(m1, opt, k)
+        train_step(m2, ref, k)
+        assert_same_params(m1, m2)
+    assert opt.plan.num_shards == 2 and len(opt.plan.owners) == 6
+    assert_same_state_dict(opt.state_dict(), ref.state_dict())
+    opt.close()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_both_ways(pair, set_to_none):
+    model, opt, reference, ref = pair
+    train_step(model, opt, 0)
+    train_step(reference, ref, 0)
+    opt.zero_grad(set_to_none=set_to_none)
+    ref.zero_grad(set_to_none=set_to_none)
+    for p in model.parameters():
+        assert (p.grad is None) if set_to_none else torch.all(p.grad == 0)
+    opt.step()  # zero (not None) gradients still step, as in torch: Adam moves on momentum
+    ref.step()
+    assert_same_params(model, reference)
+
+
+def test_grad_none_params_are_skipped(pair):
+    model, opt, reference, ref = pair
+    for k in range(3):
+        for m, o in ((model, opt), (reference, ref)):
+            o.zero_grad()
+            m(torch.randn(4, 6, generator=torch.Generator().manual_seed(k))).sum().backward()
+            m[2].weight.grad = None  # frozen this step
+            if k == 0:
+                m[4].bias.grad = None
+            o.step()
+        assert_same_params(model, reference)
+    assert_same_state_dict(opt.state_dict(), ref.state_dict())
+    assert list(opt.state_dict()["state"]) == list(ref.state_dict()["state"])
+
+
+def test_closure_runs_once_on_client_and_returns_loss(pair):
+    model, opt, reference, ref = pair
+    calls = []
+
+    def closure_for(m, o):
+        def closure():
+            calls.append(1)
+            o.zero_grad()
+            loss = m(torch.ones(3, 6)).pow(2).sum()
+            loss.backward()
+            return loss
+
+        return closure
+
+    loss = opt.step(closure_for(model, opt))
+    ref_loss = ref.step(closure_for(reference, ref))
+    assert len(calls) == 2
+    torch.testing.assert_close(loss, ref_loss)
+    assert loss.requires_grad == ref_loss.requires_grad
+    assert opt.step() is None
+    ref.step()
+    assert_same_params(model, reference)
+
+
+def test_step_hooks_run(pair):
+    model, opt, _, _ = pair
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.append("post"))
+    train_step(model, opt, 0)
+    assert seen == ["pre", "post"]
+
+
+def test_grad_scaler(pair):
+    model, opt, reference, ref = pair
+    for m, o in ((model, opt), (reference, ref)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for k in range(3):
+            o.zero_grad()
+            scaler.scale(
+                m(torch.randn(4, 6, generator=torch.Generator().manual_seed(k))).sum()
+            ).backward()
+            scaler.step(o)
+            scaler.update()
+    assert_same_params(model, reference)
+
+
+def test_state_view(pair):
+    model, opt, reference, ref = pair
+    assert len(opt.state) == 0 and not opt.state
+    train_step(model, opt, 0)
+    train_step(reference, ref, 0)
+    assert len(opt.state) == len(ref.state) == 6
+    params, ref_params = list(model.parameters()), list(reference.parameters())
+    assert list(opt.state) == params
+    for p, rp in zip(params, ref_params):
+        assert p in opt.state
+        got, want = opt.state[p], ref.state[rp]
+        assert list(got) == list(want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    # writing a parameter's state goes to its shard (Lightning moves state like this)
+    new = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    new["exp_avg"].fill_(0.5)
+    opt.state[params[0]] = new
+    torch.testing.assert_close(
+        opt.state_dict()["state"][0]["exp_avg"], torch.full_like(params[0], 0.5)
+    )
+    with pytest.raises(KeyError):
+        opt.state[torch.zeros(1)]
+
+
+def test_user_changes_to_params_reach_the_shards(pair):
+    model, opt, reference, ref = pair
+    train_step(model, opt, 0)
+    train_step(reference, ref, 0)
+    fresh = make_model(seed=7).state_dict()
+    model.load_state_dict(fresh)  # in-place copy_ under no_grad: versioned
+    reference.load_state_dict(fresh)
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)
+        reference[0].weight.mul_(0.5)
+    model[2].bias.data.add_(1.0)  # .data writes are not versioned: push_params covers them
+    reference[2].bias.data.add_(1.0)
+    opt.push_params()
+    for k in range(1, 3):
+        train_step(model, opt, k)
+        train_step(reference, ref, k)
+    assert_same_params(model, reference)
+
+
+def test_state_dict_equals_torch_and_survives_weights_only_load(pair):
+    model, opt, reference, ref = pair
+    for k in range(3):
+        train_step(model, opt, k)
+        train_step(reference, ref, k)
+    sd = opt.state_dict()
+    assert_same_state_dict(sd, ref.state_dict())
+    buffer = io.BytesIO()
+    torch.save(sd, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert_same_state_dict(loaded, ref.state_dict())
+
+
+def test_round_trip_torch_to_shardopt_and_back():
+    torch_model, sharded_model, control = make_model(), make_model(), make_model()
+    torch_opt = torch.optim.Adam(torch_model.parameters(), lr=1e-2, amsgrad=True)
+    control_opt = torch.optim.Adam(control.parameters(), lr=1e-2, amsgrad=True)
+    for k in range(3):
+        train_step(torch_model, torch_opt, k)
+        train_step(control, control_opt, k)
+    # torch -> shardopt
+    sharded_model.load_state_dict(torch_model.state_dict())
+    opt = shardopt.Adam(sharded_model.parameters(), lr=0.5, num_shards=3)
+    opt.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["amsgrad"] is True
+    for k in range(3, 6):
+        train_step(sharded_model, opt, k)
+        train_step(control, control_opt, k)
+        assert_same_params(sharded_model, control)
+    # shardopt -> torch
+    back_model = make_model(seed=3)
+    back_model.load_state_dict(sharded_model.state_dict())
+    back = torch.optim.Adam(back_model.parameters())
+    back.load_state_dict(opt.state_dict())
+    for k in range(6, 9):
+        train_step(back_model, back, k)
+        train_step(control, control_opt, k)
+        assert_same_params(back_model, control)
+    opt.close()
+
+
+def test_reshard_two_to_three_shards():
+    m2, m3, control = make_model(), make_model(), make_model()
+    opt2 = shardopt.RMSprop(m2.parameters(), lr=1e-2, momentum=0.9, centered=True, num_shards=2)
+    ctrl = torch.optim.RMSprop(control.parameters(), lr=1e-2, momentum=0.9, centered=True)
+    for k in range(3):
+        train_step(m2, opt2, k)
+        train_step(control, ctrl, k)
+    m3.load_state_dict(m2.state_dict())
+    opt3 = shardopt.RMSprop(m3.parameters(), num_shards=3)
+    opt3.load_state_dict(opt2.state_dict())
+    assert opt3.plan.owners != opt2.plan.owners
+    assert_same_state_dict(opt3.state_dict(), ctrl.state_dict())
+    for k in range(3, 6):
+        train_step(m3, opt3, k)
+        train_step(control, ctrl, k)
+        assert_same_params(m3, control)
+    opt2.close()
+    opt3.close()
+
+
+def test_named_parameters_keep_param_names():
+    m1, m2 = make_model(), make_model()
+    opt = shardopt.SGD(m1.named_parameters(), lr=0.1, momentum=0.9, num_shards=2)
+    ref = torch.optim.SGD(m2.named_parameters(), lr=0.1, momentum=0.9)
+    train_step(m1, opt, 0)
+    train_step(m2, ref, 0)
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["param_names"] == [n for n, _ in m1.named_parameters()]
+    assert_same_state_dict(sd, ref.state_dict())
+    opt.close()
+
+
+# ----- bad input: torch's error types, and nothing changes -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        (shardopt.Adam, {"lr": -1.0}, "Invalid learning rate"),
+        (shardopt.Adam, {"betas": (1.5, 0.9)}, "Invalid beta parameter"),
+        (shardopt.SGD, {"lr": 0.1, "momentum": -0.5}, "Invalid momentum value"),
+        (shardopt.SGD, {"lr": 0.1, "nesterov": True}, "Nesterov momentum requires"),
+        (shardopt.RMSprop, {"eps": -1e-3}, "Invalid epsilon value"),
+    ],
+)
+def test_invalid_hyperparameters_raise_like_torch(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(make_model().parameters(), num_shards=2, **kwargs)
+
+
+def test_constructor_errors():
+    params = list(make_model().parameters())
+    with pytest.raises(TypeError, match="optimizer_class must be"):
+        ShardedOptimizer(params, nn.Linear)
+    with pytest.raises(ValueError, match="num_shards"):
+        shardopt.Adam(params, num_shards=0)
+    with pytest.raises(TypeError, match="iterable of Tensors"):
+        shardopt.Adam(params[0])
+    with pytest.raises(ValueError, match="empty parameter list"):
+        shardopt.Adam([])
+    with pytest.raises(TypeError):
+        shardopt.Adam(params, 1e-3, (0.9, 0.99), 1e-8, 0.0, False, 7)  # too many positionals
+    with pytest.raises(NotImplementedError, match="LBFGS"):
+        shardopt.LBFGS(params)
+    assert shardopt.SGD(params, 0.5, num_shards=1).param_groups[0]["lr"] == 0.5
+
+
+def test_duplicate_parameters_across_groups():
+    m = make_model()
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        shardopt.SGD([{"params": m[0].parameters()}, {"params": [m[0].weight]}], lr=0.1)
+    opt = shardopt.SGD(m[0].parameters(), lr=0.1, num_shards=2)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [m[0].bias]})
+    assert len(opt.param_groups) == 1 and len(opt.plan.owners) == 2
+    opt.close()
+
+
+def _steps_like_untouched(model, opt, reference, ref, first_step):
+    for k in range(first_step, first_step + 2):
+        train_step(model, opt, k)
+        train_step(reference, ref, k)
+    assert_same_params(model, reference)
+    assert_same_state_dict(opt.state_dict(), ref.state_dict())
+
+
+def test_rejected_load_state_dict_changes_nothing(pair):
+    model, opt, reference, ref = pair
+    for k in range(2):
+        train_step(model, opt, k)
+        train_step(reference, ref, k)
+    good = opt.state_dict()
+
+    wrong_groups = copy.deepcopy(good)
+    wrong_groups["param_groups"].append(dict(wrong_groups["param_groups"][0], params=[]))
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        opt.load_state_dict(wrong_groups)
+
+    wrong_size = copy.deepcopy(good)
+    wrong_size["param_groups"][0]["params"] = wrong_size["param_groups"][0]["params"][:-1]
+    with pytest.raises(ValueError, match="doesn't match the size"):
+        opt.load_state_dict(wrong_size)
+
+    # state from a model with other shapes: the last shard rejects it, so no shard applies it
+    other = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 3))
+    other_opt = torch.optim.AdamW(other.parameters(), lr=0.5)
+    other(torch.randn(2, 6)).sum().backward()
+    other_opt.step()
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_dict(other_opt.state_dict())
+
+    unknown_id = copy.deepcopy(good)
+    unknown_id["state"][99] = unknown_id["state"][0]
+    with pytest.raises(ValueError, match="parameter id 99"):
+        opt.load_state_dict(unknown_id)
+
+    not_weights_only = copy.deepcopy(good)
+    not_weights_only["state"][0]["extra"] = object()
+    with pytest.raises(TypeError):
+        opt.load_state_dict(not_weights_only)
+
+    assert opt.param_groups[0]["lr"] == 1e-2
+    _steps_like_untouched(model, opt, reference, ref, first_step=2)
+
+
+def test_closed_optimizer_refuses_work():
+    m = make_model()
+    with shardopt.SGD(m.parameters(), lr=0.1, num_shards=2) as opt:
+        train_step(m, opt, 0)
+    with pytest.raises(OptimizerClosedError):
+        opt.step()
+    with pytest.raises(OptimizerClosedError):
+        opt.state_dict()
+    opt.close()  # idempotent
+
+
+def test_shard_hosts_are_reused():
+    """A new optimizer borrows the pooled hosts: no new actor processes."""
+    from shardopt.runtime import host_pool
+
+    m = make_model()
+    opt = shardopt.SGD(m.parameters(), lr=0.1, num_shards=2)
+    hosts = {h._actor_id for h in opt._hosts}
+    opt.close()
+    again = shardopt.SGD(m.parameters(), lr=0.1, num_shards=2)
+    assert {h._actor_id for h in again._hosts} == hosts
+    again.close()
+    assert host_pool is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_shards_match_torch_on_cuda():
+    """Shards given a GPU run the update there; numbers match torch.optim on CUDA."""
+    m1, m2 = make_model(), make_model()
+    m1, m2 = m1.cuda(), m2.cuda()
+    opt = shardopt.AdamW(m1.parameters(), lr=1e-2, num_shards=1, actor_options={"num_gpus": 1})
+    ref = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    assert all(s.device.startswith("cuda") for s in opt.shard_status())
+    for k in range(3):
+        for m, o in ((m1, opt), (m2, ref)):
+            o.zero_grad()
+            m(torch.randn(4, 6, generator=torch.Generator().manual_seed(k)).cuda()).sum().backward()
+            o.step()
+        for a, b in zip(m1.parameters(), m2.parameters()):
+            torch.testing.assert_close(a, b)
+    opt.close()
