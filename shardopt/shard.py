@@ -79,7 +79,7 @@ class Shard:
         return [p for p, g in zip(self._params, self._group_of) if g == group]
 
     def _adopt(self, block: ParamBlock) -> list[torch.Tensor]:
-        """Appends ``block``'s parameters to the flat buffers; existing tensors keep their identity."""
+        """Appends ``block``'s parameters to the flat buffers, keeping tensor identities."""
         if not block.param_ids:
             return []
         old_count = len(self._params)
