@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from shardopt.lbfgs import LBFGS
 from shardopt.optimizer import ShardedOptimizer
 
 _SHARDING_OPTIONS = [
@@ -89,16 +90,6 @@ Muon = _sharded(torch.optim.Muon)
 SparseAdam = _sharded(torch.optim.SparseAdam)
 
 
-class LBFGS(ShardedOptimizer):
-    """Sharded ``torch.optim.LBFGS``: not available yet (it needs global dot products)."""
-
-    def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "shardopt.LBFGS is not implemented yet: LBFGS's line search and two-loop recursion "
-            "need dot products across all shards; use torch.optim.LBFGS meanwhile"
-        )
-
-
 ALGORITHMS = (
     SGD,
     Adam,
@@ -115,4 +106,6 @@ ALGORITHMS = (
     Muon,
     SparseAdam,
 )
-"""Every per-tensor algorithm shardopt shards (LBFGS excluded)."""
+"""Every per-tensor algorithm shardopt shards (LBFGS, which is not per-tensor, is separate)."""
+
+__all__ = [c.__name__ for c in ALGORITHMS] + ["ALGORITHMS", "LBFGS"]

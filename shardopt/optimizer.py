@@ -63,6 +63,23 @@ def _copy_param_groups(params: list[Any]) -> list[Any]:
     return copies
 
 
+def check_param_groups(groups: list[dict[str, Any]], saved: list[dict[str, Any]]) -> list[dict]:
+    """torch's checks of a loaded state dict's groups; returns a deep copy of them.
+
+    Raises:
+        ValueError: another number of groups, or a group of another size, than ``groups``.
+    """
+    saved_groups = deepcopy(saved)
+    if len(groups) != len(saved_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+        raise ValueError(
+            "loaded state dict contains a parameter group "
+            "that doesn't match the size of optimizer's group"
+        )
+    return saved_groups
+
+
 def ray_get(refs: Any) -> Any:
     """``ray.get`` that re-raises a shard's own exception and names a lost shard."""
     try:
@@ -126,6 +143,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         >>> opt.close()
     """
 
+    _shards_lbfgs = False  # shardopt.LBFGS sets it: per-tensor sharding is wrong for LBFGS
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -141,10 +160,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}"
             )
-        if issubclass(optimizer_class, torch.optim.LBFGS):
-            raise NotImplementedError(
-                "LBFGS needs global dot products across shards and is not sharded yet; "
-                "use torch.optim.LBFGS"
+        if issubclass(optimizer_class, torch.optim.LBFGS) and not self._shards_lbfgs:
+            raise TypeError(
+                "LBFGS needs dot products across all shards: use shardopt.LBFGS(params, ...)"
             )
         if num_shards is not None and (not isinstance(num_shards, int) or num_shards < 1):
             raise ValueError(f"Invalid num_shards: {num_shards} (must be an int >= 1)")
@@ -442,14 +460,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         groups = self.param_groups
-        saved_groups = deepcopy(state_dict["param_groups"])
-        if len(groups) != len(saved_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
-            raise ValueError(
-                "loaded state dict contains a parameter group "
-                "that doesn't match the size of optimizer's group"
-            )
+        saved_groups = check_param_groups(groups, state_dict["param_groups"])
         id_map = dict(
             zip(chain.from_iterable(g["params"] for g in saved_groups), range(len(self._local)))
         )

@@ -32,6 +32,7 @@ from shardopt.records import (
     StepRequest,
     StepResult,
 )
+from shardopt.vectors import VectorStore
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Shard:
         self._last_step_id = -1
         self._last_result: StepResult | None = None
         self._pending_loads: dict[str, tuple[Any, Any]] = {}
+        self.vectors = VectorStore(self)
 
     # ----- parameters -------------------------------------------------------------------------
 
@@ -174,6 +176,10 @@ class Shard:
         self._last_step_id = request.step_id
         self._last_result = result
         return result
+
+    def run_vectors(self, program: list[tuple]) -> list[Any]:
+        """Runs a program of named-vector operations (sharded LBFGS); see shardopt.vectors."""
+        return self.vectors.run(program)
 
     # ----- state ------------------------------------------------------------------------------
 

@@ -1,0 +1,575 @@
+"""Sharded LBFGS: torch.optim.LBFGS's algorithm with its flat vectors split across the shards.
+
+torch's LBFGS treats all parameters as one flat vector: every dot product, norm and curvature
+test is global. Here the proxy drives the algorithm and the closure (on the client, exactly as
+often as torch calls it); each shard keeps its slice of every flat vector (the direction, the
+previous gradient, the s/y history) in a :class:`shardopt.vectors.VectorStore` and returns partial
+reductions. Only scalars, the gradients pushed in and the parameters pulled back cross the network.
+
+The step is a line-by-line port of ``torch.optim.LBFGS.step`` over :class:`ShardedVector`, and the
+strong-Wolfe line search is torch's own ``_strong_wolfe``, which runs unchanged on these vectors.
+Elementwise operations are queued and sent with the next reduction, one round trip per shard.
+
+Talks to: the shards (``Shard.run_vectors``) through :class:`~shardopt.ShardedOptimizer`'s calls.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.optim.lbfgs import _strong_wolfe
+
+from shardopt.buffers import readonly_tensor, to_numpy
+from shardopt.optimizer import ShardedOptimizer, check_param_groups, ray_get
+
+_VECTOR_KEYS = ("d", "old_dirs", "old_stps", "prev_flat_grad")
+
+
+class VectorMachine:
+    """Client side of the named vectors: queues operations, runs them, combines reductions."""
+
+    def __init__(self, optimizer: ShardedOptimizer):
+        self._opt = optimizer
+        self.shards = [s for s in range(optimizer.num_shards) if optimizer._shard_params[s]]
+        self._programs: dict[int, list[tuple]] = {s: [] for s in self.shards}
+        self._names = itertools.count()
+        self._garbage: list[str] = []
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.round_trips = 0
+
+    def new(self) -> ShardedVector:
+        return ShardedVector(self, f"v{next(self._names)}")
+
+    def queue(self, op: tuple) -> None:
+        for program in self._programs.values():
+            program.append(op)
+
+    def queue_each(self, ops: dict[int, tuple]) -> None:
+        for s, op in ops.items():
+            self._programs[s].append(op)
+
+    def derive(self, op: str, *args: Any) -> ShardedVector:
+        out = self.new()
+        self.queue((op, out.name, *args))
+        return out
+
+    def derive_params(self) -> ShardedVector:
+        """A vector holding a copy of the current parameters (torch's ``_clone_param``)."""
+        out = self.new()
+        self.queue(("param_save", out.name))
+        return out
+
+    def release(self, name: str) -> None:
+        self._garbage.append(name)
+
+    def flush(self, tail: tuple | None = None) -> list[list[Any]]:
+        """Sends every queued operation (and ``tail``); returns each shard's results."""
+        if tail is not None:
+            self.queue(tail)
+        if self._garbage:
+            # Last: a queued operation may still read a vector released since it was queued.
+            garbage, self._garbage = self._garbage, []
+            for program in self._programs.values():
+                program.append(("free", *garbage))
+        programs, self._programs = self._programs, {s: [] for s in self.shards}
+        for program in programs.values():
+            self.bytes_sent += sum(
+                a.nbytes for op in program for a in op if isinstance(a, np.ndarray)
+            )
+        results = ray_get([self._opt._call(s, "run_vectors", programs[s]) for s in self.shards])
+        self.round_trips += 1
+        for shard_results in results:
+            self.bytes_received += sum(r.nbytes for r in shard_results if isinstance(r, np.ndarray))
+        return results
+
+    def reduce(self, kind: str, *names: str) -> torch.Tensor:
+        parts = [r[-1] for r in self.flush((kind, *names))]  # "free" returns nothing
+        if len(parts) == 1:
+            return parts[0]
+        stacked = torch.stack(parts)
+        return stacked.max() if kind == "absmax" else stacked.sum()
+
+
+class ShardedVector:
+    """A flat vector over all parameters, each shard holding its slice under ``name``.
+
+    Supports the tensor methods LBFGS and torch's ``_strong_wolfe`` use: ``dot``, ``abs().max()``,
+    ``abs().sum()``, ``neg``, ``sub``, ``mul``, ``clone``, ``copy_`` and ``add_``.
+    """
+
+    __slots__ = ("_machine", "name")
+
+    def __init__(self, machine: VectorMachine, name: str):
+        self._machine = machine
+        self.name = name
+
+    def dot(self, other: ShardedVector) -> torch.Tensor:
+        return self._machine.reduce("dot", self.name, other.name)
+
+    def abs(self) -> _AbsVector:
+        return _AbsVector(self)
+
+    def neg(self) -> ShardedVector:
+        return self._machine.derive("neg", self.name)
+
+    def sub(self, other: ShardedVector) -> ShardedVector:
+        return self._machine.derive("sub", self.name, other.name)
+
+    def mul(self, scalar: Any) -> ShardedVector:
+        return self._machine.derive("mul", self.name, scalar)
+
+    def clone(self, memory_format: Any = None) -> ShardedVector:
+        return self._machine.derive("clone", self.name)
+
+    def copy_(self, other: ShardedVector) -> ShardedVector:
+        self._machine.queue(("copy_", self.name, other.name))
+        return self
+
+    def add_(self, other: ShardedVector, alpha: Any = 1) -> ShardedVector:
+        self._machine.queue(("add_", self.name, other.name, alpha))
+        return self
+
+    def __del__(self) -> None:
+        self._machine.release(self.name)
+
+
+class _AbsVector:
+    __slots__ = ("_vector",)
+
+    def __init__(self, vector: ShardedVector):
+        self._vector = vector
+
+    def max(self) -> torch.Tensor:
+        return self._vector._machine.reduce("absmax", self._vector.name)
+
+    def sum(self) -> torch.Tensor:
+        return self._vector._machine.reduce("abssum", self._vector.name)
+
+
+class LBFGS(ShardedOptimizer):
+    """``torch.optim.LBFGS`` over sharded flat vectors: same arguments, same trajectory.
+
+    Args:
+        params: the parameters (one group, as torch's LBFGS requires).
+        lr, max_iter, max_eval, tolerance_grad, tolerance_change, history_size, line_search_fn:
+            as ``torch.optim.LBFGS``.
+        num_shards, actor_options: as :class:`~shardopt.ShardedOptimizer`.
+
+    Example:
+        >>> import torch, shardopt
+        >>> x = torch.nn.Parameter(torch.tensor([-1.5, 2.0], dtype=torch.float64))
+        >>> opt = shardopt.LBFGS([x], line_search_fn="strong_wolfe", num_shards=1)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(5):
+        ...     _ = opt.step(closure)
+        >>> opt.close()
+    """
+
+    _shards_lbfgs = True
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1,
+        max_iter: int = 20,
+        max_eval: int | None = None,
+        tolerance_grad: float = 1e-7,
+        tolerance_change: float = 1e-9,
+        history_size: int = 100,
+        line_search_fn: str | None = None,
+        *,
+        num_shards: int | None = None,
+        actor_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            torch.optim.LBFGS,
+            num_shards=num_shards,
+            actor_options=actor_options,
+            lr=lr,
+            max_iter=max_iter,
+            max_eval=max_eval,
+            tolerance_grad=tolerance_grad,
+            tolerance_change=tolerance_change,
+            history_size=history_size,
+            line_search_fn=line_search_fn,
+        )
+        params = self._flat_params()
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1:
+            self.close()
+            raise TypeError(
+                f"shardopt.LBFGS needs parameters of one dtype, got {sorted(map(str, dtypes))}"
+            )
+        self._dtype = dtypes.pop()
+        self._machine = VectorMachine(self)
+        self._lbfgs_state: dict[str, Any] = {}
+        self._params_stale = False
+        # Where each shard's slice of a flat vector sits in torch's flat (param_groups) order.
+        starts = np.cumsum([0] + [p.numel() for p in params])
+        self._numel = int(starts[-1])
+        self._segments = {
+            s: [(int(starts[pid]), params[pid].numel()) for pid in self._shard_params[s]]
+            for s in self._machine.shards
+        }
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_shards_ready", False):
+            raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
+        super().add_param_group(param_group)
+
+    # ----- parameters in and out ------------------------------------------------------------
+
+    def _pull_params(self) -> None:
+        """Copies the shards' parameters into the user's tensors (all of them: LBFGS moves all)."""
+        params = self._flat_params()
+        results = self._machine.flush(("params_out",))
+        for s, shard_results in zip(self._machine.shards, results):
+            values = readonly_tensor(shard_results[-1])
+            layout = self._layouts[s]
+            for j, pid in enumerate(self._shard_params[s]):
+                params[pid].copy_(layout.view(values, j))
+                self._record_version(pid, params[pid])
+        self._params_stale = False
+
+    def _evaluate(self, closure: Callable[[], Any]) -> tuple[Any, ShardedVector]:
+        """Runs the closure on the current parameters and pushes its gradient as a new vector."""
+        params = self._flat_params()
+        for s in self._machine.shards:
+            changed = self._changed_params(s, params)
+            if changed is not None:
+                self._machine.queue_each({s: ("set_params_update", changed)})
+        if self._params_stale:
+            self._pull_params()
+        loss = closure()
+        flat_grad = self._machine.new()
+        ops = {}
+        for s in self._machine.shards:
+            layout = self._layouts[s]
+            buffer = layout.empty()
+            has_grad = []
+            for j, pid in enumerate(self._shard_params[s]):
+                grad = params[pid].grad
+                has_grad.append(grad is not None)
+                if grad is not None:
+                    layout.view(buffer, j).copy_(grad.to_dense() if grad.is_sparse else grad)
+            ops[s] = ("grad_in", flat_grad.name, to_numpy(buffer), tuple(has_grad))
+        self._machine.queue_each(ops)
+        return loss, flat_grad
+
+    def _add_grad(self, step_size: Any, direction: ShardedVector) -> None:
+        self._machine.queue(("param_add", step_size, direction.name))
+        self._params_stale = True
+
+    def _directional_evaluate(
+        self, closure: Callable[[], Any], x: ShardedVector, t: Any, d: ShardedVector
+    ) -> tuple[float, ShardedVector]:
+        self._add_grad(t, d)
+        loss, flat_grad = self._evaluate(closure)
+        self._machine.queue(("param_load", x.name))
+        self._params_stale = True
+        return float(loss), flat_grad
+
+    # ----- the algorithm: torch.optim.LBFGS.step, over sharded vectors ----------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
+        """Performs one LBFGS step (up to ``max_iter`` iterations), as torch.optim.LBFGS does.
+
+        Args:
+            closure: reevaluates the model and returns the loss; called on the client.
+        """
+        self._check_open()
+        if closure is None:
+            raise TypeError("LBFGS.step() missing required argument: 'closure'")
+        closure = torch.enable_grad()(closure)
+        group = self.param_groups[0]
+        lr = group["lr"]
+        max_iter = group["max_iter"]
+        max_eval = group["max_eval"]
+        tolerance_grad = group["tolerance_grad"]
+        tolerance_change = group["tolerance_change"]
+        line_search_fn = group["line_search_fn"]
+        history_size = group["history_size"]
+
+        state = self._lbfgs_state
+        state.setdefault("func_evals", 0)
+        state.setdefault("n_iter", 0)
+        self._state_order = {0: None}
+
+        orig_loss, flat_grad = self._evaluate(closure)
+        loss = float(orig_loss)
+        current_evals = 1
+        state["func_evals"] += 1
+
+        opt_cond = flat_grad.abs().max() <= tolerance_grad
+        if opt_cond:
+            self._finish()
+            return orig_loss
+
+        d = state.get("d")
+        t = state.get("t")
+        old_dirs = state.get("old_dirs")
+        old_stps = state.get("old_stps")
+        ro = state.get("ro")
+        H_diag = state.get("H_diag")
+        prev_flat_grad = state.get("prev_flat_grad")
+        prev_loss = state.get("prev_loss")
+
+        n_iter = 0
+        while n_iter < max_iter:
+            n_iter += 1
+            state["n_iter"] += 1
+
+            if state["n_iter"] == 1:
+                d = flat_grad.neg()
+                old_dirs, old_stps, ro = [], [], []
+                H_diag = 1
+            else:
+                y = flat_grad.sub(prev_flat_grad)
+                s = d.mul(t)
+                ys = y.dot(s)
+                if ys > 1e-10:
+                    if len(old_dirs) == history_size:
+                        old_dirs.pop(0)
+                        old_stps.pop(0)
+                        ro.pop(0)
+                    old_dirs.append(y)
+                    old_stps.append(s)
+                    ro.append(1.0 / ys)
+                    H_diag = ys / y.dot(y)
+
+                num_old = len(old_dirs)
+                if "al" not in state:
+                    state["al"] = [None] * history_size
+                al = state["al"]
+
+                q = flat_grad.neg()
+                for i in range(num_old - 1, -1, -1):
+                    al[i] = old_stps[i].dot(q) * ro[i]
+                    q.add_(old_dirs[i], alpha=-al[i])
+
+                d = r = q.mul(H_diag)
+                for i in range(num_old):
+                    be_i = old_dirs[i].dot(r) * ro[i]
+                    r.add_(old_stps[i], alpha=al[i] - be_i)
+
+            if prev_flat_grad is None:
+                prev_flat_grad = flat_grad.clone(memory_format=torch.contiguous_format)
+            else:
+                prev_flat_grad.copy_(flat_grad)
+            prev_loss = loss
+
+            if state["n_iter"] == 1:
+                t = min(1.0, 1.0 / flat_grad.abs().sum()) * lr
+            else:
+                t = lr
+
+            gtd = flat_grad.dot(d)
+            if gtd > -tolerance_change:
+                break
+
+            ls_func_evals = 0
+            if line_search_fn is not None:
+                if line_search_fn != "strong_wolfe":
+                    raise RuntimeError("only 'strong_wolfe' is supported")
+                x_init = self._machine.derive_params()
+
+                def obj_func(x, t, d):
+                    return self._directional_evaluate(closure, x, t, d)
+
+                loss, flat_grad, t, ls_func_evals = _strong_wolfe(
+                    obj_func, x_init, t, d, loss, flat_grad, gtd
+                )
+                self._add_grad(t, d)
+                opt_cond = flat_grad.abs().max() <= tolerance_grad
+            else:
+                self._add_grad(t, d)
+                if n_iter != max_iter:
+                    loss_value, flat_grad = self._evaluate(closure)
+                    loss = float(loss_value)
+                    opt_cond = flat_grad.abs().max() <= tolerance_grad
+                    ls_func_evals = 1
+
+            current_evals += ls_func_evals
+            state["func_evals"] += ls_func_evals
+
+            if n_iter == max_iter:
+                break
+            if current_evals >= max_eval:
+                break
+            if opt_cond:
+                break
+            if d.mul(t).abs().max() <= tolerance_change:
+                break
+            if abs(loss - prev_loss) < tolerance_change:
+                break
+
+        state["d"] = d
+        state["t"] = t
+        state["old_dirs"] = old_dirs
+        state["old_stps"] = old_stps
+        state["ro"] = ro
+        state["H_diag"] = H_diag
+        state["prev_flat_grad"] = prev_flat_grad
+        state["prev_loss"] = prev_loss
+        self._finish()
+        return orig_loss
+
+    def _finish(self) -> None:
+        """Brings the user's tensors up to the shards' parameters and runs queued operations."""
+        if self._params_stale:
+            self._pull_params()
+        else:
+            self._machine.flush()
+
+    # ----- state in torch's LBFGS format ----------------------------------------------------
+
+    def _materialize(self) -> dict[str, Any]:
+        """The state with every sharded vector gathered into one flat tensor, in torch's order."""
+        state = self._lbfgs_state
+        vectors: list[ShardedVector] = []
+        for key in _VECTOR_KEYS:
+            value = state.get(key)
+            if isinstance(value, ShardedVector):
+                vectors.append(value)
+            elif isinstance(value, list):
+                vectors.extend(value)
+        for v in vectors:
+            self._machine.queue(("read", v.name))
+        results = self._machine.flush() if vectors else []
+        full: dict[str, torch.Tensor] = {}
+        for k, v in enumerate(vectors):
+            flat = torch.empty(self._numel, dtype=self._dtype)
+            for s, shard_results in zip(self._machine.shards, results):
+                local = readonly_tensor(shard_results[k])
+                offset = 0
+                for start, numel in self._segments[s]:
+                    flat[start : start + numel].copy_(local[offset : offset + numel])
+                    offset += numel
+            full[v.name] = flat
+
+        def copy(value: Any) -> Any:
+            if isinstance(value, ShardedVector):
+                return full[value.name]
+            if isinstance(value, torch.Tensor):
+                return value.clone()
+            if isinstance(value, list):
+                return [copy(x) for x in value]
+            return value
+
+        return {key: copy(value) for key, value in state.items()}
+
+    def _fetch_param_state(self, pid: int) -> dict[str, Any]:
+        self._check_open()
+        return self._materialize() if pid == 0 and self._lbfgs_state else {}
+
+    def _store_param_state(self, pid: int, value: dict[str, Any]) -> None:
+        self._check_open()
+        if pid != 0:
+            raise KeyError("torch's LBFGS keeps its state under the first parameter only")
+        self._lbfgs_state = self._scatter(self._validated(value))
+        self._state_order = {0: None}
+
+    def state_dict(self) -> dict[str, Any]:
+        self._check_open()
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        group = self.param_groups[0]
+        packed = {k: v for k, v in group.items() if k != "params"}
+        packed["params"] = list(range(len(group["params"])))
+        state = {0: self._materialize()} if self._lbfgs_state else {}
+        state_dict = {"state": state, "param_groups": [packed]}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _validated(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Checks a torch LBFGS state and casts it as torch would (floating tensors to dtype)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"LBFGS state must be a dict, got {type(state).__name__}")
+
+        def cast(value: Any, key: str) -> Any:
+            if isinstance(value, torch.Tensor):
+                if key in _VECTOR_KEYS and value.numel() != self._numel:
+                    raise ValueError(
+                        f"loaded state dict has {key!r} with {value.numel()} elements, "
+                        f"expected {self._numel} (the parameters' total)"
+                    )
+                value = value.detach().cpu()
+                return value.to(self._dtype) if value.is_floating_point() else value.clone()
+            if isinstance(value, (list, tuple)):
+                return [cast(v, key) for v in value]
+            if value is None or isinstance(value, (bool, int, float, str)):
+                return value
+            raise TypeError(f"unexpected {type(value).__name__} under {key!r} in LBFGS state")
+
+        checked = {key: cast(value, key) for key, value in state.items()}
+        if isinstance(checked.get("old_dirs"), list) != isinstance(checked.get("old_stps"), list):
+            raise ValueError("loaded state dict has old_dirs and old_stps of different kinds")
+        return checked
+
+    def _scatter(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Sends the flat vectors of a validated state to the shards, as sharded vectors."""
+
+        def place(value: torch.Tensor) -> ShardedVector:
+            vector = self._machine.new()
+            flat = value.reshape(-1)
+            ops = {}
+            for s in self._machine.shards:
+                part = torch.cat([flat[start : start + n] for start, n in self._segments[s]])
+                ops[s] = ("put", vector.name, part.numpy())
+            self._machine.queue_each(ops)
+            return vector
+
+        result = {}
+        for key, value in state.items():
+            if key in _VECTOR_KEYS and isinstance(value, torch.Tensor):
+                result[key] = place(value)
+            elif key in _VECTOR_KEYS and isinstance(value, list):
+                result[key] = [place(v) for v in value]
+            else:
+                result[key] = value
+        self._machine.flush()
+        return result
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a torch.optim.LBFGS state dict (from torch or shardopt, any shard count)."""
+        self._check_open()
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = check_param_groups(self.param_groups, state_dict["param_groups"])
+        saved_state = state_dict["state"]
+        first_id = saved_groups[0]["params"][0] if saved_groups[0]["params"] else 0
+        unknown = [k for k in saved_state if k != first_id]
+        if unknown:
+            raise ValueError(
+                f"loaded state dict has LBFGS state under parameter id(s) {unknown}; "
+                "torch's LBFGS keeps it under the first parameter only"
+            )
+        checked = self._validated(saved_state[first_id]) if first_id in saved_state else {}
+        self._lbfgs_state = self._scatter(checked)
+        self._state_order = {0: None} if checked else {}
+        saved = saved_groups[0]
+        saved["params"] = self.param_groups[0]["params"]
+        if "param_names" in self.param_groups[0] and "param_names" not in saved:
+            saved["param_names"] = self.param_groups[0]["param_names"]
+        for name, default in self.defaults.items():
+            saved.setdefault(name, default)
+        self.param_groups = [saved]
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
