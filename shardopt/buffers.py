@@ -75,8 +75,11 @@ class FlatLayout:
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         """The typed view of tensor ``i`` inside ``flat`` (a 1-D uint8 tensor)."""
+        nbytes = self.tensor_nbytes(i)
+        if nbytes == 0:  # numpy hands out empty arrays with stride 0, which cannot be re-typed
+            return torch.empty(self.shapes[i], dtype=self.dtypes[i], device=flat.device)
         start = self.offsets[i]
-        return flat[start : start + self.tensor_nbytes(i)].view(self.dtypes[i]).view(self.shapes[i])
+        return flat[start : start + nbytes].view(self.dtypes[i]).view(self.shapes[i])
 
     def empty(self, device: torch.device | str = "cpu", pin_memory: bool = False) -> torch.Tensor:
         return torch.empty(self.nbytes, dtype=torch.uint8, device=device, pin_memory=pin_memory)
@@ -103,8 +106,9 @@ class FlatLayout:
         itemsize = self.dtypes[i].itemsize
         shape = self.shapes[i]
         stride = torch.empty(shape, device="meta").stride()
+        start = flat.storage_offset() + self.offsets[i]
         with torch.no_grad():
-            tensor.set_(flat.untyped_storage(), self.offsets[i] // itemsize, shape, stride)
+            tensor.set_(flat.untyped_storage(), start // itemsize, shape, stride)
         return tensor
 
 
