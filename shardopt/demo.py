@@ -286,10 +286,11 @@ def format_report(result: dict[str, Any]) -> str:
         ("torch.optim.AdamW", result["torch"]),
     ]
     width = max(len(name) for name, _ in rows)
+    epochs = f"{result['epochs']} epoch" + ("s" if result["epochs"] != 1 else "")
     lines = [
         f"digits: {result['train_samples']} train / {result['test_samples']} test samples, "
-        f"MLP 64-{HIDDEN}-10, {result['epochs']} epochs = {result['steps']} steps of "
-        f"batch {result['batch_size']}, AdamW lr={result['lr']}, seed {result['seed']}",
+        f"MLP 64-{HIDDEN}-10, {epochs} = {result['steps']} steps of batch "
+        f"{result['batch_size']}, AdamW lr={result['lr']}, seed {result['seed']}",
         "",
         f"{'optimizer':<{width}}  {'test acc':>8}  {'train loss':>10}  {'test loss':>9}  "
         f"{'train time':>10}  {'setup':>7}",
