@@ -386,8 +386,8 @@ def test_constructor_errors():
         shardopt.Adam([])
     with pytest.raises(TypeError):
         shardopt.Adam(params, 1e-3, (0.9, 0.99), 1e-8, 0.0, False, 7)  # too many positionals
-    with pytest.raises(NotImplementedError, match="LBFGS"):
-        shardopt.LBFGS(params)
+    with pytest.raises(TypeError, match="shardopt.LBFGS"):
+        ShardedOptimizer(params, torch.optim.LBFGS)
     assert shardopt.SGD(params, 0.5, num_shards=1).param_groups[0]["lr"] == 0.5
 
 
