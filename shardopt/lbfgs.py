@@ -154,6 +154,9 @@ class _AbsVector:
 class LBFGS(ShardedOptimizer):
     """``torch.optim.LBFGS`` over sharded flat vectors: same arguments, same trajectory.
 
+    With one shard the trajectory is bit-identical to torch's; with more, the global dot products
+    are sums of per-shard partials, so results agree to rounding (about 1e-9 in float64).
+
     Args:
         params: the parameters (one group, as torch's LBFGS requires).
         lr, max_iter, max_eval, tolerance_grad, tolerance_change, history_size, line_search_fn:
