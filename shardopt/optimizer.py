@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from copy import deepcopy
@@ -185,6 +186,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._shards_ready = False
         super().__init__(params, full_defaults)
 
+        if any(g.get("differentiable") for g in self.param_groups):
+            warnings.warn(
+                "differentiable=True: the shards compute the same numbers, but no autograd "
+                "graph connects the update on the shards to the parameters here",
+                stacklevel=2,
+            )
         ensure_ray()
         self._num_shards = num_shards or default_num_shards()
         self._plan = ShardPlan.empty(self._num_shards)
