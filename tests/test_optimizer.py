@@ -391,6 +391,12 @@ def test_constructor_errors():
     assert shardopt.SGD(params, 0.5, num_shards=1).param_groups[0]["lr"] == 0.5
 
 
+def test_differentiable_warns_that_no_graph_crosses_the_shards():
+    with pytest.warns(UserWarning, match="no autograd graph"):
+        opt = shardopt.SGD(make_model().parameters(), lr=0.1, differentiable=True, num_shards=1)
+    opt.close()
+
+
 def test_duplicate_parameters_across_groups():
     m = make_model()
     with pytest.raises(ValueError, match="more than one parameter group"):
