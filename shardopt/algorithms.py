@@ -29,6 +29,7 @@ from shardopt.optimizer import ShardedOptimizer
 _SHARDING_OPTIONS = [
     inspect.Parameter("num_shards", inspect.Parameter.KEYWORD_ONLY, default=None),
     inspect.Parameter("actor_options", inspect.Parameter.KEYWORD_ONLY, default=None),
+    inspect.Parameter("shared_memory", inspect.Parameter.KEYWORD_ONLY, default=None),
 ]
 
 
@@ -42,6 +43,7 @@ def _sharded(torch_class: type[torch.optim.Optimizer]) -> type[ShardedOptimizer]
         *args: Any,
         num_shards: int | None = None,
         actor_options: dict[str, Any] | None = None,
+        shared_memory: bool | None = None,
         **kwargs: Any,
     ) -> None:
         try:
@@ -55,6 +57,7 @@ def _sharded(torch_class: type[torch.optim.Optimizer]) -> type[ShardedOptimizer]
             torch_class,
             num_shards=num_shards,
             actor_options=actor_options,
+            shared_memory=shared_memory,
             **hyperparameters,
         )
 

@@ -192,12 +192,14 @@ class LBFGS(ShardedOptimizer):
         *,
         num_shards: int | None = None,
         actor_options: dict[str, Any] | None = None,
+        shared_memory: bool | None = None,
     ) -> None:
         super().__init__(
             params,
             torch.optim.LBFGS,
             num_shards=num_shards,
             actor_options=actor_options,
+            shared_memory=shared_memory,
             lr=lr,
             max_iter=max_iter,
             max_eval=max_eval,

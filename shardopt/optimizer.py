@@ -12,7 +12,9 @@ Talks to: shard hosts through Ray (:mod:`shardopt.runtime`), with the records of
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import uuid
 import warnings
 import weakref
@@ -32,6 +34,7 @@ from shardopt.records import (
     ParamUpdate,
     ShardSpec,
     ShardStatus,
+    SharedBuffers,
     SparseGrad,
     StepRequest,
 )
@@ -128,6 +131,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         num_shards: how many shards; by default one per GPU in the cluster, else one per node.
         actor_options: options for the shard actors (``ray.remote(...).options(**actor_options)``),
             e.g. ``{"num_gpus": 1}`` to run each shard on its own GPU.
+        shared_memory: exchange gradients and parameters with CPU shards on this node through
+            shared memory (``/dev/shm``) instead of Ray's object store; by default wherever
+            possible. ``False`` forces the object store.
         **defaults: ``optimizer_class``'s hyperparameters.
 
     Raises:
@@ -153,6 +159,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         *,
         num_shards: int | None = None,
         actor_options: dict[str, Any] | None = None,
+        shared_memory: bool | None = None,
         **defaults: Any,
     ) -> None:
         if not (
@@ -182,6 +189,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.optimizer_class = optimizer_class
         self._shard_defaults = dict(defaults)
         self._actor_options = dict(actor_options or {})
+        self._shared_memory = shared_memory
         self._closed = False
         self._shards_ready = False
         super().__init__(params, full_defaults)
@@ -217,6 +225,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def plan(self) -> ShardPlan:
         """Which shard owns which parameter (global ids in param_groups order)."""
         return self._plan
+
+    @property
+    def uses_shared_memory(self) -> list[bool]:
+        """Per shard: whether gradients and parameters move through shared memory."""
+        return [m is not None for m in self._shm]
 
     @property
     def num_shards(self) -> int:
@@ -266,14 +279,38 @@ class ShardedOptimizer(torch.optim.Optimizer):
             ShardSpec(self.optimizer_class, self._shard_defaults, options, blocks[s])
             for s in range(self._num_shards)
         ]
-        initial = ray_get(
+        here = ray.get_runtime_context().get_node_id()
+        infos = ray_get([h.info.remote() for h in self._hosts])
+        shared = [
+            self._shared_memory is not False and info["node_id"] == here and info["device"] == "cpu"
+            for info in infos
+        ]
+        created = ray_get(
             [
-                h.create.remote(k, s, specs[s])
+                h.create.remote(k, s, specs[s], shared[s])
                 for s, (h, k) in enumerate(zip(self._hosts, self._keys))
             ]
         )
-        self._note_state(chain.from_iterable(initial))
+        self._shm: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self._num_shards
+        for s, (_, buffers) in enumerate(created):
+            self._map_shared(s, buffers)
+        self._note_state(chain.from_iterable(ids for ids, _ in created))
         self._shards_ready = True
+
+    def _map_shared(self, shard: int, buffers: SharedBuffers | None) -> None:
+        """Maps a shard's shared parameter and gradient buffers here, then unlinks their files."""
+        if buffers is None:
+            self._shm[shard] = None
+            return
+        size = max(buffers.nbytes, 1)
+        mapped = tuple(
+            torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+            for path in (buffers.param_path, buffers.grad_path)
+        )
+        for path in (buffers.param_path, buffers.grad_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self._shm[shard] = mapped
 
     def _note_state(self, param_ids: Iterable[int]) -> None:
         for pid in sorted(param_ids):
@@ -306,9 +343,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         g = len(self.param_groups) - 1
         blocks = self._place(list(group["params"]), [g] * len(group["params"]))
         options = _group_options(group)
-        ray_get(
+        buffers = ray_get(
             [self._call(s, "add_param_group", options, blocks[s]) for s in range(self._num_shards)]
         )
+        for s, shard_buffers in enumerate(buffers):
+            self._map_shared(s, shard_buffers)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -332,28 +371,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             ids = self._shard_params[s]
             if not ids:
                 continue
-            layout = self._layouts[s]
             changed = self._changed_params(s, params)
-            flat = None
-            has_grad, sparse, touched = [], {}, []
-            for j, pid in enumerate(ids):
-                grad = params[pid].grad
-                if grad is None:
-                    has_grad.append(False)
-                    continue
-                touched.append(j)
-                if grad.is_sparse:
-                    grad = grad.coalesce()
-                    sparse[j] = SparseGrad(
-                        indices=grad.indices().cpu().numpy(),
-                        values=grad.values().cpu().contiguous().numpy(),
-                    )
-                    has_grad.append(False)
-                    continue
-                if flat is None:
-                    flat = layout.empty()
-                layout.view(flat, j).copy_(grad)
-                has_grad.append(True)
+            flat, has_grad, sparse, touched = self._pack_grads(s, params)
             if not touched:
                 if changed is not None:
                     ray_get(self._call(s, "set_params", changed))
@@ -361,19 +380,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
             request = StepRequest(
                 step_id=step_id,
                 group_options=options,
-                grads=to_numpy(flat if flat is not None else layout.empty()),
-                has_grad=tuple(has_grad),
+                grads=None if self._shm[s] is not None else to_numpy(flat),
+                has_grad=has_grad,
                 sparse_grads=sparse,
                 params_in=changed,
             )
             pending[s] = self._call(s, "step", request)
             updated[s] = touched
-        results = ray_get(list(pending.values()))
         new_state: list[int] = []
-        for (s, touched), result in zip(updated.items(), results):
-            values = readonly_tensor(result.params)
+        for s, result in zip(pending, ray_get(list(pending.values()))):
+            shm = self._shm[s]
+            values = shm[0] if shm is not None else readonly_tensor(result.params)
             layout = self._layouts[s]
-            for j in touched:
+            for j in updated[s]:
                 pid = self._shard_params[s][j]
                 p = params[pid]
                 p.copy_(layout.view(values, j))
@@ -381,6 +400,41 @@ class ShardedOptimizer(torch.optim.Optimizer):
             new_state.extend(result.new_state_ids)
         self._note_state(new_state)
         return loss
+
+    def _pack_grads(
+        self, shard: int, params: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[bool, ...], dict[int, SparseGrad], list[int]]:
+        """Writes a shard's dense gradients into one flat buffer (its shared one, if mapped).
+
+        Returns:
+            The buffer, which slots hold a dense gradient, the sparse gradients by slot, and
+            the slots whose parameter has any gradient (the ones the step will change).
+        """
+        layout = self._layouts[shard]
+        shm = self._shm[shard]
+        flat = shm[1] if shm is not None else None
+        has_grad, sparse, touched = [], {}, []
+        for j, pid in enumerate(self._shard_params[shard]):
+            grad = params[pid].grad
+            if grad is None:
+                has_grad.append(False)
+                continue
+            touched.append(j)
+            if grad.is_sparse:
+                grad = grad.coalesce()
+                sparse[j] = SparseGrad(
+                    indices=grad.indices().cpu().numpy(),
+                    values=grad.values().cpu().contiguous().numpy(),
+                )
+                has_grad.append(False)
+                continue
+            if flat is None:
+                flat = layout.empty()
+            layout.view(flat, j).copy_(grad)
+            has_grad.append(True)
+        if flat is None:
+            flat = layout.empty()
+        return flat, tuple(has_grad), sparse, touched
 
     def _changed_params(self, shard: int, params: list[torch.Tensor]) -> ParamUpdate | None:
         """The user's parameters of ``shard`` modified since shardopt last wrote them."""
@@ -390,6 +444,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if self._versions[pid] != (params[pid]._version, params[pid].data_ptr())
         ]
         if not changed:
+            return None
+        if self._shm[shard] is not None:  # the shard's master copy is mapped here: write it
+            layout = self._layouts[shard]
+            for j in changed:
+                pid = self._shard_params[shard][j]
+                layout.view(self._shm[shard][0], j).copy_(params[pid].detach())
+                self._record_version(pid, params[pid])
             return None
         tensors = [params[self._shard_params[shard][j]].detach().cpu() for j in changed]
         layout = FlatLayout.for_tensors(tensors)
@@ -409,13 +470,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._check_open()
         params = self._flat_params()
         self._versions = [(-1, -1)] * len(params)
-        ray_get(
-            [
-                self._call(s, "set_params", self._changed_params(s, params))
-                for s in range(self._num_shards)
-                if self._shard_params[s]
-            ]
-        )
+        updates = {s: self._changed_params(s, params) for s in range(self._num_shards)}
+        ray_get([self._call(s, "set_params", u) for s, u in updates.items() if u is not None])
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict, gathered from the shards one at a time.
@@ -538,6 +594,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """Releases the shards (their hosts return to the pool). Idempotent."""
         if not self._closed:
             self._closed = True
+            self._shm = [None] * self._num_shards
             self._finalizer()
 
     def __enter__(self) -> ShardedOptimizer:

@@ -35,6 +35,19 @@ class ShardSpec:
 
 
 @dataclass(frozen=True)
+class SharedBuffers:
+    """A shard's parameter and gradient buffers as files in shared memory (same node only).
+
+    The proxy maps both files and unlinks them; from then on the memory lives as long as either
+    side keeps its mapping, and nothing is left behind in ``/dev/shm`` if a process dies.
+    """
+
+    param_path: str
+    grad_path: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class SparseGrad:
     """A coalesced sparse COO gradient (SparseAdam's input)."""
 
@@ -46,7 +59,8 @@ class SparseGrad:
 class StepRequest:
     """One optimizer step for one shard.
 
-    ``grads`` is laid out as the shard's parameters; ``has_grad`` says which of its slots carry a
+    ``grads`` is laid out as the shard's parameters (None: already written to the shard's shared
+    gradient buffer); ``has_grad`` says which of its slots carry a
     dense gradient (the rest are skipped as torch skips ``grad=None``), ``sparse_grads`` holds
     sparse ones by local index. ``params_in`` carries parameters the user changed since the last
     step, which the shard adopts before updating.
@@ -54,7 +68,7 @@ class StepRequest:
 
     step_id: int
     group_options: tuple[dict[str, Any], ...]
-    grads: np.ndarray
+    grads: np.ndarray | None
     has_grad: tuple[bool, ...]
     sparse_grads: dict[int, SparseGrad]
     params_in: ParamUpdate | None = None
@@ -71,10 +85,13 @@ class ParamUpdate:
 
 @dataclass(frozen=True)
 class StepResult:
-    """What a shard returns after a step: its parameters and who gained optimizer state."""
+    """What a shard returns after a step: its parameters and who gained optimizer state.
+
+    ``params`` is None for a shard with shared buffers: the proxy reads them there.
+    """
 
     step_id: int
-    params: np.ndarray
+    params: np.ndarray | None
     new_state_ids: tuple[int, ...]
 
 

@@ -11,7 +11,10 @@ Talks to: the proxy (:mod:`shardopt.optimizer`) through the records of :mod:`sha
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import uuid
 from typing import Any
 
 import torch
@@ -29,12 +32,16 @@ from shardopt.records import (
     ParamUpdate,
     ShardSpec,
     ShardStatus,
+    SharedBuffers,
     StepRequest,
     StepResult,
 )
 from shardopt.vectors import VectorStore
 
 logger = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+"""Where shared parameter/gradient buffers live (a tmpfs; in Docker, size it with shm_size)."""
 
 
 def _copy_into(dst: torch.Tensor, src_array) -> None:
@@ -52,9 +59,17 @@ class Shard:
         device: where the parameters and state live (defaults to CPU).
     """
 
-    def __init__(self, shard_index: int, spec: ShardSpec, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        shard_index: int,
+        spec: ShardSpec,
+        device: str | torch.device = "cpu",
+        shared_memory: bool = False,
+    ):
         self.shard_index = shard_index
         self.device = torch.device(device)
+        self._shared = shared_memory and self.device.type == "cpu" and os.path.isdir(SHM_DIR)
+        self._shm_paths: tuple[str, str] | None = None
         self._param_ids: list[int] = []
         self._group_of: list[int] = []
         self._params: list[torch.Tensor] = []
@@ -63,7 +78,7 @@ class Shard:
         self._layout = FlatLayout.for_specs([])
         self._flat = self._layout.empty(self.device)
         self._grad_flat = self._layout.empty(self.device)
-        self._adopt(spec.params)
+        self._adopt(spec.params, force=True)
         groups = [
             {**options, "params": self._params_in_group(g)}
             for g, options in enumerate(spec.group_options)
@@ -80,16 +95,41 @@ class Shard:
     def _params_in_group(self, group: int) -> list[torch.Tensor]:
         return [p for p, g in zip(self._params, self._group_of) if g == group]
 
-    def _adopt(self, block: ParamBlock) -> list[torch.Tensor]:
+    def _allocate(self, nbytes: int) -> tuple[torch.Tensor, str | None]:
+        """A uint8 buffer on this shard's device; in shared memory when the proxy is local."""
+        if not self._shared:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device), None
+        path = os.path.join(SHM_DIR, f"shardopt-{os.getpid()}-{uuid.uuid4().hex}")
+        return torch.from_file(path, shared=True, size=max(nbytes, 1), dtype=torch.uint8), path
+
+    def shared_buffers(self) -> SharedBuffers | None:
+        """Where the proxy can map this shard's buffers (None unless in shared memory)."""
+        if self._shm_paths is None:
+            return None
+        return SharedBuffers(*self._shm_paths, nbytes=self._layout.nbytes)
+
+    def _unlink_shared(self) -> None:
+        for path in self._shm_paths or ():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def close(self) -> None:
+        """Removes this shard's shared-memory files (mappings stay valid until dropped)."""
+        self._unlink_shared()
+        self._shm_paths = None
+
+    def _adopt(self, block: ParamBlock, force: bool = False) -> list[torch.Tensor]:
         """Appends ``block``'s parameters to the flat buffers, keeping tensor identities."""
-        if not block.param_ids:
+        if not block.param_ids and not force:
             return []
         old_count = len(self._params)
         specs = list(zip(block.layout.shapes, block.layout.dtypes))
         layout = self._layout.extended(specs)
-        flat = layout.empty(self.device)
-        grad_flat = layout.empty(self.device)
+        flat, flat_path = self._allocate(layout.nbytes)
+        grad_flat, grad_path = self._allocate(layout.nbytes)
         flat[: self._layout.nbytes].copy_(self._flat)
+        self._unlink_shared()
+        self._shm_paths = (flat_path, grad_path) if flat_path else None
         for i, (p, g) in enumerate(zip(self._params, self._grads)):
             layout.rebind(p, flat, i)
             layout.rebind(g, grad_flat, i)
@@ -108,11 +148,16 @@ class Shard:
         self._layout, self._flat, self._grad_flat = layout, flat, grad_flat
         return new_params
 
-    def add_param_group(self, options: dict[str, Any], block: ParamBlock) -> None:
-        """Adds one param group (possibly with none of its parameters on this shard)."""
+    def add_param_group(self, options: dict[str, Any], block: ParamBlock) -> SharedBuffers | None:
+        """Adds one param group (possibly with none of its parameters on this shard).
+
+        Returns:
+            The shard's shared buffers, which move when parameters were added.
+        """
         new_params = self._adopt(block)
         self.optimizer.add_param_group({**options, "params": new_params})
         self._note_new_state()
+        return self.shared_buffers()
 
     def set_params(self, update: ParamUpdate) -> None:
         """Overwrites some master parameters with values the user set on the client."""
@@ -152,7 +197,8 @@ class Shard:
             self.set_params(request.params_in)
         for group, options in zip(self.optimizer.param_groups, request.group_options):
             group.update(options)
-        _copy_into(self._grad_flat, request.grads)
+        if request.grads is not None:
+            _copy_into(self._grad_flat, request.grads)
         for i, p in enumerate(self._params):
             sparse = request.sparse_grads.get(i)
             if sparse is not None:
@@ -170,7 +216,7 @@ class Shard:
             p.grad = None
         result = StepResult(
             step_id=request.step_id,
-            params=self.param_values(),
+            params=None if self._shm_paths else self.param_values(),
             new_state_ids=self._note_new_state(),
         )
         self._last_step_id = request.step_id
@@ -291,18 +337,35 @@ class ShardHost:
         self._shards: dict[str, Shard] = {}
         self.device = actor_device()
 
-    def create(self, key: str, shard_index: int, spec: ShardSpec) -> tuple[int, ...]:
-        """Creates a shard; returns the ids that its optimizer's constructor gave state to."""
-        shard = Shard(shard_index, spec, self.device)
+    def create(
+        self, key: str, shard_index: int, spec: ShardSpec, shared_memory: bool = False
+    ) -> tuple[tuple[int, ...], SharedBuffers | None]:
+        """Creates a shard.
+
+        Returns:
+            The ids its optimizer's constructor gave state to, and its shared buffers (if any).
+        """
+        shard = Shard(shard_index, spec, self.device, shared_memory)
         self._shards[key] = shard
-        return shard.initial_state_ids()
+        return shard.initial_state_ids(), shard.shared_buffers()
 
     def call(self, key: str, method: str, *args: Any) -> Any:
         """Runs ``Shard.<method>(*args)`` on shard ``key``."""
         return getattr(self._shards[key], method)(*args)
 
     def drop(self, key: str) -> None:
-        self._shards.pop(key, None)
+        shard = self._shards.pop(key, None)
+        if shard is not None:
+            shard.close()
 
     def info(self) -> dict[str, Any]:
-        return {"device": str(self.device), "shards": sorted(self._shards)}
+        """The host's device, node, process id and the shards it holds."""
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {
+            "device": str(self.device),
+            "node_id": node_id,
+            "pid": os.getpid(),
+            "shards": sorted(self._shards),
+        }

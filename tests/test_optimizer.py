@@ -52,11 +52,17 @@ def assert_same_state_dict(got: dict, want: dict) -> None:
                 assert other == value
 
 
-@pytest.fixture
-def pair():
-    """A model under shardopt (2 shards) and an identical one under torch.optim.AdamW."""
+@pytest.fixture(params=[True, False], ids=["shm", "object_store"])
+def pair(request):
+    """A model under shardopt (2 shards) and an identical one under torch.optim.AdamW.
+
+    Runs each test over both data paths: shared memory and Ray's object store.
+    """
     sharded, reference = make_model(), make_model()
-    opt = shardopt.AdamW(sharded.parameters(), lr=1e-2, weight_decay=0.1, num_shards=2)
+    opt = shardopt.AdamW(
+        sharded.parameters(), lr=1e-2, weight_decay=0.1, num_shards=2, shared_memory=request.param
+    )
+    assert opt.uses_shared_memory == [request.param] * 2
     ref = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
     yield sharded, opt, reference, ref
     opt.close()
@@ -464,6 +470,19 @@ def test_closed_optimizer_refuses_work():
     with pytest.raises(OptimizerClosedError):
         opt.state_dict()
     opt.close()  # idempotent
+
+
+def test_shared_memory_leaves_nothing_in_dev_shm():
+    import os
+
+    m = make_model()
+    before = {f for f in os.listdir("/dev/shm") if f.startswith("shardopt-")}
+    with shardopt.Adam(m.parameters(), num_shards=2) as opt:
+        assert opt.uses_shared_memory == [True, True]
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})  # buffers move
+        train_step(m, opt, 0)
+        assert {f for f in os.listdir("/dev/shm") if f.startswith("shardopt-")} == before
+    assert {f for f in os.listdir("/dev/shm") if f.startswith("shardopt-")} == before
 
 
 def test_shard_hosts_are_reused():

@@ -7,6 +7,8 @@ Both sides run torch's own kernels on the same values, so results must be bitwis
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -623,9 +625,14 @@ def test_shard_host_holds_shards_by_key():
     adagrad = ShardSpec(torch.optim.Adagrad, {"lr": 0.1}, ({"lr": 0.1},), block)
     adam = ShardSpec(torch.optim.Adam, {}, ({"lr": 0.1},), block)
 
-    assert host.create("a/0", 0, adagrad) == (0, 1)
-    assert host.create("b/1", 1, adam) == ()
-    assert host.info() == {"device": str(host.device), "shards": ["a/0", "b/1"]}
+    assert host.create("a/0", 0, adagrad) == ((0, 1), None)
+    assert host.create("b/1", 1, adam) == ((), None)
+    info = host.info()
+    assert (info["device"], info["shards"], info["pid"]) == (
+        str(host.device),
+        ["a/0", "b/1"],
+        os.getpid(),
+    )
     assert host.call("b/1", "status").shard_index == 1
 
     layout = block.layout
@@ -641,3 +648,41 @@ def test_shard_host_holds_shards_by_key():
     assert host.info()["shards"] == ["b/1"]
     with pytest.raises(KeyError):
         host.call("a/0", "status")
+
+
+def test_shared_memory_buffers_are_the_shards_own_memory():
+    """With shared memory the proxy writes gradients and reads parameters in place."""
+    tensors = [torch.randn(3, 2), torch.randn(5)]
+    block = make_block(tensors, [0, 1], [0, 0])
+    shard = Shard(0, ShardSpec(torch.optim.SGD, {"lr": 0.5}, ({"lr": 0.5},), block), "cpu", True)
+    buffers = shard.shared_buffers()
+    assert buffers is not None and buffers.nbytes == block.layout.nbytes
+    params_map = torch.from_file(
+        buffers.param_path, shared=True, size=buffers.nbytes, dtype=torch.uint8
+    )
+    grads_map = torch.from_file(
+        buffers.grad_path, shared=True, size=buffers.nbytes, dtype=torch.uint8
+    )
+    os.unlink(buffers.param_path)
+    os.unlink(buffers.grad_path)
+    layout = block.layout
+    for i in range(2):
+        layout.view(grads_map, i).fill_(1.0)
+    result = shard.step(StepRequest(0, ({"lr": 0.5},), None, (True, True), {}))
+    assert result.params is None
+    assert_same([layout.view(params_map, i) for i in range(2)], [t - 0.5 for t in tensors])
+    # the proxy writes a changed parameter straight into the master copy
+    layout.view(params_map, 1).fill_(7.0)
+    assert torch.all(shard._params[1] == 7.0)
+    shard.close()  # the files are already gone: closing twice-removed files is fine
+
+
+def test_shared_memory_files_move_on_add_param_group_and_go_on_close():
+    block = make_block([torch.randn(4)], [0], [0])
+    shard = Shard(0, ShardSpec(torch.optim.SGD, {"lr": 0.1}, ({"lr": 0.1},), block), "cpu", True)
+    first = shard.shared_buffers()
+    moved = shard.add_param_group({"lr": 0.1}, make_block([torch.randn(6)], [1], [1]))
+    assert moved.param_path != first.param_path and not os.path.exists(first.param_path)
+    assert os.path.exists(moved.param_path) and moved.nbytes == shard._layout.nbytes
+    shard.close()
+    assert not os.path.exists(moved.param_path) and not os.path.exists(moved.grad_path)
