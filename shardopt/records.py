@@ -108,6 +108,7 @@ class ShardStatus:
 
     shard_index: int
     device: str
+    fused: bool
     num_params: int
     param_bytes: int
     state_ids: tuple[int, ...]

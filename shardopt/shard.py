@@ -44,6 +44,31 @@ SHM_DIR = "/dev/shm"
 """Where shared parameter/gradient buffers live (a tmpfs; in Docker, size it with shm_size)."""
 
 
+FUSED_BY_DEFAULT: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW)
+"""Classes whose shards run torch's fused kernel when the user chose neither fused nor foreach.
+
+torch's fused Adam/AdamW is several times faster than foreach on CPU and GPU and agrees with it
+to rounding (torch's own tests compare them with default tolerances). Passing ``foreach=True``
+or ``fused=False`` keeps the shards on exactly torch's default code path.
+"""
+
+
+def fuses_by_default(optimizer_class: type, options: dict[str, Any]) -> bool:
+    """Whether a shard runs a group with these options fused although the user did not ask."""
+    return (
+        optimizer_class in FUSED_BY_DEFAULT
+        and options.get("fused") is None
+        and options.get("foreach") is None
+        and not options.get("differentiable")
+        and not options.get("capturable")
+    )
+
+
+def _fusable(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused kernels take these tensors (floating point, on CPU or CUDA)."""
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def _copy_into(dst: torch.Tensor, src_array) -> None:
     """Copies a (read-only) numpy buffer into a uint8 tensor on any device."""
     dst.copy_(readonly_tensor(src_array), non_blocking=False)
@@ -79,11 +104,15 @@ class Shard:
         self._flat = self._layout.empty(self.device)
         self._grad_flat = self._layout.empty(self.device)
         self._adopt(spec.params, force=True)
-        groups = [
-            {**options, "params": self._params_in_group(g)}
-            for g, options in enumerate(spec.group_options)
-        ]
-        self.optimizer: torch.optim.Optimizer = spec.optimizer_class(groups, **spec.defaults)
+        self._optimizer_class = spec.optimizer_class
+        self._fusable = [_fusable(self._params_in_group(g)) for g in range(len(spec.group_options))]
+        self.optimizer: torch.optim.Optimizer = spec.optimizer_class(
+            [
+                {**self._run_options(options, g), "params": self._params_in_group(g)}
+                for g, options in enumerate(spec.group_options)
+            ],
+            **spec.defaults,
+        )
         self._known_state = 0
         self._last_step_id = -1
         self._last_result: StepResult | None = None
@@ -91,6 +120,12 @@ class Shard:
         self.vectors = VectorStore(self)
 
     # ----- parameters -------------------------------------------------------------------------
+
+    def _run_options(self, options: dict[str, Any], group: int) -> dict[str, Any]:
+        """A group's options as this shard runs them: fused where torch's default is not asked."""
+        if self._fusable[group] and fuses_by_default(self._optimizer_class, options):
+            return {**options, "fused": True}
+        return options
 
     def _params_in_group(self, group: int) -> list[torch.Tensor]:
         return [p for p, g in zip(self._params, self._group_of) if g == group]
@@ -155,7 +190,9 @@ class Shard:
             The shard's shared buffers, which move when parameters were added.
         """
         new_params = self._adopt(block)
-        self.optimizer.add_param_group({**options, "params": new_params})
+        self._fusable.append(_fusable(new_params))
+        group = len(self._fusable) - 1
+        self.optimizer.add_param_group({**self._run_options(options, group), "params": new_params})
         self._note_new_state()
         return self.shared_buffers()
 
@@ -195,8 +232,10 @@ class Shard:
             )
         if request.params_in is not None:
             self.set_params(request.params_in)
-        for group, options in zip(self.optimizer.param_groups, request.group_options):
-            group.update(options)
+        for g, (group, options) in enumerate(
+            zip(self.optimizer.param_groups, request.group_options)
+        ):
+            group.update(self._run_options(options, g))
         if request.grads is not None:
             _copy_into(self._grad_flat, request.grads)
         for i, p in enumerate(self._params):
@@ -267,7 +306,7 @@ class Shard:
             groups = []
             for g, options in enumerate(group_options):
                 ids = [i for i, grp in enumerate(self._group_of) if grp == g]
-                groups.append({**options, "params": ids})
+                groups.append({**self._run_options(options, g), "params": ids})
             opt.load_state_dict({"state": local_state, "param_groups": groups})
             self._check_shapes(old[0], opt.state)
             self._pending_loads[token] = (opt.state, opt.param_groups)
@@ -307,6 +346,7 @@ class Shard:
         return ShardStatus(
             shard_index=self.shard_index,
             device=str(self.device),
+            fused=any(bool(g.get("fused")) for g in self.optimizer.param_groups),
             num_params=len(self._params),
             param_bytes=self._layout.nbytes,
             state_ids=tuple(self._state_by_id()),

@@ -12,6 +12,7 @@ import io
 
 import pytest
 import torch
+from reference import run_as_shards
 from torch import nn
 
 import shardopt
@@ -63,21 +64,48 @@ def pair(request):
         sharded.parameters(), lr=1e-2, weight_decay=0.1, num_shards=2, shared_memory=request.param
     )
     assert opt.uses_shared_memory == [request.param] * 2
-    ref = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    ref = run_as_shards(torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1))
     yield sharded, opt, reference, ref
     opt.close()
 
 
 def test_is_a_torch_optimizer(pair):
-    _, opt, _, ref = pair
+    model, opt, _, _ = pair
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     assert isinstance(opt, torch.optim.Optimizer)
     assert isinstance(opt, ShardedOptimizer)
-    assert opt.defaults == ref.defaults
+    assert opt.defaults == plain.defaults
     assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == [
-        {k: v for k, v in g.items() if k != "params"} for g in ref.param_groups
+        {k: v for k, v in g.items() if k != "params"} for g in plain.param_groups
     ]
     assert sum(len(s.state_ids) for s in opt.shard_status()) == 0
     assert "AdamW x2 shards" in repr(opt)
+
+
+def test_adam_shards_run_fused_unless_told_otherwise():
+    """Left unset, Adam/AdamW shards run torch's fused kernel: torch's numbers to rounding.
+
+    ``foreach`` or ``fused=False`` keeps them on exactly torch's default path.
+    """
+    models = [make_model() for _ in range(4)]
+    auto = shardopt.AdamW(models[0].parameters(), lr=1e-2, num_shards=2)
+    exact = shardopt.AdamW(models[1].parameters(), lr=1e-2, fused=False, num_shards=2)
+    default = torch.optim.AdamW(models[2].parameters(), lr=1e-2)
+    unfused = torch.optim.AdamW(models[3].parameters(), lr=1e-2, fused=False)
+    assert [s.fused for s in auto.shard_status()] == [True, True]
+    assert [s.fused for s in exact.shard_status()] == [False, False]
+    assert auto.param_groups[0]["fused"] is None  # the user's choice, as torch shows it
+    for k in range(5):
+        for m, o in zip(models, (auto, exact, default, unfused)):
+            train_step(m, o, k)
+    for a, b in zip(models[0].parameters(), models[2].parameters()):
+        torch.testing.assert_close(a, b)  # torch's default tolerance, as torch tests fused
+    assert_same_params(models[1], models[3])
+    got, want = auto.state_dict(), default.state_dict()
+    assert got["param_groups"] == want["param_groups"]
+    torch.testing.assert_close(got["state"], want["state"])
+    auto.close()
+    exact.close()
 
 
 def test_user_tensors_updated_in_place(pair):
@@ -145,7 +173,7 @@ def test_add_param_group_mid_training():
     m1, m2 = make_model(), make_model()
     layers1, layers2 = list(m1), list(m2)
     opt = shardopt.Adam(layers1[0].parameters(), lr=1e-2, num_shards=2)
-    ref = torch.optim.Adam(layers2[0].parameters(), lr=1e-2)
+    ref = run_as_shards(torch.optim.Adam(layers2[0].parameters(), lr=1e-2))
     for k in range(5):
         if k == 2:
             opt.add_param_group(
@@ -304,8 +332,8 @@ def test_state_dict_equals_torch_and_survives_weights_only_load(pair):
 
 def test_round_trip_torch_to_shardopt_and_back():
     torch_model, sharded_model, control = make_model(), make_model(), make_model()
-    torch_opt = torch.optim.Adam(torch_model.parameters(), lr=1e-2, amsgrad=True)
-    control_opt = torch.optim.Adam(control.parameters(), lr=1e-2, amsgrad=True)
+    torch_opt = run_as_shards(torch.optim.Adam(torch_model.parameters(), lr=1e-2, amsgrad=True))
+    control_opt = run_as_shards(torch.optim.Adam(control.parameters(), lr=1e-2, amsgrad=True))
     for k in range(3):
         train_step(torch_model, torch_opt, k)
         train_step(control, control_opt, k)
@@ -321,7 +349,7 @@ def test_round_trip_torch_to_shardopt_and_back():
     # shardopt -> torch
     back_model = make_model(seed=3)
     back_model.load_state_dict(sharded_model.state_dict())
-    back = torch.optim.Adam(back_model.parameters())
+    back = run_as_shards(torch.optim.Adam(back_model.parameters()))
     back.load_state_dict(opt.state_dict())
     for k in range(6, 9):
         train_step(back_model, back, k)
@@ -441,7 +469,7 @@ def test_rejected_load_state_dict_changes_nothing(pair):
 
     # state from a model with other shapes: the last shard rejects it, so no shard applies it
     other = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 3))
-    other_opt = torch.optim.AdamW(other.parameters(), lr=0.5)
+    other_opt = run_as_shards(torch.optim.AdamW(other.parameters(), lr=0.5))
     other(torch.randn(2, 6)).sum().backward()
     other_opt.step()
     with pytest.raises(ValueError, match="shape"):
@@ -506,7 +534,7 @@ def test_cuda_shards_match_torch_on_cuda():
     m1, m2 = make_model(), make_model()
     m1, m2 = m1.cuda(), m2.cuda()
     opt = shardopt.AdamW(m1.parameters(), lr=1e-2, num_shards=1, actor_options={"num_gpus": 1})
-    ref = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+    ref = run_as_shards(torch.optim.AdamW(m2.parameters(), lr=1e-2))
     assert all(s.device.startswith("cuda") for s in opt.shard_status())
     for k in range(3):
         for m, o in ((m1, opt), (m2, ref)):

@@ -37,6 +37,7 @@ from parity_cases import (
     parity_cases,
     set_grads,
 )
+from reference import run_as_shards
 
 import shardopt
 
@@ -83,7 +84,7 @@ def run_parity(case: ParityCase, shard_counts: tuple[int, ...], count: int | Non
     kind = case.kind
     values = initial_values(kind, count)
     ref_params = make_params(values, case.requires_grad)
-    reference = case.optim_cls(case.param_arg(ref_params), **case.fresh_kwargs())
+    reference = run_as_shards(case.optim_cls(case.param_arg(ref_params), **case.fresh_kwargs()))
     runs = []
     try:
         for n in shard_counts:
@@ -222,7 +223,7 @@ def test_parity_with_lr_scheduler(case: ParityCase):
     values = initial_values(case.kind)
     ref_params = make_params(values, case.requires_grad)
     params = make_params(values, case.requires_grad)
-    reference = case.optim_cls(ref_params, **case.fresh_kwargs())
+    reference = run_as_shards(case.optim_cls(ref_params, **case.fresh_kwargs()))
     ref_sched = torch.optim.lr_scheduler.StepLR(reference, step_size=2, gamma=0.3)
     with shardopt.ShardedOptimizer(
         params, case.optim_cls, num_shards=2, **case.fresh_kwargs()
@@ -246,7 +247,7 @@ def test_parity_across_state_dict_round_trips(case: ParityCase):
     """
     values = initial_values(case.kind)
     ref_params, params = make_params(values), make_params(values)
-    reference = case.optim_cls(ref_params, **case.fresh_kwargs())
+    reference = run_as_shards(case.optim_cls(ref_params, **case.fresh_kwargs()))
     with shardopt.ShardedOptimizer(
         params, case.optim_cls, num_shards=2, **case.fresh_kwargs()
     ) as opt:
@@ -254,7 +255,7 @@ def test_parity_across_state_dict_round_trips(case: ParityCase):
             _step_both(case, step, ref_params, reference, [(params, opt)])
         now = [p.detach() for p in ref_params]
         torch_params, loaded_params = make_params(now), make_params(now)
-        from_shardopt = case.optim_cls(torch_params, **case.fresh_kwargs())
+        from_shardopt = run_as_shards(case.optim_cls(torch_params, **case.fresh_kwargs()))
         from_shardopt.load_state_dict(opt.state_dict())
         with shardopt.ShardedOptimizer(
             loaded_params, case.optim_cls, num_shards=3, **case.fresh_kwargs()
@@ -275,7 +276,7 @@ def test_parity_with_param_changes_between_steps(case: ParityCase):
     values = initial_values(case.kind)
     ref_params, params = make_params(values), make_params(values)
     first = len(values) - 2
-    reference = case.optim_cls(ref_params[:first], **case.fresh_kwargs())
+    reference = run_as_shards(case.optim_cls(ref_params[:first], **case.fresh_kwargs()))
     with shardopt.ShardedOptimizer(
         params[:first], case.optim_cls, num_shards=2, **case.fresh_kwargs()
     ) as opt:

@@ -22,7 +22,7 @@ from shardopt.records import (
     StepRequest,
     StepResult,
 )
-from shardopt.shard import Shard, ShardHost
+from shardopt.shard import Shard, ShardHost, fuses_by_default
 
 # ----- helpers ------------------------------------------------------------------------------
 
@@ -68,6 +68,13 @@ class Twin:
             for k, opts in enumerate(group_opts)
         ]
         self.reference = optimizer_class(groups, **defaults)
+        # the shard runs Adam/AdamW fused unless told otherwise: so does its twin
+        self.auto_fused = [
+            fuses_by_default(optimizer_class, g) for g in self.reference.param_groups
+        ]
+        for group, fused in zip(self.reference.param_groups, self.auto_fused):
+            if fused:
+                group["fused"] = True
         block = make_block(tensors, self.ids, list(group_of))
         self.layout = block.layout
         spec = ShardSpec(optimizer_class, dict(defaults), tuple(group_opts), block)
@@ -78,9 +85,13 @@ class Twin:
         """The step request for ``grads`` (None = no gradient) by local index."""
         if step_id is None:
             step_id = self.next_step_id
+        options = tuple(
+            {**opts, "fused": None} if fused else opts
+            for opts, fused in zip(group_options(self.reference), self.auto_fused)
+        )
         return StepRequest(
             step_id=step_id,
-            group_options=group_options(self.reference),
+            group_options=options,
             grads=to_numpy(self.layout.pack(list(grads))),
             has_grad=tuple(g is not None for g in grads),
             sparse_grads=dict(sparse or {}),
@@ -165,6 +176,7 @@ def test_status_reports_params_state_and_last_step():
     assert status == ShardStatus(
         shard_index=0,
         device="cpu",
+        fused=True,
         num_params=4,
         param_bytes=twin.layout.nbytes,
         state_ids=(),
@@ -380,7 +392,8 @@ def test_add_param_group_keeps_existing_tensors_and_state():
 
     # The reference adds the same group; the layout grows as the proxy grows its copy.
     extra_params = [t.clone() for t in extra]
-    twin.reference.add_param_group({"params": extra_params, "lr": 0.2})
+    twin.reference.add_param_group({"params": extra_params, "lr": 0.2, "fused": True})
+    twin.auto_fused.append(True)
     twin.params += extra_params
     twin.ids += [20, 21]
     twin.layout = twin.layout.extended([(tuple(t.shape), t.dtype) for t in extra])
@@ -399,7 +412,8 @@ def test_add_param_group_with_none_of_its_params_here():
     twin.shard.add_param_group({"lr": 0.3}, make_block([], [], []))
     assert len(twin.shard.optimizer.param_groups) == 3
     assert twin.shard.optimizer.param_groups[2]["params"] == []
-    twin.reference.add_param_group({"params": [], "lr": 0.3})
+    twin.reference.add_param_group({"params": [], "lr": 0.3, "fused": True})
+    twin.auto_fused.append(True)
     twin.step(random_grads(twin))
     twin.assert_in_sync()
 

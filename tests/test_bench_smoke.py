@@ -1,0 +1,109 @@
+"""Smoke test of benchmarks/step_bench.py: its pieces run on a tiny model, so it does not rot.
+
+The benchmark's modules live next to the script, not in the package; the fixture puts that
+folder on ``sys.path`` (spawned children inherit it). Everything runs on about 100k parameters
+with one timed step: the in-process cell (torch, shardopt on the session's Ray, the floor), the
+whole CLI with its table, JSON and plot, and the ZeRO and RPC anchors (a few seconds each).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+TINY = 100_000
+
+
+@pytest.fixture(scope="module")
+def bench():
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module("step_bench")
+
+
+def test_transformer_shapes_fill_the_budget(bench):
+    shapes = bench.transformer_shapes(TINY)
+    n = bench.count_params(shapes)
+    width = shapes[0][1][1]
+    assert TINY - width < n <= TINY
+    assert shapes[0][0] == "embed.weight"
+    assert sum(len(shape) == 2 for _, shape in shapes) == 1 + 2 * 4  # embedding + 4 per layer
+
+
+def test_in_process_cell_times_every_config(bench):
+    shapes = bench.transformer_shapes(TINY)
+    result = bench.run_in_process(
+        shapes, "adamw", warmup=1, repeats=1, shard_counts=(2,), settle_s=0
+    )
+    expected = [*bench.LOCAL_VARIANTS, bench.shardopt_name(2), bench.ADD, bench.COPY]
+    assert sorted(result.records) == sorted(expected)
+    for name, record in result.records.items():
+        assert record["error"] is None, (name, record["error"])
+        assert len(record["samples_ms"]) == 1 and record["median_ms"] > 0
+    assert len(result.records[bench.shardopt_name(2)]["facts"]["host_pids"]) == 2
+    assert result.memory[bench.CLIENT] > 0
+    floors = bench.floors(result.records, bench.ALGORITHMS["adamw"], bench.count_params(shapes))
+    assert 0 < floors["step_floor_ms"] < floors["shard_floor_ms"]
+
+
+def test_cli_writes_table_json_and_plot(bench, tmp_path, capsys):
+    bench.main(
+        [
+            "--sizes",
+            "100k",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--algos",
+            "sgd",
+            "--configs",
+            "local,shardopt",
+            "--shards",
+            "1",
+            "--settle",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    report = json.loads((tmp_path / "step_bench.json").read_text())
+    configs = [r["config"] for r in report["records"]]
+    assert configs == [
+        *bench.LOCAL_VARIANTS,
+        "shardopt 1 shard",
+        bench.ADD,
+        bench.COPY,
+        bench.STEP_FLOOR,
+        bench.SHARD_FLOOR,
+    ]
+    fused = next(r for r in report["records"] if r["config"] == bench.FUSED)
+    assert math.isclose(fused["ratios"]["x torch fused"], 1.0)
+    assert "shardopt 1 shard" in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "step_bench.png").stat().st_size > 0
+
+
+def test_zero_anchor_reports_both_configs(bench):
+    shapes = bench.transformer_shapes(TINY)
+    records, memory = bench.anchors.run_zero(shapes, ["sgd"], 1, 1, timeout_s=120)
+    assert sorted(records["sgd"]) == sorted(bench.anchors.ZERO_CONFIGS.values())
+    for name, record in records["sgd"].items():
+        assert record["error"] is None, (name, record["error"])
+        assert record["median_ms"] > 0 and len(record["ranks"]) == 2
+    assert len(memory["sgd"]) == 2
+
+
+def test_rpc_anchor_reports_steps(bench):
+    shapes = bench.transformer_shapes(TINY)
+    records, memory = bench.anchors.run_rpc(shapes, ["adamw"], 1, 1, timeout_s=120)
+    record = records["adamw"][bench.anchors.RPC_CONFIG]
+    assert record["error"] is None, record["error"]
+    assert record["median_ms"] > 0
+    assert len(memory["adamw"]) == 3  # the trainer and two parameter servers
