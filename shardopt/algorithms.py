@@ -30,6 +30,8 @@ _SHARDING_OPTIONS = [
     inspect.Parameter("num_shards", inspect.Parameter.KEYWORD_ONLY, default=None),
     inspect.Parameter("actor_options", inspect.Parameter.KEYWORD_ONLY, default=None),
     inspect.Parameter("shared_memory", inspect.Parameter.KEYWORD_ONLY, default=None),
+    inspect.Parameter("overlap", inspect.Parameter.KEYWORD_ONLY, default=False),
+    inspect.Parameter("share_params", inspect.Parameter.KEYWORD_ONLY, default=False),
 ]
 
 
@@ -44,6 +46,8 @@ def _sharded(torch_class: type[torch.optim.Optimizer]) -> type[ShardedOptimizer]
         num_shards: int | None = None,
         actor_options: dict[str, Any] | None = None,
         shared_memory: bool | None = None,
+        overlap: bool = False,
+        share_params: bool = False,
         **kwargs: Any,
     ) -> None:
         try:
@@ -58,6 +62,8 @@ def _sharded(torch_class: type[torch.optim.Optimizer]) -> type[ShardedOptimizer]
             num_shards=num_shards,
             actor_options=actor_options,
             shared_memory=shared_memory,
+            overlap=overlap,
+            share_params=share_params,
             **hyperparameters,
         )
 

@@ -109,6 +109,19 @@ def _drop_shards(hosts: list[Any], keys: list[str]) -> None:
             pass
 
 
+class _GradShipper:
+    """A post-accumulate-grad hook that ships one parameter's gradient (overlap=True)."""
+
+    def __init__(self, optimizer: ShardedOptimizer, param_id: int):
+        self._optimizer = weakref.ref(optimizer)
+        self._param_id = param_id
+
+    def __call__(self, param: torch.Tensor) -> None:
+        optimizer = self._optimizer()
+        if optimizer is not None:
+            optimizer._ship_grad(self._param_id, param)
+
+
 def default_num_shards() -> int:
     """One shard per GPU where the cluster has GPUs, else one per alive node."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -134,6 +147,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         shared_memory: exchange gradients and parameters with CPU shards on this node through
             shared memory (``/dev/shm``) instead of Ray's object store; by default wherever
             possible. ``False`` forces the object store.
+        overlap: copy each gradient towards its shard as soon as backward has produced it
+            (post-accumulate-grad hooks), so ``step()`` waits only for what is left. Gradients
+            changed after backward (GradScaler, clipping) are noticed and sent again.
+        share_params: with shared memory, re-point the user's CPU parameters into the shards'
+            buffers, so a step copies no parameters back. The tensors stay the same objects
+            but their storage moves: views taken of them earlier no longer follow them.
         **defaults: ``optimizer_class``'s hyperparameters.
 
     Raises:
@@ -160,6 +179,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         num_shards: int | None = None,
         actor_options: dict[str, Any] | None = None,
         shared_memory: bool | None = None,
+        overlap: bool = False,
+        share_params: bool = False,
         **defaults: Any,
     ) -> None:
         if not (
@@ -190,6 +211,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._shard_defaults = dict(defaults)
         self._actor_options = dict(actor_options or {})
         self._shared_memory = shared_memory
+        self._overlap = overlap
+        self._share_params = share_params
         self._closed = False
         self._shards_ready = False
         super().__init__(params, full_defaults)
@@ -210,6 +233,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._versions: list[tuple[int, int]] = []
         self._state_order: dict[int, None] = {}
         self._next_step_id = 0
+        self._staging: list[torch.Tensor | None] = [None] * self._num_shards
+        self._shipped: dict[int, tuple[int, int]] = {}
         self._start_shards()
         self.state = ShardStateView(self)
 
@@ -264,6 +289,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for j, p in enumerate(new_params):
             self._ids_by_tensor[id(p)] = first + j
             self._versions.append((p._version, p.data_ptr()))
+            if self._overlap:
+                p.register_post_accumulate_grad_hook(_GradShipper(self, first + j))
         return blocks
 
     def _start_shards(self) -> None:
@@ -299,6 +326,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _map_shared(self, shard: int, buffers: SharedBuffers | None) -> None:
         """Maps a shard's shared parameter and gradient buffers here, then unlinks their files."""
+        self._forget_shipped(shard)  # gradients shipped early went to the buffers replaced here
         if buffers is None:
             self._shm[shard] = None
             return
@@ -311,6 +339,40 @@ class ShardedOptimizer(torch.optim.Optimizer):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self._shm[shard] = mapped
+        if self._share_params:
+            params = self._flat_params()
+            layout = self._layouts[shard]
+            for j, pid in enumerate(self._shard_params[shard]):
+                p = params[pid]
+                if p.device.type == "cpu":
+                    p.data = layout.view(mapped[0], j)
+                    self._record_version(pid, p)
+
+    def _grad_buffer(self, shard: int) -> torch.Tensor:
+        """Where a shard's gradients are gathered: its shared buffer, or a reused local one."""
+        shm = self._shm[shard]
+        if shm is not None:
+            return shm[1]
+        layout = self._layouts[shard]
+        staging = self._staging[shard]
+        if staging is None or staging.numel() != layout.nbytes:
+            staging = self._staging[shard] = layout.empty()
+            self._forget_shipped(shard)
+        return staging
+
+    def _forget_shipped(self, shard: int) -> None:
+        for pid in self._shard_params[shard]:
+            self._shipped.pop(pid, None)
+
+    def _ship_grad(self, pid: int, param: torch.Tensor) -> None:
+        """Copies one gradient into its shard's buffer now (overlap=True, during backward)."""
+        grad = param.grad
+        if self._closed or grad is None or grad.is_sparse:
+            return
+        shard, j = self._local[pid]
+        with torch.no_grad():
+            self._layouts[shard].view(self._grad_buffer(shard), j).copy_(grad)
+        self._shipped[pid] = (grad.data_ptr(), grad._version)
 
     def _note_state(self, param_ids: Iterable[int]) -> None:
         for pid in sorted(param_ids):
@@ -387,15 +449,23 @@ class ShardedOptimizer(torch.optim.Optimizer):
             )
             pending[s] = self._call(s, "step", request)
             updated[s] = touched
+        self._shipped.clear()
         new_state: list[int] = []
-        for s, result in zip(pending, ray_get(list(pending.values()))):
+        shard_of = {ref: s for s, ref in pending.items()}
+        waiting = list(pending.values())
+        while waiting:  # copy each shard's parameters back as soon as it is done
+            done, waiting = ray.wait(waiting, num_returns=1)
+            s = shard_of[done[0]]
+            result = ray_get(done[0])
             shm = self._shm[s]
             values = shm[0] if shm is not None else readonly_tensor(result.params)
             layout = self._layouts[s]
             for j in updated[s]:
                 pid = self._shard_params[s][j]
                 p = params[pid]
-                p.copy_(layout.view(values, j))
+                source = layout.view(values, j)
+                if p.data_ptr() != source.data_ptr():  # share_params: already in place
+                    p.copy_(source)
                 self._record_version(pid, p)
             new_state.extend(result.new_state_ids)
         self._note_state(new_state)
@@ -411,8 +481,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             the slots whose parameter has any gradient (the ones the step will change).
         """
         layout = self._layouts[shard]
-        shm = self._shm[shard]
-        flat = shm[1] if shm is not None else None
+        flat = self._grad_buffer(shard)
         has_grad, sparse, touched = [], {}, []
         for j, pid in enumerate(self._shard_params[shard]):
             grad = params[pid].grad
@@ -428,12 +497,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 )
                 has_grad.append(False)
                 continue
-            if flat is None:
-                flat = layout.empty()
-            layout.view(flat, j).copy_(grad)
+            if self._shipped.get(pid) != (grad.data_ptr(), grad._version):
+                layout.view(flat, j).copy_(grad)
             has_grad.append(True)
-        if flat is None:
-            flat = layout.empty()
         return flat, tuple(has_grad), sparse, touched
 
     def _changed_params(self, shard: int, params: list[torch.Tensor]) -> ParamUpdate | None:
@@ -449,7 +515,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             layout = self._layouts[shard]
             for j in changed:
                 pid = self._shard_params[shard][j]
-                layout.view(self._shm[shard][0], j).copy_(params[pid].detach())
+                target = layout.view(self._shm[shard][0], j)
+                if target.data_ptr() != params[pid].data_ptr():
+                    target.copy_(params[pid].detach())
                 self._record_version(pid, params[pid])
             return None
         tensors = [params[self._shard_params[shard][j]].detach().cpu() for j in changed]

@@ -500,6 +500,59 @@ def test_closed_optimizer_refuses_work():
     opt.close()  # idempotent
 
 
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "object_store"])
+def test_overlap_ships_gradients_during_backward(shared_memory):
+    """overlap=True: same numbers, also when grads change after backward (scaler, clipping)."""
+    models = [make_model() for _ in range(2)]
+    opt = shardopt.AdamW(
+        models[0].parameters(), lr=1e-2, num_shards=2, overlap=True, shared_memory=shared_memory
+    )
+    ref = run_as_shards(torch.optim.AdamW(models[1].parameters(), lr=1e-2))
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**8) for _ in range(2)]
+    for k in range(4):
+        for m, o, scaler in zip(models, (opt, ref), scalers):
+            o.zero_grad()
+            gen = torch.Generator().manual_seed(k)
+            loss = nn.functional.mse_loss(m(torch.randn(8, 6, generator=gen)), torch.zeros(8, 2))
+            if k % 2:  # grads rewritten in place after backward
+                scaler.scale(loss).backward()
+                scaler.unscale_(o)
+                nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+                scaler.step(o)
+                scaler.update()
+            else:
+                loss.backward()
+                if o is opt:
+                    assert len(opt._shipped) == 6  # every gradient went out during backward
+                o.step()
+        assert_same_params(*models)
+    assert_same_state_dict(opt.state_dict(), ref.state_dict())
+    opt.close()
+
+
+def test_share_params_updates_user_tensors_without_copies():
+    models = [make_model() for _ in range(2)]
+    opt = shardopt.AdamW(models[0].parameters(), lr=1e-2, num_shards=2, share_params=True)
+    ref = run_as_shards(torch.optim.AdamW(models[1].parameters(), lr=1e-2))
+    params = list(models[0].parameters())
+    ptrs = [p.data_ptr() for p in params]
+    mapped = [buffer[0] for buffer in opt._shm]
+    for p in params:  # each parameter now lives inside a shard's shared buffer
+        assert any(m.data_ptr() <= p.data_ptr() < m.data_ptr() + m.numel() for m in mapped)
+    for k in range(3):
+        train_step(models[0], opt, k)
+        train_step(models[1], ref, k)
+        assert_same_params(*models)
+    assert [p.data_ptr() for p in params] == ptrs
+    with torch.no_grad():  # the user's in-place edits are the master copy's
+        params[0].mul_(0.5)
+        list(models[1].parameters())[0].mul_(0.5)
+    train_step(models[0], opt, 3)
+    train_step(models[1], ref, 3)
+    assert_same_params(*models)
+    opt.close()
+
+
 def test_shared_memory_leaves_nothing_in_dev_shm():
     import os
 
