@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -142,8 +143,10 @@ class PackedTree(NamedTuple):
     data: np.ndarray
 
 
-def pack_tree(tree: Any) -> PackedTree:
+def pack_tree(tree: Any, allocate: Callable[[int], torch.Tensor] | None = None) -> PackedTree:
     """Moves every tensor of ``tree`` into one flat buffer.
+
+    ``allocate(nbytes)`` provides the uint8 buffer (default: a new CPU tensor).
 
     Raises:
         TypeError: for a sparse tensor or an object that is not a tensor, number, string,
@@ -175,13 +178,17 @@ def pack_tree(tree: Any) -> PackedTree:
 
     skeleton = walk(tree)
     layout = FlatLayout.for_tensors(tensors)
-    flat = layout.pack([t.cpu() for t in tensors])
+    flat = layout.pack(tensors, out=None if allocate is None else allocate(layout.nbytes))
     return PackedTree(skeleton, layout, to_numpy(flat))
 
 
 def unpack_tree(packed: PackedTree, device: torch.device | str = "cpu") -> Any:
-    """Rebuilds the structure of :func:`pack_tree` with fresh, writable tensors on ``device``."""
-    source = readonly_tensor(packed.data)
+    """Rebuilds the structure of :func:`pack_tree` with fresh, writable tensors on ``device``.
+
+    ``packed.data`` is the numpy buffer, or a uint8 tensor (a mapped shared-memory file).
+    """
+    data = packed.data
+    source = data if isinstance(data, torch.Tensor) else readonly_tensor(data)
     layout = packed.layout
 
     def walk(node: Any) -> Any:

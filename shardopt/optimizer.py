@@ -12,9 +12,7 @@ Talks to: shard hosts through Ray (:mod:`shardopt.runtime`), with the records of
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import uuid
 import warnings
 import weakref
@@ -26,7 +24,15 @@ from typing import Any
 import ray
 import torch
 
-from shardopt.buffers import FlatLayout, pack_tree, readonly_tensor, to_numpy, unpack_tree
+from shardopt import shm
+from shardopt.buffers import (
+    FlatLayout,
+    PackedTree,
+    pack_tree,
+    readonly_tensor,
+    to_numpy,
+    unpack_tree,
+)
 from shardopt.errors import OptimizerClosedError, ShardUnavailableError
 from shardopt.plan import ShardPlan
 from shardopt.records import (
@@ -35,6 +41,7 @@ from shardopt.records import (
     ShardSpec,
     ShardStatus,
     SharedBuffers,
+    SharedTree,
     SparseGrad,
     StepRequest,
 )
@@ -330,14 +337,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if buffers is None:
             self._shm[shard] = None
             return
-        size = max(buffers.nbytes, 1)
         mapped = tuple(
-            torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
-            for path in (buffers.param_path, buffers.grad_path)
+            shm.attach(path, buffers.nbytes) for path in (buffers.param_path, buffers.grad_path)
         )
-        for path in (buffers.param_path, buffers.grad_path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
         self._shm[shard] = mapped
         if self._share_params:
             params = self._flat_params()
@@ -559,9 +561,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
             start += len(group["params"])
             param_groups.append(packed)
         gathered: dict[int, Any] = {}
-        for s in range(self._num_shards):
-            if self._shard_params[s]:
-                gathered.update(unpack_tree(ray_get(self._call(s, "state"))))
+        shards = [s for s in range(self._num_shards) if self._shard_params[s]]
+        # One shard's state unpacked here while the next one packs: at most two in flight.
+        ref = self._request_state(shards[0]) if shards else None
+        for i in range(len(shards)):
+            next_ref = self._request_state(shards[i + 1]) if i + 1 < len(shards) else None
+            gathered.update(self._receive_state(ref))
+            ref = next_ref
         order = list(self._state_order) + sorted(set(gathered) - set(self._state_order))
         state_dict = {
             "state": {pid: gathered[pid] for pid in order if pid in gathered},
@@ -636,10 +642,23 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     # ----- the state view's backend ---------------------------------------------------------
 
+    def _request_state(self, shard: int, param_ids: tuple[int, ...] | None = None) -> Any:
+        """Asks a shard for its state: through a shared-memory file where it is on this node
+        (one copy there, one here), else through Ray's object store."""
+        method = "state" if self._shm[shard] is None else "state_in_shared_memory"
+        return self._call(shard, method, param_ids)
+
+    def _receive_state(self, ref: Any) -> dict[int, Any]:
+        """A shard's optimizer state by global id, as fresh CPU tensors."""
+        packed = ray_get(ref)
+        if isinstance(packed, SharedTree):
+            data = shm.attach(packed.path, packed.layout.nbytes)
+            packed = PackedTree(packed.skeleton, packed.layout, data)
+        return unpack_tree(packed)
+
     def _fetch_param_state(self, pid: int) -> dict[str, Any]:
         self._check_open()
-        shard = self._local[pid][0]
-        return unpack_tree(ray_get(self._call(shard, "state", (pid,)))).get(pid, {})
+        return self._receive_state(self._request_state(self._local[pid][0], (pid,))).get(pid, {})
 
     def _store_param_state(self, pid: int, value: dict[str, Any]) -> None:
         self._check_open()

@@ -48,6 +48,15 @@ class SharedBuffers:
 
 
 @dataclass(frozen=True)
+class SharedTree:
+    """A packed tree whose flat buffer is a shared-memory file (see :mod:`shardopt.shm`)."""
+
+    skeleton: Any
+    layout: FlatLayout
+    path: str
+
+
+@dataclass(frozen=True)
 class SparseGrad:
     """A coalesced sparse COO gradient (SparseAdam's input)."""
 

@@ -11,14 +11,13 @@ Talks to: the proxy (:mod:`shardopt.optimizer`) through the records of :mod:`sha
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import uuid
 from typing import Any
 
 import torch
 
+from shardopt import shm
 from shardopt.buffers import (
     FlatLayout,
     PackedTree,
@@ -33,15 +32,13 @@ from shardopt.records import (
     ShardSpec,
     ShardStatus,
     SharedBuffers,
+    SharedTree,
     StepRequest,
     StepResult,
 )
 from shardopt.vectors import VectorStore
 
 logger = logging.getLogger(__name__)
-
-SHM_DIR = "/dev/shm"
-"""Where shared parameter/gradient buffers live (a tmpfs; in Docker, size it with shm_size)."""
 
 
 FUSED_BY_DEFAULT: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW)
@@ -93,7 +90,7 @@ class Shard:
     ):
         self.shard_index = shard_index
         self.device = torch.device(device)
-        self._shared = shared_memory and self.device.type == "cpu" and os.path.isdir(SHM_DIR)
+        self._shared = shared_memory and self.device.type == "cpu" and shm.available()
         self._shm_paths: tuple[str, str] | None = None
         self._param_ids: list[int] = []
         self._group_of: list[int] = []
@@ -132,10 +129,13 @@ class Shard:
 
     def _allocate(self, nbytes: int) -> tuple[torch.Tensor, str | None]:
         """A uint8 buffer on this shard's device; in shared memory when the proxy is local."""
-        if not self._shared:
-            return torch.empty(nbytes, dtype=torch.uint8, device=self.device), None
-        path = os.path.join(SHM_DIR, f"shardopt-{os.getpid()}-{uuid.uuid4().hex}")
-        return torch.from_file(path, shared=True, size=max(nbytes, 1), dtype=torch.uint8), path
+        if self._shared:
+            try:
+                return shm.create(nbytes)
+            except OSError as err:  # /dev/shm is full: fall back to Ray's object store
+                logger.warning("shard %d: no room in %s (%s)", self.shard_index, shm.SHM_DIR, err)
+                self._shared = False
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device), None
 
     def shared_buffers(self) -> SharedBuffers | None:
         """Where the proxy can map this shard's buffers (None unless in shared memory)."""
@@ -145,8 +145,7 @@ class Shard:
 
     def _unlink_shared(self) -> None:
         for path in self._shm_paths or ():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            shm.remove(path)
 
     def close(self) -> None:
         """Removes this shard's shared-memory files (mappings stay valid until dropped)."""
@@ -278,6 +277,31 @@ class Shard:
         if param_ids is not None:
             state = {pid: state[pid] for pid in param_ids if pid in state}
         return pack_tree(state)
+
+    def state_in_shared_memory(self, param_ids: tuple[int, ...] | None = None) -> SharedTree:
+        """Like :meth:`state`, but written to a shared-memory file the proxy maps (one copy).
+
+        Falls back to a :class:`PackedTree` through Ray when shared memory is unavailable.
+        """
+        state = self._state_by_id()
+        if param_ids is not None:
+            state = {pid: state[pid] for pid in param_ids if pid in state}
+        if not self._shared:
+            return pack_tree(state)
+        paths: list[str] = []
+
+        def allocate(nbytes: int) -> torch.Tensor:
+            buffer, path = shm.create(nbytes)
+            paths.append(path)
+            return buffer
+
+        try:
+            packed = pack_tree(state, allocate)
+        except OSError:
+            for path in paths:
+                shm.remove(path)
+            return pack_tree(state)
+        return SharedTree(packed.skeleton, packed.layout, paths[0])
 
     def set_param_state(self, param_id: int, packed: PackedTree) -> None:
         """Replaces one parameter's state (the proxy's ``opt.state[p] = ...``)."""

@@ -562,6 +562,8 @@ def test_shared_memory_leaves_nothing_in_dev_shm():
         assert opt.uses_shared_memory == [True, True]
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})  # buffers move
         train_step(m, opt, 0)
+        assert len(opt.state_dict()["state"]) == 6  # gathered through shared-memory files
+        assert set(opt.state[next(m.parameters())]) == {"step", "exp_avg", "exp_avg_sq"}
         assert {f for f in os.listdir("/dev/shm") if f.startswith("shardopt-")} == before
     assert {f for f in os.listdir("/dev/shm") if f.startswith("shardopt-")} == before
 

@@ -1,0 +1,59 @@
+"""Shared-memory files: the zero-copy channel between the proxy and shards on its node.
+
+A buffer is a file in ``/dev/shm`` (a tmpfs) that both processes map with
+``torch.from_file(shared=True)``. The creator reserves its pages up front (``posix_fallocate``), so
+a full tmpfs is a clear ``OSError`` at creation rather than a SIGBUS at first write (Docker's
+default ``/dev/shm`` is 64 MB: give containers ``shm_size``). The receiving side maps the file and
+unlinks it at once; the memory then lives as long as a mapping does, and nothing is left in
+``/dev/shm`` when a process dies.
+
+Talks to nothing but the file system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+
+import torch
+
+SHM_DIR = "/dev/shm"
+"""Where shared buffers live."""
+
+
+def available() -> bool:
+    return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
+
+
+def create(nbytes: int) -> tuple[torch.Tensor, str]:
+    """A new shared uint8 buffer of ``nbytes`` and the path another process can map it by.
+
+    Raises:
+        OSError: the tmpfs has no room for it (nothing is left behind).
+    """
+    path = os.path.join(SHM_DIR, f"shardopt-{os.getpid()}-{uuid.uuid4().hex}")
+    size = max(nbytes, 1)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    return torch.from_file(path, shared=True, size=size, dtype=torch.uint8), path
+
+
+def attach(path: str, nbytes: int) -> torch.Tensor:
+    """Maps a buffer another process created, and unlinks its file."""
+    try:
+        return torch.from_file(path, shared=True, size=max(nbytes, 1), dtype=torch.uint8)
+    finally:
+        remove(path)
+
+
+def remove(path: str) -> None:
+    """Unlinks a buffer's file if it is still there (mappings stay valid)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
