@@ -1,6 +1,6 @@
 """Smoke test of benchmarks/step_bench.py: its pieces run on a tiny model, so it does not rot.
 
-The benchmark's modules live next to the script, not in the package; the fixture puts that
+The benchmark's modules live next to the script, not in the package; the fixtures put that
 folder on ``sys.path`` (spawned children inherit it). Everything runs on about 100k parameters
 with one timed step: the in-process cell (torch, shardopt on the session's Ray, the floor), the
 whole CLI with its table, JSON and plot, and the ZeRO and RPC anchors (a few seconds each).
@@ -9,10 +9,12 @@ whole CLI with its table, JSON and plot, and the ZeRO and RPC anchors (a few sec
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import pathlib
 import sys
+from types import ModuleType
 
 import pytest
 
@@ -20,11 +22,21 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 TINY = 100_000
 
 
-@pytest.fixture(scope="module")
-def bench():
+def _benchmark_module(name: str) -> ModuleType:
     if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))
-    return importlib.import_module("step_bench")
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return _benchmark_module("step_bench")
+
+
+@pytest.fixture(scope="module")
+def names() -> ModuleType:
+    """The report module, which names the kernel and floor rows."""
+    return _benchmark_module("step_report")
 
 
 def test_transformer_shapes_fill_the_budget(bench):
@@ -36,54 +48,36 @@ def test_transformer_shapes_fill_the_budget(bench):
     assert sum(len(shape) == 2 for _, shape in shapes) == 1 + 2 * 4  # embedding + 4 per layer
 
 
-def test_in_process_cell_times_every_config(bench):
+def test_in_process_cell_times_every_config(bench, names):
     shapes = bench.transformer_shapes(TINY)
     result = bench.run_in_process(
         shapes, "adamw", warmup=1, repeats=1, shard_counts=(2,), settle_s=0
     )
-    expected = [*bench.LOCAL_VARIANTS, bench.shardopt_name(2), bench.ADD, bench.COPY]
+    expected = [*bench.LOCAL_VARIANTS, bench.shardopt_name(2), names.ADD, names.COPY]
     assert sorted(result.records) == sorted(expected)
     for name, record in result.records.items():
         assert record["error"] is None, (name, record["error"])
         assert len(record["samples_ms"]) == 1 and record["median_ms"] > 0
     assert len(result.records[bench.shardopt_name(2)]["facts"]["host_pids"]) == 2
-    assert result.memory[bench.CLIENT] > 0
-    floors = bench.floors(result.records, bench.ALGORITHMS["adamw"], bench.count_params(shapes))
+    assert result.memory[names.CLIENT] > 0
+    floors = names.floors(result.records, bench.ALGORITHMS["adamw"], bench.count_params(shapes))
     assert 0 < floors["step_floor_ms"] < floors["shard_floor_ms"]
 
 
-def test_cli_writes_table_json_and_plot(bench, tmp_path, capsys):
-    bench.main(
-        [
-            "--sizes",
-            "100k",
-            "--repeats",
-            "1",
-            "--warmup",
-            "1",
-            "--algos",
-            "sgd",
-            "--configs",
-            "local,shardopt",
-            "--shards",
-            "1",
-            "--settle",
-            "0",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+def test_cli_writes_table_json_and_plot(bench, names, tmp_path, capsys):
+    args = "--sizes 100k --repeats 1 --warmup 1 --algos sgd --configs local,shardopt --shards 1"
+    bench.main([*args.split(), "--settle", "0", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "step_bench.json").read_text())
     configs = [r["config"] for r in report["records"]]
     assert configs == [
         *bench.LOCAL_VARIANTS,
         "shardopt 1 shard",
-        bench.ADD,
-        bench.COPY,
-        bench.STEP_FLOOR,
-        bench.SHARD_FLOOR,
+        names.ADD,
+        names.COPY,
+        names.STEP_FLOOR,
+        names.SHARD_FLOOR,
     ]
-    fused = next(r for r in report["records"] if r["config"] == bench.FUSED)
+    fused = next(r for r in report["records"] if r["config"] == names.FUSED)
     assert math.isclose(fused["ratios"]["x torch fused"], 1.0)
     assert "shardopt 1 shard" in capsys.readouterr().out
     if importlib.util.find_spec("matplotlib") is not None:
@@ -107,3 +101,18 @@ def test_rpc_anchor_reports_steps(bench):
     assert record["error"] is None, record["error"]
     assert record["median_ms"] > 0
     assert len(memory["adamw"]) == 3  # the trainer and two parameter servers
+
+
+def test_an_anchor_past_its_time_limit_is_recorded_not_raised(bench):
+    shapes = bench.transformer_shapes(TINY)
+    records, memory = bench.anchors.run_rpc(shapes, ["sgd"], 1, 1, timeout_s=0.5)
+    record = records["sgd"][bench.anchors.RPC_CONFIG]
+    assert record["error"].startswith("TimeoutError") and record["median_ms"] is None
+    assert memory == {}
+
+
+def test_a_failing_config_is_recorded_and_the_others_go_on(bench, names):
+    shapes = bench.transformer_shapes(TINY)
+    result = bench.run_in_process(shapes, "sgd", 1, 1, local=False, shard_counts=(0,), settle_s=0)
+    assert "num_shards" in result.records[bench.shardopt_name(0)]["error"]
+    assert result.records[names.ADD]["median_ms"] > 0
