@@ -93,8 +93,9 @@ LOCAL_VARIANTS: dict[str, dict[str, Any]] = {
 GROUPS = ("local", "zero", "rpc", "shardopt")
 
 
-def shardopt_name(num_shards: int) -> str:
-    return f"shardopt {num_shards} shard" + ("s" if num_shards > 1 else "")
+def shardopt_name(num_shards: int, share_params: bool = False) -> str:
+    name = f"shardopt {num_shards} shard" + ("s" if num_shards > 1 else "")
+    return name + (", share_params" if share_params else "")
 
 
 class InProcessResult(NamedTuple):
@@ -126,12 +127,19 @@ def local_config(params: list[torch.nn.Parameter], spec: Algorithm, variant: dic
     return Config(opt.step, facts={"kwargs": variant})
 
 
-def shardopt_config(base: list[torch.nn.Parameter], spec: Algorithm, num_shards: int) -> Config:
-    """``shardopt.<Algorithm>(params, num_shards=k)``, its hosts labelled for the memory probe."""
+def shardopt_config(
+    base: list[torch.nn.Parameter], spec: Algorithm, num_shards: int, share_params: bool = False
+) -> Config:
+    """``shardopt.<Algorithm>(params, num_shards=k)``, its hosts labelled for the memory probe.
+
+    ``share_params`` re-points the (cloned) parameters into the shards' shared buffers, so the
+    step copies no parameters back.
+    """
     label = f"shards={num_shards}"
     opt = getattr(shardopt, spec.optimizer_class.__name__)(
         clone_params(base),
         num_shards=num_shards,
+        share_params=share_params,
         actor_options={"runtime_env": {"env_vars": {HOST_ENV: label}}},
         **spec.hyperparameters,
     )
@@ -206,6 +214,9 @@ def run_in_process(
         for name, variant in (LOCAL_VARIANTS.items() if local else ())
     ]
     builders += [(shardopt_name(k), partial(shardopt_config, base, spec, k)) for k in shard_counts]
+    k = max(shard_counts, default=0)
+    if k:
+        builders.append((shardopt_name(k, True), partial(shardopt_config, base, spec, k, True)))
     configs: dict[str, Config] = {}
     records: dict[str, dict[str, Any]] = {}
     for name, build in builders:
@@ -381,7 +392,9 @@ def _cell(report: dict[str, Any], size: str, algo: str) -> dict[str, Any]:
 
 def _table_order(records: dict[str, Any], shard_counts: tuple[int, ...]) -> list[str]:
     order = [*LOCAL_VARIANTS, *anchors.ZERO_CONFIGS.values(), anchors.RPC_CONFIG]
-    order += [shardopt_name(k) for k in shard_counts] + [ADD, COPY, STEP_FLOOR, SHARD_FLOOR]
+    order += [shardopt_name(k) for k in shard_counts]
+    order += [shardopt_name(max(shard_counts), True)] if shard_counts else []
+    order += [ADD, COPY, STEP_FLOOR, SHARD_FLOOR]
     return [c for c in order if c in records] + [c for c in records if c not in order]
 
 

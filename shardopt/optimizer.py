@@ -319,9 +319,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._shared_memory is not False and info["node_id"] == here and info["device"] == "cpu"
             for info in infos
         ]
+        threads = self._threads_per_shard([info["node_id"] for info in infos])
         created = ray_get(
             [
-                h.create.remote(k, s, specs[s], shared[s])
+                h.create.remote(k, s, specs[s], shared[s], threads[s])
                 for s, (h, k) in enumerate(zip(self._hosts, self._keys))
             ]
         )
@@ -330,6 +331,18 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._map_shared(s, buffers)
         self._note_state(chain.from_iterable(ids for ids, _ in created))
         self._shards_ready = True
+
+    def _threads_per_shard(self, nodes: list[str]) -> list[int | None]:
+        """Torch threads for each shard: its node's CPUs split among this optimizer's shards there.
+
+        Ray starts actors with one thread (``OMP_NUM_THREADS=1``) unless they reserve CPUs; a
+        step keeps the client idle, so the shards may use the whole node. Left to Ray when
+        ``actor_options`` reserves ``num_cpus``.
+        """
+        if "num_cpus" in self._actor_options:
+            return [None] * len(nodes)
+        cpus = {n["NodeID"]: int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes()}
+        return [max(1, cpus.get(node, 1) // nodes.count(node)) for node in nodes]
 
     def _map_shared(self, shard: int, buffers: SharedBuffers | None) -> None:
         """Maps a shard's shared parameter and gradient buffers here, then unlinks their files."""

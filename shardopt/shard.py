@@ -402,13 +402,20 @@ class ShardHost:
         self.device = actor_device()
 
     def create(
-        self, key: str, shard_index: int, spec: ShardSpec, shared_memory: bool = False
+        self,
+        key: str,
+        shard_index: int,
+        spec: ShardSpec,
+        shared_memory: bool = False,
+        num_threads: int | None = None,
     ) -> tuple[tuple[int, ...], SharedBuffers | None]:
-        """Creates a shard.
+        """Creates a shard (and sets this host's torch threads, when given).
 
         Returns:
             The ids its optimizer's constructor gave state to, and its shared buffers (if any).
         """
+        if num_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(num_threads)
         shard = Shard(shard_index, spec, self.device, shared_memory)
         self._shards[key] = shard
         return shard.initial_state_ids(), shard.shared_buffers()
