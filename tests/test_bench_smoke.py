@@ -53,7 +53,13 @@ def test_in_process_cell_times_every_config(bench, names):
     result = bench.run_in_process(
         shapes, "adamw", warmup=1, repeats=1, shard_counts=(2,), settle_s=0
     )
-    expected = [*bench.LOCAL_VARIANTS, bench.shardopt_name(2), names.ADD, names.COPY]
+    expected = [
+        *bench.LOCAL_VARIANTS,
+        bench.shardopt_name(2),
+        bench.shardopt_name(2, share_params=True),
+        names.ADD,
+        names.COPY,
+    ]
     assert sorted(result.records) == sorted(expected)
     for name, record in result.records.items():
         assert record["error"] is None, (name, record["error"])
@@ -72,6 +78,7 @@ def test_cli_writes_table_json_and_plot(bench, names, tmp_path, capsys):
     assert configs == [
         *bench.LOCAL_VARIANTS,
         "shardopt 1 shard",
+        "shardopt 1 shard, share_params",
         names.ADD,
         names.COPY,
         names.STEP_FLOOR,
