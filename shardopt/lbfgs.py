@@ -24,7 +24,7 @@ import torch
 from torch.optim.lbfgs import _strong_wolfe
 
 from shardopt.buffers import readonly_tensor, to_numpy
-from shardopt.optimizer import ShardedOptimizer, check_param_groups, ray_get
+from shardopt.optimizer import ShardedOptimizer, ray_get
 
 _VECTOR_KEYS = ("d", "old_dirs", "old_stps", "prev_flat_grad")
 
@@ -485,20 +485,8 @@ class LBFGS(ShardedOptimizer):
         self._lbfgs_state = self._scatter(self._validated(value))
         self._state_order = {0: None}
 
-    def state_dict(self) -> dict[str, Any]:
-        self._check_open()
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        group = self.param_groups[0]
-        packed = {k: v for k, v in group.items() if k != "params"}
-        packed["params"] = list(range(len(group["params"])))
-        state = {0: self._materialize()} if self._lbfgs_state else {}
-        state_dict = {"state": state, "param_groups": [packed]}
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
+    def _gathered_state(self) -> dict[int, Any]:
+        return {0: self._materialize()} if self._lbfgs_state else {}
 
     def _validated(self, state: dict[str, Any]) -> dict[str, Any]:
         """Checks a torch LBFGS state and casts it as torch would (floating tensors to dtype)."""
@@ -549,16 +537,8 @@ class LBFGS(ShardedOptimizer):
         self._machine.flush()
         return result
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a torch.optim.LBFGS state dict (from torch or shardopt, any shard count)."""
-        self._check_open()
-        state_dict = state_dict.copy()
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        saved_groups = check_param_groups(self.param_groups, state_dict["param_groups"])
-        saved_state = state_dict["state"]
+    def _load_state(self, saved_state: dict[Any, Any], saved_groups: list[dict]) -> None:
+        """Validates a torch.optim.LBFGS state and sends its flat vectors to the shards."""
         first_id = saved_groups[0]["params"][0] if saved_groups[0]["params"] else 0
         unknown = [k for k in saved_state if k != first_id]
         if unknown:
@@ -569,12 +549,3 @@ class LBFGS(ShardedOptimizer):
         checked = self._validated(saved_state[first_id]) if first_id in saved_state else {}
         self._lbfgs_state = self._scatter(checked)
         self._state_order = {0: None} if checked else {}
-        saved = saved_groups[0]
-        saved["params"] = self.param_groups[0]["params"]
-        if "param_names" in self.param_groups[0] and "param_names" not in saved:
-            saved["param_names"] = self.param_groups[0]["param_names"]
-        for name, default in self.defaults.items():
-            saved.setdefault(name, default)
-        self.param_groups = [saved]
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)

@@ -573,6 +573,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
             packed["params"] = list(range(start, start + len(group["params"])))
             start += len(group["params"])
             param_groups.append(packed)
+        state_dict = {"state": self._gathered_state(), "param_groups": param_groups}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def _gathered_state(self) -> dict[int, Any]:
+        """Every parameter's state by id, in torch's order, from the shards one at a time."""
         gathered: dict[int, Any] = {}
         shards = [s for s in range(self._num_shards) if self._shard_params[s]]
         # One shard's state unpacked here while the next one packs: at most two in flight.
@@ -582,15 +591,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             gathered.update(self._receive_state(ref))
             ref = next_ref
         order = list(self._state_order) + sorted(set(gathered) - set(self._state_order))
-        state_dict = {
-            "state": {pid: gathered[pid] for pid in order if pid in gathered},
-            "param_groups": param_groups,
-        }
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
+        return {pid: gathered[pid] for pid in order if pid in gathered}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a torch.optim state dict (from torch or from shardopt with any shard count).
@@ -609,14 +610,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        groups = self.param_groups
-        saved_groups = check_param_groups(groups, state_dict["param_groups"])
+        saved_groups = check_param_groups(self.param_groups, state_dict["param_groups"])
+        self._load_state(state_dict["state"], saved_groups)
+        new_groups = []
+        for group, saved in zip(self.param_groups, saved_groups):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+            for name, default in self.defaults.items():
+                saved.setdefault(name, default)
+            new_groups.append(saved)
+        self.param_groups = new_groups
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state(self, saved_state: dict[Any, Any], saved_groups: list[dict]) -> None:
+        """Validates the loaded state on every shard, then applies it on all or none."""
         id_map = dict(
             zip(chain.from_iterable(g["params"] for g in saved_groups), range(len(self._local)))
         )
         per_shard: list[dict[int, Any]] = [{} for _ in range(self._num_shards)]
         order = []
-        for key, value in state_dict["state"].items():
+        for key, value in saved_state.items():
             if key not in id_map:
                 raise ValueError(
                     f"loaded state dict has state for parameter id {key!r}, "
@@ -639,19 +654,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             ray_get([self._call(s, "abort_load", token) for s in live])
             raise failure
         ray_get([self._call(s, "commit_load", token) for s in live])
-
-        new_groups = []
-        for group, saved in zip(groups, saved_groups):
-            saved["params"] = group["params"]
-            if "param_names" in group and "param_names" not in saved:
-                saved["param_names"] = group["param_names"]
-            for name, default in self.defaults.items():
-                saved.setdefault(name, default)
-            new_groups.append(saved)
-        self.param_groups = new_groups
         self._state_order = dict.fromkeys(order)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
 
     # ----- the state view's backend ---------------------------------------------------------
 
