@@ -24,7 +24,8 @@ import torch
 from torch.optim.lbfgs import _strong_wolfe
 
 from shardopt.buffers import readonly_tensor, to_numpy
-from shardopt.optimizer import ShardedOptimizer, ray_get
+from shardopt.optimizer import ShardedOptimizer
+from shardopt.runtime import ray_get
 
 _VECTOR_KEYS = ("d", "old_dirs", "old_stps", "prev_flat_grad")
 

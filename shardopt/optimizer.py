@@ -17,7 +17,6 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from copy import deepcopy
 from itertools import chain
 from typing import Any
 
@@ -33,7 +32,8 @@ from shardopt.buffers import (
     to_numpy,
     unpack_tree,
 )
-from shardopt.errors import OptimizerClosedError, ShardUnavailableError
+from shardopt.errors import OptimizerClosedError
+from shardopt.groups import check_param_groups, copy_param_groups, group_options
 from shardopt.plan import ShardPlan
 from shardopt.records import (
     ParamBlock,
@@ -45,75 +45,10 @@ from shardopt.records import (
     SparseGrad,
     StepRequest,
 )
-from shardopt.runtime import ensure_ray, host_pool
+from shardopt.runtime import drop_shards, ensure_ray, host_pool, ray_get
 from shardopt.state_view import ShardStateView
 
 logger = logging.getLogger(__name__)
-
-_NOT_OPTIONS = ("params", "param_names")
-
-
-def _group_options(group: dict[str, Any]) -> dict[str, Any]:
-    """A param group's hyperparameters: everything but the tensors and their names."""
-    return {k: v for k, v in group.items() if k not in _NOT_OPTIONS}
-
-
-def _copy_param_groups(params: list[Any]) -> list[Any]:
-    """Copies the user's groups so that validating with a throwaway optimizer consumes nothing.
-
-    A group's ``params`` may be a generator (``model.parameters()``): it becomes a list in the
-    user's dict, as ``torch.optim`` itself does, before the copy is made.
-    """
-    copies = []
-    for group in params:
-        if isinstance(group, dict):
-            if not isinstance(group.get("params"), (torch.Tensor, set, type(None))):
-                group["params"] = list(group["params"])
-            group = dict(group)
-        copies.append(group)
-    return copies
-
-
-def check_param_groups(groups: list[dict[str, Any]], saved: list[dict[str, Any]]) -> list[dict]:
-    """torch's checks of a loaded state dict's groups; returns a deep copy of them.
-
-    Raises:
-        ValueError: another number of groups, or a group of another size, than ``groups``.
-    """
-    saved_groups = deepcopy(saved)
-    if len(groups) != len(saved_groups):
-        raise ValueError("loaded state dict has a different number of parameter groups")
-    if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
-        raise ValueError(
-            "loaded state dict contains a parameter group "
-            "that doesn't match the size of optimizer's group"
-        )
-    return saved_groups
-
-
-def ray_get(refs: Any) -> Any:
-    """``ray.get`` that re-raises a shard's own exception and names a lost shard."""
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as err:
-        cause = getattr(err, "cause", None)
-        if isinstance(cause, BaseException):
-            raise cause from None
-        raise
-    except ray.exceptions.RayActorError as err:
-        raise ShardUnavailableError(f"a shard actor is unavailable: {err}") from err
-
-
-def _drop_shards(hosts: list[Any], keys: list[str]) -> None:
-    """Releases an optimizer's shards (run by close() or when the optimizer is collected)."""
-    host_pool.release(hosts)
-    if not ray.is_initialized():
-        return
-    for host, key in zip(hosts, keys):
-        try:
-            host.drop.remote(key)
-        except Exception:  # the cluster is going away
-            pass
 
 
 class _GradShipper:
@@ -210,7 +145,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         params = list(params)
         # The real class validates every hyperparameter with torch's own errors and tells us its
         # full defaults. It creates no state worth keeping (Adagrad's is dropped right here).
-        template = optimizer_class(_copy_param_groups(params), **defaults)
+        template = optimizer_class(copy_param_groups(params), **defaults)
         full_defaults = dict(template.defaults)
         del template
 
@@ -304,11 +239,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         params = self._flat_params()
         groups = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
         blocks = self._place(params, groups)
-        options = tuple(_group_options(g) for g in self.param_groups)
+        options = tuple(group_options(g) for g in self.param_groups)
         self._hosts = host_pool.acquire(self._num_shards, self._actor_options)
         owner = host_pool.new_owner_key()
         self._keys = [f"{owner}/{s}" for s in range(self._num_shards)]
-        self._finalizer = weakref.finalize(self, _drop_shards, self._hosts, self._keys)
+        self._finalizer = weakref.finalize(self, drop_shards, self._hosts, self._keys)
         specs = [
             ShardSpec(self.optimizer_class, self._shard_defaults, options, blocks[s])
             for s in range(self._num_shards)
@@ -419,7 +354,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return
         g = len(self.param_groups) - 1
         blocks = self._place(list(group["params"]), [g] * len(group["params"]))
-        options = _group_options(group)
+        options = group_options(group)
         buffers = ray_get(
             [self._call(s, "add_param_group", options, blocks[s]) for s in range(self._num_shards)]
         )
@@ -439,7 +374,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = self._flat_params()
-        options = tuple(_group_options(g) for g in self.param_groups)
+        options = tuple(group_options(g) for g in self.param_groups)
         step_id = self._next_step_id
         self._next_step_id += 1
         pending: dict[int, Any] = {}
@@ -644,7 +579,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 )
             per_shard[self._local[pid][0]][pid] = value
             order.append(pid)
-        options = tuple(_group_options(g) for g in saved_groups)
+        options = tuple(group_options(g) for g in saved_groups)
         packed = [pack_tree(part) for part in per_shard]
         token = uuid.uuid4().hex
         live = [s for s in range(self._num_shards) if self._shard_params[s]]

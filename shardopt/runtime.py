@@ -6,6 +6,9 @@ creates its shards on them, and drops its shards when it is closed or collected;
 for the next optimizer. A host can hold shards of several live optimizers (Ray runs one call at a
 time per actor, so they take turns).
 
+Also :func:`ray_get`, which turns a shard's failure into the shard's own exception (or a
+:class:`~shardopt.errors.ShardUnavailableError` for a lost actor).
+
 Talks to: Ray (``ray.init``, actor creation); :class:`shardopt.shard.ShardHost` remotely.
 """
 
@@ -20,6 +23,7 @@ from typing import Any
 
 import ray
 
+from shardopt.errors import ShardUnavailableError
 from shardopt.shard import ShardHost
 
 logger = logging.getLogger(__name__)
@@ -103,3 +107,28 @@ class HostPool:
 
 host_pool = HostPool()
 """The process-wide pool used by every optimizer of this process."""
+
+
+def ray_get(refs: Any) -> Any:
+    """``ray.get`` that re-raises a shard's own exception and names a lost shard."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from None
+        raise
+    except ray.exceptions.RayActorError as err:
+        raise ShardUnavailableError(f"a shard actor is unavailable: {err}") from err
+
+
+def drop_shards(hosts: list[Any], keys: list[str]) -> None:
+    """Releases an optimizer's shards (run by close() or when the optimizer is collected)."""
+    host_pool.release(hosts)
+    if not ray.is_initialized():
+        return
+    for host, key in zip(hosts, keys):
+        try:
+            host.drop.remote(key)
+        except Exception:  # the cluster is going away
+            pass
