@@ -109,9 +109,77 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0 if result["params_equal"] else 1
 
 
+# ----- shardopt ckpt ------------------------------------------------------------------------
+
+
+def _add_ckpt(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "ckpt",
+        help="inspect or export a shardopt checkpoint",
+        description=(
+            "Work with a checkpoint written by optimizer.save_checkpoint(path): a "
+            "torch.distributed.checkpoint directory with one data file per shard."
+        ),
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    inspect = verbs.add_parser(
+        "inspect",
+        help="files, integrity, parameters, dtypes, sizes and step of a checkpoint",
+        description="Checks every data file's checksum and summarises the checkpoint.",
+    )
+    inspect.add_argument("path", help="the checkpoint directory")
+    inspect.set_defaults(handler=_run_ckpt_inspect)
+    export = verbs.add_parser(
+        "export",
+        help="write a checkpoint as a torch.optim state dict (torch.save)",
+        description=(
+            "Writes OUT.pt, loadable with torch.optim.<Name>(params).load_state_dict("
+            "torch.load(OUT.pt))."
+        ),
+    )
+    export.add_argument("path", help="the checkpoint directory")
+    export.add_argument("out", help="the .pt file to write")
+    export.add_argument("--no-progress", action="store_true", help="no progress bar")
+    export.set_defaults(handler=_run_ckpt_export)
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.2f} GB"
+
+
+def _run_ckpt_inspect(args: argparse.Namespace) -> int:
+    from shardopt.checkpoint import describe
+
+    info = describe(args.path)
+    print(f"checkpoint {info['path']}")
+    print(f"  integrity: {info['integrity']}")
+    for name, size in info.get("data_files", {}).items():
+        print(f"  data file {name}: {_size(size)}")
+    if "params_with_state" in info:
+        print(f"  parameters with state: {info['params_with_state']}, step: {info['step']}")
+        for group in info["param_groups"]:
+            print(f"  param group: {group}")
+        for key, sizes in sorted(info["state_tensors"].items()):
+            text = ", ".join(f"{dtype} {_size(n)}" for dtype, n in sizes.items())
+            print(f"  state {key!r}: {text}")
+    return 0 if info["integrity"] == "ok" else 1
+
+
+def _run_ckpt_export(args: argparse.Namespace) -> int:
+    from shardopt.checkpoint import export
+
+    count = export(args.path, args.out, progress=not args.no_progress)
+    print(f"wrote {args.out}: state of {count} parameters")
+    return 0
+
+
 # ----- the parser ---------------------------------------------------------------------------
 
-COMMANDS: tuple[Callable[[Subparsers], None], ...] = (_add_demo,)
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (_add_demo, _add_ckpt)
 """Each subcommand's ``_add_<name>`` function, in the order ``--help`` lists them."""
 
 

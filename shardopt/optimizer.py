@@ -12,7 +12,9 @@ Talks to: shard hosts through Ray (:mod:`shardopt.runtime`), with the records of
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import uuid
 import warnings
 import weakref
@@ -23,7 +25,7 @@ from typing import Any
 import ray
 import torch
 
-from shardopt import shm
+from shardopt import checkpoint, shm
 from shardopt.buffers import (
     FlatLayout,
     PackedTree,
@@ -547,6 +549,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 state_dict = result
         saved_groups = check_param_groups(self.param_groups, state_dict["param_groups"])
         self._load_state(state_dict["state"], saved_groups)
+        self._adopt_saved_groups(saved_groups)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _adopt_saved_groups(self, saved_groups: list[dict[str, Any]]) -> None:
+        """Takes a loaded state dict's group options, keeping this optimizer's tensors (torch's
+        ``update_group``)."""
         new_groups = []
         for group, saved in zip(self.param_groups, saved_groups):
             saved["params"] = group["params"]
@@ -556,8 +565,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 saved.setdefault(name, default)
             new_groups.append(saved)
         self.param_groups = new_groups
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
 
     def _load_state(self, saved_state: dict[Any, Any], saved_groups: list[dict]) -> None:
         """Validates the loaded state on every shard, then applies it on all or none."""
@@ -590,6 +597,99 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise failure
         ray_get([self._call(s, "commit_load", token) for s in live])
         self._state_order = dict.fromkeys(order)
+
+    # ----- checkpoints ----------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, path: str | os.PathLike, *, blocking: bool = True
+    ) -> checkpoint.SaveHandle:
+        """Writes a sharded checkpoint: every shard its own file, in parallel, from its actor.
+
+        The directory is a torch.distributed.checkpoint checkpoint (see
+        :mod:`shardopt.checkpoint`); ``dcp_to_torch_save`` turns it into a torch.optim state
+        dict. The commit record is written last, by rename: a save that dies part-way leaves
+        no checkpoint that loads. Saving over an existing checkpoint uncommits it first.
+
+        Args:
+            path: a directory (or ``file://`` URL) every shard can write to.
+            blocking: wait for the commit. With False, training can go on at once; the
+                checkpoint holds the state as of this call once ``handle.wait()`` commits it.
+
+        Returns:
+            A handle with ``wait()`` and ``done()`` (already committed when blocking).
+        """
+        self._check_open()
+        if self._shards_lbfgs:
+            raise NotImplementedError("checkpoints of shardopt.LBFGS: use state_dict() for now")
+        directory = checkpoint.local_path(path)
+        os.makedirs(directory, exist_ok=True)
+        for name in (checkpoint.METADATA, checkpoint.CHECKSUMS):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, name))
+        groups = []
+        start = 0
+        for group in self.param_groups:  # ids as strings: DCP keeps only string keys
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = [str(i) for i in range(start, start + len(group["params"]))]
+            start += len(group["params"])
+            groups.append(packed)
+        live = [s for s in range(self._num_shards) if self._shard_params[s]]
+        token = uuid.uuid4().hex
+        plans = ray_get(
+            [
+                self._call(s, "save_plan", token, directory, groups if s == live[0] else None)
+                for s in live
+            ]
+        )
+        global_plans, metadata, writer = checkpoint.coordinate(directory, plans)
+        ray_get([self._call(s, "save_write", token, p) for s, p in zip(live, global_plans)])
+
+        def finish() -> None:
+            outcomes = ray_get([self._call(s, "save_wait", token) for s in live])
+            checkpoint.commit(directory, writer, metadata, outcomes)
+
+        def poll() -> bool:
+            return all(ray_get([self._call(s, "save_done", token) for s in live]))
+
+        handle = checkpoint.SaveHandle(poll, finish)
+        if blocking:
+            handle.wait()
+        return handle
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Loads a checkpoint written with any number of shards (resharding as it loads).
+
+        Every data file's checksum is checked first; then each shard reads its own parameters'
+        state and validates it, and only if all accept does any apply it.
+
+        Raises:
+            FileNotFoundError: no committed checkpoint at ``path``, or a data file is missing.
+            ValueError: a corrupted data file, or a checkpoint of other parameter groups.
+        """
+        self._check_open()
+        directory = checkpoint.local_path(path)
+        checkpoint.verify(directory)
+        saved_groups = check_param_groups(
+            self.param_groups, checkpoint.read_param_groups(directory)
+        )
+        expected = [str(i) for i in range(len(self._local))]
+        if [str(p) for g in saved_groups for p in g["params"]] != expected:
+            raise ValueError(f"{directory} was not written by shardopt (unexpected parameter ids)")
+        options = tuple(group_options(g) for g in saved_groups)
+        token = uuid.uuid4().hex
+        live = [s for s in range(self._num_shards) if self._shard_params[s]]
+        answers = ray_get(
+            [self._call(s, "prepare_load_from_checkpoint", token, options, directory) for s in live]
+        )
+        failure = next((error for error, _ in answers if error is not None), None)
+        if failure is not None:
+            ray_get([self._call(s, "abort_load", token) for s in live])
+            raise failure
+        ray_get([self._call(s, "commit_load", token) for s in live])
+        self._state_order = dict.fromkeys(sorted(pid for _, ids in answers for pid in ids))
+        for group in saved_groups:
+            group["params"] = [int(p) for p in group["params"]]
+        self._adopt_saved_groups(saved_groups)
 
     # ----- the state view's backend ---------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from shardopt import shm
+from shardopt import checkpoint, shm
 from shardopt.buffers import (
     FlatLayout,
     PackedTree,
@@ -114,6 +114,7 @@ class Shard:
         self._last_step_id = -1
         self._last_result: StepResult | None = None
         self._pending_loads: dict[str, tuple[Any, Any]] = {}
+        self._saves: dict[str, checkpoint.ShardSave] = {}
         self.vectors = VectorStore(self)
 
     # ----- parameters -------------------------------------------------------------------------
@@ -318,10 +319,32 @@ class Shard:
         Nothing visible changes until :meth:`commit_load`; :meth:`abort_load` drops the candidate.
         Returns the exception that rejected the state, or None.
         """
+        return self._prepare(token, group_options, lambda: unpack_tree(packed, self.device))
+
+    def prepare_load_from_checkpoint(
+        self, token: str, group_options: tuple[dict[str, Any], ...], path: str
+    ) -> tuple[Exception | None, tuple[int, ...]]:
+        """:meth:`prepare_load` with this shard's part read from a checkpoint by the shard itself.
+
+        Returns:
+            The exception that rejected the state (or None), and the ids that have state.
+        """
+        found: list[int] = []
+
+        def read() -> dict[int, Any]:
+            state = checkpoint.read_params_state(path, self._param_ids)
+            found.extend(sorted(state))
+            return state
+
+        return self._prepare(token, group_options, read), tuple(found)
+
+    def _prepare(
+        self, token: str, group_options: tuple[dict[str, Any], ...], read_state: Any
+    ) -> Exception | None:
         opt = self.optimizer
         old = (opt.state, opt.param_groups)
         try:
-            state_by_id = unpack_tree(packed, self.device)
+            state_by_id = read_state()
             local_state = {}
             for pid, value in state_by_id.items():
                 if pid not in self._local_of:
@@ -357,6 +380,33 @@ class Shard:
                         f"loaded state dict has {key!r} of shape {tuple(value.shape)} for "
                         f"parameter id {index.get(id(p))}, expected {tuple(old_value.shape)}"
                     )
+
+    # ----- checkpoints (see shardopt.checkpoint) -------------------------------------------
+
+    def save_plan(self, token: str, path: str, param_groups: list[dict] | None) -> Any:
+        """Snapshots this shard's state (the save's point in time) and returns DCP's local plan.
+
+        The shard given ``param_groups`` also stores them (one shard does).
+        """
+        state: dict[str, Any] = {
+            "state": {str(pid): checkpoint.snapshot(v) for pid, v in self._state_by_id().items()}
+        }
+        if param_groups is not None:
+            state["param_groups"] = param_groups
+        save = checkpoint.ShardSave(path, state, is_coordinator=param_groups is not None)
+        self._saves[token] = save
+        return save.local_plan()
+
+    def save_write(self, token: str, plan: Any) -> None:
+        """Starts writing this shard's data file in the background; steps go on meanwhile."""
+        self._saves[token].start_writing(plan)
+
+    def save_wait(self, token: str) -> tuple[list[Any], dict[str, str]]:
+        """Waits for the data file; returns DCP's write results and the file's checksum."""
+        return self._saves.pop(token).wait()
+
+    def save_done(self, token: str) -> bool:
+        return self._saves[token].done()
 
     def commit_load(self, token: str) -> None:
         state, groups = self._pending_loads.pop(token)

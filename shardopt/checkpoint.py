@@ -1,0 +1,285 @@
+"""Sharded checkpoints in torch.distributed.checkpoint (DCP) format, written by the shards.
+
+A checkpoint is a DCP directory: one data file per shard (``__{i}_0.distcp``), written by that
+shard in parallel straight from its actor, a ``.shardopt-checksums.json`` with every data file's
+SHA-256, and DCP's ``.metadata``, written last by rename: the commit. The proxy plays DCP's
+coordinator (local plans -> global plan -> per-shard writes -> metadata), so plain PyTorch reads
+it: ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save(path, "opt.pt")`` gives a
+torch.optim state dict. DCP turns dict keys into strings, so the parameter ids are stored as
+strings in both ``state`` and each group's ``params``; torch.optim's ``load_state_dict`` only
+matches the two, so the converted file loads into ``torch.optim.<Name>`` as it is.
+
+Loading reshards online: each shard reads only its own parameters' entries, validates them with
+the same all-or-nothing prepare/commit as ``load_state_dict``. Non-tensor values are read with
+``torch.load``'s ``weights_only`` default: nothing arbitrary is unpickled.
+
+Talks to: the shards (``Shard.save_*`` / ``Shard.prepare_load_from_checkpoint``) and the file
+system, through DCP's ``FileSystemWriter`` / ``FileSystemReader``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+CHECKSUMS = ".shardopt-checksums.json"
+"""The integrity record, written before the commit."""
+METADATA = ".metadata"
+"""DCP's commit record, written last (by rename)."""
+
+
+def local_path(path: str | os.PathLike) -> str:
+    """A local directory for ``path`` (``file://`` URLs included).
+
+    Raises:
+        ValueError: another fsspec scheme; shards write from their own processes, so the
+            storage must be one they all reach (a local or shared file system).
+    """
+    text = os.fspath(path)
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        if scheme != "file":
+            raise ValueError(
+                f"shardopt checkpoints need a file system every shard reaches; got {scheme}://"
+            )
+        text = rest
+    return os.path.abspath(text)
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----- shard side -------------------------------------------------------------------------------
+
+
+class ShardSave:
+    """One shard's part of a save: a snapshot of its state, DCP's planner and writer for it."""
+
+    def __init__(self, path: str, state: dict[str, Any], is_coordinator: bool):
+        self.writer = FileSystemWriter(path, sync_files=True)
+        self.writer.set_up_storage_writer(is_coordinator)
+        self.planner = DefaultSavePlanner()
+        self.planner.set_up_planner(state, None, is_coordinator)
+        self._thread: threading.Thread | None = None
+        self._outcome: Any = None
+
+    def local_plan(self) -> Any:
+        return self.writer.prepare_local_plan(self.planner.create_local_plan())
+
+    def start_writing(self, plan: Any) -> None:
+        """Writes this shard's data file in a thread: the shard keeps serving steps meanwhile."""
+
+        def write() -> None:
+            try:
+                final = self.planner.finish_plan(plan)
+                results = self.writer.write_data(final, self.planner).wait()
+                files = sorted(
+                    {os.path.join(self.writer.path, r.storage_data.relative_path) for r in results}
+                )
+                self._outcome = (results, {os.path.basename(f): sha256_of(f) for f in files})
+            except BaseException as exc:  # reported to the proxy by wait()
+                self._outcome = exc
+
+        self._thread = threading.Thread(target=write, name="shardopt-save", daemon=True)
+        self._thread.start()
+
+    def done(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
+
+    def wait(self) -> tuple[list[Any], dict[str, str]]:
+        assert self._thread is not None
+        self._thread.join()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        return self._outcome
+
+
+def snapshot(value: Any) -> Any:
+    """A deep copy of a state tree with tensors cloned to CPU (the state as of the save call)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(v) for v in value)
+    return value
+
+
+def _read_keys(path: str, keys: set[str]) -> dict[str, Any]:
+    """Entries of a checkpoint, in this process (DCP warns that no process group exists)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
+        return _load_state_dict_from_keys(keys, storage_reader=FileSystemReader(path))
+
+
+def read_params_state(path: str, param_ids: list[int]) -> dict[int, Any]:
+    """The saved state of some parameters (by id), read from a checkpoint."""
+    if not param_ids:
+        return {}
+    loaded = _read_keys(path, {f"state.{pid}" for pid in param_ids})
+    return {int(k): v for k, v in loaded.get("state", {}).items()}
+
+
+# ----- proxy side -------------------------------------------------------------------------------
+
+
+@dataclass
+class SaveHandle:
+    """A save in progress (``blocking=False``).
+
+    ``done()`` says whether every shard has written its file; ``wait()`` waits for them and
+    commits the checkpoint (checksums, then DCP's metadata). Until ``wait()`` returns, the
+    checkpoint does not load.
+    """
+
+    _poll: Any
+    _finish: Any
+    _committed: bool = False
+
+    def done(self) -> bool:
+        return self._committed or self._poll()
+
+    def wait(self) -> None:
+        if not self._committed:
+            self._finish()
+            self._committed = True
+
+
+def coordinate(path: str, local_plans: list[Any]) -> tuple[list[Any], Any, FileSystemWriter]:
+    """DCP's coordinator step: the global plan and the metadata for all shards' local plans."""
+    planner = DefaultSavePlanner()
+    planner.set_up_planner({}, None, True)
+    global_plans, metadata = planner.create_global_plan(local_plans)
+    writer = FileSystemWriter(path, sync_files=True)
+    writer.set_up_storage_writer(True)
+    return writer.prepare_global_plan(global_plans), metadata, writer
+
+
+def commit(path: str, writer: FileSystemWriter, metadata: Any, outcomes: list[Any]) -> None:
+    """Writes the checksums, then DCP's metadata by rename: from here the checkpoint loads."""
+    results = [results for results, _ in outcomes]
+    checksums: dict[str, str] = {}
+    for _, files in outcomes:
+        checksums.update(files)
+    tmp = os.path.join(path, CHECKSUMS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"sha256": checksums}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, CHECKSUMS))
+    writer.finish(metadata, results)
+
+
+def verify(path: str) -> dict[str, Any]:
+    """Checks that ``path`` is a committed shardopt checkpoint with intact data files.
+
+    Returns:
+        The DCP metadata.
+
+    Raises:
+        FileNotFoundError: no committed checkpoint (no ``.metadata``) or a missing data file.
+        ValueError: a data file whose checksum does not match (named in the message).
+    """
+    if not os.path.isfile(os.path.join(path, METADATA)):
+        raise FileNotFoundError(f"{path} holds no committed checkpoint (no {METADATA})")
+    metadata = FileSystemReader(path).read_metadata()
+    with open(os.path.join(path, CHECKSUMS)) as f:
+        expected = json.load(f)["sha256"]
+    for name, digest in sorted(expected.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"checkpoint data file {file} is missing")
+        if sha256_of(file) != digest:
+            raise ValueError(f"checkpoint data file {file} is corrupted (checksum mismatch)")
+    return metadata
+
+
+def read_param_groups(path: str) -> list[dict[str, Any]]:
+    return _read_keys(path, {"param_groups"})["param_groups"]
+
+
+def _state_ids(metadata: Any) -> list[int]:
+    return sorted(
+        {int(key.split(".")[1]) for key in metadata.state_dict_metadata if key.startswith("state.")}
+    )
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """What ``shardopt ckpt inspect`` shows: files, integrity, parameters, dtypes, sizes, step."""
+    directory = local_path(path)
+    info: dict[str, Any] = {"path": directory}
+    try:
+        metadata = verify(directory)
+        info["integrity"] = "ok"
+    except (FileNotFoundError, ValueError) as err:
+        info["integrity"] = f"FAILED: {err}"
+        if not os.path.isfile(os.path.join(directory, METADATA)):
+            return info
+        metadata = FileSystemReader(directory).read_metadata()
+    files = sorted(n for n in os.listdir(directory) if n.endswith(".distcp"))
+    info["data_files"] = {n: os.path.getsize(os.path.join(directory, n)) for n in files}
+    tensors: dict[str, dict[str, int]] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if key.startswith("state.") and hasattr(meta, "size"):
+            dtype = str(meta.properties.dtype).replace("torch.", "")
+            entry = tensors.setdefault(key.split(".", 2)[2], {})
+            nbytes = int(torch.Size(meta.size).numel()) * meta.properties.dtype.itemsize
+            entry[dtype] = entry.get(dtype, 0) + nbytes
+    info["state_tensors"] = tensors
+    ids = _state_ids(metadata)
+    info["params_with_state"] = len(ids)
+    if info["integrity"] != "ok":  # the metadata alone: damaged data files are not read
+        info["step"], info["param_groups"] = None, []
+        return info
+    groups = read_param_groups(directory)
+    info["param_groups"] = [
+        {k: v for k, v in g.items() if k in ("lr", "weight_decay", "betas", "momentum")}
+        | {"params": len(g["params"])}
+        for g in groups
+    ]
+    steps = _read_keys(
+        directory,
+        {f"state.{i}.step" for i in ids if f"state.{i}.step" in metadata.state_dict_metadata},
+    )
+    values = [float(s["step"]) for s in steps.get("state", {}).values() if "step" in s]
+    info["step"] = max(values) if values else None
+    return info
+
+
+def export(path: str | os.PathLike, out: str | os.PathLike, progress: bool = False) -> int:
+    """Writes a checkpoint as one torch.optim state dict file (``torch.save``), integer ids.
+
+    Returns:
+        The number of parameters with state.
+    """
+    directory = local_path(path)
+    metadata = verify(directory)
+    groups = read_param_groups(directory)
+    ids = _state_ids(metadata)
+    state: dict[int, Any] = {}
+    batches = [ids[i : i + 64] for i in range(0, len(ids), 64)]
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="export", unit="batch")
+    for batch in batches:
+        state.update(read_params_state(directory, batch))
+    for group in groups:
+        group["params"] = [int(p) for p in group["params"]]
+    torch.save({"state": state, "param_groups": groups}, out)
+    return len(state)

@@ -1,0 +1,208 @@
+"""Sharded checkpoints on real shards and files: DCP format, resharding, atomicity, integrity."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+import shardopt
+from shardopt.checkpoint import CHECKSUMS, METADATA
+
+KW = {"lr": 1e-2, "weight_decay": 0.1, "foreach": True}
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 2))
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    opt.zero_grad()
+    model(torch.randn(7, 6, generator=gen)).pow(2).mean().backward()
+    opt.step()
+
+
+def assert_same_params(a: nn.Module, b: nn.Module) -> None:
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def assert_same_state(got: dict, want: dict) -> None:
+    assert got["param_groups"] == want["param_groups"]
+    assert sorted(got["state"]) == sorted(want["state"])
+    for pid in want["state"]:
+        torch.testing.assert_close(got["state"][pid], want["state"][pid], rtol=0, atol=0)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A model trained 3 steps on 2 shards and its checkpoint; the optimizer keeps running."""
+    model = make_model()
+    opt = shardopt.AdamW(model.parameters(), num_shards=2, **KW)
+    for k in range(3):
+        train_step(model, opt, k)
+    path = tmp_path / "ckpt"
+    opt.save_checkpoint(path)
+    yield model, opt, path
+    opt.close()
+
+
+def test_checkpoint_is_a_dcp_directory_with_one_file_per_shard(trained):
+    _, _, path = trained
+    names = sorted(os.listdir(path))
+    assert METADATA in names and CHECKSUMS in names
+    assert sorted(n for n in names if n.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3])
+def test_load_into_any_shard_count_continues_identically(trained, num_shards):
+    model, opt, path = trained
+    other = make_model(seed=5)
+    other.load_state_dict(model.state_dict())
+    loaded = shardopt.AdamW(other.parameters(), num_shards=num_shards, lr=0.5)
+    loaded.load_checkpoint(path)
+    assert loaded.param_groups[0]["lr"] == KW["lr"] and loaded.param_groups[0]["foreach"]
+    assert_same_state(loaded.state_dict(), opt.state_dict())
+    for k in range(3, 6):
+        train_step(model, opt, k)
+        train_step(other, loaded, k)
+        assert_same_params(model, other)
+    loaded.close()
+
+
+def test_plain_torch_reads_the_checkpoint(trained, tmp_path):
+    """dcp_to_torch_save -> torch.load(weights_only=True) -> torch.optim.AdamW loads it."""
+    model, opt, path = trained
+    dcp_to_torch_save(path, tmp_path / "opt.pt")
+    state_dict = torch.load(tmp_path / "opt.pt", weights_only=True)
+    other = make_model(seed=5)
+    other.load_state_dict(model.state_dict())
+    plain = torch.optim.AdamW(other.parameters(), lr=0.5)
+    plain.load_state_dict(state_dict)
+    assert len(plain.state) == 6  # every parameter's state matched its id
+    for k in range(3, 6):
+        train_step(model, opt, k)
+        train_step(other, plain, k)
+        assert_same_params(model, other)
+
+
+def test_async_save_holds_the_state_of_the_call(tmp_path):
+    model = make_model()
+    opt = shardopt.AdamW(model.parameters(), num_shards=2, **KW)
+    train_step(model, opt, 0)
+    at_call = opt.state_dict()
+    handle = opt.save_checkpoint(tmp_path / "async", blocking=False)
+    for k in range(1, 4):  # training goes on while the shards write
+        train_step(model, opt, k)
+    handle.wait()
+    assert handle.done()
+    fresh = shardopt.AdamW(make_model().parameters(), num_shards=3, **KW)
+    fresh.load_checkpoint(f"file://{tmp_path / 'async'}")
+    assert_same_state(fresh.state_dict(), at_call)
+    fresh.close()
+    opt.close()
+
+
+def test_an_uncommitted_save_never_loads_and_the_previous_one_still_does(tmp_path):
+    """The client dies mid-save (kill -9 before the commit): no half checkpoint loads."""
+    script = textwrap.dedent(
+        f"""
+        import os, torch, shardopt
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(300, 200)) for _ in range(3)]
+        opt = shardopt.Adam(params, num_shards=2)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        opt.save_checkpoint({str(tmp_path / "good")!r})
+        opt.step()
+        opt.save_checkpoint({str(tmp_path / "torn")!r}, blocking=False)
+        os.kill(os.getpid(), 9)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, timeout=240)
+    assert done.returncode == -9
+    assert not (tmp_path / "torn" / METADATA).exists()
+    params = [nn.Parameter(torch.zeros(300, 200)) for _ in range(3)]
+    opt = shardopt.Adam(params, num_shards=2)
+    with pytest.raises(FileNotFoundError, match="no committed checkpoint"):
+        opt.load_checkpoint(tmp_path / "torn")
+    opt.load_checkpoint(tmp_path / "good")
+    assert all(int(s["step"]) == 1 for s in opt.state_dict()["state"].values())
+    opt.close()
+
+
+def test_saving_over_a_checkpoint_uncommits_it_first(trained):
+    model, opt, path = trained
+    train_step(model, opt, 3)
+    handle = opt.save_checkpoint(path, blocking=False)
+    assert not (path / METADATA).exists()  # neither the old nor a half-new checkpoint loads
+    handle.wait()
+    assert (path / METADATA).exists()
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncate", "delete"])
+def test_damaged_data_files_are_named_and_nothing_changes(trained, damage):
+    model, opt, path = trained
+    data = path / "__1_0.distcp"
+    if damage == "corrupt":
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        data.write_bytes(data.read_bytes()[:-100])
+    else:
+        data.unlink()
+    other = make_model()
+    loaded = shardopt.AdamW(other.parameters(), num_shards=2, **KW)
+    train_step(other, loaded, 0)
+    before = loaded.state_dict()
+    error = FileNotFoundError if damage == "delete" else ValueError
+    with pytest.raises(error, match="__1_0.distcp"):
+        loaded.load_checkpoint(path)
+    assert_same_state(loaded.state_dict(), before)
+    loaded.close()
+
+
+def test_mismatched_checkpoint_is_rejected_and_changes_nothing(trained):
+    _, _, path = trained
+    other = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 3))
+    loaded = shardopt.AdamW(other.parameters(), num_shards=2, **KW)
+    train_step(other, loaded, 0)
+    before = loaded.state_dict()
+    with pytest.raises(ValueError, match="shape"):
+        loaded.load_checkpoint(path)
+    assert_same_state(loaded.state_dict(), before)
+    smaller = shardopt.AdamW(nn.Linear(6, 9).parameters(), num_shards=2)
+    with pytest.raises(ValueError, match="doesn't match the size"):
+        smaller.load_checkpoint(path)
+    with pytest.raises(ValueError, match="memory://"):
+        smaller.save_checkpoint("memory://somewhere")
+    loaded.close()
+    smaller.close()
+
+
+def test_cli_inspect_and_export(trained, tmp_path, capsys):
+    from shardopt.cli import main
+
+    model, opt, path = trained
+    assert main(["ckpt", "inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "integrity: ok" in out and "parameters with state: 6, step: 3.0" in out
+    assert "__0_0.distcp" in out and "'exp_avg': float32" in out
+    assert main(["ckpt", "export", str(path), str(tmp_path / "opt.pt"), "--no-progress"]) == 0
+    exported = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert sorted(exported["state"]) == list(range(6))  # integer ids, as torch.optim writes
+    assert_same_state(exported, opt.state_dict())
+    (path / "__0_0.distcp").write_bytes(b"garbage")
+    assert main(["ckpt", "inspect", str(path)]) == 1
+    assert "corrupted" in capsys.readouterr().out
