@@ -20,17 +20,22 @@ system, through DCP's ``FileSystemWriter`` / ``FileSystemReader``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import (
+    DefaultSavePlanner,
+    _EmptyStateDictLoadPlanner,
+)
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 CHECKSUMS = ".shardopt-checksums.json"
 """The integrity record, written before the commit."""
@@ -120,11 +125,37 @@ def snapshot(value: Any) -> Any:
     return value
 
 
+class _WeightsOnlyLoadPlanner(_EmptyStateDictLoadPlanner):
+    """DCP's key-selecting load planner, but non-tensor values load with ``weights_only=True``.
+
+    DCP's own planners ``torch.load(..., weights_only=False)`` them: a crafted checkpoint could
+    run code. Optimizer state and param groups need nothing beyond weights_only.
+    """
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        fqn = read_item.dest_index.fqn
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
 def _read_keys(path: str, keys: set[str]) -> dict[str, Any]:
-    """Entries of a checkpoint, in this process (DCP warns that no process group exists)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
-        return _load_state_dict_from_keys(keys, storage_reader=FileSystemReader(path))
+    """Entries of a checkpoint, read in this process without a process group."""
+    state: dict[str, Any] = {}
+    try:
+        _load_state_dict(
+            state_dict=state,
+            storage_reader=FileSystemReader(path),
+            no_dist=True,
+            planner=_WeightsOnlyLoadPlanner(keys=keys),
+        )
+    except CheckpointException as err:
+        failure = next(iter(err.failures.values()), err)
+        cause = getattr(failure, "exc", failure)
+        raise ValueError(f"cannot read checkpoint {path}: {cause}") from None
+    return state
 
 
 def read_params_state(path: str, param_ids: list[int]) -> dict[int, Any]:

@@ -206,3 +206,55 @@ def test_cli_inspect_and_export(trained, tmp_path, capsys):
     (path / "__0_0.distcp").write_bytes(b"garbage")
     assert main(["ckpt", "inspect", str(path)]) == 1
     assert "corrupted" in capsys.readouterr().out
+
+
+class Payload:
+    """Something a weights_only load must refuse to build."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_loading_never_unpickles_arbitrary_objects(tmp_path):
+    model = make_model()
+    opt = shardopt.SGD(model.parameters(), lr=0.1, momentum=0.9, num_shards=2)
+    train_step(model, opt, 0)
+    opt.save_checkpoint(tmp_path / "ckpt")
+    # a tampered checkpoint: an object in the param groups that a full unpickle would run
+    import torch.distributed.checkpoint as dcp
+
+    from shardopt.checkpoint import _read_keys
+
+    tampered = _read_keys(str(tmp_path / "ckpt"), {"param_groups", "state"})
+    tampered["param_groups"][0]["evil"] = Payload()
+    dcp.save(tampered, checkpoint_id=tmp_path / "bad", no_dist=True)
+    (tmp_path / "bad" / CHECKSUMS).write_text('{"sha256": {}}')
+    with pytest.raises(ValueError, match="Weights only load failed"):
+        opt.load_checkpoint(tmp_path / "bad")
+    assert opt.param_groups[0]["lr"] == 0.1
+    opt.close()
+
+
+def test_a_shard_killed_mid_save_leaves_no_checkpoint_and_the_previous_one_loads(tmp_path):
+    import ray
+
+    params = [nn.Parameter(torch.randn(500, 400)) for _ in range(4)]
+    # hosts of their own (a separate pool entry), since this test kills one
+    opt = shardopt.Adam(params, num_shards=2, actor_options={"num_cpus": 0})
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.save_checkpoint(tmp_path / "good")
+    opt.step()
+    handle = opt.save_checkpoint(tmp_path / "torn", blocking=False)
+    ray.kill(opt._hosts[1])
+    with pytest.raises(shardopt.ShardUnavailableError):
+        handle.wait()
+    assert not (tmp_path / "torn" / METADATA).exists()
+    fresh = shardopt.Adam([nn.Parameter(torch.zeros(500, 400)) for _ in range(4)], num_shards=2)
+    with pytest.raises(FileNotFoundError, match="no committed checkpoint"):
+        fresh.load_checkpoint(tmp_path / "torn")
+    fresh.load_checkpoint(tmp_path / "good")
+    assert all(int(s["step"]) == 1 for s in fresh.state_dict()["state"].values())
+    fresh.close()
+    opt.close()
