@@ -43,27 +43,91 @@ METADATA = ".metadata"
 """DCP's commit record, written last (by rename)."""
 
 
-def local_path(path: str | os.PathLike) -> str:
-    """A local directory for ``path`` (``file://`` URLs included).
+def location(path: str | os.PathLike) -> str:
+    """Where a checkpoint lives: an absolute local directory, or a ``memory://`` URL.
+
+    ``file://`` URLs become local directories, which every shard on a shared file system
+    writes itself. ``memory://`` (fsspec's in-process store) exists only in the proxy's
+    process, so there the proxy does the I/O for its shards.
 
     Raises:
-        ValueError: another fsspec scheme; shards write from their own processes, so the
-            storage must be one they all reach (a local or shared file system).
+        ValueError: another URL scheme.
     """
     text = os.fspath(path)
-    if "://" in text:
-        scheme, rest = text.split("://", 1)
-        if scheme != "file":
-            raise ValueError(
-                f"shardopt checkpoints need a file system every shard reaches; got {scheme}://"
-            )
-        text = rest
-    return os.path.abspath(text)
+    if "://" not in text:
+        return os.path.abspath(text)
+    scheme, rest = text.split("://", 1)
+    if scheme == "file":
+        return os.path.abspath(rest)
+    if scheme == "memory":
+        return text.rstrip("/")
+    raise ValueError(
+        f"unsupported checkpoint location {scheme}://: use a directory every shard reaches "
+        "(local or shared file system, file://) or memory://"
+    )
 
 
-def sha256_of(path: str) -> str:
+def shards_reach(where: str) -> bool:
+    """Whether the shards can do their own I/O there (not for the proxy's in-process store)."""
+    return "://" not in where
+
+
+def _fs(where: str) -> tuple[Any, str]:
+    import fsspec
+
+    return fsspec.core.url_to_fs(where)
+
+
+def _file(where: str, name: str) -> str:
+    return f"{where}/{name}"
+
+
+def _writer(where: str) -> FileSystemWriter:
+    if shards_reach(where):
+        return FileSystemWriter(where, sync_files=True)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    return FsspecWriter(where, sync_files=False)
+
+
+def _reader(where: str) -> FileSystemReader:
+    if shards_reach(where):
+        return FileSystemReader(where)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    return FsspecReader(where)
+
+
+def exists(where: str, name: str) -> bool:
+    fs, root = _fs(where)
+    return fs.exists(f"{root}/{name}")
+
+
+def remove(where: str, name: str) -> None:
+    fs, root = _fs(where)
+    if fs.exists(f"{root}/{name}"):
+        fs.rm(f"{root}/{name}")
+
+
+def make_dirs(where: str) -> None:
+    fs, root = _fs(where)
+    fs.makedirs(root, exist_ok=True)
+
+
+def data_files(where: str) -> dict[str, int]:
+    """The checkpoint's data files and their sizes."""
+    fs, root = _fs(where)
+    return {
+        os.path.basename(entry["name"]): entry["size"]
+        for entry in fs.ls(root, detail=True)
+        if entry["name"].endswith(".distcp")
+    }
+
+
+def sha256_of(where: str, name: str) -> str:
+    fs, root = _fs(where)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open(f"{root}/{name}", "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -75,8 +139,9 @@ def sha256_of(path: str) -> str:
 class ShardSave:
     """One shard's part of a save: a snapshot of its state, DCP's planner and writer for it."""
 
-    def __init__(self, path: str, state: dict[str, Any], is_coordinator: bool):
-        self.writer = FileSystemWriter(path, sync_files=True)
+    def __init__(self, where: str, state: dict[str, Any], is_coordinator: bool):
+        self.where = where
+        self.writer = _writer(where)
         self.writer.set_up_storage_writer(is_coordinator)
         self.planner = DefaultSavePlanner()
         self.planner.set_up_planner(state, None, is_coordinator)
@@ -93,10 +158,8 @@ class ShardSave:
             try:
                 final = self.planner.finish_plan(plan)
                 results = self.writer.write_data(final, self.planner).wait()
-                files = sorted(
-                    {os.path.join(self.writer.path, r.storage_data.relative_path) for r in results}
-                )
-                self._outcome = (results, {os.path.basename(f): sha256_of(f) for f in files})
+                files = sorted({r.storage_data.relative_path for r in results})
+                self._outcome = (results, {f: sha256_of(self.where, f) for f in files})
             except BaseException as exc:  # reported to the proxy by wait()
                 self._outcome = exc
 
@@ -147,7 +210,7 @@ def _read_keys(path: str, keys: set[str]) -> dict[str, Any]:
     try:
         _load_state_dict(
             state_dict=state,
-            storage_reader=FileSystemReader(path),
+            storage_reader=_reader(path),
             no_dist=True,
             planner=_WeightsOnlyLoadPlanner(keys=keys),
         )
@@ -196,7 +259,7 @@ def coordinate(path: str, local_plans: list[Any]) -> tuple[list[Any], Any, FileS
     planner = DefaultSavePlanner()
     planner.set_up_planner({}, None, True)
     global_plans, metadata = planner.create_global_plan(local_plans)
-    writer = FileSystemWriter(path, sync_files=True)
+    writer = _writer(path)
     writer.set_up_storage_writer(True)
     return writer.prepare_global_plan(global_plans), metadata, writer
 
@@ -207,12 +270,18 @@ def commit(path: str, writer: FileSystemWriter, metadata: Any, outcomes: list[An
     checksums: dict[str, str] = {}
     for _, files in outcomes:
         checksums.update(files)
-    tmp = os.path.join(path, CHECKSUMS + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"sha256": checksums}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(path, CHECKSUMS))
+    record = json.dumps({"sha256": checksums}, indent=1, sort_keys=True)
+    if shards_reach(path):
+        tmp = os.path.join(path, CHECKSUMS + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(record)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(path, CHECKSUMS))
+    else:
+        fs, root = _fs(path)
+        with fs.open(f"{root}/{CHECKSUMS}", "w") as f:
+            f.write(record)
     writer.finish(metadata, results)
 
 
@@ -226,17 +295,19 @@ def verify(path: str) -> dict[str, Any]:
         FileNotFoundError: no committed checkpoint (no ``.metadata``) or a missing data file.
         ValueError: a data file whose checksum does not match (named in the message).
     """
-    if not os.path.isfile(os.path.join(path, METADATA)):
+    if not exists(path, METADATA):
         raise FileNotFoundError(f"{path} holds no committed checkpoint (no {METADATA})")
-    metadata = FileSystemReader(path).read_metadata()
-    with open(os.path.join(path, CHECKSUMS)) as f:
+    metadata = _reader(path).read_metadata()
+    fs, root = _fs(path)
+    with fs.open(f"{root}/{CHECKSUMS}", "r") as f:
         expected = json.load(f)["sha256"]
     for name, digest in sorted(expected.items()):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"checkpoint data file {file} is missing")
-        if sha256_of(file) != digest:
-            raise ValueError(f"checkpoint data file {file} is corrupted (checksum mismatch)")
+        if not exists(path, name):
+            raise FileNotFoundError(f"checkpoint data file {_file(path, name)} is missing")
+        if sha256_of(path, name) != digest:
+            raise ValueError(
+                f"checkpoint data file {_file(path, name)} is corrupted (checksum mismatch)"
+            )
     return metadata
 
 
@@ -252,18 +323,17 @@ def _state_ids(metadata: Any) -> list[int]:
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """What ``shardopt ckpt inspect`` shows: files, integrity, parameters, dtypes, sizes, step."""
-    directory = local_path(path)
+    directory = location(path)
     info: dict[str, Any] = {"path": directory}
     try:
         metadata = verify(directory)
         info["integrity"] = "ok"
     except (FileNotFoundError, ValueError) as err:
         info["integrity"] = f"FAILED: {err}"
-        if not os.path.isfile(os.path.join(directory, METADATA)):
+        if not exists(directory, METADATA):
             return info
-        metadata = FileSystemReader(directory).read_metadata()
-    files = sorted(n for n in os.listdir(directory) if n.endswith(".distcp"))
-    info["data_files"] = {n: os.path.getsize(os.path.join(directory, n)) for n in files}
+        metadata = _reader(directory).read_metadata()
+    info["data_files"] = dict(sorted(data_files(directory).items()))
     tensors: dict[str, dict[str, int]] = {}
     for key, meta in metadata.state_dict_metadata.items():
         if key.startswith("state.") and hasattr(meta, "size"):
@@ -298,7 +368,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike, progress: bool = Fal
     Returns:
         The number of parameters with state.
     """
-    directory = local_path(path)
+    directory = location(path)
     metadata = verify(directory)
     groups = read_param_groups(directory)
     ids = _state_ids(metadata)

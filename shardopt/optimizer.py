@@ -12,7 +12,6 @@ Talks to: shard hosts through Ray (:mod:`shardopt.runtime`), with the records of
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import uuid
@@ -611,7 +610,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         no checkpoint that loads. Saving over an existing checkpoint uncommits it first.
 
         Args:
-            path: a directory (or ``file://`` URL) every shard can write to.
+            path: a directory (or ``file://`` URL) every shard can write to, or a
+                ``memory://`` URL (fsspec's in-process store; this process then does the I/O).
             blocking: wait for the commit. With False, training can go on at once; the
                 checkpoint holds the state as of this call once ``handle.wait()`` commits it.
 
@@ -621,11 +621,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._check_open()
         if self._shards_lbfgs:
             raise NotImplementedError("checkpoints of shardopt.LBFGS: use state_dict() for now")
-        directory = checkpoint.local_path(path)
-        os.makedirs(directory, exist_ok=True)
+        where = checkpoint.location(path)
+        checkpoint.make_dirs(where)
         for name in (checkpoint.METADATA, checkpoint.CHECKSUMS):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(directory, name))
+            checkpoint.remove(where, name)
         groups = []
         start = 0
         for group in self.param_groups:  # ids as strings: DCP keeps only string keys
@@ -635,21 +634,43 @@ class ShardedOptimizer(torch.optim.Optimizer):
             groups.append(packed)
         live = [s for s in range(self._num_shards) if self._shard_params[s]]
         token = uuid.uuid4().hex
-        plans = ray_get(
-            [
-                self._call(s, "save_plan", token, directory, groups if s == live[0] else None)
-                for s in live
-            ]
-        )
-        global_plans, metadata, writer = checkpoint.coordinate(directory, plans)
-        ray_get([self._call(s, "save_write", token, p) for s, p in zip(live, global_plans)])
+        if checkpoint.shards_reach(where):  # each shard writes its own file from its actor
+            plans = ray_get(
+                [
+                    self._call(s, "save_plan", token, where, groups if s == live[0] else None)
+                    for s in live
+                ]
+            )
+            global_plans, metadata, writer = checkpoint.coordinate(where, plans)
+            ray_get([self._call(s, "save_write", token, p) for s, p in zip(live, global_plans)])
+
+            def outcomes() -> list[Any]:
+                return ray_get([self._call(s, "save_wait", token) for s in live])
+
+            def poll() -> bool:
+                return all(ray_get([self._call(s, "save_done", token) for s in live]))
+
+        else:  # an in-process store (memory://): this process writes each shard's part
+            saves = []
+            for s in live:
+                state = self._receive_state(self._request_state(s))
+                tree: dict[str, Any] = {"state": {str(pid): v for pid, v in state.items()}}
+                if s == live[0]:
+                    tree["param_groups"] = groups
+                saves.append(checkpoint.ShardSave(where, tree, is_coordinator=s == live[0]))
+            plans = [save.local_plan() for save in saves]
+            global_plans, metadata, writer = checkpoint.coordinate(where, plans)
+            for save, plan in zip(saves, global_plans):
+                save.start_writing(plan)
+
+            def outcomes() -> list[Any]:
+                return [save.wait() for save in saves]
+
+            def poll() -> bool:
+                return all(save.done() for save in saves)
 
         def finish() -> None:
-            outcomes = ray_get([self._call(s, "save_wait", token) for s in live])
-            checkpoint.commit(directory, writer, metadata, outcomes)
-
-        def poll() -> bool:
-            return all(ray_get([self._call(s, "save_done", token) for s in live]))
+            checkpoint.commit(where, writer, metadata, outcomes())
 
         handle = checkpoint.SaveHandle(poll, finish)
         if blocking:
@@ -667,20 +688,25 @@ class ShardedOptimizer(torch.optim.Optimizer):
             ValueError: a corrupted data file, or a checkpoint of other parameter groups.
         """
         self._check_open()
-        directory = checkpoint.local_path(path)
-        checkpoint.verify(directory)
-        saved_groups = check_param_groups(
-            self.param_groups, checkpoint.read_param_groups(directory)
-        )
+        where = checkpoint.location(path)
+        checkpoint.verify(where)
+        saved_groups = check_param_groups(self.param_groups, checkpoint.read_param_groups(where))
         expected = [str(i) for i in range(len(self._local))]
         if [str(p) for g in saved_groups for p in g["params"]] != expected:
-            raise ValueError(f"{directory} was not written by shardopt (unexpected parameter ids)")
+            raise ValueError(f"{where} was not written by shardopt (unexpected parameter ids)")
         options = tuple(group_options(g) for g in saved_groups)
         token = uuid.uuid4().hex
         live = [s for s in range(self._num_shards) if self._shard_params[s]]
-        answers = ray_get(
-            [self._call(s, "prepare_load_from_checkpoint", token, options, directory) for s in live]
-        )
+        if checkpoint.shards_reach(where):  # each shard reads its own parameters' state
+            answers = ray_get(
+                [self._call(s, "prepare_load_from_checkpoint", token, options, where) for s in live]
+            )
+        else:  # an in-process store: read here, one shard's part at a time
+            answers = []
+            for s in live:
+                state = checkpoint.read_params_state(where, self._shard_params[s])
+                error = ray_get(self._call(s, "prepare_load", token, options, pack_tree(state)))
+                answers.append((error, tuple(state)))
         failure = next((error for error, _ in answers if error is not None), None)
         if failure is not None:
             ray_get([self._call(s, "abort_load", token) for s in live])
