@@ -16,7 +16,7 @@ Talks to: the shards (``Shard.run_vectors``) through :class:`~shardopt.ShardedOp
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -488,6 +488,9 @@ class LBFGS(ShardedOptimizer):
 
     def _gathered_state(self) -> dict[int, Any]:
         return {0: self._materialize()} if self._lbfgs_state else {}
+
+    def _checkpoint_parts(self) -> Iterable[dict[int, Any]]:
+        yield self._gathered_state()  # LBFGS's vectors are gathered into torch's flat layout
 
     def _validated(self, state: dict[str, Any]) -> dict[str, Any]:
         """Checks a torch LBFGS state and casts it as torch would (floating tensors to dtype)."""

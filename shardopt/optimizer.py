@@ -619,8 +619,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             A handle with ``wait()`` and ``done()`` (already committed when blocking).
         """
         self._check_open()
-        if self._shards_lbfgs:
-            raise NotImplementedError("checkpoints of shardopt.LBFGS: use state_dict() for now")
         where = checkpoint.location(path)
         checkpoint.make_dirs(where)
         for name in (checkpoint.METADATA, checkpoint.CHECKSUMS):
@@ -634,7 +632,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             groups.append(packed)
         live = [s for s in range(self._num_shards) if self._shard_params[s]]
         token = uuid.uuid4().hex
-        if checkpoint.shards_reach(where):  # each shard writes its own file from its actor
+        if checkpoint.shards_reach(where) and not self._shards_lbfgs:
+            # each shard writes its own file, straight from its actor
             plans = ray_get(
                 [
                     self._call(s, "save_plan", token, where, groups if s == live[0] else None)
@@ -650,14 +649,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
             def poll() -> bool:
                 return all(ray_get([self._call(s, "save_done", token) for s in live]))
 
-        else:  # an in-process store (memory://): this process writes each shard's part
+        else:  # an in-process store (memory://), or LBFGS: this process writes the parts
             saves = []
-            for s in live:
-                state = self._receive_state(self._request_state(s))
+            for i, state in enumerate(self._checkpoint_parts()):
                 tree: dict[str, Any] = {"state": {str(pid): v for pid, v in state.items()}}
-                if s == live[0]:
+                if i == 0:
                     tree["param_groups"] = groups
-                saves.append(checkpoint.ShardSave(where, tree, is_coordinator=s == live[0]))
+                saves.append(checkpoint.ShardSave(where, tree, is_coordinator=i == 0))
             plans = [save.local_plan() for save in saves]
             global_plans, metadata, writer = checkpoint.coordinate(where, plans)
             for save, plan in zip(saves, global_plans):
@@ -677,6 +675,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
             handle.wait()
         return handle
 
+    def _checkpoint_parts(self) -> Iterable[dict[int, Any]]:
+        """The state, one shard's part at a time, for checkpoints this process writes."""
+        for s in range(self._num_shards):
+            if self._shard_params[s]:
+                yield self._receive_state(self._request_state(s))
+
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Loads a checkpoint written with any number of shards (resharding as it loads).
 
@@ -694,6 +698,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         expected = [str(i) for i in range(len(self._local))]
         if [str(p) for g in saved_groups for p in g["params"]] != expected:
             raise ValueError(f"{where} was not written by shardopt (unexpected parameter ids)")
+        for group in saved_groups:
+            group["params"] = [int(p) for p in group["params"]]
+        if self._shards_lbfgs:  # one flat state, validated and scattered by LBFGS itself
+            self._load_state(
+                checkpoint.read_params_state(where, list(range(len(self._local)))), saved_groups
+            )
+            self._adopt_saved_groups(saved_groups)
+            return
         options = tuple(group_options(g) for g in saved_groups)
         token = uuid.uuid4().hex
         live = [s for s in range(self._num_shards) if self._shard_params[s]]
@@ -713,8 +725,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise failure
         ray_get([self._call(s, "commit_load", token) for s in live])
         self._state_order = dict.fromkeys(sorted(pid for _, ids in answers for pid in ids))
-        for group in saved_groups:
-            group["params"] = [int(p) for p in group["params"]]
         self._adopt_saved_groups(saved_groups)
 
     # ----- the state view's backend ---------------------------------------------------------

@@ -206,3 +206,33 @@ def test_state_view_and_errors():
     after = opt.state_dict()
     assert_close_state(after, sd, 0.0)
     opt.close()
+
+
+def test_checkpoint_round_trip_and_plain_torch(tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    loss_fn, shapes = PROBLEMS["rosenbrock"]
+    kwargs = dict(line_search_fn="strong_wolfe", history_size=4, max_iter=6)
+    first = make_params(shapes)
+    opt = shardopt.LBFGS(first, num_shards=2, **kwargs)
+    for _ in range(2):
+        opt.step(closure_for(loss_fn, first, opt, []))
+    opt.save_checkpoint(tmp_path / "lbfgs")
+    dcp_to_torch_save(tmp_path / "lbfgs", tmp_path / "opt.pt")
+    runs = []
+    for kind in ("shardopt", "torch"):
+        params = [torch.nn.Parameter(p.detach().clone()) for p in first]
+        if kind == "shardopt":
+            other = shardopt.LBFGS(params, num_shards=3)
+            other.load_checkpoint(tmp_path / "lbfgs")
+        else:
+            other = torch.optim.LBFGS(params)
+            other.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+        runs.append((params, other))
+    for _ in range(2):
+        opt.step(closure_for(loss_fn, first, opt, []))
+        for params, other in runs:
+            other.step(closure_for(loss_fn, params, other, []))
+            assert_close_params(params, first, 1e-8)
+    opt.close()
+    runs[0][1].close()
