@@ -241,7 +241,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         groups = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
         blocks = self._place(params, groups)
         options = tuple(group_options(g) for g in self.param_groups)
-        self._hosts = host_pool.acquire(self._num_shards, self._actor_options)
+        self._hosts, infos = host_pool.acquire(self._num_shards, self._actor_options)
         owner = host_pool.new_owner_key()
         self._keys = [f"{owner}/{s}" for s in range(self._num_shards)]
         self._finalizer = weakref.finalize(self, drop_shards, self._hosts, self._keys)
@@ -250,7 +250,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             for s in range(self._num_shards)
         ]
         here = ray.get_runtime_context().get_node_id()
-        infos = ray_get([h.info.remote() for h in self._hosts])
         shared = [
             self._shared_memory is not False and info["node_id"] == here and info["device"] == "cpu"
             for info in infos

@@ -67,11 +67,43 @@ class HostPool:
         if cluster != self._cluster:
             self._cluster, self._hosts, self._load = cluster, {}, {}
 
-    def acquire(self, count: int, actor_options: dict[str, Any] | None = None) -> list[Any]:
-        """``count`` distinct hosts with the given options, least loaded first (new if needed)."""
+    def acquire(
+        self, count: int, actor_options: dict[str, Any] | None = None
+    ) -> tuple[list[Any], list[dict[str, Any]]]:
+        """``count`` distinct live hosts with the given options, least loaded first.
+
+        New hosts are started where the pool has too few; hosts found dead (killed, or lost
+        with their node) leave the pool and are replaced.
+
+        Returns:
+            The hosts and each one's ``info()`` (device, node, pid).
+
+        Raises:
+            ShardUnavailableError: hosts keep dying as they are started.
+        """
         ensure_ray()
         options = dict(actor_options or {})
         options_key = json.dumps(options, sort_keys=True, default=str)
+        for _ in range(3):
+            chosen = self._choose(count, options, options_key)
+            answers = [h.info.remote() for h in chosen]
+            infos, dead = [], []
+            for host, answer in zip(chosen, answers):
+                try:
+                    infos.append(ray.get(answer))
+                except ray.exceptions.RayActorError:
+                    dead.append(host)
+            if not dead:
+                return chosen, infos
+            logger.warning("replacing %d dead shard host(s)", len(dead))
+            self.release(chosen)
+            with self._lock:
+                self._hosts[options_key] = [
+                    h for h in self._hosts[options_key] if all(h is not d for d in dead)
+                ]
+        raise ShardUnavailableError("shard hosts died as they were started; see Ray's logs")
+
+    def _choose(self, count: int, options: dict[str, Any], options_key: str) -> list[Any]:
         with self._lock:
             self._reset_if_new_cluster()
             hosts = self._hosts.setdefault(options_key, [])

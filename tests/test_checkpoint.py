@@ -258,6 +258,12 @@ def test_a_shard_killed_mid_save_leaves_no_checkpoint_and_the_previous_one_loads
     assert all(int(s["step"]) == 1 for s in fresh.state_dict()["state"].values())
     fresh.close()
     opt.close()
+    # the pool replaces the dead host: the next optimizer with these options just works
+    again = shardopt.Adam(params, num_shards=2, actor_options={"num_cpus": 0})
+    opt_hosts = {h._actor_id for h in opt._hosts}
+    assert len(opt_hosts & {h._actor_id for h in again._hosts}) == 1
+    again.step()
+    again.close()
 
 
 def test_memory_url_round_trip_and_plain_torch(tmp_path):
