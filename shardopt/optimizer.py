@@ -501,19 +501,23 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._check_open()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        param_groups = []
-        start = 0
-        for group in self.param_groups:
-            packed = {k: v for k, v in group.items() if k != "params"}
-            packed["params"] = list(range(start, start + len(group["params"])))
-            start += len(group["params"])
-            param_groups.append(packed)
-        state_dict = {"state": self._gathered_state(), "param_groups": param_groups}
+        state_dict = {"state": self._gathered_state(), "param_groups": self._packed_groups()}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
                 state_dict = result
         return state_dict
+
+    def _packed_groups(self, id_type: type = int) -> list[dict[str, Any]]:
+        """``param_groups`` as torch's state_dict has them: parameters by id, in order."""
+        packed_groups = []
+        start = 0
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = [id_type(i) for i in range(start, start + len(group["params"]))]
+            start += len(group["params"])
+            packed_groups.append(packed)
+        return packed_groups
 
     def _gathered_state(self) -> dict[int, Any]:
         """Every parameter's state by id, in torch's order, from the shards one at a time."""
@@ -589,11 +593,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         token = uuid.uuid4().hex
         live = [s for s in range(self._num_shards) if self._shard_params[s]]
         errors = ray_get([self._call(s, "prepare_load", token, options, packed[s]) for s in live])
-        failure = next((e for e in errors if e is not None), None)
-        if failure is not None:
-            ray_get([self._call(s, "abort_load", token) for s in live])
-            raise failure
-        ray_get([self._call(s, "commit_load", token) for s in live])
+        self._apply_prepared(token, live, errors)
         self._state_order = dict.fromkeys(order)
 
     # ----- checkpoints ----------------------------------------------------------------------
@@ -618,67 +618,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             A handle with ``wait()`` and ``done()`` (already committed when blocking).
         """
         self._check_open()
-        where = checkpoint.location(path)
-        checkpoint.make_dirs(where)
-        for name in (checkpoint.METADATA, checkpoint.CHECKSUMS):
-            checkpoint.remove(where, name)
-        groups = []
-        start = 0
-        for group in self.param_groups:  # ids as strings: DCP keeps only string keys
-            packed = {k: v for k, v in group.items() if k != "params"}
-            packed["params"] = [str(i) for i in range(start, start + len(group["params"]))]
-            start += len(group["params"])
-            groups.append(packed)
-        live = [s for s in range(self._num_shards) if self._shard_params[s]]
-        token = uuid.uuid4().hex
-        if checkpoint.shards_reach(where) and not self._shards_lbfgs:
-            # each shard writes its own file, straight from its actor
-            plans = ray_get(
-                [
-                    self._call(s, "save_plan", token, where, groups if s == live[0] else None)
-                    for s in live
-                ]
-            )
-            global_plans, metadata, writer = checkpoint.coordinate(where, plans)
-            ray_get([self._call(s, "save_write", token, p) for s, p in zip(live, global_plans)])
-
-            def outcomes() -> list[Any]:
-                return ray_get([self._call(s, "save_wait", token) for s in live])
-
-            def poll() -> bool:
-                return all(ray_get([self._call(s, "save_done", token) for s in live]))
-
-        else:  # an in-process store (memory://), or LBFGS: this process writes the parts
-            saves = []
-            for i, state in enumerate(self._checkpoint_parts()):
-                tree: dict[str, Any] = {"state": {str(pid): v for pid, v in state.items()}}
-                if i == 0:
-                    tree["param_groups"] = groups
-                saves.append(checkpoint.ShardSave(where, tree, is_coordinator=i == 0))
-            plans = [save.local_plan() for save in saves]
-            global_plans, metadata, writer = checkpoint.coordinate(where, plans)
-            for save, plan in zip(saves, global_plans):
-                save.start_writing(plan)
-
-            def outcomes() -> list[Any]:
-                return [save.wait() for save in saves]
-
-            def poll() -> bool:
-                return all(save.done() for save in saves)
-
-        def finish() -> None:
-            checkpoint.commit(where, writer, metadata, outcomes())
-
-        handle = checkpoint.SaveHandle(poll, finish)
-        if blocking:
-            handle.wait()
-        return handle
-
-    def _checkpoint_parts(self) -> Iterable[dict[int, Any]]:
-        """The state, one shard's part at a time, for checkpoints this process writes."""
-        for s in range(self._num_shards):
-            if self._shard_params[s]:
-                yield self._receive_state(self._request_state(s))
+        return checkpoint.save(self, path, blocking)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Loads a checkpoint written with any number of shards (resharding as it loads).
@@ -691,40 +631,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
             ValueError: a corrupted data file, or a checkpoint of other parameter groups.
         """
         self._check_open()
-        where = checkpoint.location(path)
-        checkpoint.verify(where)
-        saved_groups = check_param_groups(self.param_groups, checkpoint.read_param_groups(where))
-        expected = [str(i) for i in range(len(self._local))]
-        if [str(p) for g in saved_groups for p in g["params"]] != expected:
-            raise ValueError(f"{where} was not written by shardopt (unexpected parameter ids)")
-        for group in saved_groups:
-            group["params"] = [int(p) for p in group["params"]]
-        if self._shards_lbfgs:  # one flat state, validated and scattered by LBFGS itself
-            self._load_state(
-                checkpoint.read_params_state(where, list(range(len(self._local)))), saved_groups
-            )
-            self._adopt_saved_groups(saved_groups)
-            return
-        options = tuple(group_options(g) for g in saved_groups)
-        token = uuid.uuid4().hex
-        live = [s for s in range(self._num_shards) if self._shard_params[s]]
-        if checkpoint.shards_reach(where):  # each shard reads its own parameters' state
-            answers = ray_get(
-                [self._call(s, "prepare_load_from_checkpoint", token, options, where) for s in live]
-            )
-        else:  # an in-process store: read here, one shard's part at a time
-            answers = []
-            for s in live:
-                state = checkpoint.read_params_state(where, self._shard_params[s])
-                error = ray_get(self._call(s, "prepare_load", token, options, pack_tree(state)))
-                answers.append((error, tuple(state)))
-        failure = next((error for error, _ in answers if error is not None), None)
+        checkpoint.load(self, path)
+
+    def _checkpoint_parts(self) -> Iterable[dict[int, Any]]:
+        """The state, one shard's part at a time, for checkpoints this process writes."""
+        for s in range(self._num_shards):
+            if self._shard_params[s]:
+                yield self._receive_state(self._request_state(s))
+
+    def _apply_prepared(self, token: str, live: list[int], errors: list[Any]) -> None:
+        """Phase two of an all-or-nothing load: commit on every shard, or abort on all."""
+        failure = next((e for e in errors if e is not None), None)
         if failure is not None:
             ray_get([self._call(s, "abort_load", token) for s in live])
             raise failure
         ray_get([self._call(s, "commit_load", token) for s in live])
-        self._state_order = dict.fromkeys(sorted(pid for _, ids in answers for pid in ids))
-        self._adopt_saved_groups(saved_groups)
 
     # ----- the state view's backend ---------------------------------------------------------
 

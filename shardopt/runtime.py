@@ -24,7 +24,6 @@ from typing import Any
 import ray
 
 from shardopt.errors import ShardUnavailableError
-from shardopt.shard import ShardHost
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +106,8 @@ class HostPool:
         with self._lock:
             self._reset_if_new_cluster()
             hosts = self._hosts.setdefault(options_key, [])
+            from shardopt.shard import ShardHost  # here: shard -> checkpoint -> runtime
+
             remote_host = ray.remote(ShardHost)
             while len(hosts) < count:
                 hosts.append(remote_host.options(namespace=NAMESPACE, **options).remote())
