@@ -96,7 +96,8 @@ class Shard:
         self._group_of: list[int] = []
         self._params: list[torch.Tensor] = []
         self._grads: list[torch.Tensor] = []
-        self._local_of: dict[int, int] = {}
+        self._local_of: dict[int, int] = {}  # global id -> local index
+        self._id_of: dict[int, int] = {}  # id(parameter tensor) -> global id
         self._layout = FlatLayout.for_specs([])
         self._flat = self._layout.empty(self.device)
         self._grad_flat = self._layout.empty(self.device)
@@ -179,6 +180,7 @@ class Shard:
             self._param_ids.append(pid)
             self._group_of.append(group)
             self._local_of[pid] = i
+            self._id_of[id(p)] = pid
             new_params.append(p)
         self._layout, self._flat, self._grad_flat = layout, flat, grad_flat
         return new_params
@@ -214,8 +216,7 @@ class Shard:
         keys = list(self.optimizer.state.keys())
         new = keys[self._known_state :]
         self._known_state = len(keys)
-        index = {id(p): pid for p, pid in zip(self._params, self._param_ids)}
-        return tuple(sorted(index[id(k)] for k in new if id(k) in index))
+        return tuple(sorted(self._id_of[id(k)] for k in new if id(k) in self._id_of))
 
     def initial_state_ids(self) -> tuple[int, ...]:
         """Parameters given state by the optimizer's constructor (Adagrad does this)."""
@@ -268,25 +269,23 @@ class Shard:
 
     # ----- state ------------------------------------------------------------------------------
 
-    def _state_by_id(self) -> dict[int, Any]:
-        index = {id(p): pid for p, pid in zip(self._params, self._param_ids)}
-        return {index[id(p)]: value for p, value in self.optimizer.state.items()}
+    def _state_by_id(self, param_ids: tuple[int, ...] | None = None) -> dict[int, Any]:
+        """This shard's optimizer state by global id (all of it, or only ``param_ids``)."""
+        state = {self._id_of[id(p)]: value for p, value in self.optimizer.state.items()}
+        if param_ids is not None:
+            state = {pid: state[pid] for pid in param_ids if pid in state}
+        return state
 
     def state(self, param_ids: tuple[int, ...] | None = None) -> PackedTree:
         """This shard's optimizer state by global id (all of it, or only ``param_ids``)."""
-        state = self._state_by_id()
-        if param_ids is not None:
-            state = {pid: state[pid] for pid in param_ids if pid in state}
-        return pack_tree(state)
+        return pack_tree(self._state_by_id(param_ids))
 
     def state_in_shared_memory(self, param_ids: tuple[int, ...] | None = None) -> SharedTree:
         """Like :meth:`state`, but written to a shared-memory file the proxy maps (one copy).
 
         Falls back to a :class:`PackedTree` through Ray when shared memory is unavailable.
         """
-        state = self._state_by_id()
-        if param_ids is not None:
-            state = {pid: state[pid] for pid in param_ids if pid in state}
+        state = self._state_by_id(param_ids)
         if not self._shared:
             return pack_tree(state)
         paths: list[str] = []
@@ -364,7 +363,6 @@ class Shard:
             opt.__dict__.update(state=old[0], param_groups=old[1])
 
     def _check_shapes(self, current: Any, loaded: Any) -> None:
-        index = {id(p): pid for p, pid in zip(self._params, self._param_ids)}
         for p, new_state in loaded.items():
             old_state = current.get(p)
             if not old_state:
@@ -378,7 +376,7 @@ class Shard:
                 ):
                     raise ValueError(
                         f"loaded state dict has {key!r} of shape {tuple(value.shape)} for "
-                        f"parameter id {index.get(id(p))}, expected {tuple(old_value.shape)}"
+                        f"parameter id {self._id_of.get(id(p))}, expected {tuple(old_value.shape)}"
                     )
 
     # ----- checkpoints (see shardopt.checkpoint) -------------------------------------------
