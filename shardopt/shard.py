@@ -129,15 +129,23 @@ class Shard:
     def _params_in_group(self, group: int) -> list[torch.Tensor]:
         return [p for p, g in zip(self._params, self._group_of) if g == group]
 
-    def _allocate(self, nbytes: int) -> tuple[torch.Tensor, str | None]:
-        """A uint8 buffer on this shard's device; in shared memory when the proxy is local."""
+    def _allocate(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor, tuple[str, str] | None]:
+        """The parameter and gradient buffers: both in shared memory when the proxy is local,
+        else (or when ``/dev/shm`` has no room for both) both in this process."""
         if self._shared:
+            created: list[tuple[torch.Tensor, str]] = []
             try:
-                return shm.create(nbytes)
+                created = [shm.create(nbytes)]
+                created.append(shm.create(nbytes))
+                (flat, flat_path), (grad, grad_path) = created
+                return flat, grad, (flat_path, grad_path)
             except OSError as err:  # /dev/shm is full: fall back to Ray's object store
+                for _, path in created:
+                    shm.remove(path)
                 logger.warning("shard %d: no room in %s (%s)", self.shard_index, shm.SHM_DIR, err)
                 self._shared = False
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device), None
+        empty = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        return empty[0], empty[1], None
 
     def shared_buffers(self) -> SharedBuffers | None:
         """Where the proxy can map this shard's buffers (None unless in shared memory)."""
@@ -161,11 +169,10 @@ class Shard:
         old_count = len(self._params)
         specs = list(zip(block.layout.shapes, block.layout.dtypes))
         layout = self._layout.extended(specs)
-        flat, flat_path = self._allocate(layout.nbytes)
-        grad_flat, grad_path = self._allocate(layout.nbytes)
+        flat, grad_flat, paths = self._allocate(layout.nbytes)
         flat[: self._layout.nbytes].copy_(self._flat)
         self._unlink_shared()
-        self._shm_paths = (flat_path, grad_path) if flat_path else None
+        self._shm_paths = paths
         for i, (p, g) in enumerate(zip(self._params, self._grads)):
             layout.rebind(p, flat, i)
             layout.rebind(g, grad_flat, i)

@@ -700,3 +700,25 @@ def test_shared_memory_files_move_on_add_param_group_and_go_on_close():
     assert os.path.exists(moved.param_path) and moved.nbytes == shard._layout.nbytes
     shard.close()
     assert not os.path.exists(moved.param_path) and not os.path.exists(moved.grad_path)
+
+
+def test_shared_memory_falls_back_whole_when_dev_shm_fills(monkeypatch):
+    """No half-shared shard: if the second buffer finds no room, neither stays in /dev/shm."""
+    from shardopt import shm as shm_module
+
+    real_create, calls = shm_module.create, []
+
+    def create(nbytes):
+        calls.append(nbytes)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_create(nbytes)
+
+    monkeypatch.setattr(shm_module, "create", create)
+    block = make_block([torch.randn(4)], [0], [0])
+    shard = Shard(0, ShardSpec(torch.optim.SGD, {"lr": 0.1}, ({"lr": 0.1},), block), "cpu", True)
+    assert shard.shared_buffers() is None
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"shardopt-{os.getpid()}-")]
+    grads = to_numpy(block.layout.pack([torch.ones(4)]))
+    result = shard.step(StepRequest(0, ({"lr": 0.1},), grads, (True,), {}))
+    assert result.params is not None  # the object-store path
