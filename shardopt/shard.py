@@ -45,8 +45,8 @@ FUSED_BY_DEFAULT: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, t
 """Classes whose shards run torch's fused kernel when the user chose neither fused nor foreach.
 
 torch's fused Adam/AdamW is several times faster than foreach on CPU and GPU and agrees with it
-to rounding (torch's own tests compare them with default tolerances). Passing ``foreach=True``
-or ``fused=False`` keeps the shards on exactly torch's default code path.
+to rounding (torch's own tests compare them with default tolerances). With ``fused=False``
+(torch's default path) or ``foreach=True`` the shards run exactly what torch runs with it.
 """
 
 
