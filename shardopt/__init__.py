@@ -22,7 +22,14 @@ from shardopt.algorithms import (
     Rprop,
     SparseAdam,
 )
-from shardopt.errors import OptimizerClosedError, ShardoptError, ShardUnavailableError
+from shardopt.errors import (
+    GroupTimeoutError,
+    OptimizerClosedError,
+    PlacementError,
+    ShardoptError,
+    ShardUnavailableError,
+)
+from shardopt.group import close_group, list_groups
 from shardopt.optimizer import ShardedOptimizer
 from shardopt.plan import ShardPlan
 
@@ -39,9 +46,11 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "GroupTimeoutError",
     "Muon",
     "NAdam",
     "OptimizerClosedError",
+    "PlacementError",
     "RAdam",
     "RMSprop",
     "Rprop",
@@ -51,4 +60,6 @@ __all__ = [
     "ShardoptError",
     "SparseAdam",
     "__version__",
+    "close_group",
+    "list_groups",
 ]

@@ -27,45 +27,26 @@ from shardopt.lbfgs import LBFGS
 from shardopt.optimizer import ShardedOptimizer
 
 _SHARDING_OPTIONS = [
-    inspect.Parameter("num_shards", inspect.Parameter.KEYWORD_ONLY, default=None),
-    inspect.Parameter("actor_options", inspect.Parameter.KEYWORD_ONLY, default=None),
-    inspect.Parameter("shared_memory", inspect.Parameter.KEYWORD_ONLY, default=None),
-    inspect.Parameter("overlap", inspect.Parameter.KEYWORD_ONLY, default=False),
-    inspect.Parameter("share_params", inspect.Parameter.KEYWORD_ONLY, default=False),
+    p
+    for p in inspect.signature(ShardedOptimizer.__init__).parameters.values()
+    if p.kind == p.KEYWORD_ONLY
 ]
+"""ShardedOptimizer's keyword-only options (sharding, groups, placement), on every class."""
+_SHARDING_NAMES = frozenset(p.name for p in _SHARDING_OPTIONS)
 
 
 def _sharded(torch_class: type[torch.optim.Optimizer]) -> type[ShardedOptimizer]:
     """A ShardedOptimizer subclass with ``torch_class``'s constructor signature."""
     signature = inspect.signature(torch_class.__init__)
 
-    def __init__(
-        self: ShardedOptimizer,
-        params: Any,
-        *args: Any,
-        num_shards: int | None = None,
-        actor_options: dict[str, Any] | None = None,
-        shared_memory: bool | None = None,
-        overlap: bool = False,
-        share_params: bool = False,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self: ShardedOptimizer, params: Any, *args: Any, **kwargs: Any) -> None:
+        sharding = {k: kwargs.pop(k) for k in list(kwargs) if k in _SHARDING_NAMES}
         try:
             bound = signature.bind(self, params, *args, **kwargs)
         except TypeError as err:
             raise TypeError(f"{torch_class.__name__}.__init__(): {err}") from None
         hyperparameters = {k: v for k, v in bound.arguments.items() if k not in ("self", "params")}
-        ShardedOptimizer.__init__(
-            self,
-            params,
-            torch_class,
-            num_shards=num_shards,
-            actor_options=actor_options,
-            shared_memory=shared_memory,
-            overlap=overlap,
-            share_params=share_params,
-            **hyperparameters,
-        )
+        ShardedOptimizer.__init__(self, params, torch_class, **sharding, **hyperparameters)
 
     parameters = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
     __init__.__signature__ = signature.replace(parameters=parameters + _SHARDING_OPTIONS)
@@ -74,7 +55,7 @@ def _sharded(torch_class: type[torch.optim.Optimizer]) -> type[ShardedOptimizer]
     doc = (
         f"``torch.optim.{name}`` with its state and master parameters sharded on Ray actors.\n\n"
         f"Same arguments and defaults as ``torch.optim.{name}``, plus the keyword-only "
-        "``num_shards`` and ``actor_options`` of :class:`~shardopt.ShardedOptimizer`."
+        "options of :class:`~shardopt.ShardedOptimizer` (``num_shards``, ``group``, ...)."
     )
     return type(
         name,

@@ -18,3 +18,11 @@ class ShardUnavailableError(ShardoptError):
 
 class OptimizerClosedError(ShardoptError):
     """The optimizer was closed; its shards are released."""
+
+
+class GroupTimeoutError(ShardoptError, TimeoutError):
+    """A synchronous group step waited longer than its timeout for the other workers."""
+
+
+class PlacementError(ShardoptError):
+    """The cluster cannot place the shards as asked; the message says what to change."""

@@ -12,6 +12,7 @@ Talks to: shard hosts through Ray (:mod:`shardopt.runtime`), with the records of
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import uuid
@@ -34,6 +35,7 @@ from shardopt.buffers import (
     unpack_tree,
 )
 from shardopt.errors import OptimizerClosedError
+from shardopt.group_client import GroupClient, make_config
 from shardopt.groups import check_param_groups, copy_param_groups, group_options
 from shardopt.plan import ShardPlan
 from shardopt.records import (
@@ -96,11 +98,30 @@ class ShardedOptimizer(torch.optim.Optimizer):
         share_params: with shared memory, re-point the user's CPU parameters into the shards'
             buffers, so a step copies no parameters back. The tensors stay the same objects
             but their storage moves: views taken of them earlier no longer follow them.
+        group: attach this worker to the named shard group (created by the first worker to
+            arrive): many workers, one sharded optimizer. See ``docs`` in the README and
+            :mod:`shardopt.group`. The options below apply to groups only.
+        world_size: how many workers the group has.
+        rank: this worker's rank in ``[0, world_size)``.
+        mode: ``"sync"`` (each step averages all workers' gradients, as DDP does, and every
+            worker gets the same parameters) or ``"async"`` (each worker's gradients are
+            applied as they arrive).
+        max_staleness: async only: gradients computed on parameters more than this many
+            versions old are not applied; the worker gets fresh parameters (and, with a
+            closure, computes again).
+        timeout: how long a sync step waits for the other workers before failing with
+            :class:`~shardopt.errors.GroupTimeoutError` (a ``timedelta`` or seconds).
+        placement: a Ray placement strategy for the group's shards: ``"STRICT_SPREAD"``
+            (one per node), ``"SPREAD"``, ``"PACK"``, ``"STRICT_PACK"``.
+        shard_resources: what each shard reserves under ``placement`` (default one CPU;
+            ``{"GPU": 1}`` puts one shard per GPU).
         **defaults: ``optimizer_class``'s hyperparameters.
 
     Raises:
         TypeError: ``optimizer_class`` is not a torch optimizer class.
-        ValueError: ``num_shards < 1``, or a hyperparameter ``optimizer_class`` rejects.
+        ValueError: ``num_shards < 1``, or a hyperparameter ``optimizer_class`` rejects, or
+            (groups) bad group options or a worker that differs from its group.
+        PlacementError: the cluster cannot place the group's shards as asked.
 
     Example:
         >>> import torch, shardopt
@@ -124,6 +145,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
         shared_memory: bool | None = None,
         overlap: bool = False,
         share_params: bool = False,
+        group: str | None = None,
+        world_size: int | None = None,
+        rank: int | None = None,
+        mode: str = "sync",
+        max_staleness: int | None = None,
+        timeout: datetime.timedelta | float = datetime.timedelta(minutes=5),
+        placement: str | None = None,
+        shard_resources: dict[str, float] | None = None,
         **defaults: Any,
     ) -> None:
         if not (
@@ -138,6 +167,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             )
         if num_shards is not None and (not isinstance(num_shards, int) or num_shards < 1):
             raise ValueError(f"Invalid num_shards: {num_shards} (must be an int >= 1)")
+        if group is None and (world_size, rank, max_staleness, placement) != (None,) * 4:
+            raise ValueError("world_size, rank, max_staleness and placement need group=...")
+        if group is not None and self._shards_lbfgs:
+            raise ValueError("shardopt.LBFGS runs one closure over all shards: it has no groups")
         if isinstance(params, torch.Tensor):
             raise TypeError(
                 "params argument given to the optimizer should be "
@@ -168,6 +201,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
             )
         ensure_ray()
         self._num_shards = num_shards or default_num_shards()
+        self._group: GroupClient | None = None
+        if group is not None:
+            config = make_config(
+                world_size=world_size,
+                rank=rank,
+                mode=mode,
+                max_staleness=max_staleness,
+                timeout=timeout,
+                num_shards=self._num_shards,
+                placement=placement,
+                shard_resources=shard_resources,
+                actor_options=self._actor_options,
+            )
+            self._group = GroupClient(group, rank, config)
         self._plan = ShardPlan.empty(self._num_shards)
         self._layouts = [FlatLayout.for_specs([]) for _ in range(self._num_shards)]
         self._shard_params: list[list[int]] = [[] for _ in range(self._num_shards)]
@@ -241,14 +288,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
         groups = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
         blocks = self._place(params, groups)
         options = tuple(group_options(g) for g in self.param_groups)
-        self._hosts, infos = host_pool.acquire(self._num_shards, self._actor_options)
-        owner = host_pool.new_owner_key()
-        self._keys = [f"{owner}/{s}" for s in range(self._num_shards)]
-        self._finalizer = weakref.finalize(self, drop_shards, self._hosts, self._keys)
         specs = [
             ShardSpec(self.optimizer_class, self._shard_defaults, options, blocks[s])
             for s in range(self._num_shards)
         ]
+        self._shm: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self._num_shards
+        if self._group is not None:
+            self._group.join(self, specs)
+            self._shards_ready = True
+            return
+        self._hosts, infos = host_pool.acquire(self._num_shards, self._actor_options)
+        owner = host_pool.new_owner_key()
+        self._keys = [f"{owner}/{s}" for s in range(self._num_shards)]
+        self._finalizer = weakref.finalize(self, drop_shards, self._hosts, self._keys)
         here = ray.get_runtime_context().get_node_id()
         shared = [
             self._shared_memory is not False and info["node_id"] == here and info["device"] == "cpu"
@@ -261,7 +313,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 for s, (h, k) in enumerate(zip(self._hosts, self._keys))
             ]
         )
-        self._shm: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self._num_shards
         for s, (_, buffers) in enumerate(created):
             self._map_shared(s, buffers)
         self._note_state(chain.from_iterable(ids for ids, _ in created))
@@ -352,6 +403,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
             )
         if not shards_ready:
             return
+        if self._group is not None:
+            self.param_groups.pop()
+            raise ValueError(
+                f"the param groups of shard group {self._group.name!r} were fixed when it was "
+                "created; create the optimizer with all of them"
+            )
         g = len(self.param_groups) - 1
         blocks = self._place(list(group["params"]), [g] * len(group["params"]))
         options = group_options(group)
@@ -369,6 +426,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             The closure's return value, or None, as ``torch.optim`` does.
         """
         self._check_open()
+        if self._group is not None:
+            return self._group.step(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -477,6 +536,35 @@ class ShardedOptimizer(torch.optim.Optimizer):
             pid = self._shard_params[shard][j]
             self._record_version(pid, params[pid])
         return update
+
+    def pull_params(self) -> None:
+        """Copies the shards' current parameters into this process's tensors.
+
+        A step does this by itself; in a shard group, other workers' steps move the
+        parameters in between (async mode), and a worker may want them before its next step.
+        """
+        self._check_open()
+        if self._group is not None:
+            self._group.pull(self)
+            return
+        params = self._flat_params()
+        remote = [s for s in range(self._num_shards) if self._shard_params[s] and not self._shm[s]]
+        values = dict(zip(remote, ray_get([self._call(s, "param_values") for s in remote])))
+        for s in range(self._num_shards):
+            shm = self._shm[s]
+            if not self._shard_params[s] or (shm is None and s not in values):
+                continue
+            flat = shm[0] if shm is not None else readonly_tensor(values[s])
+            for j, pid in enumerate(self._shard_params[s]):
+                source = self._layouts[s].view(flat, j)
+                if params[pid].data_ptr() != source.data_ptr():
+                    params[pid].detach().copy_(source)
+                self._record_version(pid, params[pid])
+
+    @property
+    def group(self) -> GroupClient | None:
+        """This worker's shard group membership (versions, ``last_push``), or None."""
+        return self._group
 
     def push_params(self) -> None:
         """Sends the current values of all parameters to the shards.

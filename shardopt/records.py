@@ -122,3 +122,87 @@ class ShardStatus:
     param_bytes: int
     state_ids: tuple[int, ...]
     last_step_id: int
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    """One worker's gradients for one shard of a group, computed on the shard's parameters at
+    ``read_version`` (laid out as the shard's parameters, like :class:`StepRequest`)."""
+
+    rank: int
+    read_version: int
+    group_options: tuple[dict[str, Any], ...]
+    grads: np.ndarray
+    has_grad: tuple[bool, ...]
+    sparse_grads: dict[int, SparseGrad]
+
+
+@dataclass(frozen=True)
+class ParamsAt:
+    """A group shard's parameters (a Ray object ref to one flat buffer) at one version."""
+
+    version: int
+    params: Any
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """A group shard's answer to a push.
+
+    ``applied_version`` is the version the gradients were applied to (the shard then moved to
+    ``applied_version + 1``), or None when they were not applied because they were computed on
+    parameters more than ``max_staleness`` versions old. ``current`` holds the shard's
+    parameters after the push, which the worker adopts.
+    """
+
+    shard_index: int
+    rank: int
+    read_version: int
+    applied_version: int | None
+    current: ParamsAt
+    new_state_ids: tuple[int, ...]
+
+    @property
+    def staleness(self) -> int | None:
+        """Versions between the parameters the gradients were computed on and the update."""
+        if self.applied_version is None:
+            return None
+        return self.applied_version - self.read_version
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """How a shard group runs: its workers, its mode, its shards and where they are placed."""
+
+    world_size: int
+    mode: str
+    max_staleness: int | None
+    timeout_s: float
+    num_shards: int
+    placement: str | None
+    shard_resources: tuple[tuple[str, float], ...]
+    actor_options: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class GroupSignature:
+    """What every worker of a group must present identically to attach to it."""
+
+    optimizer_class: str
+    defaults: tuple[tuple[str, Any], ...]
+    group_options: tuple[tuple[tuple[str, Any], ...], ...]
+    group_sizes: tuple[int, ...]
+    params: tuple[tuple[str, tuple[int, ...], str], ...]
+    config: GroupConfig
+
+
+@dataclass(frozen=True)
+class GroupMembership:
+    """What a worker gets when it attaches: the group's shard hosts and whether it created it."""
+
+    name: str
+    rank: int
+    created: bool
+    hosts: tuple[Any, ...]
+    keys: tuple[str, ...]
+    node_ids: tuple[str, ...]

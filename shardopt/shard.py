@@ -216,6 +216,15 @@ class Shard:
         """The flat buffer of this shard's parameters as numpy (a snapshot once sent)."""
         return to_numpy(self._flat)
 
+    @property
+    def layout(self) -> FlatLayout:
+        """Where each of this shard's parameters (and gradients) lies in its flat buffers."""
+        return self._layout
+
+    def grad_buffer(self) -> torch.Tensor:
+        """The flat gradient buffer a step with ``grads=None`` reads (a group fills it)."""
+        return self._grad_flat
+
     # ----- stepping ---------------------------------------------------------------------------
 
     def _note_new_state(self) -> tuple[int, ...]:

@@ -2,7 +2,7 @@
 
 Starting Ray takes seconds and each shard host actor a few more, so every test shares one Ray
 (and shardopt's pool of shard hosts). Tests that need a multi-node ``ray.cluster_utils.Cluster``
-start their own in a separate process or after this one is shut down.
+(marked ``cluster``) run last, after this one is shut down.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ import ray
 import torch
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items):
+    """Multi-node tests replace the session's Ray with a Cluster: they run after all others."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,299 @@
+"""Shard groups: many workers attached to one sharded optimizer, found by name.
+
+The :class:`GroupRegistry` is one named, detached Ray actor per cluster (``shardopt-groups`` in
+the ``shardopt`` namespace). The first worker to attach to a group name creates the group: the
+registry starts its shard hosts (:class:`~shardopt.group_shard.GroupShardHost`, detached and
+named ``group/<name>/shard/<i>``), placed as the group asks (:mod:`shardopt.placement`), from
+that worker's parameters. Later workers attach if they present the same
+:class:`~shardopt.records.GroupSignature` (parameter names, shapes and dtypes, optimizer class,
+hyperparameters, world size, mode...), and get a ``ValueError`` naming the first difference
+otherwise.
+
+Lifetime: the worker that created a group owns it. A worker's ``close()`` detaches it; the group
+is torn down (shard hosts killed, placement group removed) once its owner has closed and no
+worker is attached any more, or when the owner's Ray job has ended (a watchdog thread checks the
+members' jobs). :func:`close_group` tears a group down at once, from anywhere.
+
+Talks to: Ray (named actors, the job table); the proxies of :mod:`shardopt.group_client`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import ray
+
+from shardopt import placement
+from shardopt.errors import OptimizerClosedError
+from shardopt.records import GroupConfig, GroupMembership, GroupSignature
+from shardopt.runtime import NAMESPACE, ensure_ray
+
+logger = logging.getLogger(__name__)
+
+REGISTRY_NAME = "shardopt-groups"
+WATCH_INTERVAL_S = 1.0
+
+
+@dataclass
+class _Group:
+    signature: GroupSignature
+    owner_rank: int
+    owner_job: str
+    hosts: list[Any]
+    keys: list[str]
+    node_ids: list[str]
+    pg: Any
+    members: dict[int, str] = field(default_factory=dict)  # rank -> job id
+    owner_closed: bool = False
+
+
+def _option_mismatch(where: str, ours: tuple, theirs: tuple, name: str) -> str | None:
+    mine, group = dict(ours), dict(theirs)
+    for key in sorted(set(mine) | set(group)):
+        if mine.get(key, "<unset>") != group.get(key, "<unset>"):
+            return (
+                f"{where} {key!r} is {mine.get(key, '<unset>')!r} here, "
+                f"{group.get(key, '<unset>')!r} in group {name!r}"
+            )
+    return None
+
+
+def signature_mismatch(name: str, group: GroupSignature, mine: GroupSignature) -> str | None:
+    """The first difference between a worker's signature and its group's, in words."""
+    if mine.optimizer_class != group.optimizer_class:
+        return (
+            f"optimizer class is {mine.optimizer_class} here, {group.optimizer_class} in "
+            f"group {name!r}"
+        )
+    if mine.group_sizes != group.group_sizes:
+        return (
+            f"param group sizes are {list(mine.group_sizes)} here, {list(group.group_sizes)} "
+            f"in group {name!r}"
+        )
+    if len(group.params) != len(mine.params):
+        return (
+            f"this worker has {len(mine.params)} parameters, group {name!r} has {len(group.params)}"
+        )
+    for i, (theirs, ours) in enumerate(zip(group.params, mine.params)):
+        if theirs != ours:
+            what = ("name", "shape", "dtype")
+            k = next(k for k in range(3) if theirs[k] != ours[k])
+            return (
+                f"parameter {i} ({ours[0]!r}) has {what[k]} {ours[k]!r} here, "
+                f"{theirs[k]!r} in group {name!r}"
+            )
+    problem = _option_mismatch("hyperparameter", mine.defaults, group.defaults, name)
+    for g, (ours, theirs) in enumerate(zip(mine.group_options, group.group_options)):
+        problem = problem or _option_mismatch(f"param group {g} option", ours, theirs, name)
+    if problem:
+        return problem
+    for f in fields(GroupConfig):
+        ours, theirs = getattr(mine.config, f.name), getattr(group.config, f.name)
+        if ours != theirs:
+            return f"{f.name} is {ours!r} here, {theirs!r} in group {name!r}"
+    return None
+
+
+class GroupRegistry:
+    """The cluster's shard groups by name: creation, attachment, lifetime. A plain class, made
+    a named detached actor by :func:`registry`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._groups: dict[str, _Group] = {}
+        self._stop = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, daemon=True)
+        self._watchdog.start()
+
+    def join(
+        self,
+        name: str,
+        signature: GroupSignature,
+        rank: int,
+        job_id: str,
+        spec_refs: list[Any],
+    ) -> GroupMembership:
+        """Attaches ``rank`` to group ``name``, creating the group if it does not exist.
+
+        Args:
+            spec_refs: object refs to the worker's shard specs (its initial parameters), one
+                per shard; only the shard hosts of a group being created read them.
+
+        Raises:
+            ValueError: the signature differs from the group's, or the rank is taken.
+            PlacementError: the cluster cannot place the group's shards.
+        """
+        with self._lock:
+            group = self._groups.get(name)
+            created = group is None
+            if group is None:
+                group = self._create(name, signature, rank, job_id, spec_refs)
+                self._groups[name] = group
+            else:
+                problem = signature_mismatch(name, group.signature, signature)
+                if problem is not None:
+                    raise ValueError(f"cannot attach rank {rank} to group {name!r}: {problem}")
+                if group.owner_closed:
+                    raise OptimizerClosedError(
+                        f"group {name!r} was closed by its owner (rank {group.owner_rank})"
+                    )
+                if rank in group.members:
+                    raise ValueError(
+                        f"rank {rank} is already attached to group {name!r} (attached ranks: "
+                        f"{sorted(group.members)}); each worker needs its own rank"
+                    )
+            group.members[rank] = job_id
+            logger.info("rank %d attached to group %r", rank, name)
+            return GroupMembership(
+                name, rank, created, tuple(group.hosts), tuple(group.keys), tuple(group.node_ids)
+            )
+
+    def _create(
+        self, name: str, signature: GroupSignature, rank: int, job_id: str, spec_refs: list[Any]
+    ) -> _Group:
+        from shardopt.group_shard import GroupShardHost  # torch only where shards are made
+
+        config = signature.config
+        options = dict(config.actor_options)
+        pg, per_shard = None, [dict(options) for _ in range(config.num_shards)]
+        if config.placement is not None:
+            bundle = dict(config.shard_resources)
+            pg, placed = placement.reserve(
+                config.num_shards, config.placement, bundle, f"shardopt/{name}", config.timeout_s
+            )
+            per_shard = [{**options, **p} for p in placed]
+        remote_host = ray.remote(GroupShardHost)
+        hosts = [
+            remote_host.options(
+                name=f"group/{name}/shard/{s}",
+                namespace=NAMESPACE,
+                lifetime="detached",
+                max_concurrency=config.world_size + 8,
+                **per_shard[s],
+            ).remote(name, config)
+            for s in range(config.num_shards)
+        ]
+        try:
+            infos = ray.get([h.info.remote() for h in hosts])
+            node_ids = [info["node_id"] for info in infos]
+            threads = _threads_per_shard(node_ids, config)
+            keys = [f"{name}/{s}" for s in range(config.num_shards)]
+            ray.get(
+                [h.create.remote(keys[s], s, spec_refs[s], threads[s]) for s, h in enumerate(hosts)]
+            )
+        except Exception:
+            _kill(hosts)
+            placement.release(pg)
+            raise
+        logger.info("group %r created by rank %d on nodes %s", name, rank, node_ids)
+        return _Group(signature, rank, job_id, hosts, keys, node_ids, pg)
+
+    def leave(self, name: str, rank: int) -> None:
+        """Detaches ``rank``; the owner's leaving closes the group once nobody is attached."""
+        with self._lock:
+            group = self._groups.get(name)
+            if group is None:
+                return
+            group.members.pop(rank, None)
+            if rank == group.owner_rank:
+                group.owner_closed = True
+            self._collect(name)
+
+    def close_group(self, name: str) -> bool:
+        """Tears a group down now, attached workers or not. Returns whether it existed."""
+        with self._lock:
+            group = self._groups.pop(name, None)
+        if group is None:
+            return False
+        _kill(group.hosts)
+        placement.release(group.pg)
+        logger.info("group %r closed", name)
+        return True
+
+    def groups(self) -> dict[str, dict[str, Any]]:
+        """Every live group: its attached ranks, owner, and whether the owner has closed it."""
+        with self._lock:
+            return {
+                name: {
+                    "members": sorted(g.members),
+                    "owner_rank": g.owner_rank,
+                    "owner_closed": g.owner_closed,
+                    "node_ids": list(g.node_ids),
+                    "world_size": g.signature.config.world_size,
+                    "mode": g.signature.config.mode,
+                }
+                for name, g in self._groups.items()
+            }
+
+    def _collect(self, name: str) -> None:
+        group = self._groups[name]
+        if group.owner_closed and not group.members:
+            self.close_group(name)
+
+    def _watch(self) -> None:
+        """Detaches the members of ended jobs; an ended owner job counts as the owner closing."""
+        while not self._stop.wait(WATCH_INTERVAL_S):
+            try:
+                dead = {j["JobID"] for j in ray._private.state.jobs() if j.get("IsDead")}
+            except Exception as err:  # GCS briefly unreachable: try again
+                logger.debug("job table unavailable: %s", err)
+                continue
+            with self._lock:
+                for name in list(self._groups):
+                    group = self._groups[name]
+                    gone = [r for r, job in group.members.items() if job in dead]
+                    for r in gone:
+                        logger.warning("group %r: rank %d's job ended; detaching it", name, r)
+                        del group.members[r]
+                    if group.owner_job in dead:
+                        group.owner_closed = True
+                    self._collect(name)
+
+
+def _threads_per_shard(node_ids: list[str], config: GroupConfig) -> list[int | None]:
+    """Each node's CPUs split among the group's shards there, unless the shards reserve CPUs."""
+    if config.placement is not None or "num_cpus" in dict(config.actor_options):
+        return [None] * len(node_ids)
+    cpus = {n["NodeID"]: int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes()}
+    return [max(1, cpus.get(node, 1) // node_ids.count(node)) for node in node_ids]
+
+
+def _kill(hosts: list[Any]) -> None:
+    for host in hosts:
+        try:
+            ray.kill(host)
+        except Exception:  # already gone
+            pass
+
+
+def registry() -> Any:
+    """The cluster's group registry actor (created by the first process that asks)."""
+    ensure_ray()
+    return (
+        ray.remote(GroupRegistry)
+        .options(
+            name=REGISTRY_NAME,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+        )
+        .remote()
+    )
+
+
+def close_group(name: str) -> bool:
+    """Tears down shard group ``name`` (its shards and their state are gone).
+
+    Returns:
+        Whether the group existed.
+    """
+    return ray.get(registry().close_group.remote(name))
+
+
+def list_groups() -> dict[str, dict[str, Any]]:
+    """The cluster's live shard groups, by name."""
+    return ray.get(registry().groups.remote())

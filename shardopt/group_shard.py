@@ -1,0 +1,241 @@
+"""One shard of a shard group: many workers' gradients, one optimizer, versioned parameters.
+
+A :class:`GroupShardHost` is the Ray actor (threaded, detached, named) that holds one
+:class:`~shardopt.shard.Shard` of a group created by :mod:`shardopt.group`. Workers push their
+gradients for the shard's parameters, tagged with the version of the parameters they computed
+them on, and get back the parameters after the push:
+
+- ``sync``: the shard waits until every rank has pushed for the current version, averages the
+  gradients in rank order (a parameter's gradient is the sum over the ranks that have one,
+  divided by the world size, as DistributedDataParallel does), runs one optimizer step and
+  moves to the next version; every rank gets the same new parameters. A rank that does not
+  arrive within the group's timeout makes the others fail with :class:`GroupTimeoutError`
+  naming it (their pushes are withdrawn: the shard is unchanged).
+- ``async``: each push is applied as it arrives (Downpour), one version per push. With
+  ``max_staleness=s``, gradients computed on parameters more than ``s`` versions old are not
+  applied: the worker gets the current parameters instead and computes again.
+
+Every other shard method (state, loads, checkpoints) runs through :meth:`GroupShardHost.call`
+under the same lock, so the proxy's code for those is the one of :mod:`shardopt.optimizer`.
+
+Talks to: workers' proxies (:mod:`shardopt.group_client`) and the registry (:mod:`shardopt.group`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from shardopt.buffers import readonly_tensor
+from shardopt.errors import GroupTimeoutError
+from shardopt.records import (
+    GroupConfig,
+    ParamsAt,
+    PushRequest,
+    PushResult,
+    ShardSpec,
+    SparseGrad,
+    StepRequest,
+)
+from shardopt.shard import Shard, actor_device
+
+
+class GroupShardHost:
+    """The Ray actor holding one shard of a group. Made remote by :mod:`shardopt.group` with
+    ``max_concurrency`` above the world size, so that a sync round's pushes wait together."""
+
+    def __init__(self, group: str, config: GroupConfig) -> None:
+        self.group = group
+        self.config = config
+        self.device = actor_device()
+        self._cond = threading.Condition()
+        self._key: str | None = None
+        self._shard: Shard | None = None
+        self._version = 0
+        self._round: dict[int, PushRequest] = {}
+        self._outcome: tuple[int, PushResult | BaseException] | None = None
+        self._params: ParamsAt | None = None
+
+    def create(
+        self, key: str, shard_index: int, spec: ShardSpec, num_threads: int | None
+    ) -> tuple[int, ...]:
+        """Creates the shard; returns the ids its optimizer's constructor gave state to."""
+        if num_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(num_threads)
+        with self._cond:
+            self._shard = Shard(shard_index, spec, self.device)
+            self._key = key
+            return self._shard.initial_state_ids()
+
+    def _checked(self, key: str) -> Shard:
+        if self._shard is None or key != self._key:
+            raise KeyError(f"group {self.group!r} holds no shard {key!r}")
+        return self._shard
+
+    def call(self, key: str, method: str, *args: Any) -> Any:
+        """Runs ``Shard.<method>(*args)`` between pushes (state, loads, checkpoints)."""
+        with self._cond:
+            return getattr(self._checked(key), method)(*args)
+
+    def pull(self, key: str) -> ParamsAt:
+        """The shard's current parameters and their version."""
+        with self._cond:
+            return self._current(self._checked(key))
+
+    def version(self) -> int:
+        with self._cond:
+            return self._version
+
+    def push(self, key: str, request: PushRequest) -> PushResult:
+        """Takes one worker's gradients (see the module docstring for the two modes).
+
+        Raises:
+            ValueError: a push for a version the shard is not at (sync), from a future
+                version, or a second push of one rank for one version.
+            GroupTimeoutError: (sync) not every rank pushed within the group's timeout.
+        """
+        with self._cond:
+            shard = self._checked(key)
+            if request.read_version > self._version:
+                raise ValueError(
+                    f"rank {request.rank} pushed gradients for version {request.read_version} "
+                    f"of shard {shard.shard_index}, which is only at version {self._version}"
+                )
+            if self.config.mode == "sync":
+                return self._push_sync(shard, request)
+            return self._push_async(shard, request)
+
+    # ----- the two modes ----------------------------------------------------------------------
+
+    def _push_async(self, shard: Shard, request: PushRequest) -> PushResult:
+        version = self._version
+        limit = self.config.max_staleness
+        if limit is not None and version - request.read_version > limit:
+            return PushResult(
+                shard.shard_index, request.rank, request.read_version, None,
+                self._current(shard), (),
+            )  # fmt: skip
+        step = StepRequest(
+            step_id=version,
+            group_options=request.group_options,
+            grads=request.grads,
+            has_grad=request.has_grad,
+            sparse_grads=request.sparse_grads,
+        )
+        new_state = shard.step(step).new_state_ids
+        self._version = version + 1
+        return PushResult(
+            shard.shard_index, request.rank, request.read_version, version,
+            self._current(shard), new_state,
+        )  # fmt: skip
+
+    def _push_sync(self, shard: Shard, request: PushRequest) -> PushResult:
+        version = self._version
+        if request.read_version != version:
+            raise ValueError(
+                f"rank {request.rank} pushed gradients computed on version "
+                f"{request.read_version} of shard {shard.shard_index}, which is at version "
+                f"{version}: in sync mode every rank steps on the current parameters "
+                f"(pull_params() first)"
+            )
+        if request.rank in self._round:
+            raise ValueError(f"rank {request.rank} pushed twice for version {version}")
+        self._round[request.rank] = request
+        if len(self._round) == self.config.world_size:
+            self._apply_round(shard, version)
+        else:
+            deadline = time.monotonic() + self.config.timeout_s
+            while self._version == version and not self._failed(version):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._round.pop(request.rank, None)
+                    missing = sorted(set(range(self.config.world_size)) - set(self._round))
+                    missing.remove(request.rank)
+                    raise GroupTimeoutError(
+                        f"group {self.group!r}: rank {request.rank} waited "
+                        f"{self.config.timeout_s:g} s at version {version} of shard "
+                        f"{shard.shard_index} for rank(s) {missing} of world size "
+                        f"{self.config.world_size}; a worker died or is stuck. Its gradients "
+                        f"were withdrawn: the shard is unchanged"
+                    )
+                self._cond.wait(left)
+        assert self._outcome is not None and self._outcome[0] == version
+        outcome = self._outcome[1]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return PushResult(
+            shard.shard_index, request.rank, version, version, outcome.current,
+            outcome.new_state_ids,
+        )  # fmt: skip
+
+    def _failed(self, version: int) -> bool:
+        return self._outcome is not None and self._outcome[0] == version
+
+    def _apply_round(self, shard: Shard, version: int) -> None:
+        """Averages the round's gradients into the shard's gradient buffer and steps once."""
+        requests = [self._round[r] for r in sorted(self._round)]
+        self._round = {}
+        try:
+            has_grad, sparse = self._average_into(shard, requests)
+            step = StepRequest(
+                step_id=version,
+                group_options=requests[0].group_options,
+                grads=None,
+                has_grad=has_grad,
+                sparse_grads=sparse,
+            )
+            new_state = shard.step(step).new_state_ids
+            self._version = version + 1
+            outcome: PushResult | BaseException = PushResult(
+                shard.shard_index, -1, version, version, self._current(shard), new_state
+            )
+        except Exception as exc:  # every rank of the round gets the shard's error
+            outcome = exc
+        self._outcome = (version, outcome)
+        self._cond.notify_all()
+
+    def _average_into(
+        self, shard: Shard, requests: list[PushRequest]
+    ) -> tuple[tuple[bool, ...], dict[int, SparseGrad]]:
+        layout, target_flat = shard.layout, shard.grad_buffer()
+        world_size = self.config.world_size
+        sources = [readonly_tensor(r.grads) for r in requests]
+        has_grad, sparse = [], {}
+        for j in range(len(layout)):
+            dense = [src for r, src in zip(requests, sources) if r.has_grad[j]]
+            if dense:
+                target = layout.view(target_flat, j)
+                target.copy_(layout.view(dense[0], j))
+                for src in dense[1:]:
+                    target.add_(layout.view(src, j).to(target.device))
+                target.div_(world_size)
+            has_grad.append(bool(dense))
+            parts = [r.sparse_grads[j] for r in requests if j in r.sparse_grads]
+            if parts:
+                sparse[j] = SparseGrad(
+                    indices=np.concatenate([p.indices for p in parts], axis=1),
+                    values=np.concatenate([p.values for p in parts], axis=0) / world_size,
+                )
+        return tuple(has_grad), sparse
+
+    def _current(self, shard: Shard) -> ParamsAt:
+        """The parameters at the current version, put in the object store once per version."""
+        if self._params is None or self._params.version != self._version:
+            self._params = ParamsAt(self._version, ray.put(shard.param_values()))
+        return self._params
+
+    def info(self) -> dict[str, Any]:
+        """The host's device, node, the GPUs Ray gave it, and process id."""
+        return {
+            "device": str(self.device),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "pid": os.getpid(),
+            "shards": [self._key] if self._key else [],
+        }

@@ -1,0 +1,100 @@
+"""Workers of shard-group tests: a small regression model trained by one rank of a group.
+
+Used in-process (threads) by tests/test_group.py and as Ray actors by tests/test_group_cluster.py
+(``ray.remote(GroupWorker)``), so both rings train exactly the same way.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+import shardopt
+
+_SEEDING = threading.Lock()  # the global RNG is shared by the threads of tests/test_group.py
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    with _SEEDING:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def make_data(n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randn(n, 2, generator=g)
+
+
+def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def reference_run(steps: int, x: torch.Tensor, y: torch.Tensor, **hyper: Any) -> list[torch.Tensor]:
+    """One plain torch.optim.AdamW worker on the whole batch (fused, as the shards run it)."""
+    model = make_model(0)
+    opt = torch.optim.AdamW(model.parameters(), fused=True, **hyper)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of(model, x, y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+class GroupWorker:
+    """One rank: its own copy of the model, attached to a shard group."""
+
+    def __init__(self) -> None:
+        self.model: torch.nn.Module | None = None
+        self.opt: shardopt.ShardedOptimizer | None = None
+        self.pushes: list[tuple[int, int, int | None, int]] = []
+
+    def attach(self, seed: int = 0, **options: Any) -> list[torch.Tensor]:
+        """Builds the model from ``seed`` and joins the group; returns the adopted parameters."""
+        self.model = make_model(seed)
+        self.opt = shardopt.AdamW(self.model.parameters(), **options)
+        self.pushes = []
+        return self.params()
+
+    def params(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.model.parameters()]
+
+    def train(
+        self, x: torch.Tensor, y: torch.Tensor, steps: int, use_closure: bool = False
+    ) -> list[torch.Tensor]:
+        """``steps`` steps on (x, y); records every shard's answer to every push."""
+        for _ in range(steps):
+            if use_closure:
+
+                def closure() -> torch.Tensor:
+                    self.opt.zero_grad()
+                    loss = loss_of(self.model, x, y)
+                    loss.backward()
+                    return loss
+
+                self.opt.step(closure)
+            else:
+                self.opt.zero_grad()
+                loss_of(self.model, x, y).backward()
+                self.opt.step()
+            for r in self.opt.group.last_push:
+                self.pushes.append((r.shard_index, r.read_version, r.applied_version, r.rank))
+        return self.params()
+
+    def push_log(self) -> list[tuple[int, int, int | None, int]]:
+        """(shard, read version, applied version or None, rank) of every push's final answer."""
+        return list(self.pushes)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.opt.state_dict()
+
+    def close(self) -> None:
+        if self.opt is not None:
+            self.opt.close()
+            self.opt = None

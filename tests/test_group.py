@@ -1,0 +1,363 @@
+"""Shard groups on the session's local Ray: many workers (threads here), one sharded optimizer.
+
+The multi-node ring (placement, workers as Ray actors on several nodes) is
+tests/test_group_cluster.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import ray
+import torch
+from group_workers import GroupWorker, loss_of, make_data, make_model, reference_run
+
+import shardopt
+from shardopt.group import list_groups
+
+HYPER = {"lr": 0.05, "weight_decay": 0.01}
+
+
+@pytest.fixture
+def name():
+    """A fresh group name, torn down after the test."""
+    group = f"test-{uuid.uuid4().hex[:8]}"
+    yield group
+    shardopt.close_group(group)
+
+
+def run_ranks(world_size: int, work):
+    """Runs ``work(rank)`` for every rank in its own thread; returns the results by rank."""
+    with ThreadPoolExecutor(world_size) as pool:
+        return list(pool.map(work, range(world_size)))
+
+
+def attach(name: str, world_size: int, rank: int, seed: int = 0, **options) -> GroupWorker:
+    worker = GroupWorker()
+    options = {"num_shards": 2, "timeout": 30, **HYPER, **options}
+    worker.attach(seed, group=name, world_size=world_size, rank=rank, **options)
+    return worker
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sync_workers_on_slices_equal_one_worker_on_the_whole_batch(name, world_size):
+    x, y = make_data(16)
+    per = 16 // world_size
+
+    def work(rank):
+        worker = attach(name, world_size, rank)
+        sl = slice(rank * per, (rank + 1) * per)
+        params = worker.train(x[sl], y[sl], steps=8)
+        log = worker.push_log()
+        worker.close()
+        return params, log
+
+    results = run_ranks(world_size, work)
+    expected = reference_run(8, x, y, **HYPER)
+    for params, log in results:
+        for got, first, want in zip(params, results[0][0], expected):
+            assert torch.equal(got, first)  # every rank holds the very same parameters
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert [v for (s, v, _, _) in log if s == 0] == list(range(8))  # one version per step
+        assert all(read == applied for (_, read, applied, _) in log)
+
+
+def test_sync_matches_torch_state_dict_format(name):
+    x, y = make_data(16)
+
+    def work(rank):
+        worker = attach(name, 2, rank)
+        worker.train(x[rank * 8 : (rank + 1) * 8], y[rank * 8 : (rank + 1) * 8], steps=3)
+        return worker
+
+    workers = run_ranks(2, work)
+    model = make_model(0)
+    reference = torch.optim.AdamW(model.parameters(), fused=True, **HYPER)
+    for _ in range(3):
+        reference.zero_grad()
+        loss_of(model, x, y).backward()
+        reference.step()
+    expected = reference.state_dict()
+    for worker in workers:
+        got = worker.state_dict()
+        assert list(got["state"]) == list(expected["state"])
+        for pid, state in expected["state"].items():
+            assert set(got["state"][pid]) == set(state)
+            for key, value in state.items():
+                torch.testing.assert_close(got["state"][pid][key], value, rtol=1e-5, atol=1e-6)
+        assert [g["params"] for g in got["param_groups"]] == [
+            g["params"] for g in expected["param_groups"]
+        ]
+    for worker in workers:
+        worker.close()
+
+
+def test_sync_step_times_out_naming_the_missing_rank_and_changes_nothing(name):
+    x, y = make_data(8)
+    lonely = attach(name, 2, 0, timeout=1.5)
+    before = lonely.params()
+    with pytest.raises(shardopt.GroupTimeoutError, match=r"rank\(s\) \[1\]"):
+        lonely.train(x, y, steps=1)
+    lonely.opt.pull_params()
+    for got, want in zip(lonely.params(), before):
+        assert torch.equal(got, want)
+    assert lonely.opt.state_dict()["state"] == {}
+    # The group still works once the other rank arrives (the withdrawn push is pushed again).
+    late = GroupWorker()
+    late.attach(0, group=name, world_size=2, rank=1, num_shards=2, timeout=1.5, **HYPER)
+    results = run_ranks(2, lambda r: (lonely, late)[r].train(x, y, steps=2))
+    expected = reference_run(2, x, y, **HYPER)
+    for got, want in zip(results[0], expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    lonely.close()
+    late.close()
+
+
+def test_late_joiner_gets_the_current_parameters(name):
+    x, y = make_data(8)
+    first = attach(name, 2, 0, mode="async")
+    trained = first.train(x, y, steps=3)
+    late = GroupWorker()
+    adopted = late.attach(5, group=name, world_size=2, rank=1, mode="async", num_shards=2,
+                          timeout=30, **HYPER)  # fmt: skip
+    for got, want in zip(adopted, trained):
+        assert torch.equal(got, want)
+    assert late.opt.group.versions == first.opt.group.versions == [3, 3]
+    first.close()
+    late.close()
+
+
+def test_async_without_bound_applies_every_push(name):
+    x, y = make_data(12)
+
+    def work(rank):
+        worker = attach(name, 3, rank, mode="async")
+        worker.train(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4], steps=5)
+        return worker
+
+    workers = run_ranks(3, work)
+    log = [entry for w in workers for entry in w.push_log()]
+    for shard in (0, 1):
+        applied = sorted(a for (s, _, a, _) in log if s == shard)
+        assert applied == list(range(15))  # every push applied, each at its own version
+    assert workers[0].opt.group.versions != [0, 0]
+    for w in workers:
+        w.close()
+
+
+def test_async_staleness_zero_is_a_serial_run(name):
+    """With max_staleness=0 every applied gradient was computed on the parameters it updates:
+    replaying the applied pushes in version order on plain torch gives the group's result."""
+    x, y = make_data(12)
+    slices = [slice(r * 4, (r + 1) * 4) for r in range(3)]
+
+    def work(rank):
+        worker = GroupWorker()
+        worker.attach(0, group=name, world_size=3, rank=rank, num_shards=1, mode="async",
+                      max_staleness=0, timeout=30, **HYPER)  # fmt: skip
+        worker.train(x[slices[rank]], y[slices[rank]], steps=4, use_closure=True)
+        return worker
+
+    workers = run_ranks(3, work)
+    log = [entry for w in workers for entry in w.push_log()]
+    assert all(read == applied for (_, read, applied, _) in log)
+    order = sorted((applied, rank) for (_, _, applied, rank) in log)
+    assert [v for v, _ in order] == list(range(12))
+    model = make_model(0)
+    reference = torch.optim.AdamW(model.parameters(), fused=True, **HYPER)
+    for _, rank in order:
+        reference.zero_grad()
+        loss_of(model, x[slices[rank]], y[slices[rank]]).backward()
+        reference.step()
+    workers[0].opt.pull_params()
+    for got, want in zip(workers[0].params(), model.parameters()):
+        assert torch.equal(got, want.detach())
+    for w in workers:
+        w.close()
+
+
+def test_async_staleness_bound_is_never_exceeded(name):
+    x, y = make_data(12)
+
+    def work(rank):
+        worker = attach(name, 3, rank, mode="async", max_staleness=1)
+        worker.train(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4], steps=8)
+        return worker
+
+    workers = run_ranks(3, work)
+    log = [entry for w in workers for entry in w.push_log()]
+    applied = [(s, read, a) for (s, read, a, _) in log if a is not None]
+    assert all(0 <= a - read <= 1 for (_, read, a) in applied)
+    for shard in (0, 1):
+        versions = sorted(a for (s, _, a) in applied if s == shard)
+        assert versions == list(range(len(versions)))  # each version applied exactly once
+    rejected = [entry for entry in log if entry[2] is None]
+    assert len(applied) + len(rejected) == 3 * 8 * 2
+    for w in workers:
+        w.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model_seed_shape": True}, "shape"),
+        ({"lr": 0.5}, "hyperparameter 'lr' is 0.5 here, 0.05 in group"),
+        ({"world_size": 3}, "world_size is 3 here, 2 in group"),
+        ({"mode": "async"}, "mode is 'async' here, 'sync' in group"),
+        ({"optimizer": torch.optim.Adam}, "optimizer class is torch.optim.adam.Adam here"),
+        ({"dtype": torch.float64}, "dtype 'float64' here, 'float32'"),
+        ({"named": True}, "name"),
+    ],
+)
+def test_mismatched_worker_is_refused_and_the_group_is_untouched(name, change, message):
+    first = attach(name, 2, 0, mode="sync")
+    model = make_model(0)
+    if change.get("model_seed_shape"):
+        model[2] = torch.nn.Linear(8, 3)
+    if "dtype" in change:
+        model = model.to(change["dtype"])
+    params = model.named_parameters() if change.get("named") else model.parameters()
+    hyper = {**HYPER, "lr": change.get("lr", HYPER["lr"])}
+    with pytest.raises(ValueError, match=message):
+        shardopt.ShardedOptimizer(
+            params, change.get("optimizer", torch.optim.AdamW), group=name,
+            world_size=change.get("world_size", 2), rank=1, mode=change.get("mode", "sync"),
+            num_shards=2, timeout=30, **hyper,
+        )  # fmt: skip
+    assert list_groups()[name]["members"] == [0]
+    first.close()
+
+
+def test_duplicate_rank_is_refused(name):
+    first = attach(name, 2, 0)
+    with pytest.raises(ValueError, match="rank 0 is already attached"):
+        attach(name, 2, 0)
+    first.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"world_size": 0, "rank": 0}, "Invalid world_size"),
+        ({"world_size": 2, "rank": 2}, "Invalid rank"),
+        ({"world_size": 2, "rank": 0, "mode": "hogwild"}, "Invalid mode"),
+        ({"world_size": 2, "rank": 0, "max_staleness": 1}, "bounds async mode"),
+        ({"world_size": 2, "rank": 0, "mode": "async", "max_staleness": -1}, "max_staleness"),
+        ({"world_size": 2, "rank": 0, "placement": "EVERYWHERE"}, "Invalid placement"),
+        ({"world_size": 2, "rank": 0, "timeout": 0}, "Invalid timeout"),
+    ],
+)
+def test_bad_group_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        shardopt.AdamW(make_model().parameters(), group="never-made", num_shards=1, **options)
+    assert "never-made" not in list_groups()
+
+
+def test_group_options_need_a_group_and_lbfgs_has_none():
+    with pytest.raises(ValueError, match="need group"):
+        shardopt.AdamW(make_model().parameters(), world_size=2, rank=0)
+    with pytest.raises(TypeError, match="group"):
+        shardopt.LBFGS(make_model().parameters(), group="lbfgs", world_size=1, rank=0)
+
+
+def test_param_groups_are_fixed_and_lr_changes_reach_the_shards(name):
+    x, y = make_data(8)
+    worker = attach(name, 1, 0)
+    with pytest.raises(ValueError, match="fixed when it was created"):
+        worker.opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    assert len(worker.opt.param_groups) == 1
+    scheduler = torch.optim.lr_scheduler.StepLR(worker.opt, step_size=1, gamma=0.5)
+    model = make_model(0)
+    reference = torch.optim.AdamW(model.parameters(), fused=True, **HYPER)
+    ref_scheduler = torch.optim.lr_scheduler.StepLR(reference, step_size=1, gamma=0.5)
+    for _ in range(3):
+        worker.train(x, y, steps=1)
+        scheduler.step()
+        reference.zero_grad()
+        loss_of(model, x, y).backward()
+        reference.step()
+        ref_scheduler.step()
+    for got, want in zip(worker.params(), model.parameters()):
+        assert torch.equal(got, want.detach())
+    worker.close()
+
+
+def test_owner_close_keeps_the_group_until_the_others_detach(name):
+    owner = attach(name, 2, 0, mode="async")
+    other = attach(name, 2, 1, mode="async")
+    owner.close()
+    assert list_groups()[name]["owner_closed"]
+    with pytest.raises(shardopt.OptimizerClosedError, match="closed by its owner"):
+        attach(name, 2, 0, mode="async")
+    x, y = make_data(4)
+    other.train(x, y, steps=1)  # still served
+    other.close()
+    assert name not in list_groups()
+
+
+def test_group_ends_with_its_owners_job(name):
+    """A driver in another process (its own Ray job) creates a group and exits without closing."""
+    address = ray.get_runtime_context().gcs_address
+    script = textwrap.dedent(
+        f"""
+        import ray, torch, shardopt
+        ray.init(address={address!r})
+        model = torch.nn.Linear(3, 1)
+        opt = shardopt.SGD(model.parameters(), lr=0.1, group={name!r}, world_size=2, rank=0,
+                           num_shards=1, mode="async")
+        import os; os._exit(0)  # no close(), no clean shutdown
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    deadline = time.monotonic() + 30
+    while name in list_groups() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert name not in list_groups()
+
+
+def test_group_checkpoint_loads_into_a_plain_optimizer(name, tmp_path):
+    x, y = make_data(16)
+    workers = run_ranks(2, lambda r: attach(name, 2, r))
+    run_ranks(2, lambda r: workers[r].train(x[r * 8 : (r + 1) * 8], y[r * 8 : (r + 1) * 8], 3))
+    workers[1].opt.save_checkpoint(tmp_path / "ckpt")
+    expected = workers[0].opt.state_dict()
+    model = make_model(0)
+    plain = shardopt.AdamW(model.parameters(), num_shards=1, **HYPER)
+    plain.load_checkpoint(tmp_path / "ckpt")
+    got = plain.state_dict()
+    assert list(got["state"]) == list(expected["state"])
+    for pid, state in expected["state"].items():
+        for key, value in state.items():
+            assert torch.equal(got["state"][pid][key], value)
+    plain.close()
+    # the group's state is shared: what one worker loads, every worker sees
+    for state in expected["state"].values():
+        state["exp_avg"].zero_()
+    workers[0].opt.load_state_dict(expected)
+    seen = workers[1].opt.state_dict()["state"]
+    assert all(not state["exp_avg"].any() for state in seen.values())
+    for w in workers:
+        w.close()
+
+
+def test_plain_optimizer_pull_params_restores_the_master_copy():
+    model = make_model(0)
+    opt = shardopt.AdamW(model.parameters(), num_shards=2, shared_memory=False, **HYPER)
+    x, y = make_data(8)
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    opt.step()
+    stepped = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.zero_()  # .data writes are not versioned: the shards still hold the step
+    opt.pull_params()
+    for got, want in zip(model.parameters(), stepped):
+        assert torch.equal(got.detach(), want)
+    opt.close()

@@ -1,0 +1,179 @@
+"""Shard groups across nodes: a ``ray.cluster_utils.Cluster`` of three raylets on this machine.
+
+Placement (one shard per node, refusals that say what to change), and workers that are Ray
+actors on different nodes, in sync and async mode. These tests replace the session's local Ray
+with the cluster, so conftest runs them after every other test.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import ray
+import torch
+from group_workers import GroupWorker, loss_of, make_data, make_model, reference_run
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+import shardopt
+
+pytestmark = pytest.mark.cluster
+
+HYPER = {"lr": 0.05, "weight_decay": 0.01}
+NODES = 3
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "object_store_memory": 150 * 2**20},
+    )
+    for _ in range(NODES - 1):  # two nodes with two (logical) GPUs each
+        cluster.add_node(num_cpus=4, num_gpus=2, object_store_memory=150 * 2**20)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workers(cluster):
+    """Four worker actors, round-robin over the nodes, reused by every test here."""
+    nodes = sorted(alive_nodes())
+    actors = [
+        ray.remote(GroupWorker)
+        .options(
+            num_cpus=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False),
+        )
+        .remote()
+        for i in range(4)
+    ]
+    ray.get([a.node_id.remote() for a in actors])
+    return actors
+
+
+@pytest.fixture
+def name(cluster):
+    group = f"cluster-{uuid.uuid4().hex[:8]}"
+    yield group
+    shardopt.close_group(group)
+
+
+def alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def test_strict_spread_puts_one_shard_on_each_node(name):
+    opt = shardopt.AdamW(
+        make_model().parameters(), lr=0.1, group=name, world_size=1, rank=0, num_shards=3,
+        placement="STRICT_SPREAD",
+    )  # fmt: skip
+    nodes = list(shardopt.list_groups()[name]["node_ids"])
+    assert sorted(nodes) == sorted(alive_nodes())
+    assert len(set(nodes)) == NODES
+    opt.close()
+
+
+def test_one_shard_per_gpu(name):
+    """Ray's GPU accounting only (the GPUs are logical here; the shards run on CPU)."""
+    model = make_model()
+    opt = shardopt.AdamW(
+        model.parameters(), lr=0.1, group=name, world_size=1, rank=0, num_shards=4,
+        placement="SPREAD", shard_resources={"GPU": 1},
+    )  # fmt: skip
+    infos = [
+        ray.get(ray.get_actor(f"group/{name}/shard/{s}", namespace="shardopt").info.remote())
+        for s in range(4)
+    ]
+    slots = {(info["node_id"], tuple(info["gpu_ids"])) for info in infos}
+    assert len(slots) == 4 and all(len(gpus) == 1 for _, gpus in slots)
+    assert len({node for node, _ in slots}) == 2
+    x, y = make_data(8)
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_shards": 4, "placement": "STRICT_SPREAD"}, r"num_shards<=3, placement='SPREAD'"),
+        ({"num_shards": 2, "placement": "SPREAD", "shard_resources": {"TPU": 1}}, "no node"),
+        ({"num_shards": 5, "placement": "SPREAD", "shard_resources": {"GPU": 1}}, "holds 4"),
+        ({"num_shards": 2, "placement": "STRICT_PACK", "shard_resources": {"CPU": 3}}, "<=1"),
+        ({"num_shards": 13, "placement": "PACK"}, "holds 12 such bundles"),
+    ],
+)
+def test_placement_the_cluster_cannot_satisfy_says_what_to_change(name, options, message):
+    with pytest.raises(shardopt.PlacementError, match=message):
+        shardopt.AdamW(make_model().parameters(), lr=0.1, group=name, world_size=1, rank=0,
+                       **options)  # fmt: skip
+    assert name not in shardopt.list_groups()
+    assert not [
+        pg for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"
+        and pg["name"] == f"shardopt/{name}"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sync_actor_workers_on_several_nodes_equal_one_worker(name, workers, world_size):
+    x, y = make_data(16)
+    per = 16 // world_size
+    ranks = workers[:world_size]
+    ray.get([
+        w.attach.remote(0, group=name, world_size=world_size, rank=r, num_shards=3,
+                        placement="SPREAD", timeout=60, **HYPER)
+        for r, w in enumerate(ranks)
+    ])  # fmt: skip
+    assert len({ray.get(w.node_id.remote()) for w in ranks}) == min(world_size, NODES)
+    results = ray.get([
+        w.train.remote(x[r * per : (r + 1) * per], y[r * per : (r + 1) * per], 6)
+        for r, w in enumerate(ranks)
+    ])  # fmt: skip
+    expected = reference_run(6, x, y, **HYPER)
+    for params in results:
+        for got, first, want in zip(params, results[0], expected):
+            assert torch.equal(got, first)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    ray.get([w.close.remote() for w in ranks])
+
+
+def test_async_actor_workers_respect_the_staleness_bound(name, workers):
+    x, y = make_data(16)
+    ray.get([
+        w.attach.remote(0, group=name, world_size=4, rank=r, num_shards=2, mode="async",
+                        max_staleness=2, timeout=60, **HYPER)
+        for r, w in enumerate(workers)
+    ])  # fmt: skip
+    ray.get([
+        w.train.remote(x[r * 4 : (r + 1) * 4], y[r * 4 : (r + 1) * 4], 6, True)
+        for r, w in enumerate(workers)
+    ])  # fmt: skip
+    log = [e for w in workers for e in ray.get(w.push_log.remote())]
+    assert len(log) == 4 * 6 * 2 and all(a is not None for (_, _, a, _) in log)
+    assert all(0 <= a - read <= 2 for (_, read, a, _) in log)
+    for shard in (0, 1):
+        assert sorted(a for (s, _, a, _) in log if s == shard) == list(range(24))
+    ray.get([w.close.remote() for w in workers])
+
+
+def test_late_joiner_on_another_node_gets_current_parameters(name, workers):
+    x, y = make_data(8)
+    first, late = workers[0], workers[1]
+    ray.get(first.attach.remote(0, group=name, world_size=2, rank=0, num_shards=2,
+                                mode="async", **HYPER))  # fmt: skip
+    trained = ray.get(first.train.remote(x, y, 3))
+    adopted = ray.get(late.attach.remote(7, group=name, world_size=2, rank=1, num_shards=2,
+                                         mode="async", **HYPER))  # fmt: skip
+    for got, want in zip(adopted, trained):
+        assert torch.equal(got, want)
+    assert not torch.equal(adopted[0], make_model(7)[0].weight.detach())
+    ray.get([first.close.remote(), late.close.remote()])
