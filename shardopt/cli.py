@@ -177,9 +177,104 @@ def _run_ckpt_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----- shardopt serve -----------------------------------------------------------------------
+
+
+def _add_serve(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the gRPC optimizer gateway for clients outside the Ray cluster",
+        description=(
+            "Starts (or joins, with --ray-address or RAY_ADDRESS) a Ray cluster and serves "
+            "shardopt's optimizer service (protos/shardopt/v1) on HOST:PORT, with gRPC health "
+            "checking and reflection. Clients use shardopt.<Name>(params, ..., "
+            "address='HOST:PORT', token=...). Every call needs a bearer token from "
+            "--token-file unless --no-auth is given. SIGTERM or Ctrl-C shut down gracefully: "
+            "health turns NOT_SERVING, calls in flight get --grace seconds, sessions close. "
+            "Prints 'serving on HOST:PORT' once ready."
+        ),
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=50051, help="port (0: any free one) (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--ray-address", help="a Ray cluster to join (default: RAY_ADDRESS, else a local Ray)"
+    )
+    parser.add_argument("--token-file", help="accepted bearer tokens, one per line")
+    parser.add_argument(
+        "--no-auth", action="store_true", help="serve without tokens (loopback development only)"
+    )
+    parser.add_argument("--tls-cert", help="PEM certificate chain for TLS")
+    parser.add_argument("--tls-key", help="PEM private key for TLS")
+    parser.add_argument(
+        "--checkpoint-dir", help="where clients' SaveCheckpoint/LoadCheckpoint paths live"
+    )
+    parser.add_argument(
+        "--max-session-gib",
+        type=_positive_float,
+        default=8.0,
+        help="largest parameter size one session may declare, GiB (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-workers",
+        type=_positive_int,
+        default=64,
+        help="threads serving calls; a waiting sync group step holds one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=_positive_float,
+        default=10.0,
+        help="seconds calls in flight get at shutdown (default: %(default)s)",
+    )
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import threading
+
+    from shardopt.auth import read_tokens
+    from shardopt.gateway import Limits, serve
+
+    if not args.token_file and not args.no_auth:
+        print("shardopt serve: give --token-file, or --no-auth for an unauthenticated server")
+        return 2
+    tokens = read_tokens(args.token_file) if args.token_file else None
+    if args.ray_address:
+        os.environ["RAY_ADDRESS"] = args.ray_address
+    limits = Limits(max_session_bytes=int(args.max_session_gib * 2**30))
+    gateway = serve(
+        args.host,
+        args.port,
+        tokens=tokens,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        checkpoint_dir=args.checkpoint_dir,
+        limits=limits,
+        max_workers=args.max_workers,
+    )
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"serving on {args.host}:{gateway.port}", flush=True)
+    stopping.wait()
+    print("shutting down", flush=True)
+    gateway.stop(args.grace)
+    return 0
+
+
 # ----- the parser ---------------------------------------------------------------------------
 
-COMMANDS: tuple[Callable[[Subparsers], None], ...] = (_add_demo, _add_ckpt)
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (_add_serve, _add_demo, _add_ckpt)
 """Each subcommand's ``_add_<name>`` function, in the order ``--help`` lists them."""
 
 

@@ -26,3 +26,23 @@ class GroupTimeoutError(ShardoptError, TimeoutError):
 
 class PlacementError(ShardoptError):
     """The cluster cannot place the shards as asked; the message says what to change."""
+
+
+GRPC_STATUS: dict[type[BaseException], str] = {
+    # most specific first: the gateway uses the first entry the exception is an instance of
+    GroupTimeoutError: "DEADLINE_EXCEEDED",
+    ShardUnavailableError: "UNAVAILABLE",
+    OptimizerClosedError: "FAILED_PRECONDITION",
+    PlacementError: "FAILED_PRECONDITION",
+    PermissionError: "UNAUTHENTICATED",
+    MemoryError: "RESOURCE_EXHAUSTED",
+    FileNotFoundError: "NOT_FOUND",
+    KeyError: "NOT_FOUND",
+    ValueError: "INVALID_ARGUMENT",
+    TypeError: "INVALID_ARGUMENT",
+    IndexError: "INVALID_ARGUMENT",
+    NotImplementedError: "UNIMPLEMENTED",
+    ShardoptError: "FAILED_PRECONDITION",
+}
+"""The gRPC status code (by name) of each error, for the gateway; anything else is INTERNAL.
+The exception's type name travels too, so the remote client raises the same type."""

@@ -57,7 +57,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _seconds(timeout: datetime.timedelta | float) -> float:
+def timeout_seconds(timeout: datetime.timedelta | float) -> float:
     seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
     if not isinstance(seconds, (int, float)) or seconds <= 0:
         raise ValueError(f"Invalid timeout: {timeout!r} (must be positive)")
@@ -101,7 +101,7 @@ def make_config(
         world_size=world_size,
         mode=mode,
         max_staleness=max_staleness,
-        timeout_s=_seconds(timeout),
+        timeout_s=timeout_seconds(timeout),
         num_shards=num_shards,
         placement=strategy,
         shard_resources=tuple(sorted(resources.items())),

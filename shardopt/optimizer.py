@@ -35,7 +35,7 @@ from shardopt.buffers import (
     unpack_tree,
 )
 from shardopt.errors import OptimizerClosedError
-from shardopt.group_client import GroupClient, make_config
+from shardopt.group_client import GroupClient, make_config, timeout_seconds
 from shardopt.groups import check_param_groups, copy_param_groups, group_options
 from shardopt.plan import ShardPlan
 from shardopt.records import (
@@ -48,6 +48,7 @@ from shardopt.records import (
     SparseGrad,
     StepRequest,
 )
+from shardopt.remote_client import RemoteClient
 from shardopt.runtime import drop_shards, ensure_ray, host_pool, ray_get
 from shardopt.state_view import ShardStateView
 
@@ -115,6 +116,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
             (one per node), ``"SPREAD"``, ``"PACK"``, ``"STRICT_PACK"``.
         shard_resources: what each shard reserves under ``placement`` (default one CPU;
             ``{"GPU": 1}`` puts one shard per GPU).
+        address: ``"host:port"`` of a shardopt gateway (``shardopt serve``): the shards are
+            reached over gRPC instead of Ray, and this process needs no Ray at all.
+        token: the gateway's bearer token.
+        tls: with ``address``: True for TLS with the system's root certificates, or the path
+            of a PEM file of root certificates; False/None for plaintext.
         **defaults: ``optimizer_class``'s hyperparameters.
 
     Raises:
@@ -153,6 +159,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         timeout: datetime.timedelta | float = datetime.timedelta(minutes=5),
         placement: str | None = None,
         shard_resources: dict[str, float] | None = None,
+        address: str | None = None,
+        token: str | None = None,
+        tls: bool | str | os.PathLike | None = None,
         **defaults: Any,
     ) -> None:
         if not (
@@ -171,6 +180,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError("world_size, rank, max_staleness and placement need group=...")
         if group is not None and self._shards_lbfgs:
             raise ValueError("shardopt.LBFGS runs one closure over all shards: it has no groups")
+        if address is not None and (
+            actor_options or shared_memory or overlap or share_params or self._shards_lbfgs
+        ):
+            raise ValueError(
+                "actor_options, shared_memory, overlap, share_params and LBFGS apply to "
+                "optimizers in the Ray cluster; with address=... the gateway decides"
+            )
         if isinstance(params, torch.Tensor):
             raise TypeError(
                 "params argument given to the optimizer should be "
@@ -199,9 +215,28 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "graph connects the update on the shards to the parameters here",
                 stacklevel=2,
             )
+        self._group: GroupClient | None = None
+        self._remote: RemoteClient | None = None
+        self._state_order: dict[int, None] = {}
+        if address is not None:
+            group_options_ = None
+            if group is not None:
+                make_config(  # the same checks as in the cluster, before connecting
+                    world_size=world_size, rank=rank, mode=mode, max_staleness=max_staleness,
+                    timeout=timeout, num_shards=num_shards or 1, placement=placement,
+                    shard_resources=shard_resources, actor_options={},
+                )  # fmt: skip
+                group_options_ = {
+                    "name": group, "world_size": world_size, "rank": rank, "mode": mode,
+                    "placement": placement or "", "shard_resources": shard_resources or {},
+                    "timeout_seconds": timeout_seconds(timeout),
+                }  # fmt: skip
+                if max_staleness is not None:
+                    group_options_["max_staleness"] = max_staleness
+            self._open_remote(address, token, tls, num_shards, group_options_)
+            return
         ensure_ray()
         self._num_shards = num_shards or default_num_shards()
-        self._group: GroupClient | None = None
         if group is not None:
             config = make_config(
                 world_size=world_size,
@@ -221,11 +256,31 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._local: list[tuple[int, int]] = []  # global id -> (shard, local index)
         self._ids_by_tensor: dict[int, int] = {}
         self._versions: list[tuple[int, int]] = []
-        self._state_order: dict[int, None] = {}
         self._next_step_id = 0
         self._staging: list[torch.Tensor | None] = [None] * self._num_shards
         self._shipped: dict[int, tuple[int, int]] = {}
         self._start_shards()
+        self.state = ShardStateView(self)
+
+    def _open_remote(
+        self,
+        address: str,
+        token: str | None,
+        tls: bool | str | os.PathLike | None,
+        num_shards: int | None,
+        group: dict[str, Any] | None,
+    ) -> None:
+        """Opens a session on a gateway instead of starting shards (``address=...``)."""
+        params = self._flat_params()
+        self._ids_by_tensor = {id(p): i for i, p in enumerate(params)}
+        self._versions = [(p._version, p.data_ptr()) for p in params]
+        self._remote = remote = RemoteClient(address, token, tls)
+        self._finalizer = weakref.finalize(self, remote.close)
+        session = remote.open(self, num_shards, group)
+        self._num_shards = session.num_shards
+        self._plan = remote.plan(session, self)
+        self._shm = [None] * self._num_shards
+        self._shards_ready = True
         self.state = ShardStateView(self)
 
     # ----- the parameters -------------------------------------------------------------------
@@ -403,6 +458,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
             )
         if not shards_ready:
             return
+        if self._remote is not None:
+            try:
+                self._remote.add_param_group(self, group)
+            except BaseException:
+                self.param_groups.pop()
+                raise
+            first = len(self._versions)
+            for j, p in enumerate(group["params"]):
+                self._ids_by_tensor[id(p)] = first + j
+                self._versions.append((p._version, p.data_ptr()))
+            return
         if self._group is not None:
             self.param_groups.pop()
             raise ValueError(
@@ -426,6 +492,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             The closure's return value, or None, as ``torch.optim`` does.
         """
         self._check_open()
+        if self._remote is not None:
+            return self._remote.step(self, closure)
         if self._group is not None:
             return self._group.step(self, closure)
         loss = None
@@ -544,6 +612,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         parameters in between (async mode), and a worker may want them before its next step.
         """
         self._check_open()
+        if self._remote is not None:
+            self._remote.pull(self)
+            return
         if self._group is not None:
             self._group.pull(self)
             return
@@ -574,6 +645,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         through ``param.data``; call this after such writes.
         """
         self._check_open()
+        if self._remote is not None:
+            self._remote.push_params(self)
+            return
         params = self._flat_params()
         self._versions = [(-1, -1)] * len(params)
         updates = {s: self._changed_params(s, params) for s in range(self._num_shards)}
@@ -609,6 +683,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _gathered_state(self) -> dict[int, Any]:
         """Every parameter's state by id, in torch's order, from the shards one at a time."""
+        if self._remote is not None:
+            return self._remote.state()
         gathered: dict[int, Any] = {}
         shards = [s for s in range(self._num_shards) if self._shard_params[s]]
         # One shard's state unpacked here while the next one packs: at most two in flight.
@@ -638,7 +714,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         saved_groups = check_param_groups(self.param_groups, state_dict["param_groups"])
-        self._load_state(state_dict["state"], saved_groups)
+        if self._remote is not None:
+            self._remote.load_state_dict(
+                self, {"state": state_dict["state"], "param_groups": saved_groups}
+            )
+        else:
+            self._load_state(state_dict["state"], saved_groups)
         self._adopt_saved_groups(saved_groups)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -706,6 +787,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
             A handle with ``wait()`` and ``done()`` (already committed when blocking).
         """
         self._check_open()
+        if self._remote is not None:
+            if not blocking:
+                raise ValueError("over gRPC, checkpoints are saved with blocking=True")
+            self._remote.save_checkpoint(str(path))
+            return checkpoint.SaveHandle(_poll=lambda: True, _finish=lambda: None, _committed=True)
         return checkpoint.save(self, path, blocking)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -719,6 +805,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             ValueError: a corrupted data file, or a checkpoint of other parameter groups.
         """
         self._check_open()
+        if self._remote is not None:
+            self._remote.load_checkpoint(str(path))
+            return
         checkpoint.load(self, path)
 
     def _checkpoint_parts(self) -> Iterable[dict[int, Any]]:
@@ -753,6 +842,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def _fetch_param_state(self, pid: int) -> dict[str, Any]:
         self._check_open()
+        if self._remote is not None:
+            return self._remote.state([pid]).get(pid, {})
         return self._receive_state(self._request_state(self._local[pid][0], (pid,))).get(pid, {})
 
     def _store_param_state(self, pid: int, value: dict[str, Any]) -> None:
@@ -761,6 +852,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer state of a parameter must be a dict, got {type(value).__name__}"
             )
+        if self._remote is not None:
+            state = self._remote.state()
+            state[pid] = value
+            self._remote.load_state_dict(
+                self, {"state": state, "param_groups": self._packed_groups()}
+            )
+            return
         shard = self._local[pid][0]
         ray_get(self._call(shard, "set_param_state", pid, pack_tree(value)))
         self._state_order.setdefault(pid, None)
@@ -770,6 +868,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def shard_status(self) -> list[ShardStatus]:
         """What each shard reports: device, parameter count and bytes, which ids have state."""
         self._check_open()
+        if self._remote is not None:
+            raise NotImplementedError("shard_status() is not served over gRPC")
         return ray_get([self._call(s, "status") for s in range(self._num_shards)])
 
     def close(self) -> None:
