@@ -272,9 +272,60 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----- shardopt health ----------------------------------------------------------------------
+
+
+def _add_health(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "health",
+        help="ask a gateway's gRPC health service whether it is serving (for probes)",
+        description=(
+            "Calls grpc.health.v1.Health/Check on ADDRESS and exits 0 when the answer is "
+            "SERVING, 1 otherwise (NOT_SERVING, unreachable, timeout). Needs no token. Meant "
+            "for container health checks and readiness probes."
+        ),
+    )
+    parser.add_argument("address", help="the gateway, HOST:PORT")
+    parser.add_argument(
+        "--service", default="", help="a service name; '' asks about the whole server"
+    )
+    parser.add_argument("--tls", help="PEM root certificates, for a gateway serving TLS")
+    parser.add_argument(
+        "--timeout", type=_positive_float, default=5.0, help="seconds (default: %(default)s)"
+    )
+    parser.set_defaults(handler=_run_health)
+
+
+def _run_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    if args.tls:
+        with open(args.tls, "rb") as f:
+            channel = grpc.secure_channel(args.address, grpc.ssl_channel_credentials(f.read()))
+    else:
+        channel = grpc.insecure_channel(args.address)
+    with channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as err:
+            print(f"{args.address}: {err.code().name}")
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    print(f"{args.address}: {status}")
+    return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 # ----- the parser ---------------------------------------------------------------------------
 
-COMMANDS: tuple[Callable[[Subparsers], None], ...] = (_add_serve, _add_demo, _add_ckpt)
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    _add_serve,
+    _add_health,
+    _add_demo,
+    _add_ckpt,
+)
 """Each subcommand's ``_add_<name>`` function, in the order ``--help`` lists them."""
 
 

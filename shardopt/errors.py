@@ -28,6 +28,9 @@ class PlacementError(ShardoptError):
     """The cluster cannot place the shards as asked; the message says what to change."""
 
 
+ERROR_TYPE_KEY = "shardopt-error-type"
+"""gRPC trailing metadata naming the exception type, so the remote client raises the same."""
+
 GRPC_STATUS: dict[type[BaseException], str] = {
     # most specific first: the gateway uses the first entry the exception is an instance of
     GroupTimeoutError: "DEADLINE_EXCEEDED",

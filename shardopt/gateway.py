@@ -39,17 +39,13 @@ from grpc_reflection.v1alpha import reflection
 
 from shardopt import wire
 from shardopt.auth import TokenAuthInterceptor, bearer_token, principal_of
-from shardopt.errors import GRPC_STATUS, ShardoptError
+from shardopt.errors import ERROR_TYPE_KEY, GRPC_STATUS, ShardoptError
 from shardopt.groups import group_options
 from shardopt.optimizer import ShardedOptimizer
 from shardopt.proto import SERVICE_NAME, pb, rpc
 
 logger = logging.getLogger(__name__)
 
-MESSAGE_LIMIT = 8 << 20
-"""gRPC message size limit both ways: twice the largest chunk, far under protobuf's 2 GiB."""
-ERROR_TYPE_KEY = "shardopt-error-type"
-"""Trailing metadata naming the exception type, so the remote client raises the same."""
 
 OPTIMIZERS = {
     cls.__name__: cls
@@ -594,8 +590,8 @@ def serve(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="shardopt-rpc"),
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", MESSAGE_LIMIT),
-            ("grpc.max_send_message_length", MESSAGE_LIMIT),
+            ("grpc.max_receive_message_length", wire.MESSAGE_LIMIT),
+            ("grpc.max_send_message_length", wire.MESSAGE_LIMIT),
         ],
     )
     server.add_generic_rpc_handlers((_method_handlers(servicer),))

@@ -130,6 +130,8 @@ class GroupRegistry:
             group = self._groups.get(name)
             created = group is None
             if group is None:
+                if not spec_refs:
+                    raise LookupError(f"group {name!r} does not exist (any more): send specs")
                 group = self._create(name, signature, rank, job_id, spec_refs)
                 self._groups[name] = group
             else:
@@ -212,6 +214,10 @@ class GroupRegistry:
         placement.release(group.pg)
         logger.info("group %r closed", name)
         return True
+
+    def exists(self, name: str) -> bool:
+        with self._lock:
+            return name in self._groups
 
     def groups(self) -> dict[str, dict[str, Any]]:
         """Every live group: its attached ranks, owner, and whether the owner has closed it."""

@@ -155,10 +155,18 @@ class GroupClient:
 
         reg = registry()
         job_id = ray.get_runtime_context().get_job_id()
-        spec_refs = [ray.put(spec) for spec in specs]
-        membership = ray_get(
-            reg.join.remote(self.name, self.signature(proxy), self.rank, job_id, spec_refs)
-        )
+        signature = self.signature(proxy)
+        # Only a worker that may create the group ships its initial parameters.
+        spec_refs = [] if ray.get(reg.exists.remote(self.name)) else [ray.put(s) for s in specs]
+        try:
+            membership = ray_get(
+                reg.join.remote(self.name, signature, self.rank, job_id, spec_refs)
+            )
+        except LookupError:  # the group ended between the two calls: create it after all
+            spec_refs = [ray.put(s) for s in specs]
+            membership = ray_get(
+                reg.join.remote(self.name, signature, self.rank, job_id, spec_refs)
+            )
         self.membership = membership
         proxy._hosts, proxy._keys = list(membership.hosts), list(membership.keys)
         proxy._finalizer = weakref.finalize(proxy, _leave, reg, self.name, self.rank)

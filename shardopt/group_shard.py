@@ -59,6 +59,7 @@ class GroupShardHost:
         self._shard: Shard | None = None
         self._version = 0
         self._round: dict[int, PushRequest] = {}
+        self._round_seq = 0  # counts rounds applied or failed: a waiter waits for its own
         self._outcome: tuple[int, PushResult | BaseException] | None = None
         self._params: ParamsAt | None = None
 
@@ -147,11 +148,12 @@ class GroupShardHost:
         if request.rank in self._round:
             raise ValueError(f"rank {request.rank} pushed twice for version {version}")
         self._round[request.rank] = request
+        my_round = self._round_seq
         if len(self._round) == self.config.world_size:
             self._apply_round(shard, version)
         else:
             deadline = time.monotonic() + self.config.timeout_s
-            while self._version == version and not self._failed(version):
+            while self._round_seq == my_round:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._round.pop(request.rank, None)
@@ -165,7 +167,7 @@ class GroupShardHost:
                         f"were withdrawn: the shard is unchanged"
                     )
                 self._cond.wait(left)
-        assert self._outcome is not None and self._outcome[0] == version
+        assert self._outcome is not None and self._outcome[0] == my_round
         outcome = self._outcome[1]
         if isinstance(outcome, BaseException):
             raise outcome
@@ -173,9 +175,6 @@ class GroupShardHost:
             shard.shard_index, request.rank, version, version, outcome.current,
             outcome.new_state_ids,
         )  # fmt: skip
-
-    def _failed(self, version: int) -> bool:
-        return self._outcome is not None and self._outcome[0] == version
 
     def _apply_round(self, shard: Shard, version: int) -> None:
         """Averages the round's gradients into the shard's gradient buffer and steps once."""
@@ -197,7 +196,8 @@ class GroupShardHost:
             )
         except Exception as exc:  # every rank of the round gets the shard's error
             outcome = exc
-        self._outcome = (version, outcome)
+        self._outcome = (self._round_seq, outcome)
+        self._round_seq += 1
         self._cond.notify_all()
 
     def _average_into(

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ERROR_TYPE_KEY = "shardopt-error-type"
 _ERROR_TYPES: dict[str, type[BaseException]] = {
     **{
         name: getattr(builtins, name)
@@ -61,7 +60,7 @@ _BY_STATUS = {
 
 def raised(err: grpc.RpcError) -> BaseException:
     """The exception a failed call stands for: the server's type where it said, else by status."""
-    name = dict(err.trailing_metadata() or ()).get(ERROR_TYPE_KEY)
+    name = dict(err.trailing_metadata() or ()).get(errors.ERROR_TYPE_KEY)
     kind = _ERROR_TYPES.get(name) or _BY_STATUS.get(err.code(), errors.ShardoptError)
     message = err.details() or str(err.code())
     if kind is KeyError and "session" in message:
@@ -71,8 +70,8 @@ def raised(err: grpc.RpcError) -> BaseException:
 
 def _channel(address: str, tls: bool | str | os.PathLike | None) -> grpc.Channel:
     options = [
-        ("grpc.max_receive_message_length", 8 << 20),
-        ("grpc.max_send_message_length", 8 << 20),
+        ("grpc.max_receive_message_length", wire.MESSAGE_LIMIT),
+        ("grpc.max_send_message_length", wire.MESSAGE_LIMIT),
     ]
     if not tls:
         return grpc.insecure_channel(address, options=options)

@@ -21,14 +21,18 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
+from shardopt.buffers import readonly_tensor
 from shardopt.proto import tensors_pb
 
 CHUNK_BYTES = 1 << 20
 """Bytes per TensorChunk sent (1 MiB)."""
 MAX_CHUNK_BYTES = 4 << 20
 """The largest TensorChunk accepted (4 MiB), well under gRPC's receive limit."""
+MESSAGE_LIMIT = 8 << 20
+"""gRPC message size limit both ways (server and client): twice the largest chunk."""
 MAX_DIMS = 32
 MAX_VALUE_DEPTH = 32
 
@@ -113,7 +117,6 @@ class TensorReceiver:
         max_bytes: the most bytes all of them together may declare.
         expected: optional ``(dtype, shape)`` per tensor that the specs must match.
         what: how messages name the tensors ("gradient", "parameter", "state tensor").
-        into: optional existing tensors to fill in place (the specs must match them).
 
     Raises:
         LimitError: the specs declare more than ``max_bytes``.
@@ -192,7 +195,7 @@ class TensorReceiver:
         target = self._tensor(self._index).view(-1).view(torch.uint8)
         n = len(chunk.data)
         target[self._offset : self._offset + n].copy_(
-            torch.frombuffer(bytearray(chunk.data), dtype=torch.uint8)
+            readonly_tensor(np.frombuffer(chunk.data, dtype=np.uint8))
         )
         self._offset += n
         self.bytes_received += n

@@ -1,0 +1,101 @@
+"""shardopt.wire: values and chunked tensors, and the receiver's checks (no gRPC here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardopt import wire
+from shardopt.proto import tensors_pb
+
+ALL_DTYPES = list(wire.WIRE_DTYPES)
+
+
+def roundtrip(tensors, chunk_bytes=wire.CHUNK_BYTES, max_bytes=1 << 30):
+    receiver = wire.TensorReceiver([wire.spec_of(t) for t in tensors], max_bytes)
+    for chunk in wire.tensor_chunks(tensors, chunk_bytes):
+        receiver.add(chunk)
+    return receiver.finish()
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_every_dtype_roundtrips_bit_exactly(dtype):
+    source = torch.randn(5, 7, dtype=torch.float64) * 100
+    tensor = (source > 0) if dtype == torch.bool else source.to(dtype)
+    (back,) = roundtrip([tensor], chunk_bytes=16)
+    assert back.dtype == dtype and back.shape == tensor.shape
+    assert torch.equal(back.view(torch.uint8), tensor.view(torch.uint8))
+
+
+def test_empty_scalar_and_non_contiguous_tensors():
+    tensors = [torch.zeros(0, 3), torch.tensor(2.5), torch.arange(12.0).reshape(3, 4).t()]
+    back = roundtrip(tensors, chunk_bytes=5)
+    for got, want in zip(back, tensors):
+        assert torch.equal(got, want)
+
+
+def test_values_roundtrip_with_types_kept():
+    tensors: list[torch.Tensor] = []
+    value = {
+        "state": {0: {"step": torch.tensor(3.0), "buf": torch.ones(2)}, 7: {}},
+        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "foreach": None, "amsgrad": False,
+                          "params": [0, 7], "name": "head", "big": 2**62}],
+    }  # fmt: skip
+    encoded = wire.encode_value(value, tensors)
+    decoded = wire.decode_value(tensors_pb.Value.FromString(encoded.SerializeToString()), tensors)
+    assert decoded["param_groups"] == value["param_groups"]
+    assert isinstance(decoded["param_groups"][0]["betas"], tuple)
+    assert list(decoded["state"]) == [0, 7]
+    assert torch.equal(decoded["state"][0]["buf"], torch.ones(2))
+
+
+def test_unsupported_values_are_refused():
+    with pytest.raises(TypeError, match="plain values"):
+        wire.encode_value(torch.ones(1))
+    with pytest.raises(TypeError, match="object"):
+        wire.encode_value(object())
+    with pytest.raises(wire.WireError, match="not declared"):
+        wire.decode_value(tensors_pb.Value(tensor_index=3), [])
+    with pytest.raises(wire.WireError, match="no kind"):
+        wire.decode_value(tensors_pb.Value())
+
+
+def test_limits_are_checked_before_anything_is_allocated():
+    huge = tensors_pb.TensorSpec(dtype=tensors_pb.FLOAT64, shape=[1 << 40, 1 << 10])
+    with pytest.raises(wire.LimitError, match="limit"):
+        wire.TensorReceiver([huge], 1 << 30)
+    for bad in (
+        tensors_pb.TensorSpec(dtype=0, shape=[2]),
+        tensors_pb.TensorSpec(dtype=tensors_pb.FLOAT32, shape=[-1]),
+        tensors_pb.TensorSpec(dtype=tensors_pb.FLOAT32, shape=[1] * 40),
+    ):
+        with pytest.raises(wire.WireError):
+            wire.TensorReceiver([bad], 1 << 30)
+
+
+def test_chunks_must_come_in_order_and_fill_exactly():
+    specs = [wire.spec_of(torch.zeros(4)), wire.spec_of(torch.zeros(2))]
+    receiver = wire.TensorReceiver(specs, 1 << 20)
+    with pytest.raises(wire.WireError, match="out of order"):
+        receiver.add(tensors_pb.TensorChunk(index=1, offset=0, data=b"\0" * 8))
+    receiver.add(tensors_pb.TensorChunk(index=0, offset=0, data=b"\0" * 8))
+    with pytest.raises(wire.WireError, match="out of order"):
+        receiver.add(tensors_pb.TensorChunk(index=0, offset=4, data=b"\0" * 8))
+    with pytest.raises(wire.WireError, match="do not fit"):
+        receiver.add(tensors_pb.TensorChunk(index=0, offset=8, data=b"\0" * 12))
+    with pytest.raises(wire.WireError, match="ended"):
+        receiver.finish()
+    receiver.add(tensors_pb.TensorChunk(index=0, offset=8, data=b"\0" * 8))
+    receiver.add(tensors_pb.TensorChunk(index=1, offset=0, data=b"\0" * 8))
+    with pytest.raises(wire.WireError, match="after every"):
+        receiver.add(tensors_pb.TensorChunk(index=2, offset=0, data=b"\0"))
+    assert [t.numel() for t in receiver.finish()] == [4, 2]
+
+
+def test_expected_specs_must_match():
+    expected = [(torch.float32, (2, 3))]
+    with pytest.raises(wire.WireError, match=r"declared float64 \[2, 3\], expected float32"):
+        wire.TensorReceiver([wire.spec_of(torch.zeros(2, 3, dtype=torch.float64))], 1 << 20,
+                            expected=expected)  # fmt: skip
+    with pytest.raises(wire.WireError, match="2 tensors declared, 1 expected"):
+        wire.TensorReceiver([wire.spec_of(torch.zeros(2, 3))] * 2, 1 << 20, expected=expected)
