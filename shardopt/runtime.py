@@ -35,11 +35,17 @@ def ensure_ray() -> None:
     """Connects to the Ray cluster in reach, or starts a local one in-process.
 
     Inside a Ray cluster (a driver started by ``ray job submit``, ``RAY_ADDRESS`` set, or a
-    task/actor) this joins it; with nothing running it starts an embedded local Ray.
+    task/actor) this joins it; otherwise it starts an embedded local Ray, even when other Ray
+    instances run on this machine (set ``RAY_ADDRESS=auto`` to join one started with
+    ``ray start``).
     """
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
+    kwargs: dict[str, Any] = {
+        "address": os.environ.get("RAY_ADDRESS") or "local",
+        "ignore_reinit_error": True,
+        "log_to_driver": True,
+    }
     if not os.environ.get("RAY_ADDRESS"):
         kwargs["include_dashboard"] = False
     logger.info("starting/joining Ray (%s)", os.environ.get("RAY_ADDRESS") or "embedded local Ray")

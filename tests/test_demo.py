@@ -44,8 +44,11 @@ def test_demo_rejects_invalid_settings(name, value):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["--help"], ["demo", "COMMAND --help"]),
+        (["--help"], ["demo", "serve", "health", "ckpt", "COMMAND --help"]),
         (["demo", "--help"], ["--epochs", "--shards", "digits", "torch.optim.AdamW"]),
+        (["serve", "--help"], ["--token-file", "--tls-cert", "--ray-address", "NOT_SERVING"]),
+        (["health", "--help"], ["SERVING", "--timeout"]),
+        (["ckpt", "--help"], ["inspect", "export"]),
     ],
 )
 def test_cli_help(argv, expected, capsys):
