@@ -19,6 +19,7 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from itertools import chain
 from typing import Any
 
@@ -34,7 +35,7 @@ from shardopt.buffers import (
     to_numpy,
     unpack_tree,
 )
-from shardopt.errors import OptimizerClosedError
+from shardopt.errors import OptimizerClosedError, ShardUnavailableError
 from shardopt.group_client import GroupClient, make_config, timeout_seconds
 from shardopt.groups import check_param_groups, copy_param_groups, group_options
 from shardopt.plan import ShardPlan
@@ -49,6 +50,7 @@ from shardopt.records import (
     StepRequest,
 )
 from shardopt.remote_client import RemoteClient
+from shardopt.replication import Replicas, kill_hosts
 from shardopt.runtime import drop_shards, ensure_ray, host_pool, ray_get
 from shardopt.state_view import ShardStateView
 
@@ -116,6 +118,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             (one per node), ``"SPREAD"``, ``"PACK"``, ``"STRICT_PACK"``.
         shard_resources: what each shard reserves under ``placement`` (default one CPU;
             ``{"GPU": 1}`` puts one shard per GPU).
+        replicate: keep an in-memory replica of every shard on another node, so that a lost
+            shard actor (or node) is replaced with nothing lost (see
+            :mod:`shardopt.replication`); costs a second copy of each shard's parameters,
+            gradients and state, and the replicas' compute.
         address: ``"host:port"`` of a shardopt gateway (``shardopt serve``): the shards are
             reached over gRPC instead of Ray, and this process needs no Ray at all.
         token: the gateway's bearer token.
@@ -159,6 +165,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         timeout: datetime.timedelta | float = datetime.timedelta(minutes=5),
         placement: str | None = None,
         shard_resources: dict[str, float] | None = None,
+        replicate: bool = False,
         address: str | None = None,
         token: str | None = None,
         tls: bool | str | os.PathLike | None = None,
@@ -180,6 +187,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError("world_size, rank, max_staleness and placement need group=...")
         if group is not None and self._shards_lbfgs:
             raise ValueError("shardopt.LBFGS runs one closure over all shards: it has no groups")
+        if replicate and (group is not None or address is not None or self._shards_lbfgs):
+            raise ValueError(
+                "replicate=True applies to a ShardedOptimizer in the Ray cluster, not to "
+                "groups, gateway sessions or LBFGS"
+            )
+        self._replicate = replicate
+        self._replicas: Replicas | None = None
         if address is not None and (
             actor_options or shared_memory or overlap or share_params or self._shards_lbfgs
         ):
@@ -361,7 +375,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._shared_memory is not False and info["node_id"] == here and info["device"] == "cpu"
             for info in infos
         ]
-        threads = self._threads_per_shard([info["node_id"] for info in infos])
+        self._host_nodes = [info["node_id"] for info in infos]
+        threads = self._threads = self._threads_per_shard(self._host_nodes)
         created = ray_get(
             [
                 h.create.remote(k, s, specs[s], shared[s], threads[s])
@@ -371,6 +386,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         for s, (_, buffers) in enumerate(created):
             self._map_shared(s, buffers)
         self._note_state(chain.from_iterable(ids for ids, _ in created))
+        if self._replicate:
+            self._replicas = Replicas(self)
+            weakref.finalize(self, kill_hosts, self._replicas.owned)
+            self._replicas.start(specs, threads)
         self._shards_ready = True
 
     def _threads_per_shard(self, nodes: list[str]) -> list[int | None]:
@@ -439,7 +458,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise OptimizerClosedError("this optimizer was closed; its shards are released")
 
     def _call(self, shard: int, method: str, *args: Any) -> Any:
-        return self._hosts[shard].call.remote(self._keys[shard], method, *args)
+        ref = self._hosts[shard].call.remote(self._keys[shard], method, *args)
+        if self._replicas is not None:
+            self._replicas.mirror(shard, method, args)
+        return ref
 
     # ----- torch.optim.Optimizer ------------------------------------------------------------
 
@@ -506,6 +528,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._next_step_id += 1
         pending: dict[int, Any] = {}
         updated: dict[int, list[int]] = {}
+        replicas = self._replicas
+        sent: dict[int, tuple[StepRequest, torch.Tensor]] = {}
+        if replicas is not None:
+            replicas.settle()
         for s in range(self._num_shards):
             ids = self._shard_params[s]
             if not ids:
@@ -526,6 +552,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             )
             pending[s] = self._call(s, "step", request)
             updated[s] = touched
+            if replicas is not None:
+                replicas.step(s, replace(request, grads=to_numpy(flat)))
+                sent[s] = (request, flat)
         self._shipped.clear()
         new_state: list[int] = []
         shard_of = {ref: s for s, ref in pending.items()}
@@ -533,7 +562,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
         while waiting:  # copy each shard's parameters back as soon as it is done
             done, waiting = ray.wait(waiting, num_returns=1)
             s = shard_of[done[0]]
-            result = ray_get(done[0])
+            try:
+                result = ray_get(done[0])
+            except ShardUnavailableError:
+                if replicas is None:
+                    raise
+                ref = replicas.recover(s, *sent[s])
+                shard_of[ref] = s
+                waiting.append(ref)
+                continue
             shm = self._shm[s]
             values = shm[0] if shm is not None else readonly_tensor(result.params)
             layout = self._layouts[s]
@@ -792,7 +829,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 raise ValueError("over gRPC, checkpoints are saved with blocking=True")
             self._remote.save_checkpoint(str(path))
             return checkpoint.SaveHandle(_poll=lambda: True, _finish=lambda: None, _committed=True)
-        return checkpoint.save(self, path, blocking)
+        handle = checkpoint.save(self, path, blocking)
+        if self._replicas is not None:  # the fallback when a shard and its replica are lost
+            taken = (str(path), self._next_step_id)
+            if handle.done():
+                self._replicas.checkpoint = taken
+            else:
+                finish = handle._finish
+
+                def finish_and_note() -> None:
+                    finish()
+                    self._replicas.checkpoint = taken
+
+                handle._finish = finish_and_note
+        return handle
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Loads a checkpoint written with any number of shards (resharding as it loads).
@@ -809,6 +859,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._remote.load_checkpoint(str(path))
             return
         checkpoint.load(self, path)
+        if self._replicas is not None:
+            self._replicas.checkpoint = (str(path), self._next_step_id)
 
     def _checkpoint_parts(self) -> Iterable[dict[int, Any]]:
         """The state, one shard's part at a time, for checkpoints this process writes."""
@@ -878,6 +930,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._closed = True
             self._shm = [None] * self._num_shards
             self._finalizer()
+            if self._replicas is not None:
+                self._replicas.close()
 
     def __enter__(self) -> ShardedOptimizer:
         return self

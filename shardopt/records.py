@@ -125,6 +125,17 @@ class ShardStatus:
 
 
 @dataclass(frozen=True)
+class ShardExport:
+    """Everything needed to rebuild a shard on another host: its spec (with the parameters'
+    current values), its optimizer state by global id, and its last applied step."""
+
+    spec: ShardSpec
+    state: PackedTree
+    last_step_id: int
+    last_result: StepResult | None
+
+
+@dataclass(frozen=True)
 class PushRequest:
     """One worker's gradients for one shard of a group, computed on the shard's parameters at
     ``read_version`` (laid out as the shard's parameters, like :class:`StepRequest`)."""

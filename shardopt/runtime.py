@@ -129,6 +129,14 @@ class HostPool:
                 if self._load.get(id(h), 0) > 0:
                     self._load[id(h)] -= 1
 
+    def forget(self, host: Any) -> None:
+        """Drops a host found dead from the pool (the next acquire starts a replacement)."""
+        with self._lock:
+            for hosts in self._hosts.values():
+                if any(h is host for h in hosts):
+                    hosts[:] = [h for h in hosts if h is not host]
+            self._load.pop(id(host), None)
+
     def new_owner_key(self) -> str:
         return f"{os.getpid()}-{next(self._keys)}"
 

@@ -29,6 +29,7 @@ from shardopt.buffers import (
 from shardopt.records import (
     ParamBlock,
     ParamUpdate,
+    ShardExport,
     ShardSpec,
     ShardStatus,
     SharedBuffers,
@@ -103,6 +104,8 @@ class Shard:
         self._grad_flat = self._layout.empty(self.device)
         self._adopt(spec.params, force=True)
         self._optimizer_class = spec.optimizer_class
+        self._defaults = spec.defaults
+        self._fault: str | None = None
         self._fusable = [_fusable(self._params_in_group(g)) for g in range(len(spec.group_options))]
         self.optimizer: torch.optim.Optimizer = spec.optimizer_class(
             [
@@ -240,6 +243,8 @@ class Shard:
 
     def step(self, request: StepRequest) -> StepResult:
         """Applies one step exactly once; a repeated ``step_id`` returns the earlier result."""
+        if self._fault == "before_step":
+            os._exit(1)
         if request.step_id <= self._last_step_id:
             if request.step_id == self._last_step_id and self._last_result is not None:
                 return self._last_result
@@ -277,7 +282,45 @@ class Shard:
         )
         self._last_step_id = request.step_id
         self._last_result = result
+        if self._fault == "after_step":  # applied, but the answer never leaves this process
+            os._exit(1)
         return result
+
+    def inject_fault(self, when: str | None) -> None:
+        """Failure injection for tests: the host process dies ``"before_step"`` or
+        ``"after_step"`` (after applying it) at the next step."""
+        if when not in (None, "before_step", "after_step"):
+            raise ValueError(f"unknown fault {when!r}")
+        self._fault = when
+
+    # ----- moving a shard (fault tolerance) -------------------------------------------------
+
+    def export(self) -> ShardExport:
+        """This shard as it is now: parameters, groups, optimizer state, last step."""
+        block = ParamBlock(
+            param_ids=tuple(self._param_ids),
+            group_indices=tuple(self._group_of),
+            layout=self._layout,
+            values=to_numpy(self._flat.detach().cpu().clone()),
+        )
+        options = tuple(
+            {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+        )
+        spec = ShardSpec(self._optimizer_class, self._defaults, options, block)
+        return ShardExport(spec, self.state(), self._last_step_id, self._last_result)
+
+    def restore(self, export: ShardExport) -> None:
+        """Takes over an exported shard's optimizer state and step history (same parameters)."""
+        token = "restore"
+        error = self.prepare_load(token, export.spec.group_options, export.state)
+        if error is not None:
+            raise error
+        self.commit_load(token)
+        self._last_step_id = export.last_step_id
+        last = export.last_result
+        if last is not None and last.params is None and self._shm_paths is None:
+            last = StepResult(last.step_id, self.param_values(), last.new_state_ids)
+        self._last_result = last
 
     def run_vectors(self, program: list[tuple]) -> list[Any]:
         """Runs a program of named-vector operations (sharded LBFGS); see shardopt.vectors."""
@@ -483,6 +526,14 @@ class ShardHost:
         shard = Shard(shard_index, spec, self.device, shared_memory)
         self._shards[key] = shard
         return shard.initial_state_ids(), shard.shared_buffers()
+
+    def create_from(
+        self, key: str, shard_index: int, export: ShardExport, num_threads: int | None = None
+    ) -> tuple[int, ...]:
+        """Creates a shard that continues an exported one (a replica, or a replacement)."""
+        self.create(key, shard_index, export.spec, False, num_threads)
+        self._shards[key].restore(export)
+        return tuple(sorted(self._shards[key]._state_by_id()))
 
     def call(self, key: str, method: str, *args: Any) -> Any:
         """Runs ``Shard.<method>(*args)`` on shard ``key``."""

@@ -33,6 +33,27 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def cluster(ray_session):
+    """A ``ray.cluster_utils.Cluster`` of three raylets (a head and two nodes with two logical
+    GPUs each), replacing the local Ray for the rest of the session (``cluster`` tests run
+    last). Tests may add nodes of their own and remove those."""
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "object_store_memory": 150 * 2**20},
+    )
+    for _ in range(2):
+        cluster.add_node(num_cpus=4, num_gpus=2, object_store_memory=150 * 2**20)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

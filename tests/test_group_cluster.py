@@ -1,8 +1,8 @@
 """Shard groups across nodes: a ``ray.cluster_utils.Cluster`` of three raylets on this machine.
 
 Placement (one shard per node, refusals that say what to change), and workers that are Ray
-actors on different nodes, in sync and async mode. These tests replace the session's local Ray
-with the cluster, so conftest runs them after every other test.
+actors on different nodes, in sync and async mode. The cluster (conftest's ``cluster``) replaces
+the session's local Ray, so conftest runs these tests after every other test.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import pytest
 import ray
 import torch
 from group_workers import GroupWorker, loss_of, make_data, make_model, reference_run
-from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import shardopt
@@ -21,23 +20,7 @@ import shardopt
 pytestmark = pytest.mark.cluster
 
 HYPER = {"lr": 0.05, "weight_decay": 0.01}
-NODES = 3
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.shutdown()
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 4, "object_store_memory": 150 * 2**20},
-    )
-    for _ in range(NODES - 1):  # two nodes with two (logical) GPUs each
-        cluster.add_node(num_cpus=4, num_gpus=2, object_store_memory=150 * 2**20)
-    ray.init(address=cluster.address)
-    cluster.wait_for_nodes()
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+NODES = 3  # the conftest's cluster: a head and two nodes with two (logical) GPUs each
 
 
 @pytest.fixture(scope="module")

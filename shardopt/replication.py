@@ -1,0 +1,248 @@
+"""Fault tolerance: an in-memory replica of every shard, and recovery of lost shards.
+
+With ``ShardedOptimizer(..., replicate=True)`` every shard has a replica: the same
+:class:`~shardopt.shard.Shard`, on a shard host of another node where there is one, that
+receives every call that changes a shard (steps with their gradients, parameter writes, loads,
+new param groups) right after its primary does. Ray runs one caller's calls to an actor in
+order and torch's per-tensor kernels are deterministic, so the replica's parameters and state
+stay bit-identical to the primary's; its lag is at most one step (the proxy collects the
+replica's answers before the next step).
+
+When a primary is lost (its actor died or its node went away), the proxy promotes the replica:
+it resends the step in flight, which the replica answers from its exactly-once cache if it
+already applied it, and a new replica is built from an export of the promoted shard. When a
+primary and its replica are both lost, the shard is rebuilt from this process's copy of its
+parameters (the values after the last completed step) and the optimizer state of the last
+checkpoint this optimizer saved or loaded, with a warning that says how many steps of
+optimizer state were lost (all of it when there is no checkpoint). Nothing is lost silently.
+
+Memory: a replica holds a second copy of its shard's parameters, gradient buffer and optimizer
+state (for AdamW, 4x the parameter bytes), on another node.
+
+Talks to: shard hosts through Ray; the proxy (:mod:`shardopt.optimizer`) calls in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from shardopt.buffers import FlatLayout, to_numpy
+from shardopt.errors import ShardUnavailableError
+from shardopt.groups import group_options
+from shardopt.records import ParamBlock, ShardSpec, StepRequest
+from shardopt.runtime import NAMESPACE, host_pool, ray_get
+
+if TYPE_CHECKING:
+    from shardopt.optimizer import ShardedOptimizer
+
+logger = logging.getLogger(__name__)
+
+MIRRORED = frozenset(
+    {
+        "set_params",
+        "add_param_group",
+        "set_param_state",
+        "prepare_load",
+        "prepare_load_from_checkpoint",
+        "commit_load",
+        "abort_load",
+    }
+)
+"""Shard methods that change a shard, sent to its replica too (steps are sent by the proxy)."""
+
+
+def kill_hosts(hosts: list[Any]) -> None:
+    """Kills the dedicated hosts replicas (and promoted replicas) live on."""
+    if not ray.is_initialized():  # the cluster is gone, and its actors with it
+        return
+    for host in hosts:
+        if host is not None:
+            try:
+                ray.kill(host)
+            except Exception:  # already gone
+                pass
+
+
+class Replicas:
+    """The replicas of one optimizer's shards, and the recovery of its lost shards."""
+
+    def __init__(self, proxy: ShardedOptimizer) -> None:
+        self._proxy = proxy
+        n = proxy.num_shards
+        self.hosts: list[Any] = [None] * n
+        self.keys = [f"{k}/replica" for k in proxy._keys]
+        self.nodes: list[str | None] = [None] * n
+        self._pending: list[list[Any]] = [[] for _ in range(n)]
+        self.recoveries = 0
+        self.owned: list[Any] = []  # every host started here (killed when the optimizer goes)
+        self.checkpoint: tuple[str, int] | None = None  # path, the step id it was taken before
+
+    # ----- placement --------------------------------------------------------------------------
+
+    def _start_host(self, shard: int) -> Any:
+        """A dedicated shard host on another node than the shard's primary, where possible."""
+        primary = self._proxy._host_nodes[shard]
+        alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+        others = [n for n in alive if n != primary] or alive
+        node = others[shard % len(others)]
+        from shardopt.shard import ShardHost
+
+        options = {
+            k: v for k, v in self._proxy._actor_options.items() if k != "scheduling_strategy"
+        }
+        host = (
+            ray.remote(ShardHost)
+            .options(
+                namespace=NAMESPACE,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
+                **options,
+            )
+            .remote()
+        )
+        self.owned.append(host)
+        self.nodes[shard] = ray_get(host.info.remote())["node_id"]
+        self.hosts[shard] = host
+        return host
+
+    def start(self, specs: list[ShardSpec], threads: list[int | None]) -> None:
+        """Creates every shard's replica from the same specs as the primaries."""
+        calls = []
+        for s, spec in enumerate(specs):
+            host = self._start_host(s)
+            calls.append(host.create.remote(self.keys[s], s, spec, False, threads[s]))
+        ray_get(calls)
+
+    def _rebuild(self, shard: int) -> None:
+        """A new replica for ``shard``, from an export of its primary (taken after the calls
+        already sent to it)."""
+        proxy = self._proxy
+        export = proxy._hosts[shard].call.remote(proxy._keys[shard], "export")
+        host = self._start_host(shard)
+        threads = proxy._threads[shard]
+        self._pending[shard] = [host.create_from.remote(self.keys[shard], shard, export, threads)]
+
+    def close(self) -> None:
+        kill_hosts(self.owned)
+        self.hosts = [None] * len(self.hosts)
+
+    # ----- keeping replicas current -----------------------------------------------------------
+
+    def mirror(self, shard: int, method: str, args: tuple) -> None:
+        host = self.hosts[shard]
+        if host is not None and method in MIRRORED:
+            self._pending[shard].append(host.call.remote(self.keys[shard], method, *args))
+
+    def step(self, shard: int, request: StepRequest) -> None:
+        host = self.hosts[shard]
+        if host is not None:
+            self._pending[shard].append(host.call.remote(self.keys[shard], "step", request))
+
+    def settle(self) -> None:
+        """Waits for the replicas' answers so far; replaces a replica that was lost."""
+        for s, pending in enumerate(self._pending):
+            if not pending:
+                continue
+            self._pending[s] = []
+            try:
+                ray.get(pending)
+            except (ray.exceptions.RayActorError, ShardUnavailableError):
+                logger.warning("the replica of shard %d was lost; making a new one", s)
+                self.hosts[s] = None
+                self._rebuild(s)
+            except ray.exceptions.RayTaskError as err:  # the primary got the same error
+                logger.debug("replica of shard %d: %s", s, err)
+
+    # ----- recovery ---------------------------------------------------------------------------
+
+    def _alive(self, shard: int) -> bool:
+        host = self.hosts[shard]
+        if host is None:
+            return False
+        try:
+            ray.get(host.info.remote(), timeout=30)
+            return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+
+    def recover(self, shard: int, request: StepRequest, flat: Any) -> Any:
+        """Replaces the lost primary of ``shard`` and resends ``request`` to it.
+
+        Args:
+            request: the step in flight (``grads`` None when they were in shared memory).
+            flat: the shard's gradient buffer of this step (for a request without grads).
+
+        Returns:
+            The ref of the resent step.
+        """
+        proxy = self._proxy
+        self.recoveries += 1
+        if request.grads is None:
+            request = dataclasses.replace(request, grads=to_numpy(flat))
+        old_host = proxy._hosts[shard]
+        host_pool.forget(old_host)
+        if self._alive(shard):
+            logger.warning("shard %d was lost; its replica takes over", shard)
+            proxy._hosts[shard], proxy._keys[shard] = self.hosts[shard], self.keys[shard]
+            proxy._host_nodes[shard] = self.nodes[shard]
+            self.hosts[shard] = None
+            self.keys[shard] = f"{proxy._keys[shard]}/r{self.recoveries}"
+            proxy._map_shared(shard, None)
+            ref = proxy._hosts[shard].call.remote(proxy._keys[shard], "step", request)
+            self._pending[shard] = []
+            self._rebuild(shard)
+            return ref
+        return self._from_checkpoint(shard, request)
+
+    def _from_checkpoint(self, shard: int, request: StepRequest) -> Any:
+        """Rebuilds a shard whose primary and replica are both lost (see the module docstring)."""
+        proxy = self._proxy
+        (host,), (info,) = host_pool.acquire(1, proxy._actor_options)
+        key = f"{host_pool.new_owner_key()}/{shard}"
+        params = proxy._flat_params()
+        tensors = [params[pid].detach().cpu() for pid in proxy._shard_params[shard]]
+        layout = FlatLayout.for_tensors(tensors)
+        groups = tuple(g for g, group in enumerate(proxy.param_groups) for _ in group["params"])
+        block = ParamBlock(
+            param_ids=tuple(proxy._shard_params[shard]),
+            group_indices=tuple(groups[pid] for pid in proxy._shard_params[shard]),
+            layout=layout,
+            values=to_numpy(layout.pack(tensors)),
+        )
+        options = tuple(group_options(g) for g in proxy.param_groups)
+        spec = ShardSpec(proxy.optimizer_class, proxy._shard_defaults, options, block)
+        ray_get(host.create.remote(key, shard, spec, False, proxy._threads[shard]))
+        lost_steps = request.step_id
+        source = "no checkpoint was saved or loaded: all of its optimizer state is lost"
+        if self.checkpoint is not None:
+            path, taken_before = self.checkpoint
+            token = uuid.uuid4().hex
+            error, _ = ray_get(
+                host.call.remote(key, "prepare_load_from_checkpoint", token, options, path)
+            )
+            if error is not None:
+                raise error
+            ray_get(host.call.remote(key, "commit_load", token))
+            lost_steps = request.step_id - taken_before
+            source = f"its optimizer state comes from checkpoint {path!r}"
+        message = (
+            f"shard {shard} and its replica were both lost; its parameters were restored from "
+            f"this process's copy (after the last completed step) and {source}: {lost_steps} "
+            f"step(s) of optimizer state lost for parameters {proxy._shard_params[shard]}"
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        logger.error(message)
+        proxy._hosts[shard], proxy._keys[shard] = host, key
+        proxy._host_nodes[shard] = info["node_id"]
+        proxy._map_shared(shard, None)
+        self.keys[shard] = f"{key}/replica"
+        ref = host.call.remote(key, "step", request)
+        self._pending[shard] = []
+        self._rebuild(shard)
+        return ref

@@ -1,0 +1,176 @@
+"""Fault tolerance on the session's Ray: shard actors killed, before, during and after steps.
+
+Every run is compared with an uninterrupted run of the same optimizer: the final parameters and
+the whole state_dict must be bit-identical. The multi-node case (a whole node lost) is in
+tests/test_ft_cluster.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+import shardopt
+
+STEPS = 6
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+
+def run(opt_factory, disrupt=None, at=3, steps=STEPS):
+    """Trains ``steps`` steps; ``disrupt(opt)`` runs before step ``at``."""
+    model = make_model()
+    opt = opt_factory(model)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        if disrupt is not None and step == at:
+            disrupt(opt)
+        x = torch.randn(5, 8, generator=g)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    result = [p.detach().clone() for p in model.parameters()], opt.state_dict()
+    return opt, result
+
+
+def adamw(model, **kw):
+    return shardopt.AdamW(model.parameters(), lr=0.01, num_shards=2, replicate=True, **kw)
+
+
+def assert_identical(a, b):
+    (params_a, sd_a), (params_b, sd_b) = a, b
+    for x, y in zip(params_a, params_b):
+        assert torch.equal(x, y)
+    assert sd_a["param_groups"] == sd_b["param_groups"]
+    assert list(sd_a["state"]) == list(sd_b["state"])
+    for pid, state in sd_a["state"].items():
+        for key, value in state.items():
+            assert torch.equal(sd_b["state"][pid][key], value), (pid, key)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    opt, result = run(adamw)
+    opt.close()
+    return result
+
+
+def kill_primary(shard):
+    def disrupt(opt):
+        ray.kill(opt._hosts[shard])
+
+    return disrupt
+
+
+def inject(shard, when):
+    def disrupt(opt):
+        ray.get(opt._hosts[shard].call.remote(opt._keys[shard], "inject_fault", when))
+
+    return disrupt
+
+
+@pytest.mark.parametrize(
+    ("disrupt", "label"),
+    [
+        (kill_primary(0), "actor killed between steps"),
+        (inject(1, "before_step"), "dies as the step arrives"),
+        (inject(0, "after_step"), "dies after applying the step, before answering"),
+    ],
+)
+def test_a_lost_shard_is_replaced_and_nothing_changes(uninterrupted, disrupt, label):
+    opt, result = run(adamw, disrupt)
+    assert opt._replicas.recoveries == 1, label
+    assert_identical(uninterrupted, result)
+    # and the optimizer goes on with a fresh replica: a second loss is survived too
+    for p in opt._flat_params():
+        p.grad = torch.ones_like(p)
+    kill_primary(0)(opt)
+    opt.step()
+    assert opt._replicas.recoveries == 2
+    opt.close()
+
+
+def test_replication_changes_no_number(uninterrupted):
+    opt, plain = run(lambda m: shardopt.AdamW(m.parameters(), lr=0.01, num_shards=2))
+    assert_identical(uninterrupted, plain)
+    opt.close()
+
+
+def test_replicas_follow_loads_and_param_writes():
+    """Everything that changes a shard reaches its replica: load_state_dict, in-place writes."""
+
+    def disrupt(opt):
+        state = opt.state_dict()
+        for s in state["state"].values():
+            s["exp_avg"].mul_(0.5)
+        opt.load_state_dict(state)
+        with torch.no_grad():
+            opt.param_groups[0]["params"][0].mul_(0.9)  # sent with the next step
+        return state
+
+    reference_opt, reference = run(adamw, disrupt)
+    reference_opt.close()
+
+    def disrupt_then_kill(opt):
+        disrupt(opt)  # the in-place write travels with the next step, which the kill hits
+        ray.kill(opt._hosts[1])
+
+    opt, result = run(adamw, disrupt_then_kill)
+    assert opt._replicas.recoveries == 1
+    assert_identical(reference, result)
+    opt.close()
+
+
+def test_losing_a_shard_and_its_replica_falls_back_to_the_checkpoint_and_says_so(tmp_path):
+    def lose_shard_0(opt):
+        ray.kill(opt._replicas.hosts[0])
+        ray.kill(opt._hosts[0])
+
+    model = make_model()
+    opt = adamw(model)
+    g = torch.Generator().manual_seed(1)
+    with pytest.warns(RuntimeWarning, match=r"checkpoint .*ckpt.*: 2 step\(s\) of optimizer"):
+        for step in range(5):
+            if step == 1:
+                opt.save_checkpoint(tmp_path / "ckpt")  # the state after step 0
+            if step == 3:
+                lose_shard_0(opt)  # steps 1 and 2 of its state are lost
+            x = torch.randn(5, 8, generator=g)
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    # shard 0's parameters went on from this process's copy; their state restarted from the
+    # checkpoint (1 step) and then took steps 3 and 4; the other shard's state has all 5
+    state = opt.state_dict()["state"]
+    for pid in opt.plan.params_of(0):
+        assert int(state[pid]["step"]) == 3
+    for pid in opt.plan.params_of(1):
+        assert int(state[pid]["step"]) == 5
+    opt.close()
+
+
+def test_losing_both_without_a_checkpoint_warns_that_all_state_is_lost():
+    def disrupt(opt):
+        ray.kill(opt._replicas.hosts[1])
+        ray.kill(opt._hosts[1])
+
+    with pytest.warns(RuntimeWarning, match="all of its optimizer state is lost: 3 step"):
+        opt, _ = run(adamw, disrupt)
+    state = opt.state_dict()["state"]
+    for pid in opt.plan.params_of(1):
+        assert int(state[pid]["step"]) == STEPS - 3  # started over at the loss
+    opt.close()
+
+
+def test_replicate_is_refused_where_it_does_not_apply():
+    model = make_model()
+    with pytest.raises(ValueError, match="replicate=True"):
+        shardopt.AdamW(model.parameters(), replicate=True, group="g", world_size=1, rank=0)
+    with pytest.raises(ValueError, match="replicate=True"):
+        shardopt.AdamW(model.parameters(), replicate=True, address="127.0.0.1:1")
+    with pytest.raises(TypeError, match="replicate"):
+        shardopt.LBFGS(model.parameters(), replicate=True)
