@@ -26,48 +26,30 @@ from typing import Any
 import ray
 import torch
 
-from shardopt import checkpoint, shm
+from shardopt import checkpoint
 from shardopt.buffers import (
     FlatLayout,
-    PackedTree,
     pack_tree,
     readonly_tensor,
     to_numpy,
-    unpack_tree,
 )
+from shardopt.data_path import GradShipper, LocalDataPath
 from shardopt.errors import OptimizerClosedError, ShardUnavailableError
-from shardopt.group_client import GroupClient, make_config, timeout_seconds
+from shardopt.group_client import GroupClient, make_config
 from shardopt.groups import check_param_groups, copy_param_groups, group_options
 from shardopt.plan import ShardPlan
 from shardopt.records import (
     ParamBlock,
-    ParamUpdate,
     ShardSpec,
     ShardStatus,
-    SharedBuffers,
-    SharedTree,
-    SparseGrad,
     StepRequest,
 )
-from shardopt.remote_client import RemoteClient
+from shardopt.remote_client import RemoteClient, group_request
 from shardopt.replication import Replicas, kill_hosts
 from shardopt.runtime import drop_shards, ensure_ray, host_pool, ray_get
 from shardopt.state_view import ShardStateView
 
 logger = logging.getLogger(__name__)
-
-
-class _GradShipper:
-    """A post-accumulate-grad hook that ships one parameter's gradient (overlap=True)."""
-
-    def __init__(self, optimizer: ShardedOptimizer, param_id: int):
-        self._optimizer = weakref.ref(optimizer)
-        self._param_id = param_id
-
-    def __call__(self, param: torch.Tensor) -> None:
-        optimizer = self._optimizer()
-        if optimizer is not None:
-            optimizer._ship_grad(self._param_id, param)
 
 
 def default_num_shards() -> int:
@@ -78,7 +60,7 @@ def default_num_shards() -> int:
     return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
 
 
-class ShardedOptimizer(torch.optim.Optimizer):
+class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
     """Any ``torch.optim`` optimizer, with its state and master parameters sharded on Ray actors.
 
     Behaves as ``optimizer_class(params, **defaults)`` would, step for step and in its
@@ -232,37 +214,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._group: GroupClient | None = None
         self._remote: RemoteClient | None = None
         self._state_order: dict[int, None] = {}
-        if address is not None:
-            group_options_ = None
-            if group is not None:
-                make_config(  # the same checks as in the cluster, before connecting
-                    world_size=world_size, rank=rank, mode=mode, max_staleness=max_staleness,
-                    timeout=timeout, num_shards=num_shards or 1, placement=placement,
-                    shard_resources=shard_resources, actor_options={},
-                )  # fmt: skip
-                group_options_ = {
-                    "name": group, "world_size": world_size, "rank": rank, "mode": mode,
-                    "placement": placement or "", "shard_resources": shard_resources or {},
-                    "timeout_seconds": timeout_seconds(timeout),
-                }  # fmt: skip
-                if max_staleness is not None:
-                    group_options_["max_staleness"] = max_staleness
-            self._open_remote(address, token, tls, num_shards, group_options_)
+        group_settings = dict(
+            world_size=world_size, rank=rank, mode=mode, max_staleness=max_staleness,
+            timeout=timeout, placement=placement, shard_resources=shard_resources,
+            actor_options=self._actor_options,
+        )  # fmt: skip
+        if address is not None:  # the group's options are checked here, before connecting
+            config = make_config(num_shards=num_shards or 1, **group_settings) if group else None
+            self._open_remote(address, token, tls, num_shards, group_request(group, rank, config))
             return
         ensure_ray()
         self._num_shards = num_shards or default_num_shards()
         if group is not None:
-            config = make_config(
-                world_size=world_size,
-                rank=rank,
-                mode=mode,
-                max_staleness=max_staleness,
-                timeout=timeout,
-                num_shards=self._num_shards,
-                placement=placement,
-                shard_resources=shard_resources,
-                actor_options=self._actor_options,
-            )
+            config = make_config(num_shards=self._num_shards, **group_settings)
             self._group = GroupClient(group, rank, config)
         self._plan = ShardPlan.empty(self._num_shards)
         self._layouts = [FlatLayout.for_specs([]) for _ in range(self._num_shards)]
@@ -319,9 +283,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def num_shards(self) -> int:
         return self._num_shards
 
-    def _record_version(self, pid: int, p: torch.Tensor) -> None:
-        self._versions[pid] = (p._version, p.data_ptr())
-
     def _place(self, new_params: list[torch.Tensor], groups: list[int]) -> list[ParamBlock]:
         """Assigns new parameters to shards and returns each shard's block of initial values."""
         first = len(self._local)
@@ -349,7 +310,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self._ids_by_tensor[id(p)] = first + j
             self._versions.append((p._version, p.data_ptr()))
             if self._overlap:
-                p.register_post_accumulate_grad_hook(_GradShipper(self, first + j))
+                p.register_post_accumulate_grad_hook(GradShipper(self, first + j))
         return blocks
 
     def _start_shards(self) -> None:
@@ -391,63 +352,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             weakref.finalize(self, kill_hosts, self._replicas.owned)
             self._replicas.start(specs, threads)
         self._shards_ready = True
-
-    def _threads_per_shard(self, nodes: list[str]) -> list[int | None]:
-        """Torch threads for each shard: its node's CPUs split among this optimizer's shards there.
-
-        Ray starts actors with one thread (``OMP_NUM_THREADS=1``) unless they reserve CPUs; a
-        step keeps the client idle, so the shards may use the whole node. Left to Ray when
-        ``actor_options`` reserves ``num_cpus``.
-        """
-        if "num_cpus" in self._actor_options:
-            return [None] * len(nodes)
-        cpus = {n["NodeID"]: int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes()}
-        return [max(1, cpus.get(node, 1) // nodes.count(node)) for node in nodes]
-
-    def _map_shared(self, shard: int, buffers: SharedBuffers | None) -> None:
-        """Maps a shard's shared parameter and gradient buffers here, then unlinks their files."""
-        self._forget_shipped(shard)  # gradients shipped early went to the buffers replaced here
-        if buffers is None:
-            self._shm[shard] = None
-            return
-        mapped = tuple(
-            shm.attach(path, buffers.nbytes) for path in (buffers.param_path, buffers.grad_path)
-        )
-        self._shm[shard] = mapped
-        if self._share_params:
-            params = self._flat_params()
-            layout = self._layouts[shard]
-            for j, pid in enumerate(self._shard_params[shard]):
-                p = params[pid]
-                if p.device.type == "cpu":
-                    p.data = layout.view(mapped[0], j)
-                    self._record_version(pid, p)
-
-    def _grad_buffer(self, shard: int) -> torch.Tensor:
-        """Where a shard's gradients are gathered: its shared buffer, or a reused local one."""
-        shm = self._shm[shard]
-        if shm is not None:
-            return shm[1]
-        layout = self._layouts[shard]
-        staging = self._staging[shard]
-        if staging is None or staging.numel() != layout.nbytes:
-            staging = self._staging[shard] = layout.empty()
-            self._forget_shipped(shard)
-        return staging
-
-    def _forget_shipped(self, shard: int) -> None:
-        for pid in self._shard_params[shard]:
-            self._shipped.pop(pid, None)
-
-    def _ship_grad(self, pid: int, param: torch.Tensor) -> None:
-        """Copies one gradient into its shard's buffer now (overlap=True, during backward)."""
-        grad = param.grad
-        if self._closed or grad is None or grad.is_sparse:
-            return
-        shard, j = self._local[pid]
-        with torch.no_grad():
-            self._layouts[shard].view(self._grad_buffer(shard), j).copy_(grad)
-        self._shipped[pid] = (grad.data_ptr(), grad._version)
 
     def _note_state(self, param_ids: Iterable[int]) -> None:
         for pid in sorted(param_ids):
@@ -584,63 +488,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
             new_state.extend(result.new_state_ids)
         self._note_state(new_state)
         return loss
-
-    def _pack_grads(
-        self, shard: int, params: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, tuple[bool, ...], dict[int, SparseGrad], list[int]]:
-        """Writes a shard's dense gradients into one flat buffer (its shared one, if mapped).
-
-        Returns:
-            The buffer, which slots hold a dense gradient, the sparse gradients by slot, and
-            the slots whose parameter has any gradient (the ones the step will change).
-        """
-        layout = self._layouts[shard]
-        flat = self._grad_buffer(shard)
-        has_grad, sparse, touched = [], {}, []
-        for j, pid in enumerate(self._shard_params[shard]):
-            grad = params[pid].grad
-            if grad is None:
-                has_grad.append(False)
-                continue
-            touched.append(j)
-            if grad.is_sparse:
-                grad = grad.coalesce()
-                sparse[j] = SparseGrad(
-                    indices=grad.indices().cpu().numpy(),
-                    values=grad.values().cpu().contiguous().numpy(),
-                )
-                has_grad.append(False)
-                continue
-            if self._shipped.get(pid) != (grad.data_ptr(), grad._version):
-                layout.view(flat, j).copy_(grad)
-            has_grad.append(True)
-        return flat, tuple(has_grad), sparse, touched
-
-    def _changed_params(self, shard: int, params: list[torch.Tensor]) -> ParamUpdate | None:
-        """The user's parameters of ``shard`` modified since shardopt last wrote them."""
-        changed = [
-            j
-            for j, pid in enumerate(self._shard_params[shard])
-            if self._versions[pid] != (params[pid]._version, params[pid].data_ptr())
-        ]
-        if not changed:
-            return None
-        if self._shm[shard] is not None:  # the shard's master copy is mapped here: write it
-            layout = self._layouts[shard]
-            for j in changed:
-                pid = self._shard_params[shard][j]
-                target = layout.view(self._shm[shard][0], j)
-                if target.data_ptr() != params[pid].data_ptr():
-                    target.copy_(params[pid].detach())
-                self._record_version(pid, params[pid])
-            return None
-        tensors = [params[self._shard_params[shard][j]].detach().cpu() for j in changed]
-        layout = FlatLayout.for_tensors(tensors)
-        update = ParamUpdate(tuple(changed), layout, to_numpy(layout.pack(tensors)))
-        for j in changed:
-            pid = self._shard_params[shard][j]
-            self._record_version(pid, params[pid])
-        return update
 
     def pull_params(self) -> None:
         """Copies the shards' current parameters into this process's tensors.
@@ -877,20 +724,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
         ray_get([self._call(s, "commit_load", token) for s in live])
 
     # ----- the state view's backend ---------------------------------------------------------
-
-    def _request_state(self, shard: int, param_ids: tuple[int, ...] | None = None) -> Any:
-        """Asks a shard for its state: through a shared-memory file where it is on this node
-        (one copy there, one here), else through Ray's object store."""
-        method = "state" if self._shm[shard] is None else "state_in_shared_memory"
-        return self._call(shard, method, param_ids)
-
-    def _receive_state(self, ref: Any) -> dict[int, Any]:
-        """A shard's optimizer state by global id, as fresh CPU tensors."""
-        packed = ray_get(ref)
-        if isinstance(packed, SharedTree):
-            data = shm.attach(packed.path, packed.layout.nbytes)
-            packed = PackedTree(packed.skeleton, packed.layout, data)
-        return unpack_tree(packed)
 
     def _fetch_param_state(self, pid: int) -> dict[str, Any]:
         self._check_open()

@@ -26,6 +26,7 @@ from shardopt import errors, wire
 from shardopt.groups import group_options
 from shardopt.plan import ShardPlan
 from shardopt.proto import pb, rpc
+from shardopt.records import GroupConfig
 
 if TYPE_CHECKING:
     from shardopt.optimizer import ShardedOptimizer
@@ -66,6 +67,26 @@ def raised(err: grpc.RpcError) -> BaseException:
     if kind is KeyError and "session" in message:
         kind = errors.OptimizerClosedError
     return kind(message)
+
+
+def group_request(
+    name: str | None, rank: int | None, config: GroupConfig | None
+) -> dict[str, Any] | None:
+    """A shard group's options as the gateway's ``GroupOptions`` fields (None: no group)."""
+    if name is None or config is None:
+        return None
+    options: dict[str, Any] = {
+        "name": name,
+        "world_size": config.world_size,
+        "rank": rank,
+        "mode": config.mode,
+        "placement": config.placement or "",
+        "shard_resources": dict(config.shard_resources),
+        "timeout_seconds": config.timeout_s,
+    }
+    if config.max_staleness is not None:
+        options["max_staleness"] = config.max_staleness
+    return options
 
 
 def _channel(address: str, tls: bool | str | os.PathLike | None) -> grpc.Channel:

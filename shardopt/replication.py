@@ -34,7 +34,6 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardopt.buffers import FlatLayout, to_numpy
-from shardopt.errors import ShardUnavailableError
 from shardopt.groups import group_options
 from shardopt.records import ParamBlock, ShardSpec, StepRequest
 from shardopt.runtime import NAMESPACE, host_pool, ray_get
@@ -152,22 +151,28 @@ class Replicas:
             self._pending[s] = []
             try:
                 ray.get(pending)
-            except (ray.exceptions.RayActorError, ShardUnavailableError):
-                logger.warning("the replica of shard %d was lost; making a new one", s)
-                self.hosts[s] = None
-                self._rebuild(s)
-            except ray.exceptions.RayTaskError as err:  # the primary got the same error
-                logger.debug("replica of shard %d: %s", s, err)
+            except Exception as err:  # a task error the primary got too, or a lost replica
+                if not self._usable(s):
+                    logger.warning(
+                        "the replica of shard %d was lost (%s); making a new one", s, err
+                    )
+                    self.hosts[s] = None
+                    self._rebuild(s)
 
     # ----- recovery ---------------------------------------------------------------------------
 
-    def _alive(self, shard: int) -> bool:
+    def _usable(self, shard: int) -> bool:
+        """Whether the replica's host is alive and holds the shard (it may have failed to
+        build from a primary that was lost at the same time)."""
         host = self.hosts[shard]
         if host is None:
             return False
         try:
-            ray.get(host.info.remote(), timeout=30)
-            return True
+            ray.get(self._pending[shard], timeout=60)
+        except Exception as err:  # judged by what the host holds, below
+            logger.debug("replica of shard %d: %s", shard, err)
+        try:
+            return self.keys[shard] in ray.get(host.info.remote(), timeout=30)["shards"]
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return False
 
@@ -187,7 +192,7 @@ class Replicas:
             request = dataclasses.replace(request, grads=to_numpy(flat))
         old_host = proxy._hosts[shard]
         host_pool.forget(old_host)
-        if self._alive(shard):
+        if self._usable(shard):
             logger.warning("shard %d was lost; its replica takes over", shard)
             proxy._hosts[shard], proxy._keys[shard] = self.hosts[shard], self.keys[shard]
             proxy._host_nodes[shard] = self.nodes[shard]
