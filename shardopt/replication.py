@@ -85,7 +85,7 @@ class Replicas:
 
     # ----- placement --------------------------------------------------------------------------
 
-    def _start_host(self, shard: int) -> Any:
+    def _start_host(self, shard: int, wait: bool = True) -> Any:
         """A dedicated shard host on another node than the shard's primary, where possible."""
         primary = self._proxy._host_nodes[shard]
         alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
@@ -106,17 +106,22 @@ class Replicas:
             .remote()
         )
         self.owned.append(host)
-        self.nodes[shard] = ray_get(host.info.remote())["node_id"]
         self.hosts[shard] = host
+        if wait:
+            self.nodes[shard] = ray_get(host.info.remote())["node_id"]
         return host
 
     def start(self, specs: list[ShardSpec], threads: list[int | None]) -> None:
         """Creates every shard's replica from the same specs as the primaries."""
-        calls = []
-        for s, spec in enumerate(specs):
-            host = self._start_host(s)
-            calls.append(host.create.remote(self.keys[s], s, spec, False, threads[s]))
-        ray_get(calls)
+        hosts = [self._start_host(s, wait=False) for s in range(len(specs))]  # start together
+        infos = ray_get([h.info.remote() for h in hosts])
+        self.nodes = [info["node_id"] for info in infos]
+        ray_get(
+            [
+                h.create.remote(self.keys[s], s, spec, False, threads[s])
+                for s, (h, spec) in enumerate(zip(hosts, specs))
+            ]
+        )
 
     def _rebuild(self, shard: int) -> None:
         """A new replica for ``shard``, from an export of its primary (taken after the calls
