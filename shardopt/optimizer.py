@@ -457,7 +457,7 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
             pending[s] = self._call(s, "step", request)
             updated[s] = touched
             if replicas is not None:
-                replicas.step(s, replace(request, grads=to_numpy(flat)))
+                replicas.step(s, replace(request, grads=to_numpy(flat), return_params=False))
                 sent[s] = (request, flat)
         self._shipped.clear()
         new_state: list[int] = []

@@ -81,6 +81,7 @@ class StepRequest:
     has_grad: tuple[bool, ...]
     sparse_grads: dict[int, SparseGrad]
     params_in: ParamUpdate | None = None
+    return_params: bool = True  # False for a replica: the proxy needs only its acknowledgement
 
 
 @dataclass(frozen=True)

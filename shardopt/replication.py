@@ -107,9 +107,16 @@ class Replicas:
         )
         self.owned.append(host)
         self.hosts[shard] = host
+        self.nodes[shard] = None
         if wait:
-            self.nodes[shard] = ray_get(host.info.remote())["node_id"]
+            self._node_of(shard)
         return host
+
+    def _node_of(self, shard: int) -> str | None:
+        """The replica host's node (asked for once, when first needed)."""
+        if self.nodes[shard] is None and self.hosts[shard] is not None:
+            self.nodes[shard] = ray_get(self.hosts[shard].info.remote())["node_id"]
+        return self.nodes[shard]
 
     def start(self, specs: list[ShardSpec], threads: list[int | None]) -> None:
         """Creates every shard's replica from the same specs as the primaries."""
@@ -128,7 +135,7 @@ class Replicas:
         already sent to it)."""
         proxy = self._proxy
         export = proxy._hosts[shard].call.remote(proxy._keys[shard], "export")
-        host = self._start_host(shard)
+        host = self._start_host(shard, wait=False)  # the step in flight does not wait for it
         threads = proxy._threads[shard]
         self._pending[shard] = [host.create_from.remote(self.keys[shard], shard, export, threads)]
 
@@ -195,12 +202,13 @@ class Replicas:
         self.recoveries += 1
         if request.grads is None:
             request = dataclasses.replace(request, grads=to_numpy(flat))
+        request = dataclasses.replace(request, return_params=True)
         old_host = proxy._hosts[shard]
         host_pool.forget(old_host)
         if self._usable(shard):
             logger.warning("shard %d was lost; its replica takes over", shard)
             proxy._hosts[shard], proxy._keys[shard] = self.hosts[shard], self.keys[shard]
-            proxy._host_nodes[shard] = self.nodes[shard]
+            proxy._host_nodes[shard] = self._node_of(shard)
             self.hosts[shard] = None
             self.keys[shard] = f"{proxy._keys[shard]}/r{self.recoveries}"
             proxy._map_shared(shard, None)

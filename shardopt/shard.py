@@ -246,8 +246,11 @@ class Shard:
         if self._fault == "before_step":
             os._exit(1)
         if request.step_id <= self._last_step_id:
-            if request.step_id == self._last_step_id and self._last_result is not None:
-                return self._last_result
+            last = self._last_result
+            if request.step_id == self._last_step_id and last is not None:
+                if request.return_params and last.params is None and not self._shm_paths:
+                    last = StepResult(last.step_id, self.param_values(), last.new_state_ids)
+                return last
             raise ValueError(
                 f"shard {self.shard_index}: step {request.step_id} is older than the last "
                 f"applied step {self._last_step_id}"
@@ -277,7 +280,7 @@ class Shard:
             p.grad = None
         result = StepResult(
             step_id=request.step_id,
-            params=None if self._shm_paths else self.param_values(),
+            params=None if self._shm_paths or not request.return_params else self.param_values(),
             new_state_ids=self._note_new_state(),
         )
         self._last_step_id = request.step_id
