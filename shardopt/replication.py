@@ -6,7 +6,7 @@ receives every call that changes a shard (steps with their gradients, parameter 
 new param groups) right after its primary does. Ray runs one caller's calls to an actor in
 order and torch's per-tensor kernels are deterministic, so the replica's parameters and state
 stay bit-identical to the primary's; its lag is at most one step (the proxy collects the
-replica's answers before the next step).
+replica's answers before the next step), except while a new replica's host is starting.
 
 When a primary is lost (its actor died or its node went away), the proxy promotes the replica:
 it resends the step in flight, which the replica answers from its exactly-once cache if it
@@ -79,6 +79,7 @@ class Replicas:
         self.keys = [f"{k}/replica" for k in proxy._keys]
         self.nodes: list[str | None] = [None] * n
         self._pending: list[list[Any]] = [[] for _ in range(n)]
+        self._building: list[Any] = [None] * n  # a replica being built: steps queue behind it
         self.recoveries = 0
         self.owned: list[Any] = []  # every host started here (killed when the optimizer goes)
         self.checkpoint: tuple[str, int] | None = None  # path, the step id it was taken before
@@ -137,7 +138,8 @@ class Replicas:
         export = proxy._hosts[shard].call.remote(proxy._keys[shard], "export")
         host = self._start_host(shard, wait=False)  # the step in flight does not wait for it
         threads = proxy._threads[shard]
-        self._pending[shard] = [host.create_from.remote(self.keys[shard], shard, export, threads)]
+        self._pending[shard] = []
+        self._building[shard] = host.create_from.remote(self.keys[shard], shard, export, threads)
 
     def close(self) -> None:
         kill_hosts(self.owned)
@@ -156,8 +158,18 @@ class Replicas:
             self._pending[shard].append(host.call.remote(self.keys[shard], "step", request))
 
     def settle(self) -> None:
-        """Waits for the replicas' answers so far; replaces a replica that was lost."""
+        """Waits for the replicas' answers so far; replaces a replica that was lost.
+
+        A replica still being built (its host starting) is not waited for: the calls sent to
+        it queue up and run once it exists, so the lag of one step holds again soon after.
+        """
         for s, pending in enumerate(self._pending):
+            building = self._building[s]
+            if building is not None:
+                if not ray.wait([building], timeout=0)[0]:
+                    continue
+                self._building[s] = None
+                pending = [building, *pending]
             if not pending:
                 continue
             self._pending[s] = []
@@ -179,8 +191,9 @@ class Replicas:
         host = self.hosts[shard]
         if host is None:
             return False
+        building = [self._building[shard]] if self._building[shard] is not None else []
         try:
-            ray.get(self._pending[shard], timeout=60)
+            ray.get(building + self._pending[shard], timeout=120)
         except Exception as err:  # judged by what the host holds, below
             logger.debug("replica of shard %d: %s", shard, err)
         try:
@@ -213,7 +226,7 @@ class Replicas:
             self.keys[shard] = f"{proxy._keys[shard]}/r{self.recoveries}"
             proxy._map_shared(shard, None)
             ref = proxy._hosts[shard].call.remote(proxy._keys[shard], "step", request)
-            self._pending[shard] = []
+            self._pending[shard], self._building[shard] = [], None
             self._rebuild(shard)
             return ref
         return self._from_checkpoint(shard, request)
@@ -261,6 +274,6 @@ class Replicas:
         proxy._map_shared(shard, None)
         self.keys[shard] = f"{key}/replica"
         ref = host.call.remote(key, "step", request)
-        self._pending[shard] = []
+        self._pending[shard], self._building[shard] = [], None
         self._rebuild(shard)
         return ref
