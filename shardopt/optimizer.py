@@ -102,8 +102,11 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
             ``{"GPU": 1}`` puts one shard per GPU).
         replicate: keep an in-memory replica of every shard on another node, so that a lost
             shard actor (or node) is replaced with nothing lost (see
-            :mod:`shardopt.replication`); costs a second copy of each shard's parameters,
-            gradients and state, and the replicas' compute.
+            :mod:`shardopt.replication`). ``True`` (or 1): the replicas run every step too;
+            an int ``k > 1``: they are refreshed from their primaries every ``k`` steps and
+            this process keeps the gradients since, to replay after a loss. Costs a second
+            copy of each shard's parameters, gradients and state (and, with ``k``, up to
+            ``k`` gradient copies here).
         address: ``"host:port"`` of a shardopt gateway (``shardopt serve``): the shards are
             reached over gRPC instead of Ray, and this process needs no Ray at all.
         token: the gateway's bearer token.
@@ -147,7 +150,7 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
         timeout: datetime.timedelta | float = datetime.timedelta(minutes=5),
         placement: str | None = None,
         shard_resources: dict[str, float] | None = None,
-        replicate: bool = False,
+        replicate: bool | int = False,
         address: str | None = None,
         token: str | None = None,
         tls: bool | str | os.PathLike | None = None,
@@ -174,7 +177,9 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
                 "replicate=True applies to a ShardedOptimizer in the Ray cluster, not to "
                 "groups, gateway sessions or LBFGS"
             )
-        self._replicate = replicate
+        if not isinstance(replicate, (bool, int)) or replicate < 0:
+            raise ValueError(f"Invalid replicate: {replicate!r} (False, True, or steps >= 1)")
+        self._replicate = int(replicate)
         self._replicas: Replicas | None = None
         if address is not None and (
             actor_options or shared_memory or overlap or share_params or self._shards_lbfgs
@@ -348,7 +353,7 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
             self._map_shared(s, buffers)
         self._note_state(chain.from_iterable(ids for ids, _ in created))
         if self._replicate:
-            self._replicas = Replicas(self)
+            self._replicas = Replicas(self, interval=self._replicate)
             weakref.finalize(self, kill_hosts, self._replicas.owned)
             self._replicas.start(specs, threads)
         self._shards_ready = True

@@ -55,6 +55,9 @@ MIRRORED = frozenset(
     }
 )
 """Shard methods that change a shard, sent to its replica too (steps are sent by the proxy)."""
+CHANGES_STATE = frozenset({"set_params", "add_param_group", "set_param_state", "commit_load"})
+"""Of those, the ones after which a replica refreshed from its primary must be refreshed again
+(a prepared load changes nothing until it is committed)."""
 
 
 def kill_hosts(hosts: list[Any]) -> None:
@@ -72,8 +75,13 @@ def kill_hosts(hosts: list[Any]) -> None:
 class Replicas:
     """The replicas of one optimizer's shards, and the recovery of its lost shards."""
 
-    def __init__(self, proxy: ShardedOptimizer) -> None:
+    def __init__(self, proxy: ShardedOptimizer, interval: int = 1) -> None:
         self._proxy = proxy
+        self.interval = interval
+        self._log: list[list[StepRequest]] = [[] for _ in range(proxy.num_shards)]
+        self._refreshing: list[Any] = [None] * proxy.num_shards
+        self._stale = [False] * proxy.num_shards  # a refresh is due
+        self._changed = [False] * proxy.num_shards  # ... for a change no log holds (a load)
         n = proxy.num_shards
         self.hosts: list[Any] = [None] * n
         self.keys = [f"{k}/replica" for k in proxy._keys]
@@ -81,6 +89,7 @@ class Replicas:
         self._pending: list[list[Any]] = [[] for _ in range(n)]
         self._building: list[Any] = [None] * n  # a replica being built: steps queue behind it
         self.recoveries = 0
+        self.replayed = 0  # logged steps replayed on replicas (interval > 1)
         self.owned: list[Any] = []  # every host started here (killed when the optimizer goes)
         self.checkpoint: tuple[str, int] | None = None  # path, the step id it was taken before
 
@@ -149,13 +158,49 @@ class Replicas:
 
     def mirror(self, shard: int, method: str, args: tuple) -> None:
         host = self.hosts[shard]
-        if host is not None and method in MIRRORED:
+        if host is None or method not in MIRRORED:
+            return
+        if self.interval == 1:
             self._pending[shard].append(host.call.remote(self.keys[shard], method, *args))
+        elif method in CHANGES_STATE:
+            # No log holds this change: the replica is refreshed from the primary right after
+            # it, before the caller goes on (so a loss right after the change loses nothing).
+            self._changed[shard] = True
+            self._refresh(shard)
+            ref, _, _ = self._refreshing[shard]
+            self._refreshing[shard] = None
+            try:
+                ray.get(ref)
+                self._changed[shard] = False
+            except Exception as err:  # the primary failed the change or was lost: see recover
+                logger.warning("refreshing the replica of shard %d failed: %s", shard, err)
 
     def step(self, shard: int, request: StepRequest) -> None:
+        """Sends a step to the replica (interval 1), or logs it until the next refresh."""
         host = self.hosts[shard]
-        if host is not None:
+        if host is None:
+            return
+        if self.interval == 1:
             self._pending[shard].append(host.call.remote(self.keys[shard], "step", request))
+            return
+        copy = dataclasses.replace(request, grads=request.grads.copy())  # buffers are reused
+        self._log[shard].append(copy)
+        if (request.step_id + 1) % self.interval == 0:
+            self._stale[shard] = True
+
+    def _refresh(self, shard: int) -> None:
+        """Copies the primary's current parameters, state and step history to the replica."""
+        proxy = self._proxy
+        export = proxy._hosts[shard].call.remote(proxy._keys[shard], "export")
+        host = self.hosts[shard]
+        # the export holds at least every step before the one last started (the log is trimmed
+        # to that; a replay goes by what the replica reports it has applied)
+        self._refreshing[shard] = (
+            host.call.remote(self.keys[shard], "restore", export),
+            proxy._next_step_id - 1,
+            self._changed[shard],
+        )
+        self._stale[shard] = False
 
     def settle(self) -> None:
         """Waits for the replicas' answers so far; replaces a replica that was lost.
@@ -163,6 +208,21 @@ class Replicas:
         A replica still being built (its host starting) is not waited for: the calls sent to
         it queue up and run once it exists, so the lag of one step holds again soon after.
         """
+        for s in range(len(self._pending)):
+            refreshing = self._refreshing[s]
+            if refreshing is not None and ray.wait([refreshing[0]], timeout=0)[0]:
+                self._refreshing[s] = None
+                try:
+                    ray.get(refreshing[0])
+                    # the replica now holds every step before `refreshing[1]`
+                    self._log[s] = [r for r in self._log[s] if r.step_id >= refreshing[1]]
+                    if refreshing[2]:
+                        self._changed[s] = False
+                except Exception as err:
+                    logger.warning("refreshing the replica of shard %d failed: %s", s, err)
+                    self._stale[s] = True
+            if self._stale[s] and self._refreshing[s] is None and self.hosts[s] is not None:
+                self._refresh(s)
         for s, pending in enumerate(self._pending):
             building = self._building[s]
             if building is not None:
@@ -218,7 +278,7 @@ class Replicas:
         request = dataclasses.replace(request, return_params=True)
         old_host = proxy._hosts[shard]
         host_pool.forget(old_host)
-        if self._usable(shard):
+        if self._usable(shard) and self._catch_up(shard):
             logger.warning("shard %d was lost; its replica takes over", shard)
             proxy._hosts[shard], proxy._keys[shard] = self.hosts[shard], self.keys[shard]
             proxy._host_nodes[shard] = self._node_of(shard)
@@ -230,6 +290,40 @@ class Replicas:
             self._rebuild(shard)
             return ref
         return self._from_checkpoint(shard, request)
+
+    def _catch_up(self, shard: int) -> bool:
+        """Replays on the replica the logged steps it has not applied (interval > 1).
+
+        Returns:
+            Whether the replica is current up to the step in flight.
+        """
+        log, self._log[shard] = self._log[shard], []
+        if self.interval == 1:
+            return True
+        host, key = self.hosts[shard], self.keys[shard]
+        try:
+            refreshing = self._refreshing[shard]
+            if refreshing is not None:  # a refresh in flight: let it land (or fail) first
+                self._refreshing[shard] = None
+                try:
+                    ray.get(refreshing[0], timeout=120)
+                    if refreshing[2]:
+                        self._changed[shard] = False
+                except Exception as err:  # from an older export then; the log covers steps
+                    logger.debug("refresh of shard %d's replica: %s", shard, err)
+            if self._changed[shard]:
+                return False  # a load or parameter write that reached no replica
+            applied = ray_get(host.call.remote(key, "status")).last_step_id
+            proxy_step = self._proxy._next_step_id - 1  # the step in flight
+            replay = [r for r in log if applied < r.step_id < proxy_step]
+            if replay and replay[0].step_id != applied + 1:
+                return False  # a gap: the steps in between are in no log
+            ray_get([host.call.remote(key, "step", r) for r in replay])
+            self.replayed += len(replay)
+            return True
+        except Exception as err:
+            logger.warning("the replica of shard %d could not catch up: %s", shard, err)
+            return False
 
     def _from_checkpoint(self, shard: int, request: StepRequest) -> Any:
         """Rebuilds a shard whose primary and replica are both lost (see the module docstring)."""

@@ -313,7 +313,10 @@ class Shard:
         return ShardExport(spec, self.state(), self._last_step_id, self._last_result)
 
     def restore(self, export: ShardExport) -> None:
-        """Takes over an exported shard's optimizer state and step history (same parameters)."""
+        """Takes over an exported shard's parameter values, optimizer state and step history
+        (a shard of the same parameters: a replica being refreshed, or a new one)."""
+        with torch.no_grad():
+            self._flat.copy_(readonly_tensor(export.spec.params.values).to(self.device))
         token = "restore"
         error = self.prepare_load(token, export.spec.group_options, export.state)
         if error is not None:

@@ -37,8 +37,15 @@ def run(opt_factory, disrupt=None, at=3, steps=STEPS):
     return opt, result
 
 
-def adamw(model, **kw):
-    return shardopt.AdamW(model.parameters(), lr=0.01, num_shards=2, replicate=True, **kw)
+def adamw(model, replicate=True, **kw):
+    return shardopt.AdamW(model.parameters(), lr=0.01, num_shards=2, replicate=replicate, **kw)
+
+
+REPLICATION = [
+    pytest.param(True, 3, id="every-step"),
+    pytest.param(3, 3, id="every-3-lost-before-any-refresh"),
+    pytest.param(3, 5, id="every-3-lost-after-a-refresh"),
+]
 
 
 def assert_identical(a, b):
@@ -73,6 +80,7 @@ def inject(shard, when):
     return disrupt
 
 
+@pytest.mark.parametrize(("replicate", "at"), REPLICATION)
 @pytest.mark.parametrize(
     ("disrupt", "label"),
     [
@@ -81,9 +89,20 @@ def inject(shard, when):
         (inject(0, "after_step"), "dies after applying the step, before answering"),
     ],
 )
-def test_a_lost_shard_is_replaced_and_nothing_changes(uninterrupted, disrupt, label):
-    opt, result = run(adamw, disrupt)
+def test_a_lost_shard_is_replaced_and_nothing_changes(uninterrupted, disrupt, label, replicate, at):
+    opt, result = run(lambda m: adamw(m, replicate), disrupt, at=at)
     assert opt._replicas.recoveries == 1, label
+    # every 3 steps: the refresh due after step 2 runs as step 3 starts. A shard dying inside
+    # step 3 was refreshed first (nothing to replay); one killed just before may or may not
+    # have been (ray.kill lands asynchronously): if not, its replica replays steps 0-2 from
+    # the log. A shard lost at step 5 replays steps 3 and 4.
+    if replicate is True:
+        expected = {0}
+    elif at == 5:
+        expected = {2}
+    else:
+        expected = {0, 3} if "killed" in label else {0}
+    assert opt._replicas.replayed in expected
     assert_identical(uninterrupted, result)
     # and the optimizer goes on with a fresh replica: a second loss is survived too
     for p in opt._flat_params():
@@ -100,7 +119,8 @@ def test_replication_changes_no_number(uninterrupted):
     opt.close()
 
 
-def test_replicas_follow_loads_and_param_writes():
+@pytest.mark.parametrize("replicate", [True, 3])
+def test_replicas_follow_loads_and_param_writes(replicate):
     """Everything that changes a shard reaches its replica: load_state_dict, in-place writes."""
 
     def disrupt(opt):
@@ -112,14 +132,14 @@ def test_replicas_follow_loads_and_param_writes():
             opt.param_groups[0]["params"][0].mul_(0.9)  # sent with the next step
         return state
 
-    reference_opt, reference = run(adamw, disrupt)
+    reference_opt, reference = run(lambda m: adamw(m, replicate), disrupt)
     reference_opt.close()
 
     def disrupt_then_kill(opt):
         disrupt(opt)  # the in-place write travels with the next step, which the kill hits
         ray.kill(opt._hosts[1])
 
-    opt, result = run(adamw, disrupt_then_kill)
+    opt, result = run(lambda m: adamw(m, replicate), disrupt_then_kill)
     assert opt._replicas.recoveries == 1
     assert_identical(reference, result)
     opt.close()
