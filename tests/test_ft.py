@@ -92,16 +92,17 @@ def inject(shard, when):
 def test_a_lost_shard_is_replaced_and_nothing_changes(uninterrupted, disrupt, label, replicate, at):
     opt, result = run(lambda m: adamw(m, replicate), disrupt, at=at)
     assert opt._replicas.recoveries == 1, label
-    # every 3 steps: the refresh due after step 2 runs as step 3 starts. A shard dying inside
-    # step 3 was refreshed first (nothing to replay); one killed just before may or may not
-    # have been (ray.kill lands asynchronously): if not, its replica replays steps 0-2 from
-    # the log. A shard lost at step 5 replays steps 3 and 4.
+    # every 3 steps: the refresh due after step 2 starts with step 3, from an export the
+    # primary makes just before it. Whether that export gets out before the process dies is a
+    # race (ray.kill lands asynchronously; a dying process may not flush its last answer): if
+    # it does not, the replica replays steps 0-2 from the log instead. A shard lost at step 5
+    # replays steps 3 and 4. The numbers are identical either way (checked above).
     if replicate is True:
         expected = {0}
     elif at == 5:
         expected = {2}
     else:
-        expected = {0, 3} if "killed" in label else {0}
+        expected = {0, 3}
     assert opt._replicas.replayed in expected
     assert_identical(uninterrupted, result)
     # and the optimizer goes on with a fresh replica: a second loss is survived too
