@@ -7,6 +7,8 @@ tests/test_ft_cluster.py.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 import torch
@@ -66,9 +68,22 @@ def uninterrupted():
     return result
 
 
+def kill(host) -> None:
+    """ray.kill, and wait until the actor is really gone (ray.kill lands asynchronously)."""
+    ray.kill(host)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get(host.info.remote(), timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the actor survived ray.kill")
+
+
 def kill_primary(shard):
     def disrupt(opt):
-        ray.kill(opt._hosts[shard])
+        kill(opt._hosts[shard])
 
     return disrupt
 
@@ -138,7 +153,7 @@ def test_replicas_follow_loads_and_param_writes(replicate):
 
     def disrupt_then_kill(opt):
         disrupt(opt)  # the in-place write travels with the next step, which the kill hits
-        ray.kill(opt._hosts[1])
+        kill(opt._hosts[1])
 
     opt, result = run(lambda m: adamw(m, replicate), disrupt_then_kill)
     assert opt._replicas.recoveries == 1
@@ -148,8 +163,8 @@ def test_replicas_follow_loads_and_param_writes(replicate):
 
 def test_losing_a_shard_and_its_replica_falls_back_to_the_checkpoint_and_says_so(tmp_path):
     def lose_shard_0(opt):
-        ray.kill(opt._replicas.hosts[0])
-        ray.kill(opt._hosts[0])
+        kill(opt._replicas.hosts[0])
+        kill(opt._hosts[0])
 
     model = make_model()
     opt = adamw(model)
@@ -176,8 +191,8 @@ def test_losing_a_shard_and_its_replica_falls_back_to_the_checkpoint_and_says_so
 
 def test_losing_both_without_a_checkpoint_warns_that_all_state_is_lost():
     def disrupt(opt):
-        ray.kill(opt._replicas.hosts[1])
-        ray.kill(opt._hosts[1])
+        kill(opt._replicas.hosts[1])
+        kill(opt._hosts[1])
 
     with pytest.warns(RuntimeWarning, match="all of its optimizer state is lost: 3 step"):
         opt, _ = run(adamw, disrupt)
