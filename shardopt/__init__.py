@@ -25,6 +25,7 @@ from shardopt.algorithms import (
 from shardopt.errors import (
     GroupTimeoutError,
     OptimizerClosedError,
+    PartialStepError,
     PlacementError,
     ShardoptError,
     ShardUnavailableError,
@@ -50,6 +51,7 @@ __all__ = [
     "Muon",
     "NAdam",
     "OptimizerClosedError",
+    "PartialStepError",
     "PlacementError",
     "RAdam",
     "RMSprop",

@@ -21,6 +21,7 @@ import ray
 import torch
 
 from shardopt import shm
+from shardopt.amp import AmpScaling, unscale_sparse
 from shardopt.buffers import FlatLayout, PackedTree, to_numpy, unpack_tree
 from shardopt.records import ParamUpdate, SharedBuffers, SharedTree, SparseGrad
 from shardopt.runtime import ray_get
@@ -55,8 +56,16 @@ class LocalDataPath:
         return [max(1, cpus.get(node, 1) // nodes.count(node)) for node in nodes]
 
     def _map_shared(self, shard: int, buffers: SharedBuffers | None) -> None:
-        """Maps a shard's shared parameter and gradient buffers here, then unlinks their files."""
+        """Maps a shard's shared parameter and gradient buffers here, then unlinks their files.
+
+        A shard answers with the buffers it has now; when they are the ones already mapped (an
+        ``add_param_group`` that gave it no parameters), the mapping stays.
+        """
+        if buffers is not None and self._shm[shard] is not None:
+            if self._mapped_from.get(shard) == buffers:
+                return
         self._forget_shipped(shard)  # gradients shipped early went to the buffers replaced here
+        self._mapped_from.pop(shard, None)
         if buffers is None:
             self._shm[shard] = None
             return
@@ -64,6 +73,7 @@ class LocalDataPath:
             shm.attach(path, buffers.nbytes) for path in (buffers.param_path, buffers.grad_path)
         )
         self._shm[shard] = mapped
+        self._mapped_from[shard] = buffers
         if self._share_params:
             params = self._flat_params()
             layout = self._layouts[shard]
@@ -100,9 +110,12 @@ class LocalDataPath:
         self._shipped[pid] = (grad.data_ptr(), grad._version)
 
     def _pack_grads(
-        self, shard: int, params: list[torch.Tensor]
+        self, shard: int, params: list[torch.Tensor], scaling: AmpScaling | None = None
     ) -> tuple[torch.Tensor, tuple[bool, ...], dict[int, SparseGrad], list[int]]:
         """Writes a shard's dense gradients into one flat buffer (its shared one, if mapped).
+
+        Sparse gradients are sent aside, coalesced (unscaled first under a GradScaler, as
+        torch unscales them before its optimizer coalesces them).
 
         Returns:
             The buffer, which slots hold a dense gradient, the sparse gradients by slot, and
@@ -118,7 +131,7 @@ class LocalDataPath:
                 continue
             touched.append(j)
             if grad.is_sparse:
-                grad = grad.coalesce()
+                grad = unscale_sparse(grad, scaling).coalesce()
                 sparse[j] = SparseGrad(
                     indices=grad.indices().cpu().numpy(),
                     values=grad.values().cpu().contiguous().numpy(),
@@ -131,7 +144,11 @@ class LocalDataPath:
         return flat, tuple(has_grad), sparse, touched
 
     def _changed_params(self, shard: int, params: list[torch.Tensor]) -> ParamUpdate | None:
-        """The user's parameters of ``shard`` modified since shardopt last wrote them."""
+        """The user's parameters of ``shard`` modified since shardopt last wrote them.
+
+        Where the shard's master copy is mapped here they are written into it at once, and the
+        update is returned only for the shard's replica (None without replicas).
+        """
         changed = [
             j
             for j, pid in enumerate(self._shard_params[shard])
@@ -139,18 +156,19 @@ class LocalDataPath:
         ]
         if not changed:
             return None
-        if self._shm[shard] is not None:  # the shard's master copy is mapped here: write it
+        mapped = self._shm[shard]
+        update = None
+        if mapped is not None:
             layout = self._layouts[shard]
             for j in changed:
                 pid = self._shard_params[shard][j]
-                target = layout.view(self._shm[shard][0], j)
-                if target.data_ptr() != params[pid].data_ptr():
+                target = layout.view(mapped[0], j)
+                if target.data_ptr() != params[pid].data_ptr():  # share_params: written
                     target.copy_(params[pid].detach())
-                self._record_version(pid, params[pid])
-            return None
-        tensors = [params[self._shard_params[shard][j]].detach().cpu() for j in changed]
-        layout = FlatLayout.for_tensors(tensors)
-        update = ParamUpdate(tuple(changed), layout, to_numpy(layout.pack(tensors)))
+        if mapped is None or self._replicas is not None:
+            tensors = [params[self._shard_params[shard][j]].detach().cpu() for j in changed]
+            layout = FlatLayout.for_tensors(tensors)
+            update = ParamUpdate(tuple(changed), layout, to_numpy(layout.pack(tensors)))
         for j in changed:
             pid = self._shard_params[shard][j]
             self._record_version(pid, params[pid])

@@ -24,6 +24,25 @@ class GroupTimeoutError(ShardoptError, TimeoutError):
     """A synchronous group step waited longer than its timeout for the other workers."""
 
 
+class PartialStepError(ShardoptError):
+    """A step failed on some shards after others had applied it; the message says which and
+    how to get back to one consistent state.
+
+    Attributes:
+        step_id: the step.
+        applied: the shards that applied it.
+        failed: the shards that raised (the first one's error is the ``__cause__``).
+    """
+
+    def __init__(
+        self, message: str, *, step_id: int = -1, applied: list[int] = (), failed: list[int] = ()
+    ) -> None:
+        super().__init__(message)
+        self.step_id = step_id
+        self.applied = list(applied)
+        self.failed = list(failed)
+
+
 class PlacementError(ShardoptError):
     """The cluster cannot place the shards as asked; the message says what to change."""
 
@@ -36,6 +55,7 @@ GRPC_STATUS: dict[type[BaseException], str] = {
     GroupTimeoutError: "DEADLINE_EXCEEDED",
     ShardUnavailableError: "UNAVAILABLE",
     OptimizerClosedError: "FAILED_PRECONDITION",
+    PartialStepError: "ABORTED",
     PlacementError: "FAILED_PRECONDITION",
     PermissionError: "UNAUTHENTICATED",
     MemoryError: "RESOURCE_EXHAUSTED",

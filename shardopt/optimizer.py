@@ -26,7 +26,7 @@ from typing import Any
 import ray
 import torch
 
-from shardopt import checkpoint
+from shardopt import amp, checkpoint
 from shardopt.buffers import (
     FlatLayout,
     pack_tree,
@@ -34,7 +34,7 @@ from shardopt.buffers import (
     to_numpy,
 )
 from shardopt.data_path import GradShipper, LocalDataPath
-from shardopt.errors import OptimizerClosedError, ShardUnavailableError
+from shardopt.errors import OptimizerClosedError, PartialStepError, ShardUnavailableError
 from shardopt.group_client import GroupClient, make_config
 from shardopt.groups import check_param_groups, copy_param_groups, group_options
 from shardopt.plan import ShardPlan
@@ -42,12 +42,15 @@ from shardopt.records import (
     ParamBlock,
     ShardSpec,
     ShardStatus,
+    SharedBuffers,
     StepRequest,
 )
 from shardopt.remote_client import RemoteClient, group_request
 from shardopt.replication import Replicas, kill_hosts
 from shardopt.runtime import drop_shards, ensure_ray, host_pool, ray_get
+from shardopt.shard import run_options
 from shardopt.state_view import ShardStateView
+from shardopt.step_checks import StepInputCheck
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +82,9 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
             possible. ``False`` forces the object store.
         overlap: copy each gradient towards its shard as soon as backward has produced it
             (post-accumulate-grad hooks), so ``step()`` waits only for what is left. Gradients
-            changed after backward (GradScaler, clipping) are noticed and sent again.
+            changed in place after backward (clipping, GradScaler) are noticed by their
+            version counters and sent again; writes through ``grad.data`` are invisible to
+            version counters and are not seen.
         share_params: with shared memory, re-point the user's CPU parameters into the shards'
             buffers, so a step copies no parameters back. The tensors stay the same objects
             but their storage moves: views taken of them earlier no longer follow them.
@@ -216,7 +221,10 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
                 "graph connects the update on the shards to the parameters here",
                 stacklevel=2,
             )
-        self._group: GroupClient | None = None
+        self._membership: GroupClient | None = None
+        self._shipped: dict[int, tuple[int, int]] = {}  # gradients sent early (overlap=True)
+        self._step_checks: StepInputCheck | None = None
+        self._step_supports_amp_scaling = True  # torch.amp.GradScaler: see shardopt.amp
         self._remote: RemoteClient | None = None
         self._state_order: dict[int, None] = {}
         group_settings = dict(
@@ -232,7 +240,7 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
         self._num_shards = num_shards or default_num_shards()
         if group is not None:
             config = make_config(num_shards=self._num_shards, **group_settings)
-            self._group = GroupClient(group, rank, config)
+            self._membership = GroupClient(group, rank, config)
         self._plan = ShardPlan.empty(self._num_shards)
         self._layouts = [FlatLayout.for_specs([]) for _ in range(self._num_shards)]
         self._shard_params: list[list[int]] = [[] for _ in range(self._num_shards)]
@@ -241,7 +249,6 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
         self._versions: list[tuple[int, int]] = []
         self._next_step_id = 0
         self._staging: list[torch.Tensor | None] = [None] * self._num_shards
-        self._shipped: dict[int, tuple[int, int]] = {}
         self._start_shards()
         self.state = ShardStateView(self)
 
@@ -328,8 +335,9 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
             for s in range(self._num_shards)
         ]
         self._shm: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self._num_shards
-        if self._group is not None:
-            self._group.join(self, specs)
+        self._mapped_from: dict[int, SharedBuffers] = {}  # what each mapping in _shm came from
+        if self._membership is not None:
+            self._membership.join(self, specs)
             self._shards_ready = True
             return
         self._hosts, infos = host_pool.acquire(self._num_shards, self._actor_options)
@@ -400,10 +408,10 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
                 self._ids_by_tensor[id(p)] = first + j
                 self._versions.append((p._version, p.data_ptr()))
             return
-        if self._group is not None:
+        if self._membership is not None:
             self.param_groups.pop()
             raise ValueError(
-                f"the param groups of shard group {self._group.name!r} were fixed when it was "
+                f"the param groups of shard group {self._membership.name!r} were fixed when it was "
                 "created; create the optimizer with all of them"
             )
         g = len(self.param_groups) - 1
@@ -415,22 +423,43 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
         for s, shard_buffers in enumerate(buffers):
             self._map_shared(s, shard_buffers)
 
+    @torch.compiler.disable  # moves bytes to other processes: nothing to trace
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Runs the closure (if any) here, then one update on every shard in parallel.
 
+        All or nothing, as in torch: what torch refuses before updating (a sparse gradient for
+        a dense algorithm, a gradient of another shape, dtype or device) is refused before any
+        shard is asked. Under a ``torch.amp.GradScaler`` the shards unscale and skip as torch
+        does (see :mod:`shardopt.amp`).
+
         Returns:
             The closure's return value, or None, as ``torch.optim`` does.
+
+        Raises:
+            PartialStepError: the step failed on some shards after others had applied it (only
+                without replicas; with them every shard is rolled back first and the shard's
+                own error is raised).
         """
         self._check_open()
-        if self._remote is not None:
-            return self._remote.step(self, closure)
-        if self._group is not None:
-            return self._group.step(self, closure)
+        scaling = amp.scaling_of(self)
+        if scaling is not None and scaling.grad_scale is None:
+            self._shipped.clear()  # scaler.unscale_ rewrote the gradients without a version bump
+        if self._remote is not None or self._membership is not None:
+            if scaling is not None:  # these backends take no scale: do what GradScaler does
+                if scaling.skips:
+                    return None
+                amp.unscale_here(self._flat_params(), scaling)
+                self._shipped.clear()
+            if closure is None:
+                self._check_step_inputs(self.param_groups)
+            backend = self._remote if self._remote is not None else self._membership
+            return backend.step(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_step_inputs(self.param_groups)
         params = self._flat_params()
         options = tuple(group_options(g) for g in self.param_groups)
         step_id = self._next_step_id
@@ -446,7 +475,7 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
             if not ids:
                 continue
             changed = self._changed_params(s, params)
-            flat, has_grad, sparse, touched = self._pack_grads(s, params)
+            flat, has_grad, sparse, touched = self._pack_grads(s, params, scaling)
             if not touched:
                 if changed is not None:
                     ray_get(self._call(s, "set_params", changed))
@@ -457,15 +486,18 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
                 grads=None if self._shm[s] is not None else to_numpy(flat),
                 has_grad=has_grad,
                 sparse_grads=sparse,
-                params_in=changed,
+                params_in=changed,  # written already where shared (for a replica, a resend)
+                scaling=scaling,
             )
-            pending[s] = self._call(s, "step", request)
+            shared = self._shm[s] is not None
+            pending[s] = self._call(
+                s, "step", replace(request, params_in=None) if shared else request
+            )
             updated[s] = touched
-            if replicas is not None:
-                replicas.step(s, replace(request, grads=to_numpy(flat), return_params=False))
-                sent[s] = (request, flat)
+            sent[s] = (request, flat)
         self._shipped.clear()
         new_state: list[int] = []
+        failures: dict[int, Exception] = {}
         shard_of = {ref: s for s, ref in pending.items()}
         waiting = list(pending.values())
         while waiting:  # copy each shard's parameters back as soon as it is done
@@ -480,6 +512,9 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
                 shard_of[ref] = s
                 waiting.append(ref)
                 continue
+            except Exception as err:  # the others may have applied it: see _step_failed
+                failures[s] = err
+                continue
             shm = self._shm[s]
             values = shm[0] if shm is not None else readonly_tensor(result.params)
             layout = self._layouts[s]
@@ -491,8 +526,62 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
                     p.copy_(source)
                 self._record_version(pid, p)
             new_state.extend(result.new_state_ids)
+        if failures:
+            self._step_failed(step_id, failures, sent)
+        if replicas is not None:  # only now: until every shard has applied it, they roll back
+            for s, (request, flat) in sent.items():
+                replicas.step(s, replace(request, grads=to_numpy(flat), return_params=False))
         self._note_state(new_state)
         return loss
+
+    def _check_step_inputs(self, param_groups: list[dict[str, Any]]) -> None:
+        if self._step_checks is None:
+            cls = self.optimizer_class
+            self._step_checks = StepInputCheck(
+                cls, self._shard_defaults, lambda options, ps: run_options(cls, options, ps)
+            )
+        self._step_checks(param_groups)
+
+    def _step_failed(
+        self,
+        step_id: int,
+        failures: dict[int, Exception],
+        sent: dict[int, tuple[StepRequest, torch.Tensor]],
+    ) -> None:
+        """Raises for a step some shards refused: after rolling every shard back from its
+        replica where there are replicas, else naming the shards that applied it."""
+        failed = sorted(failures)
+        applied = sorted(set(sent) - set(failures))
+        first = failures[failed[0]]
+        where = f"step {step_id} failed on shard(s) {failed} ({type(first).__name__}: {first})"
+        if self._replicas is not None:
+            stuck = self._replicas.roll_back(sorted(sent))
+            if not stuck:
+                for s, (request, _) in sent.items():  # the user's writes the step carried
+                    if request.params_in is not None:
+                        ray_get(self._call(s, "set_params", request.params_in))
+                self.pull_params()
+                self._shipped.clear()
+                note = (
+                    f"shardopt: {where}; every shard was rolled back from its replica to its "
+                    f"state before step {step_id}: nothing of step {step_id} is applied"
+                )
+                if hasattr(first, "add_note"):
+                    first.add_note(note)
+                logger.error(note)
+                raise first
+            where += f"; shard(s) {stuck} could not be rolled back from their replicas"
+        raise PartialStepError(
+            f"{where}; shard(s) {applied} applied it, so the shards now disagree about step "
+            f"{step_id} (the parameters here hold their values after it; a failed shard may "
+            "have changed part of its own state). To get back to one consistent state, restore "
+            "the parameters and the optimizer state saved before this step "
+            "(model.load_state_dict(...) and opt.load_state_dict(...) or opt.load_checkpoint("
+            "path)); with replicate=True the shards roll back by themselves.",
+            step_id=step_id,
+            applied=applied,
+            failed=failed,
+        ) from first
 
     def pull_params(self) -> None:
         """Copies the shards' current parameters into this process's tensors.
@@ -504,8 +593,8 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
         if self._remote is not None:
             self._remote.pull(self)
             return
-        if self._group is not None:
-            self._group.pull(self)
+        if self._membership is not None:
+            self._membership.pull(self)
             return
         params = self._flat_params()
         remote = [s for s in range(self._num_shards) if self._shard_params[s] and not self._shm[s]]
@@ -524,7 +613,7 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
     @property
     def group(self) -> GroupClient | None:
         """This worker's shard group membership (versions, ``last_push``), or None."""
-        return self._group
+        return self._membership
 
     def push_params(self) -> None:
         """Sends the current values of all parameters to the shards.

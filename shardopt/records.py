@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from shardopt.amp import AmpScaling
 from shardopt.buffers import FlatLayout, PackedTree
 
 
@@ -72,7 +73,8 @@ class StepRequest:
     gradient buffer); ``has_grad`` says which of its slots carry a
     dense gradient (the rest are skipped as torch skips ``grad=None``), ``sparse_grads`` holds
     sparse ones by local index. ``params_in`` carries parameters the user changed since the last
-    step, which the shard adopts before updating.
+    step, which the shard adopts before updating. ``scaling`` is a GradScaler's scale and
+    inf verdict, applied as torch applies them (:func:`shardopt.amp.step_scaled`).
     """
 
     step_id: int
@@ -82,6 +84,7 @@ class StepRequest:
     sparse_grads: dict[int, SparseGrad]
     params_in: ParamUpdate | None = None
     return_params: bool = True  # False for a replica: the proxy needs only its acknowledgement
+    scaling: AmpScaling | None = None  # a GradScaler's scale and verdict (see shardopt.amp)
 
 
 @dataclass(frozen=True)

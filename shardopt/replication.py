@@ -3,10 +3,14 @@
 With ``ShardedOptimizer(..., replicate=True)`` every shard has a replica: the same
 :class:`~shardopt.shard.Shard`, on a shard host of another node where there is one, that
 receives every call that changes a shard (steps with their gradients, parameter writes, loads,
-new param groups) right after its primary does. Ray runs one caller's calls to an actor in
+new param groups) after its primary does. Ray runs one caller's calls to an actor in
 order and torch's per-tensor kernels are deterministic, so the replica's parameters and state
 stay bit-identical to the primary's; its lag is at most one step (the proxy collects the
 replica's answers before the next step), except while a new replica's host is starting.
+
+Steps reach the replicas only once every primary has applied them, so when a step fails on
+some shards after others applied it, every shard is rolled back from its replica
+(:meth:`Replicas.roll_back`) and the step is applied nowhere.
 
 When a primary is lost (its actor died or its node went away), the proxy promotes the replica:
 it resends the step in flight, which the replica answers from its exactly-once cache if it
@@ -290,6 +294,29 @@ class Replicas:
             self._rebuild(shard)
             return ref
         return self._from_checkpoint(shard, request)
+
+    def roll_back(self, shards: list[int]) -> list[int]:
+        """Restores the primaries of ``shards`` from their replicas, which have not seen the step
+        in flight (the proxy sends it to them only once every primary has applied it).
+
+        Returns:
+            The shards that could not be rolled back (no usable replica, or one that cannot be
+            brought up to the step before).
+        """
+        proxy = self._proxy
+        stuck, restores = [], []
+        for s in shards:
+            if not (self._usable(s) and self._catch_up(s)):
+                stuck.append(s)
+                continue
+            export = self.hosts[s].call.remote(self.keys[s], "export")
+            restores.append(proxy._hosts[s].call.remote(proxy._keys[s], "restore", export))
+        ray_get(restores)
+        if restores:
+            logger.warning(
+                "shards %s were rolled back from their replicas", sorted(set(shards) - set(stuck))
+            )
+        return stuck
 
     def _catch_up(self, shard: int) -> bool:
         """Replays on the replica the logged steps it has not applied (interval > 1).

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from shardopt import checkpoint, shm
+from shardopt.amp import step_scaled
 from shardopt.buffers import (
     FlatLayout,
     PackedTree,
@@ -65,6 +66,16 @@ def fuses_by_default(optimizer_class: type, options: dict[str, Any]) -> bool:
 def _fusable(params: list[torch.Tensor]) -> bool:
     """Whether torch's fused kernels take these tensors (floating point, on CPU or CUDA)."""
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
+def run_options(
+    optimizer_class: type, options: dict[str, Any], params: list[torch.Tensor]
+) -> dict[str, Any]:
+    """A group's options as a shard runs them: fused where torch's default is not asked for
+    and the kernel takes the group's tensors."""
+    if _fusable(params) and fuses_by_default(optimizer_class, options):
+        return {**options, "fused": True}
+    return options
 
 
 def _copy_into(dst: torch.Tensor, src_array) -> None:
@@ -275,7 +286,7 @@ class Shard:
                 p.grad = self._grads[i]
             else:
                 p.grad = None
-        self.optimizer.step()
+        step_scaled(self.optimizer, request.scaling)
         for p in self._params:
             p.grad = None
         result = StepResult(

@@ -46,10 +46,22 @@ def create(nbytes: int) -> tuple[torch.Tensor, str]:
 
 
 def attach(path: str, nbytes: int) -> torch.Tensor:
-    """Maps a buffer another process created, and unlinks its file."""
+    """Maps a buffer another process created, and unlinks its file.
+
+    Raises:
+        FileNotFoundError: no such buffer (already mapped and unlinked, or never made):
+            ``torch.from_file(shared=True)`` would silently create an unrelated empty one.
+    """
     try:
+        fd = os.open(path, os.O_RDWR)  # never O_CREAT
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shared buffer {path} does not exist (mapped already?)") from None
+    try:
+        if os.fstat(fd).st_size < max(nbytes, 1):
+            raise ValueError(f"shared buffer {path} is smaller than {nbytes} bytes")
         return torch.from_file(path, shared=True, size=max(nbytes, 1), dtype=torch.uint8)
     finally:
+        os.close(fd)
         remove(path)
 
 

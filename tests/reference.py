@@ -3,7 +3,8 @@
 shardopt's shards run Adam/AdamW with torch's fused kernel when the user chose neither ``fused``
 nor ``foreach`` (``shardopt.shard.fuses_by_default``), while ``param_groups`` and ``state_dict``
 keep showing the user's choice (``fused: None``). :func:`run_as_shards` gives a torch optimizer
-the same behaviour through its public hooks, so tests can demand identical numbers.
+the same behaviour through its public hooks, so tests can demand identical numbers (under a
+GradScaler too: like torch's own fused optimizers, it then takes the scale into the kernel).
 """
 
 from __future__ import annotations
@@ -44,4 +45,6 @@ def run_as_shards(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     optimizer.register_state_dict_post_hook(report_users_choice)
     optimizer.register_load_state_dict_post_hook(lay_out_like_params)
     fuse(optimizer, (), {})
+    if auto:  # as torch's fused optimizers do: GradScaler hands the scale to the kernel
+        optimizer._step_supports_amp_scaling = True
     return optimizer

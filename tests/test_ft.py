@@ -135,9 +135,11 @@ def test_replication_changes_no_number(uninterrupted):
     opt.close()
 
 
+@pytest.mark.parametrize("killed", [0, 1], ids=["shard-written-to", "other-shard"])
 @pytest.mark.parametrize("replicate", [True, 3])
-def test_replicas_follow_loads_and_param_writes(replicate):
-    """Everything that changes a shard reaches its replica: load_state_dict, in-place writes."""
+def test_replicas_follow_loads_and_param_writes(replicate, killed):
+    """Everything that changes a shard reaches its replica: load_state_dict, in-place writes
+    (which go straight into a shard's shared memory, and must reach its replica too)."""
 
     def disrupt(opt):
         state = opt.state_dict()
@@ -152,8 +154,9 @@ def test_replicas_follow_loads_and_param_writes(replicate):
     reference_opt.close()
 
     def disrupt_then_kill(opt):
+        assert opt.plan.owners[0] == 0 and opt.uses_shared_memory == [True, True]
         disrupt(opt)  # the in-place write travels with the next step, which the kill hits
-        kill(opt._hosts[1])
+        kill(opt._hosts[killed])
 
     opt, result = run(lambda m: adamw(m, replicate), disrupt_then_kill)
     assert opt._replicas.recoveries == 1

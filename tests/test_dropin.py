@@ -1,0 +1,215 @@
+"""Drop-in holes found by running shardopt as users do, each pinned to torch's numbers.
+
+- ``add_param_group`` in every pattern: new parameters on all, some or none of the shards,
+  before and after the first step, over shared memory and the object store, with ``overlap``
+  and ``share_params``.
+- ``torch.amp.GradScaler``'s standard loop (with and without ``unscale_`` and clipping, with a
+  skipped inf step), with and without ``overlap``: torch's fused kernels take the scale as
+  torch's own fused optimizers do; other algorithms are unscaled as GradScaler unscales them.
+- ``torch.compile`` around ``opt.step()`` (torch's "compiling the optimizer" recipe).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import assert_same_state_dict, assert_same_tensors, make_model
+from reference import run_as_shards
+from torch import nn
+
+import shardopt
+
+# ----- add_param_group ------------------------------------------------------------------------
+
+SHAPES = [(7,), (12, 8), (16, 16)]
+"""On 2 shards: (16, 16) on shard 0, the other two on shard 1 (the plan balances bytes)."""
+NEW = {
+    "all": [(30, 30), (4,)],  # (30, 30) to shard 1 (lighter), then (4,) to shard 0
+    "some": [(5, 5)],  # to shard 1 only: shard 0 gets nothing new
+    "none": [],  # an empty group: no shard gets anything
+}
+DATA_PATHS = {
+    "shm": dict(shared_memory=True),
+    "object_store": dict(shared_memory=False),
+    "shm-overlap": dict(shared_memory=True, overlap=True),
+    "object_store-overlap": dict(shared_memory=False, overlap=True),
+    "share_params": dict(shared_memory=True, share_params=True),
+    "share_params-overlap": dict(shared_memory=True, share_params=True, overlap=True),
+}
+
+
+def _tensors(shapes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+def _loss(params, k):
+    gen = torch.Generator().manual_seed(100 + k)
+    return sum(
+        ((p - torch.randn(p.shape, generator=gen)) ** 2).sum() * (i + 1)
+        for i, p in enumerate(params)
+    )
+
+
+@pytest.mark.parametrize("data_path", list(DATA_PATHS))
+@pytest.mark.parametrize("added_at", [0, 2], ids=["before-first-step", "after-two-steps"])
+@pytest.mark.parametrize("lands_on", list(NEW))
+def test_add_param_group_in_every_pattern(data_path, added_at, lands_on):
+    runs = []
+    for sharded in (True, False):
+        params, extra = _tensors(SHAPES, 0), _tensors(NEW[lands_on], 1)
+        if sharded:
+            opt = shardopt.SGD(params, lr=0.05, momentum=0.9, num_shards=2, **DATA_PATHS[data_path])
+            assert opt.plan.owners == (1, 1, 0)
+        else:
+            opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        trajectory = []
+        for k in range(4):
+            if k == added_at:
+                opt.add_param_group({"params": extra, "lr": 0.02})
+                if sharded:
+                    owners = opt.plan.owners[len(SHAPES) :]
+                    assert set(owners) == {"all": {0, 1}, "some": {1}, "none": set()}[lands_on]
+            opt.zero_grad()
+            _loss(params + (extra if k >= added_at else []), k).backward()
+            opt.step()
+            trajectory.append([p.detach().clone() for p in params + extra])
+        runs.append((trajectory, opt.state_dict()))
+        if sharded:
+            opt.close()
+    (got, got_state), (want, want_state) = runs
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert_same_tensors(a, b), k
+    assert_same_state_dict(got_state, want_state)
+
+
+# ----- GradScaler -------------------------------------------------------------------------------
+
+SCALED = {
+    # shardopt's default AdamW runs torch's fused kernel: the reference is torch's fused AdamW
+    "AdamW-default": (
+        lambda ps, **kw: shardopt.AdamW(ps, lr=1e-2, num_shards=2, **kw),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+    ),
+    "AdamW-for-loop": (
+        lambda ps, **kw: shardopt.AdamW(ps, lr=1e-2, fused=False, num_shards=2, **kw),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=False),
+    ),
+    "SGD-momentum": (
+        lambda ps, **kw: shardopt.SGD(ps, lr=1e-2, momentum=0.9, num_shards=2, **kw),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+    ),
+}
+INF_STEP = 2
+
+
+def _scaled_run(opt, model, clip):
+    """GradScaler's standard loop; step INF_STEP overflows (and must be skipped)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    trajectory = []
+    for k in range(6):
+        opt.zero_grad()
+        gen = torch.Generator().manual_seed(k)
+        x = torch.randn(8, 6, generator=gen)
+        if k == INF_STEP:
+            x[0, 0] = math.inf
+        loss = nn.functional.mse_loss(model(x), torch.zeros(8, 2))
+        scaler.scale(loss).backward()
+        if clip:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        scaler.step(opt)
+        scaler.update()
+        trajectory.append(([p.detach().clone() for p in model.parameters()], scaler.get_scale()))
+    return trajectory
+
+
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "object_store"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["", "overlap"])
+@pytest.mark.parametrize("clip", [False, True], ids=["scaled", "unscale_-clip"])
+@pytest.mark.parametrize("algorithm", list(SCALED))
+def test_grad_scaler_standard_loop_gives_torchs_numbers(algorithm, clip, overlap, shared_memory):
+    make_sharded, make_torch = SCALED[algorithm]
+    sharded_model, torch_model = make_model(), make_model()
+    opt = make_sharded(sharded_model.parameters(), overlap=overlap, shared_memory=shared_memory)
+    ref = make_torch(torch_model.parameters())
+    got, want = _scaled_run(opt, sharded_model, clip), _scaled_run(ref, torch_model, clip)
+    assert want[INF_STEP][1] == want[INF_STEP - 1][1] / 2  # the reference did skip a step
+    assert_same_tensors(want[INF_STEP][0], want[INF_STEP - 1][0])
+    for k, ((params, scale), (ref_params, ref_scale)) in enumerate(zip(got, want)):
+        assert scale == ref_scale, k
+        assert_same_tensors(params, ref_params)
+    got_state, want_state = opt.state_dict(), ref.state_dict()
+    for group in got_state["param_groups"] + want_state["param_groups"]:
+        group.pop("fused")  # shardopt reports the user's choice (None), not the kernel it ran
+    assert_same_state_dict(got_state, want_state)
+    opt.close()
+
+
+def test_grad_scaler_skips_an_inf_step_on_every_shard():
+    """An inf in one shard's gradients skips the step on the other shard too."""
+    model = make_model()
+    opt = shardopt.SGD(model.parameters(), lr=0.1, momentum=0.9, num_shards=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(nn.functional.mse_loss(model(torch.randn(4, 6)), torch.zeros(4, 2))).backward()
+    last = list(model.parameters())[-1]
+    assert opt.plan.owners[-1] != opt.plan.owners[0]
+    with torch.no_grad():
+        last.grad[0] = math.inf
+    scaler.step(opt)
+    scaler.update()
+    assert_same_tensors([p.detach() for p in model.parameters()], before)
+    assert [s.last_step_id for s in opt.shard_status()] == [0, 0]  # asked, and skipped
+    assert opt.state_dict()["state"] == {}  # torch's SGD, skipped, made no momentum buffers
+    opt.close()
+
+
+def test_reference_helper_takes_the_scale_where_shards_fuse():
+    opt = run_as_shards(torch.optim.AdamW(make_model().parameters()))
+    assert opt._step_supports_amp_scaling
+
+
+# ----- torch.compile --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_compiled_step_equals_torch(backend):
+    """torch's recipe: ``torch.compile`` a function that calls ``opt.step()``."""
+    torch._dynamo.reset()
+    models = [make_model(), make_model()]
+    opt = shardopt.AdamW(models[0].parameters(), lr=1e-2, num_shards=2)
+    ref = run_as_shards(torch.optim.AdamW(models[1].parameters(), lr=1e-2))
+    steps = [torch.compile(o.step, backend=backend) for o in (opt, ref)]
+    for k in range(3):
+        for model, o, step in zip(models, (opt, ref), steps):
+            o.zero_grad()
+            gen = torch.Generator().manual_seed(k)
+            model(torch.randn(5, 6, generator=gen)).square().mean().backward()
+            step()
+        assert_same_tensors(list(models[0].parameters()), list(models[1].parameters()))
+    assert_same_state_dict(opt.state_dict(), ref.state_dict())
+    opt.close()
+
+
+def test_compiled_training_step_equals_torch():
+    """The whole step compiled (forward, backward, optimizer) with graph breaks at the shards."""
+    torch._dynamo.reset()
+    models = [make_model(), make_model()]
+    opt = shardopt.SGD(models[0].parameters(), lr=0.1, momentum=0.9, num_shards=2)
+    ref = torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9)
+
+    def train(model, o, x):
+        o.zero_grad()
+        model(x).square().mean().backward()
+        o.step()
+
+    compiled = torch.compile(train, backend="aot_eager")
+    for k in range(3):
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(k))
+        compiled(models[0], opt, x)
+        compiled(models[1], ref, x)
+        assert_same_tensors(list(models[0].parameters()), list(models[1].parameters()))
+    opt.close()
