@@ -28,8 +28,8 @@ primaries. Two parts per size:
    steps, then shard 0's primary is lost and the next ``opt.step()`` is timed from the failure
    to its return (the step committed on the promoted replica):
 
-   * killed between steps: ``ray.kill(opt._hosts[0])`` just before the step;
-   * dies in flight: ``inject_fault("after_step")`` on the primary, whose process exits after
+   * killed between steps: ``ray.kill(opt.backend.handles[0].host)`` just before the step;
+   * dies in flight: ``shardopt.testing.inject_fault(..., "after_step")`` on the primary, whose process exits after
      applying the step and before answering; the failing step is timed alone.
 
    The failing step is compared with the normal steps before it; the table also shows what the
@@ -62,6 +62,7 @@ import ray
 import torch
 
 import shardopt
+from shardopt.testing import inject_fault
 
 # isort: split
 # the benchmark's own module, next to this file
@@ -112,18 +113,18 @@ class Run:
 
     def drain(self) -> None:
         """Waits for the replicas' lag (the previous step's answers); nothing without them."""
-        if self.opt._replicas is not None:
-            self.opt._replicas.settle()
+        if self.opt.backend.replicas is not None:
+            self.opt.backend.replicas.settle()
 
     def facts(self) -> dict[str, Any]:
         opt = self.opt
         facts: dict[str, Any] = {
-            "primary_nodes": list(opt._host_nodes),
+            "primary_nodes": list(opt.backend.host_nodes),
             "shared_memory": list(getattr(opt, "uses_shared_memory", []) or []),
-            "shard_threads": list(opt._threads),
+            "shard_threads": list(opt.backend.threads),
         }
-        if opt._replicas is not None:
-            facts["replica_nodes"] = list(opt._replicas.nodes)
+        if opt.backend.replicas is not None:
+            facts["replica_nodes"] = list(opt.backend.replicas.nodes)
         return facts
 
     def close(self) -> None:
@@ -296,7 +297,7 @@ def recovery_trial(n: int, failure: str, args: argparse.Namespace) -> tuple[dict
     Returns the record and the run (still open, for the comparison; the caller closes it).
     """
     run = Run.start(n, replicate=True)
-    replicas = run.opt._replicas
+    replicas = run.opt.backend.replicas
     recover, start_host = Timer(), Timer()
     for _ in range(args.warmup):
         run.step()
@@ -309,12 +310,12 @@ def recovery_trial(n: int, failure: str, args: argparse.Namespace) -> tuple[dict
         normal.append(time.perf_counter() - start)
     recover.wrap(replicas, "recover")
     start_host.wrap(replicas, "_start_host")  # the new replica's host, started by the recovery
-    victim = run.opt._hosts[0]
+    victim = run.opt.backend.handles[0]
     if failure == "in_flight":
-        ray.get(victim.call.remote(run.opt._keys[0], "inject_fault", "after_step"))
+        inject_fault(victim, "after_step")
     start = time.perf_counter()
     if failure == "kill":
-        ray.kill(victim)
+        ray.kill(victim.host)
     step_start = time.perf_counter()
     run.step()
     end = time.perf_counter()

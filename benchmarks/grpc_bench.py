@@ -56,9 +56,9 @@ import ray
 import torch
 
 import shardopt
-from shardopt import wire
+from shardopt.core import wire
+from shardopt.core.proto import pb, rpc
 from shardopt.gateway import serve
-from shardopt.proto import pb, rpc
 
 # isort: split
 # the benchmark's own module, next to this file

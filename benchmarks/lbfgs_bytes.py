@@ -21,7 +21,7 @@ import time
 import torch
 
 import shardopt
-from shardopt.lbfgs import VectorMachine
+from shardopt.client.vector_machine import VectorMachine
 
 
 class GatheringVectorMachine(VectorMachine):
@@ -66,7 +66,8 @@ def run(machine_cls, args, sizes, loss_fn):
         line_search_fn="strong_wolfe",
         num_shards=args.shards,
     )
-    opt._machine = machine_cls(opt)
+    backend = opt.backend
+    backend._machine = machine_cls([backend.handles[s] for s in backend.machine.shards])
     evals = []
 
     def closure():
@@ -81,7 +82,7 @@ def run(machine_cls, args, sizes, loss_fn):
         opt.step(closure)
     elapsed = time.perf_counter() - start
     iterations = opt.state_dict()["state"][0]["n_iter"]
-    m = opt._machine
+    m = backend.machine
     result = {
         "iterations": iterations,
         "closure_calls": len(evals),

@@ -4,7 +4,7 @@ Swap ``torch.optim.AdamW(model.parameters(), lr=1e-3)`` for
 ``shardopt.AdamW(model.parameters(), lr=1e-3, num_shards=2)``: same numbers, same interface.
 """
 
-from shardopt.algorithms import (
+from shardopt.client.algorithms import (
     ALGORITHMS,
     ASGD,
     LBFGS,
@@ -22,7 +22,9 @@ from shardopt.algorithms import (
     Rprop,
     SparseAdam,
 )
-from shardopt.errors import (
+from shardopt.client.optimizer import ShardedOptimizer
+from shardopt.client.shard_group import close_group, list_groups
+from shardopt.core.errors import (
     GroupTimeoutError,
     OptimizerClosedError,
     PartialStepError,
@@ -30,9 +32,7 @@ from shardopt.errors import (
     ShardoptError,
     ShardUnavailableError,
 )
-from shardopt.group import close_group, list_groups
-from shardopt.optimizer import ShardedOptimizer
-from shardopt.plan import ShardPlan
+from shardopt.core.plan import ShardPlan
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """Generates the Python code of ``protos/shardopt/v1/*.proto`` into ``shardopt/v1/``.
 
 Run by ``setup.py`` when the package is built or installed (with the grpcio-tools pinned in
-``pyproject.toml``'s build requirements), and by :mod:`shardopt.proto` when a source checkout
+``pyproject.toml``'s build requirements), and by :mod:`shardopt.core.proto` when a source checkout
 was never built. The generated files are not committed and hold no logic.
 
 Talks to: grpcio-tools' protoc. Imports nothing of shardopt (setup.py loads it by path).

@@ -13,12 +13,12 @@ Loading reshards online: each shard reads only its own parameters' entries, vali
 the same all-or-nothing prepare/commit as ``load_state_dict``. Non-tensor values are read with
 ``torch.load``'s ``weights_only`` default: nothing arbitrary is unpickled.
 
-Owns the format and both sides of the protocol: the shard side (:class:`ShardSave`,
-:func:`read_params_state`) and the proxy side (:func:`save`, :func:`load`, which drive the shards
-through the optimizer's calls).
+Owns the format and its pieces: the shard side (:class:`ShardSave`, :func:`read_params_state`),
+the coordinator's steps (:func:`coordinate`, :func:`commit`) and the reader's checks
+(:func:`verify`); :mod:`shardopt.client.checkpoints` drives the protocol from the client.
 
-Talks to: the shards (``Shard.save_*`` / ``Shard.prepare_load_from_checkpoint``) and the file
-system, through DCP's ``FileSystemWriter`` / ``FileSystemReader`` (fsspec's for ``memory://``).
+Talks to: the file system, through DCP's ``FileSystemWriter`` / ``FileSystemReader`` (fsspec's
+for ``memory://``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ import io
 import json
 import os
 import threading
-import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
@@ -41,13 +40,6 @@ from torch.distributed.checkpoint.default_planner import (
     _EmptyStateDictLoadPlanner,
 )
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-from shardopt.buffers import pack_tree
-from shardopt.groups import check_param_groups, group_options
-from shardopt.runtime import ray_get
-
-if TYPE_CHECKING:
-    from shardopt.optimizer import ShardedOptimizer
 
 CHECKSUMS = ".shardopt-checksums.json"
 """The integrity record, written before the commit."""
@@ -256,6 +248,19 @@ class SaveHandle:
     _poll: Any
     _finish: Any
     _committed: bool = False
+    _on_commit: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def committed(cls) -> SaveHandle:
+        """The handle of a save that is already committed."""
+        return cls(_poll=lambda: True, _finish=lambda: None, _committed=True)
+
+    def on_commit(self, callback: Any) -> None:
+        """Runs ``callback()`` once the checkpoint is committed (at once if it is)."""
+        if self._committed:
+            callback()
+        else:
+            self._on_commit.append(callback)
 
     def done(self) -> bool:
         return self._committed or self._poll()
@@ -264,6 +269,8 @@ class SaveHandle:
         if not self._committed:
             self._finish()
             self._committed = True
+            for callback in self._on_commit:
+                callback()
 
 
 def coordinate(path: str, local_plans: list[Any]) -> tuple[list[Any], Any, FileSystemWriter]:
@@ -396,90 +403,3 @@ def export(path: str | os.PathLike, out: str | os.PathLike, progress: bool = Fal
         group["params"] = [int(p) for p in group["params"]]
     torch.save({"state": state, "param_groups": groups}, out)
     return len(state)
-
-
-# ----- the save and load protocols, driven from the proxy -------------------------------------
-
-
-def save(opt: ShardedOptimizer, path: str | os.PathLike, blocking: bool) -> SaveHandle:
-    """``opt.save_checkpoint``: DCP's protocol with the shards as writers (see the module)."""
-    where = location(path)
-    make_dirs(where)
-    for name in (METADATA, CHECKSUMS):  # an older checkpoint here stops loading first
-        remove(where, name)
-    groups = opt._packed_groups(id_type=str)  # string ids: DCP keeps only string keys
-    live = [s for s in range(opt.num_shards) if opt._shard_params[s]]
-    token = uuid.uuid4().hex
-    if shards_reach(where) and not opt._shards_lbfgs:
-        # each shard writes its own file, straight from its actor
-        plans = ray_get(
-            [
-                opt._call(s, "save_plan", token, where, groups if s == live[0] else None)
-                for s in live
-            ]
-        )
-        global_plans, metadata, writer = coordinate(where, plans)
-        ray_get([opt._call(s, "save_write", token, p) for s, p in zip(live, global_plans)])
-
-        def outcomes() -> list[Any]:
-            return ray_get([opt._call(s, "save_wait", token) for s in live])
-
-        def poll() -> bool:
-            return all(ray_get([opt._call(s, "save_done", token) for s in live]))
-
-    else:  # an in-process store (memory://), or LBFGS: this process writes the parts
-        saves = []
-        for i, state in enumerate(opt._checkpoint_parts()):
-            tree: dict[str, Any] = {"state": {str(pid): v for pid, v in state.items()}}
-            if i == 0:
-                tree["param_groups"] = groups
-            saves.append(ShardSave(where, tree, is_coordinator=i == 0))
-        global_plans, metadata, writer = coordinate(where, [save.local_plan() for save in saves])
-        for save_part, plan in zip(saves, global_plans):
-            save_part.start_writing(plan)
-
-        def outcomes() -> list[Any]:
-            return [save_part.wait() for save_part in saves]
-
-        def poll() -> bool:
-            return all(save_part.done() for save_part in saves)
-
-    def finish() -> None:
-        commit(where, writer, metadata, outcomes())
-
-    handle = SaveHandle(poll, finish)
-    if blocking:
-        handle.wait()
-    return handle
-
-
-def load(opt: ShardedOptimizer, path: str | os.PathLike) -> None:
-    """``opt.load_checkpoint``: verify, then every shard reads and validates its own part."""
-    where = location(path)
-    verify(where)
-    saved_groups = check_param_groups(opt.param_groups, read_param_groups(where))
-    expected = [str(i) for i in range(len(opt._local))]
-    if [str(p) for g in saved_groups for p in g["params"]] != expected:
-        raise ValueError(f"{where} was not written by shardopt (unexpected parameter ids)")
-    for group in saved_groups:
-        group["params"] = [int(p) for p in group["params"]]
-    if opt._shards_lbfgs:  # one flat state, validated and scattered by LBFGS itself
-        opt._load_state(read_params_state(where, list(range(len(opt._local)))), saved_groups)
-        opt._adopt_saved_groups(saved_groups)
-        return
-    options = tuple(group_options(g) for g in saved_groups)
-    token = uuid.uuid4().hex
-    live = [s for s in range(opt.num_shards) if opt._shard_params[s]]
-    if shards_reach(where):  # each shard reads its own parameters' state
-        answers = ray_get(
-            [opt._call(s, "prepare_load_from_checkpoint", token, options, where) for s in live]
-        )
-    else:  # an in-process store: read here, one shard's part at a time
-        answers = []
-        for s in live:
-            state = read_params_state(where, opt._shard_params[s])
-            error = ray_get(opt._call(s, "prepare_load", token, options, pack_tree(state)))
-            answers.append((error, tuple(state)))
-    opt._apply_prepared(token, live, [error for error, _ in answers])
-    opt._state_order = dict.fromkeys(sorted(pid for _, ids in answers for pid in ids))
-    opt._adopt_saved_groups(saved_groups)

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import shardopt
-from shardopt.runtime import ensure_ray
+from shardopt.client.runtime import ensure_ray
 
 logger = logging.getLogger(__name__)
 

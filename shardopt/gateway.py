@@ -4,7 +4,7 @@ Each session is a :class:`~shardopt.optimizer.ShardedOptimizer` living in the ga
 (so the shards, the state_dict format and the all-or-nothing loads are [core]'s own) over
 parameter tensors the gateway holds for the client. Clients push gradients, step and pull
 parameters through ``protos/shardopt/v1/optimizer.proto``; sessions may be members of shard
-groups (:mod:`shardopt.group`). A session is visible only to the token that opened it, and
+groups (:mod:`shardopt.client.shard_group`). A session is visible only to the token that opened it, and
 group names are scoped by the token too.
 
 Every stream is checked before it changes anything (:class:`shardopt.wire.TensorReceiver`):
@@ -37,12 +37,12 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardopt import wire
 from shardopt.auth import TokenAuthInterceptor, bearer_token, principal_of
-from shardopt.errors import ERROR_TYPE_KEY, GRPC_STATUS, ShardoptError
-from shardopt.groups import group_options
-from shardopt.optimizer import ShardedOptimizer
-from shardopt.proto import SERVICE_NAME, pb, rpc
+from shardopt.client.optimizer import ShardedOptimizer
+from shardopt.core import wire
+from shardopt.core.errors import ERROR_TYPE_KEY, GRPC_STATUS, ShardoptError
+from shardopt.core.param_groups import group_options
+from shardopt.core.proto import SERVICE_NAME, pb, rpc
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             num_shards=optimizer.num_shards,
             owners=list(optimizer.plan.owners),
             created_group=bool(group and group.membership and group.membership.created),
-            state_order=list(optimizer._state_order),
+            state_order=optimizer.backend.state_order,
         )
 
     def _make_optimizer(
@@ -362,7 +362,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                     p.grad = None
                 session.grads_ready = False
             session.steps += 1
-            reply = pb.StepReply(steps=session.steps, state_order=list(optimizer._state_order))
+            reply = pb.StepReply(steps=session.steps, state_order=optimizer.backend.state_order)
             if optimizer.group is not None:
                 for r in optimizer.group.last_push:
                     push = reply.pushes.add(shard=r.shard_index, read_version=r.read_version)
@@ -488,7 +488,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             raise ValueError("a state dict is a dict with exactly 'state' and 'param_groups'")
         with session.lock:
             session.optimizer.load_state_dict(state_dict)
-            return pb.LoadStateDictReply(state_order=list(session.optimizer._state_order))
+            return pb.LoadStateDictReply(state_order=session.optimizer.backend.state_order)
 
     def _checkpoint_path(self, relative: str) -> pathlib.Path:
         if self.checkpoint_dir is None:
@@ -581,7 +581,7 @@ def serve(
     Returns:
         The running :class:`Gateway`.
     """
-    from shardopt.runtime import ensure_ray
+    from shardopt.client.runtime import ensure_ray
 
     ensure_ray()
     servicer = OptimizerGateway(limits, checkpoint_dir)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from shardopt.shard import fuses_by_default
+from shardopt.core.param_groups import fuses_by_default
 
 
 def run_as_shards(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -1,4 +1,4 @@
-"""Unit tests of shardopt.buffers: flat layouts, leaf tensors bound into them, packed trees.
+"""Unit tests of shardopt.core.buffers: flat layouts, leaf tensors bound into them, packed trees.
 
 Pure torch/numpy; no Ray. Every check is exact (bytes in, the same bytes out).
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from shardopt.buffers import (
+from shardopt.core.buffers import (
     ALIGNMENT,
     FlatLayout,
     PackedTree,

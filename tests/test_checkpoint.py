@@ -247,7 +247,7 @@ def test_a_shard_killed_mid_save_leaves_no_checkpoint_and_the_previous_one_loads
     opt.save_checkpoint(tmp_path / "good")
     opt.step()
     handle = opt.save_checkpoint(tmp_path / "torn", blocking=False)
-    ray.kill(opt._hosts[1])
+    ray.kill(opt.backend.handles[1].host)
     with pytest.raises(shardopt.ShardUnavailableError):
         handle.wait()
     assert not (tmp_path / "torn" / METADATA).exists()
@@ -260,8 +260,8 @@ def test_a_shard_killed_mid_save_leaves_no_checkpoint_and_the_previous_one_loads
     opt.close()
     # the pool replaces the dead host: the next optimizer with these options just works
     again = shardopt.Adam(params, num_shards=2, actor_options={"num_cpus": 0})
-    opt_hosts = {h._actor_id for h in opt._hosts}
-    assert len(opt_hosts & {h._actor_id for h in again._hosts}) == 1
+    opt_hosts = {h.host._actor_id for h in opt.backend.handles}
+    assert len(opt_hosts & {h.host._actor_id for h in again.backend.handles}) == 1
     again.step()
     again.close()
 

@@ -7,13 +7,11 @@ tests/test_ft_cluster.py.
 
 from __future__ import annotations
 
-import time
-
 import pytest
-import ray
 import torch
 
 import shardopt
+from shardopt.testing import inject_fault, kill
 
 STEPS = 6
 
@@ -68,29 +66,16 @@ def uninterrupted():
     return result
 
 
-def kill(host) -> None:
-    """ray.kill, and wait until the actor is really gone (ray.kill lands asynchronously)."""
-    ray.kill(host)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            ray.get(host.info.remote(), timeout=10)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return
-        time.sleep(0.1)
-    raise AssertionError("the actor survived ray.kill")
-
-
 def kill_primary(shard):
     def disrupt(opt):
-        kill(opt._hosts[shard])
+        kill(opt.backend.handles[shard].host)
 
     return disrupt
 
 
 def inject(shard, when):
     def disrupt(opt):
-        ray.get(opt._hosts[shard].call.remote(opt._keys[shard], "inject_fault", when))
+        inject_fault(opt.backend.handles[shard], when)
 
     return disrupt
 
@@ -106,7 +91,7 @@ def inject(shard, when):
 )
 def test_a_lost_shard_is_replaced_and_nothing_changes(uninterrupted, disrupt, label, replicate, at):
     opt, result = run(lambda m: adamw(m, replicate), disrupt, at=at)
-    assert opt._replicas.recoveries == 1, label
+    assert opt.backend.replicas.recoveries == 1, label
     # every 3 steps: the refresh due after step 2 starts with step 3, from an export the
     # primary makes just before it. Whether that export gets out before the process dies is a
     # race (ray.kill lands asynchronously; a dying process may not flush its last answer): if
@@ -118,14 +103,14 @@ def test_a_lost_shard_is_replaced_and_nothing_changes(uninterrupted, disrupt, la
         expected = {2}
     else:
         expected = {0, 3}
-    assert opt._replicas.replayed in expected
+    assert opt.backend.replicas.replayed in expected
     assert_identical(uninterrupted, result)
     # and the optimizer goes on with a fresh replica: a second loss is survived too
-    for p in opt._flat_params():
+    for p in [p for g in opt.param_groups for p in g["params"]]:
         p.grad = torch.ones_like(p)
     kill_primary(0)(opt)
     opt.step()
-    assert opt._replicas.recoveries == 2
+    assert opt.backend.replicas.recoveries == 2
     opt.close()
 
 
@@ -156,18 +141,18 @@ def test_replicas_follow_loads_and_param_writes(replicate, killed):
     def disrupt_then_kill(opt):
         assert opt.plan.owners[0] == 0 and opt.uses_shared_memory == [True, True]
         disrupt(opt)  # the in-place write travels with the next step, which the kill hits
-        kill(opt._hosts[killed])
+        kill(opt.backend.handles[killed].host)
 
     opt, result = run(lambda m: adamw(m, replicate), disrupt_then_kill)
-    assert opt._replicas.recoveries == 1
+    assert opt.backend.replicas.recoveries == 1
     assert_identical(reference, result)
     opt.close()
 
 
 def test_losing_a_shard_and_its_replica_falls_back_to_the_checkpoint_and_says_so(tmp_path):
     def lose_shard_0(opt):
-        kill(opt._replicas.hosts[0])
-        kill(opt._hosts[0])
+        kill(opt.backend.replicas.handles[0].host)
+        kill(opt.backend.handles[0].host)
 
     model = make_model()
     opt = adamw(model)
@@ -194,8 +179,8 @@ def test_losing_a_shard_and_its_replica_falls_back_to_the_checkpoint_and_says_so
 
 def test_losing_both_without_a_checkpoint_warns_that_all_state_is_lost():
     def disrupt(opt):
-        kill(opt._replicas.hosts[1])
-        kill(opt._hosts[1])
+        kill(opt.backend.replicas.handles[1].host)
+        kill(opt.backend.handles[1].host)
 
     with pytest.warns(RuntimeWarning, match="all of its optimizer state is lost: 3 step"):
         opt, _ = run(adamw, disrupt)

@@ -49,16 +49,16 @@ def test_losing_a_node_loses_nothing(cluster):
 
     model = make_model()
     opt = optimizer(model)
-    assert set(opt._host_nodes) == {doomed.node_id}  # both primaries on the doomed node
-    assert doomed.node_id not in opt._replicas.nodes  # their replicas elsewhere
+    assert set(opt.backend.host_nodes) == {doomed.node_id}  # both primaries on the doomed node
+    assert doomed.node_id not in opt.backend.replicas.nodes  # their replicas elsewhere
 
     def lose_the_node(step):
         if step == 3:
             cluster.remove_node(doomed)
 
     got = train(opt, model, 6, lose_the_node)
-    assert opt._replicas.recoveries == 2
-    assert doomed.node_id not in opt._host_nodes
+    assert opt.backend.replicas.recoveries == 2
+    assert doomed.node_id not in opt.backend.host_nodes
     for a, b in zip(expected[0], got[0]):
         assert torch.equal(a, b)
     for pid, state in expected[1]["state"].items():

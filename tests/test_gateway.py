@@ -16,9 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from reference import run_as_shards
 
 import shardopt
-from shardopt import wire
+from shardopt.core import wire
+from shardopt.core.proto import pb, rpc, tensors_pb
 from shardopt.gateway import Limits, serve
-from shardopt.proto import pb, rpc, tensors_pb
 
 TOKEN = "token-of-client-a-0123456789"
 OTHER_TOKEN = "token-of-client-b-9876543210"
@@ -193,7 +193,7 @@ def test_sync_group_over_grpc_equals_one_worker(address):
         )  # fmt: skip
         for _ in range(3):
             train_step(models[rank], opt, x[rank * 4 : (rank + 1) * 4])
-        pushes = [p.applied_version for p in opt._remote.last_pushes]
+        pushes = [p.applied_version for p in opt.backend.last_pushes]
         opt.close()
         return pushes
 
@@ -469,7 +469,7 @@ def test_sixteen_clients_hundred_steps_every_update_accounted_for(address):
         for _ in range(steps):
             w.grad = torch.ones(1)
             opt.step()
-            (push,) = opt._remote.last_pushes
+            (push,) = opt.backend.last_pushes
             applied.append(push.applied_version)
             # the parameters come back with this update and maybe later ones in them
             assert w.item() <= -float(push.applied_version + 1)

@@ -18,8 +18,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import shardopt
+from shardopt.core.proto import pb, rpc
 from shardopt.gateway import serve
-from shardopt.proto import pb, rpc
 
 TOKEN = "serve-test-token-0123456789"
 

@@ -11,10 +11,10 @@ import pytest
 import ray
 import torch
 
-from shardopt.buffers import FlatLayout, readonly_tensor, to_numpy
-from shardopt.errors import GroupTimeoutError
-from shardopt.group_shard import GroupShardHost
-from shardopt.records import GroupConfig, ParamBlock, PushRequest, ShardSpec
+from shardopt.actor.shard_group_host import GroupShardHost
+from shardopt.core.buffers import FlatLayout, readonly_tensor, to_numpy
+from shardopt.core.errors import GroupTimeoutError
+from shardopt.core.records import GroupConfig, ParamBlock, PushRequest, ShardSpec
 
 OPTIONS = {"lr": 0.5, "momentum": 0.0, "dampening": 0, "weight_decay": 0, "nesterov": False,
            "maximize": False, "foreach": None, "differentiable": False, "fused": None}  # fmt: skip

@@ -523,7 +523,7 @@ def test_overlap_ships_gradients_during_backward(shared_memory):
             else:
                 loss.backward()
                 if o is opt:
-                    assert len(opt._shipped) == 6  # every gradient went out during backward
+                    assert opt.backend.data_path.shipped == 6  # all went out during backward
                 o.step()
         assert_same_params(*models)
     assert_same_state_dict(opt.state_dict(), ref.state_dict())
@@ -536,7 +536,7 @@ def test_share_params_updates_user_tensors_without_copies():
     ref = run_as_shards(torch.optim.AdamW(models[1].parameters(), lr=1e-2))
     params = list(models[0].parameters())
     ptrs = [p.data_ptr() for p in params]
-    mapped = [buffer[0] for buffer in opt._shm]
+    mapped = [opt.backend.data_path.shared_params(s) for s in range(2)]
     for p in params:  # each parameter now lives inside a shard's shared buffer
         assert any(m.data_ptr() <= p.data_ptr() < m.data_ptr() + m.numel() for m in mapped)
     for k in range(3):
@@ -570,14 +570,14 @@ def test_shared_memory_leaves_nothing_in_dev_shm():
 
 def test_shard_hosts_are_reused():
     """A new optimizer borrows the pooled hosts: no new actor processes."""
-    from shardopt.runtime import host_pool
+    from shardopt.client.runtime import host_pool
 
     m = make_model()
     opt = shardopt.SGD(m.parameters(), lr=0.1, num_shards=2)
-    hosts = {h._actor_id for h in opt._hosts}
+    hosts = {h.host._actor_id for h in opt.backend.handles}
     opt.close()
     again = shardopt.SGD(m.parameters(), lr=0.1, num_shards=2)
-    assert {h._actor_id for h in again._hosts} == hosts
+    assert {h.host._actor_id for h in again.backend.handles} == hosts
     again.close()
     assert host_pool is not None
 

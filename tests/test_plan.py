@@ -1,4 +1,4 @@
-"""Unit tests of shardopt.plan: the deterministic greedy placement of whole tensors by bytes."""
+"""Unit tests of shardopt.core.plan: the deterministic greedy placement of whole tensors."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from shardopt.plan import ShardPlan
+from shardopt.core.plan import ShardPlan
 
 
 def plan(param_bytes: list[int], num_shards: int) -> ShardPlan:

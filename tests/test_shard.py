@@ -1,4 +1,4 @@
-"""Unit tests of shardopt.shard, driving the plain ``Shard`` class in-process (no Ray).
+"""Unit tests of shardopt.actor.shard, driving the plain ``Shard`` class in-process (no Ray).
 
 Each test builds the records the proxy would send (a ``ShardSpec``, ``StepRequest``s, ...) and
 checks the shard against a plain ``torch.optim`` optimizer run step by step over the same tensors.
@@ -12,8 +12,11 @@ import os
 import pytest
 import torch
 
-from shardopt.buffers import FlatLayout, pack_tree, readonly_tensor, to_numpy, unpack_tree
-from shardopt.records import (
+from shardopt.actor.host import ShardHost
+from shardopt.actor.shard import Shard
+from shardopt.core.buffers import FlatLayout, pack_tree, readonly_tensor, to_numpy, unpack_tree
+from shardopt.core.param_groups import fuses_by_default
+from shardopt.core.records import (
     ParamBlock,
     ParamUpdate,
     ShardSpec,
@@ -22,7 +25,6 @@ from shardopt.records import (
     StepRequest,
     StepResult,
 )
-from shardopt.shard import Shard, ShardHost, fuses_by_default
 
 # ----- helpers ------------------------------------------------------------------------------
 
@@ -647,11 +649,11 @@ def test_shard_host_holds_shards_by_key():
         ["a/0", "b/1"],
         os.getpid(),
     )
-    assert host.call("b/1", "status").shard_index == 1
+    assert host.status("b/1").shard_index == 1
 
     layout = block.layout
     grads = to_numpy(layout.pack([torch.ones(3), torch.ones(2)]))
-    result = host.call("b/1", "step", StepRequest(0, ({"lr": 0.1},), grads, (True, True), {}))
+    result = host.step("b/1", StepRequest(0, ({"lr": 0.1},), grads, (True, True), {}))
     assert result.new_state_ids == (0, 1)
     torch.testing.assert_close(
         values(layout, result.params)[0], tensors[0] - 0.1, rtol=0, atol=1e-6
@@ -660,8 +662,8 @@ def test_shard_host_holds_shards_by_key():
     host.drop("a/0")
     host.drop("a/0")  # dropping twice is fine
     assert host.info()["shards"] == ["b/1"]
-    with pytest.raises(KeyError):
-        host.call("a/0", "status")
+    with pytest.raises(KeyError, match="no shard 'a/0'"):
+        host.status("a/0")
 
 
 def test_shared_memory_buffers_are_the_shards_own_memory():
@@ -704,7 +706,7 @@ def test_shared_memory_files_move_on_add_param_group_and_go_on_close():
 
 def test_shared_memory_falls_back_whole_when_dev_shm_fills(monkeypatch):
     """No half-shared shard: if the second buffer finds no room, neither stays in /dev/shm."""
-    from shardopt import shm as shm_module
+    from shardopt.core import shm as shm_module
 
     real_create, calls = shm_module.create, []
 

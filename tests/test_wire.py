@@ -1,12 +1,12 @@
-"""shardopt.wire: values and chunked tensors, and the receiver's checks (no gRPC here)."""
+"""shardopt.core.wire: values and chunked tensors, and the receiver's checks (no gRPC here)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from shardopt import wire
-from shardopt.proto import tensors_pb
+from shardopt.core import wire
+from shardopt.core.proto import tensors_pb
 
 ALL_DTYPES = list(wire.WIRE_DTYPES)
 

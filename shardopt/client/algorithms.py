@@ -13,7 +13,7 @@ Example:
     >>> opt.step()
     >>> opt.close()
 
-Talks to: :mod:`shardopt.optimizer` only.
+Talks to: :mod:`shardopt.client.optimizer` only.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from shardopt.lbfgs import LBFGS
-from shardopt.optimizer import ShardedOptimizer
+from shardopt.client.lbfgs import LBFGS
+from shardopt.client.optimizer import ShardedOptimizer
 
 _SHARDING_OPTIONS = [
     p

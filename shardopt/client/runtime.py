@@ -9,7 +9,7 @@ time per actor, so they take turns).
 Also :func:`ray_get`, which turns a shard's failure into the shard's own exception (or a
 :class:`~shardopt.errors.ShardUnavailableError` for a lost actor).
 
-Talks to: Ray (``ray.init``, actor creation); :class:`shardopt.shard.ShardHost` remotely.
+Talks to: Ray (``ray.init``, actor creation); :class:`~shardopt.actor.host.ShardHost` remotely.
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ from typing import Any
 
 import ray
 
-from shardopt.errors import ShardUnavailableError
+from shardopt.actor.host import NAMESPACE, ShardHost
+from shardopt.core.errors import ShardUnavailableError
 
 logger = logging.getLogger(__name__)
-
-NAMESPACE = "shardopt"
-"""The Ray namespace of shardopt's named actors."""
 
 
 def ensure_ray() -> None:
@@ -112,8 +110,6 @@ class HostPool:
         with self._lock:
             self._reset_if_new_cluster()
             hosts = self._hosts.setdefault(options_key, [])
-            from shardopt.shard import ShardHost  # here: shard -> checkpoint -> runtime
-
             remote_host = ray.remote(ShardHost)
             while len(hosts) < count:
                 hosts.append(remote_host.options(namespace=NAMESPACE, **options).remote())
@@ -139,17 +135,6 @@ class HostPool:
 
     def new_owner_key(self) -> str:
         return f"{os.getpid()}-{next(self._keys)}"
-
-    def clear(self) -> None:
-        """Kills every pooled host (for tests and explicit shutdown)."""
-        with self._lock:
-            for hosts in self._hosts.values():
-                for h in hosts:
-                    try:
-                        ray.kill(h)
-                    except Exception:  # already gone
-                        pass
-            self._hosts, self._load = {}, {}
 
 
 host_pool = HostPool()

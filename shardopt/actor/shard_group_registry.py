@@ -3,18 +3,21 @@
 The :class:`GroupRegistry` is one named, detached Ray actor per cluster (``shardopt-groups`` in
 the ``shardopt`` namespace). The first worker to attach to a group name creates the group: the
 registry starts its shard hosts (:class:`~shardopt.group_shard.GroupShardHost`, detached and
-named ``group/<name>/shard/<i>``), placed as the group asks (:mod:`shardopt.placement`), from
+named ``group/<name>/shard/<i>``), placed as the group asks (:mod:`shardopt.actor.placement`), from
 that worker's parameters. Later workers attach if they present the same
 :class:`~shardopt.records.GroupSignature` (parameter names, shapes and dtypes, optimizer class,
 hyperparameters, world size, mode...), and get a ``ValueError`` naming the first difference
 otherwise.
 
+The actor is created (and found) by :func:`shardopt.client.shard_group.registry`.
+
 Lifetime: the worker that created a group owns it. A worker's ``close()`` detaches it; the group
 is torn down (shard hosts killed, placement group removed) once its owner has closed and no
 worker is attached any more, or when the owner's Ray job has ended (a watchdog thread checks the
-members' jobs). :func:`close_group` tears a group down at once, from anywhere.
+members' jobs). :meth:`GroupRegistry.close_group` tears a group down at once, from anywhere.
 
-Talks to: Ray (named actors, the job table); the proxies of :mod:`shardopt.group_client`.
+Talks to: Ray (named actors, the job table); workers' backends
+(:mod:`shardopt.client.shard_group`) call in.
 """
 
 from __future__ import annotations
@@ -26,14 +29,15 @@ from typing import Any
 
 import ray
 
-from shardopt import placement
-from shardopt.errors import OptimizerClosedError
-from shardopt.records import GroupConfig, GroupMembership, GroupSignature
-from shardopt.runtime import NAMESPACE, ensure_ray
+from shardopt.actor import placement
+from shardopt.actor.host import NAMESPACE
+from shardopt.core.errors import OptimizerClosedError
+from shardopt.core.records import GroupConfig, GroupMembership, GroupSignature
 
 logger = logging.getLogger(__name__)
 
 REGISTRY_NAME = "shardopt-groups"
+"""The registry actor's name (in the ``shardopt`` namespace)."""
 WATCH_INTERVAL_S = 1.0
 
 
@@ -99,7 +103,7 @@ def signature_mismatch(name: str, group: GroupSignature, mine: GroupSignature) -
 
 class GroupRegistry:
     """The cluster's shard groups by name: creation, attachment, lifetime. A plain class, made
-    a named detached actor by :func:`registry`."""
+    a named detached actor by :func:`shardopt.client.shard_group.registry`."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -156,7 +160,9 @@ class GroupRegistry:
     def _create(
         self, name: str, signature: GroupSignature, rank: int, job_id: str, spec_refs: list[Any]
     ) -> _Group:
-        from shardopt.group_shard import GroupShardHost  # torch only where shards are made
+        from shardopt.actor.shard_group_host import (
+            GroupShardHost,  # torch only where shards are made
+        )
 
         config = signature.config
         options = dict(config.actor_options)
@@ -273,33 +279,3 @@ def _kill(hosts: list[Any]) -> None:
             ray.kill(host)
         except Exception:  # already gone
             pass
-
-
-def registry() -> Any:
-    """The cluster's group registry actor (created by the first process that asks)."""
-    ensure_ray()
-    return (
-        ray.remote(GroupRegistry)
-        .options(
-            name=REGISTRY_NAME,
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-        )
-        .remote()
-    )
-
-
-def close_group(name: str) -> bool:
-    """Tears down shard group ``name`` (its shards and their state are gone).
-
-    Returns:
-        Whether the group existed.
-    """
-    return ray.get(registry().close_group.remote(name))
-
-
-def list_groups() -> dict[str, dict[str, Any]]:
-    """The cluster's live shard groups, by name."""
-    return ray.get(registry().groups.remote())

@@ -1,25 +1,28 @@
 """One shard: the master copy of some parameters and a real torch optimizer over them.
 
-A :class:`Shard` is a plain class (unit tests call it in-process); :class:`ShardHost` is the Ray
-actor that holds shards, made remote by :mod:`shardopt.runtime` where it is created. The shard
-writes no optimizer math: it owns a genuine ``optimizer_class`` instance whose parameters are
-views into one flat buffer, fills their ``.grad`` from the buffer the proxy sends, calls
-``optimizer.step()``, and hands the updated flat buffer back.
+A :class:`Shard` is a plain class (unit tests call it in-process); the Ray actors that hold
+shards are :class:`~shardopt.actor.host.ShardHost` and a shard group's
+:class:`~shardopt.actor.shard_group_host.GroupShardHost`. The shard writes no optimizer math: it
+owns a genuine ``optimizer_class`` instance whose parameters are views into one flat buffer,
+fills their ``.grad`` from the buffer the proxy sends, calls ``optimizer.step()``, and hands the
+updated flat buffer back.
 
-Talks to: the proxy (:mod:`shardopt.optimizer`) through the records of :mod:`shardopt.records`.
+Talks to: nothing directly; its host hands it the records of :mod:`shardopt.core.records` and
+:mod:`shardopt.checkpoint` writes and reads its part of a checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
 
-from shardopt import checkpoint, shm
-from shardopt.amp import step_scaled
-from shardopt.buffers import (
+from shardopt import checkpoint
+from shardopt.actor.vectors import VectorStore
+from shardopt.core import shm
+from shardopt.core.amp import step_scaled
+from shardopt.core.buffers import (
     FlatLayout,
     PackedTree,
     pack_tree,
@@ -27,7 +30,8 @@ from shardopt.buffers import (
     to_numpy,
     unpack_tree,
 )
-from shardopt.records import (
+from shardopt.core.param_groups import fuses_by_default, is_fusable
+from shardopt.core.records import (
     ParamBlock,
     ParamUpdate,
     ShardExport,
@@ -38,44 +42,8 @@ from shardopt.records import (
     StepRequest,
     StepResult,
 )
-from shardopt.vectors import VectorStore
 
 logger = logging.getLogger(__name__)
-
-
-FUSED_BY_DEFAULT: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW)
-"""Classes whose shards run torch's fused kernel when the user chose neither fused nor foreach.
-
-torch's fused Adam/AdamW is several times faster than foreach on CPU and GPU and agrees with it
-to rounding (torch's own tests compare them with default tolerances). With ``fused=False``
-(torch's default path) or ``foreach=True`` the shards run exactly what torch runs with it.
-"""
-
-
-def fuses_by_default(optimizer_class: type, options: dict[str, Any]) -> bool:
-    """Whether a shard runs a group with these options fused although the user did not ask."""
-    return (
-        optimizer_class in FUSED_BY_DEFAULT
-        and options.get("fused") is None
-        and options.get("foreach") is None
-        and not options.get("differentiable")
-        and not options.get("capturable")
-    )
-
-
-def _fusable(params: list[torch.Tensor]) -> bool:
-    """Whether torch's fused kernels take these tensors (floating point, on CPU or CUDA)."""
-    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-
-
-def run_options(
-    optimizer_class: type, options: dict[str, Any], params: list[torch.Tensor]
-) -> dict[str, Any]:
-    """A group's options as a shard runs them: fused where torch's default is not asked for
-    and the kernel takes the group's tensors."""
-    if _fusable(params) and fuses_by_default(optimizer_class, options):
-        return {**options, "fused": True}
-    return options
 
 
 def _copy_into(dst: torch.Tensor, src_array) -> None:
@@ -116,8 +84,9 @@ class Shard:
         self._adopt(spec.params, force=True)
         self._optimizer_class = spec.optimizer_class
         self._defaults = spec.defaults
-        self._fault: str | None = None
-        self._fusable = [_fusable(self._params_in_group(g)) for g in range(len(spec.group_options))]
+        self._fusable = [
+            is_fusable(self._params_in_group(g)) for g in range(len(spec.group_options))
+        ]
         self.optimizer: torch.optim.Optimizer = spec.optimizer_class(
             [
                 {**self._run_options(options, g), "params": self._params_in_group(g)}
@@ -213,7 +182,7 @@ class Shard:
             The shard's shared buffers, which move when parameters were added.
         """
         new_params = self._adopt(block)
-        self._fusable.append(_fusable(new_params))
+        self._fusable.append(is_fusable(new_params))
         group = len(self._fusable) - 1
         self.optimizer.add_param_group({**self._run_options(options, group), "params": new_params})
         self._note_new_state()
@@ -254,8 +223,6 @@ class Shard:
 
     def step(self, request: StepRequest) -> StepResult:
         """Applies one step exactly once; a repeated ``step_id`` returns the earlier result."""
-        if self._fault == "before_step":
-            os._exit(1)
         if request.step_id <= self._last_step_id:
             last = self._last_result
             if request.step_id == self._last_step_id and last is not None:
@@ -296,16 +263,7 @@ class Shard:
         )
         self._last_step_id = request.step_id
         self._last_result = result
-        if self._fault == "after_step":  # applied, but the answer never leaves this process
-            os._exit(1)
         return result
-
-    def inject_fault(self, when: str | None) -> None:
-        """Failure injection for tests: the host process dies ``"before_step"`` or
-        ``"after_step"`` (after applying it) at the next step."""
-        if when not in (None, "before_step", "after_step"):
-            raise ValueError(f"unknown fault {when!r}")
-        self._fault = when
 
     # ----- moving a shard (fault tolerance) -------------------------------------------------
 
@@ -500,75 +458,3 @@ class Shard:
             state_ids=tuple(self._state_by_id()),
             last_step_id=self._last_step_id,
         )
-
-
-def actor_device() -> torch.device:
-    """CUDA when Ray gave this actor a GPU (and torch can see it), else CPU."""
-    try:
-        import ray
-
-        if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
-            return torch.device("cuda", 0)
-    except Exception:  # outside an actor
-        pass
-    return torch.device("cpu")
-
-
-class ShardHost:
-    """A Ray actor holding the shards of one or more optimizers, keyed by ``(owner, index)``.
-
-    Hosts are pooled and reused by :mod:`shardopt.runtime`, so a new optimizer does not pay for
-    a new worker process. Made remote at creation: ``ray.remote(ShardHost).options(...)``.
-    """
-
-    def __init__(self) -> None:
-        self._shards: dict[str, Shard] = {}
-        self.device = actor_device()
-
-    def create(
-        self,
-        key: str,
-        shard_index: int,
-        spec: ShardSpec,
-        shared_memory: bool = False,
-        num_threads: int | None = None,
-    ) -> tuple[tuple[int, ...], SharedBuffers | None]:
-        """Creates a shard (and sets this host's torch threads, when given).
-
-        Returns:
-            The ids its optimizer's constructor gave state to, and its shared buffers (if any).
-        """
-        if num_threads is not None and self.device.type == "cpu":
-            torch.set_num_threads(num_threads)
-        shard = Shard(shard_index, spec, self.device, shared_memory)
-        self._shards[key] = shard
-        return shard.initial_state_ids(), shard.shared_buffers()
-
-    def create_from(
-        self, key: str, shard_index: int, export: ShardExport, num_threads: int | None = None
-    ) -> tuple[int, ...]:
-        """Creates a shard that continues an exported one (a replica, or a replacement)."""
-        self.create(key, shard_index, export.spec, False, num_threads)
-        self._shards[key].restore(export)
-        return tuple(sorted(self._shards[key]._state_by_id()))
-
-    def call(self, key: str, method: str, *args: Any) -> Any:
-        """Runs ``Shard.<method>(*args)`` on shard ``key``."""
-        return getattr(self._shards[key], method)(*args)
-
-    def drop(self, key: str) -> None:
-        shard = self._shards.pop(key, None)
-        if shard is not None:
-            shard.close()
-
-    def info(self) -> dict[str, Any]:
-        """The host's device, node, process id and the shards it holds."""
-        import ray
-
-        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        return {
-            "device": str(self.device),
-            "node_id": node_id,
-            "pid": os.getpid(),
-            "shards": sorted(self._shards),
-        }

@@ -1,9 +1,10 @@
 """One shard of a shard group: many workers' gradients, one optimizer, versioned parameters.
 
 A :class:`GroupShardHost` is the Ray actor (threaded, detached, named) that holds one
-:class:`~shardopt.shard.Shard` of a group created by :mod:`shardopt.group`. Workers push their
-gradients for the shard's parameters, tagged with the version of the parameters they computed
-them on, and get back the parameters after the push:
+:class:`~shardopt.actor.shard.Shard` of a group created by the registry
+(:mod:`shardopt.actor.shard_group_registry`). Workers push their gradients for the shard's
+parameters, tagged with the version of the parameters they computed them on, and get back the
+parameters after the push:
 
 - ``sync``: the shard waits until every rank has pushed for the current version, averages the
   gradients in rank order (a parameter's gradient is the sum over the ranks that have one,
@@ -15,26 +16,32 @@ them on, and get back the parameters after the push:
   ``max_staleness=s``, gradients computed on parameters more than ``s`` versions old are not
   applied: the worker gets the current parameters instead and computes again.
 
-Every other shard method (state, loads, checkpoints) runs through :meth:`GroupShardHost.call`
-under the same lock, so the proxy's code for those is the one of :mod:`shardopt.optimizer`.
+Every other call of a shard (state, loads, checkpoints: :class:`~shardopt.actor.host.ShardCalls`)
+runs under the same lock, so a worker's proxy reaches a group's shards through the same typed
+handles as its own.
 
-Talks to: workers' proxies (:mod:`shardopt.group_client`) and the registry (:mod:`shardopt.group`).
+Talks to: workers' backends (:mod:`shardopt.client.shard_group`) and the registry
+(:mod:`shardopt.actor.shard_group_registry`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 
-from shardopt.buffers import readonly_tensor
-from shardopt.errors import GroupTimeoutError
-from shardopt.records import (
+from shardopt.actor.host import ShardCalls, actor_device
+from shardopt.actor.shard import Shard
+from shardopt.core.buffers import readonly_tensor
+from shardopt.core.errors import GroupTimeoutError
+from shardopt.core.records import (
     GroupConfig,
     ParamsAt,
     PushRequest,
@@ -42,12 +49,12 @@ from shardopt.records import (
     ShardSpec,
     SparseGrad,
     StepRequest,
+    StepResult,
 )
-from shardopt.shard import Shard, actor_device
 
 
-class GroupShardHost:
-    """The Ray actor holding one shard of a group. Made remote by :mod:`shardopt.group` with
+class GroupShardHost(ShardCalls):
+    """The Ray actor holding one shard of a group. Made remote by the registry with
     ``max_concurrency`` above the world size, so that a sync round's pushes wait together."""
 
     def __init__(self, group: str, config: GroupConfig) -> None:
@@ -79,10 +86,14 @@ class GroupShardHost:
             raise KeyError(f"group {self.group!r} holds no shard {key!r}")
         return self._shard
 
-    def call(self, key: str, method: str, *args: Any) -> Any:
-        """Runs ``Shard.<method>(*args)`` between pushes (state, loads, checkpoints)."""
+    @contextlib.contextmanager
+    def _using(self, key: str) -> Iterator[Shard]:
+        """The shard, between pushes (state, loads, checkpoints run under the group's lock)."""
         with self._cond:
-            return getattr(self._checked(key), method)(*args)
+            yield self._checked(key)
+
+    def step(self, key: str, request: StepRequest) -> StepResult:
+        raise TypeError("a shard group's shard steps on its workers' pushes (push), not step()")
 
     def pull(self, key: str) -> ParamsAt:
         """The shard's current parameters and their version."""

@@ -19,7 +19,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from shardopt.errors import PlacementError
+from shardopt.core.errors import PlacementError
 
 logger = logging.getLogger(__name__)
 

@@ -1,14 +1,16 @@
 """A worker's side of a shard group: attaching, pushing gradients, adopting parameters.
 
-:class:`GroupClient` is what a :class:`~shardopt.optimizer.ShardedOptimizer` created with
-``group=...`` uses instead of its own shards: it presents the worker's
-:class:`~shardopt.records.GroupSignature` to the registry (:mod:`shardopt.group`), then steps
-by pushing each shard's gradients (tagged with the version of the parameters they were computed
-on) and copying the parameters each shard answers with into the worker's tensors. The rest of
-the proxy (``state_dict``, loads, checkpoints, the state view) talks to the group's shard hosts
-through the same ``call`` interface as to its own shards.
+:class:`ShardGroupMember` is the backend of a
+:class:`~shardopt.client.optimizer.ShardedOptimizer` created with ``group=...``: it presents the
+worker's :class:`~shardopt.core.records.GroupSignature` to the cluster's registry
+(:mod:`shardopt.actor.shard_group_registry`), then steps by pushing each shard's gradients
+(tagged with the version of the parameters they were computed on) and copying the parameters
+each shard answers with into the worker's tensors. State, loads, checkpoints and status reach the
+group's shard hosts through the same typed handles as a worker's own shards
+(:class:`~shardopt.client.ray_shards.RayShards`). Also the cluster-wide entry points
+:func:`list_groups` and :func:`close_group`.
 
-Talks to: the group registry and the group's shard hosts (:mod:`shardopt.group_shard`).
+Talks to: the group registry and the group's shard hosts (:mod:`shardopt.actor.shard_group_host`).
 """
 
 from __future__ import annotations
@@ -17,15 +19,23 @@ import datetime
 import logging
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 import torch
 
-from shardopt.buffers import readonly_tensor, to_numpy
-from shardopt.groups import group_options
-from shardopt.placement import normalize_resources, normalize_strategy
-from shardopt.records import (
+from shardopt.actor.host import NAMESPACE
+from shardopt.actor.placement import normalize_resources, normalize_strategy
+from shardopt.actor.shard_group_registry import REGISTRY_NAME, GroupRegistry
+from shardopt.client.backend import ParamSource
+from shardopt.client.data_path import DataPath
+from shardopt.client.handles import ShardHandle
+from shardopt.client.ray_shards import RayShards
+from shardopt.client.runtime import ensure_ray, ray_get
+from shardopt.client.shard_map import ShardMap
+from shardopt.core.amp import AmpScaling, unscale_here
+from shardopt.core.buffers import to_numpy
+from shardopt.core.records import (
     GroupConfig,
     GroupMembership,
     GroupSignature,
@@ -34,10 +44,6 @@ from shardopt.records import (
     PushResult,
     ShardSpec,
 )
-from shardopt.runtime import ray_get
-
-if TYPE_CHECKING:
-    from shardopt.optimizer import ShardedOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -119,43 +125,98 @@ def _leave(registry: Any, name: str, rank: int) -> None:
         pass
 
 
-class GroupClient:
-    """One worker's membership of a shard group and its push/pull data path."""
+def registry() -> Any:
+    """The cluster's group registry actor (created by the first process that asks)."""
+    ensure_ray()
+    return (
+        ray.remote(GroupRegistry)
+        .options(
+            name=REGISTRY_NAME,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+        )
+        .remote()
+    )
 
-    def __init__(self, name: str, rank: int, config: GroupConfig) -> None:
+
+def close_group(name: str) -> bool:
+    """Tears down shard group ``name`` (its shards and their state are gone).
+
+    Returns:
+        Whether the group existed.
+    """
+    return ray.get(registry().close_group.remote(name))
+
+
+def list_groups() -> dict[str, dict[str, Any]]:
+    """The cluster's live shard groups, by name."""
+    return ray.get(registry().groups.remote())
+
+
+class GroupShardHandle(ShardHandle):
+    """A handle on one shard of a group: the shard calls, and a worker's push and pull."""
+
+    def push(self, request: PushRequest) -> Any:
+        return self.host.push.remote(self.key, request)
+
+    def pull(self) -> Any:
+        return self.host.pull.remote(self.key)
+
+
+class ShardGroupMember(RayShards):
+    """One worker's membership of a shard group and its push/pull data path.
+
+    Args:
+        params: the worker's parameters.
+        name: the group's name.
+        rank: this worker's rank.
+        config: the group's options (checked by :func:`make_config`).
+    """
+
+    def __init__(self, params: ParamSource, name: str, rank: int, config: GroupConfig) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"Invalid group name: {name!r} (a non-empty string without '/')")
+        self._params = params
         self.name = name
         self.rank = rank
         self.config = config
         self.membership: GroupMembership | None = None
         self.versions: list[int] = [0] * config.num_shards
         self.last_push: list[PushResult] = []
+        self.shard_map = ShardMap(config.num_shards)
+        self.data_path = DataPath(self.shard_map, share_params=False, replicated=False)
+        blocks = self.shard_map.place(params.flat(), params.group_indices())
+        options = params.options()
+        specs = [
+            ShardSpec(params.optimizer_class, params.defaults, options, blocks[s])
+            for s in range(config.num_shards)
+        ]
+        self._join(specs)
 
-    def signature(self, proxy: ShardedOptimizer) -> GroupSignature:
+    def signature(self) -> GroupSignature:
         params = []
-        for g in proxy.param_groups:
+        for g in self._params.groups:
             names = g.get("param_names") or [None] * len(g["params"])
             for p, n in zip(g["params"], names):
                 label = n if n is not None else f"params[{len(params)}]"
                 params.append((label, tuple(p.shape), str(p.dtype).removeprefix("torch.")))
-        cls = proxy.optimizer_class
+        cls = self._params.optimizer_class
         return GroupSignature(
             optimizer_class=f"{cls.__module__}.{cls.__qualname__}",
-            defaults=_plain(proxy.defaults),
-            group_options=tuple(_plain(group_options(g)) for g in proxy.param_groups),
-            group_sizes=tuple(len(g["params"]) for g in proxy.param_groups),
+            defaults=_plain(self._params.full_defaults),
+            group_options=tuple(_plain(o) for o in self._params.options()),
+            group_sizes=tuple(len(g["params"]) for g in self._params.groups),
             params=tuple(params),
             config=self.config,
         )
 
-    def join(self, proxy: ShardedOptimizer, specs: list[ShardSpec]) -> GroupMembership:
+    def _join(self, specs: list[ShardSpec]) -> GroupMembership:
         """Attaches to (or creates) the group and adopts its current parameters."""
-        from shardopt.group import registry
-
         reg = registry()
         job_id = ray.get_runtime_context().get_job_id()
-        signature = self.signature(proxy)
+        signature = self.signature()
         # Only a worker that may create the group ships its initial parameters.
         spec_refs = [] if ray.get(reg.exists.remote(self.name)) else [ray.put(s) for s in specs]
         try:
@@ -168,57 +229,73 @@ class GroupClient:
                 reg.join.remote(self.name, signature, self.rank, job_id, spec_refs)
             )
         self.membership = membership
-        proxy._hosts, proxy._keys = list(membership.hosts), list(membership.keys)
-        proxy._finalizer = weakref.finalize(proxy, _leave, reg, self.name, self.rank)
+        self.handles: list[GroupShardHandle] = [
+            GroupShardHandle(host, key, s)
+            for s, (host, key) in enumerate(zip(membership.hosts, membership.keys))
+        ]
+        self._finalizer = weakref.finalize(self, _leave, reg, self.name, self.rank)
         if not membership.created:
             logger.info("rank %d attached to existing group %r", self.rank, self.name)
         try:
-            self.pull(proxy)
+            self.pull_params()
         except BaseException:
-            proxy._finalizer()
+            self._finalizer()
             raise
         return membership
 
     # ----- parameters -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def pull(self, proxy: ShardedOptimizer) -> None:
+    def pull_params(self) -> None:
         """Copies every shard's current parameters into the worker's tensors."""
-        shards = [s for s in range(self.config.num_shards) if proxy._shard_params[s]]
-        answers = ray_get([proxy._hosts[s].pull.remote(proxy._keys[s]) for s in shards])
-        params = proxy._flat_params()
+        shards = self.shard_map.live_shards()
+        answers = ray_get([self.handles[s].pull() for s in shards])
+        params = self._params.flat()
         for s, current in zip(shards, answers):
-            self._adopt(proxy, s, current, params)
+            self._adopt(s, current, params)
 
-    def _adopt(
-        self, proxy: ShardedOptimizer, shard: int, current: ParamsAt, params: list[torch.Tensor]
-    ) -> None:
-        values = readonly_tensor(ray_get(current.params))
-        layout = proxy._layouts[shard]
-        for j, pid in enumerate(proxy._shard_params[shard]):
-            params[pid].copy_(layout.view(values, j))
-            proxy._record_version(pid, params[pid])
+    def _adopt(self, shard: int, current: ParamsAt, params: list[torch.Tensor]) -> None:
+        self.shard_map.copy_back(shard, ray_get(current.params), params)
         self.versions[shard] = current.version
+
+    def push_params(self) -> None:
+        params = self._params.flat()
+        self.shard_map.forget_versions()
+        updates = {s: self.data_path.changed_params(s, params) for s in range(self.num_shards)}
+        ray_get([self.handles[s].set_params(u) for s, u in updates.items() if u is not None])
+
+    def add_param_group(self, group_index: int) -> None:
+        raise ValueError(
+            f"the param groups of shard group {self.name!r} were fixed when it was "
+            "created; create the optimizer with all of them"
+        )
 
     # ----- stepping ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, proxy: ShardedOptimizer, closure: Callable[[], Any] | None) -> Any:
+    def step(self, closure: Callable[[], Any] | None, scaling: AmpScaling | None) -> Any:
         """Pushes this worker's gradients to every shard and adopts what they answer.
 
         In async mode with ``max_staleness``, a shard that rejects gradients as too stale
         answers with its current parameters; with a closure the gradients are computed again
         on them and pushed again to the shards that rejected, without one the step ends (see
-        ``last_push``: ``applied_version`` None).
+        ``last_push``: ``applied_version`` None). The scale of a GradScaler is applied here,
+        as GradScaler applies it to an optimizer that does not take it.
         """
         loss = None
-        shards = [s for s in range(self.config.num_shards) if proxy._shard_params[s]]
+        shards = self.shard_map.live_shards()
         results: dict[int, PushResult] = {}
         for _ in range(MAX_STALE_RETRIES):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            rejected = self._push(proxy, shards, results)
+            self._params.check_step_inputs()
+            if scaling is not None:
+                if scaling.skips:
+                    return loss
+                unscale_here(self._params.flat(), scaling)
+                self.data_path.forget_shipped()
+            rejected = self._push(shards, results)
             if not rejected or closure is None:
                 break
             shards = rejected
@@ -228,33 +305,34 @@ class GroupClient:
                 f"{MAX_STALE_RETRIES} times in a row; raise max_staleness"
             )
         self.last_push = [results[s] for s in sorted(results)]
-        proxy._note_state(i for r in self.last_push for i in r.new_state_ids)
+        self.shard_map.note_state(i for r in self.last_push for i in r.new_state_ids)
         return loss
 
-    def _push(
-        self, proxy: ShardedOptimizer, shards: list[int], results: dict[int, PushResult]
-    ) -> list[int]:
+    def _push(self, shards: list[int], results: dict[int, PushResult]) -> list[int]:
         """One push to ``shards``; returns the shards that rejected it as too stale."""
-        params = proxy._flat_params()
-        options = tuple(group_options(g) for g in proxy.param_groups)
+        params = self._params.flat()
+        options = self._params.options()
         pending: dict[Any, int] = {}
         for s in shards:
-            flat, has_grad, sparse, touched = proxy._pack_grads(s, params)
+            flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params)
             if not touched and self.config.mode == "async":
                 continue  # nothing to apply; sync still pushes: the round needs every rank
             request = PushRequest(
                 self.rank, self.versions[s], options, to_numpy(flat), has_grad, sparse
             )
-            pending[proxy._hosts[s].push.remote(proxy._keys[s], request)] = s
-        proxy._shipped.clear()
+            pending[self.handles[s].push(request)] = s
+        self.data_path.forget_shipped()
         rejected = []
         waiting = list(pending)
         while waiting:  # adopt each shard's parameters as soon as it answers
             done, waiting = ray.wait(waiting, num_returns=1)
             result: PushResult = ray_get(done[0])
             s = pending[done[0]]
-            self._adopt(proxy, s, result.current, params)
+            self._adopt(s, result.current, params)
             results[s] = result
             if result.applied_version is None:
                 rejected.append(s)
         return sorted(rejected)
+
+    def close(self) -> None:
+        self._finalizer()

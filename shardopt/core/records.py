@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from shardopt.amp import AmpScaling
-from shardopt.buffers import FlatLayout, PackedTree
+from shardopt.core.amp import AmpScaling
+from shardopt.core.buffers import FlatLayout, PackedTree
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class SharedBuffers:
 
 @dataclass(frozen=True)
 class SharedTree:
-    """A packed tree whose flat buffer is a shared-memory file (see :mod:`shardopt.shm`)."""
+    """A packed tree whose flat buffer is a shared-memory file (see :mod:`shardopt.core.shm`)."""
 
     skeleton: Any
     layout: FlatLayout
@@ -84,7 +84,7 @@ class StepRequest:
     sparse_grads: dict[int, SparseGrad]
     params_in: ParamUpdate | None = None
     return_params: bool = True  # False for a replica: the proxy needs only its acknowledgement
-    scaling: AmpScaling | None = None  # a GradScaler's scale and verdict (see shardopt.amp)
+    scaling: AmpScaling | None = None  # a GradScaler's scale and verdict (see shardopt.core.amp)
 
 
 @dataclass(frozen=True)
@@ -106,13 +106,6 @@ class StepResult:
     step_id: int
     params: np.ndarray | None
     new_state_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ShardState:
-    """A shard's optimizer state keyed by global parameter id, tensors in one flat buffer."""
-
-    state: PackedTree
 
 
 @dataclass(frozen=True)

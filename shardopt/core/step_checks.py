@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from shardopt.groups import group_options
+from shardopt.core.param_groups import group_options
 
 _PATH_OPTIONS = ("fused", "foreach", "differentiable", "capturable", "maximize")
 """Group options that choose which of torch's implementations (and checks) runs."""

@@ -5,59 +5,77 @@ when moving state between devices. The view keeps only the keys on the client (w
 have state, in torch's insertion order); values are fetched from the owning shard on access and
 written back to it on assignment. Nothing is cached, so it never goes stale.
 
-Talks to: the proxy (:class:`shardopt.optimizer.ShardedOptimizer`), which talks to the shards.
+Talks to: the optimizer's public face (``param_groups``, ``backend``) and, through the backend
+(:mod:`shardopt.client.backend`), the shards.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from shardopt.optimizer import ShardedOptimizer
+from shardopt.client.backend import Backend
 
 
 class ShardStateView(MutableMapping):
-    """``{param: state dict}`` for the parameters whose shard holds optimizer state."""
+    """``{param: state dict}`` for the parameters whose shard holds optimizer state.
 
-    def __init__(self, optimizer: ShardedOptimizer):
+    Args:
+        optimizer: the optimizer whose state this is (held weakly: it owns the view).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
         self._optimizer = weakref.ref(optimizer)
 
     @property
-    def _opt(self) -> ShardedOptimizer:
+    def _opt(self) -> Any:
         opt = self._optimizer()
         if opt is None:
             raise ReferenceError("the optimizer of this state view no longer exists")
         return opt
 
+    @property
+    def _shards(self) -> Backend:
+        return self._opt.backend  # refuses once the optimizer is closed
+
+    def _id_of(self, param: object) -> int | None:
+        return self._shards.shard_map.id_of(param)
+
     def __len__(self) -> int:
-        return len(self._opt._state_order)
+        return len(self._shards.state_order)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        params = self._opt._flat_params()
-        return iter([params[pid] for pid in self._opt._state_order])
+        params = [p for g in self._opt.param_groups for p in g["params"]]
+        return iter([params[pid] for pid in self._shards.state_order])
 
     def __contains__(self, param: object) -> bool:
-        pid = self._opt._param_id(param)
-        return pid is not None and pid in self._opt._state_order
+        pid = self._id_of(param)
+        return pid is not None and self._shards.shard_map.has_state(pid)
 
     def __getitem__(self, param: torch.Tensor) -> dict[str, Any]:
         """A copy of ``param``'s state from its shard; ``{}`` when it has none (as defaultdict)."""
-        pid = self._opt._param_id(param)
+        pid = self._id_of(param)
         if pid is None:
             raise KeyError(param)
-        if pid not in self._opt._state_order:
+        if not self._shards.shard_map.has_state(pid):
             return {}
-        return self._opt._fetch_param_state(pid)
+        for part in self._shards.state_parts((pid,)):
+            if pid in part:
+                return part[pid]
+        return {}
 
     def __setitem__(self, param: torch.Tensor, value: dict[str, Any]) -> None:
-        pid = self._opt._param_id(param)
+        pid = self._id_of(param)
         if pid is None:
             raise KeyError("only parameters of this optimizer can have optimizer state")
-        self._opt._store_param_state(pid, value)
+        if not isinstance(value, dict):
+            raise TypeError(
+                f"optimizer state of a parameter must be a dict, got {type(value).__name__}"
+            )
+        self._shards.set_param_state(pid, value)
 
     def __delitem__(self, param: torch.Tensor) -> None:
         raise TypeError("shardopt does not support deleting a parameter's optimizer state")

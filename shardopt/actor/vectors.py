@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from shardopt.buffers import FlatLayout, readonly_tensor, to_numpy
+from shardopt.core.buffers import FlatLayout, readonly_tensor, to_numpy
 
 if TYPE_CHECKING:
-    from shardopt.shard import Shard
+    from shardopt.actor.shard import Shard
 
 
 class VectorStore:
@@ -103,6 +103,3 @@ class VectorStore:
             else:
                 raise ValueError(f"unknown vector operation {op!r}")
         return results
-
-    def names(self) -> list[str]:
-        return sorted(self._vectors)

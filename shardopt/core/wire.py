@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from shardopt.buffers import readonly_tensor
-from shardopt.proto import tensors_pb
+from shardopt.core.buffers import readonly_tensor
+from shardopt.core.proto import tensors_pb
 
 CHUNK_BYTES = 1 << 20
 """Bytes per TensorChunk sent (1 MiB)."""

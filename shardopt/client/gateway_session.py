@@ -1,10 +1,10 @@
-"""The remote proxy's transport: a :class:`~shardopt.optimizer.ShardedOptimizer` created with
+"""The gateway backend: a :class:`~shardopt.client.optimizer.ShardedOptimizer` created with
 ``address="host:port"`` talks to a gateway (:mod:`shardopt.gateway`) over gRPC instead of Ray.
 
-The proxy keeps the user's ``param_groups`` as always; :class:`RemoteClient` opens a session
+The proxy keeps the user's ``param_groups`` as always; :class:`GatewaySession` opens a session
 with their specs and values, and each step pushes the gradients, steps (sending the current
 group options, so lr schedulers work) and pulls the parameters back into the user's tensors.
-State dicts travel as value trees plus chunked tensors (:mod:`shardopt.wire`). A server error
+State dicts travel as value trees plus chunked tensors (:mod:`shardopt.core.wire`). A server error
 comes back as the exception type the server raised (``ValueError``, ``TypeError``,
 :class:`~shardopt.errors.GroupTimeoutError`, ...), with the server's message.
 
@@ -16,20 +16,21 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import torch
 
-from shardopt import errors, wire
-from shardopt.groups import group_options
-from shardopt.plan import ShardPlan
-from shardopt.proto import pb, rpc
-from shardopt.records import GroupConfig
-
-if TYPE_CHECKING:
-    from shardopt.optimizer import ShardedOptimizer
+from shardopt.checkpoint import SaveHandle
+from shardopt.client.backend import Backend, ParamSource
+from shardopt.client.shard_map import ShardMap
+from shardopt.core import errors, wire
+from shardopt.core.amp import AmpScaling, unscale_here
+from shardopt.core.param_groups import group_options
+from shardopt.core.proto import pb, rpc
+from shardopt.core.records import GroupConfig, ShardStatus
 
 logger = logging.getLogger(__name__)
 
@@ -100,57 +101,81 @@ def _channel(address: str, tls: bool | str | os.PathLike | None) -> grpc.Channel
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
 
 
-class RemoteClient:
+def _close_session(
+    channel: grpc.Channel, stub: Any, metadata: Any, session: dict[str, str | None]
+) -> None:
+    """Closes a session and its channel (by close(), or when its optimizer is collected)."""
+    if session["id"] is not None:
+        try:
+            stub.CloseSession(pb.SessionRef(session_id=session["id"]), metadata=metadata)
+        except Exception as err:  # the gateway is gone: nothing left to close
+            logger.debug("closing session %s: %s", session["id"], err)
+        session["id"] = None
+    channel.close()
+
+
+class GatewaySession(Backend):
     """One session on a gateway.
 
     Args:
+        params: the proxy's parameters.
         address: the gateway's ``host:port``.
         token: the bearer token (None: the gateway runs without authentication).
         tls: False/None for plaintext, True for TLS with the system's roots, or the path of a
             PEM file of root certificates (e.g. a self-signed server certificate).
+        num_shards: the shards asked for (None: the gateway decides).
+        group: a shard group's options (:func:`group_request`), or None.
     """
 
     def __init__(
-        self, address: str, token: str | None = None, tls: bool | str | os.PathLike | None = None
+        self,
+        params: ParamSource,
+        address: str,
+        token: str | None,
+        tls: bool | str | os.PathLike | None,
+        num_shards: int | None,
+        group: dict[str, Any] | None,
     ) -> None:
+        self._params = params
         self.address = address
         self._channel = _channel(address, tls)
         self._stub = rpc.OptimizerServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self.session_id: str | None = None
-        self.last_steps = 0
+        self._session: dict[str, str | None] = {"id": None}
+        self._finalizer = weakref.finalize(
+            self, _close_session, self._channel, self._stub, self._metadata, self._session
+        )
         self.last_pushes: list[Any] = []
+        self._open(num_shards, group)
 
-    def _call(self, method: str, request: Any) -> Any:
+    def _call(self, method: Callable[..., Any], request: Any) -> Any:
         try:
-            return getattr(self._stub, method)(request, metadata=self._metadata)
+            return method(request, metadata=self._metadata)
         except grpc.RpcError as err:
             raise raised(err) from None
 
-    def _stream(self, method: str, request: Any) -> Iterator[Any]:
+    def _stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
         try:
-            yield from getattr(self._stub, method)(request, metadata=self._metadata)
+            yield from method(request, metadata=self._metadata)
         except grpc.RpcError as err:
             raise raised(err) from None
 
     # ----- the session ------------------------------------------------------------------------
 
-    def open(
-        self, proxy: ShardedOptimizer, num_shards: int | None, group: dict[str, Any] | None
-    ) -> Any:
-        """Opens the session with the proxy's parameters and groups; returns the Session."""
-        params = proxy._flat_params()
+    def _open(self, num_shards: int | None, group: dict[str, Any] | None) -> None:
+        """Opens the session with the proxy's parameters and groups."""
+        params = self._params.flat()
         names = []
-        for g in proxy.param_groups:
+        for g in self._params.groups:
             names.extend(g.get("param_names") or [""] * len(g["params"]))
         spec = pb.SessionSpec(
-            optimizer=proxy.optimizer_class.__name__,
-            hyperparameters=wire.encode_options(proxy._shard_defaults),
+            optimizer=self._params.optimizer_class.__name__,
+            hyperparameters=wire.encode_options(self._params.defaults),
             params=[wire.spec_of(p, n) for p, n in zip(params, names)],
             num_shards=num_shards or 0,
         )
         start = 0
-        for g in proxy.param_groups:
+        for g in self._params.groups:
             count = len(g["params"])
             spec.param_groups.add(
                 params=list(range(start, start + count)),
@@ -166,38 +191,35 @@ class RemoteClient:
             for chunk in wire.tensor_chunks(params):
                 yield pb.OpenSessionRequest(chunk=chunk)
 
-        session = self._call("OpenSession", requests())
-        self.session_id = session.session_id
-        proxy._state_order = dict.fromkeys(session.state_order)
-        self.pull(proxy)  # a group member adopts the group's values
-        return session
+        session = self._call(self._stub.OpenSession, requests())
+        self._session["id"] = session.session_id
+        self.shard_map = ShardMap.with_owners(session.num_shards, tuple(session.owners), params)
+        self.shard_map.set_state_order(session.state_order)
+        self.pull_params()  # a group member adopts the group's values
 
-    def plan(self, session: Any, proxy: ShardedOptimizer) -> ShardPlan:
-        loads = [0] * session.num_shards
-        for p, owner in zip(proxy._flat_params(), session.owners):
-            loads[owner] += p.numel() * p.element_size()
-        return ShardPlan(owners=tuple(session.owners), shard_bytes=tuple(loads))
+    @property
+    def session_id(self) -> str | None:
+        return self._session["id"]
 
     def close(self) -> None:
-        if self.session_id is not None:
-            try:
-                self._call("CloseSession", pb.SessionRef(session_id=self.session_id))
-            except Exception as err:  # the gateway is gone: nothing left to close
-                logger.debug("closing session %s: %s", self.session_id, err)
-            self.session_id = None
-        self._channel.close()
+        self._finalizer()
 
-    # ----- stepping ---------------------------------------------------------------------------
+    # ----- stepping and parameters ------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, proxy: ShardedOptimizer, closure: Callable[[], Any] | None) -> Any:
+    def step(self, closure: Callable[[], Any] | None, scaling: AmpScaling | None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = proxy._flat_params()
-        if any(proxy._versions[i] != (p._version, p.data_ptr()) for i, p in enumerate(params)):
-            self.push_params(proxy)  # changed in place since the last step (as the Ray path)
+        self._params.check_step_inputs()
+        if scaling is not None:  # the gateway takes no scale: do what GradScaler does
+            if scaling.skips:
+                return loss
+            unscale_here(self._params.flat(), scaling)
+        params = self._params.flat()
+        if self.shard_map.any_changed(params):
+            self.push_params()  # changed in place since the last step (as the Ray path)
         indices, grads = [], []
         for i, p in enumerate(params):
             if p.grad is not None:
@@ -214,22 +236,22 @@ class RemoteClient:
             for chunk in wire.tensor_chunks(grads):
                 yield pb.PushGradientsRequest(chunk=chunk)
 
-        self._call("PushGradients", requests())
-        groups = [
-            pb.ParamGroup(options=wire.encode_options(group_options(g))) for g in proxy.param_groups
-        ]
-        reply = self._call("Step", pb.StepRequest(session_id=self.session_id, param_groups=groups))
-        self.last_steps, self.last_pushes = reply.steps, list(reply.pushes)
-        proxy._state_order = dict.fromkeys(reply.state_order)
-        self.pull(proxy)
+        self._call(self._stub.PushGradients, requests())
+        groups = [pb.ParamGroup(options=wire.encode_options(o)) for o in self._params.options()]
+        reply = self._call(
+            self._stub.Step, pb.StepRequest(session_id=self.session_id, param_groups=groups)
+        )
+        self.last_pushes = list(reply.pushes)
+        self.shard_map.set_state_order(reply.state_order)
+        self.pull_params()
         return loss
 
     @torch.no_grad()
-    def pull(self, proxy: ShardedOptimizer) -> None:
+    def pull_params(self) -> None:
         """Copies the gateway's current parameters into the proxy's tensors."""
-        params = proxy._flat_params()
+        params = self._params.flat()
         answers = self._stream(
-            "PullParameters", pb.PullParametersRequest(session_id=self.session_id)
+            self._stub.PullParameters, pb.PullParametersRequest(session_id=self.session_id)
         )
         first = next(answers)
         expected = [(p.dtype, tuple(p.shape)) for p in params]
@@ -239,13 +261,13 @@ class RemoteClient:
         )  # fmt: skip
         for answer in answers:
             receiver.add(answer.chunk)
-        for p, value in zip(params, receiver.finish()):
+        for pid, (p, value) in enumerate(zip(params, receiver.finish())):
             p.copy_(value)
-            proxy._record_version(proxy._param_id(p), p)
+            self.shard_map.record(pid, p)
 
     @torch.no_grad()
-    def push_params(self, proxy: ShardedOptimizer) -> None:
-        params = proxy._flat_params()
+    def push_params(self) -> None:
+        params = self._params.flat()
         header = pb.PushParametersHeader(
             session_id=self.session_id, params=[wire.spec_of(p) for p in params]
         )
@@ -255,39 +277,49 @@ class RemoteClient:
             for chunk in wire.tensor_chunks(params):
                 yield pb.PushParametersRequest(chunk=chunk)
 
-        self._call("PushParameters", requests())
-        for p in params:
-            proxy._record_version(proxy._param_id(p), p)
+        self._call(self._stub.PushParameters, requests())
+        for pid, p in enumerate(params):
+            self.shard_map.record(pid, p)
 
-    def add_param_group(self, proxy: ShardedOptimizer, group: dict[str, Any]) -> None:
+    def add_param_group(self, group_index: int) -> None:
+        group = self._params.groups[group_index]
+        new_params = list(group["params"])
         header = pb.AddParamGroupHeader(
             session_id=self.session_id,
             group=pb.ParamGroup(options=wire.encode_options(group_options(group))),
-            params=[wire.spec_of(p) for p in group["params"]],
+            params=[wire.spec_of(p) for p in new_params],
         )
 
         def requests() -> Iterator[Any]:
             yield pb.AddParamGroupRequest(header=header)
-            for chunk in wire.tensor_chunks(list(group["params"])):
+            for chunk in wire.tensor_chunks(new_params):
                 yield pb.AddParamGroupRequest(chunk=chunk)
 
-        self._call("AddParamGroup", requests())
+        self._call(self._stub.AddParamGroup, requests())
+        # the gateway's session places them with the same deterministic plan
+        first = len(self.shard_map.plan.owners)
+        extended = self.shard_map.plan.extended([p.numel() * p.element_size() for p in new_params])
+        self.shard_map.adopt(extended.owners[first:], new_params)
 
     # ----- state ------------------------------------------------------------------------------
 
-    def state(self, param_ids: list[int] | None = None) -> dict[int, Any]:
-        """The optimizer state by parameter id (all of it, or only ``param_ids``)."""
+    def state_parts(self, param_ids: tuple[int, ...] | None = None) -> Iterator[dict[int, Any]]:
         request = pb.GetStateDictRequest(session_id=self.session_id, params=param_ids or [])
-        answers = self._stream("GetStateDict", request)
+        answers = self._stream(self._stub.GetStateDict, request)
         header = next(answers).header
         receiver = wire.TensorReceiver(list(header.tensors), 1 << 62, what="state tensor")
         for answer in answers:
             receiver.add(answer.chunk)
-        return wire.decode_value(header.state_dict, receiver.finish())["state"]
+        yield wire.decode_value(header.state_dict, receiver.finish())["state"]
 
-    def load_state_dict(self, proxy: ShardedOptimizer, state_dict: dict[str, Any]) -> None:
+    def load_state(self, state: dict[int, dict[str, Any]], options: tuple[dict, ...]) -> None:
+        groups, start = [], 0
+        for group, group_opts in zip(self._params.groups, options):
+            count = len(group["params"])
+            groups.append({**group_opts, "params": list(range(start, start + count))})
+            start += count
         tensors: list[torch.Tensor] = []
-        structure = wire.encode_value(state_dict, tensors)
+        structure = wire.encode_value({"state": state, "param_groups": groups}, tensors)
         header = pb.StateDictHeader(
             session_id=self.session_id,
             state_dict=structure,
@@ -299,11 +331,34 @@ class RemoteClient:
             for chunk in wire.tensor_chunks(tensors):
                 yield pb.StateDictMessage(chunk=chunk)
 
-        reply = self._call("LoadStateDict", requests())
-        proxy._state_order = dict.fromkeys(reply.state_order)
+        reply = self._call(self._stub.LoadStateDict, requests())
+        self.shard_map.set_state_order(reply.state_order)
 
-    def save_checkpoint(self, path: str) -> None:
-        self._call("SaveCheckpoint", pb.CheckpointRequest(session_id=self.session_id, path=path))
+    def set_param_state(self, pid: int, value: dict[str, Any]) -> None:
+        state = next(self.state_parts())
+        state[pid] = value
+        self.load_state(state, self._params.options())
 
-    def load_checkpoint(self, path: str) -> None:
-        self._call("LoadCheckpoint", pb.CheckpointRequest(session_id=self.session_id, path=path))
+    # ----- checkpoints and status -------------------------------------------------------------
+
+    def save_checkpoint(self, path: str, blocking: bool) -> SaveHandle:
+        if not blocking:
+            raise ValueError("over gRPC, checkpoints are saved with blocking=True")
+        request = pb.CheckpointRequest(session_id=self.session_id, path=path)
+        self._call(self._stub.SaveCheckpoint, request)
+        return SaveHandle.committed()
+
+    def load_checkpoint(self, path: str) -> list[dict[str, Any]]:
+        request = pb.CheckpointRequest(session_id=self.session_id, path=path)
+        self._call(self._stub.LoadCheckpoint, request)
+        self.shard_map.set_state_order(self._state_ids())
+        reply = self._call(self._stub.GetParamGroups, pb.SessionRef(session_id=self.session_id))
+        return [
+            {**wire.decode_options(g.options), "params": list(g.params)} for g in reply.param_groups
+        ]
+
+    def _state_ids(self) -> list[int]:
+        return list(next(self.state_parts()))
+
+    def status(self) -> list[ShardStatus]:
+        raise NotImplementedError("shard_status() is not served over gRPC")

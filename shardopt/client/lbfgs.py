@@ -10,248 +10,83 @@ The step is a line-by-line port of ``torch.optim.LBFGS.step`` over :class:`Shard
 strong-Wolfe line search is torch's own ``_strong_wolfe``, which runs unchanged on these vectors.
 Elementwise operations are queued and sent with the next reduction, one round trip per shard.
 
-Talks to: the shards (``Shard.run_vectors``) through :class:`~shardopt.ShardedOptimizer`'s calls.
+:class:`LBFGSShards` is a :class:`~shardopt.client.local.LocalShards` backend that runs this
+algorithm instead of per-tensor steps; :class:`LBFGS` is the proxy with torch's signature that
+chooses it (its one seam: ``ShardedOptimizer._local_backend``).
+
+Talks to: the shards' vector stores through :mod:`shardopt.client.vector_machine`.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.optim.lbfgs import _strong_wolfe
 
-from shardopt.buffers import readonly_tensor, to_numpy
-from shardopt.optimizer import ShardedOptimizer
-from shardopt.runtime import ray_get
+from shardopt import checkpoint
+from shardopt.checkpoint import SaveHandle
+from shardopt.client import checkpoints
+from shardopt.client.backend import ParamSource
+from shardopt.client.local import LocalShards
+from shardopt.client.optimizer import ShardedOptimizer
+from shardopt.client.vector_machine import ShardedVector, VectorMachine
+from shardopt.core.amp import AmpScaling
+from shardopt.core.buffers import readonly_tensor, to_numpy
 
 _VECTOR_KEYS = ("d", "old_dirs", "old_stps", "prev_flat_grad")
 
 
-class VectorMachine:
-    """Client side of the named vectors: queues operations, runs them, combines reductions."""
+class LBFGSShards(LocalShards):
+    """LBFGS's backend: the shards hold slices of its flat vectors (see the module docstring)."""
 
-    def __init__(self, optimizer: ShardedOptimizer):
-        self._opt = optimizer
-        self.shards = [s for s in range(optimizer.num_shards) if optimizer._shard_params[s]]
-        self._programs: dict[int, list[tuple]] = {s: [] for s in self.shards}
-        self._names = itertools.count()
-        self._garbage: list[str] = []
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.round_trips = 0
+    per_tensor = False
 
-    def new(self) -> ShardedVector:
-        return ShardedVector(self, f"v{next(self._names)}")
-
-    def queue(self, op: tuple) -> None:
-        for program in self._programs.values():
-            program.append(op)
-
-    def queue_each(self, ops: dict[int, tuple]) -> None:
-        for s, op in ops.items():
-            self._programs[s].append(op)
-
-    def derive(self, op: str, *args: Any) -> ShardedVector:
-        out = self.new()
-        self.queue((op, out.name, *args))
-        return out
-
-    def derive_params(self) -> ShardedVector:
-        """A vector holding a copy of the current parameters (torch's ``_clone_param``)."""
-        out = self.new()
-        self.queue(("param_save", out.name))
-        return out
-
-    def release(self, name: str) -> None:
-        self._garbage.append(name)
-
-    def flush(self, tail: tuple | None = None) -> list[list[Any]]:
-        """Sends every queued operation (and ``tail``); returns each shard's results."""
-        if tail is not None:
-            self.queue(tail)
-        if self._garbage:
-            # Last: a queued operation may still read a vector released since it was queued.
-            garbage, self._garbage = self._garbage, []
-            for program in self._programs.values():
-                program.append(("free", *garbage))
-        programs, self._programs = self._programs, {s: [] for s in self.shards}
-        for program in programs.values():
-            self.bytes_sent += sum(
-                a.nbytes for op in program for a in op if isinstance(a, np.ndarray)
-            )
-        results = ray_get([self._opt._call(s, "run_vectors", programs[s]) for s in self.shards])
-        self.round_trips += 1
-        for shard_results in results:
-            self.bytes_received += sum(r.nbytes for r in shard_results if isinstance(r, np.ndarray))
-        return results
-
-    def reduce(self, kind: str, *names: str) -> torch.Tensor:
-        parts = [r[-1] for r in self.flush((kind, *names))]  # "free" returns nothing
-        if len(parts) == 1:
-            return parts[0]
-        stacked = torch.stack(parts)
-        return stacked.max() if kind == "absmax" else stacked.sum()
-
-
-class ShardedVector:
-    """A flat vector over all parameters, each shard holding its slice under ``name``.
-
-    Supports the tensor methods LBFGS and torch's ``_strong_wolfe`` use: ``dot``, ``abs().max()``,
-    ``abs().sum()``, ``neg``, ``sub``, ``mul``, ``clone``, ``copy_`` and ``add_``.
-    """
-
-    __slots__ = ("_machine", "name")
-
-    def __init__(self, machine: VectorMachine, name: str):
-        self._machine = machine
-        self.name = name
-
-    def dot(self, other: ShardedVector) -> torch.Tensor:
-        return self._machine.reduce("dot", self.name, other.name)
-
-    def abs(self) -> _AbsVector:
-        return _AbsVector(self)
-
-    def neg(self) -> ShardedVector:
-        return self._machine.derive("neg", self.name)
-
-    def sub(self, other: ShardedVector) -> ShardedVector:
-        return self._machine.derive("sub", self.name, other.name)
-
-    def mul(self, scalar: Any) -> ShardedVector:
-        return self._machine.derive("mul", self.name, scalar)
-
-    def clone(self, memory_format: Any = None) -> ShardedVector:
-        return self._machine.derive("clone", self.name)
-
-    def copy_(self, other: ShardedVector) -> ShardedVector:
-        self._machine.queue(("copy_", self.name, other.name))
-        return self
-
-    def add_(self, other: ShardedVector, alpha: Any = 1) -> ShardedVector:
-        self._machine.queue(("add_", self.name, other.name, alpha))
-        return self
-
-    def __del__(self) -> None:
-        self._machine.release(self.name)
-
-
-class _AbsVector:
-    __slots__ = ("_vector",)
-
-    def __init__(self, vector: ShardedVector):
-        self._vector = vector
-
-    def max(self) -> torch.Tensor:
-        return self._vector._machine.reduce("absmax", self._vector.name)
-
-    def sum(self) -> torch.Tensor:
-        return self._vector._machine.reduce("abssum", self._vector.name)
-
-
-class LBFGS(ShardedOptimizer):
-    """``torch.optim.LBFGS`` over sharded flat vectors: same arguments, same trajectory.
-
-    With one shard the trajectory is bit-identical to torch's; with more, the global dot products
-    are sums of per-shard partials, so results agree to rounding (about 1e-9 in float64).
-
-    Args:
-        params: the parameters (one group, as torch's LBFGS requires).
-        lr, max_iter, max_eval, tolerance_grad, tolerance_change, history_size, line_search_fn:
-            as ``torch.optim.LBFGS``.
-        num_shards, actor_options: as :class:`~shardopt.ShardedOptimizer`.
-
-    Example:
-        >>> import torch, shardopt
-        >>> x = torch.nn.Parameter(torch.tensor([-1.5, 2.0], dtype=torch.float64))
-        >>> opt = shardopt.LBFGS([x], line_search_fn="strong_wolfe", num_shards=1)
-        >>> def closure():
-        ...     opt.zero_grad()
-        ...     loss = (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
-        ...     loss.backward()
-        ...     return loss
-        >>> for _ in range(5):
-        ...     _ = opt.step(closure)
-        >>> opt.close()
-    """
-
-    _shards_lbfgs = True
-
-    def __init__(
-        self,
-        params: Any,
-        lr: float | torch.Tensor = 1,
-        max_iter: int = 20,
-        max_eval: int | None = None,
-        tolerance_grad: float = 1e-7,
-        tolerance_change: float = 1e-9,
-        history_size: int = 100,
-        line_search_fn: str | None = None,
-        *,
-        num_shards: int | None = None,
-        actor_options: dict[str, Any] | None = None,
-        shared_memory: bool | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            torch.optim.LBFGS,
-            num_shards=num_shards,
-            actor_options=actor_options,
-            shared_memory=shared_memory,
-            lr=lr,
-            max_iter=max_iter,
-            max_eval=max_eval,
-            tolerance_grad=tolerance_grad,
-            tolerance_change=tolerance_change,
-            history_size=history_size,
-            line_search_fn=line_search_fn,
-        )
-        params = self._flat_params()
-        dtypes = {p.dtype for p in params}
+    def __init__(self, params: ParamSource, num_shards: int, **options: Any) -> None:
+        flat = params.flat()
+        dtypes = {p.dtype for p in flat}
         if len(dtypes) != 1:
-            self.close()
             raise TypeError(
                 f"shardopt.LBFGS needs parameters of one dtype, got {sorted(map(str, dtypes))}"
             )
+        super().__init__(params, num_shards, **options)
         self._dtype = dtypes.pop()
-        self._machine = VectorMachine(self)
+        live = self.shard_map.live_shards()
+        self._machine = VectorMachine([self.handles[s] for s in live])
         self._lbfgs_state: dict[str, Any] = {}
         self._params_stale = False
         # Where each shard's slice of a flat vector sits in torch's flat (param_groups) order.
-        starts = np.cumsum([0] + [p.numel() for p in params])
+        starts = np.cumsum([0] + [p.numel() for p in flat])
         self._numel = int(starts[-1])
         self._segments = {
-            s: [(int(starts[pid]), params[pid].numel()) for pid in self._shard_params[s]]
-            for s in self._machine.shards
+            s: [(int(starts[pid]), flat[pid].numel()) for pid in self.shard_map.ids_of(s)]
+            for s in live
         }
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if getattr(self, "_shards_ready", False):
-            raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
-        super().add_param_group(param_group)
+    @property
+    def machine(self) -> VectorMachine:
+        return self._machine
+
+    def add_param_group(self, group_index: int) -> None:
+        raise ValueError("LBFGS doesn't support per-parameter options (parameter groups)")
 
     # ----- parameters in and out ------------------------------------------------------------
 
     def _pull_params(self) -> None:
         """Copies the shards' parameters into the user's tensors (all of them: LBFGS moves all)."""
-        params = self._flat_params()
+        params = self._params.flat()
         results = self._machine.flush(("params_out",))
         for s, shard_results in zip(self._machine.shards, results):
-            values = readonly_tensor(shard_results[-1])
-            layout = self._layouts[s]
-            for j, pid in enumerate(self._shard_params[s]):
-                params[pid].copy_(layout.view(values, j))
-                self._record_version(pid, params[pid])
+            self.shard_map.copy_back(s, shard_results[-1], params)
         self._params_stale = False
 
     def _evaluate(self, closure: Callable[[], Any]) -> tuple[Any, ShardedVector]:
         """Runs the closure on the current parameters and pushes its gradient as a new vector."""
-        params = self._flat_params()
+        params = self._params.flat()
         for s in self._machine.shards:
-            changed = self._changed_params(s, params)
+            changed = self.data_path.changed_params(s, params)
             if changed is not None:
                 self._machine.queue_each({s: ("set_params_update", changed)})
         if self._params_stale:
@@ -260,10 +95,10 @@ class LBFGS(ShardedOptimizer):
         flat_grad = self._machine.new()
         ops = {}
         for s in self._machine.shards:
-            layout = self._layouts[s]
+            layout = self.shard_map.layout(s)
             buffer = layout.empty()
             has_grad = []
-            for j, pid in enumerate(self._shard_params[s]):
+            for j, pid in enumerate(self.shard_map.ids_of(s)):
                 grad = params[pid].grad
                 has_grad.append(grad is not None)
                 if grad is not None:
@@ -288,17 +123,16 @@ class LBFGS(ShardedOptimizer):
     # ----- the algorithm: torch.optim.LBFGS.step, over sharded vectors ----------------------
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None, scaling: AmpScaling | None = None) -> Any:
         """Performs one LBFGS step (up to ``max_iter`` iterations), as torch.optim.LBFGS does.
 
         Args:
             closure: reevaluates the model and returns the loss; called on the client.
         """
-        self._check_open()
         if closure is None:
             raise TypeError("LBFGS.step() missing required argument: 'closure'")
         closure = torch.enable_grad()(closure)
-        group = self.param_groups[0]
+        group = self._params.groups[0]
         lr = group["lr"]
         max_iter = group["max_iter"]
         max_eval = group["max_eval"]
@@ -310,7 +144,7 @@ class LBFGS(ShardedOptimizer):
         state = self._lbfgs_state
         state.setdefault("func_evals", 0)
         state.setdefault("n_iter", 0)
-        self._state_order = {0: None}
+        self.shard_map.set_state_order([0])
 
         orig_loss, flat_grad = self._evaluate(closure)
         loss = float(orig_loss)
@@ -475,22 +309,15 @@ class LBFGS(ShardedOptimizer):
 
         return {key: copy(value) for key, value in state.items()}
 
-    def _fetch_param_state(self, pid: int) -> dict[str, Any]:
-        self._check_open()
-        return self._materialize() if pid == 0 and self._lbfgs_state else {}
+    def state_parts(self, param_ids: tuple[int, ...] | None = None) -> Iterator[dict[int, Any]]:
+        wanted = param_ids is None or 0 in param_ids
+        yield {0: self._materialize()} if wanted and self._lbfgs_state else {}
 
-    def _store_param_state(self, pid: int, value: dict[str, Any]) -> None:
-        self._check_open()
+    def set_param_state(self, pid: int, value: dict[str, Any]) -> None:
         if pid != 0:
             raise KeyError("torch's LBFGS keeps its state under the first parameter only")
         self._lbfgs_state = self._scatter(self._validated(value))
-        self._state_order = {0: None}
-
-    def _gathered_state(self) -> dict[int, Any]:
-        return {0: self._materialize()} if self._lbfgs_state else {}
-
-    def _checkpoint_parts(self) -> Iterable[dict[int, Any]]:
-        yield self._gathered_state()  # LBFGS's vectors are gathered into torch's flat layout
+        self.shard_map.set_state_order([0])
 
     def _validated(self, state: dict[str, Any]) -> dict[str, Any]:
         """Checks a torch LBFGS state and casts it as torch would (floating tensors to dtype)."""
@@ -541,15 +368,88 @@ class LBFGS(ShardedOptimizer):
         self._machine.flush()
         return result
 
-    def _load_state(self, saved_state: dict[Any, Any], saved_groups: list[dict]) -> None:
+    def load_state(self, state: dict[int, dict[str, Any]], options: tuple[dict, ...]) -> None:
         """Validates a torch.optim.LBFGS state and sends its flat vectors to the shards."""
-        first_id = saved_groups[0]["params"][0] if saved_groups[0]["params"] else 0
-        unknown = [k for k in saved_state if k != first_id]
+        unknown = [pid for pid in state if pid != 0]
         if unknown:
             raise ValueError(
                 f"loaded state dict has LBFGS state under parameter id(s) {unknown}; "
                 "torch's LBFGS keeps it under the first parameter only"
             )
-        checked = self._validated(saved_state[first_id]) if first_id in saved_state else {}
+        checked = self._validated(state[0]) if 0 in state else {}
         self._lbfgs_state = self._scatter(checked)
-        self._state_order = {0: None} if checked else {}
+        self.shard_map.set_state_order([0] if checked else [])
+
+    # ----- checkpoints: written here, in torch's flat LBFGS layout ---------------------------
+
+    def save_checkpoint(self, path: str, blocking: bool) -> SaveHandle:
+        parts = list(self.state_parts())  # LBFGS's vectors gathered into torch's flat layout
+        groups = self._params.packed_groups(id_type=str)
+        return checkpoints.save(path, groups, blocking, parts=lambda: parts)
+
+    def load_checkpoint(self, path: str) -> list[dict[str, Any]]:
+        where, saved_groups = checkpoints.read_groups(
+            path, self._params.groups, self.shard_map.num_params
+        )
+        ids = list(range(self.shard_map.num_params))
+        self.load_state(checkpoint.read_params_state(where, ids), ())
+        return saved_groups
+
+
+class LBFGS(ShardedOptimizer):
+    """``torch.optim.LBFGS`` over sharded flat vectors: same arguments, same trajectory.
+
+    With one shard the trajectory is bit-identical to torch's; with more, the global dot products
+    are sums of per-shard partials, so results agree to rounding (about 1e-9 in float64).
+
+    Args:
+        params: the parameters (one group, as torch's LBFGS requires).
+        lr, max_iter, max_eval, tolerance_grad, tolerance_change, history_size, line_search_fn:
+            as ``torch.optim.LBFGS``.
+        num_shards, actor_options: as :class:`~shardopt.ShardedOptimizer`.
+
+    Example:
+        >>> import torch, shardopt
+        >>> x = torch.nn.Parameter(torch.tensor([-1.5, 2.0], dtype=torch.float64))
+        >>> opt = shardopt.LBFGS([x], line_search_fn="strong_wolfe", num_shards=1)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(5):
+        ...     _ = opt.step(closure)
+        >>> opt.close()
+    """
+
+    _local_backend = LBFGSShards  # the one seam LBFGS plugs into
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1,
+        max_iter: int = 20,
+        max_eval: int | None = None,
+        tolerance_grad: float = 1e-7,
+        tolerance_change: float = 1e-9,
+        history_size: int = 100,
+        line_search_fn: str | None = None,
+        *,
+        num_shards: int | None = None,
+        actor_options: dict[str, Any] | None = None,
+        shared_memory: bool | None = None,
+    ) -> None:
+        super().__init__(
+            params,
+            torch.optim.LBFGS,
+            num_shards=num_shards,
+            actor_options=actor_options,
+            shared_memory=shared_memory,
+            lr=lr,
+            max_iter=max_iter,
+            max_eval=max_eval,
+            tolerance_grad=tolerance_grad,
+            tolerance_change=tolerance_change,
+            history_size=history_size,
+            line_search_fn=line_search_fn,
+        )

@@ -1,7 +1,7 @@
 """Fault tolerance: an in-memory replica of every shard, and recovery of lost shards.
 
 With ``ShardedOptimizer(..., replicate=True)`` every shard has a replica: the same
-:class:`~shardopt.shard.Shard`, on a shard host of another node where there is one, that
+:class:`~shardopt.actor.shard.Shard`, on a shard host of another node where there is one, that
 receives every call that changes a shard (steps with their gradients, parameter writes, loads,
 new param groups) after its primary does. Ray runs one caller's calls to an actor in
 order and torch's per-tensor kernels are deterministic, so the replica's parameters and state
@@ -23,7 +23,13 @@ optimizer state were lost (all of it when there is no checkpoint). Nothing is lo
 Memory: a replica holds a second copy of its shard's parameters, gradient buffer and optimizer
 state (for AdamW, 4x the parameter bytes), on another node.
 
-Talks to: shard hosts through Ray; the proxy (:mod:`shardopt.optimizer`) calls in.
+The calls that change a shard reach its replica through :class:`MirroredHandle`, a
+:class:`~shardopt.client.handles.ShardHandle` that forwards them; steps are sent by the backend
+(:meth:`Replicas.step`) once every primary has applied them.
+
+Talks to: shard hosts through typed handles; the backend it replicates
+(:class:`~shardopt.client.local.LocalShards`): its handles, hosts' nodes and threads, and its
+copy of the parameters for a rebuild.
 """
 
 from __future__ import annotations
@@ -32,36 +38,19 @@ import dataclasses
 import logging
 import uuid
 import warnings
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from shardopt.buffers import FlatLayout, to_numpy
-from shardopt.groups import group_options
-from shardopt.records import ParamBlock, ShardSpec, StepRequest
-from shardopt.runtime import NAMESPACE, host_pool, ray_get
-
-if TYPE_CHECKING:
-    from shardopt.optimizer import ShardedOptimizer
+from shardopt.actor.host import ShardHost
+from shardopt.client.handles import ShardHandle
+from shardopt.client.runtime import NAMESPACE, host_pool, ray_get
+from shardopt.core.buffers import to_numpy
+from shardopt.core.records import ShardSpec, StepRequest
 
 logger = logging.getLogger(__name__)
-
-MIRRORED = frozenset(
-    {
-        "set_params",
-        "add_param_group",
-        "set_param_state",
-        "prepare_load",
-        "prepare_load_from_checkpoint",
-        "commit_load",
-        "abort_load",
-    }
-)
-"""Shard methods that change a shard, sent to its replica too (steps are sent by the proxy)."""
-CHANGES_STATE = frozenset({"set_params", "add_param_group", "set_param_state", "commit_load"})
-"""Of those, the ones after which a replica refreshed from its primary must be refreshed again
-(a prepared load changes nothing until it is committed)."""
 
 
 def kill_hosts(hosts: list[Any]) -> None:
@@ -76,19 +65,82 @@ def kill_hosts(hosts: list[Any]) -> None:
                 pass
 
 
-class Replicas:
-    """The replicas of one optimizer's shards, and the recovery of its lost shards."""
+class Replicated(Protocol):
+    """What replicas need of the backend whose shards they replicate."""
 
-    def __init__(self, proxy: ShardedOptimizer, interval: int = 1) -> None:
-        self._proxy = proxy
+    handles: list[ShardHandle]  # the primaries (a promoted replica replaces its primary)
+    host_nodes: list[str]
+    threads: list[int | None]
+    actor_options: dict[str, Any]
+
+    @property
+    def next_step_id(self) -> int: ...
+
+    def spec_now(self, shard: int) -> ShardSpec:
+        """A spec for ``shard`` from the client's copy of its parameters."""
+
+    def lost_shared_memory(self, shard: int) -> None:
+        """The shard's primary moved to a host that shares no memory with the client."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MirroredHandle(ShardHandle):
+    """A primary's handle whose calls that change the shard reach its replica too."""
+
+    replicas: Replicas | None = None
+
+    def _follow(self, call: Callable[[ShardHandle], Any], changes_state: bool) -> None:
+        assert self.replicas is not None
+        self.replicas.follow(self.index, call, changes_state)
+
+    def set_params(self, update: Any) -> Any:
+        ref = super().set_params(update)
+        self._follow(lambda r: r.set_params(update), True)
+        return ref
+
+    def add_param_group(self, options: dict[str, Any], block: Any) -> Any:
+        ref = super().add_param_group(options, block)
+        self._follow(lambda r: r.add_param_group(options, block), True)
+        return ref
+
+    def set_param_state(self, param_id: int, packed: Any) -> Any:
+        ref = super().set_param_state(param_id, packed)
+        self._follow(lambda r: r.set_param_state(param_id, packed), True)
+        return ref
+
+    def prepare_load(self, token: str, group_options: Any, packed: Any) -> Any:
+        ref = super().prepare_load(token, group_options, packed)
+        self._follow(lambda r: r.prepare_load(token, group_options, packed), False)
+        return ref
+
+    def prepare_load_from_checkpoint(self, token: str, group_options: Any, path: str) -> Any:
+        ref = super().prepare_load_from_checkpoint(token, group_options, path)
+        self._follow(lambda r: r.prepare_load_from_checkpoint(token, group_options, path), False)
+        return ref
+
+    def commit_load(self, token: str) -> Any:
+        ref = super().commit_load(token)
+        self._follow(lambda r: r.commit_load(token), True)
+        return ref
+
+    def abort_load(self, token: str) -> Any:
+        ref = super().abort_load(token)
+        self._follow(lambda r: r.abort_load(token), False)
+        return ref
+
+
+class Replicas:
+    """The replicas of one backend's shards, and the recovery of its lost shards."""
+
+    def __init__(self, shards: Replicated, interval: int = 1) -> None:
+        self._shards = shards
         self.interval = interval
-        self._log: list[list[StepRequest]] = [[] for _ in range(proxy.num_shards)]
-        self._refreshing: list[Any] = [None] * proxy.num_shards
-        self._stale = [False] * proxy.num_shards  # a refresh is due
-        self._changed = [False] * proxy.num_shards  # ... for a change no log holds (a load)
-        n = proxy.num_shards
-        self.hosts: list[Any] = [None] * n
-        self.keys = [f"{k}/replica" for k in proxy._keys]
+        n = len(shards.handles)
+        self._log: list[list[StepRequest]] = [[] for _ in range(n)]
+        self._refreshing: list[Any] = [None] * n
+        self._stale = [False] * n  # a refresh is due
+        self._changed = [False] * n  # ... for a change no log holds (a load)
+        self.handles: list[ShardHandle | None] = [None] * n
         self.nodes: list[str | None] = [None] * n
         self._pending: list[list[Any]] = [[] for _ in range(n)]
         self._building: list[Any] = [None] * n  # a replica being built: steps queue behind it
@@ -97,18 +149,24 @@ class Replicas:
         self.owned: list[Any] = []  # every host started here (killed when the optimizer goes)
         self.checkpoint: tuple[str, int] | None = None  # path, the step id it was taken before
 
+    def mirrored(self, shard: int) -> MirroredHandle:
+        """The primary's handle, with the calls that change the shard forwarded here."""
+        primary = self._shards.handles[shard]
+        return MirroredHandle(primary.host, primary.key, primary.index, self)
+
+    def _replica_key(self, shard: int) -> str:
+        return f"{self._shards.handles[shard].key}/replica{self.recoveries or ''}"
+
     # ----- placement --------------------------------------------------------------------------
 
-    def _start_host(self, shard: int, wait: bool = True) -> Any:
+    def _start_host(self, shard: int) -> Any:
         """A dedicated shard host on another node than the shard's primary, where possible."""
-        primary = self._proxy._host_nodes[shard]
+        primary = self._shards.host_nodes[shard]
         alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
         others = [n for n in alive if n != primary] or alive
         node = others[shard % len(others)]
-        from shardopt.shard import ShardHost
-
         options = {
-            k: v for k, v in self._proxy._actor_options.items() if k != "scheduling_strategy"
+            k: v for k, v in self._shards.actor_options.items() if k != "scheduling_strategy"
         }
         host = (
             ray.remote(ShardHost)
@@ -120,53 +178,59 @@ class Replicas:
             .remote()
         )
         self.owned.append(host)
-        self.hosts[shard] = host
         self.nodes[shard] = None
-        if wait:
-            self._node_of(shard)
         return host
 
     def _node_of(self, shard: int) -> str | None:
         """The replica host's node (asked for once, when first needed)."""
-        if self.nodes[shard] is None and self.hosts[shard] is not None:
-            self.nodes[shard] = ray_get(self.hosts[shard].info.remote())["node_id"]
+        handle = self.handles[shard]
+        if self.nodes[shard] is None and handle is not None:
+            self.nodes[shard] = ray_get(handle.host.info.remote())["node_id"]
         return self.nodes[shard]
 
-    def start(self, specs: list[ShardSpec], threads: list[int | None]) -> None:
+    def start(self, specs: list[ShardSpec]) -> None:
         """Creates every shard's replica from the same specs as the primaries."""
-        hosts = [self._start_host(s, wait=False) for s in range(len(specs))]  # start together
+        hosts = [self._start_host(s) for s in range(len(specs))]  # start together
         infos = ray_get([h.info.remote() for h in hosts])
         self.nodes = [info["node_id"] for info in infos]
+        self.handles = [ShardHandle(h, self._replica_key(s), s) for s, h in enumerate(hosts)]
+        threads = self._shards.threads
         ray_get(
             [
-                h.create.remote(self.keys[s], s, spec, False, threads[s])
-                for s, (h, spec) in enumerate(zip(hosts, specs))
+                h.host.create.remote(h.key, s, spec, False, threads[s])
+                for s, (h, spec) in enumerate(zip(self.handles, specs))
             ]
         )
 
     def _rebuild(self, shard: int) -> None:
         """A new replica for ``shard``, from an export of its primary (taken after the calls
         already sent to it)."""
-        proxy = self._proxy
-        export = proxy._hosts[shard].call.remote(proxy._keys[shard], "export")
-        host = self._start_host(shard, wait=False)  # the step in flight does not wait for it
-        threads = proxy._threads[shard]
+        export = self._shards.handles[shard].export()
+        host = self._start_host(shard)  # the step in flight does not wait for it
+        handle = self.handles[shard] = ShardHandle(host, self._replica_key(shard), shard)
+        threads = self._shards.threads[shard]
         self._pending[shard] = []
-        self._building[shard] = host.create_from.remote(self.keys[shard], shard, export, threads)
+        self._building[shard] = host.create_from.remote(handle.key, shard, export, threads)
 
     def close(self) -> None:
         kill_hosts(self.owned)
-        self.hosts = [None] * len(self.hosts)
+        self.handles = [None] * len(self.handles)
 
     # ----- keeping replicas current -----------------------------------------------------------
 
-    def mirror(self, shard: int, method: str, args: tuple) -> None:
-        host = self.hosts[shard]
-        if host is None or method not in MIRRORED:
+    def follow(self, shard: int, call: Callable[[ShardHandle], Any], changes_state: bool) -> None:
+        """Makes the replica follow a call its primary got (see :class:`MirroredHandle`).
+
+        With ``interval`` 1 the replica gets the same call; with a longer one, a change no log
+        holds refreshes the replica from its primary at once (a prepared load changes nothing
+        until it is committed).
+        """
+        handle = self.handles[shard]
+        if handle is None:
             return
         if self.interval == 1:
-            self._pending[shard].append(host.call.remote(self.keys[shard], method, *args))
-        elif method in CHANGES_STATE:
+            self._pending[shard].append(call(handle))
+        elif changes_state:
             # No log holds this change: the replica is refreshed from the primary right after
             # it, before the caller goes on (so a loss right after the change loses nothing).
             self._changed[shard] = True
@@ -181,11 +245,11 @@ class Replicas:
 
     def step(self, shard: int, request: StepRequest) -> None:
         """Sends a step to the replica (interval 1), or logs it until the next refresh."""
-        host = self.hosts[shard]
-        if host is None:
+        handle = self.handles[shard]
+        if handle is None:
             return
         if self.interval == 1:
-            self._pending[shard].append(host.call.remote(self.keys[shard], "step", request))
+            self._pending[shard].append(handle.step(request))
             return
         copy = dataclasses.replace(request, grads=request.grads.copy())  # buffers are reused
         self._log[shard].append(copy)
@@ -194,14 +258,12 @@ class Replicas:
 
     def _refresh(self, shard: int) -> None:
         """Copies the primary's current parameters, state and step history to the replica."""
-        proxy = self._proxy
-        export = proxy._hosts[shard].call.remote(proxy._keys[shard], "export")
-        host = self.hosts[shard]
+        export = self._shards.handles[shard].export()
         # the export holds at least every step before the one last started (the log is trimmed
         # to that; a replay goes by what the replica reports it has applied)
         self._refreshing[shard] = (
-            host.call.remote(self.keys[shard], "restore", export),
-            proxy._next_step_id - 1,
+            self.handles[shard].restore(export),
+            self._shards.next_step_id - 1,
             self._changed[shard],
         )
         self._stale[shard] = False
@@ -225,7 +287,7 @@ class Replicas:
                 except Exception as err:
                     logger.warning("refreshing the replica of shard %d failed: %s", s, err)
                     self._stale[s] = True
-            if self._stale[s] and self._refreshing[s] is None and self.hosts[s] is not None:
+            if self._stale[s] and self._refreshing[s] is None and self.handles[s] is not None:
                 self._refresh(s)
         for s, pending in enumerate(self._pending):
             building = self._building[s]
@@ -244,7 +306,7 @@ class Replicas:
                     logger.warning(
                         "the replica of shard %d was lost (%s); making a new one", s, err
                     )
-                    self.hosts[s] = None
+                    self.handles[s] = None
                     self._rebuild(s)
 
     # ----- recovery ---------------------------------------------------------------------------
@@ -252,8 +314,8 @@ class Replicas:
     def _usable(self, shard: int) -> bool:
         """Whether the replica's host is alive and holds the shard (it may have failed to
         build from a primary that was lost at the same time)."""
-        host = self.hosts[shard]
-        if host is None:
+        handle = self.handles[shard]
+        if handle is None:
             return False
         building = [self._building[shard]] if self._building[shard] is not None else []
         try:
@@ -261,7 +323,7 @@ class Replicas:
         except Exception as err:  # judged by what the host holds, below
             logger.debug("replica of shard %d: %s", shard, err)
         try:
-            return self.keys[shard] in ray.get(host.info.remote(), timeout=30)["shards"]
+            return handle.key in ray.get(handle.host.info.remote(), timeout=30)["shards"]
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return False
 
@@ -275,21 +337,20 @@ class Replicas:
         Returns:
             The ref of the resent step.
         """
-        proxy = self._proxy
+        shards = self._shards
         self.recoveries += 1
         if request.grads is None:
             request = dataclasses.replace(request, grads=to_numpy(flat))
         request = dataclasses.replace(request, return_params=True)
-        old_host = proxy._hosts[shard]
-        host_pool.forget(old_host)
-        if self._usable(shard) and self._catch_up(shard):
+        host_pool.forget(shards.handles[shard].host)
+        replica = self.handles[shard]
+        if replica is not None and self._usable(shard) and self._catch_up(shard):
             logger.warning("shard %d was lost; its replica takes over", shard)
-            proxy._hosts[shard], proxy._keys[shard] = self.hosts[shard], self.keys[shard]
-            proxy._host_nodes[shard] = self._node_of(shard)
-            self.hosts[shard] = None
-            self.keys[shard] = f"{proxy._keys[shard]}/r{self.recoveries}"
-            proxy._map_shared(shard, None)
-            ref = proxy._hosts[shard].call.remote(proxy._keys[shard], "step", request)
+            shards.handles[shard] = replica
+            shards.host_nodes[shard] = self._node_of(shard)
+            self.handles[shard] = None
+            shards.lost_shared_memory(shard)
+            ref = replica.step(request)
             self._pending[shard], self._building[shard] = [], None
             self._rebuild(shard)
             return ref
@@ -297,24 +358,23 @@ class Replicas:
 
     def roll_back(self, shards: list[int]) -> list[int]:
         """Restores the primaries of ``shards`` from their replicas, which have not seen the step
-        in flight (the proxy sends it to them only once every primary has applied it).
+        in flight (the backend sends it to them only once every primary has applied it).
 
         Returns:
             The shards that could not be rolled back (no usable replica, or one that cannot be
             brought up to the step before).
         """
-        proxy = self._proxy
         stuck, restores = [], []
         for s in shards:
-            if not (self._usable(s) and self._catch_up(s)):
+            replica = self.handles[s]
+            if replica is None or not (self._usable(s) and self._catch_up(s)):
                 stuck.append(s)
                 continue
-            export = self.hosts[s].call.remote(self.keys[s], "export")
-            restores.append(proxy._hosts[s].call.remote(proxy._keys[s], "restore", export))
+            restores.append(self._shards.handles[s].restore(replica.export()))
         ray_get(restores)
         if restores:
             logger.warning(
-                "shards %s were rolled back from their replicas", sorted(set(shards) - set(stuck))
+                "shard(s) %s rolled back from their replicas", sorted(set(shards) - set(stuck))
             )
         return stuck
 
@@ -327,7 +387,8 @@ class Replicas:
         log, self._log[shard] = self._log[shard], []
         if self.interval == 1:
             return True
-        host, key = self.hosts[shard], self.keys[shard]
+        replica = self.handles[shard]
+        assert replica is not None
         try:
             refreshing = self._refreshing[shard]
             if refreshing is not None:  # a refresh in flight: let it land (or fail) first
@@ -340,12 +401,12 @@ class Replicas:
                     logger.debug("refresh of shard %d's replica: %s", shard, err)
             if self._changed[shard]:
                 return False  # a load or parameter write that reached no replica
-            applied = ray_get(host.call.remote(key, "status")).last_step_id
-            proxy_step = self._proxy._next_step_id - 1  # the step in flight
-            replay = [r for r in log if applied < r.step_id < proxy_step]
+            applied = ray_get(replica.status()).last_step_id
+            in_flight = self._shards.next_step_id - 1
+            replay = [r for r in log if applied < r.step_id < in_flight]
             if replay and replay[0].step_id != applied + 1:
                 return False  # a gap: the steps in between are in no log
-            ray_get([host.call.remote(key, "step", r) for r in replay])
+            ray_get([replica.step(r) for r in replay])
             self.replayed += len(replay)
             return True
         except Exception as err:
@@ -354,47 +415,33 @@ class Replicas:
 
     def _from_checkpoint(self, shard: int, request: StepRequest) -> Any:
         """Rebuilds a shard whose primary and replica are both lost (see the module docstring)."""
-        proxy = self._proxy
-        (host,), (info,) = host_pool.acquire(1, proxy._actor_options)
-        key = f"{host_pool.new_owner_key()}/{shard}"
-        params = proxy._flat_params()
-        tensors = [params[pid].detach().cpu() for pid in proxy._shard_params[shard]]
-        layout = FlatLayout.for_tensors(tensors)
-        groups = tuple(g for g, group in enumerate(proxy.param_groups) for _ in group["params"])
-        block = ParamBlock(
-            param_ids=tuple(proxy._shard_params[shard]),
-            group_indices=tuple(groups[pid] for pid in proxy._shard_params[shard]),
-            layout=layout,
-            values=to_numpy(layout.pack(tensors)),
-        )
-        options = tuple(group_options(g) for g in proxy.param_groups)
-        spec = ShardSpec(proxy.optimizer_class, proxy._shard_defaults, options, block)
-        ray_get(host.create.remote(key, shard, spec, False, proxy._threads[shard]))
+        shards = self._shards
+        (host,), (info,) = host_pool.acquire(1, shards.actor_options)
+        handle = ShardHandle(host, f"{host_pool.new_owner_key()}/{shard}", shard)
+        spec = shards.spec_now(shard)
+        ray_get(host.create.remote(handle.key, shard, spec, False, shards.threads[shard]))
         lost_steps = request.step_id
         source = "no checkpoint was saved or loaded: all of its optimizer state is lost"
         if self.checkpoint is not None:
             path, taken_before = self.checkpoint
             token = uuid.uuid4().hex
-            error, _ = ray_get(
-                host.call.remote(key, "prepare_load_from_checkpoint", token, options, path)
-            )
+            error, _ = ray_get(handle.prepare_load_from_checkpoint(token, spec.group_options, path))
             if error is not None:
                 raise error
-            ray_get(host.call.remote(key, "commit_load", token))
+            ray_get(handle.commit_load(token))
             lost_steps = request.step_id - taken_before
             source = f"its optimizer state comes from checkpoint {path!r}"
         message = (
             f"shard {shard} and its replica were both lost; its parameters were restored from "
             f"this process's copy (after the last completed step) and {source}: {lost_steps} "
-            f"step(s) of optimizer state lost for parameters {proxy._shard_params[shard]}"
+            f"step(s) of optimizer state lost for parameters {list(spec.params.param_ids)}"
         )
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
         logger.error(message)
-        proxy._hosts[shard], proxy._keys[shard] = host, key
-        proxy._host_nodes[shard] = info["node_id"]
-        proxy._map_shared(shard, None)
-        self.keys[shard] = f"{key}/replica"
-        ref = host.call.remote(key, "step", request)
+        shards.handles[shard] = handle
+        shards.host_nodes[shard] = info["node_id"]
+        shards.lost_shared_memory(shard)
+        ref = handle.step(request)
         self._pending[shard], self._building[shard] = [], None
         self._rebuild(shard)
         return ref

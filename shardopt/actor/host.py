@@ -1,0 +1,215 @@
+"""The Ray actors that hold shards, and the calls a shard serves through them.
+
+:class:`ShardCalls` is every call a client makes on a shard, one method each, keyed by the
+shard's key on its host (what :class:`~shardopt.client.handles.ShardHandle` calls).
+:class:`ShardHost` holds the shards of the optimizers of one or more processes, pooled and
+reused by :mod:`shardopt.client.runtime`; a shard group's
+:class:`~shardopt.actor.shard_group_host.GroupShardHost` serves the same calls under its lock.
+Both are plain classes, made remote where they are created (``ray.remote(ShardHost)``).
+
+Talks to: the shards it holds (:class:`~shardopt.actor.shard.Shard`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from shardopt.actor.shard import Shard
+from shardopt.core.buffers import PackedTree
+from shardopt.core.records import (
+    ParamBlock,
+    ParamUpdate,
+    ShardExport,
+    ShardSpec,
+    ShardStatus,
+    SharedBuffers,
+    SharedTree,
+    StepRequest,
+    StepResult,
+)
+
+NAMESPACE = "shardopt"
+"""The Ray namespace of shardopt's named actors."""
+
+
+def actor_device() -> torch.device:
+    """CUDA when Ray gave this actor a GPU (and torch can see it), else CPU."""
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
+            return torch.device("cuda", 0)
+    except Exception:  # outside an actor
+        pass
+    return torch.device("cpu")
+
+
+class ShardCalls:
+    """The calls of a shard held by a host actor, each naming the shard by its key."""
+
+    def _using(self, key: str) -> contextlib.AbstractContextManager[Shard]:
+        """The shard ``key``, for the length of one call."""
+        raise NotImplementedError
+
+    # ----- stepping and parameters ----------------------------------------------------------
+
+    def step(self, key: str, request: StepRequest) -> StepResult:
+        with self._using(key) as shard:
+            return shard.step(request)
+
+    def set_params(self, key: str, update: ParamUpdate) -> None:
+        with self._using(key) as shard:
+            shard.set_params(update)
+
+    def param_values(self, key: str) -> Any:
+        with self._using(key) as shard:
+            return shard.param_values()
+
+    def add_param_group(
+        self, key: str, options: dict[str, Any], block: ParamBlock
+    ) -> SharedBuffers | None:
+        with self._using(key) as shard:
+            return shard.add_param_group(options, block)
+
+    def run_vectors(self, key: str, program: list[tuple]) -> list[Any]:
+        with self._using(key) as shard:
+            return shard.run_vectors(program)
+
+    # ----- optimizer state ------------------------------------------------------------------
+
+    def state(self, key: str, param_ids: tuple[int, ...] | None = None) -> PackedTree:
+        with self._using(key) as shard:
+            return shard.state(param_ids)
+
+    def state_in_shared_memory(
+        self, key: str, param_ids: tuple[int, ...] | None = None
+    ) -> SharedTree | PackedTree:
+        with self._using(key) as shard:
+            return shard.state_in_shared_memory(param_ids)
+
+    def set_param_state(self, key: str, param_id: int, packed: PackedTree) -> None:
+        with self._using(key) as shard:
+            shard.set_param_state(param_id, packed)
+
+    def prepare_load(
+        self, key: str, token: str, group_options: tuple[dict[str, Any], ...], packed: PackedTree
+    ) -> Exception | None:
+        with self._using(key) as shard:
+            return shard.prepare_load(token, group_options, packed)
+
+    def prepare_load_from_checkpoint(
+        self, key: str, token: str, group_options: tuple[dict[str, Any], ...], path: str
+    ) -> tuple[Exception | None, tuple[int, ...]]:
+        with self._using(key) as shard:
+            return shard.prepare_load_from_checkpoint(token, group_options, path)
+
+    def commit_load(self, key: str, token: str) -> None:
+        with self._using(key) as shard:
+            shard.commit_load(token)
+
+    def abort_load(self, key: str, token: str) -> None:
+        with self._using(key) as shard:
+            shard.abort_load(token)
+
+    # ----- checkpoints ----------------------------------------------------------------------
+
+    def save_plan(self, key: str, token: str, path: str, param_groups: list[dict] | None) -> Any:
+        with self._using(key) as shard:
+            return shard.save_plan(token, path, param_groups)
+
+    def save_write(self, key: str, token: str, plan: Any) -> None:
+        with self._using(key) as shard:
+            shard.save_write(token, plan)
+
+    def save_wait(self, key: str, token: str) -> Any:
+        with self._using(key) as shard:
+            return shard.save_wait(token)
+
+    def save_done(self, key: str, token: str) -> bool:
+        with self._using(key) as shard:
+            return shard.save_done(token)
+
+    # ----- moving a shard, inspection -------------------------------------------------------
+
+    def export(self, key: str) -> ShardExport:
+        with self._using(key) as shard:
+            return shard.export()
+
+    def restore(self, key: str, export: ShardExport) -> None:
+        with self._using(key) as shard:
+            shard.restore(export)
+
+    def status(self, key: str) -> ShardStatus:
+        with self._using(key) as shard:
+            return shard.status()
+
+
+class ShardHost(ShardCalls):
+    """A Ray actor holding the shards of one or more optimizers, keyed by ``owner/index``.
+
+    Hosts are pooled and reused by :mod:`shardopt.client.runtime`, so a new optimizer does not
+    pay for a new worker process. Ray runs one call at a time on it, so the optimizers whose
+    shards it holds take turns.
+    """
+
+    def __init__(self) -> None:
+        self._shards: dict[str, Shard] = {}
+        self.device = actor_device()
+
+    @contextlib.contextmanager
+    def _using(self, key: str) -> Iterator[Shard]:
+        try:
+            shard = self._shards[key]
+        except KeyError:
+            raise KeyError(f"this shard host holds no shard {key!r}") from None
+        yield shard
+
+    def create(
+        self,
+        key: str,
+        shard_index: int,
+        spec: ShardSpec,
+        shared_memory: bool = False,
+        num_threads: int | None = None,
+    ) -> tuple[tuple[int, ...], SharedBuffers | None]:
+        """Creates a shard (and sets this host's torch threads, when given).
+
+        Returns:
+            The ids its optimizer's constructor gave state to, and its shared buffers (if any).
+        """
+        if num_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(num_threads)
+        shard = Shard(shard_index, spec, self.device, shared_memory)
+        self._shards[key] = shard
+        return shard.initial_state_ids(), shard.shared_buffers()
+
+    def create_from(
+        self, key: str, shard_index: int, export: ShardExport, num_threads: int | None = None
+    ) -> tuple[int, ...]:
+        """Creates a shard that continues an exported one (a replica, or a replacement)."""
+        self.create(key, shard_index, export.spec, False, num_threads)
+        shard = self._shards[key]
+        shard.restore(export)
+        return tuple(sorted(shard.status().state_ids))
+
+    def drop(self, key: str) -> None:
+        shard = self._shards.pop(key, None)
+        if shard is not None:
+            shard.close()
+
+    def info(self) -> dict[str, Any]:
+        """The host's device, node, process id and the shards it holds."""
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {
+            "device": str(self.device),
+            "node_id": node_id,
+            "pid": os.getpid(),
+            "shards": sorted(self._shards),
+        }

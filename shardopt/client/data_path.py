@@ -1,0 +1,225 @@
+"""How gradients and parameters travel between this process and its shards in the Ray cluster.
+
+A :class:`DataPath` owns each shard's flat gradient buffer on this side (a reused local one, or
+the shard's shared-memory file mapped here), the shared-memory mapping of a shard's parameters
+(and ``share_params``, which re-points the user's tensors into it), gradients shipped early
+during backward (``overlap=True``), the user's in-place parameter edits, and the transport of a
+shard's optimizer state. Backends compose one (:mod:`shardopt.client.local`,
+:mod:`shardopt.client.shard_group`); where things are comes from their
+:class:`~shardopt.client.shard_map.ShardMap`.
+
+Talks to: shards through :class:`~shardopt.client.handles.ShardHandle`; :mod:`shardopt.core.shm`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from shardopt.client.handles import ShardHandle
+from shardopt.client.runtime import ray_get
+from shardopt.client.shard_map import ShardMap
+from shardopt.core import shm
+from shardopt.core.amp import AmpScaling, unscale_sparse
+from shardopt.core.buffers import FlatLayout, PackedTree, to_numpy, unpack_tree
+from shardopt.core.records import ParamUpdate, SharedBuffers, SharedTree, SparseGrad
+
+
+class GradShipper:
+    """A post-accumulate-grad hook that ships one parameter's gradient (overlap=True)."""
+
+    def __init__(self, data_path: DataPath, param_id: int):
+        self._data_path = weakref.ref(data_path)
+        self._param_id = param_id
+
+    def __call__(self, param: torch.Tensor) -> None:
+        data_path = self._data_path()
+        if data_path is not None:
+            data_path.ship_grad(self._param_id, param)
+
+
+class DataPath:
+    """The gradient and parameter buffers of one optimizer's shards, on this side.
+
+    Args:
+        shard_map: where each parameter lives.
+        share_params: re-point the user's CPU parameters into the shards' shared buffers.
+        replicated: the shards have replicas, which must see in-place parameter edits that
+            are written straight into a shard's shared memory.
+    """
+
+    def __init__(self, shard_map: ShardMap, *, share_params: bool, replicated: bool) -> None:
+        self._map = shard_map
+        self._share_params = share_params
+        self._replicated = replicated
+        n = shard_map.num_shards
+        self._mapped: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
+        self._mapped_from: dict[int, SharedBuffers] = {}  # what each mapping came from
+        self._staging: list[torch.Tensor | None] = [None] * n
+        self._shipped: dict[int, tuple[int, int]] = {}  # id -> the gradient's (ptr, version)
+        self.closed = False
+
+    # ----- shared memory --------------------------------------------------------------------
+
+    def shared_params(self, shard: int) -> torch.Tensor | None:
+        """The shard's flat parameter buffer, mapped here (None: not in shared memory)."""
+        mapped = self._mapped[shard]
+        return None if mapped is None else mapped[0]
+
+    @property
+    def uses_shared_memory(self) -> list[bool]:
+        return [m is not None for m in self._mapped]
+
+    def map_shared(
+        self, shard: int, buffers: SharedBuffers | None, params: list[torch.Tensor]
+    ) -> None:
+        """Maps a shard's shared parameter and gradient buffers here, then unlinks their files.
+
+        A shard answers with the buffers it has now; when they are the ones already mapped (an
+        ``add_param_group`` that gave it no parameters), the mapping stays. None drops it.
+        """
+        if buffers is not None and self._mapped[shard] is not None:
+            if self._mapped_from.get(shard) == buffers:
+                return
+        self.forget_shipped(shard)  # gradients shipped early went to the buffers replaced here
+        self._mapped_from.pop(shard, None)
+        if buffers is None:
+            self._mapped[shard] = None
+            return
+        mapped = tuple(
+            shm.attach(path, buffers.nbytes) for path in (buffers.param_path, buffers.grad_path)
+        )
+        self._mapped[shard] = mapped
+        self._mapped_from[shard] = buffers
+        if self._share_params:
+            layout = self._map.layout(shard)
+            for j, pid in enumerate(self._map.ids_of(shard)):
+                p = params[pid]
+                if p.device.type == "cpu":
+                    p.data = layout.view(mapped[0], j)
+                    self._map.record(pid, p)
+
+    def close(self) -> None:
+        """Drops the mappings (the memory goes once the shards drop theirs)."""
+        self.closed = True
+        self._mapped = [None] * len(self._mapped)
+        self._mapped_from.clear()
+
+    # ----- gradients ------------------------------------------------------------------------
+
+    def grad_buffer(self, shard: int) -> torch.Tensor:
+        """Where a shard's gradients are gathered: its shared buffer, or a reused local one."""
+        mapped = self._mapped[shard]
+        if mapped is not None:
+            return mapped[1]
+        layout = self._map.layout(shard)
+        staging = self._staging[shard]
+        if staging is None or staging.numel() != layout.nbytes:
+            staging = self._staging[shard] = layout.empty()
+            self.forget_shipped(shard)
+        return staging
+
+    def forget_shipped(self, shard: int | None = None) -> None:
+        """Gradients shipped early must be packed again (of ``shard``, or of every shard)."""
+        if shard is None:
+            self._shipped.clear()
+            return
+        for pid in self._map.ids_of(shard):
+            self._shipped.pop(pid, None)
+
+    @property
+    def shipped(self) -> int:
+        """How many gradients went out during backward since the last step."""
+        return len(self._shipped)
+
+    def ship_grad(self, pid: int, param: torch.Tensor) -> None:
+        """Copies one gradient into its shard's buffer now (overlap=True, during backward)."""
+        grad = param.grad
+        if self.closed or grad is None or grad.is_sparse:
+            return
+        shard, j = self._map.slot_of(pid)
+        with torch.no_grad():
+            self._map.layout(shard).view(self.grad_buffer(shard), j).copy_(grad)
+        self._shipped[pid] = (grad.data_ptr(), grad._version)
+
+    def pack_grads(
+        self, shard: int, params: list[torch.Tensor], scaling: AmpScaling | None = None
+    ) -> tuple[torch.Tensor, tuple[bool, ...], dict[int, SparseGrad], list[int]]:
+        """Writes a shard's dense gradients into one flat buffer (its shared one, if mapped).
+
+        Sparse gradients are sent aside, coalesced (unscaled first under a GradScaler, as
+        torch unscales them before its optimizer coalesces them).
+
+        Returns:
+            The buffer, which slots hold a dense gradient, the sparse gradients by slot, and
+            the slots whose parameter has any gradient (the ones the step will change).
+        """
+        layout = self._map.layout(shard)
+        flat = self.grad_buffer(shard)
+        has_grad, sparse, touched = [], {}, []
+        for j, pid in enumerate(self._map.ids_of(shard)):
+            grad = params[pid].grad
+            if grad is None:
+                has_grad.append(False)
+                continue
+            touched.append(j)
+            if grad.is_sparse:
+                grad = unscale_sparse(grad, scaling).coalesce()
+                sparse[j] = SparseGrad(
+                    indices=grad.indices().cpu().numpy(),
+                    values=grad.values().cpu().contiguous().numpy(),
+                )
+                has_grad.append(False)
+                continue
+            if self._shipped.get(pid) != (grad.data_ptr(), grad._version):
+                layout.view(flat, j).copy_(grad)
+            has_grad.append(True)
+        return flat, tuple(has_grad), sparse, touched
+
+    # ----- parameters -----------------------------------------------------------------------
+
+    def changed_params(self, shard: int, params: list[torch.Tensor]) -> ParamUpdate | None:
+        """The user's parameters of ``shard`` modified since shardopt last wrote them.
+
+        Where the shard's master copy is mapped here they are written into it at once, and the
+        update is returned only for the shard's replica (None without replicas).
+        """
+        changed = self._map.changed_slots(shard, params)
+        if not changed:
+            return None
+        ids = self._map.ids_of(shard)
+        mapped = self._mapped[shard]
+        update = None
+        if mapped is not None:
+            layout = self._map.layout(shard)
+            for j in changed:
+                target = layout.view(mapped[0], j)
+                if target.data_ptr() != params[ids[j]].data_ptr():  # share_params: written
+                    target.copy_(params[ids[j]].detach())
+        if mapped is None or self._replicated:
+            tensors = [params[ids[j]].detach().cpu() for j in changed]
+            layout = FlatLayout.for_tensors(tensors)
+            update = ParamUpdate(tuple(changed), layout, to_numpy(layout.pack(tensors)))
+        for j in changed:
+            self._map.record(ids[j], params[ids[j]])
+        return update
+
+    # ----- optimizer state ------------------------------------------------------------------
+
+    def request_state(self, handle: ShardHandle, param_ids: tuple[int, ...] | None = None) -> Any:
+        """Asks a shard for its state: through a shared-memory file where it is on this node
+        (one copy there, one here), else through Ray's object store."""
+        if self._mapped[handle.index] is None:
+            return handle.state(param_ids)
+        return handle.state_in_shared_memory(param_ids)
+
+    @staticmethod
+    def receive_state(ref: Any) -> dict[int, Any]:
+        """A shard's optimizer state by global id, as fresh CPU tensors."""
+        packed = ray_get(ref)
+        if isinstance(packed, SharedTree):
+            data = shm.attach(packed.path, packed.layout.nbytes)
+            packed = PackedTree(packed.skeleton, packed.layout, data)
+        return unpack_tree(packed)

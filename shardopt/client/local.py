@@ -1,0 +1,310 @@
+"""The backend for shards of this process: Ray actors borrowed from the host pool.
+
+:class:`LocalShards` places the parameters (:class:`~shardopt.client.shard_map.ShardMap`),
+creates one :class:`~shardopt.actor.shard.Shard` per shard on pooled hosts, and moves tensors
+through a :class:`~shardopt.client.data_path.DataPath`: shared memory with CPU shards on this
+node, Ray's object store otherwise. A step packs each shard's gradients into one flat buffer,
+the shards update in parallel with torch's own optimizer, and each shard's new parameters are
+copied into the user's tensors as soon as it answers. With ``replicate`` every shard has a
+replica (:mod:`shardopt.client.replication`).
+
+Talks to: shard hosts through :class:`~shardopt.client.handles.ShardHandle`; the host pool of
+:mod:`shardopt.client.runtime`.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from dataclasses import replace
+from itertools import chain
+from typing import Any
+
+import ray
+import torch
+
+from shardopt.client.backend import ParamSource
+from shardopt.client.data_path import DataPath, GradShipper
+from shardopt.client.handles import ShardHandle
+from shardopt.client.ray_shards import RayShards
+from shardopt.client.replication import Replicas
+from shardopt.client.runtime import drop_shards, host_pool, ray_get
+from shardopt.client.shard_map import ShardMap
+from shardopt.core.amp import AmpScaling
+from shardopt.core.buffers import to_numpy
+from shardopt.core.errors import PartialStepError, ShardUnavailableError
+from shardopt.core.param_groups import group_options
+from shardopt.core.records import ShardSpec, StepRequest
+
+logger = logging.getLogger(__name__)
+
+
+def threads_per_shard(nodes: list[str], actor_options: dict[str, Any]) -> list[int | None]:
+    """Torch threads for each shard: its node's CPUs split among this optimizer's shards there.
+
+    Ray starts actors with one thread (``OMP_NUM_THREADS=1``) unless they reserve CPUs; a step
+    keeps the client idle, so the shards may use the whole node. Left to Ray when
+    ``actor_options`` reserves ``num_cpus``.
+    """
+    if "num_cpus" in actor_options:
+        return [None] * len(nodes)
+    cpus = {n["NodeID"]: int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes()}
+    return [max(1, cpus.get(node, 1) // nodes.count(node)) for node in nodes]
+
+
+class LocalShards(RayShards):
+    """Shards of this process on pooled Ray actors (see the module docstring).
+
+    Args:
+        params: the proxy's parameters.
+        num_shards: how many shards.
+        actor_options: the shard hosts' ``.options(...)``.
+        shared_memory: None (wherever possible) or False (never).
+        overlap: ship gradients during backward.
+        share_params: re-point CPU parameters into the shards' shared buffers.
+        replicate: 0 (off), 1 (replicas run every step) or k (refreshed every k steps).
+    """
+
+    per_tensor = True
+    """Whether its shards step their tensors on their own (LBFGS's backend does not)."""
+
+    def __init__(
+        self,
+        params: ParamSource,
+        num_shards: int,
+        *,
+        actor_options: dict[str, Any],
+        shared_memory: bool | None,
+        overlap: bool,
+        share_params: bool,
+        replicate: int,
+    ) -> None:
+        self._params = params
+        self.actor_options = actor_options
+        self._overlap = overlap
+        self.shard_map = ShardMap(num_shards)
+        self.data_path = DataPath(
+            self.shard_map, share_params=share_params, replicated=bool(replicate)
+        )
+        self._next_step_id = 0
+        self._closed = False
+        self.replicas: Replicas | None = None
+        blocks = self._place(params.flat(), params.group_indices())
+        options = params.options()
+        specs = [
+            ShardSpec(params.optimizer_class, params.defaults, options, blocks[s])
+            for s in range(num_shards)
+        ]
+        hosts, infos = host_pool.acquire(num_shards, actor_options)
+        owner = host_pool.new_owner_key()
+        self.handles = [ShardHandle(h, f"{owner}/{s}", s) for s, h in enumerate(hosts)]
+        self._finalizer = weakref.finalize(self, drop_shards, hosts, [h.key for h in self.handles])
+        here = ray.get_runtime_context().get_node_id()
+        shared = [
+            shared_memory is not False and info["node_id"] == here and info["device"] == "cpu"
+            for info in infos
+        ]
+        self.host_nodes = [info["node_id"] for info in infos]
+        self.threads = threads_per_shard(self.host_nodes, actor_options)
+        created = ray_get(
+            [
+                h.host.create.remote(h.key, s, specs[s], shared[s], self.threads[s])
+                for s, h in enumerate(self.handles)
+            ]
+        )
+        flat = params.flat()
+        for s, (_, buffers) in enumerate(created):
+            self.data_path.map_shared(s, buffers, flat)
+        self.shard_map.note_state(chain.from_iterable(ids for ids, _ in created))
+        if replicate:
+            self.replicas = Replicas(self, interval=replicate)
+            self.replicas.start(specs)
+
+    def _place(self, new_params: list[torch.Tensor], groups: list[int]) -> list[Any]:
+        first = self.shard_map.num_params
+        blocks = self.shard_map.place(new_params, groups)
+        if self._overlap:
+            for j, p in enumerate(new_params):
+                p.register_post_accumulate_grad_hook(GradShipper(self.data_path, first + j))
+        return blocks
+
+    def handle(self, shard: int) -> ShardHandle:
+        if self.replicas is not None:  # its replica follows the calls that change it
+            return self.replicas.mirrored(shard)
+        return self.handles[shard]
+
+    def spec_now(self, shard: int) -> ShardSpec:
+        """A spec for ``shard`` from this process's copy of its parameters (to rebuild it)."""
+        params = self._params
+        block = self.shard_map.block_of(shard, params.flat(), params.group_indices())
+        return ShardSpec(params.optimizer_class, params.defaults, params.options(), block)
+
+    @property
+    def uses_shared_memory(self) -> list[bool]:
+        return self.data_path.uses_shared_memory
+
+    @property
+    def next_step_id(self) -> int:
+        return self._next_step_id
+
+    # ----- stepping -------------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], Any] | None, scaling: AmpScaling | None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._params.check_step_inputs()
+        if scaling is not None and scaling.grad_scale is None:
+            self.data_path.forget_shipped()  # scaler.unscale_ wrote without a version bump
+        params = self._params.flat()
+        options = self._params.options()
+        step_id = self._next_step_id
+        self._next_step_id += 1
+        replicas = self.replicas
+        if replicas is not None:
+            replicas.settle()
+        sent: dict[int, tuple[StepRequest, torch.Tensor]] = {}
+        pending: dict[Any, int] = {}
+        touched_slots: dict[int, list[int]] = {}
+        for s in self.shard_map.live_shards():
+            changed = self.data_path.changed_params(s, params)
+            flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params, scaling)
+            shared = self.data_path.shared_params(s) is not None
+            if not touched:
+                if changed is not None:  # written already where shared; replicas need it
+                    ray_get(self.handle(s).set_params(changed))
+                continue
+            request = StepRequest(
+                step_id=step_id,
+                group_options=options,
+                grads=None if shared else to_numpy(flat),
+                has_grad=has_grad,
+                sparse_grads=sparse,
+                params_in=changed,  # written already where shared (for a replica, a resend)
+                scaling=scaling,
+            )
+            ref = self.handles[s].step(replace(request, params_in=None) if shared else request)
+            pending[ref] = s
+            touched_slots[s] = touched
+            sent[s] = (request, flat)
+        self.data_path.forget_shipped()
+        new_state: list[int] = []
+        failures: dict[int, Exception] = {}
+        waiting = list(pending)
+        while waiting:  # copy each shard's parameters back as soon as it is done
+            done, waiting = ray.wait(waiting, num_returns=1)
+            s = pending[done[0]]
+            try:
+                result = ray_get(done[0])
+            except ShardUnavailableError:
+                if replicas is None:
+                    raise
+                ref = replicas.recover(s, *sent[s])
+                pending[ref] = s
+                waiting.append(ref)
+                continue
+            except Exception as err:  # the others may have applied it: see _step_failed
+                failures[s] = err
+                continue
+            shared_values = self.data_path.shared_params(s)
+            values = shared_values if shared_values is not None else result.params
+            self.shard_map.copy_back(s, values, params, touched_slots[s])
+            new_state.extend(result.new_state_ids)
+        if failures:
+            self._step_failed(step_id, failures, sent)
+        if replicas is not None:  # only now: until every shard has applied it, they roll back
+            for s, (request, flat) in sent.items():
+                replicas.step(s, replace(request, grads=to_numpy(flat), return_params=False))
+        self.shard_map.note_state(new_state)
+        return loss
+
+    def _step_failed(
+        self,
+        step_id: int,
+        failures: dict[int, Exception],
+        sent: dict[int, tuple[StepRequest, torch.Tensor]],
+    ) -> None:
+        """Raises for a step some shards refused: after rolling every shard back from its
+        replica where there are replicas, else naming the shards that applied it."""
+        failed = sorted(failures)
+        applied = sorted(set(sent) - set(failures))
+        first = failures[failed[0]]
+        where = f"step {step_id} failed on shard(s) {failed} ({type(first).__name__}: {first})"
+        if self.replicas is not None:
+            stuck = self.replicas.roll_back(sorted(sent))
+            if not stuck:
+                for s, (request, _) in sent.items():  # the user's writes the step carried
+                    if request.params_in is not None:
+                        ray_get(self.handle(s).set_params(request.params_in))
+                self.pull_params()
+                self.data_path.forget_shipped()
+                note = (
+                    f"shardopt: {where}; every shard was rolled back from its replica to its "
+                    f"state before step {step_id}: nothing of step {step_id} is applied"
+                )
+                if hasattr(first, "add_note"):
+                    first.add_note(note)
+                logger.error(note)
+                raise first
+            where += f"; shard(s) {stuck} could not be rolled back from their replicas"
+        raise PartialStepError(
+            f"{where}; shard(s) {applied} applied it, so the shards now disagree about step "
+            f"{step_id} (the parameters here hold their values after it; a failed shard may "
+            "have changed part of its own state). To get back to one consistent state, restore "
+            "the parameters and the optimizer state saved before this step "
+            "(model.load_state_dict(...) and opt.load_state_dict(...) or opt.load_checkpoint("
+            "path)); with replicate=True the shards roll back by themselves.",
+            step_id=step_id,
+            applied=applied,
+            failed=failed,
+        ) from first
+
+    # ----- parameters -----------------------------------------------------------------------
+
+    def pull_params(self) -> None:
+        params = self._params.flat()
+        live = self.shard_map.live_shards()
+        remote = [s for s in live if self.data_path.shared_params(s) is None]
+        values = dict(zip(remote, ray_get([self.handles[s].param_values() for s in remote])))
+        for s in live:
+            shared = self.data_path.shared_params(s)
+            self.shard_map.copy_back(s, shared if shared is not None else values[s], params)
+
+    def push_params(self) -> None:
+        params = self._params.flat()
+        self.shard_map.forget_versions()
+        updates = {s: self.data_path.changed_params(s, params) for s in range(self.num_shards)}
+        ray_get([self.handle(s).set_params(u) for s, u in updates.items() if u is not None])
+
+    def add_param_group(self, group_index: int) -> None:
+        group = self._params.groups[group_index]
+        blocks = self._place(list(group["params"]), [group_index] * len(group["params"]))
+        options = group_options(group)
+        buffers = ray_get(
+            [self.handle(s).add_param_group(options, blocks[s]) for s in range(self.num_shards)]
+        )
+        flat = self._params.flat()
+        for s, shard_buffers in enumerate(buffers):
+            self.data_path.map_shared(s, shard_buffers, flat)
+
+    # ----- inspection and lifecycle ---------------------------------------------------------
+
+    def _checkpoint_taken(self, path: str) -> Callable[[], None]:
+        replicas, taken = self.replicas, (path, self._next_step_id)
+        if replicas is None:
+            return lambda: None
+        # the fallback when a shard and its replica are both lost
+        return lambda: setattr(replicas, "checkpoint", taken)
+
+    def lost_shared_memory(self, shard: int) -> None:
+        self.data_path.map_shared(shard, None, self._params.flat())
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.data_path.close()
+            self._finalizer()
+            if self.replicas is not None:
+                self.replicas.close()

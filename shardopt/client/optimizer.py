@@ -1,0 +1,476 @@
+"""The client-side proxy: a real ``torch.optim.Optimizer`` whose state lives on shards.
+
+:class:`ShardedOptimizer` keeps the user's ``param_groups`` (their own tensors, every option torch
+would show) and torch.optim's semantics: argument validation with torch's own errors, hooks,
+``state_dict``/``load_state_dict`` in torch's format, the state view. Everything that moves
+tensors goes to one :class:`~shardopt.client.backend.Backend` chosen in the constructor: shards of
+this process on Ray actors, a shard group, or a gateway session.
+
+Talks to: its backend (:mod:`shardopt.client.backend`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import ray
+import torch
+
+from shardopt.checkpoint import SaveHandle
+from shardopt.client.backend import Backend, ParamSource
+from shardopt.client.gateway_session import GatewaySession, group_request
+from shardopt.client.local import LocalShards
+from shardopt.client.runtime import ensure_ray
+from shardopt.client.shard_group import ShardGroupMember, make_config
+from shardopt.client.state_view import ShardStateView
+from shardopt.core.amp import scaling_of
+from shardopt.core.errors import OptimizerClosedError
+from shardopt.core.param_groups import (
+    check_param_groups,
+    copy_param_groups,
+    group_options,
+    run_options,
+)
+from shardopt.core.plan import ShardPlan
+from shardopt.core.records import ShardStatus
+
+logger = logging.getLogger(__name__)
+
+
+def default_num_shards() -> int:
+    """One shard per GPU where the cluster has GPUs, else one per alive node."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus >= 1:
+        return gpus
+    return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+
+
+class ShardedOptimizer(torch.optim.Optimizer):
+    """Any ``torch.optim`` optimizer, with its state and master parameters sharded on Ray actors.
+
+    Behaves as ``optimizer_class(params, **defaults)`` would, step for step and in its
+    ``state_dict`` format, while each shard actor runs ``optimizer_class`` over its share of the
+    parameters (whole tensors, balanced by bytes).
+
+    Args:
+        params: the parameters, or dicts defining param groups, or ``(name, tensor)`` pairs,
+            exactly as for ``torch.optim``.
+        optimizer_class: a ``torch.optim.Optimizer`` subclass (torch's or your own).
+        num_shards: how many shards; by default one per GPU in the cluster, else one per node.
+        actor_options: options for the shard actors (``ray.remote(...).options(**actor_options)``),
+            e.g. ``{"num_gpus": 1}`` to run each shard on its own GPU.
+        shared_memory: exchange gradients and parameters with CPU shards on this node through
+            shared memory (``/dev/shm``) instead of Ray's object store; by default wherever
+            possible. ``False`` forces the object store.
+        overlap: copy each gradient towards its shard as soon as backward has produced it
+            (post-accumulate-grad hooks), so ``step()`` waits only for what is left. Gradients
+            changed in place after backward (clipping, GradScaler) are noticed by their
+            version counters and sent again; writes through ``grad.data`` are invisible to
+            version counters and are not seen.
+        share_params: with shared memory, re-point the user's CPU parameters into the shards'
+            buffers, so a step copies no parameters back. The tensors stay the same objects
+            but their storage moves: views taken of them earlier no longer follow them.
+        group: attach this worker to the named shard group (created by the first worker to
+            arrive): many workers, one sharded optimizer. See ``docs`` in the README and
+            :mod:`shardopt.actor.shard_group_registry`. The options below apply to groups only.
+        world_size: how many workers the group has.
+        rank: this worker's rank in ``[0, world_size)``.
+        mode: ``"sync"`` (each step averages all workers' gradients, as DDP does, and every
+            worker gets the same parameters) or ``"async"`` (each worker's gradients are
+            applied as they arrive).
+        max_staleness: async only: gradients computed on parameters more than this many
+            versions old are not applied; the worker gets fresh parameters (and, with a
+            closure, computes again).
+        timeout: how long a sync step waits for the other workers before failing with
+            :class:`~shardopt.errors.GroupTimeoutError` (a ``timedelta`` or seconds).
+        placement: a Ray placement strategy for the group's shards: ``"STRICT_SPREAD"``
+            (one per node), ``"SPREAD"``, ``"PACK"``, ``"STRICT_PACK"``.
+        shard_resources: what each shard reserves under ``placement`` (default one CPU;
+            ``{"GPU": 1}`` puts one shard per GPU).
+        replicate: keep an in-memory replica of every shard on another node, so that a lost
+            shard actor (or node) is replaced with nothing lost (see
+            :mod:`shardopt.client.replication`). ``True`` (or 1): the replicas run every step too;
+            an int ``k > 1``: they are refreshed from their primaries every ``k`` steps and
+            this process keeps the gradients since, to replay after a loss. Costs a second
+            copy of each shard's parameters, gradients and state (and, with ``k``, up to
+            ``k`` gradient copies here).
+        address: ``"host:port"`` of a shardopt gateway (``shardopt serve``): the shards are
+            reached over gRPC instead of Ray, and this process needs no Ray at all.
+        token: the gateway's bearer token.
+        tls: with ``address``: True for TLS with the system's root certificates, or the path
+            of a PEM file of root certificates; False/None for plaintext.
+        **defaults: ``optimizer_class``'s hyperparameters.
+
+    Raises:
+        TypeError: ``optimizer_class`` is not a torch optimizer class.
+        ValueError: ``num_shards < 1``, or a hyperparameter ``optimizer_class`` rejects, or
+            (groups) bad group options or a worker that differs from its group.
+        PlacementError: the cluster cannot place the group's shards as asked.
+
+    Example:
+        >>> import torch, shardopt
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = shardopt.ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3,
+        ...                                 num_shards=2)
+        >>> model(torch.randn(8, 4)).sum().backward()
+        >>> opt.step()
+        >>> opt.close()
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        optimizer_class: type[torch.optim.Optimizer],
+        *,
+        num_shards: int | None = None,
+        actor_options: dict[str, Any] | None = None,
+        shared_memory: bool | None = None,
+        overlap: bool = False,
+        share_params: bool = False,
+        group: str | None = None,
+        world_size: int | None = None,
+        rank: int | None = None,
+        mode: str = "sync",
+        max_staleness: int | None = None,
+        timeout: datetime.timedelta | float = datetime.timedelta(minutes=5),
+        placement: str | None = None,
+        shard_resources: dict[str, float] | None = None,
+        replicate: bool | int = False,
+        address: str | None = None,
+        token: str | None = None,
+        tls: bool | str | os.PathLike | None = None,
+        **defaults: Any,
+    ) -> None:
+        if not (
+            isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)
+        ):
+            raise TypeError(
+                f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}"
+            )
+        if issubclass(optimizer_class, torch.optim.LBFGS) and self._local_backend.per_tensor:
+            raise TypeError(
+                "LBFGS needs dot products across all shards: use shardopt.LBFGS(params, ...)"
+            )
+        if num_shards is not None and (not isinstance(num_shards, int) or num_shards < 1):
+            raise ValueError(f"Invalid num_shards: {num_shards} (must be an int >= 1)")
+        if group is None and (world_size, rank, max_staleness, placement) != (None,) * 4:
+            raise ValueError("world_size, rank, max_staleness and placement need group=...")
+        if group is not None and not self._local_backend.per_tensor:
+            raise ValueError("shardopt.LBFGS runs one closure over all shards: it has no groups")
+        if replicate and (
+            group is not None or address is not None or not self._local_backend.per_tensor
+        ):
+            raise ValueError(
+                "replicate=True applies to a ShardedOptimizer in the Ray cluster, not to "
+                "groups, gateway sessions or LBFGS"
+            )
+        if not isinstance(replicate, (bool, int)) or replicate < 0:
+            raise ValueError(f"Invalid replicate: {replicate!r} (False, True, or steps >= 1)")
+        if address is not None and (
+            actor_options
+            or shared_memory
+            or overlap
+            or share_params
+            or not self._local_backend.per_tensor
+        ):
+            raise ValueError(
+                "actor_options, shared_memory, overlap, share_params and LBFGS apply to "
+                "optimizers in the Ray cluster; with address=... the gateway decides"
+            )
+        if isinstance(params, torch.Tensor):
+            raise TypeError(
+                "params argument given to the optimizer should be "
+                "an iterable of Tensors or dicts, but got " + torch.typename(params)
+            )
+        params = list(params)
+        # The real class validates every hyperparameter with torch's own errors and tells us its
+        # full defaults. It creates no state worth keeping (Adagrad's is dropped right here).
+        template = optimizer_class(copy_param_groups(params), **defaults)
+        full_defaults = dict(template.defaults)
+        del template
+
+        self.optimizer_class = optimizer_class
+        self._closed = False
+        self._backend: Backend | None = None
+        self._step_supports_amp_scaling = True  # torch.amp.GradScaler: see shardopt.core.amp
+        super().__init__(params, full_defaults)
+
+        if any(g.get("differentiable") for g in self.param_groups):
+            warnings.warn(
+                "differentiable=True: the shards compute the same numbers, but no autograd "
+                "graph connects the update on the shards to the parameters here",
+                stacklevel=2,
+            )
+        source = ParamSource(
+            self, optimizer_class, dict(defaults), lambda o, ps: run_options(optimizer_class, o, ps)
+        )
+        group_settings = dict(
+            world_size=world_size, rank=rank, mode=mode, max_staleness=max_staleness,
+            timeout=timeout, placement=placement, shard_resources=shard_resources,
+            actor_options=dict(actor_options or {}),
+        )  # fmt: skip
+        if address is not None:  # the group's options are checked here, before connecting
+            config = make_config(num_shards=num_shards or 1, **group_settings) if group else None
+            self._backend = GatewaySession(
+                source, address, token, tls, num_shards, group_request(group, rank, config)
+            )
+        else:
+            ensure_ray()
+            num_shards = num_shards or default_num_shards()
+            if group is not None:
+                config = make_config(num_shards=num_shards, **group_settings)
+                self._backend = ShardGroupMember(source, group, rank, config)
+            else:
+                self._backend = self._local_backend(
+                    source,
+                    num_shards,
+                    actor_options=dict(actor_options or {}),
+                    shared_memory=shared_memory,
+                    overlap=overlap,
+                    share_params=share_params,
+                    replicate=int(replicate),
+                )
+        self._params = source
+        self.state = ShardStateView(self)
+
+    _local_backend: type[LocalShards] = LocalShards
+    """The backend for shards of this process (shardopt.LBFGS plugs in its own here)."""
+
+    # ----- what the backend knows -----------------------------------------------------------
+
+    @property
+    def backend(self) -> Backend:
+        """Where this optimizer's shards are and how its tensors reach them."""
+        self._check_open()
+        assert self._backend is not None
+        return self._backend
+
+    @property
+    def plan(self) -> ShardPlan:
+        """Which shard owns which parameter (global ids in param_groups order)."""
+        return self.backend.plan
+
+    @property
+    def uses_shared_memory(self) -> list[bool]:
+        """Per shard: whether gradients and parameters move through shared memory."""
+        return self.backend.uses_shared_memory
+
+    @property
+    def num_shards(self) -> int:
+        return self.backend.num_shards
+
+    @property
+    def group(self) -> ShardGroupMember | None:
+        """This worker's shard group membership (versions, ``last_push``), or None."""
+        backend = self._backend
+        return backend if isinstance(backend, ShardGroupMember) else None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OptimizerClosedError("this optimizer was closed; its shards are released")
+
+    # ----- torch.optim.Optimizer ------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a param group (torch's semantics); its parameters go to the least-loaded shards."""
+        backend = getattr(self, "_backend", None)
+        if backend is not None:
+            self._check_open()
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if len(group["params"]) != len(set(group["params"])):
+            self.param_groups.pop()
+            raise ValueError(
+                "optimizer contains a parameter group with duplicate parameters; "
+                "shardopt cannot shard a parameter twice"
+            )
+        if backend is None:  # torch's constructor adding the first groups
+            return
+        try:
+            backend.add_param_group(len(self.param_groups) - 1)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+
+    @torch.compiler.disable  # moves bytes to other processes: nothing to trace
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Runs the closure (if any) here, then one update on every shard in parallel.
+
+        All or nothing, as in torch: what torch refuses before updating (a sparse gradient for
+        a dense algorithm, a gradient of another shape, dtype or device) is refused before any
+        shard is asked. Under a ``torch.amp.GradScaler`` the shards unscale and skip as torch
+        does (see :mod:`shardopt.core.amp`).
+
+        Returns:
+            The closure's return value, or None, as ``torch.optim`` does.
+
+        Raises:
+            PartialStepError: the step failed on some shards after others had applied it (only
+                without replicas; with them every shard is rolled back first and the shard's
+                own error is raised).
+        """
+        return self.backend.step(closure, scaling_of(self))
+
+    def pull_params(self) -> None:
+        """Copies the shards' current parameters into this process's tensors.
+
+        A step does this by itself; in a shard group, other workers' steps move the
+        parameters in between (async mode), and a worker may want them before its next step.
+        """
+        self.backend.pull_params()
+
+    def push_params(self) -> None:
+        """Sends the current values of all parameters to the shards.
+
+        shardopt notices in-place changes to parameters (``load_state_dict`` on the model,
+        ``torch.nn.init``) by their version counters, but PyTorch does not version writes made
+        through ``param.data``; call this after such writes.
+        """
+        self.backend.push_params()
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict, gathered from the shards one at a time.
+
+        Returns:
+            ``{"state": {id: {...}}, "param_groups": [...]}``, equal to what
+            ``optimizer_class.state_dict()`` gives for the same run (state tensors on CPU).
+        """
+        backend = self.backend
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        gathered: dict[int, Any] = {}
+        for part in backend.state_parts():
+            gathered.update(part)
+        order = backend.state_order
+        order += sorted(set(gathered) - set(order))
+        state_dict = {
+            "state": {pid: gathered[pid] for pid in order if pid in gathered},
+            "param_groups": self._params.packed_groups(),
+        }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a torch.optim state dict (from torch or from shardopt with any shard count).
+
+        All-or-nothing: every shard validates its part first, and only if all accept does any
+        apply it. A rejected state dict leaves every shard and every param group as it was.
+
+        Raises:
+            ValueError: the groups or the state do not match this optimizer's parameters.
+            TypeError: the state holds objects other than tensors, numbers, strings and plain
+                containers.
+        """
+        backend = self.backend
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = check_param_groups(self.param_groups, state_dict["param_groups"])
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in saved_groups),
+                range(sum(len(g["params"]) for g in self.param_groups)),
+            )
+        )
+        state: dict[int, Any] = {}
+        for key, value in state_dict["state"].items():
+            if key not in id_map:
+                raise ValueError(
+                    f"loaded state dict has state for parameter id {key!r}, "
+                    "which is in none of its parameter groups"
+                )
+            if not isinstance(value, dict):
+                raise TypeError(
+                    f"state of parameter id {key!r} must be a dict, got {type(value).__name__}"
+                )
+            state[id_map[key]] = value
+        backend.load_state(state, tuple(group_options(g) for g in saved_groups))
+        self._adopt_saved_groups(saved_groups)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _adopt_saved_groups(self, saved_groups: list[dict[str, Any]]) -> None:
+        """Takes a loaded state dict's group options, keeping this optimizer's tensors (torch's
+        ``update_group``)."""
+        new_groups = []
+        for group, saved in zip(self.param_groups, saved_groups):
+            saved["params"] = group["params"]
+            if "param_names" in group and "param_names" not in saved:
+                saved["param_names"] = group["param_names"]
+            for name, default in self.defaults.items():
+                saved.setdefault(name, default)
+            new_groups.append(saved)
+        self.param_groups = new_groups
+
+    # ----- checkpoints ----------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str | os.PathLike, *, blocking: bool = True) -> SaveHandle:
+        """Writes a sharded checkpoint: every shard its own file, in parallel, from its actor.
+
+        The directory is a torch.distributed.checkpoint checkpoint (see
+        :mod:`shardopt.checkpoint`); ``dcp_to_torch_save`` turns it into a torch.optim state
+        dict. The commit record is written last, by rename: a save that dies part-way leaves
+        no checkpoint that loads. Saving over an existing checkpoint uncommits it first.
+
+        Args:
+            path: a directory (or ``file://`` URL) every shard can write to, or a
+                ``memory://`` URL (fsspec's in-process store; this process then does the I/O).
+            blocking: wait for the commit. With False, training can go on at once; the
+                checkpoint holds the state as of this call once ``handle.wait()`` commits it.
+
+        Returns:
+            A handle with ``wait()`` and ``done()`` (already committed when blocking).
+        """
+        return self.backend.save_checkpoint(os.fspath(path), blocking)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Loads a checkpoint written with any number of shards (resharding as it loads).
+
+        Every data file's checksum is checked first; then each shard reads its own parameters'
+        state and validates it, and only if all accept does any apply it.
+
+        Raises:
+            FileNotFoundError: no committed checkpoint at ``path``, or a data file is missing.
+            ValueError: a corrupted data file, or a checkpoint of other parameter groups.
+        """
+        saved_groups = self.backend.load_checkpoint(os.fspath(path))
+        self._adopt_saved_groups(saved_groups)
+
+    # ----- inspection and lifecycle ---------------------------------------------------------
+
+    def shard_status(self) -> list[ShardStatus]:
+        """What each shard reports: device, parameter count and bytes, which ids have state."""
+        return self.backend.status()
+
+    def close(self) -> None:
+        """Releases the shards (their hosts return to the pool). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            if self._backend is not None:
+                self._backend.close()
+
+    def __enter__(self) -> ShardedOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        label = type(self).__name__
+        if label != self.optimizer_class.__name__:
+            label += f"[{self.optimizer_class.__name__}]"
+        shards = self._backend.num_shards if self._backend is not None else "?"
+        return text.replace(type(self).__name__ + " (", f"{label} x{shards} shards (", 1)

@@ -1,0 +1,121 @@
+"""What every backend whose shards are Ray actors shares: state, loads, checkpoints, status.
+
+:class:`RayShards` holds typed handles on the shards (:mod:`shardopt.client.handles`), a
+:class:`~shardopt.client.shard_map.ShardMap` and a :class:`~shardopt.client.data_path.DataPath`,
+and implements the state half of :class:`~shardopt.client.backend.Backend` over them: gathering
+state one shard at a time, all-or-nothing loads (prepare on every shard, then commit or abort
+on all), checkpoints (:mod:`shardopt.client.checkpoints`) and status. Its subclasses decide how
+a step travels: :class:`~shardopt.client.local.LocalShards` (shards of this process) and
+:class:`~shardopt.client.shard_group.ShardGroupMember` (a worker of a shard group).
+
+Talks to: shards through :class:`~shardopt.client.handles.ShardHandle`.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from shardopt.checkpoint import SaveHandle
+from shardopt.client import checkpoints
+from shardopt.client.backend import Backend, ParamSource
+from shardopt.client.data_path import DataPath
+from shardopt.client.handles import ShardHandle
+from shardopt.client.runtime import ray_get
+from shardopt.client.shard_map import ShardMap
+from shardopt.core.buffers import pack_tree
+from shardopt.core.param_groups import group_options
+from shardopt.core.records import ShardStatus
+
+
+class RayShards(Backend):
+    """A backend whose shards are Ray actors reached through typed handles."""
+
+    _params: ParamSource
+    handles: list[ShardHandle]
+    shard_map: ShardMap
+    data_path: DataPath
+
+    def handle(self, shard: int) -> ShardHandle:
+        """The handle for calls that change shard ``shard`` (a replicated backend mirrors
+        them)."""
+        return self.handles[shard]
+
+    # ----- optimizer state ------------------------------------------------------------------
+
+    def state_parts(self, param_ids: tuple[int, ...] | None = None) -> Iterator[dict[int, Any]]:
+        if param_ids is None:
+            shards = self.shard_map.live_shards()
+        else:
+            shards = sorted({self.shard_map.shard_of(pid) for pid in param_ids})
+        # One shard's state unpacked here while the next one packs: at most two in flight.
+        request = self.data_path.request_state
+        ref = request(self.handles[shards[0]], param_ids) if shards else None
+        for i in range(len(shards)):
+            following = (
+                request(self.handles[shards[i + 1]], param_ids) if i + 1 < len(shards) else None
+            )
+            yield self.data_path.receive_state(ref)
+            ref = following
+
+    def load_state(self, state: dict[int, dict[str, Any]], options: tuple[dict, ...]) -> None:
+        per_shard: list[dict[int, Any]] = [{} for _ in range(self.num_shards)]
+        for pid, value in state.items():
+            per_shard[self.shard_map.shard_of(pid)][pid] = value
+        packed = [pack_tree(part) for part in per_shard]
+        token = uuid.uuid4().hex
+        live = self.shard_map.live_shards()
+        errors = ray_get([self.handle(s).prepare_load(token, options, packed[s]) for s in live])
+        self._apply_prepared(token, live, errors)
+        self.shard_map.set_state_order(state)
+
+    def _apply_prepared(self, token: str, live: list[int], errors: list[Any]) -> None:
+        """Phase two of an all-or-nothing load: commit on every shard, or abort on all."""
+        failure = next((e for e in errors if e is not None), None)
+        if failure is not None:
+            ray_get([self.handle(s).abort_load(token) for s in live])
+            raise failure
+        ray_get([self.handle(s).commit_load(token) for s in live])
+
+    def set_param_state(self, pid: int, value: dict[str, Any]) -> None:
+        ray_get(self.handle(self.shard_map.shard_of(pid)).set_param_state(pid, pack_tree(value)))
+        self.shard_map.note_state([pid])
+
+    # ----- checkpoints ----------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str, blocking: bool) -> SaveHandle:
+        live = self.shard_map.live_shards()
+        handle = checkpoints.save(
+            path,
+            self._params.packed_groups(id_type=str),  # string ids: DCP keeps string keys only
+            blocking,
+            shards=[self.handles[s] for s in live],
+            parts=lambda: self.state_parts(),
+        )
+        handle.on_commit(self._checkpoint_taken(os.fspath(path)))
+        return handle
+
+    def load_checkpoint(self, path: str) -> list[dict[str, Any]]:
+        params = self._params
+        where, saved_groups = checkpoints.read_groups(
+            path, params.groups, self.shard_map.num_params
+        )
+        options = tuple(group_options(g) for g in saved_groups)
+        token = uuid.uuid4().hex
+        live = self.shard_map.live_shards()
+        answers = checkpoints.prepare_on_shards(
+            where, token, options, [self.handle(s) for s in live], self.shard_map.ids_of
+        )
+        self._apply_prepared(token, live, [error for error, _ in answers])
+        self.shard_map.set_state_order(sorted(pid for _, ids in answers for pid in ids))
+        self._checkpoint_taken(os.fspath(path))()
+        return saved_groups
+
+    def _checkpoint_taken(self, path: str) -> Callable[[], None]:
+        """What to do once a checkpoint of the state as of now is committed (or loaded)."""
+        return lambda: None
+
+    def status(self) -> list[ShardStatus]:
+        return ray_get([h.status() for h in self.handles])
