@@ -23,6 +23,7 @@ from shardopt.algorithms import (
     SparseAdam,
 )
 from shardopt.errors import (
+    CheckpointInUseError,
     GroupTimeoutError,
     OptimizerClosedError,
     PlacementError,
@@ -46,6 +47,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "CheckpointInUseError",
     "GroupTimeoutError",
     "Muon",
     "NAdam",

@@ -1,58 +1,69 @@
 """Sharded checkpoints in torch.distributed.checkpoint (DCP) format, written by the shards.
 
-A checkpoint is a DCP directory: one data file per shard (``__{i}_0.distcp``), written by that
-shard in parallel straight from its actor, a ``.shardopt-checksums.json`` with every data file's
-SHA-256, and DCP's ``.metadata``, written last by rename: the commit. The proxy plays DCP's
-coordinator (local plans -> global plan -> per-shard writes -> metadata), so plain PyTorch reads
-it: ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save(path, "opt.pt")`` gives a
-torch.optim state dict. DCP turns dict keys into strings, so the parameter ids are stored as
-strings in both ``state`` and each group's ``params``; torch.optim's ``load_state_dict`` only
-matches the two, so the converted file loads into ``torch.optim.<Name>`` as it is.
+A checkpoint is a DCP directory: one data file per shard (``__{i}_{save}_0.distcp``, with a
+name of its own for every save), written by that shard in parallel straight from its actor; a
+commit record (the SHA-256 of ``.metadata``, of every data file and of every slice in it, signed
+when the saver has a key: :mod:`shardopt.checkpoint_integrity`); and DCP's ``.metadata``,
+renamed into place last: the commit. The proxy plays DCP's coordinator (local plans -> global
+plan -> per-shard writes -> metadata), so plain PyTorch reads it:
+``torch.distributed.checkpoint.format_utils.dcp_to_torch_save(path, "opt.pt")`` gives a
+torch.optim state dict (it unpickles with plain ``pickle``: only for checkpoints you trust;
+:func:`export` is the safe route). DCP turns dict keys into strings, so the parameter ids are
+stored as strings in both ``state`` and each group's ``params``; torch.optim's
+``load_state_dict`` only matches the two, so the converted file loads into
+``torch.optim.<Name>`` as it is.
+
+A save holds an exclusive lock on the directory (:class:`shardopt.checkpoint_commit.SaveLock`)
+from before its first write until its commit: a second save there fails with
+:class:`~shardopt.errors.CheckpointInUseError`. Until the commit, the checkpoint the save
+replaces loads as it was; after it, that checkpoint's files are removed. A load reads
+``.metadata`` once and checks every slice it reads against the record those bytes name: it sees
+one whole checkpoint or fails.
 
 Loading reshards online: each shard reads only its own parameters' entries, validates them with
-the same all-or-nothing prepare/commit as ``load_state_dict``. Non-tensor values are read with
-``torch.load``'s ``weights_only`` default: nothing arbitrary is unpickled.
+the same all-or-nothing prepare/commit as ``load_state_dict``. Nothing is unpickled but with an
+allowlist (``.metadata``) or ``torch.load``'s ``weights_only`` (values).
 
 Owns the format and both sides of the protocol: the shard side (:class:`ShardSave`,
 :func:`read_params_state`) and the proxy side (:func:`save`, :func:`load`, which drive the shards
 through the optimizer's calls).
 
-Talks to: the shards (``Shard.save_*`` / ``Shard.prepare_load_from_checkpoint``) and the file
-system, through DCP's ``FileSystemWriter`` / ``FileSystemReader`` (fsspec's for ``memory://``).
+Talks to: the shards (``Shard.save_*`` / ``Shard.prepare_load_from_checkpoint``), the file
+system through DCP's ``FileSystemWriter`` (fsspec's for ``memory://``), and
+:mod:`shardopt.checkpoint_integrity` for everything it reads back.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import io
-import json
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import (
     DefaultSavePlanner,
     _EmptyStateDictLoadPlanner,
 )
+from torch.distributed.checkpoint.filesystem import _StoragePrefix
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from shardopt import checkpoint_commit as committing
+from shardopt import checkpoint_integrity as integrity
 from shardopt.buffers import pack_tree
+from shardopt.checkpoint_integrity import Commit, VerifyingReader, fs_of
 from shardopt.groups import check_param_groups, group_options
 from shardopt.runtime import ray_get
 
 if TYPE_CHECKING:
     from shardopt.optimizer import ShardedOptimizer
-
-CHECKSUMS = ".shardopt-checksums.json"
-"""The integrity record, written before the commit."""
-METADATA = ".metadata"
-"""DCP's commit record, written last (by rename)."""
 
 
 def location(path: str | os.PathLike) -> str:
@@ -84,16 +95,6 @@ def shards_reach(where: str) -> bool:
     return "://" not in where
 
 
-def _fs(where: str) -> tuple[Any, str]:
-    import fsspec
-
-    return fsspec.core.url_to_fs(where)
-
-
-def _file(where: str, name: str) -> str:
-    return f"{where}/{name}"
-
-
 def _writer(where: str) -> FileSystemWriter:
     if shards_reach(where):
         return FileSystemWriter(where, sync_files=True)
@@ -102,47 +103,9 @@ def _writer(where: str) -> FileSystemWriter:
     return FsspecWriter(where, sync_files=False)
 
 
-def _reader(where: str) -> FileSystemReader:
-    if shards_reach(where):
-        return FileSystemReader(where)
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-    return FsspecReader(where)
-
-
-def exists(where: str, name: str) -> bool:
-    fs, root = _fs(where)
-    return fs.exists(f"{root}/{name}")
-
-
-def remove(where: str, name: str) -> None:
-    fs, root = _fs(where)
-    if fs.exists(f"{root}/{name}"):
-        fs.rm(f"{root}/{name}")
-
-
 def make_dirs(where: str) -> None:
-    fs, root = _fs(where)
+    fs, root = fs_of(where)
     fs.makedirs(root, exist_ok=True)
-
-
-def data_files(where: str) -> dict[str, int]:
-    """The checkpoint's data files and their sizes."""
-    fs, root = _fs(where)
-    return {
-        os.path.basename(entry["name"]): entry["size"]
-        for entry in fs.ls(root, detail=True)
-        if entry["name"].endswith(".distcp")
-    }
-
-
-def sha256_of(where: str, name: str) -> str:
-    fs, root = _fs(where)
-    digest = hashlib.sha256()
-    with fs.open(f"{root}/{name}", "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----- shard side -------------------------------------------------------------------------------
@@ -161,7 +124,10 @@ class ShardSave:
         self._outcome: Any = None
 
     def local_plan(self) -> Any:
-        return self.writer.prepare_local_plan(self.planner.create_local_plan())
+        # not the writer's prepare_local_plan, which warns about the committed checkpoint this
+        # save replaces (it stays loadable until the commit)
+        self.writer.fs.mkdir(self.writer.path)
+        return self.planner.create_local_plan()
 
     def start_writing(self, plan: Any) -> None:
         """Writes this shard's data file in a thread: the shard keeps serving steps meanwhile."""
@@ -170,8 +136,12 @@ class ShardSave:
             try:
                 final = self.planner.finish_plan(plan)
                 results = self.writer.write_data(final, self.planner).wait()
-                files = sorted({r.storage_data.relative_path for r in results})
-                self._outcome = (results, {f: sha256_of(self.where, f) for f in files})
+                slices: dict[str, list[tuple[int, int]]] = {}
+                for result in results:
+                    info = result.storage_data
+                    slices.setdefault(info.relative_path, []).append((info.offset, info.length))
+                digests = {f: integrity.digest_file(self.where, f, s) for f, s in slices.items()}
+                self._outcome = (results, digests)
             except BaseException as exc:  # reported to the proxy by wait()
                 self._outcome = exc
 
@@ -181,7 +151,8 @@ class ShardSave:
     def done(self) -> bool:
         return self._thread is not None and not self._thread.is_alive()
 
-    def wait(self) -> tuple[list[Any], dict[str, str]]:
+    def wait(self) -> tuple[list[Any], dict[str, dict[str, Any]]]:
+        """DCP's write results and the record entries (digests) of the files written."""
         assert self._thread is not None
         self._thread.join()
         if isinstance(self._outcome, BaseException):
@@ -216,32 +187,34 @@ class _WeightsOnlyLoadPlanner(_EmptyStateDictLoadPlanner):
             self.state_dict[fqn] = obj
 
 
-def _read_keys(path: str, keys: set[str]) -> dict[str, Any]:
-    """Entries of a checkpoint, read in this process without a process group."""
+def _read_keys(commit: Commit, keys: set[str]) -> dict[str, Any]:
+    """Entries of a checked checkpoint, read in this process without a process group."""
     state: dict[str, Any] = {}
     try:
         _load_state_dict(
             state_dict=state,
-            storage_reader=_reader(path),
+            storage_reader=VerifyingReader(commit),
             no_dist=True,
             planner=_WeightsOnlyLoadPlanner(keys=keys),
         )
     except CheckpointException as err:
-        failure = next(iter(err.failures.values()), err)
-        cause = getattr(failure, "exc", failure)
-        raise ValueError(f"cannot read checkpoint {path}: {cause}") from None
+        failure = next(iter(err.failures.values()), err)  # DCP: (exception, traceback)
+        cause = failure[0] if isinstance(failure, tuple) else getattr(failure, "exc", failure)
+        if isinstance(cause, FileNotFoundError):
+            raise FileNotFoundError(str(cause)) from None
+        raise ValueError(f"cannot read checkpoint {commit.where}: {cause}") from None
     return state
 
 
-def read_params_state(path: str, param_ids: list[int]) -> dict[int, Any]:
-    """The saved state of some parameters (by id), read from a checkpoint."""
+def read_params_state(commit: Commit, param_ids: list[int]) -> dict[int, Any]:
+    """The saved state of some parameters (by id), read from a checked checkpoint."""
     if not param_ids:
         return {}
-    loaded = _read_keys(path, {f"state.{pid}" for pid in param_ids})
+    loaded = _read_keys(commit, {f"state.{pid}" for pid in param_ids})
     return {int(k): v for k, v in loaded.get("state", {}).items()}
 
 
-# ----- proxy side -------------------------------------------------------------------------------
+# ----- proxy side: committing -------------------------------------------------------------------
 
 
 @dataclass
@@ -249,82 +222,67 @@ class SaveHandle:
     """A save in progress (``blocking=False``).
 
     ``done()`` says whether every shard has written its file; ``wait()`` waits for them and
-    commits the checkpoint (checksums, then DCP's metadata). Until ``wait()`` returns, the
-    checkpoint does not load.
+    commits the checkpoint (the commit record, then DCP's metadata). Until ``wait()`` returns,
+    the new checkpoint does not load (one it replaces still does) and the directory stays
+    locked against other saves.
     """
 
-    _poll: Any
-    _finish: Any
+    _poll: Callable[[], bool]
+    _finish: Callable[[], Commit | None]
     _committed: bool = False
+    commit: Commit | None = None
+    """The committed checkpoint once ``wait()`` has returned (None over gRPC)."""
 
     def done(self) -> bool:
         return self._committed or self._poll()
 
     def wait(self) -> None:
         if not self._committed:
-            self._finish()
+            self.commit = self._finish()
             self._committed = True
 
 
-def coordinate(path: str, local_plans: list[Any]) -> tuple[list[Any], Any, FileSystemWriter]:
-    """DCP's coordinator step: the global plan and the metadata for all shards' local plans."""
+def coordinate(local_plans: list[Any], save_id: str) -> tuple[list[Any], Any]:
+    """DCP's coordinator step: the global plan and the metadata for all shards' local plans.
+
+    Every data file gets a name of its own (``__{i}_{save_id}_0.distcp``): a save never
+    overwrites the files of the checkpoint it replaces.
+    """
     planner = DefaultSavePlanner()
     planner.set_up_planner({}, None, True)
     global_plans, metadata = planner.create_global_plan(local_plans)
-    writer = _writer(path)
-    writer.set_up_storage_writer(True)
-    return writer.prepare_global_plan(global_plans), metadata, writer
+    named = [
+        dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{i}_{save_id}_"))
+        for i, plan in enumerate(global_plans)
+    ]
+    return named, metadata
 
 
-def commit(path: str, writer: FileSystemWriter, metadata: Any, outcomes: list[Any]) -> None:
-    """Writes the checksums, then DCP's metadata by rename: from here the checkpoint loads."""
-    results = [results for results, _ in outcomes]
-    checksums: dict[str, str] = {}
-    for _, files in outcomes:
-        checksums.update(files)
-    record = json.dumps({"sha256": checksums}, indent=1, sort_keys=True)
-    if shards_reach(path):
-        tmp = os.path.join(path, CHECKSUMS + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(record)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(path, CHECKSUMS))
-    else:
-        fs, root = _fs(path)
-        with fs.open(f"{root}/{CHECKSUMS}", "w") as f:
-            f.write(record)
-    writer.finish(metadata, results)
+# ----- proxy side: reading ----------------------------------------------------------------------
 
 
-def verify(path: str) -> dict[str, Any]:
-    """Checks that ``path`` is a committed shardopt checkpoint with intact data files.
+def verify(path: str | os.PathLike, key: bytes | None = None) -> Commit:
+    """Checks that ``path`` is a committed shardopt checkpoint with intact files.
+
+    The commit record, its signature (with ``key``), the metadata (allowlist unpickler) and
+    every data file's SHA-256.
 
     Returns:
-        The DCP metadata.
+        The checked commit.
 
     Raises:
         FileNotFoundError: no committed checkpoint (no ``.metadata``) or a missing data file.
-        ValueError: a data file whose checksum does not match (named in the message).
+        ValueError: a checksum or signature that does not match, or metadata that is not DCP's
+            (named in the message).
     """
-    if not exists(path, METADATA):
-        raise FileNotFoundError(f"{path} holds no committed checkpoint (no {METADATA})")
-    metadata = _reader(path).read_metadata()
-    fs, root = _fs(path)
-    with fs.open(f"{root}/{CHECKSUMS}", "r") as f:
-        expected = json.load(f)["sha256"]
-    for name, digest in sorted(expected.items()):
-        if not exists(path, name):
-            raise FileNotFoundError(f"checkpoint data file {_file(path, name)} is missing")
-        if sha256_of(path, name) != digest:
-            raise ValueError(
-                f"checkpoint data file {_file(path, name)} is corrupted (checksum mismatch)"
-            )
-    return metadata
+    commit = integrity.read_commit(location(path), key)
+    commit.metadata()
+    integrity.check_files(commit, full=True)
+    return commit
 
 
-def read_param_groups(path: str) -> list[dict[str, Any]]:
-    return _read_keys(path, {"param_groups"})["param_groups"]
+def read_param_groups(commit: Commit) -> list[dict[str, Any]]:
+    return _read_keys(commit, {"param_groups"})["param_groups"]
 
 
 def _state_ids(metadata: Any) -> list[int]:
@@ -333,24 +291,35 @@ def _state_ids(metadata: Any) -> list[int]:
     )
 
 
-def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """What ``shardopt ckpt inspect`` shows: files, integrity, parameters, dtypes, sizes, step."""
+def describe(path: str | os.PathLike, key: bytes | None = None) -> dict[str, Any]:
+    """What ``shardopt ckpt inspect`` shows: files, integrity, signature, parameters, dtypes,
+    sizes, step. Nothing is unpickled that the commit record (and its signature, with ``key``)
+    does not cover."""
     directory = location(path)
     info: dict[str, Any] = {"path": directory}
     try:
-        metadata = verify(directory)
+        commit = integrity.read_commit(directory, key)
+        metadata = commit.metadata()
+    except (FileNotFoundError, ValueError) as err:
+        info["integrity"] = f"FAILED: {err}"
+        return info
+    if key is not None:
+        info["signature"] = f"ok (key id {commit.signed_by})"
+    elif commit.signature_key_id is not None:
+        info["signature"] = f"signed (key id {commit.signature_key_id}), not checked: no key"
+    else:
+        info["signature"] = "unsigned"
+    try:
+        integrity.check_files(commit, full=True)
         info["integrity"] = "ok"
     except (FileNotFoundError, ValueError) as err:
         info["integrity"] = f"FAILED: {err}"
-        if not exists(directory, METADATA):
-            return info
-        metadata = _reader(directory).read_metadata()
-    info["data_files"] = dict(sorted(data_files(directory).items()))
+    info["data_files"] = {name: entry["size"] for name, entry in sorted(commit.files.items())}
     tensors: dict[str, dict[str, int]] = {}
-    for key, meta in metadata.state_dict_metadata.items():
-        if key.startswith("state.") and hasattr(meta, "size"):
+    for name, meta in metadata.state_dict_metadata.items():
+        if name.startswith("state.") and hasattr(meta, "size"):
             dtype = str(meta.properties.dtype).replace("torch.", "")
-            entry = tensors.setdefault(key.split(".", 2)[2], {})
+            entry = tensors.setdefault(name.split(".", 2)[2], {})
             nbytes = int(torch.Size(meta.size).numel()) * meta.properties.dtype.itemsize
             entry[dtype] = entry.get(dtype, 0) + nbytes
     info["state_tensors"] = tensors
@@ -359,14 +328,14 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     if info["integrity"] != "ok":  # the metadata alone: damaged data files are not read
         info["step"], info["param_groups"] = None, []
         return info
-    groups = read_param_groups(directory)
+    groups = read_param_groups(commit)
     info["param_groups"] = [
         {k: v for k, v in g.items() if k in ("lr", "weight_decay", "betas", "momentum")}
         | {"params": len(g["params"])}
         for g in groups
     ]
     steps = _read_keys(
-        directory,
+        commit,
         {f"state.{i}.step" for i in ids if f"state.{i}.step" in metadata.state_dict_metadata},
     )
     values = [float(s["step"]) for s in steps.get("state", {}).values() if "step" in s]
@@ -374,16 +343,23 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def export(path: str | os.PathLike, out: str | os.PathLike, progress: bool = False) -> int:
+def export(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    progress: bool = False,
+    key: bytes | None = None,
+) -> int:
     """Writes a checkpoint as one torch.optim state dict file (``torch.save``), integer ids.
+
+    Checks what :func:`verify` checks first, and reads nothing but with the allowlist and
+    ``weights_only``: the safe way to convert a checkpoint that came from elsewhere.
 
     Returns:
         The number of parameters with state.
     """
-    directory = location(path)
-    metadata = verify(directory)
-    groups = read_param_groups(directory)
-    ids = _state_ids(metadata)
+    commit = verify(path, key)
+    groups = read_param_groups(commit)
+    ids = _state_ids(commit.metadata())
     state: dict[int, Any] = {}
     batches = [ids[i : i + 64] for i in range(0, len(ids), 64)]
     if progress:
@@ -391,7 +367,7 @@ def export(path: str | os.PathLike, out: str | os.PathLike, progress: bool = Fal
 
         batches = tqdm(batches, desc="export", unit="batch")
     for batch in batches:
-        state.update(read_params_state(directory, batch))
+        state.update(read_params_state(commit, batch))
     for group in groups:
         group["params"] = [int(p) for p in group["params"]]
     torch.save({"state": state, "param_groups": groups}, out)
@@ -401,51 +377,67 @@ def export(path: str | os.PathLike, out: str | os.PathLike, progress: bool = Fal
 # ----- the save and load protocols, driven from the proxy -------------------------------------
 
 
-def save(opt: ShardedOptimizer, path: str | os.PathLike, blocking: bool) -> SaveHandle:
+def save(
+    opt: ShardedOptimizer, path: str | os.PathLike, blocking: bool, key: bytes | None = None
+) -> SaveHandle:
     """``opt.save_checkpoint``: DCP's protocol with the shards as writers (see the module)."""
     where = location(path)
+    if key is not None:
+        integrity.check_key(key)
     make_dirs(where)
-    for name in (METADATA, CHECKSUMS):  # an older checkpoint here stops loading first
-        remove(where, name)
-    groups = opt._packed_groups(id_type=str)  # string ids: DCP keeps only string keys
-    live = [s for s in range(opt.num_shards) if opt._shard_params[s]]
+    lock = committing.SaveLock(where)
+    save_id = uuid.uuid4().hex[:12]
     token = uuid.uuid4().hex
-    if shards_reach(where) and not opt._shards_lbfgs:
-        # each shard writes its own file, straight from its actor
-        plans = ray_get(
-            [
-                opt._call(s, "save_plan", token, where, groups if s == live[0] else None)
-                for s in live
-            ]
-        )
-        global_plans, metadata, writer = coordinate(where, plans)
-        ray_get([opt._call(s, "save_write", token, p) for s, p in zip(live, global_plans)])
+    try:
+        groups = opt._packed_groups(id_type=str)  # string ids: DCP keeps only string keys
+        live = [s for s in range(opt.num_shards) if opt._shard_params[s]]
+        if shards_reach(where) and not opt._shards_lbfgs:
+            # each shard writes its own file, straight from its actor
+            plans = ray_get(
+                [
+                    opt._call(s, "save_plan", token, where, groups if s == live[0] else None)
+                    for s in live
+                ]
+            )
+            global_plans, metadata = coordinate(plans, save_id)
+            ray_get([opt._call(s, "save_write", token, p) for s, p in zip(live, global_plans)])
 
-        def outcomes() -> list[Any]:
-            return ray_get([opt._call(s, "save_wait", token) for s in live])
+            def outcomes() -> list[Any]:
+                return ray_get([opt._call(s, "save_wait", token) for s in live])
 
-        def poll() -> bool:
-            return all(ray_get([opt._call(s, "save_done", token) for s in live]))
+            def poll() -> bool:
+                return all(ray_get([opt._call(s, "save_done", token) for s in live]))
 
-    else:  # an in-process store (memory://), or LBFGS: this process writes the parts
-        saves = []
-        for i, state in enumerate(opt._checkpoint_parts()):
-            tree: dict[str, Any] = {"state": {str(pid): v for pid, v in state.items()}}
-            if i == 0:
-                tree["param_groups"] = groups
-            saves.append(ShardSave(where, tree, is_coordinator=i == 0))
-        global_plans, metadata, writer = coordinate(where, [save.local_plan() for save in saves])
-        for save_part, plan in zip(saves, global_plans):
-            save_part.start_writing(plan)
+        else:  # an in-process store (memory://), or LBFGS: this process writes the parts
+            saves = []
+            for i, state in enumerate(opt._checkpoint_parts()):
+                tree: dict[str, Any] = {"state": {str(pid): v for pid, v in state.items()}}
+                if i == 0:
+                    tree["param_groups"] = groups
+                saves.append(ShardSave(where, tree, is_coordinator=i == 0))
+            global_plans, metadata = coordinate([part.local_plan() for part in saves], save_id)
+            for part, plan in zip(saves, global_plans):
+                part.start_writing(plan)
 
-        def outcomes() -> list[Any]:
-            return [save_part.wait() for save_part in saves]
+            def outcomes() -> list[Any]:
+                return [part.wait() for part in saves]
 
-        def poll() -> bool:
-            return all(save_part.done() for save_part in saves)
+            def poll() -> bool:
+                return all(part.done() for part in saves)
 
-    def finish() -> None:
-        commit(where, writer, metadata, outcomes())
+    except BaseException:
+        committing.abort(where, save_id)
+        lock.release()
+        raise
+
+    def finish() -> Commit:
+        try:
+            return committing.commit(where, metadata, outcomes(), key, save_id)
+        except BaseException:
+            committing.abort(where, save_id)
+            raise
+        finally:
+            lock.release()
 
     handle = SaveHandle(poll, finish)
     if blocking:
@@ -453,33 +445,40 @@ def save(opt: ShardedOptimizer, path: str | os.PathLike, blocking: bool) -> Save
     return handle
 
 
-def load(opt: ShardedOptimizer, path: str | os.PathLike) -> None:
-    """``opt.load_checkpoint``: verify, then every shard reads and validates its own part."""
+def load(opt: ShardedOptimizer, path: str | os.PathLike, key: bytes | None = None) -> Commit:
+    """``opt.load_checkpoint``: check the commit (and signature), then every shard reads and
+    validates its own part, checking each slice it reads; all or nothing.
+
+    Returns:
+        The loaded commit (what a replica rebuilt later reads, whatever the path holds then).
+    """
     where = location(path)
-    verify(where)
-    saved_groups = check_param_groups(opt.param_groups, read_param_groups(where))
+    commit = integrity.read_commit(where, key)
+    integrity.check_files(commit, full=False)  # a missing or cut file fails before any shard
+    saved_groups = check_param_groups(opt.param_groups, read_param_groups(commit))
     expected = [str(i) for i in range(len(opt._local))]
     if [str(p) for g in saved_groups for p in g["params"]] != expected:
         raise ValueError(f"{where} was not written by shardopt (unexpected parameter ids)")
     for group in saved_groups:
         group["params"] = [int(p) for p in group["params"]]
     if opt._shards_lbfgs:  # one flat state, validated and scattered by LBFGS itself
-        opt._load_state(read_params_state(where, list(range(len(opt._local)))), saved_groups)
+        opt._load_state(read_params_state(commit, list(range(len(opt._local)))), saved_groups)
         opt._adopt_saved_groups(saved_groups)
-        return
+        return commit
     options = tuple(group_options(g) for g in saved_groups)
     token = uuid.uuid4().hex
     live = [s for s in range(opt.num_shards) if opt._shard_params[s]]
     if shards_reach(where):  # each shard reads its own parameters' state
         answers = ray_get(
-            [opt._call(s, "prepare_load_from_checkpoint", token, options, where) for s in live]
+            [opt._call(s, "prepare_load_from_checkpoint", token, options, commit) for s in live]
         )
     else:  # an in-process store: read here, one shard's part at a time
         answers = []
         for s in live:
-            state = read_params_state(where, opt._shard_params[s])
+            state = read_params_state(commit, opt._shard_params[s])
             error = ray_get(opt._call(s, "prepare_load", token, options, pack_tree(state)))
             answers.append((error, tuple(state)))
     opt._apply_prepared(token, live, [error for error, _ in answers])
     opt._state_order = dict.fromkeys(sorted(pid for _, ids in answers for pid in ids))
     opt._adopt_saved_groups(saved_groups)
+    return commit

@@ -188,9 +188,15 @@ def _encode_groups(optimizer: ShardedOptimizer) -> list[Any]:
 class OptimizerGateway(rpc.OptimizerServiceServicer):
     """The servicer: sessions by id, each a ShardedOptimizer over tensors held here."""
 
-    def __init__(self, limits: Limits | None = None, checkpoint_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_key: bytes | None = None,
+    ) -> None:
         self.limits = limits or Limits()
         self.checkpoint_dir = pathlib.Path(checkpoint_dir).resolve() if checkpoint_dir else None
+        self.checkpoint_key = checkpoint_key  # signs saves; loads need its signature
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._reserved = 0
@@ -503,7 +509,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         session = self._session(context, request.session_id)
         path = self._checkpoint_path(request.path)
         with session.lock:
-            session.optimizer.save_checkpoint(path)
+            session.optimizer.save_checkpoint(path, key=self.checkpoint_key)
         return pb.CheckpointReply(path=request.path)
 
     @_handled
@@ -511,7 +517,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         session = self._session(context, request.session_id)
         path = self._checkpoint_path(request.path)
         with session.lock:
-            session.optimizer.load_checkpoint(path)
+            session.optimizer.load_checkpoint(path, key=self.checkpoint_key)
         return pb.CheckpointReply(path=request.path)
 
 
@@ -565,6 +571,7 @@ def serve(
     tls_cert: str | os.PathLike | None = None,
     tls_key: str | os.PathLike | None = None,
     checkpoint_dir: str | None = None,
+    checkpoint_key: bytes | None = None,
     limits: Limits | None = None,
     max_workers: int = 64,
 ) -> Gateway:
@@ -575,6 +582,9 @@ def serve(
         tokens: accepted bearer tokens; None serves without authentication.
         tls_cert, tls_key: PEM files for TLS; without them the port is plaintext.
         checkpoint_dir: where Save/LoadCheckpoint paths live (None: refused).
+        checkpoint_key: HMAC key (:func:`shardopt.checkpoint_integrity.read_key`) that signs
+            every checkpoint saved; LoadCheckpoint then loads only checkpoints signed with it.
+            None: checkpoints are checksummed, not signed, and any intact one loads.
         limits: size limits (defaults: :class:`Limits`).
         max_workers: threads serving calls (sync group steps hold one each while waiting).
 
@@ -584,7 +594,7 @@ def serve(
     from shardopt.runtime import ensure_ray
 
     ensure_ray()
-    servicer = OptimizerGateway(limits, checkpoint_dir)
+    servicer = OptimizerGateway(limits, checkpoint_dir, checkpoint_key)
     interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="shardopt-rpc"),
@@ -617,5 +627,11 @@ def serve(
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     if not tokens:
         logger.warning("gateway on %s:%d serves WITHOUT authentication", host, bound)
+    if checkpoint_dir and checkpoint_key is None:
+        logger.warning(
+            "gateway checkpoints are checksummed but not signed (no --checkpoint-key-file): "
+            "LoadCheckpoint loads any intact checkpoint under %s",
+            checkpoint_dir,
+        )
     logger.info("gateway serving on %s:%d", host, bound)
     return Gateway(server, servicer, health_servicer, bound)

@@ -657,62 +657,80 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
     # ----- checkpoints ----------------------------------------------------------------------
 
     def save_checkpoint(
-        self, path: str | os.PathLike, *, blocking: bool = True
+        self, path: str | os.PathLike, *, blocking: bool = True, key: bytes | None = None
     ) -> checkpoint.SaveHandle:
         """Writes a sharded checkpoint: every shard its own file, in parallel, from its actor.
 
         The directory is a torch.distributed.checkpoint checkpoint (see
         :mod:`shardopt.checkpoint`); ``dcp_to_torch_save`` turns it into a torch.optim state
-        dict. The commit record is written last, by rename: a save that dies part-way leaves
-        no checkpoint that loads. Saving over an existing checkpoint uncommits it first.
+        dict. A commit record with the SHA-256 of every file is written, then DCP's
+        ``.metadata`` by rename: a save that dies part-way leaves no new checkpoint that loads,
+        and a checkpoint it was replacing loads as it was until the commit. One save at a time
+        per directory.
 
         Args:
             path: a directory (or ``file://`` URL) every shard can write to, or a
                 ``memory://`` URL (fsspec's in-process store; this process then does the I/O).
             blocking: wait for the commit. With False, training can go on at once; the
                 checkpoint holds the state as of this call once ``handle.wait()`` commits it.
+            key: an HMAC key (at least 16 bytes, e.g. from
+                :func:`shardopt.checkpoint_integrity.read_key`) that signs the commit record;
+                loads given the key accept only checkpoints signed with it.
 
         Returns:
             A handle with ``wait()`` and ``done()`` (already committed when blocking).
+
+        Raises:
+            CheckpointInUseError: another save to ``path`` is in progress.
         """
         self._check_open()
         if self._remote is not None:
             if not blocking:
                 raise ValueError("over gRPC, checkpoints are saved with blocking=True")
+            _no_key_over_grpc(key)
             self._remote.save_checkpoint(str(path))
             return checkpoint.SaveHandle(_poll=lambda: True, _finish=lambda: None, _committed=True)
-        handle = checkpoint.save(self, path, blocking)
+        handle = checkpoint.save(self, path, blocking, key)
         if self._replicas is not None:  # the fallback when a shard and its replica are lost
-            taken = (str(path), self._next_step_id)
+            step = self._next_step_id
             if handle.done():
-                self._replicas.checkpoint = taken
+                self._replicas.checkpoint = (handle.commit, step)
             else:
                 finish = handle._finish
 
-                def finish_and_note() -> None:
-                    finish()
-                    self._replicas.checkpoint = taken
+                def finish_and_note() -> checkpoint.Commit | None:
+                    committed = finish()
+                    self._replicas.checkpoint = (committed, step)
+                    return committed
 
                 handle._finish = finish_and_note
         return handle
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
+    def load_checkpoint(self, path: str | os.PathLike, *, key: bytes | None = None) -> None:
         """Loads a checkpoint written with any number of shards (resharding as it loads).
 
-        Every data file's checksum is checked first; then each shard reads its own parameters'
-        state and validates it, and only if all accept does any apply it.
+        The commit record is checked first (with ``key``: its signature too), before anything
+        is unpickled; ``.metadata`` is unpickled with an allowlist of DCP's metadata classes and
+        values with ``weights_only``. Then each shard reads its own parameters' state, checking
+        every slice's SHA-256, and validates it; only if all accept does any apply it.
+
+        Args:
+            path: the checkpoint's directory (or ``file://`` / ``memory://`` URL).
+            key: the HMAC key checkpoints must be signed with (None: any intact checkpoint).
 
         Raises:
             FileNotFoundError: no committed checkpoint at ``path``, or a data file is missing.
-            ValueError: a corrupted data file, or a checkpoint of other parameter groups.
+            ValueError: a corrupted or changed file, a missing or wrong signature (with
+                ``key``), metadata that is not DCP's, or a checkpoint of other parameter groups.
         """
         self._check_open()
         if self._remote is not None:
+            _no_key_over_grpc(key)
             self._remote.load_checkpoint(str(path))
             return
-        checkpoint.load(self, path)
+        commit = checkpoint.load(self, path, key)
         if self._replicas is not None:
-            self._replicas.checkpoint = (str(path), self._next_step_id)
+            self._replicas.checkpoint = (commit, self._next_step_id)
 
     def _checkpoint_parts(self) -> Iterable[dict[int, Any]]:
         """The state, one shard's part at a time, for checkpoints this process writes."""
@@ -783,3 +801,11 @@ class ShardedOptimizer(LocalDataPath, torch.optim.Optimizer):
         if label != self.optimizer_class.__name__:
             label += f"[{self.optimizer_class.__name__}]"
         return text.replace(type(self).__name__ + " (", f"{label} x{self._num_shards} shards (", 1)
+
+
+def _no_key_over_grpc(key: bytes | None) -> None:
+    if key is not None:
+        raise ValueError(
+            "over gRPC, the gateway signs and checks checkpoints with its own key "
+            "(shardopt serve --checkpoint-key-file)"
+        )

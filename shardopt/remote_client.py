@@ -45,7 +45,8 @@ _ERROR_TYPES: dict[str, type[BaseException]] = {
         cls.__name__: cls
         for cls in (
             errors.GroupTimeoutError, errors.ShardUnavailableError,
-            errors.OptimizerClosedError, errors.PlacementError, errors.ShardoptError,
+            errors.OptimizerClosedError, errors.PlacementError, errors.CheckpointInUseError,
+            errors.ShardoptError,
         )
     },
 }  # fmt: skip

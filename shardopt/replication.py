@@ -39,6 +39,7 @@ from shardopt.records import ParamBlock, ShardSpec, StepRequest
 from shardopt.runtime import NAMESPACE, host_pool, ray_get
 
 if TYPE_CHECKING:
+    from shardopt.checkpoint_integrity import Commit
     from shardopt.optimizer import ShardedOptimizer
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,9 @@ class Replicas:
         self.recoveries = 0
         self.replayed = 0  # logged steps replayed on replicas (interval > 1)
         self.owned: list[Any] = []  # every host started here (killed when the optimizer goes)
-        self.checkpoint: tuple[str, int] | None = None  # path, the step id it was taken before
+        # the last checkpoint saved or loaded, as committed/checked then; the step id it was
+        # taken before
+        self.checkpoint: tuple[Commit, int] | None = None
 
     # ----- placement --------------------------------------------------------------------------
 
@@ -346,16 +349,16 @@ class Replicas:
         lost_steps = request.step_id
         source = "no checkpoint was saved or loaded: all of its optimizer state is lost"
         if self.checkpoint is not None:
-            path, taken_before = self.checkpoint
+            commit, taken_before = self.checkpoint
             token = uuid.uuid4().hex
             error, _ = ray_get(
-                host.call.remote(key, "prepare_load_from_checkpoint", token, options, path)
+                host.call.remote(key, "prepare_load_from_checkpoint", token, options, commit)
             )
             if error is not None:
                 raise error
             ray_get(host.call.remote(key, "commit_load", token))
             lost_steps = request.step_id - taken_before
-            source = f"its optimizer state comes from checkpoint {path!r}"
+            source = f"its optimizer state comes from checkpoint {commit.where!r}"
         message = (
             f"shard {shard} and its replica were both lost; its parameters were restored from "
             f"this process's copy (after the last completed step) and {source}: {lost_steps} "
