@@ -30,7 +30,7 @@ import pathlib
 import pickle
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -205,10 +205,20 @@ class Commit:
     """The key id of a signature checked with the reader's key; None when none was checked."""
     signature_key_id: str | None
     """The key id the record says signed it (checked or not); None for an unsigned record."""
+    _unpickled: list[Any] = field(default_factory=list, compare=False, repr=False)
 
     def metadata(self) -> Any:
-        """DCP's metadata, unpickled with the allowlist and checked against the record."""
-        return unpickle_metadata(self.metadata_bytes, self)
+        """DCP's metadata, unpickled with the allowlist and checked against the record (once
+        per process; callers treat it as read-only)."""
+        if not self._unpickled:
+            self._unpickled.append(unpickle_metadata(self.metadata_bytes, self))
+        return self._unpickled[0]
+
+    def __reduce__(self) -> tuple[Any, ...]:  # to a shard: the checked bytes, not the objects
+        return (
+            Commit,
+            (self.where, self.metadata_bytes, self.files, self.signed_by, self.signature_key_id),
+        )
 
 
 def _check_record(record: Any, where: str) -> dict[str, dict[str, Any]]:
@@ -466,11 +476,7 @@ class VerifyingReader(FileSystemReader):
         self.commit = commit
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        metadata = self.commit.metadata()
-        if metadata.storage_meta is None:
-            metadata.storage_meta = dcp_metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+        return self.commit.metadata()
 
     def read_data(self, plan: Any, planner: Any) -> Future:
         per_file: dict[str, list[Any]] = {}
