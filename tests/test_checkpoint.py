@@ -288,3 +288,14 @@ def test_memory_url_round_trip_and_plain_torch(tmp_path):
     fs.rm("/shardopt-test", recursive=True)
     opt.close()
     loaded.close()
+
+
+def test_a_checkpoint_from_before_commit_records_is_refused_with_how_to(trained):
+    model, opt, path = trained
+    for record in path.glob(RECORD_PREFIX + "*"):
+        record.unlink()
+    (path / ".shardopt-checksums.json").write_text('{"sha256": {}}')
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="older shardopt .* save it again"):
+        opt.load_checkpoint(path)
+    assert_same_state(opt.state_dict(), before)
