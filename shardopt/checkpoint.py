@@ -2,8 +2,8 @@
 
 A checkpoint is a DCP directory: one data file per shard (``__{i}_{save}_0.distcp``, with a
 name of its own for every save), written by that shard in parallel straight from its actor; a
-commit record (the SHA-256 of ``.metadata``, of every data file and of every slice in it, signed
-when the saver has a key: :mod:`shardopt.checkpoint_integrity`); and DCP's ``.metadata``,
+commit record (the SHA-256 of ``.metadata`` and of every slice of every data file, signed when
+the saver has a key: :mod:`shardopt.checkpoint_integrity`); and DCP's ``.metadata``,
 renamed into place last: the commit. The proxy plays DCP's coordinator (local plans -> global
 plan -> per-shard writes -> metadata), so plain PyTorch reads it:
 ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save(path, "opt.pt")`` gives a
@@ -265,7 +265,7 @@ def verify(path: str | os.PathLike, key: bytes | None = None) -> Commit:
     """Checks that ``path`` is a committed shardopt checkpoint with intact files.
 
     The commit record, its signature (with ``key``), the metadata (allowlist unpickler) and
-    every data file's SHA-256.
+    the SHA-256 of every byte of every data file (slice by slice).
 
     Returns:
         The checked commit.

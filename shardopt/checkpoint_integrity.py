@@ -2,13 +2,14 @@
 
 A shardopt checkpoint is committed by two files: the commit record
 ``.shardopt-commit-<sha256 of .metadata>.json`` (JSON: the SHA-256 and size of DCP's
-``.metadata``, and of every data file with a SHA-256 per stored slice, optionally an
-HMAC-SHA256 signature over all of it) and DCP's ``.metadata`` itself, renamed into place last.
-A reader reads ``.metadata``'s bytes once, finds the record named by their digest, checks the
-signature when it has a key, and only then unpickles those bytes, with an allowlist unpickler
-that builds DCP's metadata classes and nothing else (:func:`unpickle_metadata`). Data slices are
-checked against the record as they are read (:class:`VerifyingReader`), so a file changed between
-the check and the read never reaches the state; non-tensor values load with ``weights_only``.
+``.metadata``, and the size of every data file with the SHA-256 of every slice in it, the
+slices covering every byte; optionally an HMAC-SHA256 signature over all of it) and DCP's
+``.metadata`` itself, renamed into place last. A reader reads ``.metadata``'s bytes once,
+finds the record named by their digest, checks the signature when it has a key, and only then
+unpickles those bytes, with an allowlist unpickler that builds DCP's metadata classes and
+nothing else (:func:`unpickle_metadata`). Data slices are checked against the record as they
+are read (:class:`VerifyingReader`), so a file changed between the check and the read never
+reaches the state; values load with ``weights_only``.
 
 Checksums detect corruption, not forgery: anyone who can write the directory can write a
 matching record. A key (:func:`read_key`) makes the record a signature: with one, only
@@ -78,52 +79,58 @@ def _read_small(where: str, name: str) -> bytes:
         return f.read(MAX_METADATA_BYTES + 1)
 
 
-def digest_file(where: str, name: str, slices: Iterable[tuple[int, int]]) -> dict[str, Any]:
-    """The record entry of one data file: its SHA-256, size, and a SHA-256 per stored slice.
+def _hash_range(f: Any, length: int, shown: str) -> str:
+    digest = hashlib.sha256()
+    while length > 0:
+        block = f.read(min(length, 1 << 22))
+        if not block:
+            raise ValueError(f"checkpoint data file {shown} is corrupted (shorter than recorded)")
+        digest.update(block)
+        length -= len(block)
+    return digest.hexdigest()
 
-    One sequential pass; ``slices`` are the (offset, length) DCP's writer reported.
+
+def digest_file(where: str, name: str, slices: Iterable[tuple[int, int]]) -> dict[str, Any]:
+    """The record entry of one data file: its size and the SHA-256 of every slice in it.
+
+    ``slices`` are the (offset, length) DCP's writer reported; bytes outside them (DCP writes
+    none) get entries of their own, so that the entries cover every byte. One sequential pass.
     """
     fs, root = fs_of(where)
-    whole = hashlib.sha256()
-    digests: dict[str, str] = {}
-    pos = 0
-    with fs.open(f"{root}/{name}", "rb") as f:
-
-        def feed(count: int, part: Any = None) -> None:
-            while count > 0:
-                block = f.read(min(count, 1 << 22))
-                if not block:
-                    raise ValueError(f"{where}/{name} is shorter than DCP reported")
-                whole.update(block)
-                if part is not None:
-                    part.update(block)
-                count -= len(block)
-
-        for offset, length in sorted(set(slices)):
-            if offset < pos:
-                raise ValueError(f"{where}/{name}: overlapping slices at offset {offset}")
-            feed(offset - pos)
-            part = hashlib.sha256()
-            feed(length, part)
-            digests[_slice_key(offset, length)] = part.hexdigest()
-            pos = offset + length
-        for block in iter(lambda: f.read(1 << 22), b""):
-            whole.update(block)
-            pos += len(block)
-    return {"sha256": whole.hexdigest(), "size": pos, "slices": digests}
+    path, shown = f"{root}/{name}", f"{where}/{name}"
+    size = fs.size(path)
+    ranges: list[tuple[int, int]] = []
+    end = 0
+    for offset, length in sorted(set(slices)):
+        if offset < end:
+            raise ValueError(f"{shown}: overlapping slices at offset {offset}")
+        if offset > end:
+            ranges.append((end, offset - end))
+        ranges.append((offset, length))
+        end = offset + length
+    if size > end:
+        ranges.append((end, size - end))
+    with fs.open(path, "rb") as f:
+        digests = {_slice_key(o, n): _hash_range(f, n, shown) for o, n in ranges}
+    return {"size": size, "slices": digests}
 
 
 def _slice_key(offset: int, length: int) -> str:
     return f"{offset}+{length}"
 
 
-def sha256_of(where: str, name: str) -> str:
-    fs, root = fs_of(where)
-    digest = hashlib.sha256()
-    with fs.open(f"{root}/{name}", "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _ranges(entry: dict[str, Any]) -> list[tuple[int, int]] | None:
+    """A record entry's slices, sorted, if they tile the file exactly; else None."""
+    try:
+        ranges = sorted(tuple(int(x) for x in key.split("+", 1)) for key in entry["slices"])
+    except (ValueError, TypeError):
+        return None
+    end = 0
+    for offset, length in ranges:
+        if offset != end or length < 0 or _slice_key(offset, length) not in entry["slices"]:
+            return None
+        end = offset + length
+    return ranges if end == entry["size"] else None
 
 
 # ----- the key ----------------------------------------------------------------------------------
@@ -234,11 +241,10 @@ def _check_record(record: Any, where: str) -> dict[str, dict[str, Any]]:
             raise bad
         slices = entry.get("slices")
         if not (
-            isinstance(entry.get("sha256"), str)
-            and _SHA256.fullmatch(entry["sha256"])
-            and type(entry.get("size")) is int
+            type(entry.get("size")) is int
             and isinstance(slices, dict)
             and all(isinstance(d, str) and _SHA256.fullmatch(d) for d in slices.values())
+            and _ranges(entry) is not None  # the slices cover every byte, once
         ):
             raise bad
     return files
@@ -305,7 +311,8 @@ def read_commit(where: str, key: bytes | None) -> Commit:
 
 
 def check_files(commit: Commit, full: bool) -> None:
-    """Checks that every data file is there with its recorded size (``full``: its SHA-256 too).
+    """Checks that every data file is there with its recorded size (``full``: every byte too,
+    slice by slice; the slices cover every byte).
 
     Raises:
         FileNotFoundError: a data file is missing (named in the message).
@@ -313,16 +320,18 @@ def check_files(commit: Commit, full: bool) -> None:
     """
     fs, root = fs_of(commit.where)
     for name, entry in sorted(commit.files.items()):
-        path = f"{root}/{name}"
+        path, shown = f"{root}/{name}", f"{commit.where}/{name}"
         if not fs.exists(path):
-            raise FileNotFoundError(f"checkpoint data file {commit.where}/{name} is missing")
-        changed = fs.size(path) != entry["size"] or (
-            full and sha256_of(commit.where, name) != entry["sha256"]
-        )
+            raise FileNotFoundError(f"checkpoint data file {shown} is missing")
+        changed = fs.size(path) != entry["size"]
+        if full and not changed:
+            with fs.open(path, "rb") as f:
+                changed = any(
+                    _hash_range(f, n, shown) != entry["slices"][_slice_key(o, n)]
+                    for o, n in _ranges(entry) or ()
+                )
         if changed:
-            raise ValueError(
-                f"checkpoint data file {commit.where}/{name} is corrupted (checksum mismatch)"
-            )
+            raise ValueError(f"checkpoint data file {shown} is corrupted (checksum mismatch)")
 
 
 # ----- the allowlist unpickler ------------------------------------------------------------------
