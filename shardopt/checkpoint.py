@@ -286,9 +286,10 @@ def read_param_groups(commit: Commit) -> list[dict[str, Any]]:
 
 
 def _state_ids(metadata: Any) -> list[int]:
-    return sorted(
-        {int(key.split(".")[1]) for key in metadata.state_dict_metadata if key.startswith("state.")}
-    )
+    """The parameter ids with state (keys ``state.<id>.<name>``; others are ignored)."""
+    parts = (key.split(".") for key in metadata.state_dict_metadata)
+    ids = {p[1] for p in parts if p[0] == "state" and len(p) > 2}
+    return sorted(int(i) for i in ids if i.isascii() and i.isdigit())
 
 
 def describe(path: str | os.PathLike, key: bytes | None = None) -> dict[str, Any]:

@@ -70,7 +70,8 @@ class SaveLock:
         if not in_process(where):
             import fcntl
 
-            self._file = open(os.path.join(where, LOCK), "a+b")  # noqa: SIM115 (until release)
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            self._file = os.fdopen(os.open(os.path.join(where, LOCK), flags, 0o644), "r+b")
             try:
                 fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -26,10 +26,12 @@ import hashlib
 import hmac
 import io
 import json
+import math
 import os
 import pathlib
 import pickle
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,9 +71,24 @@ def fs_of(where: str) -> tuple[Any, str]:
     return fsspec.core.url_to_fs(where)
 
 
+def _check_regular(where: str, name: str) -> None:
+    """Refuses a symlink, FIFO or device where a checkpoint file belongs (a local directory).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a regular file.
+    """
+    if "://" in where:
+        return
+    mode = os.lstat(os.path.join(where, name)).st_mode
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{where}/{name} is not a regular file (a link, FIFO or device)")
+
+
 def _read_small(where: str, name: str) -> bytes:
     fs, root = fs_of(where)
     path = f"{root}/{name}"
+    _check_regular(where, name)
     size = fs.size(path)
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"{where}/{name} has {size} bytes, more than {MAX_METADATA_BYTES}")
@@ -247,6 +264,15 @@ def _check_record(record: Any, where: str) -> dict[str, dict[str, Any]]:
             and _ranges(entry) is not None  # the slices cover every byte, once
         ):
             raise bad
+    signature = record.get("signature")
+    if signature is not None and not (
+        isinstance(signature, dict)
+        and isinstance(signature.get("key_id"), str)
+        and re.fullmatch(r"[0-9a-f]{16}", signature["key_id"])
+        and isinstance(signature.get("hmac_sha256"), str)
+        and _SHA256.fullmatch(signature["hmac_sha256"])
+    ):
+        raise bad
     return files
 
 
@@ -283,15 +309,15 @@ def read_commit(where: str, key: bytes | None) -> Commit:
         ) from None
     try:
         record = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         raise ValueError(f"the commit record of {where} is malformed") from None
     files = _check_record(record, where)
     if record["metadata"].get("sha256") != digest or record["metadata"].get("size") != len(data):
         raise ValueError(f"the commit record of {where} does not match its {METADATA}")
     signature = record.get("signature")
-    claimed = signature.get("key_id") if isinstance(signature, dict) else None
+    claimed = signature["key_id"] if signature is not None else None
     if key is not None:
-        if not isinstance(signature, dict):
+        if signature is None:
             raise ValueError(
                 f"checkpoint {where} is not signed; with a checkpoint key set, only "
                 "checkpoints signed with that key load"
@@ -301,8 +327,7 @@ def read_commit(where: str, key: bytes | None) -> Commit:
                 f"checkpoint {where} was signed with another key (key id {claimed!r}, "
                 f"this key's id is {key_id(key)!r})"
             )
-        mac = signature.get("hmac_sha256")
-        if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(key, record)):
+        if not hmac.compare_digest(signature["hmac_sha256"], _mac(key, record)):
             raise ValueError(
                 f"checkpoint {where} has a wrong signature: its files or record were changed "
                 "after it was signed"
@@ -323,6 +348,7 @@ def check_files(commit: Commit, full: bool) -> None:
         path, shown = f"{root}/{name}", f"{commit.where}/{name}"
         if not fs.exists(path):
             raise FileNotFoundError(f"checkpoint data file {shown} is missing")
+        _check_regular(commit.where, name)
         changed = fs.size(path) != entry["size"]
         if full and not changed:
             with fs.open(path, "rb") as f:
@@ -438,7 +464,7 @@ def _check_metadata(metadata: Any, commit: Commit, where: str) -> None:
                 and isinstance(entry.chunks, list)
             ):
                 raise bad(f"the tensor entry {fqn!r}")
-            if entry.size.numel() * props.dtype.itemsize > budget:
+            if math.prod(entry.size) * props.dtype.itemsize > budget:
                 raise bad(f"{fqn!r} is larger than all the data files together")
         elif type(entry) is not dcp_metadata.BytesStorageMetadata:
             raise bad(f"the entry {fqn!r} is a {type(entry).__name__}")
@@ -449,9 +475,10 @@ def _check_metadata(metadata: Any, commit: Commit, where: str) -> None:
         for path in planner_data.values():
             if not (
                 isinstance(path, tuple)
+                and 0 < len(path) <= 16
                 and all(type(p) is str or (type(p) is int and 0 <= p <= len(entries)) for p in path)
             ):
-                raise bad("a planner_data path of anything but keys and small indices")
+                raise bad("a planner_data path of anything but a few keys and small indices")
     for index, info in storage.items():
         if type(index) is not dcp_metadata.MetadataIndex or type(info) is not (
             dcp_filesystem._StorageInfo

@@ -192,7 +192,11 @@ def _size(nbytes: float) -> str:
 def _run_ckpt_inspect(args: argparse.Namespace) -> int:
     from shardopt.checkpoint import describe
 
-    info = describe(args.path, key=_checkpoint_key(args))
+    key = _checkpoint_key(args)
+    try:
+        info = describe(args.path, key=key)
+    except (FileNotFoundError, ValueError, TypeError, KeyError) as err:  # a hostile checkpoint
+        info = {"path": args.path, "integrity": f"FAILED: {err}"}
     print(f"checkpoint {info['path']}")
     print(f"  integrity: {info['integrity']}")
     if "signature" in info:

@@ -543,3 +543,19 @@ def test_a_save_in_another_process_excludes_and_its_death_frees_the_directory(tm
     finally:
         if holder.poll() is None:
             holder.kill()
+
+
+@pytest.mark.parametrize("which", [METADATA, "data file"])
+def test_a_link_where_a_checkpoint_file_belongs_is_refused(victim, which):
+    """Even to identical bytes: a link could point at anything the loader may read."""
+    opt, tmp_path = victim
+    path = tmp_path / "plain"
+    name = METADATA if which == METADATA else next(path.glob("*.distcp")).name
+    copy = tmp_path / "elsewhere"
+    copy.write_bytes((path / name).read_bytes())
+    (path / name).unlink()
+    (path / name).symlink_to(copy)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="not a regular file"):
+        opt.load_checkpoint(path)
+    assert same_state(opt.state_dict(), before)
