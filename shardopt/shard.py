@@ -393,8 +393,8 @@ class Shard:
     ) -> tuple[Exception | None, tuple[int, ...]]:
         """:meth:`prepare_load` with this shard's part read from a checkpoint by the shard itself.
 
-        ``commit`` is the checkpoint as the proxy checked it: this shard unpickles the metadata
-        bytes the proxy checked (with the allowlist) and checks every slice it reads.
+        ``commit`` is the checkpoint as the proxy checked it (record, signature, metadata);
+        this shard checks every slice it reads against that record.
 
         Returns:
             The exception that rejected the state (or None), and the ids that have state.
