@@ -5,7 +5,8 @@ For an AdamW state over ``--params`` float32 parameters (after one step), in one
 - ``torch.save`` of the gathered ``opt.state_dict()`` (the gather timed separately);
 - ``dcp.save`` of the same state dict from this process (no process group);
 - shardopt ``save_checkpoint`` (2 shards writing in parallel, fsync'd, checksums, commit) and
-  ``load_checkpoint`` (checksums verified, each shard reading its own part).
+  ``load_checkpoint`` (commit record checked, each shard reading its own part and checking every
+  slice's checksum), also with a signing key (HMAC-SHA256 of the commit record).
 Figures are medians of ``--repeats``; GB/s counts the optimizer state's bytes.
 
     python benchmarks/checkpoint_bench.py [--params 50000000] [--repeats 3] [--dir /tmp]
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shutil
 import statistics
@@ -95,9 +97,18 @@ def main() -> None:
     results["shardopt save_checkpoint (2 shards)"] = timed(
         lambda: opt.save_checkpoint(root / "ckpt"), args.repeats, before=clean(root / "ckpt")
     )
+    key = os.urandom(32)
+    results["shardopt save_checkpoint, signed"] = timed(
+        lambda: opt.save_checkpoint(root / "signed", key=key),
+        args.repeats,
+        before=clean(root / "signed"),
+    )
     loader = shardopt.AdamW(make_params(args.params), lr=1e-3, num_shards=2)
     results["shardopt load_checkpoint (2 shards)"] = timed(
         lambda: loader.load_checkpoint(root / "ckpt"), args.repeats
+    )
+    results["shardopt load_checkpoint, signed"] = timed(
+        lambda: loader.load_checkpoint(root / "signed", key=key), args.repeats
     )
     loader.close()
     opt.close()

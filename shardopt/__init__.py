@@ -25,6 +25,7 @@ from shardopt.client.algorithms import (
 from shardopt.client.optimizer import ShardedOptimizer
 from shardopt.client.shard_group import close_group, list_groups
 from shardopt.core.errors import (
+    CheckpointInUseError,
     GroupTimeoutError,
     OptimizerClosedError,
     PartialStepError,
@@ -47,6 +48,7 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adamax",
+    "CheckpointInUseError",
     "GroupTimeoutError",
     "Muon",
     "NAdam",

@@ -42,6 +42,36 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_key_file(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--checkpoint-key-file",
+        metavar="FILE",
+        help=(
+            f"file with the checkpoint signing key (HMAC-SHA256, 16+ bytes): {what} "
+            "(default: $SHARDOPT_CHECKPOINT_KEY_FILE; none: checksums only)"
+        ),
+    )
+
+
+def _checkpoint_key(args: argparse.Namespace) -> bytes | None:
+    """The key from ``--checkpoint-key-file``, else from $SHARDOPT_CHECKPOINT_KEY_FILE, else None.
+
+    Raises:
+        SystemExit: the file is missing or holds too short a key (the message says which).
+    """
+    import os
+
+    from shardopt.checkpoint.integrity import KEY_ENV, read_key
+
+    path = args.checkpoint_key_file or os.environ.get(KEY_ENV)
+    if not path:
+        return None
+    try:
+        return read_key(path)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"shardopt: {err}") from None
+
+
 # ----- shardopt demo ------------------------------------------------------------------------
 
 
@@ -125,19 +155,27 @@ def _add_ckpt(subparsers: Subparsers) -> None:
     inspect = verbs.add_parser(
         "inspect",
         help="files, integrity, parameters, dtypes, sizes and step of a checkpoint",
-        description="Checks every data file's checksum and summarises the checkpoint.",
+        description=(
+            "Checks the commit record, the signature (with a key) and every data file's "
+            "checksum, and summarises the checkpoint. Nothing is unpickled that the record "
+            "does not cover, and then only DCP's metadata classes and weights_only values."
+        ),
     )
     inspect.add_argument("path", help="the checkpoint directory")
+    _add_key_file(inspect, "refuse a checkpoint not signed with it")
     inspect.set_defaults(handler=_run_ckpt_inspect)
     export = verbs.add_parser(
         "export",
         help="write a checkpoint as a torch.optim state dict (torch.save)",
         description=(
             "Writes OUT.pt, loadable with torch.optim.<Name>(params).load_state_dict("
-            "torch.load(OUT.pt))."
+            "torch.load(OUT.pt)). Checks what inspect checks first and unpickles nothing "
+            "beyond DCP's metadata classes and weights_only values: the safe way to convert a "
+            "checkpoint from elsewhere (torch's dcp_to_torch_save unpickles with plain pickle)."
         ),
     )
     export.add_argument("path", help="the checkpoint directory")
+    _add_key_file(export, "refuse a checkpoint not signed with it")
     export.add_argument("out", help="the .pt file to write")
     export.add_argument("--no-progress", action="store_true", help="no progress bar")
     export.set_defaults(handler=_run_ckpt_export)
@@ -152,11 +190,17 @@ def _size(nbytes: float) -> str:
 
 
 def _run_ckpt_inspect(args: argparse.Namespace) -> int:
-    from shardopt.checkpoint import describe
+    from shardopt.checkpoint.format import describe
 
-    info = describe(args.path)
+    key = _checkpoint_key(args)
+    try:
+        info = describe(args.path, key=key)
+    except (FileNotFoundError, ValueError, TypeError, KeyError) as err:  # a hostile checkpoint
+        info = {"path": args.path, "integrity": f"FAILED: {err}"}
     print(f"checkpoint {info['path']}")
     print(f"  integrity: {info['integrity']}")
+    if "signature" in info:
+        print(f"  signature: {info['signature']}")
     for name, size in info.get("data_files", {}).items():
         print(f"  data file {name}: {_size(size)}")
     if "params_with_state" in info:
@@ -170,9 +214,14 @@ def _run_ckpt_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_ckpt_export(args: argparse.Namespace) -> int:
-    from shardopt.checkpoint import export
+    from shardopt.checkpoint.format import export
 
-    count = export(args.path, args.out, progress=not args.no_progress)
+    key = _checkpoint_key(args)
+    try:
+        count = export(args.path, args.out, progress=not args.no_progress, key=key)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"shardopt ckpt export: {err}")
+        return 1
     print(f"wrote {args.out}: state of {count} parameters")
     return 0
 
@@ -212,6 +261,7 @@ def _add_serve(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--checkpoint-dir", help="where clients' SaveCheckpoint/LoadCheckpoint paths live"
     )
+    _add_key_file(parser, "sign every checkpoint saved and load only checkpoints signed with it")
     parser.add_argument(
         "--max-session-gib",
         type=_positive_float,
@@ -245,6 +295,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         print("shardopt serve: give --token-file, or --no-auth for an unauthenticated server")
         return 2
     tokens = read_tokens(args.token_file) if args.token_file else None
+    checkpoint_key = _checkpoint_key(args)
     if args.ray_address:
         os.environ["RAY_ADDRESS"] = args.ray_address
     limits = Limits(max_session_bytes=int(args.max_session_gib * 2**30))
@@ -255,6 +306,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         checkpoint_dir=args.checkpoint_dir,
+        checkpoint_key=checkpoint_key,
         limits=limits,
         max_workers=args.max_workers,
     )

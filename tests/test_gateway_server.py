@@ -18,6 +18,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import shardopt
+from shardopt.checkpoint.format import verify
+from shardopt.checkpoint.integrity import KEY_ENV, read_key
 from shardopt.core.proto import pb, rpc
 from shardopt.gateway import serve
 
@@ -45,10 +47,14 @@ def health_of(address: str, credentials=None) -> int:
 
 
 def test_serve_command_trains_a_client_and_shuts_down_gracefully(tmp_path):
-    """The CLI joins the session's Ray (--ray-address), serves, and stops on SIGTERM."""
+    """The CLI joins the session's Ray (--ray-address), serves, signs its checkpoints with the
+    key in $SHARDOPT_CHECKPOINT_KEY_FILE, and stops on SIGTERM."""
     token_file = tmp_path / "tokens"
     token_file.write_text(f"# one token per line\n{TOKEN}\n")
+    key_file = tmp_path / "checkpoint.key"
+    key_file.write_text("b7e151628aed2a6abf7158809cf4f3c762e7160f38b4da56a784d9045190cfef\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env[KEY_ENV] = str(key_file)
     process = subprocess.Popen(
         [
             sys.executable, "-m", "shardopt", "serve", "--port", "0",
@@ -68,6 +74,7 @@ def test_serve_command_trains_a_client_and_shuts_down_gracefully(tmp_path):
         assert not torch.equal(model.weight, before)
         opt.save_checkpoint("demo/step-1")
         assert (tmp_path / "ckpt" / "demo" / "step-1" / ".metadata").exists()
+        verify(tmp_path / "ckpt" / "demo" / "step-1", key=read_key(key_file))  # signed
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         assert "shutting down" in process.stdout.read()

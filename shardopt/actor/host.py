@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from shardopt.actor.shard import Shard
+from shardopt.checkpoint.integrity import Commit
 from shardopt.core.buffers import PackedTree
 from shardopt.core.records import (
     ParamBlock,
@@ -103,10 +104,10 @@ class ShardCalls:
             return shard.prepare_load(token, group_options, packed)
 
     def prepare_load_from_checkpoint(
-        self, key: str, token: str, group_options: tuple[dict[str, Any], ...], path: str
+        self, key: str, token: str, group_options: tuple[dict[str, Any], ...], commit: Commit
     ) -> tuple[Exception | None, tuple[int, ...]]:
         with self._using(key) as shard:
-            return shard.prepare_load_from_checkpoint(token, group_options, path)
+            return shard.prepare_load_from_checkpoint(token, group_options, commit)
 
     def commit_load(self, key: str, token: str) -> None:
         with self._using(key) as shard:

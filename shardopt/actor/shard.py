@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from shardopt import checkpoint
 from shardopt.actor.vectors import VectorStore
+from shardopt.checkpoint import format as checkpoint
+from shardopt.checkpoint.integrity import Commit
 from shardopt.core import shm
 from shardopt.core.amp import step_scaled
 from shardopt.core.buffers import (
@@ -355,9 +356,15 @@ class Shard:
         return self._prepare(token, group_options, lambda: unpack_tree(packed, self.device))
 
     def prepare_load_from_checkpoint(
-        self, token: str, group_options: tuple[dict[str, Any], ...], path: str
+        self,
+        token: str,
+        group_options: tuple[dict[str, Any], ...],
+        commit: Commit,
     ) -> tuple[Exception | None, tuple[int, ...]]:
         """:meth:`prepare_load` with this shard's part read from a checkpoint by the shard itself.
+
+        ``commit`` is the checkpoint as the proxy checked it (record, signature, metadata);
+        this shard checks every slice it reads against that record.
 
         Returns:
             The exception that rejected the state (or None), and the ids that have state.
@@ -365,7 +372,7 @@ class Shard:
         found: list[int] = []
 
         def read() -> dict[int, Any]:
-            state = checkpoint.read_params_state(path, self._param_ids)
+            state = checkpoint.read_params_state(commit, self._param_ids)
             found.extend(sorted(state))
             return state
 
@@ -433,8 +440,8 @@ class Shard:
         """Starts writing this shard's data file in the background; steps go on meanwhile."""
         self._saves[token].start_writing(plan)
 
-    def save_wait(self, token: str) -> tuple[list[Any], dict[str, str]]:
-        """Waits for the data file; returns DCP's write results and the file's checksum."""
+    def save_wait(self, token: str) -> tuple[list[Any], dict[str, dict[str, Any]]]:
+        """Waits for the data file; returns DCP's write results and the file's digests."""
         return self._saves.pop(token).wait()
 
     def save_done(self, token: str) -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from shardopt.checkpoint import SaveHandle
+from shardopt.checkpoint.format import SaveHandle
 from shardopt.client.shard_map import ShardMap
 from shardopt.core.amp import AmpScaling
 from shardopt.core.param_groups import group_options
@@ -163,13 +163,13 @@ class Backend(ABC):
     # ----- checkpoints, inspection, lifecycle -----------------------------------------------
 
     @abstractmethod
-    def save_checkpoint(self, path: str, blocking: bool) -> SaveHandle:
-        """Writes a sharded checkpoint (see :mod:`shardopt.checkpoint`)."""
+    def save_checkpoint(self, path: str, blocking: bool, key: bytes | None) -> SaveHandle:
+        """Writes a sharded checkpoint (see :mod:`shardopt.checkpoint`), signed with ``key``."""
 
     @abstractmethod
-    def load_checkpoint(self, path: str) -> list[dict[str, Any]]:
-        """Loads a checkpoint on every shard, all or nothing; returns its param groups (with
-        integer ids), for the proxy to adopt."""
+    def load_checkpoint(self, path: str, key: bytes | None) -> list[dict[str, Any]]:
+        """Loads a checkpoint (signed with ``key``, if given) on every shard, all or nothing;
+        returns its param groups (with integer ids), for the proxy to adopt."""
 
     @abstractmethod
     def status(self) -> list[ShardStatus]:

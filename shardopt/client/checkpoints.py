@@ -1,13 +1,16 @@
 """The checkpoint protocol, driven from the client: DCP's coordinator with shards as writers.
 
-Saving: every shard snapshots its state and plans its part (``save_plan``), this process makes
-DCP's global plan, the shards write their files in parallel straight from their actors
-(``save_write``), and the commit (:func:`shardopt.checkpoint.commit`) comes last. Where the
-shards cannot reach the path (an in-process ``memory://`` store), or for state this process
-holds (LBFGS's gathered vectors), this process writes the parts itself.
+Saving: the directory is locked against other saves, every shard snapshots its state and plans
+its part (``save_plan``), this process makes DCP's global plan (a data file name of its own for
+this save), the shards write their files in parallel straight from their actors
+(``save_write``), and the commit (:func:`shardopt.checkpoint.commit.commit`) comes last. Where
+the shards cannot reach the path (an in-process ``memory://`` store), or for state this process
+holds (LBFGS's gathered vectors), this process writes the parts itself. A save that fails
+removes what it wrote; the checkpoint it was replacing loads as it was.
 
-Loading: the checkpoint is verified first, then every shard reads its own parameters' entries
-and validates them (``prepare_load_from_checkpoint``), and all commit or none does.
+Loading: the commit record (and its signature, with a key) is checked before anything is
+unpickled, then every shard reads its own parameters' entries against that record and validates
+them (``prepare_load_from_checkpoint``), and all commit or none does.
 
 Talks to: shards through :class:`~shardopt.client.handles.ShardHandle`; the format in
 :mod:`shardopt.checkpoint`.
@@ -15,13 +18,15 @@ Talks to: shards through :class:`~shardopt.client.handles.ShardHandle`; the form
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from shardopt import checkpoint
-from shardopt.checkpoint import SaveHandle
+from shardopt.checkpoint import commit as committing
+from shardopt.checkpoint import format as checkpoint
+from shardopt.checkpoint import integrity
+from shardopt.checkpoint.format import SaveHandle
+from shardopt.checkpoint.integrity import Commit
 from shardopt.client.handles import ShardHandle
 from shardopt.client.runtime import ray_get
 from shardopt.core.buffers import pack_tree
@@ -29,63 +34,86 @@ from shardopt.core.param_groups import check_param_groups
 
 
 def save(
-    path: str | os.PathLike,
+    path: str,
     groups: list[dict[str, Any]],
     blocking: bool,
+    key: bytes | None = None,
     shards: Sequence[ShardHandle] = (),
     parts: Callable[[], Iterable[dict[int, Any]]] | None = None,
 ) -> SaveHandle:
     """Writes a checkpoint of ``groups`` (ids as strings) and the shards' state.
 
     Args:
+        key: an HMAC key that signs the commit record (None: unsigned).
         shards: the shards that hold state; they write their own files where they reach
             ``path``.
         parts: the state, one part at a time, for this process to write (where the shards do
             not reach ``path``, or for state held here).
+
+    Raises:
+        CheckpointInUseError: another save to ``path`` is in progress.
     """
     where = checkpoint.location(path)
+    if key is not None:
+        integrity.check_key(key)
     checkpoint.make_dirs(where)
-    for name in (checkpoint.METADATA, checkpoint.CHECKSUMS):  # an older one stops loading first
-        checkpoint.remove(where, name)
+    lock = committing.SaveLock(where)
+    save_id = uuid.uuid4().hex[:12]
     token = uuid.uuid4().hex
-    if shards and checkpoint.shards_reach(where):
-        plans = ray_get(
-            [h.save_plan(token, where, groups if i == 0 else None) for i, h in enumerate(shards)]
-        )
-        global_plans, metadata, writer = checkpoint.coordinate(where, plans)
-        ray_get([h.save_write(token, p) for h, p in zip(shards, global_plans)])
+    try:
+        if shards and checkpoint.shards_reach(where):  # each shard writes its own file
+            plans = ray_get(
+                [
+                    h.save_plan(token, where, groups if i == 0 else None)
+                    for i, h in enumerate(shards)
+                ]
+            )
+            global_plans, metadata = checkpoint.coordinate(plans, save_id)
+            ray_get([h.save_write(token, p) for h, p in zip(shards, global_plans)])
 
-        def outcomes() -> list[Any]:
-            return ray_get([h.save_wait(token) for h in shards])
+            def outcomes() -> list[Any]:
+                return ray_get([h.save_wait(token) for h in shards])
 
-        def poll() -> bool:
-            return all(ray_get([h.save_done(token) for h in shards]))
+            def poll() -> bool:
+                return all(ray_get([h.save_done(token) for h in shards]))
 
-    else:
-        if parts is None:
-            raise ValueError(f"the shards cannot reach {where} and no parts were given")
-        saves = []
-        for i, state in enumerate(parts()):
-            tree: dict[str, Any] = {"state": {str(pid): v for pid, v in state.items()}}
-            if i == 0:
-                tree["param_groups"] = groups
-            saves.append(checkpoint.ShardSave(where, tree, is_coordinator=i == 0))
-        if not saves:
-            saves.append(checkpoint.ShardSave(where, {"state": {}, "param_groups": groups}, True))
-        global_plans, metadata, writer = checkpoint.coordinate(
-            where, [save_part.local_plan() for save_part in saves]
-        )
-        for save_part, plan in zip(saves, global_plans):
-            save_part.start_writing(plan)
+        else:  # an in-process store (memory://), or state held here: this process writes
+            if parts is None:
+                raise ValueError(f"the shards cannot reach {where} and no parts were given")
+            saves = []
+            for i, state in enumerate(parts()):
+                tree: dict[str, Any] = {"state": {str(pid): v for pid, v in state.items()}}
+                if i == 0:
+                    tree["param_groups"] = groups
+                saves.append(checkpoint.ShardSave(where, tree, is_coordinator=i == 0))
+            if not saves:
+                tree = {"state": {}, "param_groups": groups}
+                saves.append(checkpoint.ShardSave(where, tree, is_coordinator=True))
+            global_plans, metadata = checkpoint.coordinate(
+                [part.local_plan() for part in saves], save_id
+            )
+            for part, plan in zip(saves, global_plans):
+                part.start_writing(plan)
 
-        def outcomes() -> list[Any]:
-            return [save_part.wait() for save_part in saves]
+            def outcomes() -> list[Any]:
+                return [part.wait() for part in saves]
 
-        def poll() -> bool:
-            return all(save_part.done() for save_part in saves)
+            def poll() -> bool:
+                return all(part.done() for part in saves)
 
-    def finish() -> None:
-        checkpoint.commit(where, writer, metadata, outcomes())
+    except BaseException:
+        committing.abort(where, save_id)
+        lock.release()
+        raise
+
+    def finish() -> Commit:
+        try:
+            return committing.commit(where, metadata, outcomes(), key, save_id)
+        except BaseException:
+            committing.abort(where, save_id)
+            raise
+        finally:
+            lock.release()
 
     handle = SaveHandle(poll, finish)
     if blocking:
@@ -94,30 +122,33 @@ def save(
 
 
 def read_groups(
-    path: str | os.PathLike, current_groups: list[dict[str, Any]], num_params: int
-) -> tuple[str, list[dict[str, Any]]]:
-    """Verifies a checkpoint and checks its param groups against ``current_groups``.
+    path: str, current_groups: list[dict[str, Any]], num_params: int, key: bytes | None = None
+) -> tuple[Commit, list[dict[str, Any]]]:
+    """Checks a checkpoint's commit (and signature) and its param groups against
+    ``current_groups``, before anything else is read.
 
     Returns:
-        Where it is, and its groups (integer ids).
+        The checked commit, and its groups (integer ids).
 
     Raises:
         FileNotFoundError: no committed checkpoint, or a missing data file.
-        ValueError: a corrupted file, or a checkpoint of other parameters.
+        ValueError: a corrupted or changed file, a missing or wrong signature (with ``key``),
+            metadata that is not DCP's, or a checkpoint of other parameters.
     """
     where = checkpoint.location(path)
-    checkpoint.verify(where)
-    saved_groups = check_param_groups(current_groups, checkpoint.read_param_groups(where))
+    commit = integrity.read_commit(where, key)
+    integrity.check_files(commit, full=False)  # a missing or cut file fails before any shard
+    saved_groups = check_param_groups(current_groups, checkpoint.read_param_groups(commit))
     expected = [str(i) for i in range(num_params)]
     if [str(p) for g in saved_groups for p in g["params"]] != expected:
         raise ValueError(f"{where} was not written by shardopt (unexpected parameter ids)")
     for group in saved_groups:
         group["params"] = [int(p) for p in group["params"]]
-    return where, saved_groups
+    return commit, saved_groups
 
 
 def prepare_on_shards(
-    where: str,
+    commit: Commit,
     token: str,
     options: tuple[dict[str, Any], ...],
     shards: Sequence[ShardHandle],
@@ -129,11 +160,11 @@ def prepare_on_shards(
         Each shard's verdict (the exception that rejected its part, or None) and the ids it
         found state for.
     """
-    if checkpoint.shards_reach(where):  # each shard reads its own parameters' state
-        return ray_get([h.prepare_load_from_checkpoint(token, options, where) for h in shards])
+    if checkpoint.shards_reach(commit.where):  # each shard reads its own parameters' state
+        return ray_get([h.prepare_load_from_checkpoint(token, options, commit) for h in shards])
     answers = []  # an in-process store: read here, one shard's part at a time
     for h in shards:
-        state = checkpoint.read_params_state(where, ids_of(h.index))
+        state = checkpoint.read_params_state(commit, ids_of(h.index))
         error = ray_get(h.prepare_load(token, options, pack_tree(state)))
         answers.append((error, tuple(state)))
     return answers

@@ -6,7 +6,7 @@ with their specs and values, and each step pushes the gradients, steps (sending 
 group options, so lr schedulers work) and pulls the parameters back into the user's tensors.
 State dicts travel as value trees plus chunked tensors (:mod:`shardopt.core.wire`). A server error
 comes back as the exception type the server raised (``ValueError``, ``TypeError``,
-:class:`~shardopt.errors.GroupTimeoutError`, ...), with the server's message.
+:class:`~shardopt.core.errors.GroupTimeoutError`, ...), with the server's message.
 
 Talks to: a gateway over gRPC (no Ray in this process).
 """
@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import torch
 
-from shardopt.checkpoint import SaveHandle
+from shardopt.checkpoint.format import SaveHandle
 from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.shard_map import ShardMap
 from shardopt.core import errors, wire
@@ -46,7 +46,8 @@ _ERROR_TYPES: dict[str, type[BaseException]] = {
         cls.__name__: cls
         for cls in (
             errors.GroupTimeoutError, errors.ShardUnavailableError,
-            errors.OptimizerClosedError, errors.PlacementError, errors.ShardoptError,
+            errors.OptimizerClosedError, errors.PlacementError, errors.CheckpointInUseError,
+            errors.ShardoptError,
         )
     },
 }  # fmt: skip
@@ -99,6 +100,14 @@ def _channel(address: str, tls: bool | str | os.PathLike | None) -> grpc.Channel
         return grpc.insecure_channel(address, options=options)
     roots = None if tls is True else open(tls, "rb").read()
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
+
+
+def _no_key_over_grpc(key: bytes | None) -> None:
+    if key is not None:
+        raise ValueError(
+            "over gRPC, the gateway signs and checks checkpoints with its own key "
+            "(shardopt serve --checkpoint-key-file)"
+        )
 
 
 def _close_session(
@@ -341,14 +350,16 @@ class GatewaySession(Backend):
 
     # ----- checkpoints and status -------------------------------------------------------------
 
-    def save_checkpoint(self, path: str, blocking: bool) -> SaveHandle:
+    def save_checkpoint(self, path: str, blocking: bool, key: bytes | None) -> SaveHandle:
         if not blocking:
             raise ValueError("over gRPC, checkpoints are saved with blocking=True")
+        _no_key_over_grpc(key)
         request = pb.CheckpointRequest(session_id=self.session_id, path=path)
         self._call(self._stub.SaveCheckpoint, request)
         return SaveHandle.committed()
 
-    def load_checkpoint(self, path: str) -> list[dict[str, Any]]:
+    def load_checkpoint(self, path: str, key: bytes | None) -> list[dict[str, Any]]:
+        _no_key_over_grpc(key)
         request = pb.CheckpointRequest(session_id=self.session_id, path=path)
         self._call(self._stub.LoadCheckpoint, request)
         self.shard_map.set_state_order(self._state_ids())

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from shardopt.checkpoint.integrity import Commit
 from shardopt.core.buffers import PackedTree
 from shardopt.core.records import ParamBlock, ParamUpdate, ShardExport, StepRequest
 
@@ -61,9 +62,9 @@ class ShardHandle:
         return self.host.prepare_load.remote(self.key, token, group_options, packed)
 
     def prepare_load_from_checkpoint(
-        self, token: str, group_options: tuple[dict[str, Any], ...], path: str
+        self, token: str, group_options: tuple[dict[str, Any], ...], commit: Commit
     ) -> Any:
-        return self.host.prepare_load_from_checkpoint.remote(self.key, token, group_options, path)
+        return self.host.prepare_load_from_checkpoint.remote(self.key, token, group_options, commit)
 
     def commit_load(self, token: str) -> Any:
         return self.host.commit_load.remote(self.key, token)

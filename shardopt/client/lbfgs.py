@@ -3,7 +3,7 @@
 torch's LBFGS treats all parameters as one flat vector: every dot product, norm and curvature
 test is global. Here the proxy drives the algorithm and the closure (on the client, exactly as
 often as torch calls it); each shard keeps its slice of every flat vector (the direction, the
-previous gradient, the s/y history) in a :class:`shardopt.vectors.VectorStore` and returns partial
+previous gradient, the s/y history) in a :class:`shardopt.actor.vectors.VectorStore` and returns partial
 reductions. Only scalars, the gradients pushed in and the parameters pulled back cross the network.
 
 The step is a line-by-line port of ``torch.optim.LBFGS.step`` over :class:`ShardedVector`, and the
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.optim.lbfgs import _strong_wolfe
 
-from shardopt import checkpoint
-from shardopt.checkpoint import SaveHandle
+from shardopt.checkpoint import format as checkpoint
+from shardopt.checkpoint.format import SaveHandle
 from shardopt.client import checkpoints
 from shardopt.client.backend import ParamSource
 from shardopt.client.local import LocalShards
@@ -382,17 +382,17 @@ class LBFGSShards(LocalShards):
 
     # ----- checkpoints: written here, in torch's flat LBFGS layout ---------------------------
 
-    def save_checkpoint(self, path: str, blocking: bool) -> SaveHandle:
+    def save_checkpoint(self, path: str, blocking: bool, key: bytes | None) -> SaveHandle:
         parts = list(self.state_parts())  # LBFGS's vectors gathered into torch's flat layout
         groups = self._params.packed_groups(id_type=str)
-        return checkpoints.save(path, groups, blocking, parts=lambda: parts)
+        return checkpoints.save(path, groups, blocking, key, parts=lambda: parts)
 
-    def load_checkpoint(self, path: str) -> list[dict[str, Any]]:
-        where, saved_groups = checkpoints.read_groups(
-            path, self._params.groups, self.shard_map.num_params
+    def load_checkpoint(self, path: str, key: bytes | None) -> list[dict[str, Any]]:
+        commit, saved_groups = checkpoints.read_groups(
+            path, self._params.groups, self.shard_map.num_params, key
         )
         ids = list(range(self.shard_map.num_params))
-        self.load_state(checkpoint.read_params_state(where, ids), ())
+        self.load_state(checkpoint.read_params_state(commit, ids), ())
         return saved_groups
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import ray
 import torch
 
+from shardopt.checkpoint.integrity import Commit
 from shardopt.client.backend import ParamSource
 from shardopt.client.data_path import DataPath, GradShipper
 from shardopt.client.handles import ShardHandle
@@ -291,12 +292,12 @@ class LocalShards(RayShards):
 
     # ----- inspection and lifecycle ---------------------------------------------------------
 
-    def _checkpoint_taken(self, path: str) -> Callable[[], None]:
-        replicas, taken = self.replicas, (path, self._next_step_id)
+    def _checkpoint_taken(self) -> Callable[[Commit | None], None]:
+        replicas, step_id = self.replicas, self._next_step_id
         if replicas is None:
-            return lambda: None
+            return lambda commit: None
         # the fallback when a shard and its replica are both lost
-        return lambda: setattr(replicas, "checkpoint", taken)
+        return lambda commit: setattr(replicas, "checkpoint", (commit, step_id))
 
     def lost_shared_memory(self, shard: int) -> None:
         self.data_path.map_shared(shard, None, self._params.flat())

@@ -22,7 +22,7 @@ from typing import Any
 import ray
 import torch
 
-from shardopt.checkpoint import SaveHandle
+from shardopt.checkpoint.format import SaveHandle
 from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.gateway_session import GatewaySession, group_request
 from shardopt.client.local import LocalShards
@@ -88,7 +88,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             versions old are not applied; the worker gets fresh parameters (and, with a
             closure, computes again).
         timeout: how long a sync step waits for the other workers before failing with
-            :class:`~shardopt.errors.GroupTimeoutError` (a ``timedelta`` or seconds).
+            :class:`~shardopt.core.errors.GroupTimeoutError` (a ``timedelta`` or seconds).
         placement: a Ray placement strategy for the group's shards: ``"STRICT_SPREAD"``
             (one per node), ``"SPREAD"``, ``"PACK"``, ``"STRICT_PACK"``.
         shard_resources: what each shard reserves under ``placement`` (default one CPU;
@@ -416,36 +416,53 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     # ----- checkpoints ----------------------------------------------------------------------
 
-    def save_checkpoint(self, path: str | os.PathLike, *, blocking: bool = True) -> SaveHandle:
+    def save_checkpoint(
+        self, path: str | os.PathLike, *, blocking: bool = True, key: bytes | None = None
+    ) -> SaveHandle:
         """Writes a sharded checkpoint: every shard its own file, in parallel, from its actor.
 
         The directory is a torch.distributed.checkpoint checkpoint (see
         :mod:`shardopt.checkpoint`); ``dcp_to_torch_save`` turns it into a torch.optim state
-        dict. The commit record is written last, by rename: a save that dies part-way leaves
-        no checkpoint that loads. Saving over an existing checkpoint uncommits it first.
+        dict. A commit record with the SHA-256 of every file is written, then DCP's
+        ``.metadata`` by rename: a save that dies part-way leaves no new checkpoint that loads,
+        and a checkpoint it was replacing loads as it was until the commit. One save at a time
+        per directory.
 
         Args:
             path: a directory (or ``file://`` URL) every shard can write to, or a
                 ``memory://`` URL (fsspec's in-process store; this process then does the I/O).
             blocking: wait for the commit. With False, training can go on at once; the
                 checkpoint holds the state as of this call once ``handle.wait()`` commits it.
+            key: an HMAC key (at least 16 bytes, e.g. from
+                :func:`shardopt.checkpoint.integrity.read_key`) that signs the commit record;
+                loads given the key accept only checkpoints signed with it.
 
         Returns:
             A handle with ``wait()`` and ``done()`` (already committed when blocking).
-        """
-        return self.backend.save_checkpoint(os.fspath(path), blocking)
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        Raises:
+            CheckpointInUseError: another save to ``path`` is in progress.
+        """
+        return self.backend.save_checkpoint(os.fspath(path), blocking, key)
+
+    def load_checkpoint(self, path: str | os.PathLike, *, key: bytes | None = None) -> None:
         """Loads a checkpoint written with any number of shards (resharding as it loads).
 
-        Every data file's checksum is checked first; then each shard reads its own parameters'
-        state and validates it, and only if all accept does any apply it.
+        The commit record is checked first (with ``key``: its signature too), before anything
+        is unpickled; ``.metadata`` is unpickled with an allowlist of DCP's metadata classes and
+        values with ``weights_only``. Then each shard reads its own parameters' state, checking
+        every slice's SHA-256, and validates it; only if all accept does any apply it.
+
+        Args:
+            path: the checkpoint's directory (or ``file://`` / ``memory://`` URL).
+            key: the HMAC key checkpoints must be signed with (None: any intact checkpoint).
 
         Raises:
             FileNotFoundError: no committed checkpoint at ``path``, or a data file is missing.
-            ValueError: a corrupted data file, or a checkpoint of other parameter groups.
+            ValueError: a corrupted or changed file, a missing or wrong signature (with
+                ``key``), metadata that is not DCP's, or a checkpoint of other parameter groups.
         """
-        saved_groups = self.backend.load_checkpoint(os.fspath(path))
+        saved_groups = self.backend.load_checkpoint(os.fspath(path), key)
         self._adopt_saved_groups(saved_groups)
 
     # ----- inspection and lifecycle ---------------------------------------------------------

@@ -13,12 +13,12 @@ Talks to: shards through :class:`~shardopt.client.handles.ShardHandle`.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from shardopt.checkpoint import SaveHandle
+from shardopt.checkpoint.format import SaveHandle
+from shardopt.checkpoint.integrity import Commit
 from shardopt.client import checkpoints
 from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.data_path import DataPath
@@ -85,37 +85,38 @@ class RayShards(Backend):
 
     # ----- checkpoints ----------------------------------------------------------------------
 
-    def save_checkpoint(self, path: str, blocking: bool) -> SaveHandle:
+    def save_checkpoint(self, path: str, blocking: bool, key: bytes | None) -> SaveHandle:
         live = self.shard_map.live_shards()
         handle = checkpoints.save(
             path,
             self._params.packed_groups(id_type=str),  # string ids: DCP keeps string keys only
             blocking,
+            key,
             shards=[self.handles[s] for s in live],
             parts=lambda: self.state_parts(),
         )
-        handle.on_commit(self._checkpoint_taken(os.fspath(path)))
+        handle.on_commit(self._checkpoint_taken())
         return handle
 
-    def load_checkpoint(self, path: str) -> list[dict[str, Any]]:
+    def load_checkpoint(self, path: str, key: bytes | None) -> list[dict[str, Any]]:
         params = self._params
-        where, saved_groups = checkpoints.read_groups(
-            path, params.groups, self.shard_map.num_params
+        commit, saved_groups = checkpoints.read_groups(
+            path, params.groups, self.shard_map.num_params, key
         )
         options = tuple(group_options(g) for g in saved_groups)
         token = uuid.uuid4().hex
         live = self.shard_map.live_shards()
         answers = checkpoints.prepare_on_shards(
-            where, token, options, [self.handle(s) for s in live], self.shard_map.ids_of
+            commit, token, options, [self.handle(s) for s in live], self.shard_map.ids_of
         )
         self._apply_prepared(token, live, [error for error, _ in answers])
         self.shard_map.set_state_order(sorted(pid for _, ids in answers for pid in ids))
-        self._checkpoint_taken(os.fspath(path))()
+        self._checkpoint_taken()(commit)
         return saved_groups
 
-    def _checkpoint_taken(self, path: str) -> Callable[[], None]:
-        """What to do once a checkpoint of the state as of now is committed (or loaded)."""
-        return lambda: None
+    def _checkpoint_taken(self) -> Callable[[Commit | None], None]:
+        """What to do with a checkpoint of the state as of now, once committed (or loaded)."""
+        return lambda commit: None
 
     def status(self) -> list[ShardStatus]:
         return ray_get([h.status() for h in self.handles])

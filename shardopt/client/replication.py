@@ -44,9 +44,10 @@ from typing import Any, Protocol
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from shardopt.actor.host import ShardHost
+from shardopt.actor.host import NAMESPACE, ShardHost
+from shardopt.checkpoint.integrity import Commit
 from shardopt.client.handles import ShardHandle
-from shardopt.client.runtime import NAMESPACE, host_pool, ray_get
+from shardopt.client.runtime import host_pool, ray_get
 from shardopt.core.buffers import to_numpy
 from shardopt.core.records import ShardSpec, StepRequest
 
@@ -113,9 +114,9 @@ class MirroredHandle(ShardHandle):
         self._follow(lambda r: r.prepare_load(token, group_options, packed), False)
         return ref
 
-    def prepare_load_from_checkpoint(self, token: str, group_options: Any, path: str) -> Any:
-        ref = super().prepare_load_from_checkpoint(token, group_options, path)
-        self._follow(lambda r: r.prepare_load_from_checkpoint(token, group_options, path), False)
+    def prepare_load_from_checkpoint(self, token: str, group_options: Any, commit: Any) -> Any:
+        ref = super().prepare_load_from_checkpoint(token, group_options, commit)
+        self._follow(lambda r: r.prepare_load_from_checkpoint(token, group_options, commit), False)
         return ref
 
     def commit_load(self, token: str) -> Any:
@@ -147,7 +148,9 @@ class Replicas:
         self.recoveries = 0
         self.replayed = 0  # logged steps replayed on replicas (interval > 1)
         self.owned: list[Any] = []  # every host started here (killed when the optimizer goes)
-        self.checkpoint: tuple[str, int] | None = None  # path, the step id it was taken before
+        # the last checkpoint saved or loaded, as committed/checked then; the step id it was
+        # taken before
+        self.checkpoint: tuple[Commit, int] | None = None
 
     def mirrored(self, shard: int) -> MirroredHandle:
         """The primary's handle, with the calls that change the shard forwarded here."""
@@ -423,14 +426,16 @@ class Replicas:
         lost_steps = request.step_id
         source = "no checkpoint was saved or loaded: all of its optimizer state is lost"
         if self.checkpoint is not None:
-            path, taken_before = self.checkpoint
+            commit, taken_before = self.checkpoint
             token = uuid.uuid4().hex
-            error, _ = ray_get(handle.prepare_load_from_checkpoint(token, spec.group_options, path))
+            error, _ = ray_get(
+                handle.prepare_load_from_checkpoint(token, spec.group_options, commit)
+            )
             if error is not None:
                 raise error
             ray_get(handle.commit_load(token))
             lost_steps = request.step_id - taken_before
-            source = f"its optimizer state comes from checkpoint {path!r}"
+            source = f"its optimizer state comes from checkpoint {commit.where!r}"
         message = (
             f"shard {shard} and its replica were both lost; its parameters were restored from "
             f"this process's copy (after the last completed step) and {source}: {lost_steps} "

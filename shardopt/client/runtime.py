@@ -7,7 +7,7 @@ for the next optimizer. A host can hold shards of several live optimizers (Ray r
 time per actor, so they take turns).
 
 Also :func:`ray_get`, which turns a shard's failure into the shard's own exception (or a
-:class:`~shardopt.errors.ShardUnavailableError` for a lost actor).
+:class:`~shardopt.core.errors.ShardUnavailableError` for a lost actor).
 
 Talks to: Ray (``ray.init``, actor creation); :class:`~shardopt.actor.host.ShardHost` remotely.
 """

@@ -47,6 +47,10 @@ class PlacementError(ShardoptError):
     """The cluster cannot place the shards as asked; the message says what to change."""
 
 
+class CheckpointInUseError(ShardoptError):
+    """Another save to the same checkpoint directory is in progress; nothing was written."""
+
+
 ERROR_TYPE_KEY = "shardopt-error-type"
 """gRPC trailing metadata naming the exception type, so the remote client raises the same."""
 
@@ -57,6 +61,7 @@ GRPC_STATUS: dict[type[BaseException], str] = {
     OptimizerClosedError: "FAILED_PRECONDITION",
     PartialStepError: "ABORTED",
     PlacementError: "FAILED_PRECONDITION",
+    CheckpointInUseError: "ABORTED",
     PermissionError: "UNAUTHENTICATED",
     MemoryError: "RESOURCE_EXHAUSTED",
     FileNotFoundError: "NOT_FOUND",

@@ -74,7 +74,7 @@ class StepRequest:
     dense gradient (the rest are skipped as torch skips ``grad=None``), ``sparse_grads`` holds
     sparse ones by local index. ``params_in`` carries parameters the user changed since the last
     step, which the shard adopts before updating. ``scaling`` is a GradScaler's scale and
-    inf verdict, applied as torch applies them (:func:`shardopt.amp.step_scaled`).
+    inf verdict, applied as torch applies them (:func:`shardopt.core.amp.step_scaled`).
     """
 
     step_id: int

@@ -11,7 +11,7 @@ For the rest it asks torch itself: the first time a kind of input appears (per p
 layouts, dtypes and ranks of the gradients, and the options that choose torch's code path) it
 runs the optimizer class over tiny stand-ins of those kinds, as the shards run it, and keeps the
 verdict. Only torch's own classes are asked: a user's class may count its steps or log, so its
-refusals surface from the shards (see :class:`~shardopt.errors.PartialStepError`).
+refusals surface from the shards (see :class:`~shardopt.core.errors.PartialStepError`).
 
 Talks to nothing; the proxy calls it at the start of every step.
 """

@@ -1,0 +1,387 @@
+"""Sharded checkpoints in torch.distributed.checkpoint (DCP) format, written by the shards.
+
+A checkpoint is a DCP directory: one data file per shard (``__{i}_{save}_0.distcp``, with a
+name of its own for every save), written by that shard in parallel straight from its actor; a
+commit record (the SHA-256 of ``.metadata`` and of every slice of every data file, signed when
+the saver has a key: :mod:`shardopt.checkpoint.integrity`); and DCP's ``.metadata``,
+renamed into place last: the commit. The proxy plays DCP's coordinator (local plans -> global
+plan -> per-shard writes -> metadata), so plain PyTorch reads it:
+``torch.distributed.checkpoint.format_utils.dcp_to_torch_save(path, "opt.pt")`` gives a
+torch.optim state dict (it unpickles with plain ``pickle``: only for checkpoints you trust;
+:func:`export` is the safe route). DCP turns dict keys into strings, so the parameter ids are
+stored as strings in both ``state`` and each group's ``params``; torch.optim's
+``load_state_dict`` only matches the two, so the converted file loads into
+``torch.optim.<Name>`` as it is.
+
+A save holds an exclusive lock on the directory (:class:`shardopt.checkpoint.commit.SaveLock`)
+from before its first write until its commit: a second save there fails with
+:class:`~shardopt.core.errors.CheckpointInUseError`. Until the commit, the checkpoint the save
+replaces loads as it was; after it, that checkpoint's files are removed. A load reads
+``.metadata`` once and checks every slice it reads against the record those bytes name: it sees
+one whole checkpoint or fails.
+
+Loading reshards online: each shard reads only its own parameters' entries, validates them with
+the same all-or-nothing prepare/commit as ``load_state_dict``. Nothing is unpickled but with an
+allowlist (``.metadata``) or ``torch.load``'s ``weights_only`` (values).
+
+Owns the format and its pieces: the shard side (:class:`ShardSave`, :func:`read_params_state`),
+the coordinator's step (:func:`coordinate`) and the reader's checks (:func:`verify`);
+:mod:`shardopt.client.checkpoints` drives the protocol from the client.
+
+Talks to: the file system through DCP's ``FileSystemWriter`` (fsspec's for ``memory://``), and
+:mod:`shardopt.checkpoint.integrity` for everything it reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import (
+    DefaultSavePlanner,
+    _EmptyStateDictLoadPlanner,
+)
+from torch.distributed.checkpoint.filesystem import _StoragePrefix
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+from shardopt.checkpoint import integrity
+from shardopt.checkpoint.integrity import Commit, VerifyingReader, fs_of
+
+if TYPE_CHECKING:
+    pass
+
+
+def location(path: str | os.PathLike) -> str:
+    """Where a checkpoint lives: an absolute local directory, or a ``memory://`` URL.
+
+    ``file://`` URLs become local directories, which every shard on a shared file system
+    writes itself. ``memory://`` (fsspec's in-process store) exists only in the proxy's
+    process, so there the proxy does the I/O for its shards.
+
+    Raises:
+        ValueError: another URL scheme.
+    """
+    text = os.fspath(path)
+    if "://" not in text:
+        return os.path.abspath(text)
+    scheme, rest = text.split("://", 1)
+    if scheme == "file":
+        return os.path.abspath(rest)
+    if scheme == "memory":
+        return text.rstrip("/")
+    raise ValueError(
+        f"unsupported checkpoint location {scheme}://: use a directory every shard reaches "
+        "(local or shared file system, file://) or memory://"
+    )
+
+
+def shards_reach(where: str) -> bool:
+    """Whether the shards can do their own I/O there (not for the proxy's in-process store)."""
+    return "://" not in where
+
+
+def _writer(where: str) -> FileSystemWriter:
+    if shards_reach(where):
+        return FileSystemWriter(where, sync_files=True)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    return FsspecWriter(where, sync_files=False)
+
+
+def make_dirs(where: str) -> None:
+    fs, root = fs_of(where)
+    fs.makedirs(root, exist_ok=True)
+
+
+# ----- shard side -------------------------------------------------------------------------------
+
+
+class ShardSave:
+    """One shard's part of a save: a snapshot of its state, DCP's planner and writer for it."""
+
+    def __init__(self, where: str, state: dict[str, Any], is_coordinator: bool):
+        self.where = where
+        self.writer = _writer(where)
+        self.writer.set_up_storage_writer(is_coordinator)
+        self.planner = DefaultSavePlanner()
+        self.planner.set_up_planner(state, None, is_coordinator)
+        self._thread: threading.Thread | None = None
+        self._outcome: Any = None
+
+    def local_plan(self) -> Any:
+        # not the writer's prepare_local_plan, which warns about the committed checkpoint this
+        # save replaces (it stays loadable until the commit)
+        self.writer.fs.mkdir(self.writer.path)
+        return self.planner.create_local_plan()
+
+    def start_writing(self, plan: Any) -> None:
+        """Writes this shard's data file in a thread: the shard keeps serving steps meanwhile."""
+
+        def write() -> None:
+            try:
+                final = self.planner.finish_plan(plan)
+                results = self.writer.write_data(final, self.planner).wait()
+                slices: dict[str, list[tuple[int, int]]] = {}
+                for result in results:
+                    info = result.storage_data
+                    slices.setdefault(info.relative_path, []).append((info.offset, info.length))
+                digests = {f: integrity.digest_file(self.where, f, s) for f, s in slices.items()}
+                self._outcome = (results, digests)
+            except BaseException as exc:  # reported to the proxy by wait()
+                self._outcome = exc
+
+        self._thread = threading.Thread(target=write, name="shardopt-save", daemon=True)
+        self._thread.start()
+
+    def done(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
+
+    def wait(self) -> tuple[list[Any], dict[str, dict[str, Any]]]:
+        """DCP's write results and the record entries (digests) of the files written."""
+        assert self._thread is not None
+        self._thread.join()
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        return self._outcome
+
+
+def snapshot(value: Any) -> Any:
+    """A deep copy of a state tree with tensors cloned to CPU (the state as of the save call)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(v) for v in value)
+    return value
+
+
+class _WeightsOnlyLoadPlanner(_EmptyStateDictLoadPlanner):
+    """DCP's key-selecting load planner, but non-tensor values load with ``weights_only=True``.
+
+    DCP's own planners ``torch.load(..., weights_only=False)`` them: a crafted checkpoint could
+    run code. Optimizer state and param groups need nothing beyond weights_only.
+    """
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        fqn = read_item.dest_index.fqn
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+def _read_keys(commit: Commit, keys: set[str]) -> dict[str, Any]:
+    """Entries of a checked checkpoint, read in this process without a process group."""
+    state: dict[str, Any] = {}
+    try:
+        _load_state_dict(
+            state_dict=state,
+            storage_reader=VerifyingReader(commit),
+            no_dist=True,
+            planner=_WeightsOnlyLoadPlanner(keys=keys),
+        )
+    except CheckpointException as err:
+        failure = next(iter(err.failures.values()), err)  # DCP: (exception, traceback)
+        cause = failure[0] if isinstance(failure, tuple) else getattr(failure, "exc", failure)
+        if isinstance(cause, FileNotFoundError):
+            raise FileNotFoundError(str(cause)) from None
+        raise ValueError(f"cannot read checkpoint {commit.where}: {cause}") from None
+    return state
+
+
+def read_params_state(commit: Commit, param_ids: list[int]) -> dict[int, Any]:
+    """The saved state of some parameters (by id), read from a checked checkpoint."""
+    if not param_ids:
+        return {}
+    loaded = _read_keys(commit, {f"state.{pid}" for pid in param_ids})
+    return {int(k): v for k, v in loaded.get("state", {}).items()}
+
+
+# ----- proxy side: committing -------------------------------------------------------------------
+
+
+@dataclass
+class SaveHandle:
+    """A save in progress (``blocking=False``).
+
+    ``done()`` says whether every shard has written its file; ``wait()`` waits for them and
+    commits the checkpoint (the commit record, then DCP's metadata). Until ``wait()`` returns,
+    the new checkpoint does not load (one it replaces still does) and the directory stays
+    locked against other saves.
+    """
+
+    _poll: Callable[[], bool]
+    _finish: Callable[[], Commit | None]
+    _committed: bool = False
+    commit: Commit | None = None
+    """The committed checkpoint once ``wait()`` has returned (None over gRPC)."""
+    _on_commit: list[Callable[[Commit | None], None]] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def committed(cls, commit: Commit | None = None) -> SaveHandle:
+        """The handle of a save that is already committed (over gRPC: ``commit`` None)."""
+        return cls(_poll=lambda: True, _finish=lambda: commit, _committed=True, commit=commit)
+
+    def on_commit(self, callback: Callable[[Commit | None], None]) -> None:
+        """Runs ``callback(commit)`` once the checkpoint is committed (at once if it is)."""
+        if self._committed:
+            callback(self.commit)
+        else:
+            self._on_commit.append(callback)
+
+    def done(self) -> bool:
+        return self._committed or self._poll()
+
+    def wait(self) -> None:
+        if not self._committed:
+            self.commit = self._finish()
+            self._committed = True
+            for callback in self._on_commit:
+                callback(self.commit)
+
+
+def coordinate(local_plans: list[Any], save_id: str) -> tuple[list[Any], Any]:
+    """DCP's coordinator step: the global plan and the metadata for all shards' local plans.
+
+    Every data file gets a name of its own (``__{i}_{save_id}_0.distcp``): a save never
+    overwrites the files of the checkpoint it replaces.
+    """
+    planner = DefaultSavePlanner()
+    planner.set_up_planner({}, None, True)
+    global_plans, metadata = planner.create_global_plan(local_plans)
+    named = [
+        dataclasses.replace(plan, storage_data=_StoragePrefix(f"__{i}_{save_id}_"))
+        for i, plan in enumerate(global_plans)
+    ]
+    return named, metadata
+
+
+# ----- proxy side: reading ----------------------------------------------------------------------
+
+
+def verify(path: str | os.PathLike, key: bytes | None = None) -> Commit:
+    """Checks that ``path`` is a committed shardopt checkpoint with intact files.
+
+    The commit record, its signature (with ``key``), the metadata (allowlist unpickler) and
+    the SHA-256 of every byte of every data file (slice by slice).
+
+    Returns:
+        The checked commit.
+
+    Raises:
+        FileNotFoundError: no committed checkpoint (no ``.metadata``) or a missing data file.
+        ValueError: a checksum or signature that does not match, or metadata that is not DCP's
+            (named in the message).
+    """
+    commit = integrity.read_commit(location(path), key)
+    commit.metadata()
+    integrity.check_files(commit, full=True)
+    return commit
+
+
+def read_param_groups(commit: Commit) -> list[dict[str, Any]]:
+    return _read_keys(commit, {"param_groups"})["param_groups"]
+
+
+def _state_ids(metadata: Any) -> list[int]:
+    """The parameter ids with state (keys ``state.<id>.<name>``; others are ignored)."""
+    parts = (key.split(".") for key in metadata.state_dict_metadata)
+    ids = {p[1] for p in parts if p[0] == "state" and len(p) > 2}
+    return sorted(int(i) for i in ids if i.isascii() and i.isdigit())
+
+
+def describe(path: str | os.PathLike, key: bytes | None = None) -> dict[str, Any]:
+    """What ``shardopt ckpt inspect`` shows: files, integrity, signature, parameters, dtypes,
+    sizes, step. Nothing is unpickled that the commit record (and its signature, with ``key``)
+    does not cover."""
+    directory = location(path)
+    info: dict[str, Any] = {"path": directory}
+    try:
+        commit = integrity.read_commit(directory, key)
+        metadata = commit.metadata()
+    except (FileNotFoundError, ValueError) as err:
+        info["integrity"] = f"FAILED: {err}"
+        return info
+    if key is not None:
+        info["signature"] = f"ok (key id {commit.signed_by})"
+    elif commit.signature_key_id is not None:
+        info["signature"] = f"signed (key id {commit.signature_key_id}), not checked: no key"
+    else:
+        info["signature"] = "unsigned"
+    try:
+        integrity.check_files(commit, full=True)
+        info["integrity"] = "ok"
+    except (FileNotFoundError, ValueError) as err:
+        info["integrity"] = f"FAILED: {err}"
+    info["data_files"] = {name: entry["size"] for name, entry in sorted(commit.files.items())}
+    tensors: dict[str, dict[str, int]] = {}
+    for name, meta in metadata.state_dict_metadata.items():
+        if name.startswith("state.") and hasattr(meta, "size"):
+            dtype = str(meta.properties.dtype).replace("torch.", "")
+            entry = tensors.setdefault(name.split(".", 2)[2], {})
+            nbytes = int(torch.Size(meta.size).numel()) * meta.properties.dtype.itemsize
+            entry[dtype] = entry.get(dtype, 0) + nbytes
+    info["state_tensors"] = tensors
+    ids = _state_ids(metadata)
+    info["params_with_state"] = len(ids)
+    if info["integrity"] != "ok":  # the metadata alone: damaged data files are not read
+        info["step"], info["param_groups"] = None, []
+        return info
+    groups = read_param_groups(commit)
+    info["param_groups"] = [
+        {k: v for k, v in g.items() if k in ("lr", "weight_decay", "betas", "momentum")}
+        | {"params": len(g["params"])}
+        for g in groups
+    ]
+    steps = _read_keys(
+        commit,
+        {f"state.{i}.step" for i in ids if f"state.{i}.step" in metadata.state_dict_metadata},
+    )
+    values = [float(s["step"]) for s in steps.get("state", {}).values() if "step" in s]
+    info["step"] = max(values) if values else None
+    return info
+
+
+def export(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    progress: bool = False,
+    key: bytes | None = None,
+) -> int:
+    """Writes a checkpoint as one torch.optim state dict file (``torch.save``), integer ids.
+
+    Checks what :func:`verify` checks first, and reads nothing but with the allowlist and
+    ``weights_only``: the safe way to convert a checkpoint that came from elsewhere.
+
+    Returns:
+        The number of parameters with state.
+    """
+    commit = verify(path, key)
+    groups = read_param_groups(commit)
+    ids = _state_ids(commit.metadata())
+    state: dict[int, Any] = {}
+    batches = [ids[i : i + 64] for i in range(0, len(ids), 64)]
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc="export", unit="batch")
+    for batch in batches:
+        state.update(read_params_state(commit, batch))
+    for group in groups:
+        group["params"] = [int(p) for p in group["params"]]
+    torch.save({"state": state, "param_groups": groups}, out)
+    return len(state)
+
+
+# ----- the save and load protocols, driven from the proxy -------------------------------------
