@@ -26,6 +26,7 @@ from shardopt.errors import (
     GroupTimeoutError,
     OptimizerClosedError,
     PlacementError,
+    QuotaExceededError,
     ShardoptError,
     ShardUnavailableError,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "NAdam",
     "OptimizerClosedError",
     "PlacementError",
+    "QuotaExceededError",
     "RAdam",
     "RMSprop",
     "Rprop",

@@ -28,6 +28,11 @@ class PlacementError(ShardoptError):
     """The cluster cannot place the shards as asked; the message says what to change."""
 
 
+class QuotaExceededError(ShardoptError, MemoryError):
+    """A gateway refused a request over one of its limits (a token's quota, the gateway's bytes,
+    a session's shards); nothing was allocated or changed."""
+
+
 ERROR_TYPE_KEY = "shardopt-error-type"
 """gRPC trailing metadata naming the exception type, so the remote client raises the same."""
 
@@ -37,6 +42,7 @@ GRPC_STATUS: dict[type[BaseException], str] = {
     ShardUnavailableError: "UNAVAILABLE",
     OptimizerClosedError: "FAILED_PRECONDITION",
     PlacementError: "FAILED_PRECONDITION",
+    QuotaExceededError: "RESOURCE_EXHAUSTED",
     PermissionError: "UNAUTHENTICATED",
     MemoryError: "RESOURCE_EXHAUSTED",
     FileNotFoundError: "NOT_FOUND",

@@ -18,6 +18,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import shardopt
+from shardopt.admission import token_scope
 from shardopt.gateway import serve
 from shardopt.proto import pb, rpc
 
@@ -67,7 +68,8 @@ def test_serve_command_trains_a_client_and_shuts_down_gracefully(tmp_path):
         opt.step()
         assert not torch.equal(model.weight, before)
         opt.save_checkpoint("demo/step-1")
-        assert (tmp_path / "ckpt" / "demo" / "step-1" / ".metadata").exists()
+        saved = tmp_path / "ckpt" / token_scope(TOKEN) / "demo" / "step-1"  # the token's own
+        assert (saved / ".metadata").exists()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         assert "shutting down" in process.stdout.read()
@@ -148,6 +150,6 @@ def test_graceful_stop_lets_calls_in_flight_finish_and_closes_sessions():
         stepping.join(30)
         stopping.join(30)
     assert isinstance(outcome.get("error"), shardopt.GroupTimeoutError)
-    assert gateway.servicer._sessions == {}
+    assert len(gateway.servicer.sessions) == 0
     with pytest.raises(shardopt.ShardUnavailableError):
         opt.step()
