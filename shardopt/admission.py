@@ -111,12 +111,14 @@ def check_hyperparameters(optimizer_class: type, options: dict[str, Any]) -> dic
         TypeError: a value that is not plain data.
     """
     allowed = constructor_options(optimizer_class)
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        named = ", ".join(repr(k) for k in unknown)
+        raise ValueError(
+            f"unknown hyperparameter{'s' if len(unknown) > 1 else ''} {named} for "
+            f"{optimizer_class.__name__}; accepted: {', '.join(sorted(allowed))}"
+        )
     for key, value in options.items():
-        if key not in allowed:
-            raise ValueError(
-                f"unknown hyperparameter {key!r} for {optimizer_class.__name__}; accepted: "
-                f"{', '.join(sorted(allowed))}"
-            )
         _plain(value, f"hyperparameter {key!r}")
     return dict(options)
 
