@@ -81,7 +81,7 @@ def constructor_options(optimizer_class: type) -> frozenset[str]:
 
 def _plain(value: Any, where: str) -> Any:
     """``value`` if it is plain data: None, a bool, an int, a float, a short string, or a short
-    list/tuple of numbers.
+    list/tuple of numbers (and None: Adafactor's ``eps`` is ``(None, 1e-3)``).
 
     Raises:
         TypeError: anything else (dicts, tensors, nested sequences).
@@ -97,7 +97,7 @@ def _plain(value: Any, where: str) -> Any:
         if len(value) > MAX_SEQUENCE:
             raise ValueError(f"{where}: {len(value)} items (at most {MAX_SEQUENCE})")
         for item in value:
-            if not isinstance(item, (bool, int, float)):
+            if item is not None and not isinstance(item, (bool, int, float)):
                 raise TypeError(f"{where}: a sequence may hold numbers only, not {item!r}")
         return value
     raise TypeError(f"{where}: {type(value).__name__} values are not accepted (plain data only)")
