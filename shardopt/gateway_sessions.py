@@ -43,6 +43,8 @@ class Session:
     staged: Hold | None = None
     """The ledger's hold on the staged gradients' bytes, until a step consumes them."""
     steps: int = 0
+    closed: bool = False
+    """Set (under ``lock``) once the session is closed: nothing may be staged or added."""
     active: int = 0
     """Calls using the session now (an idle session has none)."""
     last_used: float = field(default_factory=time.monotonic)
@@ -51,6 +53,11 @@ class Session:
         """(dtype, shape) of the parameters (all, or those at ``indices``)."""
         chosen = self.params if indices is None else [self.params[i] for i in indices]
         return [(p.dtype, tuple(p.shape)) for p in chosen]
+
+    def check_open(self) -> None:
+        """Raises KeyError (NOT_FOUND) if the session was closed (call with ``lock`` held)."""
+        if self.closed:
+            raise KeyError(f"no session {self.session_id!r} (closed while the call was running)")
 
     def unstage(self) -> None:
         """Drops the staged gradients (call with ``lock`` held)."""
@@ -125,6 +132,7 @@ class SessionTable:
     def _close(self, session: Session) -> None:
         try:
             with session.lock:
+                session.closed = True
                 session.unstage()
                 session.optimizer.close()
         finally:

@@ -275,6 +275,9 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                 held.release()
                 raise
             with session.lock:
+                if session.closed:
+                    held.release()
+                    session.check_open()
                 session.unstage()
                 for i, grad in zip(indices, grads):
                     session.params[i].grad = grad
@@ -394,6 +397,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             try:
                 values = _receive(receiver, requests)
                 with session.lock:
+                    session.check_open()  # else the bytes it grew by would never be given back
                     optimizer.add_param_group({**options, "params": values})
                     session.params.extend(values)
                     session.names.extend(names)
