@@ -29,7 +29,8 @@ primaries. Two parts per size:
    to its return (the step committed on the promoted replica):
 
    * killed between steps: ``ray.kill(opt.backend.handles[0].host)`` just before the step;
-   * dies in flight: ``shardopt.testing.inject_fault(..., "after_step")`` on the primary, whose process exits after
+   * dies in flight: ``shardopt.testing.inject_fault(..., "after_step")`` on the primary, whose
+     process exits after
      applying the step and before answering; the failing step is timed alone.
 
    The failing step is compared with the normal steps before it; the table also shows what the

@@ -30,6 +30,7 @@ from shardopt.core.errors import (
     OptimizerClosedError,
     PartialStepError,
     PlacementError,
+    QuotaExceededError,
     ShardoptError,
     ShardUnavailableError,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "OptimizerClosedError",
     "PartialStepError",
     "PlacementError",
+    "QuotaExceededError",
     "RAdam",
     "RMSprop",
     "Rprop",

@@ -15,8 +15,12 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from shardopt import __version__
+
+if TYPE_CHECKING:
+    from shardopt.gateway.quotas import Limits
 
 Subparsers = argparse._SubParsersAction
 """What ``ArgumentParser.add_subparsers()`` returns; each ``_add_<name>`` adds a parser to it."""
@@ -70,6 +74,40 @@ def _checkpoint_key(args: argparse.Namespace) -> bytes | None:
         return read_key(path)
     except (OSError, ValueError) as err:
         raise SystemExit(f"shardopt: {err}") from None
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _resources(text: str) -> dict[str, float]:
+    """``CPU=1,GPU=0.5`` as a dict."""
+    bundle = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        try:
+            bundle[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected KEY=NUMBER[,KEY=NUMBER...], got {text!r}")
+    return bundle
 
 
 # ----- shardopt demo ------------------------------------------------------------------------
@@ -238,9 +276,11 @@ def _add_serve(subparsers: Subparsers) -> None:
             "shardopt's optimizer service (protos/shardopt/v1) on HOST:PORT, with gRPC health "
             "checking and reflection. Clients use shardopt.<Name>(params, ..., "
             "address='HOST:PORT', token=...). Every call needs a bearer token from "
-            "--token-file unless --no-auth is given. SIGTERM or Ctrl-C shut down gracefully: "
+            "--token-file unless --no-auth is given; token holders are tenants, each held to "
+            "the quotas below (see SECURITY.md). SIGTERM or Ctrl-C shut down gracefully: "
             "health turns NOT_SERVING, calls in flight get --grace seconds, sessions close. "
-            "Prints 'serving on HOST:PORT' once ready."
+            "Prints 'serving on HOST:PORT' once ready. An embedded Ray (no --ray-address) "
+            "needs Ray's token auth: Ray listens on all interfaces, whatever --host says."
         ),
     )
     parser.add_argument(
@@ -263,17 +303,13 @@ def _add_serve(subparsers: Subparsers) -> None:
     )
     _add_key_file(parser, "sign every checkpoint saved and load only checkpoints signed with it")
     parser.add_argument(
-        "--max-session-gib",
-        type=_positive_float,
-        default=8.0,
-        help="largest parameter size one session may declare, GiB (default: %(default)s)",
-    )
-    parser.add_argument(
         "--max-workers",
         type=_positive_int,
         default=64,
-        help="threads serving calls; a waiting sync group step holds one (default: %(default)s)",
+        help="threads serving calls; a waiting sync group step holds one; must exceed "
+        "--max-calls-per-token by 8 (kept for health checks) (default: %(default)s)",
     )
+    _add_limits(parser)
     parser.add_argument(
         "--grace",
         type=_positive_float,
@@ -283,22 +319,119 @@ def _add_serve(subparsers: Subparsers) -> None:
     parser.set_defaults(handler=_run_serve)
 
 
+def _add_limits(parser: argparse.ArgumentParser) -> None:
+    """The flags of :class:`shardopt.gateway.quotas.Limits` and of the operator's shard settings."""
+    from shardopt.gateway.quotas import GiB, Limits
+
+    d = Limits()
+    limits = parser.add_argument_group(
+        "limits and quotas", "what the gateway holds, and what one token (a tenant) may hold"
+    )
+    for flag, kind, default, text in (
+        ("--max-session-gib", _positive_float, d.max_session_bytes / GiB,
+         "largest parameter size one session may declare, GiB"),
+        ("--max-total-gib", _positive_float, d.max_total_bytes / GiB,
+         "parameter bytes of all sessions together, GiB"),
+        ("--max-buffered-gib", _positive_float, d.max_buffered_bytes / GiB,
+         "bytes all streams in flight may hold together (declared sizes, counted before "
+         "anything is allocated), GiB"),
+        ("--max-token-gib", _positive_float, d.max_token_bytes / GiB,
+         "one token's session parameters plus its streams in flight, GiB"),
+        ("--max-sessions", _positive_int, d.max_sessions, "open sessions in all"),
+        ("--max-sessions-per-token", _positive_int, d.max_sessions_per_token,
+         "open sessions per token"),
+        ("--max-calls-per-token", _positive_int, d.max_calls_per_token,
+         "calls (streams and unary calls) one token may have in flight; a sync group of N "
+         "workers under one token needs N"),
+        ("--stream-idle-timeout", _positive_float, d.stream_idle_timeout_s,
+         "seconds a stream may wait for its client's next message before it is cancelled"),
+        ("--stream-timeout", _positive_float, d.stream_timeout_s,
+         "seconds a stream may wait for its client in all"),
+        ("--session-idle-timeout", _non_negative_float, d.session_idle_timeout_s,
+         "seconds after which an unused session is closed and its shards released (0: never)"),
+    ):  # fmt: skip
+        limits.add_argument(flag, type=kind, default=default, help=f"{text} (default: %(default)s)")
+    shards = parser.add_argument_group(
+        "shards", "the operator's choices for every session's shards (clients cannot set them)"
+    )
+    shards.add_argument(
+        "--max-shards",
+        type=_positive_int,
+        help="shards one session may have (default: the cluster's GPUs, or its CPUs where it "
+        "has no GPU, counted when a session opens)",
+    )
+    shards.add_argument(
+        "--idle-shard-hosts",
+        type=_non_negative_int,
+        help="idle shard host processes kept for reuse after sessions close; the others end "
+        "(default: one per node or GPU)",
+    )
+    shards.add_argument(
+        "--placement",
+        choices=("none", "STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK"),
+        default="none",
+        help="Ray placement strategy for shard groups' shards, each reserving "
+        "--shard-resources in a placement group (default: %(default)s)",
+    )
+    shards.add_argument(
+        "--shard-resources",
+        type=_resources,
+        metavar="KEY=N[,KEY=N]",
+        help="what each shard of a shard group reserves under --placement (default: CPU=1)",
+    )
+
+
+def _limits_of(args: argparse.Namespace) -> Limits:
+    from shardopt.gateway.quotas import GiB, Limits
+
+    return Limits(
+        max_session_bytes=int(args.max_session_gib * GiB),
+        max_total_bytes=int(args.max_total_gib * GiB),
+        max_buffered_bytes=int(args.max_buffered_gib * GiB),
+        max_token_bytes=int(args.max_token_gib * GiB),
+        max_sessions=args.max_sessions,
+        max_sessions_per_token=args.max_sessions_per_token,
+        max_calls_per_token=args.max_calls_per_token,
+        stream_idle_timeout_s=args.stream_idle_timeout,
+        stream_timeout_s=args.stream_timeout,
+        session_idle_timeout_s=args.session_idle_timeout or None,
+        max_shards=args.max_shards,
+        idle_shard_hosts=args.idle_shard_hosts,
+    )
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     import os
     import signal
     import threading
 
-    from shardopt.auth import read_tokens
-    from shardopt.gateway import Limits, serve
+    from shardopt.gateway import serve
+    from shardopt.gateway.auth import read_tokens, weak_token_reason
 
     if not args.token_file and not args.no_auth:
         print("shardopt serve: give --token-file, or --no-auth for an unauthenticated server")
         return 2
-    tokens = read_tokens(args.token_file) if args.token_file else None
+    embedded = not (args.ray_address or os.environ.get("RAY_ADDRESS"))
+    ray_token = os.environ.get("RAY_AUTH_TOKEN")
+    refusal = None
+    if embedded and os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        refusal = (
+            f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: the embedded Ray listens on all "
+            "interfaces and must use Ray's token auth (unset RAY_AUTH_MODE, or give "
+            "--ray-address)"
+        )
+    elif ray_token is not None and (reason := weak_token_reason(ray_token)) is not None:
+        refusal = f"RAY_AUTH_TOKEN is refused: {reason}"
+    try:
+        tokens = read_tokens(args.token_file) if args.token_file else None
+    except (OSError, ValueError) as err:
+        refusal = refusal or str(err)
+    if refusal is not None:
+        print(f"shardopt serve: {refusal}")
+        return 2
     checkpoint_key = _checkpoint_key(args)
     if args.ray_address:
         os.environ["RAY_ADDRESS"] = args.ray_address
-    limits = Limits(max_session_bytes=int(args.max_session_gib * 2**30))
     gateway = serve(
         args.host,
         args.port,
@@ -307,8 +440,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         checkpoint_dir=args.checkpoint_dir,
         checkpoint_key=checkpoint_key,
-        limits=limits,
+        limits=_limits_of(args),
         max_workers=args.max_workers,
+        placement=None if args.placement == "none" else args.placement,
+        shard_resources=args.shard_resources,
     )
     stopping = threading.Event()
 

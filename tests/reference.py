@@ -1,10 +1,10 @@
 """Plain torch optimizers that run as shardopt's shards do, for bit-exact comparisons.
 
-shardopt's shards run Adam/AdamW with torch's fused kernel when the user chose neither ``fused``
-nor ``foreach`` (``shardopt.actor.shard.fuses_by_default``), while ``param_groups`` and ``state_dict``
-keep showing the user's choice (``fused: None``). :func:`run_as_shards` gives a torch optimizer
-the same behaviour through its public hooks, so tests can demand identical numbers (under a
-GradScaler too: like torch's own fused optimizers, it then takes the scale into the kernel).
+shardopt's shards run Adam/AdamW with torch's fused kernel when the user chose neither ``fused`` nor
+``foreach`` (``shardopt.actor.shard.fuses_by_default``), while ``param_groups`` and ``state_dict``
+keep showing the user's choice (``fused: None``). :func:`run_as_shards` gives a torch optimizer the
+same behaviour through its public hooks, so tests can demand identical numbers (under a GradScaler
+too: like torch's own fused optimizers, it then takes the scale into the kernel).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from shardopt.checkpoint.integrity import (
     read_key,
 )
 from shardopt.gateway import serve
+from shardopt.gateway.admission import token_scope
 
 KEY = bytes.fromhex("6b1f0c9d2e8a4b7f90d1c3e5a7b9f2d4c6e8a0b2d4f6a8c0e2b4d6f8a0c2e4f6")
 OTHER_KEY = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeeff0")
@@ -376,7 +377,8 @@ def gateway(request, tmp_path_factory):
         checkpoint_dir=str(root),
         checkpoint_key=KEY if request.param == "keyed" else None,
     )
-    yield gw, root, request.param == "keyed"
+    # the token's own directory: a token's checkpoint paths live under it
+    yield gw, root / token_scope(TOKEN), request.param == "keyed"
     gw.stop(1)
 
 
@@ -415,6 +417,7 @@ def test_keyed_gateway_loads_only_checkpoints_it_signed(gateway):
     model = make_model()
     outsider = shardopt.AdamW(model.parameters(), lr=9.0, num_shards=1)
     train_step(model, outsider, 0)
+    root.mkdir(exist_ok=True)
     outsider.save_checkpoint(root / "outsider-plain")
     outsider.save_checkpoint(root / "outsider-other-key", key=OTHER_KEY)
     outsider.close()

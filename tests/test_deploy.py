@@ -30,6 +30,7 @@ import torch
 import yaml
 
 import shardopt
+from shardopt.gateway.admission import token_scope
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:[-?])([^}]*))?\}")
@@ -83,6 +84,7 @@ class LocalCompose:
             "SHARDOPT_PORT": str(free_port()),
             "RAY_OBJECT_STORE_BYTES": str(100 * 2**20),
             "RAY_NODE_CPUS": "2",
+            "SHARDOPT_PLACEMENT": "STRICT_SPREAD",  # the operator's: one shard per node
         }
         self.token_file = tmp / "shardopt_tokens"
         self.token_file.write_text(self.variables["SHARDOPT_TOKEN"] + "\n")
@@ -194,13 +196,14 @@ def test_the_compose_services_train_a_remote_client_and_shut_down(stack):
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     twin = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     twin.load_state_dict(model.state_dict())
-    # One shard on each CPU node (the gateway's node has none): the workers must have joined.
+    # One shard on each CPU node (SHARDOPT_PLACEMENT=STRICT_SPREAD; the gateway's node has
+    # none): the workers must have joined.
     deadline = time.monotonic() + 120
     while True:
         try:
             opt = shardopt.AdamW(
                 model.parameters(), lr=0.01, address=address, token=token, group="deploy",
-                world_size=1, rank=0, num_shards=3, placement="STRICT_SPREAD",
+                world_size=1, rank=0, num_shards=3,
             )  # fmt: skip
             break
         except shardopt.PlacementError:
@@ -217,7 +220,7 @@ def test_the_compose_services_train_a_remote_client_and_shut_down(stack):
     for got, want in zip(model.parameters(), twin.parameters()):
         assert torch.equal(got, want)
     opt.save_checkpoint("deploy/step-3")
-    assert (stack.checkpoints / "deploy" / "step-3" / ".metadata").exists()
+    assert (stack.checkpoints / token_scope(token) / "deploy" / "step-3" / ".metadata").exists()
     opt.close()
 
     assert stack.stop("gateway", grace=60) == 0, stack.log("gateway")

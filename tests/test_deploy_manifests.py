@@ -427,6 +427,27 @@ def test_compose_gateway_publishes_the_serve_port(services, gateway_serve):
     assert gateway_serve["port"] in published
 
 
+def test_compose_gateway_publishes_on_loopback_by_default(services, gateway_serve):
+    """The port is plaintext gRPC unless TLS is added: published on the host's loopback."""
+    assert not gateway_serve["tls_cert"]
+    for port in with_defaults(services["gateway"].get("ports", [])):
+        host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).rsplit(":", 2)[0]
+        assert host_ip == "127.0.0.1", f"published beyond loopback by default: {port!r}"
+
+
+def test_env_example_tokens_are_refused_as_placeholders():
+    """A copy of env.example with its secrets unchanged must not serve."""
+    from shardopt.gateway.auth import weak_token_reason
+
+    values = dict(
+        line.split("=", 1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
+    for name in ("SHARDOPT_TOKEN", "RAY_AUTH_TOKEN"):
+        assert weak_token_reason(values[name]) is not None, name
+
+
 def test_compose_gateway_checkpoint_volume(compose, services, gateway_serve):
     mounts = {}
     for volume in services["gateway"].get("volumes", []):

@@ -12,6 +12,18 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
+from gateway_helpers import (
+    OTHER_TOKEN,
+    TOKEN,
+    auth,
+    chunk,
+    code_of,
+    guarded_victim,
+    open_session,
+    pull,
+    push,
+    state_of,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from reference import run_as_shards
 
@@ -20,16 +32,16 @@ from shardopt.core import wire
 from shardopt.core.proto import pb, rpc, tensors_pb
 from shardopt.gateway import Limits, serve
 
-TOKEN = "token-of-client-a-0123456789"
-OTHER_TOKEN = "token-of-client-b-9876543210"
-
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     gw = serve(
         "127.0.0.1", 0, tokens=[TOKEN, OTHER_TOKEN],
         checkpoint_dir=str(tmp_path_factory.mktemp("gateway-ckpt")),
-        limits=Limits(max_session_bytes=64 << 20),
+        # the 16-client load test runs 16 sessions (and calls) of one token at once; hosts stay
+        # pooled between the tests' sessions
+        limits=Limits(max_session_bytes=64 << 20, max_sessions_per_token=32,
+                      max_calls_per_token=24, idle_shard_hosts=4),
     )  # fmt: skip
     yield gw
     gw.stop(1)
@@ -44,10 +56,6 @@ def address(gateway):
 def stub(address):
     with grpc.insecure_channel(address) as channel:
         yield rpc.OptimizerServiceStub(channel)
-
-
-def auth(token=TOKEN):
-    return (("authorization", f"Bearer {token}"),)
 
 
 def model_and_copy(seed=0):
@@ -210,63 +218,6 @@ def test_sync_group_over_grpc_equals_one_worker(address):
 # ----- auth and isolation -------------------------------------------------------------------
 
 
-def open_session(stub, params, token=TOKEN, optimizer="SGD", **spec):
-    spec = pb.SessionSpec(
-        optimizer=optimizer,
-        hyperparameters=wire.encode_options({"lr": 0.1}),
-        params=[wire.spec_of(p) for p in params],
-        **spec,
-    )
-
-    def requests():
-        yield pb.OpenSessionRequest(spec=spec)
-        for chunk in wire.tensor_chunks(params):
-            yield pb.OpenSessionRequest(chunk=chunk)
-
-    return stub.OpenSession(requests(), metadata=auth(token))
-
-
-def push(stub, session_id, grads, indices=None, specs=None, chunks=None, token=TOKEN):
-    indices = list(range(len(grads))) if indices is None else indices
-    header = pb.PushGradientsHeader(
-        session_id=session_id, params=indices,
-        grads=specs if specs is not None else [wire.spec_of(g) for g in grads],
-    )  # fmt: skip
-
-    def requests():
-        yield pb.PushGradientsRequest(header=header)
-        for chunk in chunks if chunks is not None else wire.tensor_chunks(grads):
-            yield pb.PushGradientsRequest(chunk=chunk)
-
-    return stub.PushGradients(requests(), metadata=auth(token))
-
-
-def pull(stub, session_id, token=TOKEN):
-    answers = list(
-        stub.PullParameters(pb.PullParametersRequest(session_id=session_id), metadata=auth(token))
-    )
-    receiver = wire.TensorReceiver(list(answers[0].header.params), 1 << 30)
-    for answer in answers[1:]:
-        receiver.add(answer.chunk)
-    return receiver.finish()
-
-
-def state_of(stub, session_id):
-    answers = list(
-        stub.GetStateDict(pb.GetStateDictRequest(session_id=session_id), metadata=auth())
-    )
-    receiver = wire.TensorReceiver(list(answers[0].header.tensors), 1 << 30)
-    for answer in answers[1:]:
-        receiver.add(answer.chunk)
-    return wire.decode_value(answers[0].header.state_dict, receiver.finish())
-
-
-def code_of(call):
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value.code()
-
-
 def test_missing_or_wrong_token_is_unauthenticated(stub):
     params = [torch.ones(3)]
     request = pb.SessionRef(session_id="whatever")
@@ -301,29 +252,8 @@ def test_sessions_and_groups_are_isolated_between_tokens(stub):
 @pytest.fixture
 def victim(stub):
     """A session with state, and a bystander session; both must survive every bad request."""
-    params = [torch.arange(6.0).reshape(2, 3), torch.ones(4)]
-    session = open_session(stub, params, optimizer="Adam")
-    push(stub, session.session_id, [torch.ones(2, 3), torch.ones(4)])
-    stub.Step(pb.StepRequest(session_id=session.session_id), metadata=auth())
-    bystander = open_session(stub, [torch.zeros(3)], token=OTHER_TOKEN)
-    before = (pull(stub, session.session_id), state_of(stub, session.session_id))
-    yield session.session_id
-    after = (pull(stub, session.session_id), state_of(stub, session.session_id))
-    for got, want in zip(after[0], before[0]):
-        assert torch.equal(got, want)
-    assert after[1]["state"].keys() == before[1]["state"].keys()
-    for pid, state in before[1]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(after[1]["state"][pid][key], value)
-    # the bystander still steps
-    push(stub, bystander.session_id, [torch.ones(3)], token=OTHER_TOKEN)
-    stub.Step(pb.StepRequest(session_id=bystander.session_id), metadata=auth(OTHER_TOKEN))
-    stub.CloseSession(pb.SessionRef(session_id=session.session_id), metadata=auth())
-    stub.CloseSession(pb.SessionRef(session_id=bystander.session_id), metadata=auth(OTHER_TOKEN))
-
-
-def chunk(index, offset, data):
-    return tensors_pb.TensorChunk(index=index, offset=offset, data=data)
+    with guarded_victim(stub) as guarded:
+        yield guarded.session_id
 
 
 BAD_PUSHES = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -15,15 +16,28 @@ import grpc
 import pytest
 import ray
 import torch
+from gateway_helpers import (
+    OTHER_TOKEN,
+    auth,
+    close_session,
+    code_of,
+    guarded_victim,
+    open_session,
+    push,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import shardopt
 from shardopt.checkpoint.format import verify
 from shardopt.checkpoint.integrity import KEY_ENV, read_key
+from shardopt.core import wire
 from shardopt.core.proto import pb, rpc
 from shardopt.gateway import serve
+from shardopt.gateway.admission import token_scope
 
 TOKEN = "serve-test-token-0123456789"
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def wait_for_line(process: subprocess.Popen, prefix: str, timeout: float = 120) -> str:
@@ -73,13 +87,117 @@ def test_serve_command_trains_a_client_and_shuts_down_gracefully(tmp_path):
         opt.step()
         assert not torch.equal(model.weight, before)
         opt.save_checkpoint("demo/step-1")
-        assert (tmp_path / "ckpt" / "demo" / "step-1" / ".metadata").exists()
-        verify(tmp_path / "ckpt" / "demo" / "step-1", key=read_key(key_file))  # signed
+        saved = tmp_path / "ckpt" / token_scope(TOKEN) / "demo" / "step-1"  # the token's own
+        assert (saved / ".metadata").exists()
+        verify(saved, key=read_key(key_file))  # signed
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         assert "shutting down" in process.stdout.read()
         with pytest.raises(shardopt.ShardUnavailableError):
             opt.step()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def env_example() -> dict[str, str]:
+    lines = (ROOT / "deploy" / "env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def test_serve_refuses_placeholder_tokens(tmp_path):
+    """deploy/env.example's token, copied unchanged, keeps the gateway from starting."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text(env_example()["SHARDOPT_TOKEN"] + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "shardopt", "serve", "--port", "0", "--token-file", str(tokens)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "placeholder" in result.stdout and "serving on" not in result.stdout
+
+
+def test_serve_refuses_an_embedded_ray_without_token_auth_or_a_placeholder_ray_token(
+    tmp_path, monkeypatch, capsys
+):
+    """An embedded Ray listens on all interfaces: it must keep Ray's token auth; and Ray's
+    token must not be env.example's placeholder either (both checked before Ray starts)."""
+    from shardopt.cli import main
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert main(["serve", "--port", "0", "--token-file", str(tokens)]) == 2
+    assert "RAY_AUTH_MODE=disabled" in capsys.readouterr().out
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", env_example()["RAY_AUTH_TOKEN"])
+    argv = ["serve", "--port", "0", "--token-file", str(tokens), "--ray-address", "127.0.0.1:1"]
+    assert main(argv) == 2
+    assert "RAY_AUTH_TOKEN is refused" in capsys.readouterr().out
+    assert "RAY_ADDRESS" not in os.environ  # refused before anything was set up
+
+
+def test_serve_flags_hold_a_tenant_to_its_quotas(tmp_path):
+    """A real `shardopt serve` with tight flags: an attacker's option injection, shard count,
+    second session and idle stream are refused or cut off, its unused session expires, and a
+    victim and a bystander of other tokens are untouched and keep stepping."""
+    attacker = "serve-test-attacker-0123456789"
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"{TOKEN}\n{OTHER_TOKEN}\n{attacker}\n")
+    marker = tmp_path / "marker"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "shardopt", "serve", "--port", "0",
+            "--token-file", str(token_file), "--ray-address", ray.get_runtime_context().gcs_address,
+            "--max-shards", "1", "--max-sessions-per-token", "1", "--max-calls-per-token", "2",
+            "--max-workers", "16", "--stream-idle-timeout", "1", "--session-idle-timeout", "3",
+            "--idle-shard-hosts", "1", "--grace", "1",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        address = wait_for_line(process, "serving on ").removeprefix("serving on ")
+        with grpc.insecure_channel(address) as channel:
+            stub = rpc.OptimizerServiceStub(channel)
+            with guarded_victim(stub, TOKEN, OTHER_TOKEN) as victim:
+                payload = {"runtime_env": {"py_executable": f"$(touch {marker}) python"}}
+                injected = {"lr": 0.1, "actor_options": payload}
+                attack = lambda **kw: open_session(stub, [torch.ones(2)], attacker, **kw)  # noqa: E731
+                assert code_of(lambda: attack(hyperparameters=injected)) == INVALID
+                assert code_of(lambda: attack(num_shards=2)) == EXHAUSTED
+                session = attack().session_id
+                assert code_of(attack) == EXHAUSTED  # one session per token
+                header = pb.PushGradientsHeader(
+                    session_id=session, params=[0], grads=[wire.spec_of(torch.ones(2))]
+                )
+                release = threading.Event()
+
+                def idle():
+                    yield pb.PushGradientsRequest(header=header)
+                    release.wait(30)
+
+                started = time.monotonic()
+                assert code_of(lambda: stub.PushGradients(idle(), metadata=auth(attacker))) == (
+                    grpc.StatusCode.CANCELLED
+                )
+                assert time.monotonic() - started < 10
+                release.set()
+                unused = time.monotonic()
+                while time.monotonic() - unused < 4.5:  # --session-idle-timeout 3, and more
+                    victim.snapshot()  # the victim's and the bystander's are in use
+                    victim.bystander_steps()
+                    time.sleep(0.5)
+                expired = lambda: push(stub, session, [torch.ones(2)], token=attacker)  # noqa: E731
+                assert code_of(expired) == grpc.StatusCode.NOT_FOUND
+                close_session(stub, attack().session_id, attacker)  # its quota is free again
+            assert not marker.exists()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
             process.kill()
@@ -155,6 +273,6 @@ def test_graceful_stop_lets_calls_in_flight_finish_and_closes_sessions():
         stepping.join(30)
         stopping.join(30)
     assert isinstance(outcome.get("error"), shardopt.GroupTimeoutError)
-    assert gateway.servicer._sessions == {}
+    assert len(gateway.servicer.sessions) == 0
     with pytest.raises(shardopt.ShardUnavailableError):
         opt.step()

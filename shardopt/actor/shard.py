@@ -299,7 +299,7 @@ class Shard:
         self._last_result = last
 
     def run_vectors(self, program: list[tuple]) -> list[Any]:
-        """Runs a program of named-vector operations (sharded LBFGS); see shardopt.vectors."""
+        """Runs a program of named-vector operations (sharded LBFGS); see shardopt.actor.vectors."""
         return self.vectors.run(program)
 
     # ----- state ------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """Shard groups: many workers attached to one sharded optimizer, found by name.
 
-The :class:`GroupRegistry` is one named, detached Ray actor per cluster (``shardopt-groups`` in
-the ``shardopt`` namespace). The first worker to attach to a group name creates the group: the
-registry starts its shard hosts (:class:`~shardopt.actor.shard_group_host.GroupShardHost`, detached and
-named ``group/<name>/shard/<i>``), placed as the group asks (:mod:`shardopt.actor.placement`), from
-that worker's parameters. Later workers attach if they present the same
+The :class:`GroupRegistry` is one named, detached Ray actor per cluster (``shardopt-groups`` in the
+``shardopt`` namespace). The first worker to attach to a group name creates the group: the registry
+starts its shard hosts (:class:`~shardopt.actor.shard_group_host.GroupShardHost`, detached and named
+``group/<name>/shard/<i>``), placed as the group asks (:mod:`shardopt.actor.placement`), from that
+worker's parameters. Later workers attach if they present the same
 :class:`~shardopt.core.records.GroupSignature` (parameter names, shapes and dtypes, optimizer class,
 hyperparameters, world size, mode...), and get a ``ValueError`` naming the first difference
 otherwise.

@@ -6,7 +6,8 @@ operations locally and returns only partial reductions (dot products, sums, maxi
 proxy combines. A *program* is a list of operations run in order in one call, so a chain of
 elementwise updates followed by one reduction costs one round trip.
 
-Talks to nothing: :class:`shardopt.actor.shard.Shard` owns a store and runs programs the proxy sends.
+Talks to nothing: :class:`shardopt.actor.shard.Shard` owns a store and runs programs the proxy
+sends.
 """
 
 from __future__ import annotations

@@ -47,13 +47,14 @@ _ERROR_TYPES: dict[str, type[BaseException]] = {
         for cls in (
             errors.GroupTimeoutError, errors.ShardUnavailableError,
             errors.OptimizerClosedError, errors.PlacementError, errors.CheckpointInUseError,
+            errors.QuotaExceededError, errors.PartialStepError,
             errors.ShardoptError,
         )
     },
 }  # fmt: skip
 _BY_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: ValueError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: MemoryError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.QuotaExceededError,
     grpc.StatusCode.UNAUTHENTICATED: PermissionError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionError,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.GroupTimeoutError,
@@ -74,7 +75,10 @@ def raised(err: grpc.RpcError) -> BaseException:
 def group_request(
     name: str | None, rank: int | None, config: GroupConfig | None
 ) -> dict[str, Any] | None:
-    """A shard group's options as the gateway's ``GroupOptions`` fields (None: no group)."""
+    """A shard group's options as the gateway's ``GroupOptions`` fields (None: no group).
+
+    Placement is not among them: the gateway's operator decides it.
+    """
     if name is None or config is None:
         return None
     options: dict[str, Any] = {
@@ -82,8 +86,6 @@ def group_request(
         "world_size": config.world_size,
         "rank": rank,
         "mode": config.mode,
-        "placement": config.placement or "",
-        "shard_resources": dict(config.shard_resources),
         "timeout_seconds": config.timeout_s,
     }
     if config.max_staleness is not None:

@@ -1,9 +1,9 @@
 """Sharded LBFGS: torch.optim.LBFGS's algorithm with its flat vectors split across the shards.
 
-torch's LBFGS treats all parameters as one flat vector: every dot product, norm and curvature
-test is global. Here the proxy drives the algorithm and the closure (on the client, exactly as
-often as torch calls it); each shard keeps its slice of every flat vector (the direction, the
-previous gradient, the s/y history) in a :class:`shardopt.actor.vectors.VectorStore` and returns partial
+torch's LBFGS treats all parameters as one flat vector: every dot product, norm and curvature test
+is global. Here the proxy drives the algorithm and the closure (on the client, exactly as often as
+torch calls it); each shard keeps its slice of every flat vector (the direction, the previous
+gradient, the s/y history) in a :class:`shardopt.actor.vectors.VectorStore` and returns partial
 reductions. Only scalars, the gradients pushed in and the parameters pulled back cross the network.
 
 The step is a line-by-line port of ``torch.optim.LBFGS.step`` over :class:`ShardedVector`, and the

@@ -183,6 +183,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "actor_options, shared_memory, overlap, share_params and LBFGS apply to "
                 "optimizers in the Ray cluster; with address=... the gateway decides"
             )
+        if address is not None and (placement is not None or shard_resources is not None):
+            raise ValueError(
+                "with address=..., the gateway's operator places the shards (shardopt serve "
+                "--placement/--shard-resources): placement and shard_resources cannot be set"
+            )
         if isinstance(params, torch.Tensor):
             raise TypeError(
                 "params argument given to the optimizer should be "

@@ -4,7 +4,9 @@ Starting a Ray actor costs seconds (a worker process that imports torch), so sha
 pooled per process and per set of actor options: an optimizer borrows the least-loaded hosts,
 creates its shards on them, and drops its shards when it is closed or collected; the hosts stay
 for the next optimizer. A host can hold shards of several live optimizers (Ray runs one call at a
-time per actor, so they take turns).
+time per actor, so they take turns). The pool never holds more hosts per set of options than the
+largest optimizer alive or past asked for; :meth:`HostPool.set_max_idle` bounds the hosts it keeps
+idle (a gateway does: a closed session's extra hosts are killed, their processes end).
 
 Also :func:`ray_get`, which turns a shard's failure into the shard's own exception (or a
 :class:`~shardopt.core.errors.ShardUnavailableError` for a lost actor).
@@ -64,6 +66,49 @@ class HostPool:
         self._hosts: dict[str, list[Any]] = {}
         self._load: dict[int, int] = {}
         self._keys = itertools.count()
+        self._max_idle: int | None = None
+
+    def set_max_idle(self, count: int | None) -> int | None:
+        """Keeps at most ``count`` idle hosts per set of actor options (None: all of them);
+        the others are killed as they become idle. Returns the previous bound."""
+        if count is not None and count < 0:
+            raise ValueError(f"max idle hosts must be >= 0, got {count}")
+        with self._lock:
+            previous, self._max_idle = self._max_idle, count
+        self._trim()
+        return previous
+
+    def hosts(self) -> list[Any]:
+        """Every pooled host, over every set of actor options."""
+        with self._lock:
+            return [h for hosts in self._hosts.values() for h in hosts]
+
+    def idle_hosts(self) -> int:
+        """Hosts that hold no live optimizer's shards, over every set of actor options."""
+        with self._lock:
+            return sum(
+                1 for hosts in self._hosts.values() for h in hosts if not self._load.get(id(h))
+            )
+
+    def _trim(self) -> None:
+        """Kills the idle hosts beyond the bound (the last started first)."""
+        doomed = []
+        with self._lock:
+            if self._max_idle is None:
+                return
+            for hosts in self._hosts.values():
+                idle = [h for h in hosts if not self._load.get(id(h))]
+                for h in idle[self._max_idle :]:
+                    hosts.remove(h)
+                    self._load.pop(id(h), None)
+                    doomed.append(h)
+        for h in doomed:
+            try:
+                ray.kill(h)
+            except Exception:  # already gone
+                pass
+        if doomed:
+            logger.info("stopped %d idle shard host(s)", len(doomed))
 
     def _reset_if_new_cluster(self) -> None:
         cluster = _cluster_id()
@@ -124,6 +169,7 @@ class HostPool:
             for h in hosts:
                 if self._load.get(id(h), 0) > 0:
                     self._load[id(h)] -= 1
+        self._trim()
 
     def forget(self, host: Any) -> None:
         """Drops a host found dead from the pool (the next acquire starts a replacement)."""
@@ -156,11 +202,10 @@ def ray_get(refs: Any) -> Any:
 
 def drop_shards(hosts: list[Any], keys: list[str]) -> None:
     """Releases an optimizer's shards (run by close() or when the optimizer is collected)."""
+    if ray.is_initialized():
+        for host, key in zip(hosts, keys):
+            try:
+                host.drop.remote(key)
+            except Exception:  # the cluster is going away
+                pass
     host_pool.release(hosts)
-    if not ray.is_initialized():
-        return
-    for host, key in zip(hosts, keys):
-        try:
-            host.drop.remote(key)
-        except Exception:  # the cluster is going away
-            pass

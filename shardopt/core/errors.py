@@ -51,6 +51,11 @@ class CheckpointInUseError(ShardoptError):
     """Another save to the same checkpoint directory is in progress; nothing was written."""
 
 
+class QuotaExceededError(ShardoptError, MemoryError):
+    """A gateway refused a request over one of its limits (a token's quota, the gateway's bytes,
+    a session's shards); nothing was allocated or changed."""
+
+
 ERROR_TYPE_KEY = "shardopt-error-type"
 """gRPC trailing metadata naming the exception type, so the remote client raises the same."""
 
@@ -62,6 +67,7 @@ GRPC_STATUS: dict[type[BaseException], str] = {
     PartialStepError: "ABORTED",
     PlacementError: "FAILED_PRECONDITION",
     CheckpointInUseError: "ABORTED",
+    QuotaExceededError: "RESOURCE_EXHAUSTED",
     PermissionError: "UNAUTHENTICATED",
     MemoryError: "RESOURCE_EXHAUSTED",
     FileNotFoundError: "NOT_FOUND",

@@ -151,6 +151,8 @@ class TensorReceiver:
                 )
             checked.append((dtype, shape, nbytes))
         self._checked = checked
+        self.declared = total
+        """The bytes the specs declare (what :meth:`add` may allocate in all)."""
         self._what = what
         self._names = names
         self._tensors: list[torch.Tensor | None] = [None] * len(checked)

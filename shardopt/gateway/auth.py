@@ -3,8 +3,9 @@
 A token file holds one token per line (blank lines and ``#`` comments ignored). Every call
 must carry ``authorization: Bearer <token>`` metadata matching one of them, compared in
 constant time; health checks and reflection are open. A caller's *principal* is a hash of its
-token: sessions and group names are scoped by it, so one client's token never reaches another
-client's session or group.
+token: sessions, group names and checkpoint directories are scoped by it, so one client's token
+never reaches another client's session, group or checkpoint. Tokens that are short, repetitive
+or still the placeholders of an example file are refused when a gateway starts.
 
 Talks to: grpc (a server interceptor).
 """
@@ -24,18 +25,56 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ANONYMOUS = "anonymous"
 
 
+MIN_TOKEN_LENGTH = 16
+MIN_DISTINCT_CHARACTERS = 8
+PLACEHOLDERS = (
+    "replace-me", "replace_me", "replaceme", "change-me", "change_me", "changeme",
+    "placeholder", "example", "your-token", "your_token", "yourtoken", "secret-here", "<", ">",
+)  # fmt: skip
+"""Words of example files' tokens (``deploy/env.example``): a token holding one is refused."""
+
+
+def weak_token_reason(token: str) -> str | None:
+    """Why ``token`` must not be accepted (a placeholder, short, repetitive), or None."""
+    lowered = token.lower()
+    for word in PLACEHOLDERS:
+        if word in lowered:
+            return f"it looks like a placeholder (it contains {word!r}): generate a real one"
+    if len(token) < MIN_TOKEN_LENGTH:
+        return f"it has {len(token)} characters (at least {MIN_TOKEN_LENGTH})"
+    if len(set(token)) < MIN_DISTINCT_CHARACTERS:
+        return f"it has fewer than {MIN_DISTINCT_CHARACTERS} distinct characters"
+    if any(c.isspace() for c in token):
+        return "it contains white space"
+    return None
+
+
+def check_tokens(tokens: list[str], where: str = "tokens") -> None:
+    """Refuses a token list that is empty or holds a weak token (see :func:`weak_token_reason`).
+
+    Raises:
+        ValueError: saying which token (by position, never its value) and why.
+    """
+    if not tokens:
+        raise ValueError(f"{where}: no tokens")
+    for i, token in enumerate(tokens):
+        reason = weak_token_reason(token)
+        if reason is not None:
+            raise ValueError(
+                f"{where}: token {i + 1} is refused: {reason}. Make one with: python -c "
+                f"'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+
+
 def read_tokens(path: str | os.PathLike) -> list[str]:
     """The tokens of a token file.
 
     Raises:
-        ValueError: the file holds no token, or a token shorter than 16 characters.
+        ValueError: the file holds no token, or a weak one (:func:`check_tokens`).
     """
     with open(path, encoding="utf-8") as f:
         tokens = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
-    if not tokens:
-        raise ValueError(f"{path}: no tokens")
-    if any(len(t) < 16 for t in tokens):
-        raise ValueError(f"{path}: tokens must be at least 16 characters long")
+    check_tokens(tokens, str(path))
     return tokens
 
 

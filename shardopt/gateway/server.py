@@ -1,0 +1,200 @@
+"""The gRPC gateway: shardopt's optimizer service for clients outside the Ray cluster.
+
+:func:`serve` wires the servicer (:class:`shardopt.gateway.servicer.OptimizerGateway`) into a gRPC
+server with health checking, reflection, token auth (:mod:`shardopt.gateway.auth`), call limits and
+stream timeouts (:mod:`shardopt.gateway.call_limits`), TLS and message-size limits, and bounds the
+shard host processes the gateway keeps idle; :meth:`Gateway.stop` shuts down gracefully
+(NOT_SERVING, drain, stop). Requests that protobuf cannot parse become INVALID_ARGUMENT, not
+INTERNAL.
+
+Talks to: Ray (:func:`shardopt.client.runtime.ensure_ray`, the shard host pool); clients over gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shardopt.core import wire
+from shardopt.core.proto import SERVICE_NAME, pb
+from shardopt.gateway.admission import OPTIMIZERS, ShardSettings
+from shardopt.gateway.auth import TokenAuthInterceptor, check_tokens
+from shardopt.gateway.call_limits import CallLimiter
+from shardopt.gateway.quotas import Limits
+from shardopt.gateway.servicer import Malformed, OptimizerGateway
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OPTIMIZERS", "Gateway", "Limits", "OptimizerGateway", "serve"]
+
+
+def _parser(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, RuntimeError, ValueError) as err:
+            return Malformed(err)
+
+    return parse
+
+
+def _method_handlers(servicer: OptimizerGateway) -> grpc.GenericRpcHandler:
+    """The service's handlers, with parsers that turn unparseable bytes into INVALID_ARGUMENT."""
+    service = pb.DESCRIPTOR.services_by_name["OptimizerService"]
+    handlers = {}
+    for method in service.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=_parser(request_class),
+            response_serializer=response_class.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+class Gateway:
+    """A running gateway: its port, and a graceful :meth:`stop`."""
+
+    def __init__(
+        self,
+        server: grpc.Server,
+        servicer: OptimizerGateway,
+        health_servicer: Any,
+        port: int,
+        limiter: CallLimiter,
+        restore_idle_hosts: Callable[[], None],
+    ) -> None:
+        self.server = server
+        self.servicer = servicer
+        self.health = health_servicer
+        self.port = port
+        self.limiter = limiter
+        self._restore_idle_hosts = restore_idle_hosts
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Health NOT_SERVING, then in-flight calls get ``grace`` seconds, then sessions close."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.servicer.stop()
+        self.limiter.watchdog.stop()
+        self.servicer.close_all()
+        self._restore_idle_hosts()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    tokens: list[str] | None = None,
+    tls_cert: str | os.PathLike | None = None,
+    tls_key: str | os.PathLike | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_key: bytes | None = None,
+    limits: Limits | None = None,
+    max_workers: int = 64,
+    placement: str | None = None,
+    shard_resources: dict[str, float] | None = None,
+) -> Gateway:
+    """Starts the gateway (Ray must be reachable: :func:`shardopt.client.runtime.ensure_ray`).
+
+    Args:
+        host, port: where to listen (port 0: any free port, see ``Gateway.port``).
+        tokens: accepted bearer tokens (see :func:`shardopt.gateway.auth.check_tokens`); None serves
+            without authentication.
+        tls_cert, tls_key: PEM files for TLS; without them the port is plaintext.
+        checkpoint_dir: where each token's Save/LoadCheckpoint directory lives (None: refused).
+        checkpoint_key: HMAC key (:func:`shardopt.checkpoint.integrity.read_key`) that signs
+            every checkpoint saved; LoadCheckpoint then loads only checkpoints signed with it.
+            None: checkpoints are checksummed, not signed, and any intact one loads.
+        limits: limits and quotas (defaults: :class:`~shardopt.gateway.quotas.Limits`).
+        max_workers: threads serving calls (sync group steps hold one each while waiting);
+            more than ``limits.max_calls_per_token`` plus
+            :data:`~shardopt.gateway.call_limits.RESERVED_THREADS`.
+        placement, shard_resources: Ray placement strategy and per-shard resources of shard
+            groups' shards (the operator's choice; clients cannot set them).
+
+    Returns:
+        The running :class:`Gateway`.
+
+    Raises:
+        ValueError: a placeholder or short token, inconsistent limits or placement.
+    """
+    from shardopt.client.optimizer import default_num_shards
+    from shardopt.client.runtime import ensure_ray, host_pool
+
+    limits = limits or Limits()
+    if tokens is not None:
+        check_tokens(tokens)
+    shards = ShardSettings(placement, dict(shard_resources or {}))
+    limiter = CallLimiter(limits, max_workers)
+    ensure_ray()
+    servicer = OptimizerGateway(limits, checkpoint_dir, shards, checkpoint_key)
+    idle = limits.idle_shard_hosts
+    previous_idle = host_pool.set_max_idle(default_num_shards() if idle is None else idle)
+    interceptors = ([TokenAuthInterceptor(tokens)] if tokens else []) + [limiter]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="shardopt-rpc"),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", wire.MESSAGE_LIMIT),
+            ("grpc.max_send_message_length", wire.MESSAGE_LIMIT),
+        ],
+    )
+    server.add_generic_rpc_handlers((_method_handlers(servicer),))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{host}:{port}"
+    if tls_cert or tls_key:
+        if not (tls_cert and tls_key):
+            raise ValueError("TLS needs both a certificate and a key")
+        credentials = grpc.ssl_server_credentials(
+            [(pathlib.Path(tls_key).read_bytes(), pathlib.Path(tls_cert).read_bytes())]
+        )
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    servicer.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    if not tokens:
+        logger.warning("gateway on %s:%d serves WITHOUT authentication", host, bound)
+    if checkpoint_dir and checkpoint_key is None:
+        logger.warning(
+            "gateway checkpoints are checksummed but not signed (no --checkpoint-key-file): "
+            "LoadCheckpoint loads any intact checkpoint under %s",
+            checkpoint_dir,
+        )
+    logger.info("gateway serving on %s:%d", host, bound)
+    return Gateway(
+        server,
+        servicer,
+        health_servicer,
+        bound,
+        limiter,
+        lambda: host_pool.set_max_idle(previous_idle),
+    )

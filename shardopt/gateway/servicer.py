@@ -1,0 +1,509 @@
+"""The optimizer service's servicer: each session a ShardedOptimizer over tensors held here.
+
+Each session is a :class:`~shardopt.client.optimizer.ShardedOptimizer` living in the gateway process
+(so the shards, the state_dict format and the all-or-nothing loads are [core]'s own) over parameter
+tensors the gateway holds for the client (:mod:`shardopt.gateway.sessions`). Clients push gradients,
+step and pull parameters through ``protos/shardopt/v1/optimizer.proto``; sessions may be members of
+shard groups (:mod:`shardopt.actor.shard_group_registry`). Token holders are tenants: a session is
+visible only to the token that opened it, group names and checkpoint directories are scoped by the
+token, what a session spec may set is decided by :mod:`shardopt.gateway.admission`, and what a token
+may hold by :mod:`shardopt.gateway.quotas`.
+
+Every stream is checked before it changes anything (:class:`shardopt.core.wire.TensorReceiver`):
+declared sizes against the limits and quotas before any allocation, chunks for order and size
+as they arrive, and a session changes only when the whole stream has arrived. Errors map to one
+status each through :data:`shardopt.core.errors.GRPC_STATUS`; their messages name no server path.
+
+Talks to: the sessions' optimizers (and through them Ray); the ledger; clients over gRPC.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import ray
+import torch
+
+from shardopt.client.optimizer import ShardedOptimizer, default_num_shards
+from shardopt.core import wire
+from shardopt.core.errors import ERROR_TYPE_KEY, GRPC_STATUS, ShardoptError
+from shardopt.core.param_groups import group_options
+from shardopt.core.proto import pb, rpc
+from shardopt.gateway.admission import (
+    NOT_OPTIONS,
+    OPTIMIZERS,
+    ShardSettings,
+    check_group_options,
+    check_group_update,
+    check_param_dtype,
+    checkpoint_path,
+    optimizer_kwargs,
+    param_groups_of,
+)
+from shardopt.gateway.auth import bearer_token, principal_of
+from shardopt.gateway.quotas import Ledger, Limits
+from shardopt.gateway.sessions import Session, SessionTable
+
+logger = logging.getLogger(__name__)
+
+
+class Malformed:
+    """What a request that protobuf could not parse becomes (INVALID_ARGUMENT, not INTERNAL)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _status_of(exc: BaseException) -> grpc.StatusCode:
+    for kind, name in GRPC_STATUS.items():
+        if isinstance(exc, kind):
+            return getattr(grpc.StatusCode, name)
+    return grpc.StatusCode.INTERNAL
+
+
+def _handled(method: Callable) -> Callable:
+    """Maps a servicer method's exceptions to statuses (also for streamed answers)."""
+
+    @functools.wraps(method)
+    def unary(self: OptimizerGateway, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            if isinstance(request, Malformed):
+                raise wire.WireError(f"malformed request: {request.error}")
+            return method(self, request, context)
+        except grpc.RpcError:  # the call was cancelled (by its client or the watchdog)
+            raise
+        except Exception as exc:
+            self._abort(context, exc)
+
+    return unary
+
+
+def _handled_stream(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def stream(self: OptimizerGateway, request: Any, context: grpc.ServicerContext) -> Iterator:
+        try:
+            if isinstance(request, Malformed):
+                raise wire.WireError(f"malformed request: {request.error}")
+            yield from method(self, request, context)
+        except grpc.RpcError:
+            raise
+        except Exception as exc:
+            self._abort(context, exc)
+
+    return stream
+
+
+def _principal(context: grpc.ServicerContext) -> str:
+    return principal_of(bearer_token(context.invocation_metadata()))
+
+
+def _messages(requests: Iterator[Any]) -> Iterator[Any]:
+    for request in requests:
+        if isinstance(request, Malformed):
+            raise wire.WireError(f"malformed message in stream: {request.error}")
+        yield request
+
+
+def _first(requests: Iterator[Any], kind: str) -> Any:
+    first = next(requests, None)
+    if first is None or first.WhichOneof("kind") != kind:
+        raise wire.WireError(f"a stream must start with its {kind}")
+    return getattr(first, kind)
+
+
+def _receive(receiver: wire.TensorReceiver, requests: Iterator[Any]) -> list[torch.Tensor]:
+    for request in requests:
+        if request.WhichOneof("kind") != "chunk":
+            raise wire.WireError(f"expected a chunk, got a {request.WhichOneof('kind')}")
+        receiver.add(request.chunk)
+    return receiver.finish()
+
+
+def _encode_groups(optimizer: ShardedOptimizer) -> list[Any]:
+    groups, start = [], 0
+    for group in optimizer.param_groups:
+        count = len(group["params"])
+        groups.append(
+            pb.ParamGroup(
+                params=list(range(start, start + count)),
+                options=wire.encode_options(group_options(group)),
+            )
+        )
+        start += count
+    return groups
+
+
+class OptimizerGateway(rpc.OptimizerServiceServicer):
+    """The servicer: sessions by id, each a ShardedOptimizer over tensors held here.
+
+    Args:
+        limits: the gateway's limits and quotas.
+        checkpoint_dir: where tokens' checkpoint directories live (None: checkpoints refused).
+        shards: the operator's placement of group shards.
+        checkpoint_key: the HMAC key that signs every checkpoint saved; loads then accept only
+            checkpoints signed with it (None: checksummed, not signed).
+    """
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        checkpoint_dir: str | None = None,
+        shards: ShardSettings | None = None,
+        checkpoint_key: bytes | None = None,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.checkpoint_dir = pathlib.Path(checkpoint_dir).resolve() if checkpoint_dir else None
+        self.checkpoint_key = checkpoint_key  # signs saves; loads need its signature
+        self.shards = shards or ShardSettings()
+        self.ledger = Ledger(self.limits)
+        self.sessions = SessionTable(self.ledger, self.limits.session_idle_timeout_s)
+
+    # ----- sessions ---------------------------------------------------------------------------
+
+    def _use(self, context: grpc.ServicerContext, session_id: str) -> Any:
+        """The caller's session ``session_id``, in use for the ``with`` block."""
+        return self.sessions.use(_principal(context), session_id)
+
+    def _shard_counts(self) -> tuple[int, int]:
+        """(the most shards a session may have, the shards of a session that names none)."""
+        cap = self.limits.max_shards
+        if cap is None:  # the cluster's, now: nodes may have joined since the gateway started
+            resources = ray.cluster_resources()
+            gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+            cap = gpus if gpus >= 1 else max(1, cpus)
+        return cap, min(cap, default_num_shards())
+
+    @_handled
+    def OpenSession(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        requests = _messages(requests)
+        principal = _principal(context)
+        spec = _first(requests, "spec")
+        optimizer_class = OPTIMIZERS.get(spec.optimizer)
+        if optimizer_class is None:
+            raise ValueError(
+                f"unknown optimizer {spec.optimizer!r}; served: {', '.join(sorted(OPTIMIZERS))}"
+            )
+        if len(spec.params) > self.limits.max_params:
+            raise wire.LimitError(
+                f"{len(spec.params)} parameters declared (at most {self.limits.max_params})"
+            )
+        max_shards, default_shards = self._shard_counts()
+        kwargs = optimizer_kwargs(
+            spec, optimizer_class, principal, self.limits, self.shards, max_shards, default_shards
+        )
+        hyperparameters = wire.decode_options(spec.hyperparameters)
+        group_specs = [
+            check_group_options(wire.decode_options(g.options), f"param group {i}")
+            for i, g in enumerate(spec.param_groups)
+        ]
+        for i, options in enumerate(group_specs):
+            check_group_update(optimizer_class, {**hyperparameters, **options}, f"param group {i}")
+        names = [s.name or f"params[{i}]" for i, s in enumerate(spec.params)]
+        receiver = wire.TensorReceiver(
+            list(spec.params), self.limits.max_session_bytes, what="parameter", names=names
+        )
+        for s, n in zip(spec.params, names):
+            check_param_dtype(wire.checked_spec(s, n)[0], n)
+        nbytes = receiver.declared
+        self.ledger.open_session(principal, nbytes)
+        try:
+            params = _receive(receiver, requests)
+            groups = param_groups_of(spec, params, group_specs)
+            optimizer = ShardedOptimizer(groups, optimizer_class, **kwargs)
+        except BaseException:
+            self.ledger.close_session(principal, nbytes)
+            raise
+        session = Session(uuid.uuid4().hex, principal, optimizer, params, names, nbytes)
+        self.sessions.add(session)
+        logger.info(
+            "session %s: %s over %d parameters (%d bytes), %d shards",
+            session.session_id, spec.optimizer, len(params), nbytes, optimizer.num_shards,
+        )  # fmt: skip
+        group = optimizer.group
+        return pb.Session(
+            session_id=session.session_id,
+            param_groups=_encode_groups(optimizer),
+            num_shards=optimizer.num_shards,
+            owners=list(optimizer.plan.owners),
+            created_group=bool(group and group.membership and group.membership.created),
+            state_order=optimizer.backend.state_order,
+        )
+
+    @_handled
+    def CloseSession(self, request: Any, context: grpc.ServicerContext) -> Any:
+        closed = self.sessions.close(_principal(context), request.session_id)
+        return pb.CloseSessionReply(closed=closed)
+
+    def start(self) -> None:
+        """Starts closing sessions unused for ``Limits.session_idle_timeout_s``."""
+        self.sessions.start()
+
+    def stop(self) -> None:
+        """Stops the expiry of idle sessions (they stay open: :meth:`close_all`)."""
+        self.sessions.stop()
+
+    def close_all(self) -> None:
+        """Closes every session (graceful shutdown)."""
+        self.sessions.close_all()
+
+    # ----- stepping ---------------------------------------------------------------------------
+
+    @_handled
+    def PushGradients(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        requests = _messages(requests)
+        header = _first(requests, "header")
+        with self._use(context, header.session_id) as session:
+            indices = list(header.params)
+            if indices != sorted(set(indices)) or any(i >= len(session.params) for i in indices):
+                raise ValueError("gradient indices must be increasing and name declared parameters")
+            receiver = wire.TensorReceiver(
+                list(header.grads),
+                session.nbytes,
+                expected=session.expected(indices),
+                what="gradient",
+                names=[session.names[i] for i in indices],
+            )
+            held = self.ledger.hold(
+                session.principal, receiver.declared, (session.session_id, session.nbytes)
+            )
+            try:
+                grads = _receive(receiver, requests)  # nothing is staged unless all of it arrived
+            except BaseException:
+                held.release()
+                raise
+            with session.lock:
+                if session.closed:
+                    held.release()
+                    session.check_open()
+                session.unstage()
+                for i, grad in zip(indices, grads):
+                    session.params[i].grad = grad
+                session.grads_ready = True
+                session.staged = held  # held until a step consumes them
+        return pb.PushGradientsReply(bytes=receiver.bytes_received)
+
+    @_handled
+    def Step(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._use(context, request.session_id) as session, session.lock:
+            if not session.grads_ready:
+                raise ShardoptError("no gradients staged: call PushGradients before each Step")
+            if request.param_groups:
+                self._update_groups(session, request.param_groups)
+            optimizer = session.optimizer
+            try:
+                optimizer.step()
+            finally:
+                session.unstage()
+            session.steps += 1
+            reply = pb.StepReply(steps=session.steps, state_order=optimizer.backend.state_order)
+            if optimizer.group is not None:
+                for r in optimizer.group.last_push:
+                    push = reply.pushes.add(shard=r.shard_index, read_version=r.read_version)
+                    if r.applied_version is not None:
+                        push.applied_version = r.applied_version
+            return reply
+
+    @_handled_stream
+    def PullParameters(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        with (
+            self._use(context, request.session_id) as session,
+            self.ledger.buffered(session.principal, session.nbytes),
+        ):
+            with session.lock:
+                if session.optimizer.group is not None:
+                    session.optimizer.pull_params()
+                snapshot = [p.detach().clone() for p in session.params]
+            specs = [wire.spec_of(p, n) for p, n in zip(snapshot, session.names)]
+            yield pb.PullParametersReply(header=pb.PullParametersHeader(params=specs))
+            for chunk in wire.tensor_chunks(snapshot):
+                yield pb.PullParametersReply(chunk=chunk)
+
+    @_handled
+    def PushParameters(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        requests = _messages(requests)
+        header = _first(requests, "header")
+        with self._use(context, header.session_id) as session:
+            receiver = wire.TensorReceiver(
+                list(header.params), session.nbytes, expected=session.expected(),
+                what="parameter", names=session.names,
+            )  # fmt: skip
+            upload = (session.session_id, session.nbytes)
+            with self.ledger.buffered(session.principal, receiver.declared, upload):
+                values = _receive(receiver, requests)
+                with session.lock, torch.no_grad():
+                    for p, v in zip(session.params, values):
+                        p.copy_(v)
+                    session.optimizer.push_params()
+        return pb.PushParametersReply(bytes=receiver.bytes_received)
+
+    # ----- param groups -----------------------------------------------------------------------
+
+    def _update_groups(self, session: Session, groups: Any) -> None:
+        optimizer = session.optimizer
+        if len(groups) != len(optimizer.param_groups):
+            raise ValueError(
+                f"{len(groups)} param groups given, the optimizer has {len(optimizer.param_groups)}"
+            )
+        for g, (new, old) in enumerate(zip(groups, _encode_groups(optimizer))):
+            if list(new.params) and list(new.params) != list(old.params):
+                raise ValueError(f"param group {g}: its parameters cannot change")
+        decoded = [
+            check_group_options(wire.decode_options(g.options), f"param group {i}")
+            for i, g in enumerate(groups)
+        ]
+        for i, (group, options) in enumerate(zip(optimizer.param_groups, decoded)):
+            merged = {**group_options(group), **options}
+            check_group_update(optimizer.optimizer_class, merged, f"param group {i}")
+        for group, options in zip(optimizer.param_groups, decoded):  # all checked: now apply
+            group.update(options)
+
+    @_handled
+    def GetParamGroups(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._use(context, request.session_id) as session, session.lock:
+            return pb.ParamGroups(param_groups=_encode_groups(session.optimizer))
+
+    @_handled
+    def UpdateParamGroups(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._use(context, request.session_id) as session, session.lock:
+            self._update_groups(session, request.param_groups)
+            return pb.ParamGroups(param_groups=_encode_groups(session.optimizer))
+
+    @_handled
+    def AddParamGroup(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        requests = _messages(requests)
+        header = _first(requests, "header")
+        with self._use(context, header.session_id) as session:
+            if len(session.params) + len(header.params) > self.limits.max_params:
+                raise wire.LimitError(f"more than {self.limits.max_params} parameters")
+            start = len(session.params)
+            names = [s.name or f"params[{start + i}]" for i, s in enumerate(header.params)]
+            receiver = wire.TensorReceiver(
+                list(header.params), self.limits.max_session_bytes - session.nbytes,
+                what="parameter", names=names,
+            )  # fmt: skip
+            for s, n in zip(header.params, names):
+                check_param_dtype(wire.checked_spec(s, n)[0], n)
+            optimizer = session.optimizer
+            options = check_group_options(
+                wire.decode_options(header.group.options), "the new param group"
+            )
+            merged = {**optimizer.defaults, **options}
+            check_group_update(optimizer.optimizer_class, merged, "the new param group")
+            nbytes = receiver.declared
+            self.ledger.grow_session(session.principal, nbytes)
+            try:
+                values = _receive(receiver, requests)
+                with session.lock:
+                    session.check_open()  # else the bytes it grew by would never be given back
+                    optimizer.add_param_group({**options, "params": values})
+                    session.params.extend(values)
+                    session.names.extend(names)
+                    session.nbytes += nbytes
+            except BaseException:
+                self.ledger.shrink_session(session.principal, nbytes)
+                raise
+            return pb.ParamGroups(param_groups=_encode_groups(optimizer))
+
+    # ----- state dicts and checkpoints --------------------------------------------------------
+
+    @_handled_stream
+    def GetStateDict(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        with self._use(context, request.session_id) as session:
+            with session.lock:
+                state_dict = session.optimizer.state_dict()
+            if request.params:
+                wanted = set(request.params)
+                state = state_dict["state"]
+                state_dict["state"] = {k: v for k, v in state.items() if k in wanted}
+            tensors: list[torch.Tensor] = []
+            structure = wire.encode_value(state_dict, tensors)
+            nbytes = sum(t.numel() * t.element_size() for t in tensors)
+            with self.ledger.buffered(session.principal, nbytes):
+                header = pb.StateDictHeader(
+                    state_dict=structure, tensors=[wire.spec_of(t) for t in tensors]
+                )
+                yield pb.StateDictMessage(header=header)
+                for chunk in wire.tensor_chunks(tensors):
+                    yield pb.StateDictMessage(chunk=chunk)
+
+    @_handled
+    def LoadStateDict(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        requests = _messages(requests)
+        header = _first(requests, "header")
+        with self._use(context, header.session_id) as session:
+            limit = self.limits.upload_budget(session.nbytes)
+            receiver = wire.TensorReceiver(list(header.tensors), limit, what="state tensor")
+            upload = (session.session_id, session.nbytes)
+            with self.ledger.buffered(session.principal, receiver.declared, upload):
+                tensors = _receive(receiver, requests)
+                state_dict = wire.decode_value(header.state_dict, tensors)
+                if not isinstance(state_dict, dict) or set(state_dict) != {
+                    "state",
+                    "param_groups",
+                }:
+                    raise ValueError(
+                        "a state dict is a dict with exactly 'state' and 'param_groups'"
+                    )
+                optimizer = session.optimizer
+                groups = state_dict["param_groups"]
+                if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+                    raise ValueError("a state dict's 'param_groups' is a list of dicts")
+                for i, group in enumerate(groups):
+                    options = {k: v for k, v in group.items() if k not in NOT_OPTIONS}
+                    check_group_update(optimizer.optimizer_class, options, f"param group {i}")
+                with session.lock:
+                    optimizer.load_state_dict(state_dict)
+                    return pb.LoadStateDictReply(state_order=optimizer.backend.state_order)
+
+    def _checkpoint_path(self, principal: str, relative: str) -> pathlib.Path:
+        if self.checkpoint_dir is None:
+            raise PermissionError("this gateway has no checkpoint directory (--checkpoint-dir)")
+        return checkpoint_path(self.checkpoint_dir, principal, relative)
+
+    @_handled
+    def SaveCheckpoint(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._use(context, request.session_id) as session:
+            path = self._checkpoint_path(session.principal, request.path)
+            with session.lock:
+                session.optimizer.save_checkpoint(path, key=self.checkpoint_key)
+        return pb.CheckpointReply(path=request.path)
+
+    @_handled
+    def LoadCheckpoint(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._use(context, request.session_id) as session:
+            path = self._checkpoint_path(session.principal, request.path)
+            with session.lock:
+                session.optimizer.load_checkpoint(path, key=self.checkpoint_key)
+        return pb.CheckpointReply(path=request.path)
+
+    # ----- errors -----------------------------------------------------------------------------
+
+    def _abort(self, context: grpc.ServicerContext, exc: BaseException) -> None:
+        """Ends the call with ``exc``'s status and a message that names no server path."""
+        code = _status_of(exc)
+        if isinstance(exc, wire.LimitError):
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        if code == grpc.StatusCode.INTERNAL:
+            incident = uuid.uuid4().hex[:12]
+            logger.error("gateway: unexpected error (incident %s)", incident, exc_info=exc)
+            message = f"internal error; the gateway's log has the details (incident {incident})"
+        else:
+            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+            message = self._scrub(message)
+        context.set_trailing_metadata(((ERROR_TYPE_KEY, type(exc).__name__),))
+        context.abort(code, message or type(exc).__name__)
+
+    def _scrub(self, message: str) -> str:
+        """``message`` with the checkpoint directory's absolute path taken out."""
+        if self.checkpoint_dir is None:
+            return message
+        root = re.escape(str(self.checkpoint_dir))
+        message = re.sub(root + r"/[^/\s'\"]+/?", "", message)  # a token's own directory
+        return re.sub(root, "<checkpoint-dir>", message)

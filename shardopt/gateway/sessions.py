@@ -1,0 +1,179 @@
+"""The gateway's open sessions: whose each one is, when it was last used, closing and expiry.
+
+A :class:`Session` is a :class:`~shardopt.client.optimizer.ShardedOptimizer` over the parameter
+tensors the gateway holds for one client, with the gradients that client staged. The
+:class:`SessionTable` finds a session for its own token only (another token's is "not found"),
+counts the calls using each, closes a session unused for ``Limits.session_idle_timeout_s`` (from a
+background thread), and gives every closed session's bytes back to the
+:class:`~shardopt.gateway.quotas.Ledger`; closing a session releases its shards (their hosts return
+to the bounded pool of :mod:`shardopt.client.runtime`).
+
+Talks to: the sessions' optimizers (``close()``) and the ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from shardopt.client.optimizer import ShardedOptimizer
+from shardopt.gateway.quotas import Hold, Ledger
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """One client's optimizer, its parameters here, and the gradients it staged."""
+
+    session_id: str
+    principal: str
+    optimizer: ShardedOptimizer
+    params: list[torch.Tensor]
+    names: list[str]
+    nbytes: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    grads_ready: bool = False
+    staged: Hold | None = None
+    """The ledger's hold on the staged gradients' bytes, until a step consumes them."""
+    steps: int = 0
+    closed: bool = False
+    """Set (under ``lock``) once the session is closed: nothing may be staged or added."""
+    active: int = 0
+    """Calls using the session now (an idle session has none)."""
+    last_used: float = field(default_factory=time.monotonic)
+
+    def expected(self, indices: list[int] | None = None) -> list[tuple[torch.dtype, tuple]]:
+        """(dtype, shape) of the parameters (all, or those at ``indices``)."""
+        chosen = self.params if indices is None else [self.params[i] for i in indices]
+        return [(p.dtype, tuple(p.shape)) for p in chosen]
+
+    def check_open(self) -> None:
+        """Raises KeyError (NOT_FOUND) if the session was closed (call with ``lock`` held)."""
+        if self.closed:
+            raise KeyError(f"no session {self.session_id!r} (closed while the call was running)")
+
+    def unstage(self) -> None:
+        """Drops the staged gradients (call with ``lock`` held)."""
+        for p in self.params:
+            p.grad = None
+        self.grads_ready = False
+        if self.staged is not None:
+            self.staged.release()
+            self.staged = None
+
+
+class SessionTable:
+    """Open sessions by id (thread-safe), each visible to its own token only.
+
+    Args:
+        ledger: where sessions' bytes are counted (given back as they close).
+        idle_timeout_s: close sessions unused this long (None: never).
+    """
+
+    def __init__(self, ledger: Ledger, idle_timeout_s: float | None) -> None:
+        self.ledger = ledger
+        self.idle_timeout_s = idle_timeout_s
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def add(self, session: Session) -> None:
+        with self._lock:
+            self._sessions[session.session_id] = session
+
+    @contextmanager
+    def use(self, principal: str, session_id: str) -> Iterator[Session]:
+        """``principal``'s session ``session_id``, counted as in use for the block.
+
+        Raises:
+            KeyError: no such session of this token (NOT_FOUND; another token's is the same).
+        """
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None or session.principal != principal:
+                raise KeyError(f"no session {session_id!r} (closed, expired, or never opened)")
+            session.active += 1
+        try:
+            yield session
+        finally:
+            with self._lock:
+                session.active -= 1
+                session.last_used = time.monotonic()
+
+    def close(self, principal: str, session_id: str) -> bool:
+        """Closes ``principal``'s session ``session_id``; returns whether it was open."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None or session.principal != principal:
+                return False
+            del self._sessions[session_id]
+        self._close(session)
+        return True
+
+    def close_all(self) -> None:
+        """Closes every session (graceful shutdown)."""
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            self._close(session)
+
+    def _close(self, session: Session) -> None:
+        try:
+            with session.lock:
+                session.closed = True
+                session.unstage()
+                session.optimizer.close()
+        finally:
+            self.ledger.close_session(session.principal, session.nbytes)
+
+    # ----- expiry ---------------------------------------------------------------------------
+
+    def expire_idle(self) -> int:
+        """Closes the sessions unused for ``idle_timeout_s``; returns how many."""
+        timeout = self.idle_timeout_s
+        if timeout is None:
+            return 0
+        now = time.monotonic()
+        with self._lock:
+            expired = [
+                s for s in self._sessions.values() if s.active == 0 and now - s.last_used > timeout
+            ]
+            for s in expired:
+                del self._sessions[s.session_id]
+        for s in expired:
+            logger.info("session %s unused for %g s: closed", s.session_id, timeout)
+            try:
+                self._close(s)
+            except Exception:  # its shards are gone already: nothing left to release
+                logger.exception("closing expired session %s", s.session_id)
+        return len(expired)
+
+    def start(self) -> None:
+        """Starts closing idle sessions in the background (if they expire at all)."""
+        timeout = self.idle_timeout_s
+        if timeout is None or self._reaper is not None:
+            return
+        period = max(0.05, min(timeout / 4, 5.0))
+
+        def reap() -> None:
+            while not self._stop.wait(period):
+                self.expire_idle()
+
+        self._reaper = threading.Thread(target=reap, name="shardopt-session-reaper", daemon=True)
+        self._reaper.start()
+
+    def stop(self) -> None:
+        """Stops the background expiry (sessions stay open; see :meth:`close_all`)."""
+        self._stop.set()

@@ -1,0 +1,156 @@
+"""Raw gRPC calls to a gateway, as a client (or an attacker) makes them, for the gateway tests.
+
+The helpers build the protocol's messages by hand (no RemoteClient), so tests can send what a
+well-behaved client never would. :func:`guarded_victim` is the check every attack ends with: a
+victim session with optimizer state and a bystander session of another token, both unchanged
+and still stepping afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+import pytest
+import torch
+
+from shardopt.core import wire
+from shardopt.core.proto import pb, tensors_pb
+
+TOKEN = "token-of-client-a-0123456789"
+OTHER_TOKEN = "token-of-client-b-9876543210"
+
+
+def auth(token: str = TOKEN) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def open_session(stub, params, token=TOKEN, optimizer="SGD", hyperparameters=None, **spec):
+    spec = pb.SessionSpec(
+        optimizer=optimizer,
+        hyperparameters=wire.encode_options(hyperparameters or {"lr": 0.1}),
+        params=[wire.spec_of(p) for p in params],
+        **spec,
+    )
+
+    def requests():
+        yield pb.OpenSessionRequest(spec=spec)
+        for chunk in wire.tensor_chunks(params):
+            yield pb.OpenSessionRequest(chunk=chunk)
+
+    return stub.OpenSession(requests(), metadata=auth(token))
+
+
+def close_session(stub, session_id, token=TOKEN):
+    return stub.CloseSession(pb.SessionRef(session_id=session_id), metadata=auth(token))
+
+
+def push(stub, session_id, grads, indices=None, specs=None, chunks=None, token=TOKEN):
+    indices = list(range(len(grads))) if indices is None else indices
+    header = pb.PushGradientsHeader(
+        session_id=session_id, params=indices,
+        grads=specs if specs is not None else [wire.spec_of(g) for g in grads],
+    )  # fmt: skip
+
+    def requests():
+        yield pb.PushGradientsRequest(header=header)
+        for chunk in chunks if chunks is not None else wire.tensor_chunks(grads):
+            yield pb.PushGradientsRequest(chunk=chunk)
+
+    return stub.PushGradients(requests(), metadata=auth(token))
+
+
+def step(stub, session_id, token=TOKEN, param_groups=()):
+    request = pb.StepRequest(session_id=session_id, param_groups=list(param_groups))
+    return stub.Step(request, metadata=auth(token))
+
+
+def pull(stub, session_id, token=TOKEN):
+    answers = list(
+        stub.PullParameters(pb.PullParametersRequest(session_id=session_id), metadata=auth(token))
+    )
+    receiver = wire.TensorReceiver(list(answers[0].header.params), 1 << 30)
+    for answer in answers[1:]:
+        receiver.add(answer.chunk)
+    return receiver.finish()
+
+
+def state_of(stub, session_id, token=TOKEN):
+    answers = list(
+        stub.GetStateDict(pb.GetStateDictRequest(session_id=session_id), metadata=auth(token))
+    )
+    receiver = wire.TensorReceiver(list(answers[0].header.tensors), 1 << 30)
+    for answer in answers[1:]:
+        receiver.add(answer.chunk)
+    return wire.decode_value(answers[0].header.state_dict, receiver.finish())
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def error_of(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+def chunk(index, offset, data):
+    return tensors_pb.TensorChunk(index=index, offset=offset, data=data)
+
+
+def assert_same_state(after, before) -> None:
+    assert after["state"].keys() == before["state"].keys()
+    for pid, state in before["state"].items():
+        assert after["state"][pid].keys() == state.keys()
+        for key, value in state.items():
+            assert torch.equal(after["state"][pid][key], value), (pid, key)
+    assert after["param_groups"] == before["param_groups"]
+
+
+class Victim:
+    """A victim session (with Adam state) and a bystander session of another token."""
+
+    def __init__(self, stub, token: str, bystander_token: str) -> None:
+        self.stub, self.token, self.bystander_token = stub, token, bystander_token
+        params = [torch.arange(6.0).reshape(2, 3), torch.ones(4)]
+        self.session_id = open_session(stub, params, token, optimizer="Adam").session_id
+        push(stub, self.session_id, [torch.ones(2, 3), torch.ones(4)], token=token)
+        step(stub, self.session_id, token)
+        self.bystander = open_session(stub, [torch.zeros(3)], bystander_token).session_id
+        self.before = self.snapshot()
+
+    def snapshot(self):
+        return pull(self.stub, self.session_id, self.token), state_of(
+            self.stub, self.session_id, self.token
+        )
+
+    def bystander_steps(self) -> None:
+        """The bystander pushes and steps (raises if the gateway does not serve it)."""
+        push(self.stub, self.bystander, [torch.ones(3)], token=self.bystander_token)
+        step(self.stub, self.bystander, self.bystander_token)
+
+    def check_unchanged(self) -> None:
+        params, state = self.snapshot()
+        for got, want in zip(params, self.before[0]):
+            assert torch.equal(got, want)
+        assert_same_state(state, self.before[1])
+
+    def close(self) -> None:
+        close_session(self.stub, self.session_id, self.token)
+        close_session(self.stub, self.bystander, self.bystander_token)
+
+
+@contextmanager
+def guarded_victim(stub, token=TOKEN, bystander_token=OTHER_TOKEN) -> Iterator[Victim]:
+    """A :class:`Victim`; after the block, its session is unchanged and the bystander steps."""
+    victim = Victim(stub, token, bystander_token)
+    try:
+        yield victim
+        victim.check_unchanged()
+        victim.bystander_steps()
+    finally:
+        victim.close()
