@@ -38,6 +38,35 @@ NAMESPACE = "shardopt"
 """The Ray namespace of shardopt's named actors."""
 
 
+def kill_actors(actors: list[Any]) -> None:
+    """Kills actors (hosts of shards), ignoring the ones already gone and a cluster gone away."""
+    import ray
+
+    if not ray.is_initialized():  # the cluster is gone, and its actors with it
+        return
+    for actor in actors:
+        if actor is not None:
+            try:
+                ray.kill(actor)
+            except Exception:  # already gone
+                pass
+
+
+def threads_per_shard(node_ids: list[str], reserved: bool) -> list[int | None]:
+    """Torch threads for each shard: its node's CPUs split among the shards there.
+
+    Ray starts actors with one thread (``OMP_NUM_THREADS=1``) unless they reserve CPUs; a step
+    keeps the client idle, so the shards may use the whole node. Left to Ray (None) when the
+    shards ``reserved`` CPUs of their own.
+    """
+    import ray
+
+    if reserved:
+        return [None] * len(node_ids)
+    cpus = {n["NodeID"]: int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes()}
+    return [max(1, cpus.get(node, 1) // node_ids.count(node)) for node in node_ids]
+
+
 def actor_device() -> torch.device:
     """CUDA when Ray gave this actor a GPU (and torch can see it), else CPU."""
     try:

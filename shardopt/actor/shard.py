@@ -201,6 +201,11 @@ class Shard:
         return to_numpy(self._flat)
 
     @property
+    def params(self) -> list[torch.Tensor]:
+        """The master parameters, views into the flat buffer, in local order."""
+        return self._params
+
+    @property
     def layout(self) -> FlatLayout:
         """Where each of this shard's parameters (and gradients) lies in its flat buffers."""
         return self._layout

@@ -30,7 +30,7 @@ from typing import Any
 import ray
 
 from shardopt.actor import placement
-from shardopt.actor.host import NAMESPACE
+from shardopt.actor.host import NAMESPACE, kill_actors, threads_per_shard
 from shardopt.core.errors import OptimizerClosedError
 from shardopt.core.records import GroupConfig, GroupMembership, GroupSignature
 
@@ -187,13 +187,14 @@ class GroupRegistry:
         try:
             infos = ray.get([h.info.remote() for h in hosts])
             node_ids = [info["node_id"] for info in infos]
-            threads = _threads_per_shard(node_ids, config)
+            reserved = config.placement is not None or "num_cpus" in dict(config.actor_options)
+            threads = threads_per_shard(node_ids, reserved)
             keys = [f"{name}/{s}" for s in range(config.num_shards)]
             ray.get(
                 [h.create.remote(keys[s], s, spec_refs[s], threads[s]) for s, h in enumerate(hosts)]
             )
         except Exception:
-            _kill(hosts)
+            kill_actors(hosts)
             placement.release(pg)
             raise
         logger.info("group %r created by rank %d on nodes %s", name, rank, node_ids)
@@ -216,7 +217,7 @@ class GroupRegistry:
             group = self._groups.pop(name, None)
         if group is None:
             return False
-        _kill(group.hosts)
+        kill_actors(group.hosts)
         placement.release(group.pg)
         logger.info("group %r closed", name)
         return True
@@ -263,19 +264,3 @@ class GroupRegistry:
                     if group.owner_job in dead:
                         group.owner_closed = True
                     self._collect(name)
-
-
-def _threads_per_shard(node_ids: list[str], config: GroupConfig) -> list[int | None]:
-    """Each node's CPUs split among the group's shards there, unless the shards reserve CPUs."""
-    if config.placement is not None or "num_cpus" in dict(config.actor_options):
-        return [None] * len(node_ids)
-    cpus = {n["NodeID"]: int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes()}
-    return [max(1, cpus.get(node, 1) // node_ids.count(node)) for node in node_ids]
-
-
-def _kill(hosts: list[Any]) -> None:
-    for host in hosts:
-        try:
-            ray.kill(host)
-        except Exception:  # already gone
-            pass

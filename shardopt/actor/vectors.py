@@ -6,28 +6,41 @@ operations locally and returns only partial reductions (dot products, sums, maxi
 proxy combines. A *program* is a list of operations run in order in one call, so a chain of
 elementwise updates followed by one reduction costs one round trip.
 
-Talks to nothing: :class:`shardopt.actor.shard.Shard` owns a store and runs programs the proxy
-sends.
+Talks to nothing: a :class:`~shardopt.actor.shard.Shard` owns a store (through the narrow
+:class:`VectorHost` face) and runs the programs the proxy sends.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from shardopt.core.buffers import FlatLayout, readonly_tensor, to_numpy
+from shardopt.core.buffers import FlatLayout, readonly_tensor
+from shardopt.core.records import ParamUpdate
 
-if TYPE_CHECKING:
-    from shardopt.actor.shard import Shard
+
+class VectorHost(Protocol):
+    """What a store needs of its shard."""
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The master parameters, in local order (the list only grows)."""
+
+    @property
+    def layout(self) -> FlatLayout: ...
+
+    def param_values(self) -> Any: ...
+
+    def set_params(self, update: ParamUpdate) -> None: ...
 
 
 class VectorStore:
     """The named slices held by one shard, over its parameters in local order."""
 
-    def __init__(self, shard: Shard):
+    def __init__(self, shard: VectorHost):
         self._shard = shard
-        self._params = shard._params  # the shard's list, in local order (it only grows)
+        self._params = shard.params
         self._vectors: dict[str, torch.Tensor] = {}
 
     def _gather_params(self) -> torch.Tensor:
@@ -35,7 +48,7 @@ class VectorStore:
 
     def _load_grads(self, dst: str, grads: Any, has_grad: tuple[bool, ...]) -> None:
         """dst = the flat gradient, zeros where a parameter has none (torch's _gather_flat_grad)."""
-        layout: FlatLayout = self._shard._layout
+        layout = self._shard.layout
         source = readonly_tensor(grads)
         device = self._params[0].device if self._params else torch.device("cpu")
         views = [
@@ -100,7 +113,7 @@ class VectorStore:
             elif op == "read":
                 results.append(v[args[0]].detach().cpu().numpy())
             elif op == "params_out":
-                results.append(to_numpy(self._shard._flat))
+                results.append(self._shard.param_values())
             else:
                 raise ValueError(f"unknown vector operation {op!r}")
         return results

@@ -17,7 +17,8 @@ checkpoints signed with that key load.
 
 Owns the record format, the signing key, the metadata unpickler and the verifying DCP reader.
 Talks to: the file system (fsspec) and DCP's ``FileSystemReader``; used by
-:mod:`shardopt.checkpoint` (the proxy side) and, through it, by the shards.
+:mod:`shardopt.checkpoint.format` and the client's protocol (:mod:`shardopt.client.checkpoints`),
+and by the shards reading their parts.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import torch
 
 from shardopt.checkpoint.format import SaveHandle
 from shardopt.client.shard_map import ShardMap
-from shardopt.core.amp import AmpScaling
+from shardopt.core.amp import AmpScaling, unscale_here
 from shardopt.core.param_groups import group_options
 from shardopt.core.plan import ShardPlan
 from shardopt.core.records import ShardStatus
@@ -94,6 +94,25 @@ class ParamSource:
     def check_step_inputs(self) -> None:
         """Refuses what torch refuses before a step updates anything (see step_checks)."""
         self._checks(self.groups)
+
+    def evaluate(self, closure: Callable[[], Any] | None) -> Any:
+        """The start of every step: the closure (if any) with grad enabled, then torch's
+        checks of the gradients it left. Returns the closure's value."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.check_step_inputs()
+        return loss
+
+    def unscale_here(self, scaling: AmpScaling) -> bool:
+        """What ``scaler.step`` does for an optimizer that does not take the scale (backends
+        whose shards cannot): unscale every gradient in place. Returns False when an inf makes
+        the step skip."""
+        if scaling.skips:
+            return False
+        unscale_here(self.flat(), scaling)
+        return True
 
 
 class Backend(ABC):

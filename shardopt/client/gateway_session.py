@@ -8,7 +8,7 @@ State dicts travel as value trees plus chunked tensors (:mod:`shardopt.core.wire
 comes back as the exception type the server raised (``ValueError``, ``TypeError``,
 :class:`~shardopt.core.errors.GroupTimeoutError`, ...), with the server's message.
 
-Talks to: a gateway over gRPC (no Ray in this process).
+Talks to: a gateway over gRPC (this process joins no Ray cluster).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from shardopt.checkpoint.format import SaveHandle
 from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.shard_map import ShardMap
 from shardopt.core import errors, wire
-from shardopt.core.amp import AmpScaling, unscale_here
+from shardopt.core.amp import AmpScaling
 from shardopt.core.param_groups import group_options
 from shardopt.core.proto import pb, rpc
 from shardopt.core.records import GroupConfig, ShardStatus
@@ -219,15 +219,9 @@ class GatewaySession(Backend):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None, scaling: AmpScaling | None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._params.check_step_inputs()
-        if scaling is not None:  # the gateway takes no scale: do what GradScaler does
-            if scaling.skips:
-                return loss
-            unscale_here(self._params.flat(), scaling)
+        loss = self._params.evaluate(closure)
+        if scaling is not None and not self._params.unscale_here(scaling):
+            return loss  # skipped, as scaler.step skips on an inf
         params = self._params.flat()
         if self.shard_map.any_changed(params):
             self.push_params()  # changed in place since the last step (as the Ray path)

@@ -24,6 +24,7 @@ from typing import Any
 import ray
 import torch
 
+from shardopt.actor.host import threads_per_shard
 from shardopt.checkpoint.integrity import Commit
 from shardopt.client.backend import ParamSource
 from shardopt.client.data_path import DataPath, GradShipper
@@ -39,19 +40,6 @@ from shardopt.core.param_groups import group_options
 from shardopt.core.records import ShardSpec, StepRequest
 
 logger = logging.getLogger(__name__)
-
-
-def threads_per_shard(nodes: list[str], actor_options: dict[str, Any]) -> list[int | None]:
-    """Torch threads for each shard: its node's CPUs split among this optimizer's shards there.
-
-    Ray starts actors with one thread (``OMP_NUM_THREADS=1``) unless they reserve CPUs; a step
-    keeps the client idle, so the shards may use the whole node. Left to Ray when
-    ``actor_options`` reserves ``num_cpus``.
-    """
-    if "num_cpus" in actor_options:
-        return [None] * len(nodes)
-    cpus = {n["NodeID"]: int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes()}
-    return [max(1, cpus.get(node, 1) // nodes.count(node)) for node in nodes]
 
 
 class LocalShards(RayShards):
@@ -107,7 +95,7 @@ class LocalShards(RayShards):
             for info in infos
         ]
         self.host_nodes = [info["node_id"] for info in infos]
-        self.threads = threads_per_shard(self.host_nodes, actor_options)
+        self.threads = threads_per_shard(self.host_nodes, "num_cpus" in actor_options)
         created = ray_get(
             [
                 h.host.create.remote(h.key, s, specs[s], shared[s], self.threads[s])
@@ -152,11 +140,7 @@ class LocalShards(RayShards):
     # ----- stepping -------------------------------------------------------------------------
 
     def step(self, closure: Callable[[], Any] | None, scaling: AmpScaling | None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._params.check_step_inputs()
+        loss = self._params.evaluate(closure)
         if scaling is not None and scaling.grad_scale is None:
             self.data_path.forget_shipped()  # scaler.unscale_ wrote without a version bump
         params = self._params.flat()

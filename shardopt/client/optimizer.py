@@ -215,37 +215,60 @@ class ShardedOptimizer(torch.optim.Optimizer):
         source = ParamSource(
             self, optimizer_class, dict(defaults), lambda o, ps: run_options(optimizer_class, o, ps)
         )
-        group_settings = dict(
-            world_size=world_size, rank=rank, mode=mode, max_staleness=max_staleness,
-            timeout=timeout, placement=placement, shard_resources=shard_resources,
-            actor_options=dict(actor_options or {}),
+        options = dict(
+            num_shards=num_shards, actor_options=dict(actor_options or {}),
+            shared_memory=shared_memory, overlap=overlap, share_params=share_params,
+            group=group, world_size=world_size, rank=rank, mode=mode,
+            max_staleness=max_staleness, timeout=timeout, placement=placement,
+            shard_resources=shard_resources, replicate=int(replicate), address=address,
+            token=token, tls=tls,
         )  # fmt: skip
-        if address is not None:  # the group's options are checked here, before connecting
-            config = make_config(num_shards=num_shards or 1, **group_settings) if group else None
-            self._backend = GatewaySession(
-                source, address, token, tls, num_shards, group_request(group, rank, config)
-            )
-        else:
-            ensure_ray()
-            num_shards = num_shards or default_num_shards()
-            if group is not None:
-                config = make_config(num_shards=num_shards, **group_settings)
-                self._backend = ShardGroupMember(source, group, rank, config)
-            else:
-                self._backend = self._local_backend(
-                    source,
-                    num_shards,
-                    actor_options=dict(actor_options or {}),
-                    shared_memory=shared_memory,
-                    overlap=overlap,
-                    share_params=share_params,
-                    replicate=int(replicate),
-                )
+        self._backend = self._make_backend(source, **options)
         self._params = source
         self.state = ShardStateView(self)
 
     _local_backend: type[LocalShards] = LocalShards
     """The backend for shards of this process (shardopt.LBFGS plugs in its own here)."""
+
+    def _make_backend(
+        self,
+        source: ParamSource,
+        *,
+        num_shards: int | None,
+        actor_options: dict[str, Any],
+        group: str | None,
+        rank: int | None,
+        address: str | None,
+        token: str | None,
+        tls: bool | str | os.PathLike | None,
+        shared_memory: bool | None,
+        overlap: bool,
+        share_params: bool,
+        replicate: int,
+        **group_settings: Any,
+    ) -> Backend:
+        """The one backend this optimizer uses, chosen once (see :mod:`shardopt.client.backend`):
+        a gateway session (``address``), a shard group's member (``group``), or shards of this
+        process (:attr:`_local_backend`)."""
+        settings = dict(rank=rank, actor_options=actor_options, **group_settings)
+        if address is not None:  # the group's options are checked here, before connecting
+            config = make_config(num_shards=num_shards or 1, **settings) if group else None
+            request = group_request(group, rank, config)
+            return GatewaySession(source, address, token, tls, num_shards, request)
+        ensure_ray()
+        num_shards = num_shards or default_num_shards()
+        if group is not None:
+            config = make_config(num_shards=num_shards, **settings)
+            return ShardGroupMember(source, group, rank, config)
+        return self._local_backend(
+            source,
+            num_shards,
+            actor_options=actor_options,
+            shared_memory=shared_memory,
+            overlap=overlap,
+            share_params=share_params,
+            replicate=replicate,
+        )
 
     # ----- what the backend knows -----------------------------------------------------------
 

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from shardopt.actor.host import NAMESPACE, ShardHost
+from shardopt.actor.host import NAMESPACE, ShardHost, kill_actors
 from shardopt.checkpoint.integrity import Commit
 from shardopt.client.handles import ShardHandle
 from shardopt.client.runtime import host_pool, ray_get
@@ -52,18 +52,6 @@ from shardopt.core.buffers import to_numpy
 from shardopt.core.records import ShardSpec, StepRequest
 
 logger = logging.getLogger(__name__)
-
-
-def kill_hosts(hosts: list[Any]) -> None:
-    """Kills the dedicated hosts replicas (and promoted replicas) live on."""
-    if not ray.is_initialized():  # the cluster is gone, and its actors with it
-        return
-    for host in hosts:
-        if host is not None:
-            try:
-                ray.kill(host)
-            except Exception:  # already gone
-                pass
 
 
 class Replicated(Protocol):
@@ -216,7 +204,7 @@ class Replicas:
         self._building[shard] = host.create_from.remote(handle.key, shard, export, threads)
 
     def close(self) -> None:
-        kill_hosts(self.owned)
+        kill_actors(self.owned)  # the dedicated hosts of replicas and promoted replicas
         self.handles = [None] * len(self.handles)
 
     # ----- keeping replicas current -----------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 
 import ray
 
-from shardopt.actor.host import NAMESPACE, ShardHost
+from shardopt.actor.host import NAMESPACE, ShardHost, kill_actors
 from shardopt.core.errors import ShardUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,8 @@ class HostPool:
         self._max_idle: int | None = None
 
     def set_max_idle(self, count: int | None) -> int | None:
-        """Keeps at most ``count`` idle hosts per set of actor options (None: all of them);
-        the others are killed as they become idle. Returns the previous bound."""
+        """Keeps at most ``count`` idle hosts in all (None: every one); the others are killed as
+        they become idle. Returns the previous bound."""
         if count is not None and count < 0:
             raise ValueError(f"max idle hosts must be >= 0, got {count}")
         with self._lock:
@@ -91,22 +91,22 @@ class HostPool:
             )
 
     def _trim(self) -> None:
-        """Kills the idle hosts beyond the bound (the last started first)."""
+        """Kills the idle hosts beyond the bound (the last started of each set of options
+        first)."""
         doomed = []
         with self._lock:
             if self._max_idle is None:
                 return
+            kept = 0
             for hosts in self._hosts.values():
-                idle = [h for h in hosts if not self._load.get(id(h))]
-                for h in idle[self._max_idle :]:
+                for h in [h for h in hosts if not self._load.get(id(h))]:
+                    if kept < self._max_idle:
+                        kept += 1
+                        continue
                     hosts.remove(h)
                     self._load.pop(id(h), None)
                     doomed.append(h)
-        for h in doomed:
-            try:
-                ray.kill(h)
-            except Exception:  # already gone
-                pass
+        kill_actors(doomed)
         if doomed:
             logger.info("stopped %d idle shard host(s)", len(doomed))
 

@@ -33,7 +33,7 @@ from shardopt.client.handles import ShardHandle
 from shardopt.client.ray_shards import RayShards
 from shardopt.client.runtime import ensure_ray, ray_get
 from shardopt.client.shard_map import ShardMap
-from shardopt.core.amp import AmpScaling, unscale_here
+from shardopt.core.amp import AmpScaling
 from shardopt.core.buffers import to_numpy
 from shardopt.core.records import (
     GroupConfig,
@@ -286,14 +286,10 @@ class ShardGroupMember(RayShards):
         shards = self.shard_map.live_shards()
         results: dict[int, PushResult] = {}
         for _ in range(MAX_STALE_RETRIES):
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            self._params.check_step_inputs()
+            loss = self._params.evaluate(closure)
             if scaling is not None:
-                if scaling.skips:
-                    return loss
-                unscale_here(self._params.flat(), scaling)
+                if not self._params.unscale_here(scaling):
+                    return loss  # skipped, as scaler.step skips on an inf
                 self.data_path.forget_shipped()
             rejected = self._push(shards, results)
             if not rejected or closure is None:

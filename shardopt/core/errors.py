@@ -3,6 +3,8 @@
 Optimizer misuse raises what torch.optim raises (``ValueError``, ``TypeError``) with torch's
 phrasing; the types here cover what only a distributed optimizer can get wrong. Later layers
 (the gRPC gateway) map each to one status code.
+
+Talks to nothing.
 """
 
 from __future__ import annotations

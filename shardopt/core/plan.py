@@ -5,7 +5,8 @@ torch's exact meaning), balanced by bytes with the greedy rule ZeroRedundancyOpt
 largest tensor first onto the least-loaded shard, ties to the lower shard index and the lower
 parameter id. Deterministic: the same parameters always give the same plan.
 
-Talks to nothing; the proxy asks it where new parameters go.
+Talks to nothing; the client's shard map (:mod:`shardopt.client.shard_map`) asks it where new
+parameters go.
 """
 
 from __future__ import annotations

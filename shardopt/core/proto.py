@@ -16,7 +16,7 @@ try:
 except ImportError:  # a source checkout: generate next to this file
     from shardopt import _protoc
 
-    _root = pathlib.Path(__file__).resolve().parent.parent
+    _root = pathlib.Path(__file__).resolve().parents[2]  # holds protos/ and shardopt/
     _protoc.generate(_root / "protos", _root)
     importlib.invalidate_caches()
     from shardopt.v1 import optimizer_pb2, optimizer_pb2_grpc, tensor_pb2

@@ -13,7 +13,8 @@ runs the optimizer class over tiny stand-ins of those kinds, as the shards run i
 verdict. Only torch's own classes are asked: a user's class may count its steps or log, so its
 refusals surface from the shards (see :class:`~shardopt.core.errors.PartialStepError`).
 
-Talks to nothing; the proxy calls it at the start of every step.
+Talks to nothing; backends call it (through
+:meth:`~shardopt.client.backend.ParamSource.check_step_inputs`) at the start of every step.
 """
 
 from __future__ import annotations
