@@ -11,10 +11,11 @@
   functional optimizers, which use torch's for-loop kernels (no foreach, no fused).
 
 The children are started with ``torch.multiprocessing`` (spawn) on 127.0.0.1 only, with a free
-port, time their own steps with :func:`workload.round_robin`, and write their numbers to a JSON
+port, time their own steps with :func:`common.round_robin`, and write their numbers to a JSON
 file per rank that the parent reads back. A failure (say, RPC init) comes back as an error record.
 
-Talks to: torch.distributed (gloo, TensorPipe RPC) in the children; :mod:`workload`.
+Talks to: torch.distributed (gloo, TensorPipe RPC) in the children; :mod:`workload` for what
+they step, :mod:`common` for timing and memory probes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import json
 import math
 import os
 import pathlib
-import socket
 import tempfile
 import time
 import warnings
@@ -35,35 +35,25 @@ from typing import Any
 import torch
 
 # isort: split
-# the benchmark's own module, next to this file
-from workload import (
-    ALGORITHMS,
-    Algorithm,
+# the benchmark's own modules, next to this file
+from common import (
+    LOOPBACK,
     Samples,
-    Shape,
-    clone_params,
     describe,
-    greedy_owners,
-    make_params,
+    free_port,
     peak_rss_bytes,
     reset_peak_rss,
     round_robin,
 )
+from workload import ALGORITHMS, Algorithm, Shape, clone_params, greedy_owners, make_params
 
 ZERO_CONFIGS = {False: "ZeRO 2 ranks (gloo)", True: "ZeRO 2 ranks, bucket view"}
 RPC_CONFIG = "RPC DistOpt 2 PS"
-LOOPBACK = "127.0.0.1"
 
 Records = dict[str, dict[str, dict[str, Any]]]
 """algorithm -> configuration -> its record (Samples.to_json() plus details)."""
 Memory = dict[str, dict[str, int | None]]
 """algorithm -> process -> its peak RSS in bytes while that algorithm's configurations ran."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def _child_setup(threads: int) -> None:

@@ -16,49 +16,32 @@ Writes benchmarks/results/checkpoint_bench.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import pathlib
 import shutil
 import statistics
 import subprocess
 import tempfile
-import time
 
 import torch
 import torch.distributed.checkpoint as dcp
 
 import shardopt
 
-
-def make_params(n: int) -> list[torch.nn.Parameter]:
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(n // 4,), (n // 8, 1)] + [(1000, (n * 5 // 8) // 1000 // 4)] * 4
-    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-
-
-def timed(fn, repeats: int, before=None) -> list[float]:
-    samples = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return samples
+# isort: split
+# the benchmark's own modules, next to this file
+from common import arg_parser, back_to_back, write_results
+from workload import mixed_params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arg_parser(__doc__)
     parser.add_argument("--params", type=int, default=50_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=tempfile.gettempdir())
     args = parser.parse_args()
     root = pathlib.Path(tempfile.mkdtemp(prefix="shardopt-bench-", dir=args.dir))
-    params = make_params(args.params)
+    params = mixed_params(args.params)
     for p in params:
         p.grad = torch.randn_like(p)
     opt = shardopt.AdamW(params, lr=1e-3, num_shards=2)
@@ -74,7 +57,7 @@ def main() -> None:
 
     dd_file = root / "dd.bin"
     count = max(1, nbytes // (4 << 20))
-    results["dd write (fdatasync)"] = timed(
+    results["dd write (fdatasync)"] = back_to_back(
         lambda: subprocess.run(
             ["dd", "if=/dev/zero", f"of={dd_file}", "bs=4M", f"count={count}", "conv=fdatasync"],
             check=True,
@@ -83,31 +66,31 @@ def main() -> None:
         args.repeats,
     )
     dd_file.unlink(missing_ok=True)
-    results["gather state_dict()"] = timed(opt.state_dict, args.repeats)
-    results["torch.save of the gathered dict"] = timed(
+    results["gather state_dict()"] = back_to_back(opt.state_dict, args.repeats)
+    results["torch.save of the gathered dict"] = back_to_back(
         lambda: torch.save(state_dict, root / "opt.pt"), args.repeats
     )
     (root / "opt.pt").unlink(missing_ok=True)
-    results["dcp.save (one process)"] = timed(
+    results["dcp.save (one process)"] = back_to_back(
         lambda: dcp.save(state_dict, checkpoint_id=root / "dcp", no_dist=True),
         args.repeats,
         before=clean(root / "dcp"),
     )
     shutil.rmtree(root / "dcp", ignore_errors=True)
-    results["shardopt save_checkpoint (2 shards)"] = timed(
+    results["shardopt save_checkpoint (2 shards)"] = back_to_back(
         lambda: opt.save_checkpoint(root / "ckpt"), args.repeats, before=clean(root / "ckpt")
     )
     key = os.urandom(32)
-    results["shardopt save_checkpoint, signed"] = timed(
+    results["shardopt save_checkpoint, signed"] = back_to_back(
         lambda: opt.save_checkpoint(root / "signed", key=key),
         args.repeats,
         before=clean(root / "signed"),
     )
-    loader = shardopt.AdamW(make_params(args.params), lr=1e-3, num_shards=2)
-    results["shardopt load_checkpoint (2 shards)"] = timed(
+    loader = shardopt.AdamW(mixed_params(args.params), lr=1e-3, num_shards=2)
+    results["shardopt load_checkpoint (2 shards)"] = back_to_back(
         lambda: loader.load_checkpoint(root / "ckpt"), args.repeats
     )
-    results["shardopt load_checkpoint, signed"] = timed(
+    results["shardopt load_checkpoint, signed"] = back_to_back(
         lambda: loader.load_checkpoint(root / "signed", key=key), args.repeats
     )
     loader.close()
@@ -126,10 +109,8 @@ def main() -> None:
         if name.startswith("torch.save"):
             name, med = name + " + gather", med + gather
         print(f"{name:<40}{med:>8.2f}{nbytes / med / 1e9:>8.2f}{dd / med:>9.2f}")
-    out = pathlib.Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "checkpoint_bench.json").write_text(
-        json.dumps({"args": vars(args), "state_bytes": nbytes, "seconds": results}, indent=2)
+    write_results(
+        "checkpoint_bench", {"args": vars(args), "state_bytes": nbytes, "seconds": results}
     )
 
 

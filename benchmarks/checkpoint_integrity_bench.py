@@ -17,19 +17,21 @@ Writes benchmarks/results/checkpoint_integrity_bench.json.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
-import pathlib
 import pickle
-import time
+from collections.abc import Callable
 
 import torch
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from shardopt.checkpoint.integrity import Commit, _MetadataUnpickler, make_record
+
+# isort: split
+# the benchmark's own module, next to this file
+from common import arg_parser, back_to_back, write_results
 
 SLICE = 40_000
 NAME = "__0_0123456789ab_0.distcp"
@@ -60,19 +62,13 @@ def synthetic(tensors: int) -> tuple[bytes, dict]:
     return pickle.dumps(metadata), {NAME: {"size": tensors * SLICE, "slices": slices}}
 
 
-def best_ms(fn, repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return min(samples) * 1000
+def best_ms(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of ``repeats`` calls, in ms."""
+    return min(back_to_back(fn, repeats)) * 1000
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arg_parser(__doc__)
     parser.add_argument("--tensors", type=int, default=30_000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -101,10 +97,9 @@ def main() -> None:
     print(f"{'operation':<40}{'ms':>10}{'x anchor':>10}")
     for name, ms in results.items():
         print(f"{name:<40}{ms:>10.1f}{ms / anchor:>10.2f}")
-    out = pathlib.Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "checkpoint_integrity_bench.json").write_text(
-        json.dumps({"args": vars(args), "metadata_bytes": len(data), "ms": results}, indent=2)
+    write_results(
+        "checkpoint_integrity_bench",
+        {"args": vars(args), "metadata_bytes": len(data), "ms": results},
     )
 
 

@@ -46,14 +46,9 @@ Prints a table and writes every sample to ``benchmarks/results/ft_bench.json``
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
-import os
 import pathlib
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,9 +62,20 @@ from shardopt.testing import inject_fault
 
 # isort: split
 # the benchmark's own module, next to this file
-from workload import Samples, describe, wait_for_quiet
+from common import (
+    RESULTS,
+    arg_parser,
+    comma_list,
+    describe,
+    fixed,
+    logger,
+    parse_size,
+    publish,
+    rotate,
+    run_meta,
+    wait_for_quiet,
+)
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 HYPERPARAMETERS = {"lr": 1e-3}
 NUM_SHARDS = 2
 FAILURES = {
@@ -77,6 +83,7 @@ FAILURES = {
     "in_flight": "dies in flight, after applying",
 }
 STAND_INS = ("sleep", "matmul")
+log = logger("ft_bench")
 
 
 # ----- the workload ---------------------------------------------------------------------------
@@ -167,37 +174,25 @@ class StandIn:
 
 @dataclass
 class Entry:
-    """One timed configuration: an untimed step first, the timed step, an untimed wait after."""
+    """One timed configuration: an untimed step first, the timed step, an untimed wait after.
+
+    Calling it does all three and returns the seconds of the timed step (a
+    :data:`common.Measure`, for :func:`common.rotate`).
+    """
 
     timed: Callable[[], object]
     prime: Callable[[], object] | None = None
     drain: Callable[[], object] | None = None
 
-
-def interleave(entries: dict[str, Entry], warmup: int, repeats: int) -> dict[str, Samples]:
-    """Times each entry once per round, in an order that rotates every round."""
-    names = list(entries)
-    out = {name: Samples() for name in names}
-    for r in range(warmup + repeats):
-        gc.collect()
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            entry, samples = entries[name], out[name]
-            if samples.error is not None:
-                continue
-            try:
-                if entry.prime is not None:
-                    entry.prime()
-                start = time.perf_counter()
-                entry.timed()
-                elapsed = time.perf_counter() - start
-                if entry.drain is not None:
-                    entry.drain()
-            except Exception as exc:  # reported in the table; the others go on
-                samples.error = describe(exc)
-                continue
-            samples.add(elapsed * 1e3, warmup=r < warmup)
-    return out
+    def __call__(self) -> float:
+        if self.prime is not None:
+            self.prime()
+        start = time.perf_counter()
+        self.timed()
+        elapsed = time.perf_counter() - start
+        if self.drain is not None:
+            self.drain()
+        return elapsed
 
 
 def training_step(run: Run, stand_in: StandIn) -> Callable[[], None]:
@@ -235,7 +230,7 @@ def steady_state(n: int, args: argparse.Namespace) -> dict[str, Any]:
                     Entry(timed, prime=timed, drain=run.drain) if replicate else Entry(timed)
                 )
         quiet = wait_for_quiet(timeout_s=args.settle)
-        samples = interleave(entries, args.warmup, args.repeats)
+        samples = rotate(entries, args.warmup, args.repeats)
         return {
             "calibration_off_step_ms": off_ms,
             "stand_ins": {k: v.describe() for k, v in stand_ins.items()},
@@ -379,11 +374,7 @@ def _median(values: list[float]) -> float | None:
 
 
 def _ms(seconds: float | None, width: int) -> str:
-    return f"{seconds * 1e3:>{width}.0f}" if seconds is not None else f"{'-':>{width}}"
-
-
-def _ms_value(ms: float | None, width: int, digits: int = 1) -> str:
-    return f"{ms:>{width}.{digits}f}" if ms is not None else f"{'-':>{width}}"
+    return fixed(seconds * 1e3 if seconds is not None else None, width, 0)
 
 
 STEADY_NOTES = [
@@ -423,7 +414,7 @@ def format_table(report: dict[str, Any]) -> str:
                 label = "optimizer step only: opt.step()"
             else:
                 ms = steady["samples"][f"{mode}/alone"]["median_ms"]
-                label = f"training step: {mode} stand-in ({_ms_value(ms, 0, 0)} ms) + step"
+                label = f"training step: {mode} stand-in ({fixed(ms, 0, 0)} ms) + step"
             off = steady["samples"][f"{mode}/off"]
             on = steady["samples"][f"{mode}/on"]
             error = off["error"] or on["error"]
@@ -434,7 +425,7 @@ def format_table(report: dict[str, Any]) -> str:
                 continue
             ratio = on["median_ms"] / off["median_ms"]
             lines.append(
-                row + f"{_ms_value(off['median_ms'], 9)}{_ms_value(on['median_ms'], 9)}"
+                row + f"{fixed(off['median_ms'], 9, 1)}{fixed(on['median_ms'], 9, 1)}"
                 f"{ratio:>8.2f}{ratio - 1:>+10.0%}{on['median_ms'] - off['median_ms']:>11.1f}"
             )
     for size, result in report["sizes"].items():
@@ -489,16 +480,8 @@ def format_table(report: dict[str, Any]) -> str:
 # ----- the run --------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    """``10M`` -> 10_000_000; also ``k``/``K``, ``G`` and plain integers."""
-    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text.strip()[-1:].upper())
-    return int(float(text.strip()[:-1]) * scale) if scale else int(text)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arg_parser(__doc__)
     parser.add_argument("--sizes", default=None, help="parameter counts (default 10M,50M)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps (default 10)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3)")
@@ -521,20 +504,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
     args.trials = args.trials or (1 if args.quick else 3)
     args.settle = args.settle if args.settle is not None else (3.0 if args.quick else 15.0)
-    args.stand_ins = [s.strip() for s in args.stand_ins.split(",") if s.strip()]
-    args.failures = [f.strip() for f in args.failures.split(",") if f.strip()]
-    for name, chosen, known in (
-        ("--stand-ins", args.stand_ins, STAND_INS),
-        ("--failures", args.failures, FAILURES),
-    ):
-        unknown = sorted(set(chosen) - set(known))
-        if unknown:
-            parser.error(f"{name}: unknown {unknown}, choose from {sorted(known)}")
+    args.stand_ins = comma_list(parser, "--stand-ins", args.stand_ins, STAND_INS)
+    args.failures = comma_list(parser, "--failures", args.failures, FAILURES)
     return args
-
-
-def log(message: str) -> None:
-    print(f"[ft_bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def start_ray(cluster: bool, object_store_bytes: int) -> Any:
@@ -562,13 +534,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     report: dict[str, Any] = {
         "meta": {
-            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "ray": ray.__version__,
-            "shardopt": shardopt.__version__,
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
+            **run_meta(),
             "client_torch_threads": torch.get_num_threads(),
             "ray_setup": setup,
             "hyperparameters": HYPERPARAMETERS,
@@ -612,13 +578,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = run(args)
-    table = format_table(report)
-    report["table"] = table.splitlines()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("ft_bench_cluster.json" if args.cluster else "ft_bench.json")
-    path.write_text(json.dumps(report, indent=1))
-    print(table)
-    print(f"total {report['meta']['seconds']:.0f} s; raw numbers: {path}")
+    name = "ft_bench_cluster" if args.cluster else "ft_bench"
+    publish(name, report, format_table(report), args.out)
 
 
 if __name__ == "__main__":

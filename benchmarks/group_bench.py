@@ -39,13 +39,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
-import platform
-import socket
 import statistics
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -58,10 +54,23 @@ from torch import nn
 
 import shardopt
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-LOOPBACK = "127.0.0.1"
+# isort: split
+# the benchmark's own module, next to this file
+from common import (
+    LOOPBACK,
+    RESULTS,
+    arg_parser,
+    comma_list,
+    describe,
+    free_port,
+    logger,
+    publish,
+    run_meta,
+)
+
 MODES = ("ddp", "sync", "async")
 LABELS = {"ddp": "DDP + AdamW(fused)", "sync": "shardopt sync", "async": "shardopt async"}
+log = logger("group_bench")
 
 
 @dataclass(frozen=True)
@@ -114,9 +123,8 @@ class BenchWorker:
         return ray.get_runtime_context().get_node_id()
 
     def free_port(self) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((LOOPBACK, 0))
-            return s.getsockname()[1]
+        """A free port on this worker's node, for DDP's rendezvous."""
+        return free_port()
 
     def setup_ddp(self, port: int, world_size: int) -> None:
         import torch.distributed as dist
@@ -262,13 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workload = Workload(args.width, args.layers, args.batch)
     report: dict[str, Any] = {
         "meta": {
-            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "ray": ray.__version__,
-            "shardopt": shardopt.__version__,
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
+            **run_meta(),
             "cluster": {
                 "nodes": args.nodes,
                 "cpus_per_node": args.node_cpus,
@@ -298,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     record = run_config(workers, mode, args)
                 except Exception as exc:  # reported in the table and the JSON; the others go on
-                    record = {"mode": mode, "workers": n, "error": f"{type(exc).__name__}: {exc}"}
+                    record = {"mode": mode, "workers": n, "error": describe(exc)}
                     log(f"{n} worker(s): {mode} failed: {record['error'][:500]}")
                 record["worker_nodes"] = worker_nodes
                 report["records"].append(record)
@@ -352,9 +354,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arg_parser(__doc__)
     parser.add_argument("--workers", default="1,2,4", help="world sizes (default 1,2,4)")
     parser.add_argument("--modes", default=",".join(MODES), help="of: " + ",".join(MODES))
     parser.add_argument("--width", type=int, default=None, help="MLP width (default 1024)")
@@ -379,28 +379,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.workers = [int(n) for n in args.workers.split(",") if n.strip()]
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = sorted(set(args.modes) - set(MODES))
-    if unknown:
-        parser.error(f"--modes: unknown {unknown}, choose from {list(MODES)}")
+    args.modes = comma_list(parser, "--modes", args.modes, MODES)
     if any(n > args.nodes * args.node_cpus for n in args.workers):
         parser.error("--workers: each worker reserves one CPU; add --nodes or --node-cpus")
     return args
 
 
-def log(message: str) -> None:
-    print(f"[group_bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = run(args)
-    table = format_table(report)
-    report["table"] = table.splitlines()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "group_bench.json").write_text(json.dumps(report, indent=1))
-    print(table)
-    print(f"total {report['meta']['seconds']:.0f} s; raw numbers: {args.out / 'group_bench.json'}")
+    publish("group_bench", report, format_table(report), args.out)
 
 
 if __name__ == "__main__":

@@ -35,12 +35,9 @@ Talks to: a local Ray (``address="local"``), shardopt's gateway and remote clien
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import os
 import pathlib
-import platform
 import socket
 import subprocess
 import sys
@@ -61,20 +58,23 @@ from shardopt.core.proto import pb, rpc
 from shardopt.gateway import serve
 
 # isort: split
-# the benchmark's own module, next to this file
-from workload import (
-    ALGORITHMS,
-    Samples,
-    clone_params,
-    count_params,
+# the benchmark's own modules, next to this file
+from common import (
+    LOOPBACK,
+    RESULTS,
+    Measure,
+    arg_parser,
     describe,
-    make_params,
-    transformer_shapes,
+    logger,
+    parse_size,
+    publish,
+    rotate,
+    run_meta,
+    timed,
     wait_for_quiet,
 )
+from workload import ALGORITHMS, clone_params, count_params, make_params, transformer_shapes
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-LOOPBACK = "127.0.0.1"
 ADAMW = ALGORITHMS["adamw"]
 NUM_SHARDS = 2
 MESSAGE_LIMIT = 8 << 20
@@ -99,9 +99,7 @@ TCP_PULL = "TCP server -> client"
 STEP_ROWS = (TORCH, CORE_SHM, CORE_STORE, REMOTE, STEP_RPC)
 RATE_ROWS = (PUSH, GRPC_PUSH, TCP_PUSH, PULL, GRPC_PULL, TCP_PULL)
 PHASES = {"same_process": "client in gateway's process", "own_process": "client in own process"}
-
-Measure = Callable[[], float]
-"""One timed action: does it once, returns the seconds its timed part took."""
+log = logger("grpc_bench")
 
 
 # ----- servers (this process) -----------------------------------------------------------------
@@ -340,37 +338,6 @@ def push_gradients(stub: Any, metadata: Any, session_id: str, grads: list[torch.
     return stub.PushGradients(requests(), metadata=metadata)
 
 
-def timed(action: Callable[[], object]) -> Measure:
-    def measure() -> float:
-        start = time.perf_counter()
-        action()
-        return time.perf_counter() - start
-
-    return measure
-
-
-def rotate(measures: dict[str, Measure], warmup: int, repeats: int) -> dict[str, Samples]:
-    """Runs each measurement once per round, the order rotating every round.
-
-    A measurement that raises is recorded with its error and leaves the rotation.
-    """
-    names = list(measures)
-    out = {name: Samples() for name in names}
-    for r in range(warmup + repeats):
-        gc.collect()
-        shift = r % max(1, len(names))
-        for name in names[shift:] + names[:shift]:
-            if out[name].error is not None:
-                continue
-            try:
-                seconds = measures[name]()
-            except Exception as exc:  # reported in the table and the JSON; the others go on
-                out[name].error = describe(exc)
-                continue
-            out[name].add(seconds * 1e3, warmup=r < warmup)
-    return out
-
-
 def client_main(spec_json: str) -> None:
     """The child process: the client's measurements, as JSON on the last line of stdout."""
     spec = json.loads(spec_json)
@@ -404,14 +371,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     token = f"grpc-bench-{uuid.uuid4().hex}"
     report: dict[str, Any] = {
         "meta": {
-            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "ray": ray.__version__,
+            **run_meta(),
             "grpc": grpc.__version__,
-            "shardopt": shardopt.__version__,
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "num_params": n,
             "bytes": nbytes,
@@ -578,16 +539,8 @@ def format_table(report: dict[str, Any]) -> str:
 # ----- command line ---------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    """``25M`` -> 25_000_000; also ``k``/``K``, ``G`` and plain integers."""
-    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text.strip()[-1:].upper())
-    return int(float(text.strip()[:-1]) * scale) if scale else int(text)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arg_parser(__doc__)
     parser.add_argument("--size", default=None, help="parameter count (default 25M; quick 1M)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
@@ -605,10 +558,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def log(message: str) -> None:
-    print(f"[grpc_bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.client is not None:
@@ -622,12 +571,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if own_ray and ray.is_initialized():
             ray.shutdown()
-    table = format_table(report)
-    report["table"] = table.splitlines()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "grpc_bench.json").write_text(json.dumps(report, indent=1))
-    print(table)
-    print(f"total {report['meta']['seconds']:.0f} s; raw numbers: {args.out / 'grpc_bench.json'}")
+    publish("grpc_bench", report, format_table(report), args.out)
 
 
 if __name__ == "__main__":

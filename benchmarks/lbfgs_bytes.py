@@ -13,15 +13,16 @@ Prints a table and writes benchmarks/results/lbfgs_bytes.json.
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
 import time
 
 import torch
 
 import shardopt
 from shardopt.client.vector_machine import VectorMachine
+
+# isort: split
+# the benchmark's own module, next to this file
+from common import arg_parser, write_results
 
 
 class GatheringVectorMachine(VectorMachine):
@@ -99,9 +100,7 @@ def run(machine_cls, args, sizes, loss_fn):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arg_parser(__doc__)
     parser.add_argument("--params", type=int, default=1_000_000)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--history", type=int, default=10)
@@ -129,13 +128,9 @@ def main() -> None:
         f"same closure calls: {sharded['closure_calls'] == naive['closure_calls']}, "
         f"max |param difference|: {max_diff:.2e}"
     )
-    out = pathlib.Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "lbfgs_bytes.json").write_text(
-        json.dumps(
-            {"args": vars(args), "sharded": sharded, "naive": naive, "max_param_diff": max_diff},
-            indent=2,
-        )
+    write_results(
+        "lbfgs_bytes",
+        {"args": vars(args), "sharded": sharded, "naive": naive, "max_param_diff": max_diff},
     )
 
 

@@ -11,8 +11,6 @@ recovery and the training-step variants for ``replicate=True``.)
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import statistics
 import time
 
@@ -21,7 +19,9 @@ import torch
 
 import shardopt
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# isort: split
+# the benchmark's own module, next to this file
+from common import write_results
 
 
 def main() -> None:
@@ -61,9 +61,7 @@ def main() -> None:
     for name in configs:
         median = statistics.median(times[name])
         print(f"{name:14s} {median:8.1f} {median / off:7.2f}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "replication_interval.json"
-    out.write_text(json.dumps({"params": numel, "ms": times}, indent=1))
+    out = write_results("replication_interval", {"params": numel, "ms": times})
     print(f"raw numbers: {out}")
 
 

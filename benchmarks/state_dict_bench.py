@@ -17,12 +17,7 @@ Writes benchmarks/results/state_dict_bench.json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import pathlib
-import resource
-import socket
 import statistics
 import time
 
@@ -30,11 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def make_params(n: int) -> list[torch.nn.Parameter]:
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(n // 4,), (n // 8, 1)] + [(1000, (n * 5 // 8) // 1000 // 4)] * 4
-    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+# isort: split
+# the benchmark's own modules, next to this file
+from common import LOOPBACK, arg_parser, fixed, free_port, max_rss_bytes, write_results
+from workload import mixed_params
 
 
 def state_bytes(state_dict: dict) -> int:
@@ -47,11 +41,11 @@ def state_bytes(state_dict: dict) -> int:
 
 
 def _zero_worker(rank: int, port: int, n: int, repeats: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    params = make_params(n)
+    params = mixed_params(n)
     for p in params:
         p.grad = torch.randn_like(p)
     opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=1e-3)
@@ -73,9 +67,7 @@ def _zero_worker(rank: int, port: int, n: int, repeats: int, queue) -> None:
 
 
 def zero_anchor(n: int, repeats: int) -> dict:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_zero_worker, args=(r, port, n, repeats, queue)) for r in range(2)]
@@ -90,32 +82,30 @@ def zero_anchor(n: int, repeats: int) -> dict:
 def shardopt_run(n: int, repeats: int, shared_memory: bool) -> dict:
     import shardopt
 
-    params = make_params(n)
+    params = mixed_params(n)
     for p in params:
         p.grad = torch.randn_like(p)
     opt = shardopt.AdamW(params, lr=1e-3, num_shards=2, shared_memory=shared_memory)
     opt.step()
     times, nbytes = [], 0
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = max_rss_bytes()
     for _ in range(repeats):
         start = time.perf_counter()
         sd = opt.state_dict()
         times.append(time.perf_counter() - start)
         nbytes = state_bytes(sd)
         del sd
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_after = max_rss_bytes()
     opt.close()
     return {
         "seconds": times,
         "bytes": nbytes,
-        "peak_rss_growth_mb": (rss_after - rss_before) / 1024,
+        "peak_rss_growth_mb": (rss_after - rss_before) / 2**20,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arg_parser(__doc__)
     parser.add_argument("--params", type=int, default=50_000_000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -138,16 +128,12 @@ def main() -> None:
             print(f"{name:<34}  failed: {r['error']}")
             continue
         med = statistics.median(r["seconds"])
-        ratio = f"{med / zero_median:>8.2f}" if zero_median else f"{'-':>8}"
+        ratio = fixed(med / zero_median if zero_median else None, 8)
         print(f"{name:<34}{med * 1e3:>9.0f}{r['bytes'] / med / 1e9:>8.2f}{ratio}")
     for name, r in results.items():
         if "peak_rss_growth_mb" in r:
             print(f"{name}: client peak RSS grew {r['peak_rss_growth_mb']:.0f} MB while gathering")
-    out = pathlib.Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "state_dict_bench.json").write_text(
-        json.dumps({"args": vars(args), **results}, indent=2)
-    )
+    write_results("state_dict_bench", {"args": vars(args), **results})
 
 
 if __name__ == "__main__":

@@ -32,13 +32,9 @@ Prints a table (medians, spread, ratios) and peak memory per process, and writes
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
 import pathlib
-import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +49,22 @@ import shardopt
 # isort: split
 # the benchmark's own modules, next to this file
 import anchors
+from common import (
+    RESULTS,
+    Samples,
+    arg_parser,
+    comma_list,
+    describe,
+    logger,
+    parse_size,
+    peak_rss_bytes,
+    processes_with,
+    publish,
+    reset_peak_rss,
+    round_robin,
+    run_meta,
+    wait_for_quiet,
+)
 from step_report import (
     ADD,
     CLIENT,
@@ -67,21 +79,13 @@ from step_report import (
 from workload import (
     ALGORITHMS,
     Algorithm,
-    Samples,
     Shape,
     clone_params,
     count_params,
-    describe,
     make_params,
-    peak_rss_bytes,
-    processes_with,
-    reset_peak_rss,
-    round_robin,
     transformer_shapes,
-    wait_for_quiet,
 )
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 HOST_ENV = "SHARDOPT_STEP_BENCH_HOSTS"
 """Set on each shardopt configuration's shard hosts (its own pool) so their memory is theirs."""
 
@@ -91,6 +95,7 @@ LOCAL_VARIANTS: dict[str, dict[str, Any]] = {
     "torch default": {},
 }
 GROUPS = ("local", "zero", "rpc", "shardopt")
+log = logger("step_bench")
 
 
 def shardopt_name(num_shards: int, share_params: bool = False) -> str:
@@ -246,16 +251,8 @@ def run_in_process(
 # ----- the run --------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    """``10M`` -> 10_000_000; also ``k``/``K``, ``G`` and plain integers."""
-    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text.strip()[-1:].upper())
-    return int(float(text.strip()[:-1]) * scale) if scale else int(text)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arg_parser(__doc__)
     parser.add_argument("--sizes", default=None, help="parameter counts (default 10M,50M)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps (default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
@@ -271,23 +268,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.sizes = args.sizes or ("10M" if args.quick else "10M,50M")
     args.repeats = args.repeats or (3 if args.quick else 7)
-    args.algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-    args.configs = [g.strip() for g in args.configs.split(",") if g.strip()]
+    args.algos = comma_list(parser, "--algos", args.algos, ALGORITHMS)
+    args.configs = comma_list(parser, "--configs", args.configs, GROUPS)
     args.shards = tuple(int(k) for k in args.shards.split(",") if k.strip())
-    for name, chosen, known in (
-        ("--algos", args.algos, ALGORITHMS),
-        ("--configs", args.configs, GROUPS),
-    ):
-        unknown = sorted(set(chosen) - set(known))
-        if unknown:
-            parser.error(f"{name}: unknown {unknown}, choose from {sorted(known)}")
     if "shardopt" not in args.configs:
         args.shards = ()
     return args
-
-
-def log(message: str) -> None:
-    print(f"[step_bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -295,13 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     report: dict[str, Any] = {
         "meta": {
-            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-            "ray": ray.__version__,
-            "shardopt": shardopt.__version__,
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
+            **run_meta(),
             "torch_threads": torch.get_num_threads(),
             "warmup": args.warmup,
             "repeats": args.repeats,
@@ -406,13 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if own_ray and ray.is_initialized():
             ray.shutdown()
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = format_table(report)
-    report["table"] = table.splitlines()
-    (args.out / "step_bench.json").write_text(json.dumps(report, indent=1))
+    publish("step_bench", report, format_table(report), args.out)
     problem = plot(report, args.out / "step_bench.png")
-    print(table)
-    print(f"total {report['meta']['seconds']:.0f} s; raw numbers: {args.out / 'step_bench.json'}")
     print(problem or f"plot: {args.out / 'step_bench.png'}")
 
 

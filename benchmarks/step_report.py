@@ -3,7 +3,8 @@
 Reads the report dict that ``step_bench.run`` builds (records, cells, phases, meta) and adds
 nothing to it but each record's ratios.
 
-Talks to: :mod:`workload` for the algorithms' labels and bytes; matplotlib, if installed.
+Talks to: :mod:`workload` for the algorithms' labels and bytes, :mod:`common` for number
+cells; matplotlib, if installed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import statistics
 from typing import Any
 
 # isort: split
-# the benchmark's own module, next to this file
+# the benchmark's own modules, next to this file
+from common import fixed
 from workload import ALGORITHMS, Algorithm
 
 ADD, COPY = "add_ (N floats)", "copy_ (N floats)"
@@ -62,9 +64,6 @@ def format_table(report: dict[str, Any]) -> str:
         f"{'x foreach':>10}{'x fused':>9}{'x step fl':>10}{'x shard fl':>11}",
     ]
 
-    def fmt(value: float | None, width: int, digits: int = 2) -> str:
-        return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
-
     last = None
     for r in report["records"]:
         cell = (r["size"], r["algo"])
@@ -77,10 +76,10 @@ def format_table(report: dict[str, Any]) -> str:
             row += f"  failed: {r['error'].splitlines()[-1][:70]}"
         else:
             row += (
-                f"{fmt(r.get('median_ms'), 10, 1)}{fmt(_iqr_pct(r.get('samples_ms')), 7, 0)}"
-                f"{fmt(q.get('x ' + FOREACH), 10)}"
-                f"{fmt(q.get('x ' + FUSED), 9)}{fmt(q.get('x ' + STEP_FLOOR), 10)}"
-                f"{fmt(q.get('x ' + SHARD_FLOOR), 11)}"
+                f"{fixed(r.get('median_ms'), 10, 1)}{fixed(_iqr_pct(r.get('samples_ms')), 7, 0)}"
+                f"{fixed(q.get('x ' + FOREACH), 10)}"
+                f"{fixed(q.get('x ' + FUSED), 9)}{fixed(q.get('x ' + STEP_FLOOR), 10)}"
+                f"{fixed(q.get('x ' + SHARD_FLOOR), 11)}"
             )
         lines.append(row)
     lines.append(

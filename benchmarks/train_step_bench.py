@@ -16,10 +16,7 @@ Prints a table of medians and ratios to local foreach, writes benchmarks/results
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import pathlib
 import statistics
 import time
 
@@ -27,6 +24,10 @@ import torch
 from torch import nn
 
 import shardopt
+
+# isort: split
+# the benchmark's own module, next to this file
+from common import arg_parser, write_results
 
 
 class TinyLM(nn.Module):
@@ -55,9 +56,7 @@ CONFIGS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = arg_parser(__doc__)
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
@@ -110,19 +109,15 @@ def main() -> None:
     for _, opt in runs.values():
         if isinstance(opt, shardopt.ShardedOptimizer):
             opt.close()
-    out = pathlib.Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "train_step.json").write_text(
-        json.dumps(
-            {
-                "args": vars(args),
-                "num_params": num_params,
-                "samples_s": samples,
-                "median_s": medians,
-                "last_loss": losses,
-            },
-            indent=2,
-        )
+    write_results(
+        "train_step",
+        {
+            "args": vars(args),
+            "num_params": num_params,
+            "samples_s": samples,
+            "median_s": medians,
+            "last_loss": losses,
+        },
     )
 
 

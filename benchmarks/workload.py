@@ -1,23 +1,18 @@
-"""The step benchmark's workload: transformer-shaped parameters, the algorithms, timing, memory.
+"""What the benchmarks step: transformer-shaped parameters, the algorithms, mixed-shape params.
 
-Shared by ``step_bench.py`` (the configurations that step in the benchmark's own process) and
-``anchors.py`` (those that run in processes of their own). It imports neither Ray nor shardopt,
-so the child processes start quickly.
+Shared by ``step_bench.py`` (the configurations that step in the benchmark's own process),
+``anchors.py`` (those that run in processes of their own), ``grpc_bench.py``, and
+``state_dict_bench.py`` / ``checkpoint_bench.py`` (:func:`mixed_params`). How the steps are timed
+and probed is :mod:`common`'s. It imports neither Ray nor shardopt, so the child processes start
+quickly.
 
-Talks to: torch only; reads ``/proc`` for peak memory (Linux; elsewhere the probes return None).
+Talks to: torch only.
 """
 
 from __future__ import annotations
 
-import gc
 import math
-import os
-import resource
-import statistics
-import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,6 +89,7 @@ def transformer_shapes(num_params: int, layers: int = 2) -> list[tuple[str, Shap
 
 
 def count_params(shapes: list[tuple[str, Shape]]) -> int:
+    """How many floats parameters of these shapes hold."""
     return sum(math.prod(shape) for _, shape in shapes)
 
 
@@ -128,180 +124,13 @@ def greedy_owners(sizes: list[int], parts: int) -> list[int]:
     return owners
 
 
-# ----- timing ---------------------------------------------------------------------------------
+def mixed_params(n: int) -> list[torch.nn.Parameter]:
+    """About ``n`` float32 parameters of mixed shapes, fixed random values, no gradients.
 
-
-@dataclass
-class Samples:
-    """One configuration's step times in milliseconds, or the error that stopped it."""
-
-    warmup_ms: list[float] = field(default_factory=list)
-    samples_ms: list[float] = field(default_factory=list)
-    error: str | None = None
-
-    def add(self, ms: float, warmup: bool) -> None:
-        (self.warmup_ms if warmup else self.samples_ms).append(ms)
-
-    @property
-    def median_ms(self) -> float | None:
-        if self.error is not None or not self.samples_ms:
-            return None
-        return statistics.median(self.samples_ms)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "median_ms": self.median_ms,
-            "samples_ms": self.samples_ms,
-            "warmup_ms": self.warmup_ms,
-            "error": self.error,
-        }
-
-
-def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:4000]
-
-
-def round_robin(
-    steps: dict[str, Callable[[], object]],
-    warmup: int,
-    repeats: int,
-    before_each: Callable[[], object] | None = None,
-) -> dict[str, Samples]:
-    """Times each step function once per round, in an order that rotates every round.
-
-    The first ``warmup`` rounds are kept apart as warm-up. A step that raises is recorded with
-    its error and leaves the rotation; the others go on. ``before_each`` (a barrier, say) runs
-    untimed before every step.
+    A vector of ``n / 4``, a column of ``n / 8`` and four matrices of 1000 rows share the floats:
+    the workload whose AdamW state ``state_dict_bench.py`` gathers and ``checkpoint_bench.py``
+    saves.
     """
-    names = list(steps)
-    out = {name: Samples() for name in names}
-    for r in range(warmup + repeats):
-        gc.collect()
-        shift = r % max(1, len(names))
-        for name in names[shift:] + names[:shift]:
-            samples = out[name]
-            if samples.error is not None:
-                continue
-            if before_each is not None:
-                before_each()
-            try:
-                start = time.perf_counter()
-                steps[name]()
-                elapsed = time.perf_counter() - start
-            except Exception as exc:  # an anchor that fails is reported, not fatal
-                samples.error = describe(exc)
-                continue
-            samples.add(elapsed * 1e3, warmup=r < warmup)
-    return out
-
-
-# ----- memory ---------------------------------------------------------------------------------
-
-
-def peak_rss_bytes(pid: int | str = "self") -> int | None:
-    """A process's peak resident set size (VmHWM) since it started or since the last reset.
-
-    Includes pages of shared memory the process touched (Ray's object store, /dev/shm buffers).
-    """
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss(pid: int | str = "self") -> bool:
-    """Restarts a process's peak RSS from its current RSS (Linux ``clear_refs``); False if not."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def max_rss_bytes() -> int:
-    """This process's peak RSS over its whole life (``getrusage``; not affected by resets)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def processes_with(
-    cmdline_part: str, env_entry: str | None = None, ancestor: int | None = None
-) -> list[int]:
-    """Pids of processes whose command line (and environment) contain these.
-
-    With ``ancestor``, only its descendants: a local Ray started by this process runs its
-    workers under it, while another Ray on the same machine does not.
-    """
-    parents: dict[int, int] = {}
-    pids = []
-    try:
-        entries = [int(e) for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return pids
-    for pid in entries:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                parents[pid] = int(f.read().rsplit(b")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if cmdline_part.encode() not in f.read():
-                    continue
-            if env_entry is not None:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    if env_entry.encode() not in f.read().split(b"\0"):
-                        continue
-        except (OSError, ValueError, IndexError):
-            continue
-        pids.append(pid)
-    if ancestor is not None:
-        pids = [p for p in pids if _descends(p, ancestor, parents)]
-    return sorted(pids)
-
-
-def _descends(pid: int, ancestor: int, parents: dict[int, int]) -> bool:
-    seen = set()
-    while pid in parents and pid not in seen:
-        seen.add(pid)
-        pid = parents[pid]
-        if pid == ancestor:
-            return True
-    return False
-
-
-def _cpu_times() -> tuple[int, int] | None:
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
-
-
-def wait_for_quiet(
-    max_busy: float = 0.2, window_s: float = 0.5, timeout_s: float = 15.0
-) -> dict[str, float]:
-    """Waits (at most ``timeout_s``) for a ``window_s`` in which the CPUs were mostly idle.
-
-    Ray prestarts workers and agents for a while after it starts; timing then measures them.
-
-    Returns:
-        The seconds waited and the busy fraction of the CPUs in the last window (both 0.0 where
-        ``/proc/stat`` is missing).
-    """
-    start = time.monotonic()
-    busy = 0.0
-    before = _cpu_times()
-    while before is not None and time.monotonic() - start < timeout_s:
-        time.sleep(window_s)
-        after = _cpu_times()
-        if after is None or after[1] == before[1]:
-            break
-        busy = 1.0 - (after[0] - before[0]) / (after[1] - before[1])
-        if busy <= max_busy:
-            break
-        before = after
-    return {"waited_s": time.monotonic() - start, "cpu_busy": busy}
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(n // 4,), (n // 8, 1)] + [(1000, (n * 5 // 8) // 1000 // 4)] * 4
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
