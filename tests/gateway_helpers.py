@@ -14,6 +14,7 @@ from contextlib import contextmanager
 import grpc
 import pytest
 import torch
+from helpers import assert_same_state_dict, assert_same_tensors
 
 from shardopt.core import wire
 from shardopt.core.proto import pb, tensors_pb
@@ -66,24 +67,27 @@ def step(stub, session_id, token=TOKEN, param_groups=()):
     return stub.Step(request, metadata=auth(token))
 
 
+def received(answers, specs) -> list[torch.Tensor]:
+    """The tensors of ``specs`` from the chunks of a stream's answers after its header."""
+    receiver = wire.TensorReceiver(list(specs), 1 << 30)
+    for answer in answers[1:]:
+        receiver.add(answer.chunk)
+    return receiver.finish()
+
+
 def pull(stub, session_id, token=TOKEN):
     answers = list(
         stub.PullParameters(pb.PullParametersRequest(session_id=session_id), metadata=auth(token))
     )
-    receiver = wire.TensorReceiver(list(answers[0].header.params), 1 << 30)
-    for answer in answers[1:]:
-        receiver.add(answer.chunk)
-    return receiver.finish()
+    return received(answers, answers[0].header.params)
 
 
 def state_of(stub, session_id, token=TOKEN):
     answers = list(
         stub.GetStateDict(pb.GetStateDictRequest(session_id=session_id), metadata=auth(token))
     )
-    receiver = wire.TensorReceiver(list(answers[0].header.tensors), 1 << 30)
-    for answer in answers[1:]:
-        receiver.add(answer.chunk)
-    return wire.decode_value(answers[0].header.state_dict, receiver.finish())
+    header = answers[0].header
+    return wire.decode_value(header.state_dict, received(answers, header.tensors))
 
 
 def code_of(call) -> grpc.StatusCode:
@@ -100,15 +104,6 @@ def error_of(call) -> grpc.RpcError:
 
 def chunk(index, offset, data):
     return tensors_pb.TensorChunk(index=index, offset=offset, data=data)
-
-
-def assert_same_state(after, before) -> None:
-    assert after["state"].keys() == before["state"].keys()
-    for pid, state in before["state"].items():
-        assert after["state"][pid].keys() == state.keys()
-        for key, value in state.items():
-            assert torch.equal(after["state"][pid][key], value), (pid, key)
-    assert after["param_groups"] == before["param_groups"]
 
 
 class Victim:
@@ -135,9 +130,8 @@ class Victim:
 
     def check_unchanged(self) -> None:
         params, state = self.snapshot()
-        for got, want in zip(params, self.before[0]):
-            assert torch.equal(got, want)
-        assert_same_state(state, self.before[1])
+        assert_same_tensors(params, self.before[0])
+        assert_same_state_dict(state, self.before[1])
 
     def close(self) -> None:
         close_session(self.stub, self.session_id, self.token)

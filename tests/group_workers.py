@@ -6,29 +6,26 @@ Used in-process (threads) by tests/test_group.py and as Ray actors by tests/test
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
+import helpers
 import torch
+from helpers import batch, loss_of
 
 import shardopt
 
-_SEEDING = threading.Lock()  # the global RNG is shared by the threads of tests/test_group.py
+SIZES = (6, 8, 2)
+"""The layer widths of every rank's model (:func:`helpers.make_model` of them)."""
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:
-    with _SEEDING:
-        torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    """The group tests' model, seeded with ``seed``."""
+    return helpers.make_model(seed, SIZES)
 
 
 def make_data(n: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g), torch.randn(n, 2, generator=g)
-
-
-def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.mse_loss(model(x), y)
+    """``n`` rows of the group tests' data: :func:`helpers.batch` of ``seed``."""
+    return batch(seed, n)
 
 
 def reference_run(steps: int, x: torch.Tensor, y: torch.Tensor, **hyper: Any) -> list[torch.Tensor]:

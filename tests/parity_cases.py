@@ -2,8 +2,8 @@
 
 Owns three things: the hyperparameter variants (torch's own ``optim_db``, read for CPU), the small
 models with awkward tensors each algorithm runs on (odd shapes, mixed dtypes, non-contiguous and
-empty tensors; 2-D only for Muon; sparse gradients for SparseAdam), and an exact ``state_dict``
-comparison (ids, key order, values, types).
+empty tensors; 2-D only for Muon; sparse gradients for SparseAdam), and the cases themselves (one
+:class:`ParityCase` per algorithm and variant). The comparisons are tests/helpers.py's.
 
 Talks to: ``torch.testing._internal.common_optimizers`` only (imported when the cases are built:
 it takes seconds, and shard actors import the test modules); no Ray, no shardopt.
@@ -330,40 +330,3 @@ def complex_cases() -> list[ParityCase]:
         for c in default_cases()
         if c.optim_cls in supported
     ]
-
-
-# ----- comparing -----------------------------------------------------------------------------
-
-
-def assert_same(actual: Any, expected: Any, path: str = "", tol: float = 0.0) -> None:
-    """Equality of nested state: same types, same dict key order, and tensors and floats equal
-    to within ``tol`` (relative and absolute; bit-identical by default)."""
-    where = path or "<root>"
-    assert type(actual) is type(expected), f"{where}: {type(actual)} != {type(expected)}"
-    if isinstance(expected, torch.Tensor):
-        assert actual.device == expected.device, f"{where}: on {actual.device}"
-        torch.testing.assert_close(
-            actual, expected, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{where}: {m}"
-        )
-    elif isinstance(expected, dict):
-        assert list(actual) == list(expected), f"{where}: keys {list(actual)} != {list(expected)}"
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{path}[{key!r}]", tol)
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), f"{where}: length {len(actual)} != {len(expected)}"
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_same(a, e, f"{path}[{i}]", tol)
-    elif isinstance(expected, float) and tol:
-        assert math.isclose(actual, expected, rel_tol=tol, abs_tol=tol), f"{where}: {actual!r}"
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
-
-
-def assert_state_dicts_equal(
-    actual: dict[str, Any], expected: dict[str, Any], tol: float = 0.0
-) -> None:
-    """``actual`` is ``expected``: param_groups, state ids in order, every state value (to
-    within ``tol``; hyperparameters always exactly)."""
-    assert list(actual) == list(expected)
-    assert_same(actual["param_groups"], expected["param_groups"], "param_groups")
-    assert_same(actual["state"], expected["state"], "state", tol)

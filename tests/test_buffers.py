@@ -13,6 +13,7 @@ from collections import namedtuple
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same
 
 from shardopt.core.buffers import (
     ALIGNMENT,
@@ -51,36 +52,6 @@ def sample(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if dtype.is_floating_point:
         return torch.randn(n, dtype=torch.float64).to(dtype).reshape(shape)
     return (torch.arange(n) * 37 % 101 - 50).to(dtype).reshape(shape)
-
-
-def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert actual.dtype == expected.dtype
-    assert actual.shape == expected.shape
-    assert torch.equal(
-        actual.contiguous().reshape(-1).view(torch.uint8),
-        expected.contiguous().reshape(-1).view(torch.uint8),
-    )
-
-
-def assert_tree_equal(actual, expected) -> None:
-    """Same structure, same container and leaf types, bitwise-equal tensors."""
-    assert type(actual) is type(expected), (type(actual), type(expected))
-    if isinstance(expected, torch.Tensor):
-        if expected.dim() == 0:
-            assert actual.dim() == 0
-            assert actual.dtype == expected.dtype and actual.item() == expected.item()
-        else:
-            assert_bitwise_equal(actual, expected)
-    elif isinstance(expected, dict):
-        assert list(actual) == list(expected)
-        for key in expected:
-            assert_tree_equal(actual[key], expected[key])
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected)
-        for a, e in zip(actual, expected):
-            assert_tree_equal(a, e)
-    else:
-        assert actual == expected
 
 
 def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -130,7 +101,7 @@ def test_pack_and_view_round_trip_every_dtype(dtype):
     assert flat.dtype == torch.uint8 and flat.shape == (layout.nbytes,)
     for i, t in enumerate(tensors):
         view = layout.view(flat, i)
-        assert_bitwise_equal(view, t)
+        assert_same(view, t, bitwise=True)
         if t.numel():
             assert shares_memory(view, flat)
 
@@ -144,7 +115,7 @@ def test_round_trip_through_numpy_and_readonly_tensor():
     flat = readonly_tensor(array)
     assert flat.dtype == torch.uint8
     for i, t in enumerate(tensors):
-        assert_bitwise_equal(layout.view(flat, i), t)
+        assert_same(layout.view(flat, i), t, bitwise=True)
 
 
 def test_readonly_tensor_does_not_warn_and_shares_memory():
@@ -245,7 +216,7 @@ def test_bind_gives_a_leaf_sharing_the_flat_storage(dtype):
         assert bound.is_contiguous()
         assert shares_memory(bound, flat)
         assert bound.data_ptr() == flat.data_ptr() + layout.offsets[i]
-        assert_bitwise_equal(bound, tensors[i])
+        assert_same(bound, tensors[i], bitwise=True)
 
     # Writes go both ways.
     bound = layout.bind(flat, 1)
@@ -349,13 +320,13 @@ def test_tree_round_trips_exactly():
     assert isinstance(packed.data, np.ndarray) and packed.data.dtype == np.uint8
     assert packed.data.shape == (packed.layout.nbytes,)
     assert len(packed.layout) == 11
-    assert_tree_equal(unpack_tree(packed), tree)
+    assert_same(unpack_tree(packed), tree, bitwise=True)
 
 
 def test_tree_keeps_nan_and_negative_zero_bits():
     tree = {"x": torch.tensor([float("nan"), -0.0, float("-inf")]), "y": torch.tensor(-0.0)}
     result = unpack_tree(pack_tree(tree))
-    assert_bitwise_equal(result["x"], tree["x"])
+    assert_same(result["x"], tree["x"], bitwise=True)
     assert math.copysign(1.0, result["y"].item()) == -1.0
 
 
@@ -414,7 +385,7 @@ def test_tree_of_non_contiguous_and_grad_tensors():
     ids=repr,
 )
 def test_trivial_trees_round_trip(tree):
-    assert_tree_equal(unpack_tree(pack_tree(tree)), tree)
+    assert_same(unpack_tree(pack_tree(tree)), tree, bitwise=True)
 
 
 def test_tree_whose_tensors_are_all_empty_round_trips():
@@ -423,7 +394,7 @@ def test_tree_whose_tensors_are_all_empty_round_trips():
     tree = {3: {"step": 1, "exp_avg": torch.empty(0), "exp_avg_sq": torch.empty(2, 0)}}
     packed = pack_tree(tree)
     assert packed.layout.nbytes == 0
-    assert_tree_equal(unpack_tree(packed), tree)
+    assert_same(unpack_tree(packed), tree, bitwise=True)
 
 
 def test_view_into_a_zero_byte_buffer_from_numpy():
@@ -441,7 +412,7 @@ def test_unpack_to_a_device():
 def test_packed_tree_is_picklable():
     tree = optimizer_like_state()
     packed = pickle.loads(pickle.dumps(pack_tree(tree)))
-    assert_tree_equal(unpack_tree(packed), tree)
+    assert_same(unpack_tree(packed), tree, bitwise=True)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch's notes on sparse support

@@ -10,6 +10,15 @@ import textwrap
 
 import pytest
 import torch
+from helpers import (
+    assert_same_params,
+    assert_same_state_dict,
+    batch,
+    make_model,
+    mlp,
+    square_step,
+    train_step,
+)
 from torch import nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -20,36 +29,12 @@ from shardopt.checkpoint.integrity import METADATA, RECORD_PREFIX
 KW = {"lr": 1e-2, "weight_decay": 0.1, "foreach": True}
 
 
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 2))
-
-
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    opt.zero_grad()
-    model(torch.randn(7, 6, generator=gen)).pow(2).mean().backward()
-    opt.step()
-
-
-def assert_same_params(a: nn.Module, b: nn.Module) -> None:
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
-
-
 def data_file(path, shard: int):
     """The committed data file of one shard (names carry a per-save id)."""
     (found,) = [
         p for p in path.iterdir() if re.fullmatch(rf"__{shard}_[0-9a-f]+_0\.distcp", p.name)
     ]
     return found
-
-
-def assert_same_state(got: dict, want: dict) -> None:
-    assert got["param_groups"] == want["param_groups"]
-    assert sorted(got["state"]) == sorted(want["state"])
-    for pid in want["state"]:
-        torch.testing.assert_close(got["state"][pid], want["state"][pid], rtol=0, atol=0)
 
 
 @pytest.fixture
@@ -83,7 +68,7 @@ def test_load_into_any_shard_count_continues_identically(trained, num_shards):
     loaded = shardopt.AdamW(other.parameters(), num_shards=num_shards, lr=0.5)
     loaded.load_checkpoint(path)
     assert loaded.param_groups[0]["lr"] == KW["lr"] and loaded.param_groups[0]["foreach"]
-    assert_same_state(loaded.state_dict(), opt.state_dict())
+    assert_same_state_dict(loaded.state_dict(), opt.state_dict())
     for k in range(3, 6):
         train_step(model, opt, k)
         train_step(other, loaded, k)
@@ -119,7 +104,7 @@ def test_async_save_holds_the_state_of_the_call(tmp_path):
     assert handle.done()
     fresh = shardopt.AdamW(make_model().parameters(), num_shards=3, **KW)
     fresh.load_checkpoint(f"file://{tmp_path / 'async'}")
-    assert_same_state(fresh.state_dict(), at_call)
+    assert_same_state_dict(fresh.state_dict(), at_call)
     fresh.close()
     opt.close()
 
@@ -164,10 +149,10 @@ def test_saving_over_a_checkpoint_keeps_it_whole_until_the_commit(trained):
     new_state = opt.state_dict()
     handle = opt.save_checkpoint(path, blocking=False)
     reader.load_checkpoint(path)  # mid-save: the old checkpoint, whole
-    assert_same_state(reader.state_dict(), old_state)
+    assert_same_state_dict(reader.state_dict(), old_state)
     handle.wait()
     reader.load_checkpoint(path)
-    assert_same_state(reader.state_dict(), new_state)
+    assert_same_state_dict(reader.state_dict(), new_state)
     new_files = {p.name for p in path.iterdir()}
     assert old_files & new_files == {METADATA, LOCK}  # the old files are gone
     assert len(new_files) == len(old_files)
@@ -193,19 +178,19 @@ def test_damaged_data_files_are_named_and_nothing_changes(trained, damage):
     error = FileNotFoundError if damage == "delete" else ValueError
     with pytest.raises(error, match=data.name):
         loaded.load_checkpoint(path)
-    assert_same_state(loaded.state_dict(), before)
+    assert_same_state_dict(loaded.state_dict(), before)
     loaded.close()
 
 
 def test_mismatched_checkpoint_is_rejected_and_changes_nothing(trained):
     _, _, path = trained
-    other = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 3))
+    other = mlp((6, 9, 5, 3))  # the last layer 3 wide where the checkpoint's is 2
     loaded = shardopt.AdamW(other.parameters(), num_shards=2, **KW)
-    train_step(other, loaded, 0)
+    square_step(other, loaded, batch(0)[0])  # no targets of its width: the outputs' mean square
     before = loaded.state_dict()
     with pytest.raises(ValueError, match="shape"):
         loaded.load_checkpoint(path)
-    assert_same_state(loaded.state_dict(), before)
+    assert_same_state_dict(loaded.state_dict(), before)
     smaller = shardopt.AdamW(nn.Linear(6, 9).parameters(), num_shards=2)
     with pytest.raises(ValueError, match="doesn't match the size"):
         smaller.load_checkpoint(path)
@@ -227,7 +212,7 @@ def test_cli_inspect_and_export(trained, tmp_path, capsys):
     assert main(["ckpt", "export", str(path), str(tmp_path / "opt.pt"), "--no-progress"]) == 0
     exported = torch.load(tmp_path / "opt.pt", weights_only=True)
     assert sorted(exported["state"]) == list(range(6))  # integer ids, as torch.optim writes
-    assert_same_state(exported, opt.state_dict())
+    assert_same_state_dict(exported, opt.state_dict())
     data_file(path, 0).write_bytes(b"garbage")
     assert main(["ckpt", "inspect", str(path)]) == 1
     assert "corrupted" in capsys.readouterr().out
@@ -280,7 +265,7 @@ def test_memory_url_round_trip_and_plain_torch(tmp_path):
     other.load_state_dict(model.state_dict())
     loaded = shardopt.AdamW(other.parameters(), num_shards=3, lr=0.5)
     loaded.load_checkpoint("memory://shardopt-test/ckpt")
-    assert_same_state(loaded.state_dict(), opt.state_dict())
+    assert_same_state_dict(loaded.state_dict(), opt.state_dict())
     for k in range(2, 4):
         train_step(model, opt, k)
         train_step(other, loaded, k)
@@ -298,4 +283,4 @@ def test_a_checkpoint_from_before_commit_records_is_refused_with_how_to(trained)
     before = opt.state_dict()
     with pytest.raises(ValueError, match="older shardopt .* save it again"):
         opt.load_checkpoint(path)
-    assert_same_state(opt.state_dict(), before)
+    assert_same_state_dict(opt.state_dict(), before)

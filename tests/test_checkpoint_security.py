@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 import torch
-from torch import nn
+from helpers import assert_same_state_dict, make_model, same_state_dict, train_step
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
 import shardopt
@@ -38,6 +38,8 @@ from shardopt.gateway.admission import token_scope
 KEY = bytes.fromhex("6b1f0c9d2e8a4b7f90d1c3e5a7b9f2d4c6e8a0b2d4f6a8c0e2b4d6f8a0c2e4f6")
 OTHER_KEY = bytes.fromhex("0f1e2d3c4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeeff0")
 TOKEN = "checkpoint-security-token-0123"
+SIZES = (6, 9, 2)
+"""The layer widths of the victims' models."""
 
 
 # ----- the attacker's tools ---------------------------------------------------------------------
@@ -95,34 +97,10 @@ def reseal(path, key: bytes | None = None, keep_signature: bool = False) -> None
     (path / name).write_bytes(raw)
 
 
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 2))
-
-
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    opt.zero_grad()
-    model(torch.randn(7, 6, generator=gen)).pow(2).mean().backward()
-    opt.step()
-
-
-def same_state(got: dict, want: dict) -> bool:
-    return (
-        got["param_groups"] == want["param_groups"]
-        and sorted(got["state"]) == sorted(want["state"])
-        and all(
-            sorted(got["state"][p]) == sorted(want["state"][p])
-            and all(torch.equal(got["state"][p][k], v) for k, v in want["state"][p].items())
-            for p in want["state"]
-        )
-    )
-
-
 @pytest.fixture
 def victim(tmp_path):
     """An optimizer, its checkpoint (unsigned) and signed copy, and a step taken since."""
-    model = make_model()
+    model = make_model(sizes=SIZES)
     opt = shardopt.AdamW(model.parameters(), num_shards=2, lr=1e-2)
     for k in range(2):
         train_step(model, opt, k)
@@ -167,7 +145,7 @@ def test_a_forged_metadata_runs_nothing_and_changes_nothing(victim, kind, which,
         checkpoint.verify(path, key=key)
     assert checkpoint.describe(path, key=key)["integrity"].startswith("FAILED")
     assert not marker.exists()
-    assert same_state(opt.state_dict(), before)
+    assert_same_state_dict(opt.state_dict(), before)
 
 
 @pytest.mark.parametrize("resealed", [False, True])
@@ -195,7 +173,7 @@ def test_cli_key_file_flag_and_environment(victim, capsys, monkeypatch):
     short.write_text("too short\n")
     signing_key = read_key(key_file)
     checkpoint.verify(tmp_path / "plain")
-    opt = shardopt.SGD(make_model().parameters(), lr=0.1, num_shards=1)
+    opt = shardopt.SGD(make_model(sizes=SIZES).parameters(), lr=0.1, num_shards=1)
     opt.save_checkpoint(tmp_path / "by-file", key=signing_key)
     flag = ["--checkpoint-key-file", str(key_file)]
     assert main(["ckpt", "inspect", str(tmp_path / "by-file"), *flag]) == 0
@@ -233,7 +211,7 @@ def test_tampered_data_with_recomputed_checksums_loads_only_without_a_key(victim
     """Checksums detect corruption, not forgery: without a key the forgery loads (the
     documented limit); with a key, every way of re-recording it is refused."""
     opt, tmp_path = victim
-    fresh = shardopt.AdamW(make_model().parameters(), num_shards=2, lr=1e-2)
+    fresh = shardopt.AdamW(make_model(sizes=SIZES).parameters(), num_shards=2, lr=1e-2)
     fresh.load_checkpoint(tmp_path / "plain")
     saved = fresh.state_dict()
     forged = tamper_exp_avg(tmp_path / "plain", saved)
@@ -255,19 +233,19 @@ def test_tampered_data_with_recomputed_checksums_loads_only_without_a_key(victim
         reseal(path, **resign)
         with pytest.raises(ValueError, match=match):
             opt.load_checkpoint(path, key=KEY)
-        assert same_state(opt.state_dict(), before)
+        assert_same_state_dict(opt.state_dict(), before)
 
 
 def test_a_checkpoint_signed_with_another_key_is_refused(victim):
     opt, tmp_path = victim
-    other = shardopt.AdamW(make_model(seed=1).parameters(), num_shards=1, lr=5.0)
+    other = shardopt.AdamW(make_model(1, SIZES).parameters(), num_shards=1, lr=5.0)
     other.save_checkpoint(tmp_path / "theirs", key=OTHER_KEY)
     before = opt.state_dict()
     with pytest.raises(ValueError, match="signed with another key"):
         opt.load_checkpoint(tmp_path / "theirs", key=KEY)
     with pytest.raises(ValueError, match="is not signed"):
         opt.load_checkpoint(tmp_path / "plain", key=KEY)
-    assert same_state(opt.state_dict(), before)
+    assert_same_state_dict(opt.state_dict(), before)
     opt.load_checkpoint(tmp_path / "theirs")  # without a key: intact, so it loads
     assert opt.param_groups[0]["lr"] == 5.0
     other.close()
@@ -295,7 +273,7 @@ def test_values_are_read_weights_only(victim):
     with pytest.raises(ValueError, match="Weights only load failed"):
         opt.load_checkpoint(bad)
     assert not marker.exists()
-    assert same_state(opt.state_dict(), before)
+    assert_same_state_dict(opt.state_dict(), before)
 
 
 # ----- metadata that is DCP's classes, built to hurt -------------------------------------------
@@ -350,7 +328,7 @@ def test_metadata_built_to_hurt_is_refused(victim, attack, match):
     with pytest.raises(ValueError, match=match):
         opt.load_checkpoint(path)
     assert not hasattr(dcp_metadata.Metadata, "hacked_attr")
-    assert same_state(opt.state_dict(), before)
+    assert_same_state_dict(opt.state_dict(), before)
 
 
 def test_a_record_naming_a_file_outside_is_refused(victim):
@@ -385,7 +363,7 @@ def gateway(request, tmp_path_factory):
 @pytest.mark.parametrize("resealed", [False, True])
 def test_gateway_load_checkpoint_refuses_a_forged_metadata(gateway, resealed):
     gw, root, keyed = gateway
-    model = make_model()
+    model = make_model(sizes=SIZES)
     remote = shardopt.AdamW(
         model.parameters(), lr=1e-2, address=f"127.0.0.1:{gw.port}", token=TOKEN
     )
@@ -406,7 +384,7 @@ def test_gateway_load_checkpoint_refuses_a_forged_metadata(gateway, resealed):
     with pytest.raises(ValueError, match=match):
         remote.load_checkpoint(name)
     assert not marker.exists()
-    assert same_state(remote.state_dict(), before)
+    assert_same_state_dict(remote.state_dict(), before)
     remote.close()
 
 
@@ -414,7 +392,7 @@ def test_keyed_gateway_loads_only_checkpoints_it_signed(gateway):
     """A keyed gateway refuses what it did not sign; a keyless one loads any intact checkpoint
     (checksums detect corruption, not forgery)."""
     gw, root, keyed = gateway
-    model = make_model()
+    model = make_model(sizes=SIZES)
     outsider = shardopt.AdamW(model.parameters(), lr=9.0, num_shards=1)
     train_step(model, outsider, 0)
     root.mkdir(exist_ok=True)
@@ -422,7 +400,7 @@ def test_keyed_gateway_loads_only_checkpoints_it_signed(gateway):
     outsider.save_checkpoint(root / "outsider-other-key", key=OTHER_KEY)
     outsider.close()
     remote = shardopt.AdamW(
-        make_model().parameters(), lr=1e-2, address=f"127.0.0.1:{gw.port}", token=TOKEN
+        make_model(sizes=SIZES).parameters(), lr=1e-2, address=f"127.0.0.1:{gw.port}", token=TOKEN
     )
     for name, match in [
         ("outsider-plain", "is not signed"),
@@ -480,13 +458,13 @@ def test_concurrent_saves_to_one_directory_never_mix(tmp_path):
     path = tmp_path / "shared"
     savers = {}
     for name, seed, lr in (("a", 0, 0.01), ("b", 1, 0.02)):
-        model = make_model(seed)
+        model = make_model(seed, SIZES)
         opt = shardopt.AdamW(model.parameters(), num_shards=2, lr=lr)
         train_step(model, opt, seed)
         savers[name] = opt
     states = {name: opt.state_dict() for name, opt in savers.items()}
-    assert not same_state(states["a"], states["b"])
-    reader = shardopt.AdamW(make_model().parameters(), num_shards=1, lr=0.5)
+    assert not same_state_dict(states["a"], states["b"])
+    reader = shardopt.AdamW(make_model(sizes=SIZES).parameters(), num_shards=1, lr=0.5)
     saved_both = busy = 0
     for _ in range(12):
         outcome = concurrent_round(path, savers, reader)
@@ -499,12 +477,12 @@ def test_concurrent_saves_to_one_directory_never_mix(tmp_path):
                 assert "in progress" in str(outcome[n])
         during = outcome["load"]
         if isinstance(during, dict):
-            assert same_state(during, states["a"]) or same_state(during, states["b"])
+            assert same_state_dict(during, states["a"]) or same_state_dict(during, states["b"])
         else:
             assert "checkpoint" in str(during) or str(path) in str(during)
         reader.load_checkpoint(path)
         after = reader.state_dict()
-        matches = [n for n in savers if same_state(after, states[n])]
+        matches = [n for n in savers if same_state_dict(after, states[n])]
         assert len(matches) == 1 and (len(saved) == 2 or matches == saved)
         names = os.listdir(path)
         assert len([n for n in names if n.endswith(".distcp")]) == 2
@@ -534,7 +512,7 @@ def test_a_save_in_another_process_excludes_and_its_death_frees_the_directory(tm
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        opt = shardopt.SGD(make_model().parameters(), lr=0.1, momentum=0.9, num_shards=2)
+        opt = shardopt.SGD(make_model(sizes=SIZES).parameters(), lr=0.1, momentum=0.9, num_shards=2)
         with pytest.raises(shardopt.CheckpointInUseError, match="in progress"):
             opt.save_checkpoint(path)
         assert os.listdir(path) == [LOCK]  # nothing written
@@ -561,4 +539,4 @@ def test_a_link_where_a_checkpoint_file_belongs_is_refused(victim, which):
     before = opt.state_dict()
     with pytest.raises(ValueError, match="not a regular file"):
         opt.load_checkpoint(path)
-    assert same_state(opt.state_dict(), before)
+    assert_same_state_dict(opt.state_dict(), before)

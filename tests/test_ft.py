@@ -9,32 +9,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_same, make_model, run_steps
 
 import shardopt
 from shardopt.testing import inject_fault, kill
 
 STEPS = 6
-
-
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+SIZES = (8, 16, 4)
+"""The layer widths of the model every run trains."""
 
 
 def run(opt_factory, disrupt=None, at=3, steps=STEPS):
     """Trains ``steps`` steps; ``disrupt(opt)`` runs before step ``at``."""
-    model = make_model()
+    model = make_model(sizes=SIZES)
     opt = opt_factory(model)
-    g = torch.Generator().manual_seed(1)
-    for step in range(steps):
+
+    def before_step(step):
         if disrupt is not None and step == at:
             disrupt(opt)
-        x = torch.randn(5, 8, generator=g)
-        opt.zero_grad()
-        model(x).square().mean().backward()
-        opt.step()
-    result = [p.detach().clone() for p in model.parameters()], opt.state_dict()
-    return opt, result
+
+    return opt, run_steps(model, opt, steps, before_step)
 
 
 def adamw(model, replicate=True, **kw):
@@ -46,17 +40,6 @@ REPLICATION = [
     pytest.param(3, 3, id="every-3-lost-before-any-refresh"),
     pytest.param(3, 5, id="every-3-lost-after-a-refresh"),
 ]
-
-
-def assert_identical(a, b):
-    (params_a, sd_a), (params_b, sd_b) = a, b
-    for x, y in zip(params_a, params_b):
-        assert torch.equal(x, y)
-    assert sd_a["param_groups"] == sd_b["param_groups"]
-    assert list(sd_a["state"]) == list(sd_b["state"])
-    for pid, state in sd_a["state"].items():
-        for key, value in state.items():
-            assert torch.equal(sd_b["state"][pid][key], value), (pid, key)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +87,7 @@ def test_a_lost_shard_is_replaced_and_nothing_changes(uninterrupted, disrupt, la
     else:
         expected = {0, 3}
     assert opt.backend.replicas.replayed in expected
-    assert_identical(uninterrupted, result)
+    assert_same(uninterrupted, result)
     # and the optimizer goes on with a fresh replica: a second loss is survived too
     for p in [p for g in opt.param_groups for p in g["params"]]:
         p.grad = torch.ones_like(p)
@@ -116,7 +99,7 @@ def test_a_lost_shard_is_replaced_and_nothing_changes(uninterrupted, disrupt, la
 
 def test_replication_changes_no_number(uninterrupted):
     opt, plain = run(lambda m: shardopt.AdamW(m.parameters(), lr=0.01, num_shards=2))
-    assert_identical(uninterrupted, plain)
+    assert_same(uninterrupted, plain)
     opt.close()
 
 
@@ -145,7 +128,7 @@ def test_replicas_follow_loads_and_param_writes(replicate, killed):
 
     opt, result = run(lambda m: adamw(m, replicate), disrupt_then_kill)
     assert opt.backend.replicas.recoveries == 1
-    assert_identical(reference, result)
+    assert_same(reference, result)
     opt.close()
 
 
@@ -154,19 +137,16 @@ def test_losing_a_shard_and_its_replica_falls_back_to_the_checkpoint_and_says_so
         kill(opt.backend.replicas.handles[0].host)
         kill(opt.backend.handles[0].host)
 
-    model = make_model()
+    def before_step(step):
+        if step == 1:
+            opt.save_checkpoint(tmp_path / "ckpt")  # the state after step 0
+        if step == 3:
+            lose_shard_0(opt)  # steps 1 and 2 of its state are lost
+
+    model = make_model(sizes=SIZES)
     opt = adamw(model)
-    g = torch.Generator().manual_seed(1)
     with pytest.warns(RuntimeWarning, match=r"checkpoint .*ckpt.*: 2 step\(s\) of optimizer"):
-        for step in range(5):
-            if step == 1:
-                opt.save_checkpoint(tmp_path / "ckpt")  # the state after step 0
-            if step == 3:
-                lose_shard_0(opt)  # steps 1 and 2 of its state are lost
-            x = torch.randn(5, 8, generator=g)
-            opt.zero_grad()
-            model(x).square().mean().backward()
-            opt.step()
+        run_steps(model, opt, 5, before_step)
     # shard 0's parameters went on from this process's copy; their state restarted from the
     # checkpoint (1 step) and then took steps 3 and 4; the other shard's state has all 5
     state = opt.state_dict()["state"]
@@ -191,7 +171,7 @@ def test_losing_both_without_a_checkpoint_warns_that_all_state_is_lost():
 
 
 def test_replicate_is_refused_where_it_does_not_apply():
-    model = make_model()
+    model = make_model(sizes=SIZES)
     with pytest.raises(ValueError, match="replicate=True"):
         shardopt.AdamW(model.parameters(), replicate=True, group="g", world_size=1, rank=0)
     with pytest.raises(ValueError, match="replicate=True"):

@@ -8,29 +8,15 @@ from __future__ import annotations
 
 import pytest
 import ray
-import torch
+from helpers import assert_same, make_model, run_steps
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import shardopt
 
 pytestmark = pytest.mark.cluster
 
-
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
-
-
-def train(opt, model, steps, on_step=None):
-    g = torch.Generator().manual_seed(1)
-    for step in range(steps):
-        if on_step is not None:
-            on_step(step)
-        x = torch.randn(5, 8, generator=g)
-        opt.zero_grad()
-        model(x).square().mean().backward()
-        opt.step()
-    return [p.detach().clone() for p in model.parameters()], opt.state_dict()
+SIZES = (8, 16, 4)
+"""The layer widths of the model (those of tests/test_ft.py)."""
 
 
 def test_losing_a_node_loses_nothing(cluster):
@@ -42,12 +28,12 @@ def test_losing_a_node_loses_nothing(cluster):
         return shardopt.AdamW(model.parameters(), lr=0.01, num_shards=2, replicate=True,
                               actor_options=on_doomed)  # fmt: skip
 
-    reference_model = make_model()
+    reference_model = make_model(sizes=SIZES)
     reference = optimizer(reference_model)
-    expected = train(reference, reference_model, 6)
+    expected = run_steps(reference_model, reference, 6)
     reference.close()
 
-    model = make_model()
+    model = make_model(sizes=SIZES)
     opt = optimizer(model)
     assert set(opt.backend.host_nodes) == {doomed.node_id}  # both primaries on the doomed node
     assert doomed.node_id not in opt.backend.replicas.nodes  # their replicas elsewhere
@@ -56,14 +42,10 @@ def test_losing_a_node_loses_nothing(cluster):
         if step == 3:
             cluster.remove_node(doomed)
 
-    got = train(opt, model, 6, lose_the_node)
+    got = run_steps(model, opt, 6, lose_the_node)
     assert opt.backend.replicas.recoveries == 2
     assert doomed.node_id not in opt.backend.host_nodes
-    for a, b in zip(expected[0], got[0]):
-        assert torch.equal(a, b)
-    for pid, state in expected[1]["state"].items():
-        for key, value in state.items():
-            assert torch.equal(got[1]["state"][pid][key], value)
+    assert_same(got, expected)
     opt.close()
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert doomed.node_id not in alive

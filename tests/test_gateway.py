@@ -25,12 +25,24 @@ from gateway_helpers import (
     state_of,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import (
+    assert_same,
+    assert_same_params,
+    assert_same_state_dict,
+    assert_same_tensors,
+    make_model,
+    mlp,
+    square_step,
+)
 from reference import run_as_shards
 
 import shardopt
 from shardopt.core import wire
 from shardopt.core.proto import pb, rpc, tensors_pb
 from shardopt.gateway import Limits, serve
+
+SIZES = (5, 4, 2)
+"""The layer widths of the models trained through the gateway."""
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +71,9 @@ def stub(address):
 
 
 def model_and_copy(seed=0):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-    twin = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    """A 5 -> 4 -> 2 model and a twin with the same weights."""
+    model = make_model(seed, SIZES)
+    twin = mlp(SIZES)  # weights overwritten below; drawing them keeps the RNG the inputs come from
     twin.load_state_dict(model.state_dict())
     return model, twin
 
@@ -69,14 +81,6 @@ def model_and_copy(seed=0):
 def groups_of(model, **second):
     params = list(model.parameters())
     return [{"params": params[:2]}, {"params": params[2:], **second}]
-
-
-def train_step(model, opt, x):
-    opt.zero_grad()
-    loss = model(x).square().mean()
-    loss.backward()
-    opt.step()
-    return loss
 
 
 # ----- health and reflection ----------------------------------------------------------------
@@ -121,19 +125,12 @@ def test_remote_proxy_matches_torch_step_by_step(address, cls, hyper):
     assert remote.param_groups[1]["lr"] == local.param_groups[1]["lr"]
     for step in range(5):
         x = torch.randn(6, 5)
-        train_step(model, remote, x)
-        train_step(twin, local, x)
+        square_step(model, remote, x)
+        square_step(twin, local, x)
         sched.step()
         local_sched.step()
-        for got, want in zip(model.parameters(), twin.parameters()):
-            assert torch.equal(got, want), f"step {step}"
-    got, want = remote.state_dict(), local.state_dict()
-    assert got["param_groups"] == want["param_groups"]
-    assert list(got["state"]) == list(want["state"])
-    for pid, state in want["state"].items():
-        assert list(got["state"][pid]) == list(state)
-        for key, value in state.items():
-            assert torch.equal(got["state"][pid][key], value), (pid, key)
+        assert_same_params(model, twin, f"step {step}")
+    assert_same_state_dict(remote.state_dict(), local.state_dict())
     assert len(remote.state) == len(local.state)
     remote.close()
 
@@ -142,16 +139,15 @@ def test_state_dicts_cross_between_torch_and_the_remote_proxy(address):
     model, twin = model_and_copy()
     local = torch.optim.AdamW(twin.parameters(), lr=0.01, fused=True)
     x = torch.randn(6, 5)
-    train_step(twin, local, x)
+    square_step(twin, local, x)
     remote = shardopt.AdamW(model.parameters(), lr=0.01, address=address, token=TOKEN)
     remote.load_state_dict(local.state_dict())
     model.load_state_dict(twin.state_dict())
     for _ in range(2):
         x = torch.randn(6, 5)
-        train_step(model, remote, x)
-        train_step(twin, local, x)
-    for got, want in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(got, want)
+        square_step(model, remote, x)
+        square_step(twin, local, x)
+    assert_same_params(model, twin)
     fresh = torch.optim.AdamW(twin.parameters(), lr=0.01, fused=True)
     fresh.load_state_dict(remote.state_dict())
     assert fresh.state_dict()["state"][0]["step"] == local.state_dict()["state"][0]["step"]
@@ -166,19 +162,17 @@ def test_add_param_group_and_checkpoints_over_grpc(address):
     remote.add_param_group({"params": params[2:], "lr": 0.02})
     local.add_param_group({"params": twin_params[2:], "lr": 0.02})
     x = torch.randn(6, 5)
-    train_step(model, remote, x)
-    train_step(twin, local, x)
-    for got, want in zip(params, twin_params):
-        assert torch.equal(got, want)
+    square_step(model, remote, x)
+    square_step(twin, local, x)
+    assert_same_tensors(params, twin_params)
     name = f"run-{uuid.uuid4().hex[:6]}/step-1"
     remote.save_checkpoint(name)
     saved = remote.state_dict()
-    train_step(model, remote, torch.randn(6, 5))
+    square_step(model, remote, torch.randn(6, 5))
+    remote.param_groups[0]["lr"] = 0.5  # a scheduler moved it; the checkpoint's comes back
     remote.load_checkpoint(name)
     again = remote.state_dict()
-    for pid, state in saved["state"].items():
-        for key, value in state.items():
-            assert torch.equal(again["state"][pid][key], value)
+    assert_same(again, saved)  # the groups too (their lr), in torch's key order
     for bad in ("../escape", "/etc/passwd", ""):
         with pytest.raises(ValueError, match="must be relative"):
             remote.save_checkpoint(bad)
@@ -200,7 +194,7 @@ def test_sync_group_over_grpc_equals_one_worker(address):
             world_size=2, rank=rank, num_shards=2, timeout=60,
         )  # fmt: skip
         for _ in range(3):
-            train_step(models[rank], opt, x[rank * 4 : (rank + 1) * 4])
+            square_step(models[rank], opt, x[rank * 4 : (rank + 1) * 4])
         pushes = [p.applied_version for p in opt.backend.last_pushes]
         opt.close()
         return pushes
@@ -208,7 +202,7 @@ def test_sync_group_over_grpc_equals_one_worker(address):
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(work, range(2)))
     for _ in range(3):
-        train_step(full, reference, x)
+        square_step(full, reference, x)
     assert results[0] == results[1] == [2, 2]
     for a, b, want in zip(models[0].parameters(), models[1].parameters(), full.parameters()):
         assert torch.equal(a, b)

@@ -22,7 +22,6 @@ import torch
 from gateway_helpers import (
     OTHER_TOKEN,
     TOKEN,
-    assert_same_state,
     auth,
     close_session,
     code_of,
@@ -35,6 +34,7 @@ from gateway_helpers import (
     step,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import assert_same_state_dict
 
 import shardopt
 from shardopt.client.runtime import host_pool
@@ -399,7 +399,7 @@ def test_checkpoints_are_per_token(stub, checkpoints, victim):
     stub.SaveCheckpoint(request, metadata=auth(ATTACKER))  # lands in the attacker's directory
     assert (checkpoints / token_scope(ATTACKER) / name / ".metadata").exists()
     assert {p: p.read_bytes() for p in victims.iterdir()} == written
-    assert_same_state(state_of(stub, attacker, ATTACKER), theirs)
+    assert_same_state_dict(state_of(stub, attacker, ATTACKER), theirs)
     close_session(stub, attacker, ATTACKER)
 
 

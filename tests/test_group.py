@@ -19,7 +19,7 @@ import torch
 from group_workers import GroupWorker, loss_of, make_data, make_model, reference_run
 
 import shardopt
-from shardopt.actor.shard_group_registry import list_groups
+from shardopt.client.shard_group import list_groups
 
 HYPER = {"lr": 0.05, "weight_decay": 0.01}
 

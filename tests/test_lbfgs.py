@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_same_state_dict, assert_same_tensors
 from sklearn.datasets import load_breast_cancer
 
 import shardopt
@@ -66,35 +67,20 @@ def closure_for(loss_fn, params, opt, counter):
     return closure
 
 
-def assert_close_params(a, b, tol):
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+def without_scratch(state_dict: dict) -> dict:
+    """``state_dict`` with the scratch space of the two-loop recursion (``al``: rewritten before
+    it is read, and near convergence pure rounding noise) cut down to its shape, the only part of
+    it in the contract: which entries are None."""
+    state = {
+        pid: {k: [x is None for x in v] if k == "al" else v for k, v in s.items()}
+        for pid, s in state_dict["state"].items()
+    }
+    return {**state_dict, "state": state}
 
 
-def assert_close_state(got, want, tol):
-    assert got["param_groups"] == want["param_groups"]
-    assert list(got["state"]) == list(want["state"])
-    for pid in want["state"]:
-        g, w = got["state"][pid], want["state"][pid]
-        assert list(g) == list(w)
-        for key, value in w.items():
-            other = g[key]
-            if key == "al":
-                # scratch space of the two-loop recursion: rewritten before it is read, and near
-                # convergence pure rounding noise; only its shape is part of the contract
-                assert [x is None for x in other] == [x is None for x in value]
-                continue
-            if isinstance(value, list):
-                assert len(other) == len(value), key
-                for o, v in zip(other, value):
-                    if v is None:
-                        assert o is None
-                    else:
-                        torch.testing.assert_close(o, v, rtol=tol, atol=tol)
-            elif isinstance(value, torch.Tensor):
-                torch.testing.assert_close(other, value, rtol=tol, atol=tol)
-            else:
-                assert other == pytest.approx(value, rel=tol, abs=tol), key
+def assert_close_state(got: dict, want: dict, tol: float) -> None:
+    """The same state dicts to within ``tol``, ``al`` aside (see :func:`without_scratch`)."""
+    assert_same_state_dict(without_scratch(got), without_scratch(want), tol)
 
 
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
@@ -116,7 +102,7 @@ def test_trajectory_matches_torch(problem, line_search_fn, max_iter, history_siz
             ref_loss = ref.step(closure_for(loss_fn, theirs, ref, ref_calls))
             assert len(calls) == len(ref_calls), "closure must run exactly as often as in torch"
             torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)  # the first evaluation
-            assert_close_params(mine, theirs, tol)
+            assert_same_tensors(mine, theirs, tol)
         assert_close_state(opt.state_dict(), ref.state_dict(), max(tol, 1e-6))
         opt.close()
 
@@ -170,7 +156,7 @@ def test_state_dict_round_trip_mid_run(direction):
         second_opt.step(closure_for(loss_fn, second, second_opt, calls))
         control_opt.step(closure_for(loss_fn, control, control_opt, control_calls))
         assert len(calls) == len(control_calls)
-        assert_close_params(second, control, 1e-8)
+        assert_same_tensors(second, control, 1e-8)
     if direction == "torch_to_shardopt":
         second_opt.close()
 
@@ -233,6 +219,6 @@ def test_checkpoint_round_trip_and_plain_torch(tmp_path):
         opt.step(closure_for(loss_fn, first, opt, []))
         for params, other in runs:
             other.step(closure_for(loss_fn, params, other, []))
-            assert_close_params(params, first, 1e-8)
+            assert_same_tensors(params, first, 1e-8)
     opt.close()
     runs[0][1].close()

@@ -12,45 +12,12 @@ import io
 
 import pytest
 import torch
+from helpers import assert_same_params, assert_same_state_dict, make_model, train_step
 from reference import run_as_shards
 from torch import nn
 
 import shardopt
 from shardopt import OptimizerClosedError, ShardedOptimizer
-
-
-def make_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 5), nn.Tanh(), nn.Linear(5, 2))
-
-
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(12, 6, generator=gen)
-    y = torch.randn(12, 2, generator=gen)
-    opt.zero_grad()
-    loss = nn.functional.mse_loss(model(x), y)
-    loss.backward()
-    opt.step()
-    return loss.detach()
-
-
-def assert_same_params(a: nn.Module, b: nn.Module) -> None:
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
-
-
-def assert_same_state_dict(got: dict, want: dict) -> None:
-    assert got["param_groups"] == want["param_groups"]
-    assert list(got["state"]) == list(want["state"])
-    for pid, state in want["state"].items():
-        assert list(got["state"][pid]) == list(state), pid
-        for key, value in state.items():
-            other = got["state"][pid][key]
-            if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(other, value, rtol=0, atol=0)
-            else:
-                assert other == value
 
 
 @pytest.fixture(params=[True, False], ids=["shm", "object_store"])

@@ -22,11 +22,10 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import assert_same, assert_same_state_dict
 from parity_cases import (
     STEPS,
     ParityCase,
-    assert_same,
-    assert_state_dicts_equal,
     complex_cases,
     default_cases,
     default_lr,
@@ -110,7 +109,7 @@ def run_parity(case: ParityCase, shard_counts: tuple[int, ...], count: int | Non
         expected = reference.state_dict()
         for n, _, opt in runs:
             try:
-                assert_state_dicts_equal(opt.state_dict(), expected)
+                assert_same_state_dict(opt.state_dict(), expected)
             except AssertionError as err:
                 raise AssertionError(f"{n} shards: {err}") from err
         _, params, opt = runs[-1]
@@ -185,7 +184,7 @@ def test_lbfgs_parity_with_torch(case: ParityCase):
                 torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
             assert len(evals) == len(ref_evals), f"{n} shards: closure calls"
             assert_same(params, ref_params, f"{n} shards", tol)
-            assert_state_dicts_equal(opt.state_dict(), ref_state, tol)
+            assert_same_state_dict(opt.state_dict(), ref_state, tol)
 
 
 # ----- parity through what happens between steps -----------------------------------------------
@@ -233,7 +232,7 @@ def test_parity_with_lr_scheduler(case: ParityCase):
             _step_both(case, step, ref_params, reference, [(params, opt)])
             ref_sched.step()
             sched.step()
-        assert_state_dicts_equal(opt.state_dict(), reference.state_dict())
+        assert_same_state_dict(opt.state_dict(), reference.state_dict())
 
 
 @pytest.mark.parametrize("case", _as_params(default_cases()))
@@ -261,12 +260,12 @@ def test_parity_across_state_dict_round_trips(case: ParityCase):
             loaded_params, case.optim_cls, num_shards=3, **case.fresh_kwargs()
         ) as from_torch:
             from_torch.load_state_dict(reference.state_dict())
-            assert_state_dicts_equal(from_torch.state_dict(), from_shardopt.state_dict())
+            assert_same_state_dict(from_torch.state_dict(), from_shardopt.state_dict())
             for step in range(3, STEPS + 1):
                 _step_both(case, step, ref_params, reference, [(params, opt)])
                 _step_both(case, step, torch_params, from_shardopt, [(loaded_params, from_torch)])
-            assert_state_dicts_equal(opt.state_dict(), reference.state_dict())
-            assert_state_dicts_equal(from_torch.state_dict(), from_shardopt.state_dict())
+            assert_same_state_dict(opt.state_dict(), reference.state_dict())
+            assert_same_state_dict(from_torch.state_dict(), from_shardopt.state_dict())
 
 
 @pytest.mark.parametrize("case", _as_params(default_cases()))
@@ -295,7 +294,7 @@ def test_parity_with_param_changes_between_steps(case: ParityCase):
         opt.add_param_group({"params": params[first:], "lr": lr * 2})
         for step in range(3, STEPS + 1):
             _step_both(case, step, ref_params, reference, [(params, opt)])
-        assert_state_dicts_equal(opt.state_dict(), reference.state_dict())
+        assert_same_state_dict(opt.state_dict(), reference.state_dict())
 
 
 # ----- a user-defined optimizer ---------------------------------------------------------------
@@ -392,7 +391,7 @@ def test_user_defined_optimizer(defined_in: str):
                 torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
                 assert_same(params, ref_params, f"{opt.num_shards} shards, step {step}")
         for _, opt in runs:
-            assert_state_dicts_equal(opt.state_dict(), reference.state_dict())
+            assert_same_state_dict(opt.state_dict(), reference.state_dict())
     finally:
         for _, opt in runs:
             opt.close()

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from helpers import assert_same_tensors
 
 from shardopt.actor.host import ShardHost
 from shardopt.actor.shard import Shard
@@ -43,12 +44,6 @@ def values(layout: FlatLayout, array) -> list[torch.Tensor]:
     """Copies of the tensors in a flat numpy buffer a shard handed back."""
     flat = readonly_tensor(array)
     return [layout.view(flat, i).clone() for i in range(len(layout))]
-
-
-def assert_same(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
-    assert len(actual) == len(expected)
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e.detach(), rtol=0, atol=0)
 
 
 class Twin:
@@ -121,7 +116,7 @@ class Twin:
         return {by_tensor[id(p)]: s for p, s in self.reference.state.items()}
 
     def assert_in_sync(self) -> None:
-        assert_same(self.shard_params(), self.params)
+        assert_same_tensors(self.shard_params(), self.params)
         shard_state = unpack_tree(self.shard.state())
         torch_state = self.torch_state()
         assert sorted(shard_state) == sorted(torch_state)
@@ -166,7 +161,7 @@ def test_shard_builds_a_real_optimizer_over_its_groups():
     assert opt.param_groups[1]["weight_decay"] == 0.1
     assert all(g["betas"] == (0.8, 0.99) for g in opt.param_groups)
     assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
-    assert_same(twin.shard_params(), twin.params)
+    assert_same_tensors(twin.shard_params(), twin.params)
     assert twin.shard.initial_state_ids() == ()
     for p in opt.param_groups[0]["params"]:
         assert p.is_leaf and p.device.type == "cpu"
@@ -219,7 +214,7 @@ def test_steps_match_torch_adam_step_by_step():
     for step in range(5):
         result = twin.step(random_grads(twin))
         assert result.step_id == step
-        assert_same(values(twin.layout, result.params), twin.params)
+        assert_same_tensors(values(twin.layout, result.params), twin.params)
         twin.assert_in_sync()
 
 
@@ -304,7 +299,7 @@ def test_a_repeated_step_id_returns_the_same_result_without_applying_twice():
     again = twin.shard.step(twin.request(random_grads(twin), step_id=result.step_id))
     assert again is result
     assert again.step_id == 1
-    assert_same(twin.shard_params(), params_after)
+    assert_same_tensors(twin.shard_params(), params_after)
     torch.testing.assert_close(unpack_tree(twin.shard.state()), state_after, rtol=0, atol=0)
     assert twin.shard.status().last_step_id == 1
 
@@ -320,7 +315,7 @@ def test_an_older_step_id_is_rejected():
     before = twin.shard_params()
     with pytest.raises(ValueError, match="step 0 is older than the last applied step 1"):
         twin.shard.step(twin.request(random_grads(twin), step_id=0))
-    assert_same(twin.shard_params(), before)
+    assert_same_tensors(twin.shard_params(), before)
     twin.assert_in_sync()
 
 
@@ -499,7 +494,7 @@ def test_a_good_load_applies_only_on_commit():
     torch.testing.assert_close(unpack_tree(twin.shard.state()), state, rtol=0, atol=0)
     assert [g["lr"] for g in twin.shard.optimizer.param_groups] == [0.1, 0.02]
     # The shard's tensors stay the optimizer's parameters (same identities, same values).
-    assert_same(twin.shard_params(), twin.params)
+    assert_same_tensors(twin.shard_params(), twin.params)
 
     # The torch twin is given the same state and options; both then step identically.
     for p, pid in zip(twin.params, twin.ids):
@@ -557,7 +552,7 @@ def test_a_bad_load_is_reported_and_changes_nothing(case):
         grads = random_grads(twin)
         twin.step(grads)
         untouched.step(grads)
-    assert_same(twin.shard_params(), untouched.shard_params())
+    assert_same_tensors(twin.shard_params(), untouched.shard_params())
     torch.testing.assert_close(
         unpack_tree(twin.shard.state()), unpack_tree(untouched.shard.state()), rtol=0, atol=0
     )
@@ -686,7 +681,7 @@ def test_shared_memory_buffers_are_the_shards_own_memory():
         layout.view(grads_map, i).fill_(1.0)
     result = shard.step(StepRequest(0, ({"lr": 0.5},), None, (True, True), {}))
     assert result.params is None
-    assert_same([layout.view(params_map, i) for i in range(2)], [t - 0.5 for t in tensors])
+    assert_same_tensors([layout.view(params_map, i) for i in range(2)], [t - 0.5 for t in tensors])
     # the proxy writes a changed parameter straight into the master copy
     layout.view(params_map, 1).fill_(7.0)
     assert torch.all(shard._params[1] == 7.0)

@@ -360,9 +360,12 @@ class GatewaySession(Backend):
         self._call(self._stub.LoadCheckpoint, request)
         self.shard_map.set_state_order(self._state_ids())
         reply = self._call(self._stub.GetParamGroups, pb.SessionRef(session_id=self.session_id))
-        return [
-            {**wire.decode_options(g.options), "params": list(g.params)} for g in reply.param_groups
-        ]
+        groups = []
+        for mine, saved in zip(self._params.groups, reply.param_groups):
+            options = wire.decode_options(saved.options)  # a map: the saved order is lost
+            order = [k for k in mine if k in options] + [k for k in options if k not in mine]
+            groups.append({**{k: options[k] for k in order}, "params": list(saved.params)})
+        return groups
 
     def _state_ids(self) -> list[int]:
         return list(next(self.state_parts()))
