@@ -28,7 +28,6 @@ from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.shard_map import ShardMap
 from shardopt.core import errors, wire
 from shardopt.core.amp import AmpScaling
-from shardopt.core.param_groups import group_options
 from shardopt.core.proto import pb, rpc
 from shardopt.core.records import GroupConfig, ShardStatus
 
@@ -185,14 +184,7 @@ class GatewaySession(Backend):
             params=[wire.spec_of(p, n) for p, n in zip(params, names)],
             num_shards=num_shards or 0,
         )
-        start = 0
-        for g in self._params.groups:
-            count = len(g["params"])
-            spec.param_groups.add(
-                params=list(range(start, start + count)),
-                options=wire.encode_options(group_options(g)),
-            )
-            start += count
+        spec.param_groups.extend(wire.encode_groups(self._params.groups))
         if group is not None:
             spec.group.CopyFrom(pb.GroupOptions(**group))
         messages = [pb.OpenSessionRequest(spec=spec)]
@@ -242,7 +234,7 @@ class GatewaySession(Backend):
                 yield pb.PushGradientsRequest(chunk=chunk)
 
         self._call(self._stub.PushGradients, requests())
-        groups = [pb.ParamGroup(options=wire.encode_options(o)) for o in self._params.options()]
+        groups = wire.encode_groups(self._params.groups, with_ids=False)
         reply = self._call(
             self._stub.Step, pb.StepRequest(session_id=self.session_id, param_groups=groups)
         )
@@ -291,7 +283,7 @@ class GatewaySession(Backend):
         new_params = list(group["params"])
         header = pb.AddParamGroupHeader(
             session_id=self.session_id,
-            group=pb.ParamGroup(options=wire.encode_options(group_options(group))),
+            group=wire.encode_groups([group], with_ids=False)[0],
             params=[wire.spec_of(p) for p in new_params],
         )
 

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from shardopt.core.buffers import readonly_tensor
-from shardopt.core.proto import tensors_pb
+from shardopt.core.param_groups import group_options
+from shardopt.core.proto import pb, tensors_pb
 
 CHUNK_BYTES = 1 << 20
 """Bytes per TensorChunk sent (1 MiB)."""
@@ -295,6 +296,18 @@ def decode_value(value: Any, tensors: list[torch.Tensor] | None = None, depth: i
 def encode_options(options: dict[str, Any]) -> dict[str, Any]:
     """Hyperparameters as a ``map<string, Value>`` (plain values only)."""
     return {str(k): encode_value(v) for k, v in options.items()}
+
+
+def encode_groups(groups: list[dict[str, Any]], with_ids: bool = True) -> list[Any]:
+    """Param groups as ``ParamGroup`` messages: their options and (``with_ids``) the global ids
+    of their parameters, which are consecutive in ``param_groups`` order."""
+    encoded, start = [], 0
+    for group in groups:
+        count = len(group["params"])
+        ids = list(range(start, start + count)) if with_ids else []
+        encoded.append(pb.ParamGroup(params=ids, options=encode_options(group_options(group))))
+        start += count
+    return encoded
 
 
 def decode_options(options: Any) -> dict[str, Any]:

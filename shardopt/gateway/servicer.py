@@ -127,17 +127,7 @@ def _receive(receiver: wire.TensorReceiver, requests: Iterator[Any]) -> list[tor
 
 
 def _encode_groups(optimizer: ShardedOptimizer) -> list[Any]:
-    groups, start = [], 0
-    for group in optimizer.param_groups:
-        count = len(group["params"])
-        groups.append(
-            pb.ParamGroup(
-                params=list(range(start, start + count)),
-                options=wire.encode_options(group_options(group)),
-            )
-        )
-        start += count
-    return groups
+    return wire.encode_groups(optimizer.param_groups)
 
 
 class OptimizerGateway(rpc.OptimizerServiceServicer):
