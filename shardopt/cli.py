@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shardopt import __version__
 
@@ -26,24 +26,26 @@ Subparsers = argparse._SubParsersAction
 """What ``ArgumentParser.add_subparsers()`` returns; each ``_add_<name>`` adds a parser to it."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _bounded(kind: type, low: int, strict: bool) -> Callable[[str], Any]:
+    """An argparse type: a ``kind`` number above ``low`` (``strict``) or at least ``low``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not (value > low if strict else value >= low):
+            bound = f"{'>' if strict else '>='} {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+_positive_int = _bounded(int, 1, strict=False)
+_positive_float = _bounded(float, 0, strict=True)
+_non_negative_int = _bounded(int, 0, strict=False)
+_non_negative_float = _bounded(float, 0, strict=False)
 
 
 def _add_key_file(parser: argparse.ArgumentParser, what: str) -> None:
@@ -74,26 +76,6 @@ def _checkpoint_key(args: argparse.Namespace) -> bytes | None:
         return read_key(path)
     except (OSError, ValueError) as err:
         raise SystemExit(f"shardopt: {err}") from None
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _resources(text: str) -> dict[str, float]:
