@@ -301,6 +301,20 @@ def huge_tensor(md) -> None:
     entry.size = torch.Size([10**6, 10**6])
 
 
+def chunk_gap(md) -> None:
+    """A chunk shrunk: a reader would keep uninitialised memory in the rows it no longer covers."""
+    entry = next(v for v in md.state_dict_metadata.values() if len(getattr(v, "size", ())) == 2)
+    chunk = entry.chunks[0]
+    entry.chunks[0] = dcp_metadata.ChunkStorageMetadata(
+        chunk.offsets, torch.Size([chunk.sizes[0] - 1, *chunk.sizes[1:]])
+    )
+
+
+def chunk_overlap(md) -> None:
+    entry = next(v for v in md.state_dict_metadata.values() if len(getattr(v, "size", ())) == 2)
+    entry.chunks.append(entry.chunks[0])
+
+
 def escaping_path(md) -> None:
     for info in md.storage_data.values():
         info.relative_path = "../../../../etc/passwd"
@@ -312,6 +326,8 @@ def escaping_path(md) -> None:
         ("build on a class", "sets the state of a type"),
         ("huge list index", "small indices"),
         ("huge tensor", "larger than all the data files"),
+        ("chunk gap", "do not tile it"),
+        ("chunk overlap", "do not tile it"),
         ("path outside", "which the commit record does not cover"),
     ],
 )
@@ -321,7 +337,12 @@ def test_metadata_built_to_hurt_is_refused(victim, attack, match):
     if attack == "build on a class":
         (path / METADATA).write_bytes(build_on_a_class())
     else:
-        change = {"huge list index": huge_index, "huge tensor": huge_tensor}
+        change = {
+            "huge list index": huge_index,
+            "huge tensor": huge_tensor,
+            "chunk gap": chunk_gap,
+            "chunk overlap": chunk_overlap,
+        }
         rewrite_metadata(path, change.get(attack, escaping_path))
     reseal(path)
     before = opt.state_dict()

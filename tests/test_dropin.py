@@ -24,7 +24,8 @@ import shardopt
 # ----- add_param_group ------------------------------------------------------------------------
 
 SHAPES = [(7,), (12, 8), (16, 16)]
-"""On 2 shards: (16, 16) on shard 0, the other two on shard 1 (the plan balances bytes)."""
+"""On 2 shards: (16, 16) on shard 0, the other two on shard 1 (the plan balances bytes; whole
+tensors, ``split=False``: tests/test_split.py covers pieces)."""
 NEW = {
     "all": [(30, 30), (4,)],  # (30, 30) to shard 1 (lighter), then (4,) to shard 0
     "some": [(5, 5)],  # to shard 1 only: shard 0 gets nothing new
@@ -61,7 +62,9 @@ def test_add_param_group_in_every_pattern(data_path, added_at, lands_on):
     for sharded in (True, False):
         params, extra = _tensors(SHAPES, 0), _tensors(NEW[lands_on], 1)
         if sharded:
-            opt = shardopt.SGD(params, lr=0.05, momentum=0.9, num_shards=2, **DATA_PATHS[data_path])
+            opt = shardopt.SGD(
+                params, lr=0.05, momentum=0.9, num_shards=2, split=False, **DATA_PATHS[data_path]
+            )
             assert opt.plan.owners == (1, 1, 0)
         else:
             opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)

@@ -20,6 +20,7 @@ import torch
 
 from shardopt.actor.vectors import VectorStore
 from shardopt.checkpoint import format as checkpoint
+from shardopt.checkpoint.format import RowRange
 from shardopt.checkpoint.integrity import Commit
 from shardopt.core import shm
 from shardopt.core.amp import step_scaled
@@ -31,7 +32,11 @@ from shardopt.core.buffers import (
     to_numpy,
     unpack_tree,
 )
-from shardopt.core.param_groups import fuses_by_default, is_fusable
+from shardopt.core.param_groups import (
+    fuses_by_default,
+    is_fusable,
+    sparse_step_keeps_other_rows,
+)
 from shardopt.core.records import (
     ParamBlock,
     ParamUpdate,
@@ -74,6 +79,7 @@ class Shard:
         self._shared = shared_memory and self.device.type == "cpu" and shm.available()
         self._shm_paths: tuple[str, str] | None = None
         self._param_ids: list[int] = []
+        self._pieces: dict[int, RowRange] = {}  # the rows held of parameters split across shards
         self._group_of: list[int] = []
         self._params: list[torch.Tensor] = []
         self._grads: list[torch.Tensor] = []
@@ -169,6 +175,9 @@ class Shard:
             self._params.append(p)
             self._grads.append(layout.bind(grad_flat, i))
             self._param_ids.append(pid)
+            if block.rows and block.rows[j] is not None:
+                start, rows = block.rows[j]
+                self._pieces[pid] = RowRange(start, start + p.shape[0], rows)
             self._group_of.append(group)
             self._local_of[pid] = i
             self._id_of[id(p)] = pid
@@ -262,10 +271,31 @@ class Shard:
         step_scaled(self.optimizer, request.scaling)
         for p in self._params:
             p.grad = None
+        rows_only = (
+            bool(request.sparse_grads)
+            and not any(request.has_grad)
+            and all(
+                sparse_step_keeps_other_rows(
+                    self._optimizer_class, self.optimizer.param_groups[self._group_of[i]]
+                )
+                for i in request.sparse_grads
+            )
+        )
+        params, rows = None, {}
+        if request.return_params and not self._shm_paths:
+            if rows_only:  # only the rows touched changed: only they go back
+                rows = {}
+                for i, grad in request.sparse_grads.items():
+                    index = torch.from_numpy(grad.touched_rows()).to(self.device)
+                    rows[i] = to_numpy(self._params[i][index].cpu())
+            else:
+                params = self.param_values()
         result = StepResult(
             step_id=request.step_id,
-            params=None if self._shm_paths or not request.return_params else self.param_values(),
+            params=params,
             new_state_ids=self._note_new_state(),
+            rows=rows,
+            rows_only=rows_only,
         )
         self._last_step_id = request.step_id
         self._last_result = result
@@ -280,6 +310,12 @@ class Shard:
             group_indices=tuple(self._group_of),
             layout=self._layout,
             values=to_numpy(self._flat.detach().cpu().clone()),
+            rows=tuple(
+                (self._pieces[pid].start, self._pieces[pid].rows) if pid in self._pieces else None
+                for pid in self._param_ids
+            )
+            if self._pieces
+            else (),
         )
         options = tuple(
             {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
@@ -377,7 +413,7 @@ class Shard:
         found: list[int] = []
 
         def read() -> dict[int, Any]:
-            state = checkpoint.read_params_state(commit, self._param_ids)
+            state = checkpoint.read_params_state(commit, self._param_ids, self._pieces)
             found.extend(sorted(state))
             return state
 
@@ -433,7 +469,10 @@ class Shard:
         The shard given ``param_groups`` also stores them (one shard does).
         """
         state: dict[str, Any] = {
-            "state": {str(pid): checkpoint.snapshot(v) for pid, v in self._state_by_id().items()}
+            "state": {
+                str(pid): checkpoint.snapshot(v, self._pieces.get(pid))
+                for pid, v in self._state_by_id().items()
+            }
         }
         if param_groups is not None:
             state["param_groups"] = param_groups

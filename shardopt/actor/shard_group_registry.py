@@ -77,6 +77,11 @@ def signature_mismatch(name: str, group: GroupSignature, mine: GroupSignature) -
             f"param group sizes are {list(mine.group_sizes)} here, {list(group.group_sizes)} "
             f"in group {name!r}"
         )
+    if mine.group_splits != group.group_splits:
+        return (
+            f"split (per param group) is {list(mine.group_splits)} here, "
+            f"{list(group.group_splits)} in group {name!r}"
+        )
     if len(group.params) != len(mine.params):
         return (
             f"this worker has {len(mine.params)} parameters, group {name!r} has {len(group.params)}"

@@ -49,8 +49,22 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import (
     DefaultSavePlanner,
     _EmptyStateDictLoadPlanner,
+    create_default_local_load_plan,
 )
 from torch.distributed.checkpoint.filesystem import _StoragePrefix
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.planner_helpers import _create_read_items
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from shardopt.checkpoint import integrity
@@ -154,15 +168,69 @@ class ShardSave:
         return self._outcome
 
 
-def snapshot(value: Any) -> Any:
-    """A deep copy of a state tree with tensors cloned to CPU (the state as of the save call)."""
+def snapshot(value: Any, piece: RowRange | None = None) -> Any:
+    """A deep copy of a state tree with tensors cloned to CPU (the state as of the save call).
+
+    Args:
+        piece: for the state of a parameter split across shards, the rows this shard holds:
+            its tensors shaped like the piece are written as those rows of the whole tensor
+            (DCP chunks with offsets), so a reader sees whole tensors.
+    """
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        tensor = value.detach().to("cpu", copy=True)
+        if piece is not None and tensor.dim() and tensor.shape[0] == piece.stop - piece.start:
+            _write_as_rows(tensor, piece)
+        return tensor
     if isinstance(value, dict):
-        return {k: snapshot(v) for k, v in value.items()}
+        return {k: snapshot(v, piece) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(snapshot(v) for v in value)
+        return type(value)(snapshot(v, piece) for v in value)
     return value
+
+
+@dataclass(frozen=True)
+class RowRange:
+    """Rows ``[start, stop)`` of a tensor of ``rows`` rows (a split parameter's piece)."""
+
+    start: int
+    stop: int
+    rows: int
+
+    def chunk(self, tensor: torch.Tensor) -> ChunkStorageMetadata:
+        """The chunk of the whole tensor that ``tensor`` (these rows of it) is."""
+        offsets = torch.Size([self.start] + [0] * (tensor.dim() - 1))
+        return ChunkStorageMetadata(offsets=offsets, sizes=tensor.size())
+
+
+def _write_as_rows(tensor: torch.Tensor, piece: RowRange) -> None:
+    """Makes DCP's planner write ``tensor`` as a chunk (rows of a whole tensor), through the
+    checkpointable hooks DCP looks for (as DTensor does)."""
+    chunk = piece.chunk(tensor)
+
+    def write_items(fqn: str, obj: Any) -> list[WriteItem]:
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, chunk.offsets),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=chunk,
+                    properties=TensorProperties.create_from_tensor(tensor),
+                    size=torch.Size([piece.rows, *tensor.shape[1:]]),
+                ),
+            )
+        ]
+
+    tensor.__create_write_items__ = write_items
+    tensor.__get_tensor_shard__ = lambda index: tensor
+
+
+def _read_as_rows(size: torch.Size, dtype: torch.dtype, piece: RowRange) -> torch.Tensor:
+    """An empty tensor for rows of a saved whole tensor: DCP reads only what overlaps them."""
+    tensor = torch.empty((piece.stop - piece.start, *size[1:]), dtype=dtype)
+    chunk = piece.chunk(tensor)
+    tensor.__create_chunk_list__ = lambda: [chunk]
+    tensor.__get_tensor_shard__ = lambda index: tensor
+    return tensor
 
 
 class _WeightsOnlyLoadPlanner(_EmptyStateDictLoadPlanner):
@@ -181,15 +249,57 @@ class _WeightsOnlyLoadPlanner(_EmptyStateDictLoadPlanner):
             self.state_dict[fqn] = obj
 
 
-def _read_keys(commit: Commit, keys: set[str]) -> dict[str, Any]:
+class _PieceLoadPlanner(_WeightsOnlyLoadPlanner):
+    """Reads only its pieces' rows of split parameters' saved tensors (resharding as it reads:
+    whatever chunks they were saved in)."""
+
+    def __init__(self, keys: set[str], pieces: dict[int, RowRange]) -> None:
+        super().__init__(keys=keys)
+        self._pieces = pieces
+        self._rows: dict[str, torch.Tensor] = {}  # fqn -> the tensor its rows are read into
+
+    def set_up_planner(
+        self, state_dict: dict[str, Any], metadata: Any = None, is_coordinator: bool = False
+    ) -> None:
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        for fqn in list(self.state_dict):
+            path = metadata.planner_data.get(fqn) if metadata.planner_data else None
+            if not path or len(path) < 3 or path[0] != "state" or not str(path[1]).isdigit():
+                continue
+            piece = self._pieces.get(int(path[1]))
+            md = metadata.state_dict_metadata.get(fqn)
+            if piece is None or not isinstance(md, TensorStorageMetadata):
+                continue
+            if len(md.size) and md.size[0] == piece.rows:  # shaped like the whole parameter
+                rows = _read_as_rows(md.size, md.properties.dtype, piece)
+                self.state_dict[fqn] = self._rows[fqn] = rows
+                set_element(self.original_state_dict, self.mappings[fqn], rows)
+
+    def create_local_plan(self) -> LoadPlan:
+        """DCP's plan for whole values, plus reads of the saved chunks that overlap each
+        piece's rows (DCP's own plan would refuse a tensor smaller than the saved one)."""
+        whole = {k: v for k, v in self.state_dict.items() if k not in self._rows}
+        plan = create_default_local_load_plan(whole, self.metadata, not self.allow_partial_load)
+        items = [
+            item
+            for fqn, rows in self._rows.items()
+            for item in _create_read_items(fqn, self.metadata.state_dict_metadata[fqn], rows)
+        ]
+        return LoadPlan(plan.items + items)
+
+
+def _read_keys(
+    commit: Commit, keys: set[str], pieces: dict[int, RowRange] | None = None
+) -> dict[str, Any]:
     """Entries of a checked checkpoint, read in this process without a process group."""
     state: dict[str, Any] = {}
+    planner = _PieceLoadPlanner(keys, pieces) if pieces else _WeightsOnlyLoadPlanner(keys=keys)
     try:
         _load_state_dict(
             state_dict=state,
             storage_reader=VerifyingReader(commit),
             no_dist=True,
-            planner=_WeightsOnlyLoadPlanner(keys=keys),
+            planner=planner,
         )
     except CheckpointException as err:
         failure = next(iter(err.failures.values()), err)  # DCP: (exception, traceback)
@@ -200,11 +310,18 @@ def _read_keys(commit: Commit, keys: set[str]) -> dict[str, Any]:
     return state
 
 
-def read_params_state(commit: Commit, param_ids: list[int]) -> dict[int, Any]:
-    """The saved state of some parameters (by id), read from a checked checkpoint."""
+def read_params_state(
+    commit: Commit, param_ids: list[int], pieces: dict[int, RowRange] | None = None
+) -> dict[int, Any]:
+    """The saved state of some parameters (by id), read from a checked checkpoint.
+
+    Args:
+        pieces: for parameters of which only some rows are wanted (a split parameter's piece),
+            those rows: their tensors shaped like the whole parameter come back as those rows.
+    """
     if not param_ids:
         return {}
-    loaded = _read_keys(commit, {f"state.{pid}" for pid in param_ids})
+    loaded = _read_keys(commit, {f"state.{pid}" for pid in param_ids}, pieces)
     return {int(k): v for k, v in loaded.get("state", {}).items()}
 
 

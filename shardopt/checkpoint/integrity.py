@@ -440,6 +440,36 @@ def unpickle_metadata(data: bytes, commit: Commit) -> Any:
     return metadata
 
 
+MAX_CHUNKS = 4096
+"""Chunks one tensor may be saved in (a split parameter has one per shard holding rows)."""
+
+
+def _tiles(size: torch.Size, chunks: list) -> bool:
+    """Whether ``chunks`` cover a tensor of ``size`` exactly once each element: every chunk
+    inside it, no two overlapping, their elements adding up to the tensor's (a reader would
+    otherwise keep uninitialised memory where a chunk is missing)."""
+    boxes = []
+    for chunk in chunks if 0 < len(chunks) <= MAX_CHUNKS else [None]:
+        offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
+        if not (
+            type(chunk) is dcp_metadata.ChunkStorageMetadata
+            and type(offsets) is type(sizes) is torch.Size
+            and len(offsets) == len(sizes) == len(size)
+            and all(o >= 0 and n >= 0 and o + n <= d for o, n, d in zip(offsets, sizes, size))
+        ):
+            return False
+        boxes.append((tuple(offsets), tuple(sizes)))
+    if sum(math.prod(n) for _, n in boxes) != math.prod(size):
+        return False
+    return not any(  # a few row ranges in practice
+        all(a + m > b and b + n > a for a, m, b, n in zip(a_off, a_size, b_off, b_size))
+        and all(a_size)
+        and all(b_size)
+        for i, (a_off, a_size) in enumerate(boxes)
+        for b_off, b_size in boxes[i + 1 :]
+    )
+
+
 def _check_metadata(metadata: Any, commit: Commit, where: str) -> None:
     """The fields DCP's load path uses, with sizes bounded by the data the record covers."""
 
@@ -467,6 +497,8 @@ def _check_metadata(metadata: Any, commit: Commit, where: str) -> None:
                 raise bad(f"the tensor entry {fqn!r}")
             if math.prod(entry.size) * props.dtype.itemsize > budget:
                 raise bad(f"{fqn!r} is larger than all the data files together")
+            if not _tiles(entry.size, entry.chunks):
+                raise bad(f"the chunks of {fqn!r} do not tile it (gaps, overlaps, or outside)")
         elif type(entry) is not dcp_metadata.BytesStorageMetadata:
             raise bad(f"the entry {fqn!r} is a {type(entry).__name__}")
     planner_data = metadata.planner_data

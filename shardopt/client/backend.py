@@ -47,11 +47,14 @@ class ParamSource:
         optimizer_class: type[torch.optim.Optimizer],
         defaults: dict[str, Any],
         run_options: Callable[[dict[str, Any], list[torch.Tensor]], dict[str, Any]],
+        group_splits: list[bool] | None = None,
     ) -> None:
         self._optimizer = weakref.ref(optimizer)
         self.optimizer_class = optimizer_class
         self.defaults = defaults
         self._checks = StepInputCheck(optimizer_class, defaults, run_options)
+        self.group_splits = group_splits if group_splits is not None else []
+        """Per param group: whether its tensors may be split across shards (row ranges)."""
 
     def _proxy(self) -> torch.optim.Optimizer:
         optimizer = self._optimizer()
@@ -71,6 +74,14 @@ class ParamSource:
     def flat(self) -> list[torch.Tensor]:
         """Every parameter, in global id order."""
         return [p for g in self.groups for p in g["params"]]
+
+    def splittable(self, group_index: int | None = None) -> list[bool]:
+        """Per parameter (of one group, or of all in global id order): whether it may be split
+        into row ranges across shards."""
+        groups = self.groups
+        chosen = range(len(groups)) if group_index is None else [group_index]
+        splits = self.group_splits
+        return [g < len(splits) and splits[g] for g in chosen for _ in groups[g]["params"]]
 
     def group_indices(self) -> list[int]:
         """The param group of every parameter, in global id order."""

@@ -29,6 +29,7 @@ from shardopt.checkpoint.format import SaveHandle
 from shardopt.checkpoint.integrity import Commit
 from shardopt.client.handles import ShardHandle
 from shardopt.client.runtime import ray_get
+from shardopt.client.shard_map import ShardMap
 from shardopt.core.buffers import pack_tree
 from shardopt.core.param_groups import check_param_groups
 
@@ -152,7 +153,7 @@ def prepare_on_shards(
     token: str,
     options: tuple[dict[str, Any], ...],
     shards: Sequence[ShardHandle],
-    ids_of: Callable[[int], list[int]],
+    shard_map: ShardMap,
 ) -> list[tuple[Exception | None, tuple[int, ...]]]:
     """Phase one of a checkpoint load: each shard reads (or is sent) and validates its part.
 
@@ -164,7 +165,8 @@ def prepare_on_shards(
         return ray_get([h.prepare_load_from_checkpoint(token, options, commit) for h in shards])
     answers = []  # an in-process store: read here, one shard's part at a time
     for h in shards:
-        state = checkpoint.read_params_state(commit, ids_of(h.index))
+        ids, rows = shard_map.ids_of(h.index), shard_map.row_ranges(h.index)
+        state = checkpoint.read_params_state(commit, ids, rows)
         error = ray_get(h.prepare_load(token, options, pack_tree(state)))
         answers.append((error, tuple(state)))
     return answers

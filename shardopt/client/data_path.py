@@ -59,6 +59,7 @@ class DataPath:
         self._mapped_from: dict[int, SharedBuffers] = {}  # what each mapping came from
         self._staging: list[torch.Tensor | None] = [None] * n
         self._shipped: dict[int, tuple[int, int]] = {}  # id -> the gradient's (ptr, version)
+        self._coalesced: dict[int, torch.Tensor] = {}  # id -> its sparse gradient, this step
         self.closed = False
 
     # ----- shared memory --------------------------------------------------------------------
@@ -95,11 +96,11 @@ class DataPath:
         self._mapped_from[shard] = buffers
         if self._share_params:
             layout = self._map.layout(shard)
-            for j, pid in enumerate(self._map.ids_of(shard)):
-                p = params[pid]
-                if p.device.type == "cpu":
+            for j, slot in enumerate(self._map.slots(shard)):
+                p = params[slot.pid]
+                if p.device.type == "cpu" and slot.rows is None:  # a piece stays a copy
                     p.data = layout.view(mapped[0], j)
-                    self._map.record(pid, p)
+                    self._map.record(slot.pid, p)
 
     def close(self) -> None:
         """Drops the mappings (the memory goes once the shards drop theirs)."""
@@ -125,6 +126,7 @@ class DataPath:
         """Gradients shipped early must be packed again (of ``shard``, or of every shard)."""
         if shard is None:
             self._shipped.clear()
+            self._coalesced.clear()
             return
         for pid in self._map.ids_of(shard):
             self._shipped.pop(pid, None)
@@ -139,9 +141,10 @@ class DataPath:
         grad = param.grad
         if self.closed or grad is None or grad.is_sparse:
             return
-        shard, j = self._map.slot_of(pid)
         with torch.no_grad():
-            self._map.layout(shard).view(self.grad_buffer(shard), j).copy_(grad)
+            for shard, j in self._map.pieces_of(pid):
+                target = self._map.layout(shard).view(self.grad_buffer(shard), j)
+                target.copy_(self._map.piece(shard, j, grad))
         self._shipped[pid] = (grad.data_ptr(), grad._version)
 
     def pack_grads(
@@ -159,24 +162,42 @@ class DataPath:
         layout = self._map.layout(shard)
         flat = self.grad_buffer(shard)
         has_grad, sparse, touched = [], {}, []
-        for j, pid in enumerate(self._map.ids_of(shard)):
+        for j, slot in enumerate(self._map.slots(shard)):
+            pid = slot.pid
             grad = params[pid].grad
             if grad is None:
                 has_grad.append(False)
                 continue
             touched.append(j)
             if grad.is_sparse:
-                grad = unscale_sparse(grad, scaling).coalesce()
-                sparse[j] = SparseGrad(
-                    indices=grad.indices().cpu().numpy(),
-                    values=grad.values().cpu().contiguous().numpy(),
-                )
+                sparse[j] = self._sparse_piece(pid, grad, slot.rows, scaling)
                 has_grad.append(False)
                 continue
             if self._shipped.get(pid) != (grad.data_ptr(), grad._version):
-                layout.view(flat, j).copy_(grad)
+                layout.view(flat, j).copy_(
+                    grad if slot.rows is None else grad[slot.rows[0] : slot.rows[1]]
+                )
             has_grad.append(True)
         return flat, tuple(has_grad), sparse, touched
+
+    def _sparse_piece(
+        self,
+        pid: int,
+        grad: torch.Tensor,
+        rows: tuple[int, int] | None,
+        scaling: AmpScaling | None,
+    ) -> SparseGrad:
+        """The rows of a sparse gradient a piece holds (all of them for a whole tensor), with
+        row indices counted from the piece's first row: a shard gets only its touched rows."""
+        coalesced = self._coalesced.get(pid)
+        if coalesced is None:  # once per step for all of a parameter's pieces
+            coalesced = self._coalesced[pid] = unscale_sparse(grad, scaling).coalesce()
+        indices, values = coalesced.indices(), coalesced.values()
+        if rows is not None:
+            keep = (indices[0] >= rows[0]) & (indices[0] < rows[1])
+            indices, values = indices[:, keep].clone(), values[keep]
+            indices[0] -= rows[0]
+        return SparseGrad(indices=indices.cpu().numpy(), values=values.cpu().contiguous().numpy())
 
     # ----- parameters -----------------------------------------------------------------------
 
@@ -189,21 +210,22 @@ class DataPath:
         changed = self._map.changed_slots(shard, params)
         if not changed:
             return None
-        ids = self._map.ids_of(shard)
+        slots = self._map.slots(shard)
+        pieces = {j: self._map.piece(shard, j, params[slots[j].pid]).detach() for j in changed}
         mapped = self._mapped[shard]
         update = None
         if mapped is not None:
             layout = self._map.layout(shard)
-            for j in changed:
+            for j, piece in pieces.items():
                 target = layout.view(mapped[0], j)
-                if target.data_ptr() != params[ids[j]].data_ptr():  # share_params: written
-                    target.copy_(params[ids[j]].detach())
+                if target.data_ptr() != piece.data_ptr():  # share_params: written
+                    target.copy_(piece)
         if mapped is None or self._replicated:
-            tensors = [params[ids[j]].detach().cpu() for j in changed]
+            tensors = [piece.cpu() for piece in pieces.values()]
             layout = FlatLayout.for_tensors(tensors)
             update = ParamUpdate(tuple(changed), layout, to_numpy(layout.pack(tensors)))
-        for j in changed:
-            self._map.record(ids[j], params[ids[j]])
+        for j in changed:  # this shard's piece only: the others are sent to their shards
+            self._map.record_slot(shard, j, params[slots[j].pid])
         return update
 
     # ----- optimizer state ------------------------------------------------------------------

@@ -79,7 +79,7 @@ class LocalShards(RayShards):
         self._next_step_id = 0
         self._closed = False
         self.replicas: Replicas | None = None
-        blocks = self._place(params.flat(), params.group_indices())
+        blocks = self._place(params.flat(), params.group_indices(), params.splittable())
         options = params.options()
         specs = [
             ShardSpec(params.optimizer_class, params.defaults, options, blocks[s])
@@ -110,9 +110,11 @@ class LocalShards(RayShards):
             self.replicas = Replicas(self, interval=replicate)
             self.replicas.start(specs)
 
-    def _place(self, new_params: list[torch.Tensor], groups: list[int]) -> list[Any]:
+    def _place(
+        self, new_params: list[torch.Tensor], groups: list[int], splittable: list[bool]
+    ) -> list[Any]:
         first = self.shard_map.num_params
-        blocks = self.shard_map.place(new_params, groups)
+        blocks = self.shard_map.place(new_params, groups, splittable)
         if self._overlap:
             for j, p in enumerate(new_params):
                 p.register_post_accumulate_grad_hook(GradShipper(self.data_path, first + j))
@@ -153,6 +155,7 @@ class LocalShards(RayShards):
         sent: dict[int, tuple[StepRequest, torch.Tensor]] = {}
         pending: dict[Any, int] = {}
         touched_slots: dict[int, list[int]] = {}
+        sparse_rows: dict[int, dict[int, Any]] = {}  # by shard and slot: rows a sparse grad hit
         for s in self.shard_map.live_shards():
             changed = self.data_path.changed_params(s, params)
             flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params, scaling)
@@ -164,7 +167,7 @@ class LocalShards(RayShards):
             request = StepRequest(
                 step_id=step_id,
                 group_options=options,
-                grads=None if shared else to_numpy(flat),
+                grads=None if shared or not any(has_grad) else to_numpy(flat),  # sparse: none
                 has_grad=has_grad,
                 sparse_grads=sparse,
                 params_in=changed,  # written already where shared (for a replica, a resend)
@@ -173,6 +176,7 @@ class LocalShards(RayShards):
             ref = self.handles[s].step(replace(request, params_in=None) if shared else request)
             pending[ref] = s
             touched_slots[s] = touched
+            sparse_rows[s] = {j: grad.touched_rows() for j, grad in sparse.items()}
             sent[s] = (request, flat)
         self.data_path.forget_shipped()
         new_state: list[int] = []
@@ -194,14 +198,20 @@ class LocalShards(RayShards):
                 failures[s] = err
                 continue
             shared_values = self.data_path.shared_params(s)
-            values = shared_values if shared_values is not None else result.params
-            self.shard_map.copy_back(s, values, params, touched_slots[s])
+            rows = sparse_rows[s] if result.rows_only else None
+            if shared_values is not None:
+                self.shard_map.copy_back(s, shared_values, params, touched_slots[s], rows=rows)
+            elif result.params is not None:
+                self.shard_map.copy_back(s, result.params, params, touched_slots[s])
+            else:  # sparse gradients that changed only their rows: those rows came back
+                self.shard_map.copy_rows(s, sparse_rows[s], result.rows, params)
             new_state.extend(result.new_state_ids)
         if failures:
             self._step_failed(step_id, failures, sent)
         if replicas is not None:  # only now: until every shard has applied it, they roll back
             for s, (request, flat) in sent.items():
-                replicas.step(s, replace(request, grads=to_numpy(flat), return_params=False))
+                grads = to_numpy(flat) if any(request.has_grad) else None
+                replicas.step(s, replace(request, grads=grads, return_params=False))
         self.shard_map.note_state(new_state)
         return loss
 
@@ -265,7 +275,9 @@ class LocalShards(RayShards):
 
     def add_param_group(self, group_index: int) -> None:
         group = self._params.groups[group_index]
-        blocks = self._place(list(group["params"]), [group_index] * len(group["params"]))
+        new_params = list(group["params"])
+        splittable = self._params.splittable(group_index)
+        blocks = self._place(new_params, [group_index] * len(new_params), splittable)
         options = group_options(group)
         buffers = ray_get(
             [self.handle(s).add_param_group(options, blocks[s]) for s in range(self.num_shards)]

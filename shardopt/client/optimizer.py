@@ -36,6 +36,7 @@ from shardopt.core.param_groups import (
     copy_param_groups,
     group_options,
     run_options,
+    split_choice,
 )
 from shardopt.core.plan import ShardPlan
 from shardopt.core.records import ShardStatus
@@ -100,6 +101,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
             this process keeps the gradients since, to replay after a loss. Costs a second
             copy of each shard's parameters, gradients and state (and, with ``k``, up to
             ``k`` gradient copies here).
+        split: whether a tensor may be split along dim 0 into row ranges on several shards,
+            so that one big tensor (an embedding) does not decide a shard's bytes and step
+            time. By default torch's element-wise algorithms split (SGD, Adam, AdamW, ...;
+            :data:`~shardopt.core.param_groups.SPLITS_BY_DEFAULT`), Adafactor and Muon never,
+            your own class only with ``split=True``. A param group may say ``"split": False``
+            (or True) for its own tensors. Numbers and ``state_dict`` are the same either way.
         address: ``"host:port"`` of a shardopt gateway (``shardopt serve``): the shards are
             reached over gRPC instead of Ray, and this process needs no Ray at all.
         token: the gateway's bearer token.
@@ -142,6 +149,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         placement: str | None = None,
         shard_resources: dict[str, float] | None = None,
         replicate: bool | int = False,
+        split: bool | None = None,
         address: str | None = None,
         token: str | None = None,
         tls: bool | str | os.PathLike | None = None,
@@ -177,10 +185,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
             or shared_memory
             or overlap
             or share_params
+            or split is not None
             or not self._local_backend.per_tensor
         ):
             raise ValueError(
-                "actor_options, shared_memory, overlap, share_params and LBFGS apply to "
+                "actor_options, shared_memory, overlap, share_params, split and LBFGS apply to "
                 "optimizers in the Ray cluster; with address=... the gateway decides"
             )
         if address is not None and (placement is not None or shard_resources is not None):
@@ -201,6 +210,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         del template
 
         self.optimizer_class = optimizer_class
+        self._split = split_choice(optimizer_class, split, "") and self._local_backend.per_tensor
+        self._group_splits: list[bool] = []  # per param group: may its tensors be split
         self._closed = False
         self._backend: Backend | None = None
         self._step_supports_amp_scaling = True  # torch.amp.GradScaler: see shardopt.core.amp
@@ -213,7 +224,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 stacklevel=2,
             )
         source = ParamSource(
-            self, optimizer_class, dict(defaults), lambda o, ps: run_options(optimizer_class, o, ps)
+            self,
+            optimizer_class,
+            dict(defaults),
+            lambda o, ps: run_options(optimizer_class, o, ps),
+            self._group_splits,
         )
         options = dict(
             num_shards=num_shards, actor_options=dict(actor_options or {}),
@@ -310,6 +325,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         backend = getattr(self, "_backend", None)
         if backend is not None:
             self._check_open()
+        if isinstance(param_group, dict) and "split" in param_group:  # shardopt's, not torch's
+            param_group = dict(param_group)
+            asked = param_group.pop("split")
+            split = split_choice(self.optimizer_class, asked, "in a param group")
+            split = split and self._local_backend.per_tensor
+        else:
+            split = self._split
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if len(group["params"]) != len(set(group["params"])):
@@ -318,12 +340,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 "optimizer contains a parameter group with duplicate parameters; "
                 "shardopt cannot shard a parameter twice"
             )
+        self._group_splits.append(split)
         if backend is None:  # torch's constructor adding the first groups
             return
         try:
             backend.add_param_group(len(self.param_groups) - 1)
         except BaseException:
             self.param_groups.pop()
+            self._group_splits.pop()
             raise
 
     @torch.compiler.disable  # moves bytes to other processes: nothing to trace

@@ -46,24 +46,38 @@ class RayShards(Backend):
     # ----- optimizer state ------------------------------------------------------------------
 
     def state_parts(self, param_ids: tuple[int, ...] | None = None) -> Iterator[dict[int, Any]]:
+        shard_map = self.shard_map
         if param_ids is None:
-            shards = self.shard_map.live_shards()
+            shards = shard_map.live_shards()
         else:
-            shards = sorted({self.shard_map.shard_of(pid) for pid in param_ids})
+            shards = sorted({s for pid in param_ids for s in shard_map.shards_of(pid)})
+        pieces: dict[int, dict[int, Any]] = {}  # a split parameter's pieces seen so far
         # One shard's state unpacked here while the next one packs: at most two in flight.
         request = self.data_path.request_state
         ref = request(self.handles[shards[0]], param_ids) if shards else None
-        for i in range(len(shards)):
+        for i, shard in enumerate(shards):
             following = (
                 request(self.handles[shards[i + 1]], param_ids) if i + 1 < len(shards) else None
             )
-            yield self.data_path.receive_state(ref)
+            part = self.data_path.receive_state(ref)
+            for pid in [pid for pid in part if shard_map.is_split(pid)]:
+                seen = pieces.setdefault(pid, {})
+                seen[shard] = part.pop(pid)
+                if len(seen) == len(shard_map.shards_of(pid)):  # its last piece: whole again
+                    part[pid] = shard_map.merge_state(pid, pieces.pop(pid))
+            yield part
             ref = following
+        if pieces:
+            raise RuntimeError(
+                f"parameters {sorted(pieces)} have optimizer state on some of their shards only"
+            )
 
     def load_state(self, state: dict[int, dict[str, Any]], options: tuple[dict, ...]) -> None:
         per_shard: list[dict[int, Any]] = [{} for _ in range(self.num_shards)]
+        params = self._params.flat()
         for pid, value in state.items():
-            per_shard[self.shard_map.shard_of(pid)][pid] = value
+            for shard, piece in self.shard_map.split_state(pid, value, params[pid].shape).items():
+                per_shard[shard][pid] = piece
         packed = [pack_tree(part) for part in per_shard]
         token = uuid.uuid4().hex
         live = self.shard_map.live_shards()
@@ -80,7 +94,9 @@ class RayShards(Backend):
         ray_get([self.handle(s).commit_load(token) for s in live])
 
     def set_param_state(self, pid: int, value: dict[str, Any]) -> None:
-        ray_get(self.handle(self.shard_map.shard_of(pid)).set_param_state(pid, pack_tree(value)))
+        shape = self._params.flat()[pid].shape
+        pieces = self.shard_map.split_state(pid, value, shape)
+        ray_get([self.handle(s).set_param_state(pid, pack_tree(v)) for s, v in pieces.items()])
         self.shard_map.note_state([pid])
 
     # ----- checkpoints ----------------------------------------------------------------------
@@ -107,7 +123,7 @@ class RayShards(Backend):
         token = uuid.uuid4().hex
         live = self.shard_map.live_shards()
         answers = checkpoints.prepare_on_shards(
-            commit, token, options, [self.handle(s) for s in live], self.shard_map.ids_of
+            commit, token, options, [self.handle(s) for s in live], self.shard_map
         )
         self._apply_prepared(token, live, [error for error, _ in answers])
         self.shard_map.set_state_order(sorted(pid for _, ids in answers for pid in ids))

@@ -187,7 +187,7 @@ class ShardGroupMember(RayShards):
         self.last_push: list[PushResult] = []
         self.shard_map = ShardMap(config.num_shards)
         self.data_path = DataPath(self.shard_map, share_params=False, replicated=False)
-        blocks = self.shard_map.place(params.flat(), params.group_indices())
+        blocks = self.shard_map.place(params.flat(), params.group_indices(), params.splittable())
         options = params.options()
         specs = [
             ShardSpec(params.optimizer_class, params.defaults, options, blocks[s])
@@ -210,6 +210,10 @@ class ShardGroupMember(RayShards):
             group_sizes=tuple(len(g["params"]) for g in self._params.groups),
             params=tuple(params),
             config=self.config,
+            group_splits=tuple(
+                g < len(self._params.group_splits) and self._params.group_splits[g]
+                for g in range(len(self._params.groups))
+            ),
         )
 
     def _join(self, specs: list[ShardSpec]) -> GroupMembership:

@@ -1,10 +1,16 @@
 """The shard map: one owner for where each parameter lives and what the client knows of it.
 
-Parameters have global ids in ``param_groups`` order. :class:`ShardMap` keeps, for every id,
-its shard and slot (its position in the shard's flat buffers), each shard's layout, the version
-counter and storage each user tensor had when shardopt last wrote or sent it (to notice in-place
-edits), and which ids have optimizer state on their shards, in torch's insertion order. All of
+Parameters have global ids in ``param_groups`` order. A parameter lives whole on one shard, or
+split along dim 0 into row ranges on several (one piece per shard at most; see
+:mod:`shardopt.core.plan`). :class:`ShardMap` keeps, for every piece, its shard and slot (its
+position in the shard's flat buffers) and rows; each shard's layout; the version counter and
+storage each user tensor had when shardopt last wrote or sent each piece (to notice in-place
+edits); and which ids have optimizer state on their shards, in torch's insertion order. All of
 it changes together, in :meth:`ShardMap.place`, so nothing is appended by hand elsewhere.
+
+It also turns a split parameter's per-piece optimizer state into torch's whole tensors and back
+(:meth:`merge_state`, :meth:`split_state`): state tensors shaped like the piece are its rows of
+the whole state; everything else (``step``, scalars) is the same on every piece.
 
 Talks to nothing: the backends ask it where things are and copy through it.
 """
@@ -12,17 +18,34 @@ Talks to nothing: the backends ask it where things are and copy through it.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from shardopt.checkpoint.format import RowRange
 from shardopt.core.buffers import FlatLayout, readonly_tensor, to_numpy
-from shardopt.core.plan import ShardPlan
+from shardopt.core.plan import Piece, ShardPlan, TensorSize
 from shardopt.core.records import ParamBlock
 
 
+@dataclass(frozen=True)
+class Slot:
+    """One piece of a parameter in one shard's buffers: the parameter, its rows (``None``:
+    the whole tensor) and the parameter's row count."""
+
+    pid: int
+    rows: tuple[int, int] | None
+    full_rows: int
+
+
+def _rows_of(p: torch.Tensor) -> int:
+    return p.shape[0] if p.dim() else 1
+
+
 class ShardMap:
-    """Which shard owns which parameter, where in its buffers, and what was last sent.
+    """Which shard holds which parameter (or rows of it), where in its buffers, and what was
+    last sent.
 
     Args:
         num_shards: the optimizer's shard count.
@@ -30,11 +53,11 @@ class ShardMap:
 
     def __init__(self, num_shards: int) -> None:
         self.plan = ShardPlan.empty(num_shards)
-        self._ids_of_shard: list[list[int]] = [[] for _ in range(num_shards)]
-        self._slots: list[tuple[int, int]] = []  # global id -> (shard, slot)
+        self._slots: list[list[Slot]] = [[] for _ in range(num_shards)]
+        self._where: list[list[tuple[int, int]]] = []  # global id -> [(shard, slot)] in row order
         self._layouts = [FlatLayout.for_specs([]) for _ in range(num_shards)]
         self._ids_by_tensor: dict[int, int] = {}
-        self._versions: list[tuple[int, int]] = []
+        self._versions: list[list[tuple[int, int]]] = [[] for _ in range(num_shards)]
         self._state_order: dict[int, None] = {}
 
     @classmethod
@@ -47,15 +70,26 @@ class ShardMap:
         return shard_map
 
     def adopt(self, owners: tuple[int, ...], params: list[torch.Tensor]) -> None:
-        """Appends parameters placed elsewhere (by a gateway): ids, owners and versions only
-        (such a map moves no flat buffers, so it keeps no layouts)."""
+        """Appends parameters placed elsewhere (by a gateway), each by the shard of its first
+        piece: ids and versions only (such a map moves no flat buffers, so it keeps no
+        layouts)."""
         loads = list(self.plan.shard_bytes)
+        pieces = []
         for p, owner in zip(params, owners, strict=True):
             loads[owner] += p.numel() * p.element_size()
-            self._slots.append((owner, len(self._ids_of_shard[owner])))
-            self._ids_of_shard[owner].append(self.num_params - 1)
-            self._adopt(p)
-        self.plan = ShardPlan(owners=self.plan.owners + tuple(owners), shard_bytes=tuple(loads))
+            pieces.append((Piece(owner, 0, _rows_of(p)),))
+            self._add_slot(owner, self.num_params, None, _rows_of(p), p)
+            self._ids_by_tensor[id(p)] = self.num_params - 1
+        self.plan = ShardPlan(pieces=self.plan.pieces + tuple(pieces), shard_bytes=tuple(loads))
+
+    def _add_slot(
+        self, shard: int, pid: int, rows: tuple[int, int] | None, full_rows: int, p: torch.Tensor
+    ) -> None:
+        if pid == len(self._where):
+            self._where.append([])
+        self._where[pid].append((shard, len(self._slots[shard])))
+        self._slots[shard].append(Slot(pid, rows, full_rows))
+        self._versions[shard].append((p._version, p.data_ptr()))
 
     # ----- where things are -----------------------------------------------------------------
 
@@ -65,22 +99,29 @@ class ShardMap:
 
     @property
     def num_params(self) -> int:
-        return len(self._slots)
+        return len(self._where)
 
     def ids_of(self, shard: int) -> list[int]:
-        """The global ids of ``shard``'s parameters, in its slot order."""
-        return self._ids_of_shard[shard]
+        """The global ids with a piece on ``shard``, in its slot order."""
+        return [slot.pid for slot in self._slots[shard]]
+
+    def slots(self, shard: int) -> list[Slot]:
+        return self._slots[shard]
 
     def live_shards(self) -> list[int]:
         """The shards that hold any parameter."""
-        return [s for s in range(self.num_shards) if self._ids_of_shard[s]]
+        return [s for s in range(self.num_shards) if self._slots[s]]
 
-    def shard_of(self, pid: int) -> int:
-        return self._slots[pid][0]
+    def shards_of(self, pid: int) -> list[int]:
+        """The shards holding parameter ``pid`` (several when it is split), in row order."""
+        return [shard for shard, _ in self._where[pid]]
 
-    def slot_of(self, pid: int) -> tuple[int, int]:
-        """The shard of parameter ``pid`` and its slot there."""
-        return self._slots[pid]
+    def pieces_of(self, pid: int) -> list[tuple[int, int]]:
+        """The (shard, slot) of every piece of parameter ``pid``, in row order."""
+        return self._where[pid]
+
+    def is_split(self, pid: int) -> bool:
+        return len(self._where[pid]) > 1
 
     def layout(self, shard: int) -> FlatLayout:
         return self._layouts[shard]
@@ -89,81 +130,125 @@ class ShardMap:
         """The global id of one of the optimizer's parameters (None for any other object)."""
         return self._ids_by_tensor.get(id(tensor))
 
+    def row_ranges(self, shard: int) -> dict[int, RowRange]:
+        """The rows ``shard`` holds of each parameter split across shards, by global id."""
+        return {
+            slot.pid: RowRange(slot.rows[0], slot.rows[1], slot.full_rows)
+            for slot in self._slots[shard]
+            if slot.rows is not None
+        }
+
+    def piece(self, shard: int, slot: int, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (a parameter or its gradient) as the piece in ``shard``'s ``slot``."""
+        rows = self._slots[shard][slot].rows
+        return tensor if rows is None else tensor[rows[0] : rows[1]]
+
     # ----- placing parameters ---------------------------------------------------------------
 
-    def _adopt(self, p: torch.Tensor) -> int:
-        pid = len(self._versions)
-        self._ids_by_tensor[id(p)] = pid
-        self._versions.append((p._version, p.data_ptr()))
-        return pid
-
-    def place(self, new_params: list[torch.Tensor], groups: list[int]) -> list[ParamBlock]:
-        """Assigns new parameters (appended after the existing ids) to shards.
+    def place(
+        self, new_params: list[torch.Tensor], groups: list[int], splittable: list[bool]
+    ) -> list[ParamBlock]:
+        """Assigns new parameters (appended after the existing ids) to shards, splitting the
+        ``splittable`` ones into row ranges where that balances the shards.
 
         Returns:
-            Each shard's block of new parameters with their initial values (possibly empty).
+            Each shard's block of new pieces with their initial values (possibly empty).
         """
         first = self.num_params
-        self.plan = self.plan.extended([p.numel() * p.element_size() for p in new_params])
-        self._slots.extend([(-1, -1)] * len(new_params))
+        sizes = [
+            TensorSize(
+                p.numel() * p.element_size(),
+                _rows_of(p),
+                split and p.dim() > 0,
+                p.numel() // p.shape[0] if p.dim() and p.shape[0] else 1,
+            )
+            for p, split in zip(new_params, splittable, strict=True)
+        ]
+        self.plan = self.plan.extended(sizes)
+        per_shard: list[list[tuple[int, Piece]]] = [[] for _ in range(self.num_shards)]
+        for j, pieces in enumerate(self.plan.pieces[first:]):
+            for piece in pieces:
+                per_shard[piece.shard].append((j, piece))
+        for j, p in enumerate(new_params):
+            self._ids_by_tensor[id(p)] = first + j
+        self._where.extend([] for _ in new_params)
         blocks = []
         for s in range(self.num_shards):
-            picks = [j for j in range(len(new_params)) if self.plan.owners[first + j] == s]
-            tensors = [new_params[j] for j in picks]
+            picks = sorted(per_shard[s], key=lambda jp: jp[0])
+            tensors, rows = [], []
+            for j, piece in picks:
+                p, full = new_params[j], sizes[j].rows
+                whole = piece.start == 0 and piece.stop == full
+                rows.append(None if whole else (piece.start, full))
+                tensors.append(p if whole else p[piece.start : piece.stop])
+                span = None if whole else (piece.start, piece.stop)
+                self._where[first + j].append((s, len(self._slots[s])))
+                self._slots[s].append(Slot(first + j, span, full))
+                self._versions[s].append((p._version, p.data_ptr()))
             layout = FlatLayout.for_tensors(tensors)
             blocks.append(
                 ParamBlock(
-                    param_ids=tuple(first + j for j in picks),
-                    group_indices=tuple(groups[j] for j in picks),
+                    param_ids=tuple(first + j for j, _ in picks),
+                    group_indices=tuple(groups[j] for j, _ in picks),
                     layout=layout,
                     values=to_numpy(layout.pack([t.detach().cpu() for t in tensors])),
+                    rows=tuple(rows) if any(r is not None for r in rows) else (),
                 )
             )
-            base = len(self._ids_of_shard[s])
-            for k, j in enumerate(picks):
-                self._ids_of_shard[s].append(first + j)
-                self._slots[first + j] = (s, base + k)
             self._layouts[s] = self._layouts[s].extended(list(zip(layout.shapes, layout.dtypes)))
-        for p in new_params:
-            self._adopt(p)
+        for pid in range(first, self.num_params):  # row order: sorted by first row
+            self._where[pid].sort(key=lambda ss: self._start(*ss))
         return blocks
 
+    def _start(self, shard: int, slot: int) -> int:
+        rows = self._slots[shard][slot].rows
+        return 0 if rows is None else rows[0]
+
     def block_of(self, shard: int, params: list[torch.Tensor], groups: list[int]) -> ParamBlock:
-        """``shard``'s parameters as they are now (to rebuild the shard elsewhere)."""
-        ids = self._ids_of_shard[shard]
-        tensors = [params[pid].detach().cpu() for pid in ids]
+        """``shard``'s pieces as they are now (to rebuild the shard elsewhere)."""
+        slots = self._slots[shard]
+        tensors = [
+            self.piece(shard, j, params[slot.pid]).detach().cpu() for j, slot in enumerate(slots)
+        ]
         layout = FlatLayout.for_tensors(tensors)
+        rows = [None if slot.rows is None else (slot.rows[0], slot.full_rows) for slot in slots]
         return ParamBlock(
-            param_ids=tuple(ids),
-            group_indices=tuple(groups[pid] for pid in ids),
+            param_ids=tuple(slot.pid for slot in slots),
+            group_indices=tuple(groups[slot.pid] for slot in slots),
             layout=layout,
             values=to_numpy(layout.pack(tensors)),
+            rows=tuple(rows) if any(r is not None for r in rows) else (),
         )
 
     # ----- what the client last sent or wrote -----------------------------------------------
 
     def record(self, pid: int, p: torch.Tensor) -> None:
-        """Notes that ``p`` now holds what its shard holds."""
-        self._versions[pid] = (p._version, p.data_ptr())
+        """Notes that ``p`` now holds what its shards hold (every piece)."""
+        now = (p._version, p.data_ptr())
+        for shard, slot in self._where[pid]:
+            self._versions[shard][slot] = now
+
+    def record_slot(self, shard: int, slot: int, p: torch.Tensor) -> None:
+        """Notes that shard ``shard`` now holds ``p``'s rows of ``slot``."""
+        self._versions[shard][slot] = (p._version, p.data_ptr())
 
     def changed_slots(self, shard: int, params: list[torch.Tensor]) -> list[int]:
         """Slots of ``shard`` whose user tensor was changed in place since last recorded."""
-        versions = self._versions
-        return [
-            j
-            for j, pid in enumerate(self._ids_of_shard[shard])
-            if versions[pid] != (params[pid]._version, params[pid].data_ptr())
-        ]
+        versions = self._versions[shard]
+        changed = []
+        for j, slot in enumerate(self._slots[shard]):
+            p = params[slot.pid]
+            if versions[j] != (p._version, p.data_ptr()):
+                changed.append(j)
+        return changed
 
     def any_changed(self, params: list[torch.Tensor]) -> bool:
-        return any(
-            v != (p._version, p.data_ptr()) for v, p in zip(self._versions, params, strict=True)
-        )
+        return any(self.changed_slots(s, params) for s in range(self.num_shards))
 
     def forget_versions(self) -> None:
         """Treats every parameter as changed (after writes through ``.data``, which no version
         counter sees)."""
-        self._versions = [(-1, -1)] * len(self._versions)
+        self._versions = [[(-1, -1)] * len(v) for v in self._versions]
 
     @torch.no_grad()
     def copy_back(
@@ -172,20 +257,88 @@ class ShardMap:
         values: torch.Tensor | Any,
         params: list[torch.Tensor],
         slots: Iterable[int] | None = None,
+        rows: dict[int, Any] | None = None,
     ) -> None:
         """Copies ``shard``'s flat parameter buffer (a tensor, or a numpy array) into the user's
-        tensors (all slots, or ``slots``), skipping tensors that already are views of it."""
+        tensors (all slots, or ``slots``), skipping tensors that already are views of it.
+
+        Args:
+            rows: by slot, the only rows to copy (those a sparse gradient touched).
+        """
         if not isinstance(values, torch.Tensor):
             values = readonly_tensor(values)
         layout = self._layouts[shard]
-        ids = self._ids_of_shard[shard]
-        for j in range(len(ids)) if slots is None else slots:
-            pid = ids[j]
+        rows = rows or {}
+        for j in range(len(self._slots[shard])) if slots is None else slots:
+            pid = self._slots[shard][j].pid
             p = params[pid]
             source = layout.view(values, j)
-            if p.data_ptr() != source.data_ptr():  # share_params: already in place
-                p.copy_(source)
-            self._versions[pid] = (p._version, p.data_ptr())
+            target = self.piece(shard, j, p)
+            if target.data_ptr() == source.data_ptr():  # share_params: already in place
+                pass
+            elif j in rows:
+                index = torch.as_tensor(rows[j], device=target.device)
+                target.index_copy_(0, index, source[torch.as_tensor(rows[j])].to(target.device))
+            else:
+                target.copy_(source)
+            self.record(pid, p)  # later pieces' copies bump it again, and record again
+
+    @torch.no_grad()
+    def copy_rows(
+        self, shard: int, rows: dict[int, Any], values: dict[int, Any], params: list[torch.Tensor]
+    ) -> None:
+        """Writes the new values of some rows (``values[slot]``, for the row indices
+        ``rows[slot]`` of the slot's piece) into the user's tensors: a sparse step's result."""
+        for j, changed in values.items():
+            pid = self._slots[shard][j].pid
+            p = params[pid]
+            target = self.piece(shard, j, p)
+            index = torch.as_tensor(rows[j], device=target.device)
+            target.index_copy_(0, index, readonly_tensor(changed).to(target.device))
+            self.record(pid, p)
+
+    # ----- a split parameter's optimizer state ----------------------------------------------
+
+    def merge_state(self, pid: int, parts: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """Parameter ``pid``'s state in torch's form from its pieces' states, by shard: tensors
+        shaped like a piece are concatenated along dim 0 in row order; the rest is the first
+        piece's (equal on every piece)."""
+        where = self._where[pid]
+        if len(where) == 1:
+            return parts[where[0][0]]
+        states = [parts[shard] for shard, _ in where if shard in parts]
+        if len(states) != len(where):
+            raise KeyError(f"parameter {pid}: the state of some of its pieces is missing")
+        first = states[0]
+        merged = {}
+        for key, value in first.items():
+            if isinstance(value, torch.Tensor) and self._piece_shaped(pid, 0, value):
+                merged[key] = torch.cat([state[key] for state in states], dim=0)
+            else:
+                merged[key] = value
+        return merged
+
+    def split_state(self, pid: int, value: dict[str, Any], shape: torch.Size) -> dict[int, Any]:
+        """The state ``value`` of parameter ``pid`` (of ``shape``), cut into its pieces' states
+        by shard: tensors shaped like the parameter give each piece its rows; the rest goes to
+        every piece as it is."""
+        where = self._where[pid]
+        if len(where) == 1:
+            return {where[0][0]: value}
+        split: dict[int, Any] = {}
+        for shard, slot in where:
+            start, stop = self._slots[shard][slot].rows
+            split[shard] = {
+                key: v[start:stop]
+                if isinstance(v, torch.Tensor) and v.dim() and tuple(v.shape) == tuple(shape)
+                else v
+                for key, v in value.items()
+            }
+        return split
+
+    def _piece_shaped(self, pid: int, k: int, value: torch.Tensor) -> bool:
+        shard, slot = self._where[pid][k]
+        return tuple(value.shape) == tuple(self._layouts[shard].shapes[slot]) and value.dim() > 0
 
     # ----- which parameters have optimizer state --------------------------------------------
 

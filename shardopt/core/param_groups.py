@@ -77,6 +77,54 @@ def is_fusable(params: list[torch.Tensor]) -> bool:
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
+SPLITS_BY_DEFAULT: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adadelta,
+    torch.optim.Adagrad,
+    torch.optim.Adamax,
+    torch.optim.ASGD,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Rprop,
+    torch.optim.SparseAdam,
+)
+"""torch's element-wise algorithms: every element's update depends on that element alone (and on
+per-tensor scalars that follow from the step count), so a tensor's rows can live on different
+shards with the same numbers. Adafactor and Muon work on whole matrices; a user's class keeps
+whole tensors unless it opts in (``split=True``)."""
+
+
+def sparse_step_keeps_other_rows(optimizer_class: type, group: dict[str, Any]) -> bool:
+    """Whether a step with a sparse gradient changes only the parameter rows it touches (and
+    their state): SparseAdam and Adagrad do, and SGD without momentum or weight decay; SGD
+    with either changes the rows of earlier steps too (its momentum buffer is dense)."""
+    if optimizer_class in (torch.optim.SparseAdam, torch.optim.Adagrad):
+        return True
+    if optimizer_class is torch.optim.SGD:
+        return not group.get("momentum") and not group.get("weight_decay")
+    return False
+
+
+def split_choice(optimizer_class: type, asked: bool | None, where: str) -> bool:
+    """Whether ``optimizer_class``'s tensors may be split into row ranges across shards.
+
+    Raises:
+        ValueError: ``split=True`` for one of torch's whole-matrix algorithms.
+    """
+    if asked is not None and not isinstance(asked, bool):
+        raise ValueError(f"Invalid split {where}: {asked!r} (True, False or None)")
+    by_default = optimizer_class in SPLITS_BY_DEFAULT
+    if asked and not by_default and optimizer_class.__module__.startswith("torch.optim"):
+        raise ValueError(
+            f"{optimizer_class.__name__} updates whole matrices: its tensors cannot be split "
+            f"across shards (split=True {where})"
+        )
+    return by_default if asked is None else asked
+
+
 def run_options(
     optimizer_class: type, options: dict[str, Any], params: list[torch.Tensor]
 ) -> dict[str, Any]:

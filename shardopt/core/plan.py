@@ -1,9 +1,17 @@
-"""The sharding plan: which shard owns which parameter.
+"""The sharding plan: which shard holds which parameter, or which rows of it.
 
-Whole tensors per shard (never split, so per-tensor algorithms such as Adafactor and Muon keep
-torch's exact meaning), balanced by bytes with the greedy rule ZeroRedundancyOptimizer uses:
-largest tensor first onto the least-loaded shard, ties to the lower shard index and the lower
-parameter id. Deterministic: the same parameters always give the same plan.
+Tensors are balanced by bytes with the greedy rule ZeroRedundancyOptimizer uses: largest first
+onto the least-loaded shard, ties to the lower shard index and the lower parameter id. A tensor
+that may be split (an element-wise algorithm's, with more than one row) and would leave the
+least-loaded shard more than :data:`SLACK` above the mean load is cut along dim 0 into row
+ranges: the least-loaded shards are filled up to the mean (to the nearest whole cut unit), one
+contiguous range each, the last one takes the rest. So one
+big tensor no longer decides a shard's bytes, and a shard holds at most one piece of a tensor.
+Whole-matrix algorithms (Adafactor, Muon) keep whole tensors (see
+:func:`shardopt.core.param_groups.splits_by_default`).
+
+Deterministic: the same parameters always give the same plan; parameters added later are placed
+around the existing ones without moving them.
 
 Talks to nothing; the client's shard map (:mod:`shardopt.client.shard_map`) asks it where new
 parameters go.
@@ -11,43 +19,147 @@ parameters go.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+SLACK = 1.05
+"""A tensor that would leave its shard at most this much above the mean load stays whole."""
+
+ALIGN = 128
+"""Every cut between two pieces falls on a multiple of this many elements of the tensor.
+
+torch's CPU kernels run vectorised over whole SIMD blocks (up to 64 elements) and finish the
+last few elements of a tensor with scalar code, which may round differently (a fused
+multiply-add in one, not in the other). Cutting only at multiples of ``ALIGN`` elements puts
+every element of a piece in the same kind of block it is in within the whole tensor, so a split
+tensor's numbers stay bit-identical to torch's.
+"""
+
+
+@dataclass(frozen=True)
+class TensorSize:
+    """What the plan needs to know of a tensor: its bytes, its rows (dim 0; 1 for a 0-dim
+    tensor), its elements per row and whether it may be split into row ranges."""
+
+    nbytes: int
+    rows: int = 1
+    splittable: bool = False
+    row_numel: int = 1
+
+    @property
+    def row_align(self) -> int:
+        """Rows per cut unit: cuts fall on multiples of this many rows (see :data:`ALIGN`)."""
+        return ALIGN // math.gcd(ALIGN, max(self.row_numel, 1))
+
+    @property
+    def units(self) -> int:
+        """How many cut units the tensor has (the last one may be short)."""
+        return -(-self.rows // self.row_align)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, stop)`` of a parameter, held by ``shard`` (all rows: a whole tensor)."""
+
+    shard: int
+    start: int
+    stop: int
 
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """The owner shard of every parameter (by global id) and the bytes each shard holds."""
+    """Where every parameter (by global id) lives, and the bytes each shard holds.
 
-    owners: tuple[int, ...]
+    ``pieces[pid]`` are the parameter's row ranges in row order, one per shard at most; a whole
+    tensor is one piece.
+    """
+
+    pieces: tuple[tuple[Piece, ...], ...]
     shard_bytes: tuple[int, ...]
 
     @property
     def num_shards(self) -> int:
         return len(self.shard_bytes)
 
+    @property
+    def owners(self) -> tuple[int, ...]:
+        """The shard of every parameter's first piece (its only one, when it is whole)."""
+        return tuple(p[0].shard for p in self.pieces)
+
     def params_of(self, shard: int) -> list[int]:
-        """Global ids owned by ``shard``, in increasing order."""
-        return [pid for pid, owner in enumerate(self.owners) if owner == shard]
+        """Global ids with a piece on ``shard``, in increasing order."""
+        return [pid for pid, ps in enumerate(self.pieces) if any(p.shard == shard for p in ps)]
+
+    def is_split(self, pid: int) -> bool:
+        return len(self.pieces[pid]) > 1
 
     @classmethod
     def empty(cls, num_shards: int) -> ShardPlan:
         if num_shards < 1:
             raise ValueError(f"Invalid num_shards: {num_shards} (must be >= 1)")
-        return cls(owners=(), shard_bytes=(0,) * num_shards)
+        return cls(pieces=(), shard_bytes=(0,) * num_shards)
 
-    def extended(self, param_bytes: list[int]) -> ShardPlan:
-        """Places new parameters (appended after the existing ids) without moving old ones."""
+    def extended(self, sizes: list[int | TensorSize]) -> ShardPlan:
+        """Places new parameters (appended after the existing ids) without moving old ones.
+
+        Args:
+            sizes: each new parameter's bytes (a whole tensor), or its :class:`TensorSize`.
+        """
+        sizes = [s if isinstance(s, TensorSize) else TensorSize(int(s)) for s in sizes]
         loads = list(self.shard_bytes)
-        owners = [0] * len(param_bytes)
-        order = sorted(range(len(param_bytes)), key=lambda i: (-param_bytes[i], i))
+        n = len(loads)
+        mean = (sum(loads) + sum(s.nbytes for s in sizes)) / n
+        placed: list[tuple[Piece, ...]] = [()] * len(sizes)
+        order = sorted(range(len(sizes)), key=lambda i: (-sizes[i].nbytes, i))
         for i in order:
-            shard = min(range(len(loads)), key=lambda s: (loads[s], s))
-            owners[i] = shard
-            loads[shard] += param_bytes[i]
-        return ShardPlan(owners=self.owners + tuple(owners), shard_bytes=tuple(loads))
+            size = sizes[i]
+            lightest = min(range(n), key=lambda s: (loads[s], s))
+            fits = loads[lightest] + size.nbytes <= mean * SLACK
+            if fits or not size.splittable or size.units < 2 or n == 1:
+                placed[i] = (Piece(lightest, 0, size.rows),)
+                loads[lightest] += size.nbytes
+                continue
+            placed[i] = self._split(size, loads, mean)
+        return ShardPlan(pieces=self.pieces + tuple(placed), shard_bytes=tuple(loads))
+
+    @staticmethod
+    def _split(size: TensorSize, loads: list[int], mean: float) -> tuple[Piece, ...]:
+        """Fills the least-loaded shards up to ``mean`` with row ranges of one tensor, cut at
+        whole units of :attr:`TensorSize.row_align` rows."""
+        align = size.row_align
+        unit_bytes = size.nbytes / size.rows * align
+        by_load = sorted(range(len(loads)), key=lambda s: (loads[s], s))
+        cuts: list[tuple[int, int]] = []  # (shard, units)
+        left = size.units
+        for k, s in enumerate(by_load):
+            if left == 0:
+                break
+            last = k == len(by_load) - 1
+            room = round((mean - loads[s]) / unit_bytes) if not last else left
+            units = min(left, max(room, 1 if not cuts else 0))
+            if units == 0:
+                continue
+            cuts.append((s, units))
+            left -= units
+        if left:  # every shard was at the mean: the rest goes with the last piece
+            s, units = cuts[-1]
+            cuts[-1] = (s, units + left)
+        pieces, start = [], 0
+        row_bytes = size.nbytes / size.rows
+        for s, units in cuts:
+            stop = min(start + units * align, size.rows)
+            pieces.append(Piece(s, start, stop))
+            loads[s] += round((stop - start) * row_bytes)
+            start = stop
+        return tuple(pieces)
 
     def describe(self) -> str:
         lines = [f"ShardPlan over {self.num_shards} shard(s):"]
         for s in range(self.num_shards):
-            lines.append(f"  shard {s}: params {self.params_of(s)}, {self.shard_bytes[s]} bytes")
+            held = []
+            for pid, ps in enumerate(self.pieces):
+                for p in ps:
+                    if p.shard == s:
+                        held.append(f"{pid}[{p.start}:{p.stop}]" if len(ps) > 1 else str(pid))
+            lines.append(f"  shard {s}: params [{', '.join(held)}], {self.shard_bytes[s]} bytes")
         return "\n".join(lines)

@@ -6,7 +6,7 @@ out-of-band (zero-copy reads on the same node). Talks to nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,12 +17,17 @@ from shardopt.core.buffers import FlatLayout, PackedTree
 
 @dataclass(frozen=True)
 class ParamBlock:
-    """A run of parameters handed to a shard: their global ids, group indices and values."""
+    """A run of parameters handed to a shard: their global ids, group indices and values.
+
+    ``rows`` says, for a parameter split across shards, which rows this shard holds: ``(first
+    row, the whole tensor's rows)``, or None for a whole tensor (an empty tuple: all whole).
+    """
 
     param_ids: tuple[int, ...]
     group_indices: tuple[int, ...]
     layout: FlatLayout
     values: np.ndarray
+    rows: tuple[tuple[int, int] | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,10 @@ class SparseGrad:
     indices: np.ndarray
     values: np.ndarray
 
+    def touched_rows(self) -> np.ndarray:
+        """The distinct rows (dim-0 indices) the gradient touches, sorted."""
+        return np.unique(self.indices[0]) if self.indices.size else np.zeros(0, np.int64)
+
 
 @dataclass(frozen=True)
 class StepRequest:
@@ -100,12 +109,18 @@ class ParamUpdate:
 class StepResult:
     """What a shard returns after a step: its parameters and who gained optimizer state.
 
-    ``params`` is None for a shard with shared buffers: the proxy reads them there.
+    ``params`` is None for a shard with shared buffers: the proxy reads them there. It is also
+    None after a step whose gradients were all sparse and changed only the rows they touched
+    (``rows_only``, see :func:`shardopt.core.param_groups.sparse_step_keeps_other_rows`):
+    ``rows`` then holds, by local index, the new values of just those rows (in sorted order of
+    their distinct row indices), so a sparse step returns only what it changed.
     """
 
     step_id: int
     params: np.ndarray | None
     new_state_ids: tuple[int, ...]
+    rows: dict[int, np.ndarray] = field(default_factory=dict)
+    rows_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,6 +217,8 @@ class GroupSignature:
     group_sizes: tuple[int, ...]
     params: tuple[tuple[str, tuple[int, ...], str], ...]
     config: GroupConfig
+    group_splits: tuple[bool, ...] = ()
+    """Per param group: whether its tensors may be split across shards."""
 
 
 @dataclass(frozen=True)
