@@ -123,3 +123,15 @@ def test_a_failing_config_is_recorded_and_the_others_go_on(bench, names):
     result = bench.run_in_process(shapes, "sgd", 1, 1, local=False, shard_counts=(0,), settle_s=0)
     assert "num_shards" in result.records[bench.shardopt_name(0)]["error"]
     assert result.records[names.ADD]["median_ms"] > 0
+
+
+def test_split_bench_pieces_run():
+    """benchmarks/split_bench.py on a small embedding: whole against split, and sparse bytes."""
+    split_bench = _benchmark_module("split_bench")
+    dominant = split_bench.dominant(4000, 2, repeats=1)
+    assert dominant["largest_shard_vs_mean"]["whole"] > 1.5
+    assert dominant["largest_shard_vs_mean"]["split"] < 1.1
+    assert all(ms > 0 for ms in dominant["ms"].values())
+    sparse = split_bench.sparse(2, steps=2, rows=4000, batch=16)
+    assert sparse["sparse"]["pieces"] == 2
+    assert sparse["dense_vs_sparse_bytes"] > 10  # 16 of 4000 rows touched, both ways

@@ -213,6 +213,7 @@ def test_async_staleness_bound_is_never_exceeded(name):
         ({"optimizer": torch.optim.Adam}, "optimizer class is torch.optim.adam.Adam here"),
         ({"dtype": torch.float64}, "dtype 'float64' here, 'float32'"),
         ({"named": True}, "name"),
+        ({"split": False}, r"split \(per param group\) is \[False\] here, \[True\] in group"),
     ],
 )
 def test_mismatched_worker_is_refused_and_the_group_is_untouched(name, change, message):
@@ -228,7 +229,8 @@ def test_mismatched_worker_is_refused_and_the_group_is_untouched(name, change, m
         shardopt.ShardedOptimizer(
             params, change.get("optimizer", torch.optim.AdamW), group=name,
             world_size=change.get("world_size", 2), rank=1, mode=change.get("mode", "sync"),
-            num_shards=2, timeout=30, **hyper,
+            num_shards=2, timeout=30, **({"split": change["split"]} if "split" in change else {}),
+            **hyper,
         )  # fmt: skip
     assert list_groups()[name]["members"] == [0]
     first.close()

@@ -481,3 +481,22 @@ def test_every_shard_within_ten_percent_of_the_mean(shapes, num_shards):
     for pieces in split.pieces:  # a shard holds at most one piece of a tensor
         assert len({p.shard for p in pieces}) == len(pieces)
         assert pieces[0].start == 0 and all(a.stop == b.start for a, b in zip(pieces, pieces[1:]))
+
+
+def test_assigning_optimizer_state_of_a_split_parameter():
+    params, ref = _params(), _params()
+    opt = shardopt.Adam(params, lr=1e-2, fused=True, num_shards=3)
+    want_opt = torch.optim.Adam(ref, lr=1e-2, fused=True)
+    try:
+        assert opt.plan.is_split(0)
+        _run(opt, params, 1)
+        _run(want_opt, ref, 1)
+        for o, p in ((opt, params[0]), (want_opt, ref[0])):
+            state = dict(o.state[p])
+            state["exp_avg"] = state["exp_avg"] * 0.5 + 1.0
+            o.state[p] = state
+        assert_same(dict(opt.state[params[0]]), dict(want_opt.state[ref[0]]), "state[p]")
+        assert_same_tensors(_run(opt, params, 2, 1)[-1], _run(want_opt, ref, 2, 1)[-1])
+        assert_same_state_dict(opt.state_dict(), want_opt.state_dict())
+    finally:
+        opt.close()
