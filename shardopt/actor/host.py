@@ -116,6 +116,18 @@ class ShardCalls:
         with self._using(key) as shard:
             return shard.state(param_ids)
 
+    def pack_state(self, key: str, param_ids: tuple[int, ...] | None = None) -> Any:
+        with self._using(key) as shard:
+            return shard.pack_state(param_ids)
+
+    def state_chunk(self, key: str, token: str, start: int, stop: int) -> Any:
+        with self._using(key) as shard:
+            return shard.state_chunk(token, start, stop)
+
+    def drop_state(self, key: str, token: str) -> None:
+        with self._using(key) as shard:
+            shard.drop_state(token)
+
     def state_in_shared_memory(
         self, key: str, param_ids: tuple[int, ...] | None = None
     ) -> SharedTree | PackedTree:

@@ -14,8 +14,10 @@ Talks to: nothing directly; its host hands it the records of :mod:`shardopt.core
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
+import numpy as np
 import torch
 
 from shardopt.actor.vectors import VectorStore
@@ -104,6 +106,7 @@ class Shard:
         self._known_state = 0
         self._last_step_id = -1
         self._last_result: StepResult | None = None
+        self._packed_states: dict[str, np.ndarray] = {}  # token -> state packed for the proxy
         self._pending_loads: dict[str, tuple[Any, Any]] = {}
         self._saves: dict[str, checkpoint.ShardSave] = {}
         self.vectors = VectorStore(self)
@@ -355,6 +358,35 @@ class Shard:
     def state(self, param_ids: tuple[int, ...] | None = None) -> PackedTree:
         """This shard's optimizer state by global id (all of it, or only ``param_ids``)."""
         return pack_tree(self._state_by_id(param_ids))
+
+    MAX_PACKED_STATES = 2
+    """States a shard keeps packed for proxies to pull (the oldest goes when one more comes)."""
+
+    def pack_state(self, param_ids: tuple[int, ...] | None = None) -> tuple[str, Any, FlatLayout]:
+        """Packs this shard's state aside for the proxy to pull in pieces
+        (:meth:`state_chunk`) and drop (:meth:`drop_state`): the proxy then never holds more
+        than a chunk of it beyond the tensors it is filling.
+
+        Returns:
+            A token for the packed state, its skeleton and its layout.
+        """
+        packed = pack_tree(self._state_by_id(param_ids))
+        while len(self._packed_states) >= self.MAX_PACKED_STATES:
+            self._packed_states.pop(next(iter(self._packed_states)))
+        token = uuid.uuid4().hex
+        self._packed_states[token] = packed.data
+        return token, packed.skeleton, packed.layout
+
+    def state_chunk(self, token: str, start: int, stop: int) -> np.ndarray:
+        """Bytes ``[start, stop)`` of a state packed by :meth:`pack_state`."""
+        data = self._packed_states.get(token)
+        if data is None:
+            raise KeyError(f"shard {self.shard_index}: no packed state {token!r} (dropped)")
+        return data[start:stop]
+
+    def drop_state(self, token: str) -> None:
+        """Forgets a state packed by :meth:`pack_state`."""
+        self._packed_states.pop(token, None)
 
     def state_in_shared_memory(self, param_ids: tuple[int, ...] | None = None) -> SharedTree:
         """Like :meth:`state`, but written to a shared-memory file the proxy maps (one copy).

@@ -186,6 +186,17 @@ class Backend(ABC):
             ValueError, TypeError: a shard rejected its part (nothing changed anywhere).
         """
 
+    def save_state_file(
+        self, path: str, order: list[int], param_groups: list[dict[str, Any]]
+    ) -> None:
+        """Writes the state dict to ``path`` as ``torch.save`` does. Here: gathered whole, then
+        saved; backends whose shards can pack their part aside stream it instead."""
+        state: dict[int, Any] = {}
+        for part in self.state_parts():
+            state.update(part)
+        ids = [pid for pid in order if pid in state] + sorted(set(state) - set(order))
+        torch.save({"state": {pid: state[pid] for pid in ids}, "param_groups": param_groups}, path)
+
     @abstractmethod
     def set_param_state(self, pid: int, value: dict[str, Any]) -> None:
         """Replaces one parameter's state on its shard (``opt.state[p] = value``)."""

@@ -14,6 +14,7 @@ Talks to: shards through :class:`~shardopt.client.handles.ShardHandle`; :mod:`sh
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,7 +24,14 @@ from shardopt.client.runtime import ray_get
 from shardopt.client.shard_map import ShardMap
 from shardopt.core import shm
 from shardopt.core.amp import AmpScaling, unscale_sparse
-from shardopt.core.buffers import FlatLayout, PackedTree, to_numpy, unpack_tree
+from shardopt.core.buffers import (
+    FlatLayout,
+    PackedTree,
+    empty_tree,
+    readonly_tensor,
+    to_numpy,
+    unpack_tree,
+)
 from shardopt.core.records import ParamUpdate, SharedBuffers, SharedTree, SparseGrad
 
 
@@ -232,16 +240,77 @@ class DataPath:
 
     def request_state(self, handle: ShardHandle, param_ids: tuple[int, ...] | None = None) -> Any:
         """Asks a shard for its state: through a shared-memory file where it is on this node
-        (one copy there, one here), else through Ray's object store."""
+        (read here without mapping it), else packed aside on the shard for
+        :meth:`receive_state` to pull in chunks through Ray's object store."""
         if self._mapped[handle.index] is None:
-            return handle.state(param_ids)
-        return handle.state_in_shared_memory(param_ids)
+            return handle, handle.pack_state(param_ids)
+        return handle, handle.state_in_shared_memory(param_ids)
 
     @staticmethod
-    def receive_state(ref: Any) -> dict[int, Any]:
-        """A shard's optimizer state by global id, as fresh CPU tensors."""
-        packed = ray_get(ref)
-        if isinstance(packed, SharedTree):
-            data = shm.attach(packed.path, packed.layout.nbytes)
-            packed = PackedTree(packed.skeleton, packed.layout, data)
-        return unpack_tree(packed)
+    def receive_state(request: tuple[ShardHandle, Any]) -> dict[int, Any]:
+        """A shard's optimizer state by global id, as fresh CPU tensors.
+
+        The client holds the tensors it fills and at most two chunks of
+        :data:`STATE_CHUNK_BYTES` beyond them, never the shard's whole part a second time.
+        """
+        handle, ref = request
+        answer = ray_get(ref)
+        if isinstance(answer, SharedTree):
+            tree, tensors = empty_tree(answer.skeleton, answer.layout)
+            offsets = answer.layout.offsets
+            shm.read_into(
+                answer.path, [(offsets[i], t) for i, t in enumerate(tensors) if t.numel()]
+            )
+            return tree
+        if isinstance(answer, PackedTree):  # the shard had no room in shared memory
+            return unpack_tree(answer)
+        token, skeleton, layout = answer
+        tree, tensors = empty_tree(skeleton, layout)
+        views = [t.reshape(-1).view(torch.uint8) for t in tensors]
+
+        def write(i: int, at: int, data: torch.Tensor) -> None:
+            views[i][at : at + data.numel()].copy_(data)
+
+        try:
+            pull_chunks(handle, token, layout, write)
+        finally:
+            handle.drop_state(token)
+        return tree
+
+
+STATE_CHUNK_BYTES = 16 << 20
+"""The most of a shard's packed state one object-store transfer carries."""
+
+
+def pull_chunks(
+    handle: ShardHandle,
+    token: str,
+    layout: FlatLayout,
+    write: Callable[[int, int, torch.Tensor], None],
+) -> None:
+    """Pulls a state the shard packed aside (:meth:`Shard.pack_state`), one chunk at a time with
+    the next one on its way, handing each slot's bytes to ``write(slot, offset in the slot,
+    bytes)`` as they arrive."""
+    total = layout.nbytes
+    sizes = [layout.tensor_nbytes(i) for i in range(len(layout))]
+    offsets = layout.offsets
+
+    def fetch(start: int) -> Any:
+        return handle.state_chunk(token, start, min(start + STATE_CHUNK_BYTES, total))
+
+    pending = fetch(0) if total else None
+    first = 0  # the first slot that may overlap the current chunk
+    for start in range(0, total, STATE_CHUNK_BYTES):
+        stop = min(start + STATE_CHUNK_BYTES, total)
+        following = fetch(stop) if stop < total else None
+        chunk = readonly_tensor(ray_get(pending))
+        while first < len(sizes) and offsets[first] + sizes[first] <= start:
+            first += 1
+        i = first
+        while i < len(sizes) and offsets[i] < stop:
+            a, b = max(start, offsets[i]), min(stop, offsets[i] + sizes[i])
+            if a < b:
+                write(i, a - offsets[i], chunk[a - start : b - start])
+            i += 1
+        del chunk
+        pending = following

@@ -50,6 +50,15 @@ class ShardHandle:
     def state(self, param_ids: tuple[int, ...] | None = None) -> Any:
         return self.host.state.remote(self.key, param_ids)
 
+    def pack_state(self, param_ids: tuple[int, ...] | None = None) -> Any:
+        return self.host.pack_state.remote(self.key, param_ids)
+
+    def state_chunk(self, token: str, start: int, stop: int) -> Any:
+        return self.host.state_chunk.remote(self.key, token, start, stop)
+
+    def drop_state(self, token: str) -> Any:
+        return self.host.drop_state.remote(self.key, token)
+
     def state_in_shared_memory(self, param_ids: tuple[int, ...] | None = None) -> Any:
         return self.host.state_in_shared_memory.remote(self.key, param_ids)
 

@@ -412,6 +412,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 state_dict = result
         return state_dict
 
+    def save_state_dict(self, path: str | os.PathLike) -> None:
+        """Writes the file ``torch.save(self.state_dict(), path)`` writes, straight from the
+        shards: this process never holds the whole state (one chunk of a shard's part at a
+        time), so state bigger than its memory can be saved. Atomic: ``path`` is the old file
+        or the whole new one. Read it back with ``torch.load(path, weights_only=True)``, or
+        with ``mmap=True`` to map rather than read it (then :meth:`load_state_dict` holds one
+        shard's part at a time). With state_dict hooks registered it gathers the state and
+        runs them first, as :meth:`state_dict` does.
+        """
+        if self._optimizer_state_dict_pre_hooks or self._optimizer_state_dict_post_hooks:
+            torch.save(self.state_dict(), path)
+            return
+        backend = self.backend
+        backend.save_state_file(os.fspath(path), backend.state_order, self._params.packed_groups())
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a torch.optim state dict (from torch or from shardopt with any shard count).
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from shardopt.checkpoint.format import SaveHandle
 from shardopt.checkpoint.integrity import Commit
-from shardopt.client import checkpoints
+from shardopt.client import checkpoints, state_file
 from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.data_path import DataPath
 from shardopt.client.handles import ShardHandle
@@ -51,7 +51,7 @@ class RayShards(Backend):
             shards = shard_map.live_shards()
         else:
             shards = sorted({s for pid in param_ids for s in shard_map.shards_of(pid)})
-        pieces: dict[int, dict[int, Any]] = {}  # a split parameter's pieces seen so far
+        pieces: dict[int, tuple[int, dict[str, Any]]] = {}  # split ids: pieces seen, state
         # One shard's state unpacked here while the next one packs: at most two in flight.
         request = self.data_path.request_state
         ref = request(self.handles[shards[0]], param_ids) if shards else None
@@ -61,10 +61,13 @@ class RayShards(Backend):
             )
             part = self.data_path.receive_state(ref)
             for pid in [pid for pid in part if shard_map.is_split(pid)]:
-                seen = pieces.setdefault(pid, {})
-                seen[shard] = part.pop(pid)
-                if len(seen) == len(shard_map.shards_of(pid)):  # its last piece: whole again
-                    part[pid] = shard_map.merge_state(pid, pieces.pop(pid))
+                seen, merged = pieces.get(pid, (0, None))
+                merged = shard_map.merge_piece(pid, shard, part.pop(pid), merged)
+                if seen + 1 == len(shard_map.shards_of(pid)):  # its last piece: whole again
+                    part[pid] = merged
+                    pieces.pop(pid, None)
+                else:
+                    pieces[pid] = (seen + 1, merged)
             yield part
             ref = following
         if pieces:
@@ -78,10 +81,16 @@ class RayShards(Backend):
         for pid, value in state.items():
             for shard, piece in self.shard_map.split_state(pid, value, params[pid].shape).items():
                 per_shard[shard][pid] = piece
-        packed = [pack_tree(part) for part in per_shard]
         token = uuid.uuid4().hex
         live = self.shard_map.live_shards()
-        errors = ray_get([self.handle(s).prepare_load(token, options, packed[s]) for s in live])
+        errors = []
+        for s in live:  # one shard's part packed at a time: this process holds one at most
+            packed = pack_tree(per_shard[s])
+            per_shard[s] = {}
+            errors.append(ray_get(self.handle(s).prepare_load(token, options, packed)))
+            del packed
+            if errors[-1] is not None:
+                break
         self._apply_prepared(token, live, errors)
         self.shard_map.set_state_order(state)
 
@@ -92,6 +101,11 @@ class RayShards(Backend):
             ray_get([self.handle(s).abort_load(token) for s in live])
             raise failure
         ray_get([self.handle(s).commit_load(token) for s in live])
+
+    def save_state_file(
+        self, path: str, order: list[int], param_groups: list[dict[str, Any]]
+    ) -> None:
+        state_file.save_state_file(path, self.shard_map, self.handles, order, param_groups)
 
     def set_param_state(self, pid: int, value: dict[str, Any]) -> None:
         shape = self._params.flat()[pid].shape

@@ -9,7 +9,7 @@ edits); and which ids have optimizer state on their shards, in torch's insertion
 it changes together, in :meth:`ShardMap.place`, so nothing is appended by hand elsewhere.
 
 It also turns a split parameter's per-piece optimizer state into torch's whole tensors and back
-(:meth:`merge_state`, :meth:`split_state`): state tensors shaped like the piece are its rows of
+(:meth:`merge_piece`, :meth:`split_state`): state tensors shaped like the piece are its rows of
 the whole state; everything else (``step``, scalars) is the same on every piece.
 
 Talks to nothing: the backends ask it where things are and copy through it.
@@ -137,6 +137,20 @@ class ShardMap:
             for slot in self._slots[shard]
             if slot.rows is not None
         }
+
+    def rows_of(self, pid: int, shard: int) -> tuple[int, int, int] | None:
+        """(start, stop, rows of the whole) of the piece of parameter ``pid`` on ``shard``;
+        None when ``pid`` is whole there."""
+        for s, j in self._where[pid]:
+            slot = self._slots[s][j]
+            if s == shard and slot.rows is not None:
+                return slot.rows[0], slot.rows[1], slot.full_rows
+        return None
+
+    def piece_shape(self, pid: int, shard: int) -> tuple[int, ...]:
+        """The shape of parameter ``pid``'s piece on ``shard`` (its own, when whole)."""
+        k = self.shards_of(pid).index(shard)
+        return tuple(self._layouts[shard].shapes[self._where[pid][k][1]])
 
     def piece(self, shard: int, slot: int, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (a parameter or its gradient) as the piece in ``shard``'s ``slot``."""
@@ -299,23 +313,32 @@ class ShardMap:
 
     # ----- a split parameter's optimizer state ----------------------------------------------
 
-    def merge_state(self, pid: int, parts: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        """Parameter ``pid``'s state in torch's form from its pieces' states, by shard: tensors
-        shaped like a piece are concatenated along dim 0 in row order; the rest is the first
-        piece's (equal on every piece)."""
-        where = self._where[pid]
-        if len(where) == 1:
-            return parts[where[0][0]]
-        states = [parts[shard] for shard, _ in where if shard in parts]
-        if len(states) != len(where):
-            raise KeyError(f"parameter {pid}: the state of some of its pieces is missing")
-        first = states[0]
-        merged = {}
-        for key, value in first.items():
-            if isinstance(value, torch.Tensor) and self._piece_shaped(pid, 0, value):
-                merged[key] = torch.cat([state[key] for state in states], dim=0)
-            else:
-                merged[key] = value
+    def merge_piece(
+        self, pid: int, shard: int, piece: dict[str, Any], merged: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Adds the state of parameter ``pid``'s piece on ``shard`` to its state in torch's
+        form: tensors shaped like the piece are that piece's rows of whole tensors (allocated
+        with the first piece to arrive, so no piece is held twice); the rest is the same on
+        every piece.
+
+        Args:
+            merged: what the pieces so far gave (None for the first one).
+        """
+        k = self.shards_of(pid).index(shard)
+        slot = self._slots[shard][self._where[pid][k][1]]
+        if slot.rows is None:
+            return piece
+        start, stop = slot.rows
+        if merged is None:
+            merged = {
+                key: torch.empty((slot.full_rows, *value.shape[1:]), dtype=value.dtype)
+                if isinstance(value, torch.Tensor) and self._piece_shaped(pid, k, value)
+                else value
+                for key, value in piece.items()
+            }
+        for key, value in piece.items():
+            if isinstance(value, torch.Tensor) and self._piece_shaped(pid, k, value):
+                merged[key][start:stop].copy_(value)
         return merged
 
     def split_state(self, pid: int, value: dict[str, Any], shape: torch.Size) -> dict[int, Any]:

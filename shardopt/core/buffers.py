@@ -182,6 +182,28 @@ def pack_tree(tree: Any, allocate: Callable[[int], torch.Tensor] | None = None) 
     return PackedTree(skeleton, layout, to_numpy(flat))
 
 
+def empty_tree(skeleton: Any, layout: FlatLayout) -> tuple[Any, list[torch.Tensor]]:
+    """The structure of a packed tree with new, unfilled CPU tensors where its tensors go.
+
+    Returns:
+        The tree, and its tensors in slot order (to be filled from wherever the bytes are).
+    """
+    tensors = [
+        torch.empty(shape, dtype=dtype) for shape, dtype in zip(layout.shapes, layout.dtypes)
+    ]
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, TensorSlot):
+            return tensors[node.index]
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(walk(v) for v in node)
+        return node
+
+    return walk(skeleton), tensors
+
+
 def unpack_tree(packed: PackedTree, device: torch.device | str = "cpu") -> Any:
     """Rebuilds the structure of :func:`pack_tree` with fresh, writable tensors on ``device``.
 

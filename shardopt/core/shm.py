@@ -65,6 +65,34 @@ def attach(path: str, nbytes: int) -> torch.Tensor:
         remove(path)
 
 
+def read_into(path: str, pieces: list[tuple[int, torch.Tensor]]) -> None:
+    """Reads a buffer another process created into tensors of this process, and unlinks its
+    file: ``pieces`` are (offset in the file, a contiguous CPU tensor to fill with the bytes
+    there). Unlike :func:`attach`, nothing is mapped, so the buffer's pages never count
+    towards this process's memory: only the tensors filled do.
+
+    Raises:
+        FileNotFoundError: no such buffer.
+        ValueError: the file is shorter than the pieces say.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shared buffer {path} does not exist (read already?)") from None
+    try:
+        remove(path)
+        for offset, tensor in pieces:
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise ValueError(f"shared buffer {path} ends before byte {offset + done}")
+                done += n
+    finally:
+        os.close(fd)
+
+
 def remove(path: str) -> None:
     """Unlinks a buffer's file if it is still there (mappings stay valid)."""
     with contextlib.suppress(FileNotFoundError):
