@@ -39,7 +39,6 @@ from common import (
     arg_parser,
     fixed,
     free_port,
-    max_rss_bytes,
     parse_size,
     peak_rss_bytes,
     reset_peak_rss,
@@ -105,20 +104,14 @@ def shardopt_run(n: int, repeats: int, shared_memory: bool) -> dict:
     opt = shardopt.AdamW(params, lr=1e-3, num_shards=2, shared_memory=shared_memory)
     opt.step()
     times, nbytes = [], 0
-    rss_before = max_rss_bytes()
     for _ in range(repeats):
         start = time.perf_counter()
         sd = opt.state_dict()
         times.append(time.perf_counter() - start)
         nbytes = state_bytes(sd)
         del sd
-    rss_after = max_rss_bytes()
     opt.close()
-    return {
-        "seconds": times,
-        "bytes": nbytes,
-        "peak_rss_growth_mb": (rss_after - rss_before) / 2**20,
-    }
+    return {"seconds": times, "bytes": nbytes}  # memory: see memory_table
 
 
 MEMORY_OPS = ("state_dict (shared memory)", "state_dict (object store)", "load_state_dict",
@@ -241,9 +234,6 @@ def main() -> None:
         med = statistics.median(r["seconds"])
         ratio = fixed(med / zero_median if zero_median else None, 8)
         print(f"{name:<34}{med * 1e3:>9.0f}{r['bytes'] / med / 1e9:>8.2f}{ratio}")
-    for name, r in results.items():
-        if "peak_rss_growth_mb" in r:
-            print(f"{name}: client peak RSS grew {r['peak_rss_growth_mb']:.0f} MB while gathering")
     write_results("state_dict_bench", {"args": vars(args), "memory": memory, **results})
 
 
