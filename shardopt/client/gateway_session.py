@@ -26,9 +26,9 @@ import torch
 from shardopt.checkpoint.format import SaveHandle
 from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.shard_map import ShardMap
-from shardopt.core import errors, wire
+from shardopt.core import chunk_codec, errors, wire
 from shardopt.core.amp import AmpScaling
-from shardopt.core.proto import pb, rpc
+from shardopt.core.proto import pb
 from shardopt.core.records import GroupConfig, ShardStatus
 
 logger = logging.getLogger(__name__)
@@ -103,6 +103,24 @@ def _channel(address: str, tls: bool | str | os.PathLike | None) -> grpc.Channel
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
 
 
+def receive_parameters(answers: Iterator[Any], into: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Receives a PullParameters stream (its header, then its chunks) into ``into``, whose
+    dtypes and shapes the header must declare.
+
+    Raises:
+        WireError: a header or chunks that do not match ``into`` (what was received may be
+            partly written into ``into``).
+    """
+    first = next(answers)
+    if first.WhichOneof("kind") != "header":
+        raise wire.WireError("a PullParameters stream must start with its header")
+    nbytes = sum(t.numel() * t.element_size() for t in into)
+    receiver = wire.TensorReceiver(list(first.header.params), nbytes, what="parameter", into=into)
+    for answer in answers:
+        receiver.add(answer.chunk)
+    return receiver.finish()
+
+
 def _no_key_over_grpc(key: bytes | None) -> None:
     if key is not None:
         raise ValueError(
@@ -149,13 +167,14 @@ class GatewaySession(Backend):
         self._params = params
         self.address = address
         self._channel = _channel(address, tls)
-        self._stub = rpc.OptimizerServiceStub(self._channel)
+        self._stub = chunk_codec.stub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._session: dict[str, str | None] = {"id": None}
         self._finalizer = weakref.finalize(
             self, _close_session, self._channel, self._stub, self._metadata, self._session
         )
         self.last_pushes: list[Any] = []
+        self._pulled: list[torch.Tensor] = []
         self._open(num_shards, group)
 
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
@@ -191,8 +210,7 @@ class GatewaySession(Backend):
 
         def requests() -> Iterator[Any]:
             yield from messages
-            for chunk in wire.tensor_chunks(params):
-                yield pb.OpenSessionRequest(chunk=chunk)
+            yield from chunk_codec.encoded_chunks(params)
 
         session = self._call(self._stub.OpenSession, requests())
         self._session["id"] = session.session_id
@@ -230,8 +248,7 @@ class GatewaySession(Backend):
 
         def requests() -> Iterator[Any]:
             yield pb.PushGradientsRequest(header=header)
-            for chunk in wire.tensor_chunks(grads):
-                yield pb.PushGradientsRequest(chunk=chunk)
+            yield from chunk_codec.encoded_chunks(grads)
 
         self._call(self._stub.PushGradients, requests())
         groups = wire.encode_groups(self._params.groups, with_ids=False)
@@ -250,17 +267,17 @@ class GatewaySession(Backend):
         answers = self._stream(
             self._stub.PullParameters, pb.PullParametersRequest(session_id=self.session_id)
         )
-        first = next(answers)
-        expected = [(p.dtype, tuple(p.shape)) for p in params]
-        receiver = wire.TensorReceiver(
-            list(first.header.params), sum(p.numel() * p.element_size() for p in params),
-            expected=expected, what="parameter",
-        )  # fmt: skip
-        for answer in answers:
-            receiver.add(answer.chunk)
-        for pid, (p, value) in enumerate(zip(params, receiver.finish())):
+        staging = self._staging(params)  # a pull that fails part-way leaves params as they were
+        for pid, (p, value) in enumerate(zip(params, receive_parameters(answers, staging))):
             p.copy_(value)
             self.shard_map.record(pid, p)
+
+    def _staging(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Tensors shaped as ``params`` that pulls receive into, allocated once and reused."""
+        shapes = [(p.dtype, tuple(p.shape)) for p in params]
+        if [(t.dtype, tuple(t.shape)) for t in self._pulled] != shapes:
+            self._pulled = [torch.empty(shape, dtype=dtype) for dtype, shape in shapes]
+        return self._pulled
 
     @torch.no_grad()
     def push_params(self) -> None:
@@ -271,8 +288,7 @@ class GatewaySession(Backend):
 
         def requests() -> Iterator[Any]:
             yield pb.PushParametersRequest(header=header)
-            for chunk in wire.tensor_chunks(params):
-                yield pb.PushParametersRequest(chunk=chunk)
+            yield from chunk_codec.encoded_chunks(params)
 
         self._call(self._stub.PushParameters, requests())
         for pid, p in enumerate(params):
@@ -289,8 +305,7 @@ class GatewaySession(Backend):
 
         def requests() -> Iterator[Any]:
             yield pb.AddParamGroupRequest(header=header)
-            for chunk in wire.tensor_chunks(new_params):
-                yield pb.AddParamGroupRequest(chunk=chunk)
+            yield from chunk_codec.encoded_chunks(new_params)
 
         self._call(self._stub.AddParamGroup, requests())
         # the gateway's session places them with the same deterministic plan
@@ -325,8 +340,7 @@ class GatewaySession(Backend):
 
         def requests() -> Iterator[Any]:
             yield pb.StateDictMessage(header=header)
-            for chunk in wire.tensor_chunks(tensors):
-                yield pb.StateDictMessage(chunk=chunk)
+            yield from chunk_codec.encoded_chunks(tensors)
 
         reply = self._call(self._stub.LoadStateDict, requests())
         self.shard_map.set_state_order(reply.state_order)

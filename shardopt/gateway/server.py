@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardopt.core import wire
+from shardopt.core import chunk_codec, wire
 from shardopt.core.proto import SERVICE_NAME, pb
 from shardopt.gateway.admission import OPTIMIZERS, ShardSettings
 from shardopt.gateway.auth import TokenAuthInterceptor, check_tokens
@@ -38,6 +38,9 @@ __all__ = ["OPTIMIZERS", "Gateway", "Limits", "OptimizerGateway", "serve"]
 
 
 def _parser(message_class: Any) -> Callable[[bytes], Any]:
+    if chunk_codec.carries_chunks(message_class):  # chunks read without copying their bytes
+        return chunk_codec.parser(message_class, Malformed)
+
     def parse(data: bytes) -> Any:
         try:
             return message_class.FromString(data)
@@ -53,7 +56,6 @@ def _method_handlers(servicer: OptimizerGateway) -> grpc.GenericRpcHandler:
     handlers = {}
     for method in service.methods:
         request_class = getattr(pb, method.input_type.name)
-        response_class = getattr(pb, method.output_type.name)
         kind = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (True, False): grpc.stream_unary_rpc_method_handler,
@@ -63,7 +65,7 @@ def _method_handlers(servicer: OptimizerGateway) -> grpc.GenericRpcHandler:
         handlers[method.name] = kind(
             getattr(servicer, method.name),
             request_deserializer=_parser(request_class),
-            response_serializer=response_class.SerializeToString,
+            response_serializer=chunk_codec.serialize,  # streams may send pre-encoded chunks
         )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 

@@ -32,7 +32,7 @@ import ray
 import torch
 
 from shardopt.client.optimizer import ShardedOptimizer, default_num_shards
-from shardopt.core import wire
+from shardopt.core import chunk_codec, wire
 from shardopt.core.errors import ERROR_TYPE_KEY, GRPC_STATUS, ShardoptError
 from shardopt.core.param_groups import group_options
 from shardopt.core.proto import pb, rpc
@@ -312,8 +312,9 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                 snapshot = [p.detach().clone() for p in session.params]
             specs = [wire.spec_of(p, n) for p, n in zip(snapshot, session.names)]
             yield pb.PullParametersReply(header=pb.PullParametersHeader(params=specs))
-            for chunk in wire.tensor_chunks(snapshot):
-                yield pb.PullParametersReply(chunk=chunk)
+            for index in range(len(snapshot)):  # each tensor's memory goes once it is sent
+                tensor, snapshot[index] = snapshot[index], None
+                yield from chunk_codec.tensor_chunks(index, tensor)
 
     @_handled
     def PushParameters(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
@@ -420,8 +421,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                     state_dict=structure, tensors=[wire.spec_of(t) for t in tensors]
                 )
                 yield pb.StateDictMessage(header=header)
-                for chunk in wire.tensor_chunks(tensors):
-                    yield pb.StateDictMessage(chunk=chunk)
+                yield from chunk_codec.encoded_chunks(tensors)
 
     @_handled
     def LoadStateDict(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
