@@ -16,6 +16,7 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+import queue
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,7 +47,7 @@ _ERROR_TYPES: dict[str, type[BaseException]] = {
         for cls in (
             errors.GroupTimeoutError, errors.ShardUnavailableError,
             errors.OptimizerClosedError, errors.PlacementError, errors.CheckpointInUseError,
-            errors.QuotaExceededError, errors.PartialStepError,
+            errors.QuotaExceededError, errors.PartialStepError, errors.AccessDeniedError,
             errors.ShardoptError,
         )
     },
@@ -55,7 +56,7 @@ _BY_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: ValueError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.QuotaExceededError,
     grpc.StatusCode.UNAUTHENTICATED: PermissionError,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionError,
+    grpc.StatusCode.PERMISSION_DENIED: errors.AccessDeniedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.GroupTimeoutError,
     grpc.StatusCode.UNAVAILABLE: errors.ShardUnavailableError,
 }
@@ -121,6 +122,31 @@ def receive_parameters(answers: Iterator[Any], into: list[torch.Tensor]) -> list
     return receiver.finish()
 
 
+def gradients_of(params: list[torch.Tensor], dense: bool = False) -> tuple[Any, list[Any]]:
+    """A ``PushGradientsHeader`` for the gradients of ``params`` (no session id) and the tensors
+    whose bytes follow it: the dense gradients, then each sparse one's indices and values
+    (coalesced). With ``dense``, sparse gradients are sent dense (a closure's evaluation)."""
+    dense_ids, dense_grads, sparse_ids, sparse_tensors = [], [], [], []
+    for i, p in enumerate(params):
+        grad = p.grad
+        if grad is None:
+            continue
+        if grad.is_sparse and not dense:
+            grad = grad.coalesce()
+            sparse_ids.append(i)
+            sparse_tensors.extend([grad.indices(), grad.values()])
+        else:
+            dense_ids.append(i)
+            dense_grads.append(grad.to_dense() if grad.is_sparse else grad)
+    header = pb.PushGradientsHeader(
+        params=dense_ids,
+        grads=[wire.spec_of(g) for g in dense_grads],
+        sparse_params=sparse_ids,
+        sparse_tensors=[wire.spec_of(t) for t in sparse_tensors],
+    )
+    return header, dense_grads + sparse_tensors
+
+
 def _no_key_over_grpc(key: bytes | None) -> None:
     if key is not None:
         raise ValueError(
@@ -155,6 +181,8 @@ class GatewaySession(Backend):
         group: a shard group's options (:func:`group_request`), or None.
     """
 
+    kind = "gateway"
+
     def __init__(
         self,
         params: ParamSource,
@@ -175,6 +203,8 @@ class GatewaySession(Backend):
         )
         self.last_pushes: list[Any] = []
         self._pulled: list[torch.Tensor] = []
+        # LBFGS evaluates its closure within the step: the gateway asks for it (ClosureStep)
+        self._closure_steps = issubclass(params.optimizer_class, torch.optim.LBFGS)
         self._open(num_shards, group)
 
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
@@ -229,26 +259,20 @@ class GatewaySession(Backend):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None, scaling: AmpScaling | None) -> Any:
+        if self._closure_steps:
+            return self._closure_step(closure)
         loss = self._params.evaluate(closure)
         if scaling is not None and not self._params.unscale_here(scaling):
             return loss  # skipped, as scaler.step skips on an inf
         params = self._params.flat()
         if self.shard_map.any_changed(params):
             self.push_params()  # changed in place since the last step (as the Ray path)
-        indices, grads = [], []
-        for i, p in enumerate(params):
-            if p.grad is not None:
-                if p.grad.is_sparse:
-                    raise NotImplementedError("sparse gradients are not served over gRPC yet")
-                indices.append(i)
-                grads.append(p.grad)
-        header = pb.PushGradientsHeader(
-            session_id=self.session_id, params=indices, grads=[wire.spec_of(g) for g in grads]
-        )
+        header, tensors = gradients_of(params)
+        header.session_id = self.session_id
 
         def requests() -> Iterator[Any]:
             yield pb.PushGradientsRequest(header=header)
-            yield from chunk_codec.encoded_chunks(grads)
+            yield from chunk_codec.encoded_chunks(tensors)
 
         self._call(self._stub.PushGradients, requests())
         groups = wire.encode_groups(self._params.groups, with_ids=False)
@@ -353,12 +377,31 @@ class GatewaySession(Backend):
     # ----- checkpoints and status -------------------------------------------------------------
 
     def save_checkpoint(self, path: str, blocking: bool, key: bytes | None) -> SaveHandle:
-        if not blocking:
-            raise ValueError("over gRPC, checkpoints are saved with blocking=True")
+        """Saves on the gateway; ``blocking=False`` returns once the shards are writing, and
+        the handle's ``done()`` (which commits a save found written) and ``wait()`` ask the
+        gateway (WaitCheckpoint)."""
         _no_key_over_grpc(key)
-        request = pb.CheckpointRequest(session_id=self.session_id, path=path)
-        self._call(self._stub.SaveCheckpoint, request)
-        return SaveHandle.committed()
+        request = pb.CheckpointRequest(
+            session_id=self.session_id, path=path, background=not blocking
+        )
+        save_id = self._call(self._stub.SaveCheckpoint, request).save_id
+        if blocking:
+            return SaveHandle.committed()
+        committed = [False]
+
+        def ask(timeout_s: float) -> bool:
+            if not committed[0]:
+                wait = pb.WaitCheckpointRequest(
+                    session_id=self.session_id, save_id=save_id, timeout_seconds=timeout_s
+                )
+                committed[0] = self._call(self._stub.WaitCheckpoint, wait).done
+            return committed[0]
+
+        def finish() -> None:
+            while not ask(30.0):
+                pass
+
+        return SaveHandle(lambda: ask(0.0), finish)
 
     def load_checkpoint(self, path: str, key: bytes | None) -> list[dict[str, Any]]:
         _no_key_over_grpc(key)
@@ -377,4 +420,69 @@ class GatewaySession(Backend):
         return list(next(self.state_parts()))
 
     def status(self) -> list[ShardStatus]:
-        raise NotImplementedError("shard_status() is not served over gRPC")
+        reply = self._call(self._stub.GetShardStatus, pb.SessionRef(session_id=self.session_id))
+        return [
+            ShardStatus(
+                shard_index=s.shard, device=s.device, fused=s.fused, num_params=s.num_params,
+                param_bytes=s.param_bytes, state_ids=tuple(s.state_params),
+                last_step_id=s.last_step,
+            )
+            for s in reply.shards
+        ]  # fmt: skip
+
+    # ----- LBFGS: the gateway steps, the closure runs here --------------------------------------
+
+    def _closure_step(self, closure: Callable[[], Any] | None) -> Any:
+        """One step of ``ClosureStep``: evaluates the closure wherever the gateway's step asks
+        (see :mod:`shardopt.gateway.closure_step`); returns its first value, as torch does."""
+        if closure is None:
+            raise TypeError("LBFGS.step() missing required argument: 'closure'")
+        params = self._params.flat()
+        if self.shard_map.any_changed(params):
+            self.push_params()
+        outbox: queue.Queue[Any] = queue.Queue()
+        groups = wire.encode_groups(self._params.groups, with_ids=False)
+        start = pb.StepRequest(session_id=self.session_id, param_groups=groups)
+        outbox.put([pb.ClosureStepRequest(start=start)])
+
+        def requests() -> Iterator[Any]:
+            while (messages := outbox.get()) is not None:
+                yield from messages
+
+        call = self._stub.ClosureStep(requests(), metadata=self._metadata)
+        first: list[Any] = []
+        try:
+            for answer in call:
+                kind = answer.WhichOneof("kind")
+                if kind == "done":
+                    break
+                if kind != "evaluate":
+                    raise wire.WireError(f"expected an evaluate request, got a {kind}")
+                if answer.evaluate.params:  # the step moved the parameters: evaluate there
+                    staging = self._staging(params)
+                    nbytes = sum(t.numel() * t.element_size() for t in staging)
+                    receiver = wire.TensorReceiver(
+                        list(answer.evaluate.params), nbytes, what="parameter", into=staging
+                    )
+                    for pid, (p, value) in enumerate(zip(params, receiver.receive(call))):
+                        p.copy_(value)
+                        self.shard_map.record(pid, p)
+                with torch.enable_grad():
+                    loss = closure()
+                first[:] = first or [loss]
+                header, grads = gradients_of(params, dense=True)
+                evaluation = pb.Evaluation(
+                    loss=float(loss), params=header.params, grads=header.grads
+                )
+                outbox.put([pb.ClosureStepRequest(evaluation=evaluation)])
+                outbox.put(chunk_codec.encoded_chunks(grads))
+            else:
+                raise errors.ShardoptError("the gateway ended the step without finishing it")
+        except grpc.RpcError as err:
+            raise raised(err) from None
+        finally:
+            outbox.put(None)
+            call.cancel()  # a no-op once the call is over; else (the closure raised) it ends it
+        self.shard_map.set_state_order(answer.done.state_order)
+        self.pull_params()  # the step's last update follows its last evaluation
+        return first[0]

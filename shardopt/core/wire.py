@@ -216,6 +216,30 @@ class TensorReceiver:
             self._offset = 0
             self._target = None
 
+    @property
+    def complete(self) -> bool:
+        """Whether every declared byte has arrived (a stream that goes on after its tensors reads
+        chunks until then)."""
+        self._advance_past_empty()
+        return self._index >= len(self._checked)
+
+    def receive(self, messages: Iterator[Any]) -> list[torch.Tensor]:
+        """Takes chunk messages (``kind`` ``chunk``) from ``messages`` until every tensor is
+        complete, and no more, then :meth:`finish`.
+
+        Raises:
+            WireError: a message that is not a chunk, or the messages end first.
+        """
+        while not self.complete:
+            message = next(messages, None)
+            if message is None:
+                break
+            kind = message.WhichOneof("kind")
+            if kind != "chunk":
+                raise WireError(f"expected a chunk of a {self._what}, got a {kind}")
+            self.add(message.chunk)
+        return self.finish()
+
     def finish(self) -> list[torch.Tensor]:
         """The tensors, once every byte of every one of them has arrived.
 

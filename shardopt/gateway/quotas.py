@@ -68,6 +68,9 @@ class Limits:
     """The largest shard group a session may declare."""
     max_group_timeout_s: float = 600.0
     """The longest a sync group step may wait for the other workers (it holds a thread)."""
+    max_lbfgs_history: int = 100
+    """The longest LBFGS history a session may ask for (torch's default; each entry holds two
+    vectors of the parameters' size on the shards)."""
     state_factor: int = 4
     """A loaded state dict may declare up to this many times its session's parameter bytes."""
 
@@ -271,6 +274,18 @@ class Ledger:
             held.release()
 
     # ----- reading --------------------------------------------------------------------------
+
+    def accounts(self) -> dict[str, dict[str, int]]:
+        """Every token's usage (sessions, resident, buffered), by principal."""
+        with self._lock:
+            return {
+                principal: {
+                    "sessions": a.sessions,
+                    "resident": a.resident,
+                    "buffered": a.buffered,
+                }
+                for principal, a in self._tokens.items()
+            }
 
     def usage(self, principal: str | None = None) -> dict[str, int]:
         """What a token holds (or, without one, the gateway): sessions, resident, buffered."""

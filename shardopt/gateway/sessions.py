@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from shardopt.client.optimizer import ShardedOptimizer
+from shardopt.core.events import emit
+from shardopt.gateway.admission import scope_of
 from shardopt.gateway.quotas import Hold, Ledger
+from shardopt.gateway.saves import BackgroundSaves
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,9 @@ class Session:
     active: int = 0
     """Calls using the session now (an idle session has none)."""
     last_used: float = field(default_factory=time.monotonic)
+    opened: float = field(default_factory=time.monotonic)
+    saves: BackgroundSaves = field(default_factory=BackgroundSaves)
+    """Checkpoint saves in the background, committed by WaitCheckpoint or at close."""
 
     def expected(self, indices: list[int] | None = None) -> list[tuple[torch.dtype, tuple]]:
         """(dtype, shape) of the parameters (all, or those at ``indices``)."""
@@ -93,6 +99,12 @@ class SessionTable:
         with self._lock:
             self._sessions[session.session_id] = session
 
+    def snapshot(self, principal: str | None = None) -> list[Session]:
+        """The open sessions (of ``principal`` only, if given), oldest first."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return [s for s in sessions if principal is None or s.principal == principal]
+
     @contextmanager
     def use(self, principal: str, session_id: str) -> Iterator[Session]:
         """``principal``'s session ``session_id``, counted as in use for the block.
@@ -120,6 +132,7 @@ class SessionTable:
                 return False
             del self._sessions[session_id]
         self._close(session)
+        emit(logger, "session_closed", session=session_id, scope=scope_of(principal))
         return True
 
     def close_all(self) -> None:
@@ -131,6 +144,7 @@ class SessionTable:
 
     def _close(self, session: Session) -> None:
         try:
+            session.saves.finish_all()  # their directories' locks are this process's
             with session.lock:
                 session.closed = True
                 session.unstage()
@@ -153,7 +167,10 @@ class SessionTable:
             for s in expired:
                 del self._sessions[s.session_id]
         for s in expired:
-            logger.info("session %s unused for %g s: closed", s.session_id, timeout)
+            emit(
+                logger, "session_expired", session=s.session_id, scope=scope_of(s.principal),
+                idle_timeout_s=timeout,
+            )  # fmt: skip
             try:
                 self._close(s)
             except Exception:  # its shards are gone already: nothing left to release
