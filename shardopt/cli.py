@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from shardopt import __version__
+from shardopt.cli_status import add_log_level, add_status
 
 if TYPE_CHECKING:
     from shardopt.gateway.quotas import Limits
@@ -298,6 +299,22 @@ def _add_serve(subparsers: Subparsers) -> None:
         default=10.0,
         help="seconds calls in flight get at shutdown (default: %(default)s)",
     )
+    ops = parser.add_argument_group("operations", "what the operator sees")
+    ops.add_argument(
+        "--metrics-port",
+        type=_non_negative_int,
+        help="serve Prometheus metrics (shardopt_*) at http://HOST:PORT/metrics (0: any free "
+        "port, printed as 'metrics on HOST:PORT'; default: none)",
+    )
+    ops.add_argument(
+        "--metrics-host", help="address the metrics server listens on (default: --host)"
+    )
+    ops.add_argument(
+        "--operator-token-file",
+        help="operators' bearer tokens, one per line: they may list every tenant's sessions "
+        "(shardopt status --all) and nothing else",
+    )
+    add_log_level(ops, "info")
     parser.set_defaults(handler=_run_serve)
 
 
@@ -406,6 +423,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         refusal = f"RAY_AUTH_TOKEN is refused: {reason}"
     try:
         tokens = read_tokens(args.token_file) if args.token_file else None
+        operators = read_tokens(args.operator_token_file) if args.operator_token_file else None
     except (OSError, ValueError) as err:
         refusal = refusal or str(err)
     if refusal is not None:
@@ -426,6 +444,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_workers=args.max_workers,
         placement=None if args.placement == "none" else args.placement,
         shard_resources=args.shard_resources,
+        operator_tokens=operators,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     stopping = threading.Event()
 
@@ -434,6 +455,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if gateway.metrics_port is not None:
+        print(f"metrics on {args.metrics_host or args.host}:{gateway.metrics_port}", flush=True)
     print(f"serving on {args.host}:{gateway.port}", flush=True)
     stopping.wait()
     print("shutting down", flush=True)
@@ -491,6 +514,7 @@ def _run_health(args: argparse.Namespace) -> int:
 
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_serve,
+    add_status,
     _add_health,
     _add_demo,
     _add_ckpt,
@@ -540,4 +564,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         level = logging.INFO if args.verbose == 1 else logging.DEBUG
         logging.getLogger("shardopt").setLevel(level)
+    elif getattr(args, "log_level", None):
+        logging.getLogger("shardopt").setLevel(args.log_level.upper())
     return args.handler(args)

@@ -244,6 +244,14 @@ class ShardHost(ShardCalls):
         if shard is not None:
             shard.close()
 
+    def describe(self) -> list[dict[str, Any]]:
+        """Every shard held here: its key, its optimizer's class and its status (for
+        ``shardopt status``)."""
+        return [
+            {"key": key, "optimizer": type(s.optimizer).__name__, "status": s.status()}
+            for key, s in sorted(self._shards.items())
+        ]
+
     def info(self) -> dict[str, Any]:
         """The host's device, node, process id and the shards it holds."""
         import ray

@@ -93,7 +93,9 @@ def group_request(
     return options
 
 
-def _channel(address: str, tls: bool | str | os.PathLike | None) -> grpc.Channel:
+def open_channel(address: str, tls: bool | str | os.PathLike | None) -> grpc.Channel:
+    """A channel to a gateway: plaintext, or TLS (True: the system's roots; a path: a PEM of root
+    certificates), with the wire format's message limits."""
     options = [
         ("grpc.max_receive_message_length", wire.MESSAGE_LIMIT),
         ("grpc.max_send_message_length", wire.MESSAGE_LIMIT),
@@ -194,7 +196,7 @@ class GatewaySession(Backend):
     ) -> None:
         self._params = params
         self.address = address
-        self._channel = _channel(address, tls)
+        self._channel = open_channel(address, tls)
         self._stub = chunk_codec.stub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._session: dict[str, str | None] = {"id": None}

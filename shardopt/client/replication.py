@@ -47,7 +47,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from shardopt.actor.host import NAMESPACE, ShardHost, kill_actors
 from shardopt.checkpoint.integrity import Commit
 from shardopt.client.handles import ShardHandle
-from shardopt.client.runtime import host_pool, ray_get
+from shardopt.client.runtime import host_name, host_pool, ray_get
 from shardopt.core.buffers import to_numpy
 from shardopt.core.events import emit
 from shardopt.core.metrics import REPLICA_LAG
@@ -159,12 +159,15 @@ class Replicas:
         others = [n for n in alive if n != primary] or alive
         node = others[shard % len(others)]
         options = {
-            k: v for k, v in self._shards.actor_options.items() if k != "scheduling_strategy"
+            k: v
+            for k, v in self._shards.actor_options.items()
+            if k not in ("scheduling_strategy", "name")
         }
         host = (
             ray.remote(ShardHost)
             .options(
                 namespace=NAMESPACE,
+                name=host_name("replica"),
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
                 **options,
             )
