@@ -167,12 +167,10 @@ def test_sparse_gradients_over_grpc_match_torch(address, cls, hyper, both):
     and torch's SGD adds an uncoalesced gradient's duplicates one by one, which rounds
     differently (by an ulp)."""
     mine, theirs = embedding_model(), embedding_model()
-    params = lambda model: (
-        list(model[0].parameters())
-        + (  # noqa: E731
-            list(model[1].parameters()) if both else []
-        )
-    )
+
+    def params(model):
+        return list(model[0].parameters()) + (list(model[1].parameters()) if both else [])
+
     opt = shardopt.ShardedOptimizer(
         params(mine), cls, num_shards=2, address=address, token=TOKEN, **hyper
     )
@@ -214,14 +212,17 @@ def test_bad_sparse_gradients_are_refused_and_change_nothing(stub):
             messages = [pb.PushGradientsRequest(header=header)] + [
                 pb.PushGradientsRequest(chunk=c) for c in wire.tensor_chunks([indices, values])
             ]
-            call = lambda m=messages: stub.PushGradients(iter(m), metadata=auth(TOKEN))  # noqa: E731
-            assert code_of(call) == INVALID
+            assert code_of(
+                lambda m=messages: stub.PushGradients(iter(m), metadata=auth(TOKEN))
+            ) == (INVALID)
             assert code_of(lambda: step(stub, sid)) == grpc.StatusCode.FAILED_PRECONDITION
         both = sparse_header(sid, torch.tensor([[0]]), torch.ones(1, 3))
         both.params.append(0)
         both.grads.append(wire.spec_of(torch.ones(2, 3)))
-        assert code_of(lambda: stub.PushGradients(
-            iter([pb.PushGradientsRequest(header=both)]), metadata=auth(TOKEN))) == INVALID  # fmt: skip
+        only_header = [pb.PushGradientsRequest(header=both)]
+        assert code_of(lambda: stub.PushGradients(iter(only_header), metadata=auth(TOKEN))) == (
+            INVALID
+        )
 
 
 # ----- shard status, background saves -----------------------------------------------------------
@@ -260,15 +261,20 @@ def test_background_saves_are_bounded_and_waits_checked(stub, gateway):
     try:
         push(stub, sid, [torch.ones(3)])
         step(stub, sid)
-        save = lambda p: stub.SaveCheckpoint(  # noqa: E731
-            pb.CheckpointRequest(session_id=sid, path=p, background=True), metadata=auth(TOKEN)
-        )
+
+        def save(path):
+            request = pb.CheckpointRequest(session_id=sid, path=path, background=True)
+            return stub.SaveCheckpoint(request, metadata=auth(TOKEN))
+
         ids = [save(f"bounded/{i}").save_id for i in range(MAX_SAVES)]
         assert code_of(lambda: save("bounded/extra")) == grpc.StatusCode.RESOURCE_EXHAUSTED
-        wait = lambda i, t=0.0, token=TOKEN: stub.WaitCheckpoint(  # noqa: E731
-            pb.WaitCheckpointRequest(session_id=sid, save_id=i, timeout_seconds=t),
-            metadata=auth(token),
-        )
+
+        def wait(save_id, timeout=0.0, token=TOKEN):
+            request = pb.WaitCheckpointRequest(
+                session_id=sid, save_id=save_id, timeout_seconds=timeout
+            )
+            return stub.WaitCheckpoint(request, metadata=auth(token))
+
         assert code_of(lambda: wait(ids[0], 61.0)) == INVALID
         assert code_of(lambda: wait("no-such-save")) == grpc.StatusCode.NOT_FOUND
         assert code_of(lambda: wait(ids[0], token=OTHER_TOKEN)) == grpc.StatusCode.NOT_FOUND
@@ -340,10 +346,10 @@ def test_metrics_endpoint_counts_remote_steps_calls_and_refusals(gateway, addres
     assert code_of(lambda: stub.ListSessions(pb.ListSessionsRequest(),
                                              metadata=auth("y" * 20)))  # fmt: skip
     huge = pb.SessionSpec(optimizer="SGD", params=[wire.spec_of(torch.ones(1))], num_shards=999)
-    refused = lambda: stub.OpenSession(  # noqa: E731
-        iter([pb.OpenSessionRequest(spec=huge)]), metadata=auth(TOKEN)
+    opening = iter([pb.OpenSessionRequest(spec=huge)])
+    assert code_of(lambda: stub.OpenSession(opening, metadata=auth(TOKEN))) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED
     )
-    assert code_of(refused) == grpc.StatusCode.RESOURCE_EXHAUSTED
     during = scrape(gateway.metrics_port)
     opt.close()
     after = scrape(gateway.metrics_port)
