@@ -336,6 +336,10 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
          "anything is allocated), GiB"),
         ("--max-token-gib", _positive_float, d.max_token_bytes / GiB,
          "one token's session parameters plus its streams in flight, GiB"),
+        ("--max-transfer-gib", _non_negative_float, d.max_transfer_bytes / GiB,
+         "reusable transfer buffers of all sessions together (one per session, of its "
+         "parameters' size; beyond this, transfers allocate per call: slower, never refused), "
+         "GiB"),
         ("--max-sessions", _positive_int, d.max_sessions, "open sessions in all"),
         ("--max-sessions-per-token", _positive_int, d.max_sessions_per_token,
          "open sessions per token"),
@@ -388,6 +392,7 @@ def _limits_of(args: argparse.Namespace) -> Limits:
         max_total_bytes=int(args.max_total_gib * GiB),
         max_buffered_bytes=int(args.max_buffered_gib * GiB),
         max_token_bytes=int(args.max_token_gib * GiB),
+        max_transfer_bytes=int(args.max_transfer_gib * GiB),
         max_sessions=args.max_sessions,
         max_sessions_per_token=args.max_sessions_per_token,
         max_calls_per_token=args.max_calls_per_token,

@@ -20,6 +20,7 @@ from gateway_helpers import (
     code_of,
     guarded_victim,
     open_session,
+    pull,
     push,
     step,
 )
@@ -330,6 +331,40 @@ def test_list_sessions_is_scoped_to_the_token_and_operators_see_all(stub):
     finally:
         close_session(stub, mine)
         close_session(stub, theirs, token=OTHER_TOKEN)
+
+
+# ----- transfer buffers -------------------------------------------------------------------------
+
+
+def test_transfers_reuse_one_counted_buffer_per_session(gateway, stub):
+    """Pushes receive into, and pulls send from, one buffer per session, counted in the ledger
+    and given back at close; a pull while gradients are staged in it sends a copy of its own,
+    and every step is still torch's."""
+    params = [torch.randn(5, 3), torch.randn(7)]
+    ref = [p.clone().requires_grad_() for p in params]
+    hyper = {"lr": 0.1, "momentum": 0.9}
+    twin = torch.optim.SGD(ref, **hyper)
+    ledger = gateway.servicer.ledger
+    before = ledger.transfer_bytes
+    session_id = open_session(stub, params, hyperparameters=hyper, num_shards=1).session_id
+    try:
+        (session,) = [s for s in gateway.servicer.sessions.snapshot() if s.session_id == session_id]
+        for k in range(3):
+            grads = [torch.full_like(p, k + 1.0) for p in params]
+            push(stub, session_id, grads)
+            staged = [p.grad.data_ptr() for p in session.params]
+            assert staged == [t.data_ptr() for t in session.transfer]  # received in place
+            assert_same_tensors(pull(stub, session_id), ref)  # the buffer is busy: a copy
+            step(stub, session_id)
+            for r, g in zip(ref, grads):
+                r.grad = g
+            twin.step()
+            assert_same_tensors(pull(stub, session_id), ref)
+            assert [t.data_ptr() for t in session.transfer] == staged  # the same memory
+        assert ledger.transfer_bytes == before + session.nbytes
+    finally:
+        close_session(stub, session_id)
+    assert ledger.transfer_bytes == before
 
 
 # ----- metrics ----------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardopt.core import wire
+from shardopt.client.gateway_session import assign
+from shardopt.core import chunk_codec, wire
 from shardopt.core.proto import tensors_pb
 
 ALL_DTYPES = list(wire.WIRE_DTYPES)
@@ -158,3 +159,41 @@ def test_receiving_into_given_tensors():
     with pytest.raises(wire.WireError, match="expected float32"):
         wire.TensorReceiver([wire.spec_of(torch.zeros(3, 4, dtype=torch.float64))], 1 << 20,
                             into=into[:1])  # fmt: skip
+
+
+def test_receiving_into_some_given_tensors_allocates_the_others():
+    source = [torch.randn(3, 4), torch.arange(5, dtype=torch.int32), torch.ones(2)]
+    given = torch.empty(5, dtype=torch.int32)
+    specs = [wire.spec_of(t) for t in source]
+    receiver = wire.TensorReceiver(specs, 1 << 20, into=[None, given, None])
+    for chunk in wire.tensor_chunks(source, 7):
+        receiver.add(chunk)
+    got = receiver.finish()
+    assert got[1] is given and all(torch.equal(a, b) for a, b in zip(got, source))
+    expected = [(t.dtype, tuple(t.shape)) for t in source]
+    with pytest.raises(ValueError, match="what it expects"):
+        wire.TensorReceiver(specs, 1 << 20, expected=expected, into=[None, torch.empty(5), None])
+    with pytest.raises(wire.WireError, match="3 tensors declared, 2 expected"):
+        wire.TensorReceiver(specs, 1 << 20, into=[None, given])
+
+
+def test_copy_bytes_is_a_plain_copy_where_the_tensors_allow_it():
+    src = torch.randn(4, 3).to(torch.bfloat16)
+    dst = torch.empty(4, 3, dtype=torch.bfloat16)
+    chunk_codec.copy_bytes(dst, src)
+    assert torch.equal(dst, src)
+    for bad in (torch.empty(3, 4, dtype=torch.bfloat16), torch.empty(4, 3)):
+        assert not chunk_codec.copies_bytes(bad, src)
+        with pytest.raises(ValueError, match="contiguous CPU tensors"):
+            chunk_codec.copy_bytes(bad, src)
+    assert not chunk_codec.copies_bytes(torch.empty(3, 4).t(), torch.empty(4, 3))
+    assert not chunk_codec.copies_bytes(torch.empty(2, dtype=torch.cfloat),
+                                        torch.ones(2, dtype=torch.cfloat).conj())  # fmt: skip
+    # a user's parameter: the write is one autograd sees, as copy_'s
+    param = torch.nn.Parameter(torch.zeros(3))
+    version = param._version
+    with torch.no_grad():  # as the client pulls
+        assign(param, torch.arange(3.0))
+        assert torch.equal(param.detach(), torch.arange(3.0)) and param._version > version
+        assign(param, torch.arange(6.0)[::2])  # strided: torch's copy
+    assert torch.equal(param.detach(), torch.tensor([0.0, 2.0, 4.0]))

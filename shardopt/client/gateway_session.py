@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 import torch
+from torch.autograd.graph import increment_version
 
 from shardopt.checkpoint.format import SaveHandle
 from shardopt.client.backend import Backend, ParamSource
@@ -122,6 +123,16 @@ def receive_parameters(answers: Iterator[Any], into: list[torch.Tensor]) -> list
     for answer in answers:
         receiver.add(answer.chunk)
     return receiver.finish()
+
+
+def assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``param.copy_(value)`` (an in-place write autograd sees), by one plain memcpy where the
+    tensors allow it (:func:`~shardopt.core.chunk_codec.copy_bytes`)."""
+    if chunk_codec.copies_bytes(param, value):
+        chunk_codec.copy_bytes(param, value)
+        increment_version(param)
+    else:
+        param.copy_(value)
 
 
 def gradients_of(params: list[torch.Tensor], dense: bool = False) -> tuple[Any, list[Any]]:
@@ -295,7 +306,7 @@ class GatewaySession(Backend):
         )
         staging = self._staging(params)  # a pull that fails part-way leaves params as they were
         for pid, (p, value) in enumerate(zip(params, receive_parameters(answers, staging))):
-            p.copy_(value)
+            assign(p, value)
             self.shard_map.record(pid, p)
 
     def _staging(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -467,7 +478,7 @@ class GatewaySession(Backend):
                         list(answer.evaluate.params), nbytes, what="parameter", into=staging
                     )
                     for pid, (p, value) in enumerate(zip(params, receiver.receive(call))):
-                        p.copy_(value)
+                        assign(p, value)
                         self.shard_map.record(pid, p)
                 with torch.enable_grad():
                     loss = closure()

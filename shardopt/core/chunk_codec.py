@@ -12,7 +12,9 @@ messages):
 - :func:`parser`: a deserializer that reads a chunk message as a :class:`ChunkMessage` whose
   ``chunk.data`` is a view into the received bytes (no copy), and leaves any other message
   (headers, or a chunk written in an unusual but valid form) to protobuf;
-- :func:`serialize`: the serializer of both sides, which passes pre-encoded bytes through.
+- :func:`serialize`: the serializer of both sides, which passes pre-encoded bytes through;
+- :func:`copy_bytes`: a tensor copied into another by one plain memcpy (the gateway's
+  snapshots for pulls).
 
 :class:`shardopt.core.wire.TensorReceiver` then copies each view into its tensor: one copy on
 the receiving side, where protobuf made four.
@@ -102,6 +104,36 @@ def encode_chunk(index: int, offset: int, data: memoryview | bytes) -> bytes:
 def _byte_view(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def copies_bytes(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """Whether :func:`copy_bytes` can copy ``src`` into ``dst``: one dtype and shape, both
+    contiguous on the CPU, and ``src`` no conjugate or negative view."""
+    return (
+        dst.dtype == src.dtype
+        and dst.shape == src.shape
+        and dst.is_contiguous()
+        and src.is_contiguous()
+        and dst.device.type == "cpu"
+        and src.device.type == "cpu"
+        and not src.is_conj()
+        and not src.is_neg()
+    )
+
+
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copies ``src`` into ``dst`` as one plain memcpy. Torch's ``copy_`` hands large copies to
+    its thread pool, whose threads wait for each other: on a busy machine that costs several
+    times the copy. No autograd version counter sees this write (see
+    ``torch.autograd.graph.increment_version`` for a user's tensor).
+
+    Raises:
+        ValueError: tensors :func:`copies_bytes` refuses.
+    """
+    if not copies_bytes(dst, src):
+        raise ValueError("copy_bytes copies between contiguous CPU tensors of one dtype and shape")
+    if dst.numel():
+        memoryview(dst.detach().view(-1).view(torch.uint8).numpy())[:] = _byte_view(src)
 
 
 def tensor_chunks(

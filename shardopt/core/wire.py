@@ -118,8 +118,9 @@ class TensorReceiver:
         what: how messages name the tensors ("gradient", "parameter", "state tensor").
         names: how messages name each tensor (optional).
         into: preallocated contiguous CPU tensors to receive into, one per spec (its dtype and
-            shape are then what the spec must declare); by default each is allocated when its
-            first chunk arrives. A stream that fails part-way leaves them partly written.
+            shape are then what the spec must declare), or None for a tensor to allocate when
+            its first chunk arrives (then ``expected`` says what it must be, if anything); by
+            default each is allocated. A stream that fails part-way leaves them partly written.
 
     Raises:
         LimitError: the specs declare more than ``max_bytes``.
@@ -136,9 +137,16 @@ class TensorReceiver:
         into: list[torch.Tensor] | None = None,
     ) -> None:
         if into is not None:
-            if any(t.device.type != "cpu" or not t.is_contiguous() for t in into):
+            if len(into) != len(specs):
+                raise WireError(f"{len(specs)} {what}s declared, {len(into)} expected")
+            given = [t for t in into if t is not None]
+            if any(t.device.type != "cpu" or not t.is_contiguous() for t in given):
                 raise ValueError("a receiver's tensors must be contiguous CPU tensors")
-            expected = [(t.dtype, tuple(t.shape)) for t in into]
+            given = [None if t is None else (t.dtype, tuple(t.shape)) for t in into]
+            if expected is not None and any(g not in (None, e) for g, e in zip(given, expected)):
+                raise ValueError("a receiver's tensors must be what it expects")
+            if expected is None and None not in given:
+                expected = given
         if expected is not None and len(specs) != len(expected):
             raise WireError(f"{len(specs)} {what}s declared, {len(expected)} expected")
         checked, total = [], 0

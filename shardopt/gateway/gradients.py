@@ -31,6 +31,8 @@ class GradientUpload:
         dense_bytes: the most bytes dense gradients may declare (the parameters' bytes).
         sparse_bytes: the most bytes all the gradients may declare when some are sparse (a
             sparse gradient's indices and duplicates can outweigh its parameter).
+        into: tensors shaped as ``params`` to receive dense gradients into (a session's
+            transfer buffer), or None to allocate them as they arrive.
 
     Raises:
         ValueError: indices that are not increasing, name no declared parameter, or name a
@@ -45,6 +47,7 @@ class GradientUpload:
         names: list[str],
         dense_bytes: int,
         sparse_bytes: int,
+        into: list[torch.Tensor] | None = None,
     ) -> None:
         dense = list(header.params)
         sparse = list(getattr(header, "sparse_params", ()))
@@ -76,6 +79,7 @@ class GradientUpload:
             expected=expected,
             what="gradient",
             names=labels,
+            into=None if into is None else [into[i] for i in dense] + [None] * len(sparse_specs),
         )
 
     @staticmethod

@@ -282,19 +282,25 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         requests = _messages(requests)
         header = _first(requests, "header")
         with self._use(context, header.session_id) as session:
-            upload = GradientUpload(
-                header, session.params, session.names, session.nbytes,
-                self.limits.upload_budget(session.nbytes),
-            )  # fmt: skip
-            held = self.ledger.hold(
-                session.principal, upload.declared, (session.session_id, session.nbytes)
-            )
+            held = claim = None
             try:
+                with session.lock:  # received into the session's transfer buffer when free
+                    claim, into = session.claim_transfer(self.ledger) or (None, None)
+                upload = GradientUpload(
+                    header, session.params, session.names, session.nbytes,
+                    self.limits.upload_budget(session.nbytes), into,
+                )  # fmt: skip
+                held = self.ledger.hold(
+                    session.principal, upload.declared, (session.session_id, session.nbytes)
+                )
                 grads = upload.receive(requests)  # nothing is staged unless all of it arrived
                 if next(requests, None) is not None:
                     raise wire.WireError("a chunk after every declared gradient was complete")
             except BaseException:
-                held.release()
+                with session.lock:
+                    session.release_transfer(claim)
+                if held is not None:
+                    held.release()
                 raise
             with session.lock:
                 if session.closed:
@@ -305,6 +311,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                     session.params[i].grad = grad
                 session.grads_ready = True
                 session.staged = held  # held until a step consumes them
+                session.staged_transfer = claim
         return pb.PushGradientsReply(bytes=upload.bytes_received)
 
     @_handled
@@ -346,12 +353,23 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             with session.lock:
                 if session.optimizer.group is not None:
                     session.optimizer.pull_params()
-                snapshot = [p.detach().clone() for p in session.params]
-            specs = [wire.spec_of(p, n) for p, n in zip(snapshot, session.names)]
-            yield pb.PullParametersReply(header=pb.PullParametersHeader(params=specs))
-            for index in range(len(snapshot)):  # each tensor's memory goes once it is sent
-                tensor, snapshot[index] = snapshot[index], None
-                yield from chunk_codec.tensor_chunks(index, tensor)
+                # a snapshot, sent without the lock: into the transfer buffer when it is free
+                claim, snapshot = session.claim_transfer(self.ledger) or (None, None)
+                if snapshot is None:
+                    snapshot = [p.detach().clone() for p in session.params]
+                else:
+                    snapshot = list(snapshot)
+                    for buffer, p in zip(snapshot, session.params):
+                        chunk_codec.copy_bytes(buffer, p)
+            try:
+                specs = [wire.spec_of(p, n) for p, n in zip(snapshot, session.names)]
+                yield pb.PullParametersReply(header=pb.PullParametersHeader(params=specs))
+                for index in range(len(snapshot)):  # each tensor's memory goes once it is sent
+                    tensor, snapshot[index] = snapshot[index], None
+                    yield from chunk_codec.tensor_chunks(index, tensor)
+            finally:
+                with session.lock:
+                    session.release_transfer(claim)
 
     @_handled
     def PushParameters(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:

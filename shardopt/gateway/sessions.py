@@ -54,6 +54,15 @@ class Session:
     opened: float = field(default_factory=time.monotonic)
     saves: BackgroundSaves = field(default_factory=BackgroundSaves)
     """Checkpoint saves in the background, committed by WaitCheckpoint or at close."""
+    transfer: list[torch.Tensor] | None = None
+    """Tensors shaped as ``params`` that pushes receive gradients into and pulls send from,
+    allocated on first use (see :meth:`claim_transfer`)."""
+    transfer_user: object | None = None
+    """Who uses ``transfer`` now: an upload (until its gradients are stepped) or a pull."""
+    transfer_bytes: int = 0
+    """What ``transfer`` counts in the ledger."""
+    staged_transfer: object | None = None
+    """The claim of the staged gradients, if they are in ``transfer``."""
 
     def expected(self, indices: list[int] | None = None) -> list[tuple[torch.dtype, tuple]]:
         """(dtype, shape) of the parameters (all, or those at ``indices``)."""
@@ -73,6 +82,43 @@ class Session:
         if self.staged is not None:
             self.staged.release()
             self.staged = None
+        if self.staged_transfer is not None:
+            self.release_transfer(self.staged_transfer)
+            self.staged_transfer = None
+
+    # ----- the transfer buffer ---------------------------------------------------------------
+
+    def claim_transfer(self, ledger: Ledger) -> tuple[object, list[torch.Tensor]] | None:
+        """The session's transfer buffer for one upload or pull (call with ``lock`` held):
+        a claim to give back with :meth:`release_transfer` and tensors shaped as ``params``.
+
+        Reusing the same memory spares each call the page faults of fresh memory (a large
+        part of a transfer's cost). None (the caller allocates as it goes) when another call
+        holds it, or a new one would pass the gateway's ``max_transfer_bytes``.
+        """
+        if self.transfer_user is not None or self.closed:
+            return None
+        shapes = [(p.dtype, p.shape) for p in self.params]
+        if self.transfer is None or [(t.dtype, t.shape) for t in self.transfer] != shapes:
+            self.drop_transfer(ledger)  # the parameters changed (a param group was added)
+            if not ledger.reserve_transfer(self.nbytes):
+                return None
+            self.transfer = [torch.empty(p.shape, dtype=p.dtype) for p in self.params]
+            self.transfer_bytes = self.nbytes
+        self.transfer_user = claim = object()
+        return claim, self.transfer
+
+    def release_transfer(self, claim: object) -> None:
+        """Gives back a claim of :meth:`claim_transfer` (a no-op for any other)."""
+        if self.transfer_user is claim:
+            self.transfer_user = None
+
+    def drop_transfer(self, ledger: Ledger) -> None:
+        """Frees the transfer buffer (call with ``lock`` held; it must not be claimed)."""
+        if self.transfer is not None:
+            self.transfer = None
+            ledger.release_transfer(self.transfer_bytes)
+            self.transfer_bytes = 0
 
 
 class SessionTable:
@@ -148,6 +194,8 @@ class SessionTable:
             with session.lock:
                 session.closed = True
                 session.unstage()
+                session.transfer_user = None  # a pull in flight sends what it copied
+                session.drop_transfer(self.ledger)
                 session.optimizer.close()
         finally:
             self.ledger.close_session(session.principal, session.nbytes)
