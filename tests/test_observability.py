@@ -1,6 +1,7 @@
 """What an operator sees (issue #19): a real ``shardopt serve`` scraped for its metrics after
 remote steps, ``shardopt status`` against it and from inside the cluster, lifecycle events as
-one parseable line each, and the actors' Ray metrics recording.
+one parseable line each, and the actors' Ray metrics recording. (The events of a lost shard, a
+promoted replica and a committed checkpoint are checked where tests/test_ft.py loses them.)
 """
 
 from __future__ import annotations
@@ -16,27 +17,17 @@ import uuid
 import pytest
 import ray
 import torch
+from helpers import events_in
 from test_gateway_ops import sample, scrape
 from test_gateway_server import wait_for_line
 
 import shardopt
 from shardopt.cli import main
-from shardopt.core.events import EVENTS, emit, format_event, parse_event
+from shardopt.core.events import emit, format_event, parse_event
 from shardopt.gateway.admission import token_scope
-from shardopt.testing import kill
 
 TOKEN = "observability-token-0123456789"
 OPERATOR = "observability-operator-987654321"
-
-
-def events_in(text: str) -> list[dict[str, str]]:
-    """The event lines of a log, parsed."""
-    found = []
-    for line in text.splitlines():
-        at = line.find("event=")
-        if at >= 0:
-            found.append(parse_event(line[at:]))
-    return found
 
 
 # ----- events -----------------------------------------------------------------------------------
@@ -63,25 +54,6 @@ def test_an_event_is_one_line_of_key_value_pairs(caplog):
     }
     with pytest.raises(ValueError, match="unknown event"):
         emit(logger, "no_such_event")
-
-
-def test_a_lost_shard_and_a_checkpoint_are_logged_as_events(caplog, tmp_path):
-    """A killed primary gives shard_lost and replica_promoted lines; a save checkpoint_committed
-    with its bytes."""
-    model = torch.nn.Linear(4, 2)
-    opt = shardopt.SGD(model.parameters(), lr=0.1, num_shards=2, replicate=True)
-    with caplog.at_level(logging.INFO, logger="shardopt"):
-        opt.save_checkpoint(tmp_path / "ckpt")
-        kill(opt.backend.handles[0].host)
-        model(torch.ones(1, 4)).sum().backward()
-        opt.step()
-    opt.close()
-    events = {e["event"]: e for e in events_in(caplog.text)}
-    assert events["shard_lost"]["shard"] == "0"
-    assert events["replica_promoted"]["shard"] == "0"
-    committed = events["checkpoint_committed"]
-    assert committed["path"] == str(tmp_path / "ckpt") and int(committed["bytes"]) > 0
-    assert set(events) <= set(EVENTS)
 
 
 def test_the_actors_ray_metrics_record_in_a_shard_actor():
