@@ -161,3 +161,14 @@ def test_transfer_buffers_are_bounded_in_all_and_claimed_by_one_call_at_a_time()
     assert ledger.transfer_bytes == nbytes
     second.drop_transfer(ledger)
     assert ledger.transfer_bytes == 0
+
+
+def test_serve_sets_the_transfer_bound_and_zero_turns_the_buffers_off():
+    from shardopt.cli import _limits_of, build_parser
+
+    parse = build_parser().parse_args
+    assert _limits_of(parse(["serve", "--max-transfer-gib", "0.5"])).max_transfer_bytes == 1 << 29
+    assert _limits_of(parse(["serve"])).max_transfer_bytes == Limits().max_transfer_bytes
+    off = Ledger(_limits_of(parse(["serve", "--max-transfer-gib", "0"])))
+    session = Session("s", A, None, [torch.zeros(2)], ["a"], 8)
+    assert session.claim_transfer(off) is None and off.transfer_bytes == 0
