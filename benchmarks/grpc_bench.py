@@ -10,7 +10,7 @@ default, about 100 MB; ``--quick``: 1M) and AdamW (lr 1e-3, weight decay 1e-2), 
   is PushGradients + Step + PullParameters;
 * its pieces, through the raw stub on a session of their own: the PushGradients stream (from
   the header to the reply), the PullParameters stream (until every tensor is assembled, as the
-  client does) and the Step RPC alone (after an untimed push);
+  client does, into reused buffers) and the Step RPC alone (after an untimed push);
 * shardopt in-cluster: the same class without ``address`` (the proxy talks to the Ray actors),
   with shared memory and with ``shared_memory=False`` (Ray's object store);
 * torch fused: ``torch.optim.AdamW(fused=True)`` in the client's process, the floor;
@@ -53,8 +53,9 @@ import ray
 import torch
 
 import shardopt
-from shardopt.core import wire
-from shardopt.core.proto import pb, rpc
+from shardopt.client.gateway_session import receive_parameters
+from shardopt.core import chunk_codec, wire
+from shardopt.core.proto import pb
 from shardopt.gateway import serve
 
 # isort: split
@@ -212,7 +213,7 @@ def client_measures(spec: dict[str, Any]) -> tuple[dict[str, Measure], Callable[
 
     channel = grpc.insecure_channel(spec["address"], options=CHANNEL_OPTIONS)
     closers.append(channel.close)
-    stub = rpc.OptimizerServiceStub(channel)
+    stub = chunk_codec.stub(channel)  # the remote client's own stub
     metadata = (("authorization", f"Bearer {spec['token']}"),)
     grads = [p.grad for p in model]
     session_id = open_session(stub, metadata, model)
@@ -234,15 +235,14 @@ def client_measures(spec: dict[str, Any]) -> tuple[dict[str, Measure], Callable[
         stub.Step(pb.StepRequest(session_id=session_id), metadata=metadata)
         return time.perf_counter() - start
 
+    staging = [torch.empty_like(p) for p in model]  # the client's reused pull buffers
+
     def pull() -> float:
         start = time.perf_counter()
         answers = stub.PullParameters(
             pb.PullParametersRequest(session_id=session_id), metadata=metadata
         )
-        receiver = wire.TensorReceiver(list(next(answers).header.params), nbytes)
-        for answer in answers:
-            receiver.add(answer.chunk)
-        receiver.finish()
+        receive_parameters(answers, staging)
         return time.perf_counter() - start
 
     measures.update({PUSH: push, STEP_RPC: step, PULL: pull})
@@ -316,8 +316,7 @@ def open_session(stub: Any, metadata: Any, params: list[torch.Tensor]) -> str:
 
     def requests() -> Iterator[Any]:
         yield pb.OpenSessionRequest(spec=spec)
-        for chunk in wire.tensor_chunks([p.detach() for p in params]):
-            yield pb.OpenSessionRequest(chunk=chunk)
+        yield from chunk_codec.encoded_chunks([p.detach() for p in params])
 
     return stub.OpenSession(requests(), metadata=metadata).session_id
 
@@ -332,8 +331,7 @@ def push_gradients(stub: Any, metadata: Any, session_id: str, grads: list[torch.
 
     def requests() -> Iterator[Any]:
         yield pb.PushGradientsRequest(header=header)
-        for chunk in wire.tensor_chunks(grads):
-            yield pb.PushGradientsRequest(chunk=chunk)
+        yield from chunk_codec.encoded_chunks(grads)
 
     return stub.PushGradients(requests(), metadata=metadata)
 

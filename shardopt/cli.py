@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from shardopt import __version__
+from shardopt.cli_status import add_log_level, add_status
 
 if TYPE_CHECKING:
     from shardopt.gateway.quotas import Limits
@@ -298,6 +299,22 @@ def _add_serve(subparsers: Subparsers) -> None:
         default=10.0,
         help="seconds calls in flight get at shutdown (default: %(default)s)",
     )
+    ops = parser.add_argument_group("operations", "what the operator sees")
+    ops.add_argument(
+        "--metrics-port",
+        type=_non_negative_int,
+        help="serve Prometheus metrics (shardopt_*) at http://HOST:PORT/metrics (0: any free "
+        "port, printed as 'metrics on HOST:PORT'; default: none)",
+    )
+    ops.add_argument(
+        "--metrics-host", help="address the metrics server listens on (default: --host)"
+    )
+    ops.add_argument(
+        "--operator-token-file",
+        help="operators' bearer tokens, one per line: they may list every tenant's sessions "
+        "(shardopt status --all) and nothing else",
+    )
+    add_log_level(ops, "info")
     parser.set_defaults(handler=_run_serve)
 
 
@@ -319,6 +336,10 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
          "anything is allocated), GiB"),
         ("--max-token-gib", _positive_float, d.max_token_bytes / GiB,
          "one token's session parameters plus its streams in flight, GiB"),
+        ("--max-transfer-gib", _non_negative_float, d.max_transfer_bytes / GiB,
+         "reusable transfer buffers of all sessions together (one per session, of its "
+         "parameters' size; beyond this, transfers allocate per call: slower, never refused), "
+         "GiB"),
         ("--max-sessions", _positive_int, d.max_sessions, "open sessions in all"),
         ("--max-sessions-per-token", _positive_int, d.max_sessions_per_token,
          "open sessions per token"),
@@ -371,6 +392,7 @@ def _limits_of(args: argparse.Namespace) -> Limits:
         max_total_bytes=int(args.max_total_gib * GiB),
         max_buffered_bytes=int(args.max_buffered_gib * GiB),
         max_token_bytes=int(args.max_token_gib * GiB),
+        max_transfer_bytes=int(args.max_transfer_gib * GiB),
         max_sessions=args.max_sessions,
         max_sessions_per_token=args.max_sessions_per_token,
         max_calls_per_token=args.max_calls_per_token,
@@ -406,6 +428,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         refusal = f"RAY_AUTH_TOKEN is refused: {reason}"
     try:
         tokens = read_tokens(args.token_file) if args.token_file else None
+        operators = read_tokens(args.operator_token_file) if args.operator_token_file else None
     except (OSError, ValueError) as err:
         refusal = refusal or str(err)
     if refusal is not None:
@@ -426,6 +449,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_workers=args.max_workers,
         placement=None if args.placement == "none" else args.placement,
         shard_resources=args.shard_resources,
+        operator_tokens=operators,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     stopping = threading.Event()
 
@@ -434,6 +460,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if gateway.metrics_port is not None:
+        print(f"metrics on {args.metrics_host or args.host}:{gateway.metrics_port}", flush=True)
     print(f"serving on {args.host}:{gateway.port}", flush=True)
     stopping.wait()
     print("shutting down", flush=True)
@@ -491,6 +519,7 @@ def _run_health(args: argparse.Namespace) -> int:
 
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_serve,
+    add_status,
     _add_health,
     _add_demo,
     _add_ckpt,
@@ -540,4 +569,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verbose:
         level = logging.INFO if args.verbose == 1 else logging.DEBUG
         logging.getLogger("shardopt").setLevel(level)
+    elif getattr(args, "log_level", None):
+        logging.getLogger("shardopt").setLevel(args.log_level.upper())
     return args.handler(args)

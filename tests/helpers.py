@@ -182,3 +182,15 @@ def same_state_dict(got: dict[str, Any], want: dict[str, Any]) -> bool:
     except AssertionError:
         return False
     return True
+
+
+def events_in(text: str) -> list[dict[str, str]]:
+    """The lifecycle event lines (``event=NAME key=value ...``) of a log, parsed."""
+    from shardopt.core.events import parse_event
+
+    found = []
+    for line in text.splitlines():
+        at = line.find("event=")
+        if at >= 0:
+            found.append(parse_event(line[at:]))
+    return found

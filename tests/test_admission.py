@@ -18,6 +18,7 @@ from shardopt.gateway.admission import (
 )
 from shardopt.gateway.auth import principal_of, weak_token_reason
 from shardopt.gateway.quotas import Ledger, Limits
+from shardopt.gateway.sessions import Session
 
 A, B = principal_of("token-a-0123456789abcdef"), principal_of("token-b-0123456789abcdef")
 
@@ -127,3 +128,47 @@ def test_sessions_per_token_are_bounded():
     with pytest.raises(QuotaExceededError, match="limit of 3 sessions"):
         ledger.open_session(B, 1)
     assert ledger.usage()["sessions"] == 3
+
+
+def test_transfer_buffers_are_bounded_in_all_and_claimed_by_one_call_at_a_time():
+    """A session's transfer buffer is made on first claim while the gateway's bound allows
+    (over it, calls do without one: never refused), serves one call at a time, and follows the
+    session's parameters."""
+    params = [torch.zeros(4), torch.zeros(2, 3, dtype=torch.float64)]
+    nbytes = 4 * 4 + 6 * 8
+    ledger = Ledger(Limits(max_transfer_bytes=nbytes + 2))
+
+    def session(name):  # the claim logic needs no optimizer
+        return Session(name, A, None, list(params), ["a", "b"], nbytes)
+
+    first, second = session("first"), session("second")
+    claim, tensors = first.claim_transfer(ledger)
+    assert [(t.dtype, t.shape) for t in tensors] == [(p.dtype, p.shape) for p in params]
+    assert ledger.transfer_bytes == nbytes
+    assert first.claim_transfer(ledger) is None  # busy
+    assert second.claim_transfer(ledger) is None  # over the gateway's bound
+    first.release_transfer(object())  # not the claim: nothing happens
+    assert first.claim_transfer(ledger) is None
+    first.release_transfer(claim)
+    again, same = first.claim_transfer(ledger)
+    assert again is not claim and [t.data_ptr() for t in same] == [t.data_ptr() for t in tensors]
+    first.release_transfer(again)
+    first.params.append(torch.zeros(1))  # a param group added: a new buffer of the new shapes
+    first.nbytes += 4
+    assert first.claim_transfer(ledger) is None  # which no longer fits
+    assert ledger.transfer_bytes == 0 and first.transfer is None
+    _, tensors = second.claim_transfer(ledger)
+    assert ledger.transfer_bytes == nbytes
+    second.drop_transfer(ledger)
+    assert ledger.transfer_bytes == 0
+
+
+def test_serve_sets_the_transfer_bound_and_zero_turns_the_buffers_off():
+    from shardopt.cli import _limits_of, build_parser
+
+    parse = build_parser().parse_args
+    assert _limits_of(parse(["serve", "--max-transfer-gib", "0.5"])).max_transfer_bytes == 1 << 29
+    assert _limits_of(parse(["serve"])).max_transfer_bytes == Limits().max_transfer_bytes
+    off = Ledger(_limits_of(parse(["serve", "--max-transfer-gib", "0"])))
+    session = Session("s", A, None, [torch.zeros(2)], ["a"], 8)
+    assert session.claim_transfer(off) is None and off.transfer_bytes == 0

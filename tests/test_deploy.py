@@ -23,11 +23,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from typing import Any
 
 import pytest
 import torch
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 import shardopt
 from shardopt.gateway.admission import token_scope
@@ -82,6 +84,7 @@ class LocalCompose:
             "SHARDOPT_TOKEN": secrets.token_urlsafe(24),
             "RAY_HEAD_PORT": str(free_port()),
             "SHARDOPT_PORT": str(free_port()),
+            "SHARDOPT_METRICS_PORT": str(free_port()),
             "RAY_OBJECT_STORE_BYTES": str(100 * 2**20),
             "RAY_NODE_CPUS": "2",
             "SHARDOPT_PLACEMENT": "STRICT_SPREAD",  # the operator's: one shard per node
@@ -219,6 +222,17 @@ def test_the_compose_services_train_a_remote_client_and_shut_down(stack):
             o.step()
     for got, want in zip(model.parameters(), twin.parameters()):
         assert torch.equal(got, want)
+    metrics = f"http://127.0.0.1:{stack.variables['SHARDOPT_METRICS_PORT']}/metrics"
+    with urllib.request.urlopen(metrics, timeout=10) as answer:  # compose's published /metrics
+        text = answer.read().decode()
+    steps = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "shardopt_gateway_rpc_seconds_count"
+        and s.labels == {"method": "Step", "code": "OK"}
+    ]
+    assert steps == [3.0]
     opt.save_checkpoint("deploy/step-3")
     assert (stack.checkpoints / token_scope(token) / "deploy" / "step-3" / ".metadata").exists()
     opt.close()

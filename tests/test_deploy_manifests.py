@@ -854,3 +854,39 @@ def test_dockerfile_exposes_the_gateway_port():
         for port in rest.split()
     ]
     assert SERVE_PORT in exposed
+
+
+# ----- metrics (issue #19) ------------------------------------------------------------------------
+
+
+def test_compose_gateway_serves_and_publishes_metrics_on_loopback(services, gateway_serve):
+    """The gateway serves /metrics (shardopt serve --metrics-port), published on the host's
+    loopback like the gRPC port."""
+    port = gateway_serve["metrics_port"]
+    assert port and port != gateway_serve["port"]
+    published = {}
+    for entry in with_defaults(services["gateway"].get("ports", [])):
+        host_ip, _, target = str(entry).rsplit(":", 2)
+        published[int(target)] = host_ip
+    assert published.get(port) == "127.0.0.1"
+
+
+def test_kuberay_gateway_pod_is_scraped_at_its_metrics_port(manifests, gateway_serve):
+    template = one(manifests, "gateway.yaml", "Deployment")["spec"]["template"]
+    annotations = template["metadata"].get("annotations", {})
+    assert annotations.get("prometheus.io/scrape") == "true"
+    assert annotations.get("prometheus.io/path") == "/metrics"
+    assert int(annotations["prometheus.io/port"]) == gateway_serve["metrics_port"]
+    container = template["spec"]["containers"][0]
+    ports = {p.get("name"): p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == gateway_serve["metrics_port"]
+
+
+def test_dockerfile_exposes_the_metrics_port(gateway_serve):
+    exposed = [
+        int(port.split("/")[0])
+        for word, rest in dockerfile_instructions()
+        if word == "EXPOSE"
+        for port in rest.split()
+    ]
+    assert gateway_serve["metrics_port"] in exposed

@@ -7,9 +7,11 @@ tests/test_ft_cluster.py.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
-from helpers import assert_same, make_model, run_steps
+from helpers import assert_same, events_in, make_model, run_steps
 
 import shardopt
 from shardopt.testing import inject_fault, kill
@@ -72,9 +74,16 @@ def inject(shard, when):
         (inject(0, "after_step"), "dies after applying the step, before answering"),
     ],
 )
-def test_a_lost_shard_is_replaced_and_nothing_changes(uninterrupted, disrupt, label, replicate, at):
-    opt, result = run(lambda m: adamw(m, replicate), disrupt, at=at)
+def test_a_lost_shard_is_replaced_and_nothing_changes(
+    uninterrupted, disrupt, label, replicate, at, caplog
+):
+    with caplog.at_level(logging.INFO, logger="shardopt"):
+        opt, result = run(lambda m: adamw(m, replicate), disrupt, at=at)
     assert opt.backend.replicas.recoveries == 1, label
+    # an operator sees it: one line each, naming the shard (issue #19)
+    events = {e["event"]: e for e in events_in(caplog.text)}
+    assert events["shard_lost"]["shard"] == events["replica_promoted"]["shard"]
+    assert events["replica_promoted"]["node"] and events["replica_promoted"]["recoveries"] == "1"
     # every 3 steps: the refresh due after step 2 starts with step 3, from an export the
     # primary makes just before it. Whether that export gets out before the process dies is a
     # race (ray.kill lands asynchronously; a dying process may not flush its last answer): if
@@ -132,7 +141,7 @@ def test_replicas_follow_loads_and_param_writes(replicate, killed):
     opt.close()
 
 
-def test_losing_a_shard_and_its_replica_falls_back_to_the_checkpoint_and_says_so(tmp_path):
+def test_losing_a_shard_and_its_replica_falls_back_to_the_checkpoint_and_says_so(tmp_path, caplog):
     def lose_shard_0(opt):
         kill(opt.backend.replicas.handles[0].host)
         kill(opt.backend.handles[0].host)
@@ -145,8 +154,19 @@ def test_losing_a_shard_and_its_replica_falls_back_to_the_checkpoint_and_says_so
 
     model = make_model(sizes=SIZES)
     opt = adamw(model)
-    with pytest.warns(RuntimeWarning, match=r"checkpoint .*ckpt.*: 2 step\(s\) of optimizer"):
+    with (
+        caplog.at_level(logging.INFO, logger="shardopt"),
+        pytest.warns(RuntimeWarning, match=r"checkpoint .*ckpt.*: 2 step\(s\) of optimizer"),
+    ):
         run_steps(model, opt, 5, before_step)
+    events = {e["event"]: e for e in events_in(caplog.text)}  # what an operator sees
+    committed = events["checkpoint_committed"]
+    assert committed["path"] == str(tmp_path / "ckpt") and int(committed["bytes"]) > 0
+    assert events["shard_lost"]["shard"] == "0"
+    assert (events["shard_restored"]["shard"], events["shard_restored"]["checkpoint"]) == (
+        "0",
+        "True",
+    )
     # shard 0's parameters went on from this process's copy; their state restarted from the
     # checkpoint (1 step) and then took steps 3 and 4; the other shard's state has all 5
     state = opt.state_dict()["state"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shardopt.core import wire
+from shardopt.client.gateway_session import assign
+from shardopt.core import chunk_codec, wire
 from shardopt.core.proto import tensors_pb
 
 ALL_DTYPES = list(wire.WIRE_DTYPES)
@@ -99,3 +100,100 @@ def test_expected_specs_must_match():
                             expected=expected)  # fmt: skip
     with pytest.raises(wire.WireError, match="2 tensors declared, 1 expected"):
         wire.TensorReceiver([wire.spec_of(torch.zeros(2, 3))] * 2, 1 << 20, expected=expected)
+
+
+# ----- the chunk codec: protobuf's wire format without protobuf's copies ----------------------
+
+
+def test_encoded_chunks_are_protobufs_messages_and_read_back_without_copies():
+    from shardopt.core import chunk_codec
+    from shardopt.core.proto import pb
+
+    tensors = [torch.arange(10.0), torch.zeros(0), torch.tensor(7, dtype=torch.int64)]
+    encoded = list(chunk_codec.encoded_chunks(tensors, chunk_bytes=16))
+    plain = [pb.PushGradientsRequest(chunk=c) for c in wire.tensor_chunks(tensors, 16)]
+    assert [pb.PushGradientsRequest.FromString(e) for e in encoded] == plain
+    for data, message in zip(encoded, plain):
+        fast = chunk_codec.read_chunk(data)
+        assert fast.WhichOneof("kind") == "chunk"
+        assert (fast.chunk.index, fast.chunk.offset) == (message.chunk.index, message.chunk.offset)
+        assert bytes(fast.chunk.data) == message.chunk.data
+        assert fast.chunk.data.obj is data  # a view into the received bytes
+    receiver = wire.TensorReceiver([wire.spec_of(t) for t in tensors], 1 << 20)
+    for data in encoded:
+        receiver.add(chunk_codec.read_chunk(data).chunk)
+    for got, want in zip(receiver.finish(), tensors):
+        assert torch.equal(got, want)
+
+
+def test_unusual_or_malformed_messages_go_to_protobuf():
+    """Valid encodings the fast path does not take (repeated or unknown fields, headers) parse as
+    protobuf parses them; truncated ones are refused as protobuf refuses them."""
+    from google.protobuf.message import DecodeError
+
+    from shardopt.core import chunk_codec
+    from shardopt.core.proto import pb
+
+    parse = chunk_codec.parser(pb.PushGradientsRequest, lambda err: ("malformed", err))
+    header = pb.PushGradientsRequest(header=pb.PushGradientsHeader(session_id="s", params=[1]))
+    first = pb.PushGradientsRequest(chunk=tensors_pb.TensorChunk(index=1, data=b"ab"))
+    twice = first.SerializeToString() + b"\x12\x02\x10\x03"  # a second chunk: offset 3
+    for data in (header.SerializeToString(), twice, b"\x12\x04\x08\x01\x28\x05"):
+        assert chunk_codec.read_chunk(data) is None
+        assert parse(data) == pb.PushGradientsRequest.FromString(data)
+    for data in (b"\x12\x05\x1a\x09abc", b"\x12", b"\x12\xff\xff", b"\x0a\x05ab"):
+        assert chunk_codec.read_chunk(data) is None
+        with pytest.raises(DecodeError):
+            pb.PushGradientsRequest.FromString(data)
+        assert parse(data)[0] == "malformed"
+
+
+def test_receiving_into_given_tensors():
+    source = [torch.randn(3, 4), torch.arange(5, dtype=torch.int32)]
+    into = [torch.empty(3, 4), torch.empty(5, dtype=torch.int32)]
+    receiver = wire.TensorReceiver([wire.spec_of(t) for t in source], 1 << 20, into=into)
+    for chunk in wire.tensor_chunks(source, 7):
+        receiver.add(chunk)
+    assert all(a is b for a, b in zip(receiver.finish(), into))
+    assert all(torch.equal(a, b) for a, b in zip(into, source))
+    with pytest.raises(wire.WireError, match="expected float32"):
+        wire.TensorReceiver([wire.spec_of(torch.zeros(3, 4, dtype=torch.float64))], 1 << 20,
+                            into=into[:1])  # fmt: skip
+
+
+def test_receiving_into_some_given_tensors_allocates_the_others():
+    source = [torch.randn(3, 4), torch.arange(5, dtype=torch.int32), torch.ones(2)]
+    given = torch.empty(5, dtype=torch.int32)
+    specs = [wire.spec_of(t) for t in source]
+    receiver = wire.TensorReceiver(specs, 1 << 20, into=[None, given, None])
+    for chunk in wire.tensor_chunks(source, 7):
+        receiver.add(chunk)
+    got = receiver.finish()
+    assert got[1] is given and all(torch.equal(a, b) for a, b in zip(got, source))
+    expected = [(t.dtype, tuple(t.shape)) for t in source]
+    with pytest.raises(ValueError, match="what it expects"):
+        wire.TensorReceiver(specs, 1 << 20, expected=expected, into=[None, torch.empty(5), None])
+    with pytest.raises(wire.WireError, match="3 tensors declared, 2 expected"):
+        wire.TensorReceiver(specs, 1 << 20, into=[None, given])
+
+
+def test_copy_bytes_is_a_plain_copy_where_the_tensors_allow_it():
+    src = torch.randn(4, 3).to(torch.bfloat16)
+    dst = torch.empty(4, 3, dtype=torch.bfloat16)
+    chunk_codec.copy_bytes(dst, src)
+    assert torch.equal(dst, src)
+    for bad in (torch.empty(3, 4, dtype=torch.bfloat16), torch.empty(4, 3)):
+        assert not chunk_codec.copies_bytes(bad, src)
+        with pytest.raises(ValueError, match="contiguous CPU tensors"):
+            chunk_codec.copy_bytes(bad, src)
+    assert not chunk_codec.copies_bytes(torch.empty(3, 4).t(), torch.empty(4, 3))
+    assert not chunk_codec.copies_bytes(torch.empty(2, dtype=torch.cfloat),
+                                        torch.ones(2, dtype=torch.cfloat).conj())  # fmt: skip
+    # a user's parameter: the write is one autograd sees, as copy_'s
+    param = torch.nn.Parameter(torch.zeros(3))
+    version = param._version
+    with torch.no_grad():  # as the client pulls
+        assign(param, torch.arange(3.0))
+        assert torch.equal(param.detach(), torch.arange(3.0)) and param._version > version
+        assign(param, torch.arange(6.0)[::2])  # strided: torch's copy
+    assert torch.equal(param.detach(), torch.tensor([0.0, 2.0, 4.0]))

@@ -7,18 +7,21 @@ reused by :mod:`shardopt.client.runtime`; a shard group's
 :class:`~shardopt.actor.shard_group_host.GroupShardHost` serves the same calls under its lock.
 Both are plain classes, made remote where they are created (``ray.remote(ShardHost)``).
 
-Talks to: the shards it holds (:class:`~shardopt.actor.shard.Shard`).
+Talks to: the shards it holds (:class:`~shardopt.actor.shard.Shard`); Ray's metrics
+(:mod:`shardopt.actor.metrics`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
 from shardopt.checkpoint.integrity import Commit
 from shardopt.core.buffers import PackedTree
@@ -79,6 +82,12 @@ def actor_device() -> torch.device:
     return torch.device("cpu")
 
 
+def observe_step(shard: Shard, seconds: float) -> None:
+    """Records a shard's update in ``shardopt_actor_step_seconds`` (Ray metrics)."""
+    optimizer = type(shard.optimizer).__name__
+    observe("step", seconds, optimizer=optimizer, shard=str(shard.shard_index))
+
+
 class ShardCalls:
     """The calls of a shard held by a host actor, each naming the shard by its key."""
 
@@ -90,7 +99,10 @@ class ShardCalls:
 
     def step(self, key: str, request: StepRequest) -> StepResult:
         with self._using(key) as shard:
-            return shard.step(request)
+            start = time.perf_counter()
+            result = shard.step(request)
+            observe_step(shard, time.perf_counter() - start)
+            return result
 
     def set_params(self, key: str, update: ParamUpdate) -> None:
         with self._using(key) as shard:
@@ -243,6 +255,14 @@ class ShardHost(ShardCalls):
         shard = self._shards.pop(key, None)
         if shard is not None:
             shard.close()
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every shard held here: its key, its optimizer's class and its status (for
+        ``shardopt status``)."""
+        return [
+            {"key": key, "optimizer": type(s.optimizer).__name__, "status": s.status()}
+            for key, s in sorted(self._shards.items())
+        ]
 
     def info(self) -> dict[str, Any]:
         """The host's device, node, process id and the shards it holds."""

@@ -21,12 +21,13 @@ runs under the same lock, so a worker's proxy reaches a group's shards through t
 handles as its own.
 
 Talks to: workers' backends (:mod:`shardopt.client.shard_group`) and the registry
-(:mod:`shardopt.actor.shard_group_registry`).
+(:mod:`shardopt.actor.shard_group_registry`); Ray's metrics (:mod:`shardopt.actor.metrics`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -37,10 +38,12 @@ import numpy as np
 import ray
 import torch
 
-from shardopt.actor.host import ShardCalls, actor_device
+from shardopt.actor.host import ShardCalls, actor_device, observe_step
+from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
 from shardopt.core.buffers import readonly_tensor
 from shardopt.core.errors import GroupTimeoutError
+from shardopt.core.events import emit
 from shardopt.core.records import (
     GroupConfig,
     ParamsAt,
@@ -51,6 +54,8 @@ from shardopt.core.records import (
     StepRequest,
     StepResult,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class GroupShardHost(ShardCalls):
@@ -112,6 +117,17 @@ class GroupShardHost(ShardCalls):
                 version, or a second push of one rank for one version.
             GroupTimeoutError: (sync) not every rank pushed within the group's timeout.
         """
+        start = time.perf_counter()
+        mode = self.config.mode
+        try:
+            result = self._push(key, request)
+        finally:
+            observe("round_wait", time.perf_counter() - start, mode=mode)
+        if result.applied_version is not None:
+            observe("staleness", result.applied_version - result.read_version, mode=mode)
+        return result
+
+    def _push(self, key: str, request: PushRequest) -> PushResult:
         with self._cond:
             shard = self._checked(key)
             if request.read_version > self._version:
@@ -140,7 +156,7 @@ class GroupShardHost(ShardCalls):
             has_grad=request.has_grad,
             sparse_grads=request.sparse_grads,
         )
-        new_state = shard.step(step).new_state_ids
+        new_state = self._step(shard, step)
         self._version = version + 1
         return PushResult(
             shard.shard_index, request.rank, request.read_version, version,
@@ -170,6 +186,12 @@ class GroupShardHost(ShardCalls):
                     self._round.pop(request.rank, None)
                     missing = sorted(set(range(self.config.world_size)) - set(self._round))
                     missing.remove(request.rank)
+                    observe("round_timeouts", 1, mode="sync")
+                    emit(
+                        logger, "round_timeout", logging.WARNING, group=self.group,
+                        shard=shard.shard_index, version=version, rank=request.rank,
+                        missing=missing, timeout_s=self.config.timeout_s,
+                    )  # fmt: skip
                     raise GroupTimeoutError(
                         f"group {self.group!r}: rank {request.rank} waited "
                         f"{self.config.timeout_s:g} s at version {version} of shard "
@@ -187,6 +209,13 @@ class GroupShardHost(ShardCalls):
             outcome.new_state_ids,
         )  # fmt: skip
 
+    @staticmethod
+    def _step(shard: Shard, step: StepRequest) -> tuple[int, ...]:
+        start = time.perf_counter()
+        new_state = shard.step(step).new_state_ids
+        observe_step(shard, time.perf_counter() - start)
+        return new_state
+
     def _apply_round(self, shard: Shard, version: int) -> None:
         """Averages the round's gradients into the shard's gradient buffer and steps once."""
         requests = [self._round[r] for r in sorted(self._round)]
@@ -200,7 +229,7 @@ class GroupShardHost(ShardCalls):
                 has_grad=has_grad,
                 sparse_grads=sparse,
             )
-            new_state = shard.step(step).new_state_ids
+            new_state = self._step(shard, step)
             self._version = version + 1
             outcome: PushResult | BaseException = PushResult(
                 shard.shard_index, -1, version, version, self._current(shard), new_state

@@ -32,6 +32,7 @@ import ray
 from shardopt.actor import placement
 from shardopt.actor.host import NAMESPACE, kill_actors, threads_per_shard
 from shardopt.core.errors import OptimizerClosedError
+from shardopt.core.events import emit
 from shardopt.core.records import GroupConfig, GroupMembership, GroupSignature
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class GroupRegistry:
                         f"{sorted(group.members)}); each worker needs its own rank"
                     )
             group.members[rank] = job_id
-            logger.info("rank %d attached to group %r", rank, name)
+            emit(logger, "worker_attached", group=name, rank=rank, job=job_id, created=created)
             return GroupMembership(
                 name, rank, created, tuple(group.hosts), tuple(group.keys), tuple(group.node_ids)
             )
@@ -202,7 +203,10 @@ class GroupRegistry:
             kill_actors(hosts)
             placement.release(pg)
             raise
-        logger.info("group %r created by rank %d on nodes %s", name, rank, node_ids)
+        emit(
+            logger, "group_created", group=name, rank=rank, shards=config.num_shards,
+            world_size=config.world_size, mode=config.mode, nodes=node_ids,
+        )  # fmt: skip
         return _Group(signature, rank, job_id, hosts, keys, node_ids, pg)
 
     def leave(self, name: str, rank: int) -> None:
@@ -211,7 +215,8 @@ class GroupRegistry:
             group = self._groups.get(name)
             if group is None:
                 return
-            group.members.pop(rank, None)
+            if group.members.pop(rank, None) is not None:
+                emit(logger, "worker_detached", group=name, rank=rank)
             if rank == group.owner_rank:
                 group.owner_closed = True
             self._collect(name)
@@ -224,7 +229,7 @@ class GroupRegistry:
             return False
         kill_actors(group.hosts)
         placement.release(group.pg)
-        logger.info("group %r closed", name)
+        emit(logger, "group_closed", group=name, members=sorted(group.members))
         return True
 
     def exists(self, name: str) -> bool:
@@ -264,8 +269,8 @@ class GroupRegistry:
                     group = self._groups[name]
                     gone = [r for r, job in group.members.items() if job in dead]
                     for r in gone:
-                        logger.warning("group %r: rank %d's job ended; detaching it", name, r)
-                        del group.members[r]
+                        job = group.members.pop(r)
+                        emit(logger, "worker_dropped", logging.WARNING, group=name, rank=r, job=job)
                     if group.owner_job in dead:
                         group.owner_closed = True
                     self._collect(name)

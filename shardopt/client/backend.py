@@ -130,6 +130,8 @@ class Backend(ABC):
     """Where a proxy's shards are, and how its tensors reach them (see the module docstring)."""
 
     shard_map: ShardMap
+    kind = "backend"
+    """What the ``backend`` label of ``shardopt_step_seconds`` calls it."""
 
     @property
     def num_shards(self) -> int:
@@ -215,6 +217,10 @@ class Backend(ABC):
     @abstractmethod
     def status(self) -> list[ShardStatus]:
         """What each shard reports about itself."""
+
+    def shard_nodes(self) -> list[str | None]:
+        """The Ray node of each shard (None where this backend does not know it)."""
+        return [None] * self.num_shards
 
     @abstractmethod
     def close(self) -> None:

@@ -16,19 +16,21 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+import queue
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 import torch
+from torch.autograd.graph import increment_version
 
 from shardopt.checkpoint.format import SaveHandle
 from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.shard_map import ShardMap
-from shardopt.core import errors, wire
+from shardopt.core import chunk_codec, errors, wire
 from shardopt.core.amp import AmpScaling
-from shardopt.core.proto import pb, rpc
+from shardopt.core.proto import pb
 from shardopt.core.records import GroupConfig, ShardStatus
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ _ERROR_TYPES: dict[str, type[BaseException]] = {
         for cls in (
             errors.GroupTimeoutError, errors.ShardUnavailableError,
             errors.OptimizerClosedError, errors.PlacementError, errors.CheckpointInUseError,
-            errors.QuotaExceededError, errors.PartialStepError,
+            errors.QuotaExceededError, errors.PartialStepError, errors.AccessDeniedError,
             errors.ShardoptError,
         )
     },
@@ -55,7 +57,7 @@ _BY_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: ValueError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.QuotaExceededError,
     grpc.StatusCode.UNAUTHENTICATED: PermissionError,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionError,
+    grpc.StatusCode.PERMISSION_DENIED: errors.AccessDeniedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.GroupTimeoutError,
     grpc.StatusCode.UNAVAILABLE: errors.ShardUnavailableError,
 }
@@ -92,7 +94,9 @@ def group_request(
     return options
 
 
-def _channel(address: str, tls: bool | str | os.PathLike | None) -> grpc.Channel:
+def open_channel(address: str, tls: bool | str | os.PathLike | None) -> grpc.Channel:
+    """A channel to a gateway: plaintext, or TLS (True: the system's roots; a path: a PEM of root
+    certificates), with the wire format's message limits."""
     options = [
         ("grpc.max_receive_message_length", wire.MESSAGE_LIMIT),
         ("grpc.max_send_message_length", wire.MESSAGE_LIMIT),
@@ -101,6 +105,59 @@ def _channel(address: str, tls: bool | str | os.PathLike | None) -> grpc.Channel
         return grpc.insecure_channel(address, options=options)
     roots = None if tls is True else open(tls, "rb").read()
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
+
+
+def receive_parameters(answers: Iterator[Any], into: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Receives a PullParameters stream (its header, then its chunks) into ``into``, whose
+    dtypes and shapes the header must declare.
+
+    Raises:
+        WireError: a header or chunks that do not match ``into`` (what was received may be
+            partly written into ``into``).
+    """
+    first = next(answers)
+    if first.WhichOneof("kind") != "header":
+        raise wire.WireError("a PullParameters stream must start with its header")
+    nbytes = sum(t.numel() * t.element_size() for t in into)
+    receiver = wire.TensorReceiver(list(first.header.params), nbytes, what="parameter", into=into)
+    for answer in answers:
+        receiver.add(answer.chunk)
+    return receiver.finish()
+
+
+def assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    """``param.copy_(value)`` (an in-place write autograd sees), by one plain memcpy where the
+    tensors allow it (:func:`~shardopt.core.chunk_codec.copy_bytes`)."""
+    if chunk_codec.copies_bytes(param, value):
+        chunk_codec.copy_bytes(param, value)
+        increment_version(param)
+    else:
+        param.copy_(value)
+
+
+def gradients_of(params: list[torch.Tensor], dense: bool = False) -> tuple[Any, list[Any]]:
+    """A ``PushGradientsHeader`` for the gradients of ``params`` (no session id) and the tensors
+    whose bytes follow it: the dense gradients, then each sparse one's indices and values
+    (coalesced). With ``dense``, sparse gradients are sent dense (a closure's evaluation)."""
+    dense_ids, dense_grads, sparse_ids, sparse_tensors = [], [], [], []
+    for i, p in enumerate(params):
+        grad = p.grad
+        if grad is None:
+            continue
+        if grad.is_sparse and not dense:
+            grad = grad.coalesce()
+            sparse_ids.append(i)
+            sparse_tensors.extend([grad.indices(), grad.values()])
+        else:
+            dense_ids.append(i)
+            dense_grads.append(grad.to_dense() if grad.is_sparse else grad)
+    header = pb.PushGradientsHeader(
+        params=dense_ids,
+        grads=[wire.spec_of(g) for g in dense_grads],
+        sparse_params=sparse_ids,
+        sparse_tensors=[wire.spec_of(t) for t in sparse_tensors],
+    )
+    return header, dense_grads + sparse_tensors
 
 
 def _no_key_over_grpc(key: bytes | None) -> None:
@@ -137,6 +194,8 @@ class GatewaySession(Backend):
         group: a shard group's options (:func:`group_request`), or None.
     """
 
+    kind = "gateway"
+
     def __init__(
         self,
         params: ParamSource,
@@ -148,14 +207,17 @@ class GatewaySession(Backend):
     ) -> None:
         self._params = params
         self.address = address
-        self._channel = _channel(address, tls)
-        self._stub = rpc.OptimizerServiceStub(self._channel)
+        self._channel = open_channel(address, tls)
+        self._stub = chunk_codec.stub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._session: dict[str, str | None] = {"id": None}
         self._finalizer = weakref.finalize(
             self, _close_session, self._channel, self._stub, self._metadata, self._session
         )
         self.last_pushes: list[Any] = []
+        self._pulled: list[torch.Tensor] = []
+        # LBFGS evaluates its closure within the step: the gateway asks for it (ClosureStep)
+        self._closure_steps = issubclass(params.optimizer_class, torch.optim.LBFGS)
         self._open(num_shards, group)
 
     def _call(self, method: Callable[..., Any], request: Any) -> Any:
@@ -191,8 +253,7 @@ class GatewaySession(Backend):
 
         def requests() -> Iterator[Any]:
             yield from messages
-            for chunk in wire.tensor_chunks(params):
-                yield pb.OpenSessionRequest(chunk=chunk)
+            yield from chunk_codec.encoded_chunks(params)
 
         session = self._call(self._stub.OpenSession, requests())
         self._session["id"] = session.session_id
@@ -211,27 +272,20 @@ class GatewaySession(Backend):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None, scaling: AmpScaling | None) -> Any:
+        if self._closure_steps:
+            return self._closure_step(closure)
         loss = self._params.evaluate(closure)
         if scaling is not None and not self._params.unscale_here(scaling):
             return loss  # skipped, as scaler.step skips on an inf
         params = self._params.flat()
         if self.shard_map.any_changed(params):
             self.push_params()  # changed in place since the last step (as the Ray path)
-        indices, grads = [], []
-        for i, p in enumerate(params):
-            if p.grad is not None:
-                if p.grad.is_sparse:
-                    raise NotImplementedError("sparse gradients are not served over gRPC yet")
-                indices.append(i)
-                grads.append(p.grad)
-        header = pb.PushGradientsHeader(
-            session_id=self.session_id, params=indices, grads=[wire.spec_of(g) for g in grads]
-        )
+        header, tensors = gradients_of(params)
+        header.session_id = self.session_id
 
         def requests() -> Iterator[Any]:
             yield pb.PushGradientsRequest(header=header)
-            for chunk in wire.tensor_chunks(grads):
-                yield pb.PushGradientsRequest(chunk=chunk)
+            yield from chunk_codec.encoded_chunks(tensors)
 
         self._call(self._stub.PushGradients, requests())
         groups = wire.encode_groups(self._params.groups, with_ids=False)
@@ -250,17 +304,17 @@ class GatewaySession(Backend):
         answers = self._stream(
             self._stub.PullParameters, pb.PullParametersRequest(session_id=self.session_id)
         )
-        first = next(answers)
-        expected = [(p.dtype, tuple(p.shape)) for p in params]
-        receiver = wire.TensorReceiver(
-            list(first.header.params), sum(p.numel() * p.element_size() for p in params),
-            expected=expected, what="parameter",
-        )  # fmt: skip
-        for answer in answers:
-            receiver.add(answer.chunk)
-        for pid, (p, value) in enumerate(zip(params, receiver.finish())):
-            p.copy_(value)
+        staging = self._staging(params)  # a pull that fails part-way leaves params as they were
+        for pid, (p, value) in enumerate(zip(params, receive_parameters(answers, staging))):
+            assign(p, value)
             self.shard_map.record(pid, p)
+
+    def _staging(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Tensors shaped as ``params`` that pulls receive into, allocated once and reused."""
+        shapes = [(p.dtype, tuple(p.shape)) for p in params]
+        if [(t.dtype, tuple(t.shape)) for t in self._pulled] != shapes:
+            self._pulled = [torch.empty(shape, dtype=dtype) for dtype, shape in shapes]
+        return self._pulled
 
     @torch.no_grad()
     def push_params(self) -> None:
@@ -271,8 +325,7 @@ class GatewaySession(Backend):
 
         def requests() -> Iterator[Any]:
             yield pb.PushParametersRequest(header=header)
-            for chunk in wire.tensor_chunks(params):
-                yield pb.PushParametersRequest(chunk=chunk)
+            yield from chunk_codec.encoded_chunks(params)
 
         self._call(self._stub.PushParameters, requests())
         for pid, p in enumerate(params):
@@ -289,8 +342,7 @@ class GatewaySession(Backend):
 
         def requests() -> Iterator[Any]:
             yield pb.AddParamGroupRequest(header=header)
-            for chunk in wire.tensor_chunks(new_params):
-                yield pb.AddParamGroupRequest(chunk=chunk)
+            yield from chunk_codec.encoded_chunks(new_params)
 
         self._call(self._stub.AddParamGroup, requests())
         # the gateway's session places them with the same deterministic plan
@@ -325,8 +377,7 @@ class GatewaySession(Backend):
 
         def requests() -> Iterator[Any]:
             yield pb.StateDictMessage(header=header)
-            for chunk in wire.tensor_chunks(tensors):
-                yield pb.StateDictMessage(chunk=chunk)
+            yield from chunk_codec.encoded_chunks(tensors)
 
         reply = self._call(self._stub.LoadStateDict, requests())
         self.shard_map.set_state_order(reply.state_order)
@@ -339,12 +390,31 @@ class GatewaySession(Backend):
     # ----- checkpoints and status -------------------------------------------------------------
 
     def save_checkpoint(self, path: str, blocking: bool, key: bytes | None) -> SaveHandle:
-        if not blocking:
-            raise ValueError("over gRPC, checkpoints are saved with blocking=True")
+        """Saves on the gateway; ``blocking=False`` returns once the shards are writing, and
+        the handle's ``done()`` (which commits a save found written) and ``wait()`` ask the
+        gateway (WaitCheckpoint)."""
         _no_key_over_grpc(key)
-        request = pb.CheckpointRequest(session_id=self.session_id, path=path)
-        self._call(self._stub.SaveCheckpoint, request)
-        return SaveHandle.committed()
+        request = pb.CheckpointRequest(
+            session_id=self.session_id, path=path, background=not blocking
+        )
+        save_id = self._call(self._stub.SaveCheckpoint, request).save_id
+        if blocking:
+            return SaveHandle.committed()
+        committed = [False]
+
+        def ask(timeout_s: float) -> bool:
+            if not committed[0]:
+                wait = pb.WaitCheckpointRequest(
+                    session_id=self.session_id, save_id=save_id, timeout_seconds=timeout_s
+                )
+                committed[0] = self._call(self._stub.WaitCheckpoint, wait).done
+            return committed[0]
+
+        def finish() -> None:
+            while not ask(30.0):
+                pass
+
+        return SaveHandle(lambda: ask(0.0), finish)
 
     def load_checkpoint(self, path: str, key: bytes | None) -> list[dict[str, Any]]:
         _no_key_over_grpc(key)
@@ -363,4 +433,69 @@ class GatewaySession(Backend):
         return list(next(self.state_parts()))
 
     def status(self) -> list[ShardStatus]:
-        raise NotImplementedError("shard_status() is not served over gRPC")
+        reply = self._call(self._stub.GetShardStatus, pb.SessionRef(session_id=self.session_id))
+        return [
+            ShardStatus(
+                shard_index=s.shard, device=s.device, fused=s.fused, num_params=s.num_params,
+                param_bytes=s.param_bytes, state_ids=tuple(s.state_params),
+                last_step_id=s.last_step,
+            )
+            for s in reply.shards
+        ]  # fmt: skip
+
+    # ----- LBFGS: the gateway steps, the closure runs here --------------------------------------
+
+    def _closure_step(self, closure: Callable[[], Any] | None) -> Any:
+        """One step of ``ClosureStep``: evaluates the closure wherever the gateway's step asks
+        (see :mod:`shardopt.gateway.closure_step`); returns its first value, as torch does."""
+        if closure is None:
+            raise TypeError("LBFGS.step() missing required argument: 'closure'")
+        params = self._params.flat()
+        if self.shard_map.any_changed(params):
+            self.push_params()
+        outbox: queue.Queue[Any] = queue.Queue()
+        groups = wire.encode_groups(self._params.groups, with_ids=False)
+        start = pb.StepRequest(session_id=self.session_id, param_groups=groups)
+        outbox.put([pb.ClosureStepRequest(start=start)])
+
+        def requests() -> Iterator[Any]:
+            while (messages := outbox.get()) is not None:
+                yield from messages
+
+        call = self._stub.ClosureStep(requests(), metadata=self._metadata)
+        first: list[Any] = []
+        try:
+            for answer in call:
+                kind = answer.WhichOneof("kind")
+                if kind == "done":
+                    break
+                if kind != "evaluate":
+                    raise wire.WireError(f"expected an evaluate request, got a {kind}")
+                if answer.evaluate.params:  # the step moved the parameters: evaluate there
+                    staging = self._staging(params)
+                    nbytes = sum(t.numel() * t.element_size() for t in staging)
+                    receiver = wire.TensorReceiver(
+                        list(answer.evaluate.params), nbytes, what="parameter", into=staging
+                    )
+                    for pid, (p, value) in enumerate(zip(params, receiver.receive(call))):
+                        assign(p, value)
+                        self.shard_map.record(pid, p)
+                with torch.enable_grad():
+                    loss = closure()
+                first[:] = first or [loss]
+                header, grads = gradients_of(params, dense=True)
+                evaluation = pb.Evaluation(
+                    loss=float(loss), params=header.params, grads=header.grads
+                )
+                outbox.put([pb.ClosureStepRequest(evaluation=evaluation)])
+                outbox.put(chunk_codec.encoded_chunks(grads))
+            else:
+                raise errors.ShardoptError("the gateway ended the step without finishing it")
+        except grpc.RpcError as err:
+            raise raised(err) from None
+        finally:
+            outbox.put(None)
+            call.cancel()  # a no-op once the call is over; else (the closure raised) it ends it
+        self.shard_map.set_state_order(answer.done.state_order)
+        self.pull_params()  # the step's last update follows its last evaluation
+        return first[0]

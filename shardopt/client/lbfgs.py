@@ -19,6 +19,7 @@ Talks to: the shards' vector stores through :mod:`shardopt.client.vector_machine
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,6 +44,7 @@ class LBFGSShards(LocalShards):
     """LBFGS's backend: the shards hold slices of its flat vectors (see the module docstring)."""
 
     per_tensor = False
+    kind = "lbfgs"
 
     def __init__(self, params: ParamSource, num_shards: int, **options: Any) -> None:
         flat = params.flat()
@@ -406,7 +408,10 @@ class LBFGS(ShardedOptimizer):
         params: the parameters (one group, as torch's LBFGS requires).
         lr, max_iter, max_eval, tolerance_grad, tolerance_change, history_size, line_search_fn:
             as ``torch.optim.LBFGS``.
-        num_shards, actor_options: as :class:`~shardopt.ShardedOptimizer`.
+        num_shards, actor_options, shared_memory: as :class:`~shardopt.ShardedOptimizer`.
+        address, token, tls: a gateway's ``host:port`` and how to reach it: the gateway runs
+            the step (its vectors on its shards) and asks this process to evaluate the
+            closure where the algorithm needs it.
 
     Example:
         >>> import torch, shardopt
@@ -438,6 +443,9 @@ class LBFGS(ShardedOptimizer):
         num_shards: int | None = None,
         actor_options: dict[str, Any] | None = None,
         shared_memory: bool | None = None,
+        address: str | None = None,
+        token: str | None = None,
+        tls: bool | str | os.PathLike | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -445,6 +453,9 @@ class LBFGS(ShardedOptimizer):
             num_shards=num_shards,
             actor_options=actor_options,
             shared_memory=shared_memory,
+            address=address,
+            token=token,
+            tls=tls,
             lr=lr,
             max_iter=max_iter,
             max_eval=max_eval,

@@ -15,6 +15,7 @@ Talks to: shard hosts through :class:`~shardopt.client.handles.ShardHandle`; the
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import replace
@@ -36,6 +37,8 @@ from shardopt.client.shard_map import ShardMap
 from shardopt.core.amp import AmpScaling
 from shardopt.core.buffers import to_numpy
 from shardopt.core.errors import PartialStepError, ShardUnavailableError
+from shardopt.core.events import emit
+from shardopt.core.metrics import SHARD_STEP_SECONDS, STEP_BYTES
 from shardopt.core.param_groups import group_options
 from shardopt.core.records import ShardSpec, StepRequest
 
@@ -57,6 +60,7 @@ class LocalShards(RayShards):
 
     per_tensor = True
     """Whether its shards step their tensors on their own (LBFGS's backend does not)."""
+    kind = "local"
 
     def __init__(
         self,
@@ -135,6 +139,9 @@ class LocalShards(RayShards):
     def uses_shared_memory(self) -> list[bool]:
         return self.data_path.uses_shared_memory
 
+    def shard_nodes(self) -> list[str | None]:
+        return list(self.host_nodes)
+
     @property
     def next_step_id(self) -> int:
         return self._next_step_id
@@ -174,6 +181,10 @@ class LocalShards(RayShards):
                 scaling=scaling,
             )
             ref = self.handles[s].step(replace(request, params_in=None) if shared else request)
+            if not shared:
+                sparse_bytes = sum(g.indices.nbytes + g.values.nbytes for g in sparse.values())
+                grad_bytes = flat.numel() if request.grads is not None else 0
+                STEP_BYTES.labels("out").inc(grad_bytes + sparse_bytes)
             pending[ref] = s
             touched_slots[s] = touched
             sparse_rows[s] = {j: grad.touched_rows() for j, grad in sparse.items()}
@@ -182,6 +193,7 @@ class LocalShards(RayShards):
         new_state: list[int] = []
         failures: dict[int, Exception] = {}
         waiting = list(pending)
+        sent_at, optimizer = time.perf_counter(), self._params.optimizer_class.__name__
         while waiting:  # copy each shard's parameters back as soon as it is done
             done, waiting = ray.wait(waiting, num_returns=1)
             s = pending[done[0]]
@@ -197,13 +209,17 @@ class LocalShards(RayShards):
             except Exception as err:  # the others may have applied it: see _step_failed
                 failures[s] = err
                 continue
+            seconds = time.perf_counter() - sent_at
+            SHARD_STEP_SECONDS.labels(optimizer, str(s)).observe(seconds)
             shared_values = self.data_path.shared_params(s)
             rows = sparse_rows[s] if result.rows_only else None
             if shared_values is not None:
                 self.shard_map.copy_back(s, shared_values, params, touched_slots[s], rows=rows)
             elif result.params is not None:
+                STEP_BYTES.labels("in").inc(result.params.nbytes)
                 self.shard_map.copy_back(s, result.params, params, touched_slots[s])
             else:  # sparse gradients that changed only their rows: those rows came back
+                STEP_BYTES.labels("in").inc(sum(v.nbytes for v in result.rows.values()))
                 self.shard_map.copy_rows(s, sparse_rows[s], result.rows, params)
             new_state.extend(result.new_state_ids)
         if failures:
@@ -227,6 +243,10 @@ class LocalShards(RayShards):
         applied = sorted(set(sent) - set(failures))
         first = failures[failed[0]]
         where = f"step {step_id} failed on shard(s) {failed} ({type(first).__name__}: {first})"
+        emit(
+            logger, "step_failed", logging.ERROR, step=step_id, failed=failed, applied=applied,
+            error=type(first).__name__, replicas=self.replicas is not None,
+        )  # fmt: skip
         if self.replicas is not None:
             stuck = self.replicas.roll_back(sorted(sent))
             if not stuck:

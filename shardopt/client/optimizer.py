@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -31,6 +32,8 @@ from shardopt.client.shard_group import ShardGroupMember, make_config
 from shardopt.client.state_view import ShardStateView
 from shardopt.core.amp import scaling_of
 from shardopt.core.errors import OptimizerClosedError
+from shardopt.core.events import emit
+from shardopt.core.metrics import CHECKPOINT_BYTES, CHECKPOINT_SECONDS, STEP_SECONDS
 from shardopt.core.param_groups import (
     check_param_groups,
     copy_param_groups,
@@ -42,6 +45,18 @@ from shardopt.core.plan import ShardPlan
 from shardopt.core.records import ShardStatus
 
 logger = logging.getLogger(__name__)
+
+
+def _checkpoint_done(operation: str, path: str, start: float, commit: Any) -> None:
+    """Counts a committed save or a load, and logs it as one event line."""
+    seconds = time.perf_counter() - start
+    CHECKPOINT_SECONDS.labels(operation).observe(seconds)
+    fields: dict[str, Any] = {"path": path, "seconds": seconds}
+    if commit is not None:  # what the commit record lists (over gRPC, the gateway counts)
+        nbytes = sum(entry["size"] for entry in commit.files.values())
+        CHECKPOINT_BYTES.labels(operation).inc(nbytes)
+        fields.update(files=len(commit.files), bytes=nbytes, signed=commit.signature_key_id)
+    emit(logger, "checkpoint_committed" if operation == "save" else "checkpoint_loaded", **fields)
 
 
 def default_num_shards() -> int:
@@ -181,15 +196,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if not isinstance(replicate, (bool, int)) or replicate < 0:
             raise ValueError(f"Invalid replicate: {replicate!r} (False, True, or steps >= 1)")
         if address is not None and (
-            actor_options
-            or shared_memory
-            or overlap
-            or share_params
-            or split is not None
-            or not self._local_backend.per_tensor
+            actor_options or shared_memory or overlap or share_params or split is not None
         ):
             raise ValueError(
-                "actor_options, shared_memory, overlap, share_params, split and LBFGS apply to "
+                "actor_options, shared_memory, overlap, share_params and split apply to "
                 "optimizers in the Ray cluster; with address=... the gateway decides"
             )
         if address is not None and (placement is not None or shard_resources is not None):
@@ -368,7 +378,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 without replicas; with them every shard is rolled back first and the shard's
                 own error is raised).
         """
-        return self.backend.step(closure, scaling_of(self))
+        backend = self.backend
+        start = time.perf_counter()
+        loss = backend.step(closure, scaling_of(self))
+        seconds = time.perf_counter() - start
+        STEP_SECONDS.labels(self.optimizer_class.__name__, backend.kind).observe(seconds)
+        return loss
 
     def pull_params(self) -> None:
         """Copies the shards' current parameters into this process's tensors.
@@ -510,7 +525,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         Raises:
             CheckpointInUseError: another save to ``path`` is in progress.
         """
-        return self.backend.save_checkpoint(os.fspath(path), blocking, key)
+        start = time.perf_counter()
+        handle = self.backend.save_checkpoint(os.fspath(path), blocking, key)
+        where = os.fspath(path)
+        handle.on_commit(lambda commit: _checkpoint_done("save", where, start, commit))
+        return handle
 
     def load_checkpoint(self, path: str | os.PathLike, *, key: bytes | None = None) -> None:
         """Loads a checkpoint written with any number of shards (resharding as it loads).
@@ -529,8 +548,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             ValueError: a corrupted or changed file, a missing or wrong signature (with
                 ``key``), metadata that is not DCP's, or a checkpoint of other parameter groups.
         """
+        start = time.perf_counter()
         saved_groups = self.backend.load_checkpoint(os.fspath(path), key)
         self._adopt_saved_groups(saved_groups)
+        _checkpoint_done("load", os.fspath(path), start, None)
 
     # ----- inspection and lifecycle ---------------------------------------------------------
 

@@ -47,8 +47,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from shardopt.actor.host import NAMESPACE, ShardHost, kill_actors
 from shardopt.checkpoint.integrity import Commit
 from shardopt.client.handles import ShardHandle
-from shardopt.client.runtime import host_pool, ray_get
+from shardopt.client.runtime import host_name, host_pool, ray_get
 from shardopt.core.buffers import to_numpy
+from shardopt.core.events import emit
+from shardopt.core.metrics import REPLICA_LAG
 from shardopt.core.records import ShardSpec, StepRequest
 
 logger = logging.getLogger(__name__)
@@ -157,12 +159,15 @@ class Replicas:
         others = [n for n in alive if n != primary] or alive
         node = others[shard % len(others)]
         options = {
-            k: v for k, v in self._shards.actor_options.items() if k != "scheduling_strategy"
+            k: v
+            for k, v in self._shards.actor_options.items()
+            if k not in ("scheduling_strategy", "name")
         }
         host = (
             ray.remote(ShardHost)
             .options(
                 namespace=NAMESPACE,
+                name=host_name("replica"),
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
                 **options,
             )
@@ -198,6 +203,7 @@ class Replicas:
         already sent to it)."""
         export = self._shards.handles[shard].export()
         host = self._start_host(shard)  # the step in flight does not wait for it
+        emit(logger, "replica_rebuilt", shard=shard, recoveries=self.recoveries)
         handle = self.handles[shard] = ShardHandle(host, self._replica_key(shard), shard)
         threads = self._shards.threads[shard]
         self._pending[shard] = []
@@ -266,6 +272,9 @@ class Replicas:
         it queue up and run once it exists, so the lag of one step holds again soon after.
         """
         for s in range(len(self._pending)):
+            if self.handles[s] is not None:  # what the replica has not applied yet
+                lag = len(self._log[s]) if self.interval > 1 else len(self._pending[s])
+                REPLICA_LAG.observe(lag)
             refreshing = self._refreshing[s]
             if refreshing is not None and ray.wait([refreshing[0]], timeout=0)[0]:
                 self._refreshing[s] = None
@@ -294,9 +303,7 @@ class Replicas:
                 ray.get(pending)
             except Exception as err:  # a task error the primary got too, or a lost replica
                 if not self._usable(s):
-                    logger.warning(
-                        "the replica of shard %d was lost (%s); making a new one", s, err
-                    )
+                    emit(logger, "replica_lost", logging.WARNING, shard=s, error=err)
                     self.handles[s] = None
                     self._rebuild(s)
 
@@ -335,10 +342,14 @@ class Replicas:
         request = dataclasses.replace(request, return_params=True)
         host_pool.forget(shards.handles[shard].host)
         replica = self.handles[shard]
+        emit(logger, "shard_lost", logging.WARNING, shard=shard, step=request.step_id)
         if replica is not None and self._usable(shard) and self._catch_up(shard):
-            logger.warning("shard %d was lost; its replica takes over", shard)
             shards.handles[shard] = replica
             shards.host_nodes[shard] = self._node_of(shard)
+            emit(
+                logger, "replica_promoted", logging.WARNING, shard=shard,
+                node=shards.host_nodes[shard], step=request.step_id, recoveries=self.recoveries,
+            )  # fmt: skip
             self.handles[shard] = None
             shards.lost_shared_memory(shard)
             ref = replica.step(request)
@@ -364,9 +375,10 @@ class Replicas:
             restores.append(self._shards.handles[s].restore(replica.export()))
         ray_get(restores)
         if restores:
-            logger.warning(
-                "shard(s) %s rolled back from their replicas", sorted(set(shards) - set(stuck))
-            )
+            emit(
+                logger, "step_rolled_back", logging.WARNING,
+                shards=sorted(set(shards) - set(stuck)), stuck=stuck,
+            )  # fmt: skip
         return stuck
 
     def _catch_up(self, shard: int) -> bool:
@@ -430,7 +442,10 @@ class Replicas:
             f"step(s) of optimizer state lost for parameters {list(spec.params.param_ids)}"
         )
         warnings.warn(message, RuntimeWarning, stacklevel=5)
-        logger.error(message)
+        emit(
+            logger, "shard_restored", logging.ERROR, shard=shard, node=info["node_id"],
+            lost_steps=lost_steps, checkpoint=self.checkpoint is not None, detail=message,
+        )  # fmt: skip
         shards.handles[shard] = handle
         shards.host_nodes[shard] = info["node_id"]
         shards.lost_shared_memory(shard)

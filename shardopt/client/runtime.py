@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import uuid
 from typing import Any
 
 import ray
@@ -157,7 +158,8 @@ class HostPool:
             hosts = self._hosts.setdefault(options_key, [])
             remote_host = ray.remote(ShardHost)
             while len(hosts) < count:
-                hosts.append(remote_host.options(namespace=NAMESPACE, **options).remote())
+                named = {"name": host_name(), **options}  # found by `shardopt status`
+                hosts.append(remote_host.options(namespace=NAMESPACE, **named).remote())
             chosen = sorted(hosts, key=lambda h: (self._load.get(id(h), 0), hosts.index(h)))[:count]
             chosen.sort(key=hosts.index)
             for h in chosen:
@@ -181,6 +183,12 @@ class HostPool:
 
     def new_owner_key(self) -> str:
         return f"{os.getpid()}-{next(self._keys)}"
+
+
+def host_name(kind: str = "host") -> str:
+    """A unique name for a shard host actor (namespace ``shardopt``): ``host/<id>``, or
+    ``replica/<id>`` for a replica's; ``shardopt status`` finds the hosts by these names."""
+    return f"{kind}/{uuid.uuid4().hex[:16]}"
 
 
 host_pool = HostPool()

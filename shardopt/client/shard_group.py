@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,7 @@ from shardopt.client.runtime import ensure_ray, ray_get
 from shardopt.client.shard_map import ShardMap
 from shardopt.core.amp import AmpScaling
 from shardopt.core.buffers import to_numpy
+from shardopt.core.metrics import GROUP_PUSH_SECONDS, GROUP_STALE_PUSHES, GROUP_STALENESS
 from shardopt.core.records import (
     GroupConfig,
     GroupMembership,
@@ -175,6 +177,8 @@ class ShardGroupMember(RayShards):
         config: the group's options (checked by :func:`make_config`).
     """
 
+    kind = "group"
+
     def __init__(self, params: ParamSource, name: str, rank: int, config: GroupConfig) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"Invalid group name: {name!r} (a non-empty string without '/')")
@@ -246,6 +250,9 @@ class ShardGroupMember(RayShards):
             self._finalizer()
             raise
         return membership
+
+    def shard_nodes(self) -> list[str | None]:
+        return list(self.membership.node_ids) if self.membership else super().shard_nodes()
 
     # ----- parameters -------------------------------------------------------------------------
 
@@ -324,9 +331,15 @@ class ShardGroupMember(RayShards):
         self.data_path.forget_shipped()
         rejected = []
         waiting = list(pending)
+        sent_at, mode = time.perf_counter(), self.config.mode
         while waiting:  # adopt each shard's parameters as soon as it answers
             done, waiting = ray.wait(waiting, num_returns=1)
             result: PushResult = ray_get(done[0])
+            GROUP_PUSH_SECONDS.labels(mode).observe(time.perf_counter() - sent_at)
+            if result.staleness is not None:
+                GROUP_STALENESS.labels(mode).observe(result.staleness)
+            else:
+                GROUP_STALE_PUSHES.inc()
             s = pending[done[0]]
             self._adopt(s, result.current, params)
             results[s] = result

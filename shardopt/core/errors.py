@@ -58,6 +58,11 @@ class QuotaExceededError(ShardoptError, MemoryError):
     a session's shards); nothing was allocated or changed."""
 
 
+class AccessDeniedError(ShardoptError, PermissionError):
+    """A gateway caller asked for what its token may not see or do (another tenant's sessions,
+    or an operator's token calling a tenant's method)."""
+
+
 ERROR_TYPE_KEY = "shardopt-error-type"
 """gRPC trailing metadata naming the exception type, so the remote client raises the same."""
 
@@ -70,6 +75,7 @@ GRPC_STATUS: dict[type[BaseException], str] = {
     PlacementError: "FAILED_PRECONDITION",
     CheckpointInUseError: "ABORTED",
     QuotaExceededError: "RESOURCE_EXHAUSTED",
+    AccessDeniedError: "PERMISSION_DENIED",
     PermissionError: "UNAUTHENTICATED",
     MemoryError: "RESOURCE_EXHAUSTED",
     FileNotFoundError: "NOT_FOUND",

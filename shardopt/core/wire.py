@@ -21,10 +21,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 
-from shardopt.core.buffers import readonly_tensor
 from shardopt.core.param_groups import group_options
 from shardopt.core.proto import pb, tensors_pb
 
@@ -118,6 +116,11 @@ class TensorReceiver:
         max_bytes: the most bytes all of them together may declare.
         expected: optional ``(dtype, shape)`` per tensor that the specs must match.
         what: how messages name the tensors ("gradient", "parameter", "state tensor").
+        names: how messages name each tensor (optional).
+        into: preallocated contiguous CPU tensors to receive into, one per spec (its dtype and
+            shape are then what the spec must declare), or None for a tensor to allocate when
+            its first chunk arrives (then ``expected`` says what it must be, if anything); by
+            default each is allocated. A stream that fails part-way leaves them partly written.
 
     Raises:
         LimitError: the specs declare more than ``max_bytes``.
@@ -131,7 +134,19 @@ class TensorReceiver:
         expected: list[tuple[torch.dtype, tuple[int, ...]]] | None = None,
         what: str = "tensor",
         names: list[str] | None = None,
+        into: list[torch.Tensor] | None = None,
     ) -> None:
+        if into is not None:
+            if len(into) != len(specs):
+                raise WireError(f"{len(specs)} {what}s declared, {len(into)} expected")
+            given = [t for t in into if t is not None]
+            if any(t.device.type != "cpu" or not t.is_contiguous() for t in given):
+                raise ValueError("a receiver's tensors must be contiguous CPU tensors")
+            given = [None if t is None else (t.dtype, tuple(t.shape)) for t in into]
+            if expected is not None and any(g not in (None, e) for g, e in zip(given, expected)):
+                raise ValueError("a receiver's tensors must be what it expects")
+            if expected is None and None not in given:
+                expected = given
         if expected is not None and len(specs) != len(expected):
             raise WireError(f"{len(specs)} {what}s declared, {len(expected)} expected")
         checked, total = [], 0
@@ -156,7 +171,8 @@ class TensorReceiver:
         """The bytes the specs declare (what :meth:`add` may allocate in all)."""
         self._what = what
         self._names = names
-        self._tensors: list[torch.Tensor | None] = [None] * len(checked)
+        self._tensors: list[torch.Tensor | None] = list(into) if into else [None] * len(checked)
+        self._target: memoryview | None = None  # the current tensor's bytes
         self._index = 0
         self._offset = 0
         self.bytes_received = 0
@@ -195,16 +211,42 @@ class TensorReceiver:
                 f"{self._what} {self._index}: {len(chunk.data)} bytes at offset {self._offset} "
                 f"do not fit its {nbytes} bytes"
             )
-        target = self._tensor(self._index).view(-1).view(torch.uint8)
+        if self._offset == 0:
+            self._target = memoryview(self._tensor(self._index).view(-1).view(torch.uint8).numpy())
         n = len(chunk.data)
-        target[self._offset : self._offset + n].copy_(
-            readonly_tensor(np.frombuffer(chunk.data, dtype=np.uint8))
-        )
+        # a plain memcpy: torch's copy would wake its thread pool for every chunk, whose
+        # spinning threads take the CPU from the threads receiving the next chunks
+        self._target[self._offset : self._offset + n] = chunk.data
         self._offset += n
         self.bytes_received += n
         if self._offset == nbytes:
             self._index += 1
             self._offset = 0
+            self._target = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether every declared byte has arrived (a stream that goes on after its tensors reads
+        chunks until then)."""
+        self._advance_past_empty()
+        return self._index >= len(self._checked)
+
+    def receive(self, messages: Iterator[Any]) -> list[torch.Tensor]:
+        """Takes chunk messages (``kind`` ``chunk``) from ``messages`` until every tensor is
+        complete, and no more, then :meth:`finish`.
+
+        Raises:
+            WireError: a message that is not a chunk, or the messages end first.
+        """
+        while not self.complete:
+            message = next(messages, None)
+            if message is None:
+                break
+            kind = message.WhichOneof("kind")
+            if kind != "chunk":
+                raise WireError(f"expected a chunk of a {self._what}, got a {kind}")
+            self.add(message.chunk)
+        return self.finish()
 
     def finish(self) -> list[torch.Tensor]:
         """The tensors, once every byte of every one of them has arrived.

@@ -43,9 +43,10 @@ OPTIMIZERS = {
     for cls in vars(torch.optim).values()
     if isinstance(cls, type)
     and issubclass(cls, torch.optim.Optimizer)
-    and cls not in (torch.optim.Optimizer, torch.optim.LBFGS)
+    and cls is not torch.optim.Optimizer
 }
-"""What a client may ask for, by name: torch.optim's per-tensor classes (no imports by name)."""
+"""What a client may ask for, by name: torch.optim's classes (no imports by name). LBFGS runs
+as :class:`shardopt.LBFGS` and steps through ``ClosureStep``."""
 
 MAX_OPTIONS = 64
 """Options of one param group (torch's have at most 12; schedulers add a few)."""
@@ -215,6 +216,8 @@ def optimizer_kwargs(
     from shardopt.core import wire
 
     kwargs = check_hyperparameters(optimizer_class, wire.decode_options(spec.hyperparameters))
+    if optimizer_class is torch.optim.LBFGS:
+        _check_lbfgs(kwargs, limits)
     num_shards = spec.num_shards or default_shards
     if num_shards > max_shards:
         raise QuotaExceededError(
@@ -225,6 +228,26 @@ def optimizer_kwargs(
     if spec.HasField("group") and spec.group.name:
         kwargs.update(_group_kwargs(spec.group, principal, limits, shards))
     return kwargs
+
+
+def _check_lbfgs(options: dict[str, Any], limits: Limits) -> None:
+    """LBFGS's history is its memory on the shards: up to ``2 * history_size + 4`` vectors of
+    the parameters' size. Bounded by ``Limits.max_lbfgs_history``; torch's line search only.
+
+    Raises:
+        QuotaExceededError: a longer history.
+        ValueError: another line search.
+    """
+    history = options.get("history_size", 100)
+    if isinstance(history, int) and history > limits.max_lbfgs_history:
+        raise QuotaExceededError(
+            f"LBFGS history_size={history}: this gateway allows at most "
+            f"{limits.max_lbfgs_history} (each entry holds two vectors of the parameters' size)"
+        )
+    if options.get("line_search_fn") not in (None, "strong_wolfe"):
+        raise ValueError(
+            f"Invalid line_search_fn: {options['line_search_fn']!r} (None or 'strong_wolfe')"
+        )
 
 
 def _group_kwargs(g: Any, principal: str, limits: Limits, shards: ShardSettings) -> dict[str, Any]:

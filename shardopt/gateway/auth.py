@@ -5,7 +5,8 @@ must carry ``authorization: Bearer <token>`` metadata matching one of them, comp
 constant time; health checks and reflection are open. A caller's *principal* is a hash of its
 token: sessions, group names and checkpoint directories are scoped by it, so one client's token
 never reaches another client's session, group or checkpoint. Tokens that are short, repetitive
-or still the placeholders of an example file are refused when a gateway starts.
+or still the placeholders of an example file are refused when a gateway starts. Operators' tokens
+(a separate file) may only read the gateway's state.
 
 Talks to: grpc (a server interceptor).
 """
@@ -15,13 +16,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 """Methods anyone may call (load balancers and tools need them without a token)."""
+OPERATOR_METHODS = frozenset({"ListSessions"})
+"""The methods an operator's token may call (``shardopt serve --operator-token-file``)."""
 ANONYMOUS = "anonymous"
 
 
@@ -94,18 +97,24 @@ def principal_of(token: str | None) -> str:
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Refuses (UNAUTHENTICATED) every call without a valid bearer token, except open services."""
+    """Refuses (UNAUTHENTICATED) every call without a valid bearer token, except open services.
 
-    def __init__(self, tokens: list[str]) -> None:
+    An operator's token is valid only for :data:`OPERATOR_METHODS` (PERMISSION_DENIED for the
+    others: an operator reads the gateway's state, it holds no sessions).
+    """
+
+    def __init__(self, tokens: list[str], operator_tokens: Iterable[str] = ()) -> None:
         self._tokens = [t.encode() for t in tokens]
+        self._operators = [t.encode() for t in operator_tokens]
 
-    def _valid(self, token: str | None) -> bool:
+    @staticmethod
+    def _matches(token: str | None, known: list[bytes]) -> bool:
         if token is None:
             return False
         given = token.encode()
         matched = False
-        for known in self._tokens:  # no early exit: the time does not depend on which matched
-            matched |= hmac.compare_digest(given, known)
+        for candidate in known:  # no early exit: the time does not depend on which matched
+            matched |= hmac.compare_digest(given, candidate)
         return matched
 
     def intercept_service(
@@ -114,16 +123,29 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method or ""
         if method.startswith(OPEN_SERVICES):
             return continuation(handler_call_details)
-        if self._valid(bearer_token(handler_call_details.invocation_metadata)):
+        token = bearer_token(handler_call_details.invocation_metadata)
+        if self._matches(token, self._tokens):
             return continuation(handler_call_details)
-        return _refusal(continuation(handler_call_details))
+        if self._matches(token, self._operators):
+            if method.rpartition("/")[2] in OPERATOR_METHODS:
+                return continuation(handler_call_details)
+            return _refusal(
+                continuation(handler_call_details),
+                grpc.StatusCode.PERMISSION_DENIED,
+                "an operator's token may only read the gateway's state (ListSessions)",
+            )
+        return _refusal(
+            continuation(handler_call_details),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "missing or invalid bearer token",
+        )
 
 
-def _refusal(handler: Any) -> Any:
-    """A handler of the same shape as ``handler`` that aborts with UNAUTHENTICATED."""
+def _refusal(handler: Any, code: grpc.StatusCode, message: str) -> Any:
+    """A handler of the same shape as ``handler`` that aborts with ``code``."""
 
     def abort(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+        context.abort(code, message)
 
     if handler is None:
         return None

@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from shardopt.core.events import emit
 from shardopt.gateway.auth import OPEN_SERVICES, bearer_token, principal_of
 from shardopt.gateway.quotas import Limits
 
@@ -101,7 +102,7 @@ class StreamWatchdog:
                     why = f"waited {call.waited + waiting:.0f} s for the client in all"
                 else:
                     continue
-                logger.warning("cancelling %s: %s", call.method, why)
+                emit(logger, "stream_cancelled", logging.WARNING, method=call.method, why=why)
                 self.remove(call)
                 call.context.cancel()
 

@@ -8,7 +8,9 @@
   and in all;
 - *buffered* bytes: what streams in flight hold (an upload from the sizes its header declares,
   a download from what it is about to send), per session, per token and in all;
-- sessions per token and in all.
+- sessions per token and in all;
+- *transfer* bytes: the sessions' reusable transfer buffers, in all (a session that would
+  pass the bound does without one; nothing is refused for it).
 
 A token's resident and buffered bytes together stay under ``max_token_bytes``, which the
 defaults keep below each gateway-wide bound, so one token never holds all of either.
@@ -68,8 +70,17 @@ class Limits:
     """The largest shard group a session may declare."""
     max_group_timeout_s: float = 600.0
     """The longest a sync group step may wait for the other workers (it holds a thread)."""
+    max_lbfgs_history: int = 100
+    """The longest LBFGS history a session may ask for (torch's default; each entry holds two
+    vectors of the parameters' size on the shards)."""
     state_factor: int = 4
     """A loaded state dict may declare up to this many times its session's parameter bytes."""
+    max_transfer_bytes: int = 8 * GiB
+    """Transfer buffers of all sessions together: each session keeps one, shaped as its
+    parameters, that its pushes receive gradients into and its pulls send from (no fresh
+    memory per call); a session that would pass this bound transfers through memory allocated
+    per call instead (slower, never refused). A token's transfer buffers never pass its
+    sessions' parameter bytes [--max-transfer-gib]."""
 
     def upload_budget(self, session_bytes: int) -> int:
         """The most one session's uploads in flight may declare together (its largest legal
@@ -118,6 +129,7 @@ class Ledger:
         self._sessions = 0
         self._resident = 0
         self._buffered = 0
+        self._transfer = 0
 
     def _account(self, principal: str) -> _Account:
         return self._tokens.setdefault(principal, _Account())
@@ -270,7 +282,41 @@ class Ledger:
         finally:
             held.release()
 
+    # ----- transfer buffers ------------------------------------------------------------------
+
+    def reserve_transfer(self, nbytes: int) -> bool:
+        """Counts a session's transfer buffer of ``nbytes``; False (nothing counted) if it would
+        pass ``Limits.max_transfer_bytes``."""
+        with self._lock:
+            if self._transfer + nbytes > self.limits.max_transfer_bytes:
+                return False
+            self._transfer += nbytes
+            return True
+
+    def release_transfer(self, nbytes: int) -> None:
+        """Gives back what :meth:`reserve_transfer` counted."""
+        with self._lock:
+            self._transfer -= nbytes
+
+    @property
+    def transfer_bytes(self) -> int:
+        """The bytes of every session's transfer buffer."""
+        with self._lock:
+            return self._transfer
+
     # ----- reading --------------------------------------------------------------------------
+
+    def accounts(self) -> dict[str, dict[str, int]]:
+        """Every token's usage (sessions, resident, buffered), by principal."""
+        with self._lock:
+            return {
+                principal: {
+                    "sessions": a.sessions,
+                    "resident": a.resident,
+                    "buffered": a.buffered,
+                }
+                for principal, a in self._tokens.items()
+            }
 
     def usage(self, principal: str | None = None) -> dict[str, int]:
         """What a token holds (or, without one, the gateway): sessions, resident, buffered."""

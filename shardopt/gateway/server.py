@@ -7,7 +7,11 @@ shard host processes the gateway keeps idle; :meth:`Gateway.stop` shuts down gra
 (NOT_SERVING, drain, stop). Requests that protobuf cannot parse become INVALID_ARGUMENT, not
 INTERNAL.
 
-Talks to: Ray (:func:`shardopt.client.runtime.ensure_ray`, the shard host pool); clients over gRPC.
+With ``metrics_port`` it also serves Prometheus text (:mod:`shardopt.core.metrics`, the calls and
+sessions of :mod:`shardopt.gateway.observability`) over HTTP.
+
+Talks to: Ray (:func:`shardopt.client.runtime.ensure_ray`, the shard host pool); clients over gRPC;
+scrapers over HTTP.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardopt.core import wire
+from shardopt.core import chunk_codec, wire
+from shardopt.core.events import emit
+from shardopt.core.metrics import start_http_server
 from shardopt.core.proto import SERVICE_NAME, pb
 from shardopt.gateway.admission import OPTIMIZERS, ShardSettings
-from shardopt.gateway.auth import TokenAuthInterceptor, check_tokens
+from shardopt.gateway.auth import TokenAuthInterceptor, check_tokens, principal_of
 from shardopt.gateway.call_limits import CallLimiter
+from shardopt.gateway.observability import COLLECTOR, MetricsInterceptor, count_bytes
 from shardopt.gateway.quotas import Limits
 from shardopt.gateway.servicer import Malformed, OptimizerGateway
 
@@ -38,6 +45,9 @@ __all__ = ["OPTIMIZERS", "Gateway", "Limits", "OptimizerGateway", "serve"]
 
 
 def _parser(message_class: Any) -> Callable[[bytes], Any]:
+    if chunk_codec.carries_chunks(message_class):  # chunks read without copying their bytes
+        return chunk_codec.parser(message_class, Malformed)
+
     def parse(data: bytes) -> Any:
         try:
             return message_class.FromString(data)
@@ -53,7 +63,6 @@ def _method_handlers(servicer: OptimizerGateway) -> grpc.GenericRpcHandler:
     handlers = {}
     for method in service.methods:
         request_class = getattr(pb, method.input_type.name)
-        response_class = getattr(pb, method.output_type.name)
         kind = {
             (False, False): grpc.unary_unary_rpc_method_handler,
             (True, False): grpc.stream_unary_rpc_method_handler,
@@ -62,8 +71,9 @@ def _method_handlers(servicer: OptimizerGateway) -> grpc.GenericRpcHandler:
         }[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = kind(
             getattr(servicer, method.name),
-            request_deserializer=_parser(request_class),
-            response_serializer=response_class.SerializeToString,
+            request_deserializer=count_bytes(_parser(request_class), method.name, "in"),
+            # streams may send pre-encoded chunks
+            response_serializer=count_bytes(chunk_codec.serialize, method.name, "out"),
         )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
@@ -79,6 +89,8 @@ class Gateway:
         port: int,
         limiter: CallLimiter,
         restore_idle_hosts: Callable[[], None],
+        metrics_server: Any = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.server = server
         self.servicer = servicer
@@ -86,14 +98,22 @@ class Gateway:
         self.port = port
         self.limiter = limiter
         self._restore_idle_hosts = restore_idle_hosts
+        self._metrics_server = metrics_server
+        self.metrics_port = metrics_port
+        """Where ``/metrics`` is served (None: not served)."""
 
     def stop(self, grace: float = 10.0) -> None:
         """Health NOT_SERVING, then in-flight calls get ``grace`` seconds, then sessions close."""
+        emit(logger, "gateway_stopping", port=self.port, sessions=len(self.servicer.sessions))
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.servicer.stop()
         self.limiter.watchdog.stop()
         self.servicer.close_all()
+        COLLECTOR.remove(self.servicer)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         self._restore_idle_hosts()
 
     def wait(self) -> None:
@@ -113,6 +133,9 @@ def serve(
     max_workers: int = 64,
     placement: str | None = None,
     shard_resources: dict[str, float] | None = None,
+    operator_tokens: list[str] | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str | None = None,
 ) -> Gateway:
     """Starts the gateway (Ray must be reachable: :func:`shardopt.client.runtime.ensure_ray`).
 
@@ -131,6 +154,11 @@ def serve(
             :data:`~shardopt.gateway.call_limits.RESERVED_THREADS`.
         placement, shard_resources: Ray placement strategy and per-shard resources of shard
             groups' shards (the operator's choice; clients cannot set them).
+        operator_tokens: bearer tokens of operators: they may call ``ListSessions`` for every
+            tenant's sessions (and nothing else); none of them may also be a tenant's token.
+        metrics_port: serve Prometheus text at ``http://metrics_host:metrics_port/metrics``
+            (0: any free port, see ``Gateway.metrics_port``; None: no metrics server).
+        metrics_host: where the metrics server listens (default: ``host``).
 
     Returns:
         The running :class:`Gateway`.
@@ -144,13 +172,23 @@ def serve(
     limits = limits or Limits()
     if tokens is not None:
         check_tokens(tokens)
+    if operator_tokens:
+        check_tokens(operator_tokens, "operator tokens")
+        if tokens is None:
+            raise ValueError("operator tokens need tenant tokens (a gateway without --no-auth)")
+        if set(operator_tokens) & set(tokens):
+            raise ValueError("a token cannot be both a tenant's and an operator's")
     shards = ShardSettings(placement, dict(shard_resources or {}))
     limiter = CallLimiter(limits, max_workers)
     ensure_ray()
-    servicer = OptimizerGateway(limits, checkpoint_dir, shards, checkpoint_key)
+    servicer = OptimizerGateway(
+        limits, checkpoint_dir, shards, checkpoint_key,
+        operators=[principal_of(t) for t in operator_tokens or ()],
+    )  # fmt: skip
     idle = limits.idle_shard_hosts
     previous_idle = host_pool.set_max_idle(default_num_shards() if idle is None else idle)
-    interceptors = ([TokenAuthInterceptor(tokens)] if tokens else []) + [limiter]
+    auth = [TokenAuthInterceptor(tokens, operator_tokens or ())] if tokens else []
+    interceptors = [MetricsInterceptor(), *auth, limiter]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="shardopt-rpc"),
         interceptors=interceptors,
@@ -177,8 +215,16 @@ def serve(
         bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
+    metrics_server = None
+    if metrics_port is not None:
+        try:
+            metrics_server, metrics_port = start_http_server(metrics_port, metrics_host or host)
+        except BaseException:
+            server.stop(0)
+            raise
     server.start()
     servicer.start()
+    COLLECTOR.add(servicer)
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     if not tokens:
@@ -189,7 +235,10 @@ def serve(
             "LoadCheckpoint loads any intact checkpoint under %s",
             checkpoint_dir,
         )
-    logger.info("gateway serving on %s:%d", host, bound)
+    emit(
+        logger, "gateway_started", host=host, port=bound, auth=bool(tokens),
+        operators=len(operator_tokens or ()), metrics_port=metrics_port,
+    )  # fmt: skip
     return Gateway(
         server,
         servicer,
@@ -197,4 +246,6 @@ def serve(
         bound,
         limiter,
         lambda: host_pool.set_max_idle(previous_idle),
+        metrics_server,
+        metrics_port,
     )

@@ -31,9 +31,11 @@ import grpc
 import ray
 import torch
 
+from shardopt.client.lbfgs import LBFGS
 from shardopt.client.optimizer import ShardedOptimizer, default_num_shards
-from shardopt.core import wire
-from shardopt.core.errors import ERROR_TYPE_KEY, GRPC_STATUS, ShardoptError
+from shardopt.core import chunk_codec, wire
+from shardopt.core.errors import ERROR_TYPE_KEY, GRPC_STATUS, AccessDeniedError, ShardoptError
+from shardopt.core.events import emit
 from shardopt.core.param_groups import group_options
 from shardopt.core.proto import pb, rpc
 from shardopt.gateway.admission import (
@@ -46,10 +48,14 @@ from shardopt.gateway.admission import (
     checkpoint_path,
     optimizer_kwargs,
     param_groups_of,
+    scope_of,
 )
-from shardopt.gateway.auth import bearer_token, principal_of
+from shardopt.gateway.auth import ANONYMOUS, bearer_token, principal_of
+from shardopt.gateway.closure_step import ClosureStep
+from shardopt.gateway.gradients import GradientUpload
 from shardopt.gateway.quotas import Ledger, Limits
 from shardopt.gateway.sessions import Session, SessionTable
+from shardopt.gateway.status import session_info, shard_infos
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +136,28 @@ def _encode_groups(optimizer: ShardedOptimizer) -> list[Any]:
     return wire.encode_groups(optimizer.param_groups)
 
 
+def _build(groups: list[dict], optimizer_class: type, kwargs: dict[str, Any]) -> ShardedOptimizer:
+    """A session's optimizer: LBFGS runs its vectors on the shards (stepped by ClosureStep)."""
+    if optimizer_class is torch.optim.LBFGS:
+        if "group" in kwargs:
+            raise ValueError("LBFGS runs one closure over all its shards: it joins no group")
+        return LBFGS(groups, **kwargs)
+    return ShardedOptimizer(groups, optimizer_class, **kwargs)
+
+
+def _stepped(session: Session) -> Any:
+    """Counts a session's step; its ``StepReply`` (with each group shard's answer)."""
+    optimizer = session.optimizer
+    session.steps += 1
+    reply = pb.StepReply(steps=session.steps, state_order=optimizer.backend.state_order)
+    if optimizer.group is not None:
+        for r in optimizer.group.last_push:
+            push = reply.pushes.add(shard=r.shard_index, read_version=r.read_version)
+            if r.applied_version is not None:
+                push.applied_version = r.applied_version
+    return reply
+
+
 class OptimizerGateway(rpc.OptimizerServiceServicer):
     """The servicer: sessions by id, each a ShardedOptimizer over tensors held here.
 
@@ -139,6 +167,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         shards: the operator's placement of group shards.
         checkpoint_key: the HMAC key that signs every checkpoint saved; loads then accept only
             checkpoints signed with it (None: checksummed, not signed).
+        operators: principals of operators' tokens (they may list every tenant's sessions).
     """
 
     def __init__(
@@ -147,8 +176,10 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         checkpoint_dir: str | None = None,
         shards: ShardSettings | None = None,
         checkpoint_key: bytes | None = None,
+        operators: list[str] = (),
     ) -> None:
         self.limits = limits or Limits()
+        self.operators = frozenset(operators)  # principals of operators' tokens
         self.checkpoint_dir = pathlib.Path(checkpoint_dir).resolve() if checkpoint_dir else None
         self.checkpoint_key = checkpoint_key  # signs saves; loads need its signature
         self.shards = shards or ShardSettings()
@@ -206,15 +237,16 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         try:
             params = _receive(receiver, requests)
             groups = param_groups_of(spec, params, group_specs)
-            optimizer = ShardedOptimizer(groups, optimizer_class, **kwargs)
+            optimizer = _build(groups, optimizer_class, kwargs)
         except BaseException:
             self.ledger.close_session(principal, nbytes)
             raise
         session = Session(uuid.uuid4().hex, principal, optimizer, params, names, nbytes)
         self.sessions.add(session)
-        logger.info(
-            "session %s: %s over %d parameters (%d bytes), %d shards",
-            session.session_id, spec.optimizer, len(params), nbytes, optimizer.num_shards,
+        emit(
+            logger, "session_opened", session=session.session_id, scope=scope_of(principal),
+            optimizer=spec.optimizer, params=len(params), bytes=nbytes,
+            shards=optimizer.num_shards, group=spec.group.name or None,
         )  # fmt: skip
         group = optimizer.group
         return pb.Session(
@@ -250,34 +282,37 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         requests = _messages(requests)
         header = _first(requests, "header")
         with self._use(context, header.session_id) as session:
-            indices = list(header.params)
-            if indices != sorted(set(indices)) or any(i >= len(session.params) for i in indices):
-                raise ValueError("gradient indices must be increasing and name declared parameters")
-            receiver = wire.TensorReceiver(
-                list(header.grads),
-                session.nbytes,
-                expected=session.expected(indices),
-                what="gradient",
-                names=[session.names[i] for i in indices],
-            )
-            held = self.ledger.hold(
-                session.principal, receiver.declared, (session.session_id, session.nbytes)
-            )
+            held = claim = None
             try:
-                grads = _receive(receiver, requests)  # nothing is staged unless all of it arrived
+                with session.lock:  # received into the session's transfer buffer when free
+                    claim, into = session.claim_transfer(self.ledger) or (None, None)
+                upload = GradientUpload(
+                    header, session.params, session.names, session.nbytes,
+                    self.limits.upload_budget(session.nbytes), into,
+                )  # fmt: skip
+                held = self.ledger.hold(
+                    session.principal, upload.declared, (session.session_id, session.nbytes)
+                )
+                grads = upload.receive(requests)  # nothing is staged unless all of it arrived
+                if next(requests, None) is not None:
+                    raise wire.WireError("a chunk after every declared gradient was complete")
             except BaseException:
-                held.release()
+                with session.lock:
+                    session.release_transfer(claim)
+                if held is not None:
+                    held.release()
                 raise
             with session.lock:
                 if session.closed:
                     held.release()
                     session.check_open()
                 session.unstage()
-                for i, grad in zip(indices, grads):
+                for i, grad in grads.items():
                     session.params[i].grad = grad
                 session.grads_ready = True
                 session.staged = held  # held until a step consumes them
-        return pb.PushGradientsReply(bytes=receiver.bytes_received)
+                session.staged_transfer = claim
+        return pb.PushGradientsReply(bytes=upload.bytes_received)
 
     @_handled
     def Step(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -286,19 +321,28 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                 raise ShardoptError("no gradients staged: call PushGradients before each Step")
             if request.param_groups:
                 self._update_groups(session, request.param_groups)
-            optimizer = session.optimizer
             try:
-                optimizer.step()
+                session.optimizer.step()
             finally:
                 session.unstage()
-            session.steps += 1
-            reply = pb.StepReply(steps=session.steps, state_order=optimizer.backend.state_order)
-            if optimizer.group is not None:
-                for r in optimizer.group.last_push:
-                    push = reply.pushes.add(shard=r.shard_index, read_version=r.read_version)
-                    if r.applied_version is not None:
-                        push.applied_version = r.applied_version
-            return reply
+            return _stepped(session)
+
+    @_handled_stream
+    def ClosureStep(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        requests = _messages(requests)
+        start = _first(requests, "start")
+        with self._use(context, start.session_id) as session, session.lock:
+            session.unstage()  # the closure computes the gradients
+            if start.param_groups:
+                self._update_groups(session, start.param_groups)
+
+            def done(loss: float | None) -> Any:
+                reply = _stepped(session)
+                reply.loss = loss if loss is not None else float("nan")
+                return reply
+
+            run = ClosureStep(session, requests, self.ledger, self.limits, done)
+            yield from run.replies()
 
     @_handled_stream
     def PullParameters(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -309,11 +353,23 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             with session.lock:
                 if session.optimizer.group is not None:
                     session.optimizer.pull_params()
-                snapshot = [p.detach().clone() for p in session.params]
-            specs = [wire.spec_of(p, n) for p, n in zip(snapshot, session.names)]
-            yield pb.PullParametersReply(header=pb.PullParametersHeader(params=specs))
-            for chunk in wire.tensor_chunks(snapshot):
-                yield pb.PullParametersReply(chunk=chunk)
+                # a snapshot, sent without the lock: into the transfer buffer when it is free
+                claim, snapshot = session.claim_transfer(self.ledger) or (None, None)
+                if snapshot is None:
+                    snapshot = [p.detach().clone() for p in session.params]
+                else:
+                    snapshot = list(snapshot)
+                    for buffer, p in zip(snapshot, session.params):
+                        chunk_codec.copy_bytes(buffer, p)
+            try:
+                specs = [wire.spec_of(p, n) for p, n in zip(snapshot, session.names)]
+                yield pb.PullParametersReply(header=pb.PullParametersHeader(params=specs))
+                for index in range(len(snapshot)):  # each tensor's memory goes once it is sent
+                    tensor, snapshot[index] = snapshot[index], None
+                    yield from chunk_codec.tensor_chunks(index, tensor)
+            finally:
+                with session.lock:
+                    session.release_transfer(claim)
 
     @_handled
     def PushParameters(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
@@ -420,8 +476,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                     state_dict=structure, tensors=[wire.spec_of(t) for t in tensors]
                 )
                 yield pb.StateDictMessage(header=header)
-                for chunk in wire.tensor_chunks(tensors):
-                    yield pb.StateDictMessage(chunk=chunk)
+                yield from chunk_codec.encoded_chunks(tensors)
 
     @_handled
     def LoadStateDict(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
@@ -461,9 +516,23 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
     def SaveCheckpoint(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._use(context, request.session_id) as session:
             path = self._checkpoint_path(session.principal, request.path)
+            if request.background:
+                session.saves.reserve()
             with session.lock:
-                session.optimizer.save_checkpoint(path, key=self.checkpoint_key)
-        return pb.CheckpointReply(path=request.path)
+                session.check_open()
+                handle = session.optimizer.save_checkpoint(
+                    path, blocking=not request.background, key=self.checkpoint_key
+                )
+            if not request.background:
+                return pb.CheckpointReply(path=request.path, done=True)
+            save_id = session.saves.add(request.path, handle)
+        return pb.CheckpointReply(path=request.path, save_id=save_id, done=False)
+
+    @_handled
+    def WaitCheckpoint(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._use(context, request.session_id) as session:
+            path, done = session.saves.wait(request.save_id, request.timeout_seconds)
+        return pb.CheckpointReply(path=path, save_id=request.save_id, done=done)
 
     @_handled
     def LoadCheckpoint(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -472,6 +541,25 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             with session.lock:
                 session.optimizer.load_checkpoint(path, key=self.checkpoint_key)
         return pb.CheckpointReply(path=request.path)
+
+    # ----- status -----------------------------------------------------------------------------
+
+    @_handled
+    def GetShardStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._use(context, request.session_id) as session:
+            return pb.ShardStatusList(shards=shard_infos(session, with_ids=True))
+
+    @_handled
+    def ListSessions(self, request: Any, context: grpc.ServicerContext) -> Any:
+        principal = _principal(context)
+        operator = principal in self.operators
+        if request.all_tenants and not operator and principal != ANONYMOUS:
+            raise AccessDeniedError("only an operator's token may list every tenant's sessions")
+        if operator and not request.all_tenants:
+            raise ValueError("an operator holds no sessions: ask for all_tenants")
+        mine = None if operator else principal  # without tokens, every session is anonymous's
+        sessions = [session_info(s) for s in self.sessions.snapshot(mine)]
+        return pb.SessionList(sessions=sessions)
 
     # ----- errors -----------------------------------------------------------------------------
 

@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from shardopt.client.optimizer import ShardedOptimizer
+from shardopt.core.events import emit
+from shardopt.gateway.admission import scope_of
 from shardopt.gateway.quotas import Hold, Ledger
+from shardopt.gateway.saves import BackgroundSaves
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,18 @@ class Session:
     active: int = 0
     """Calls using the session now (an idle session has none)."""
     last_used: float = field(default_factory=time.monotonic)
+    opened: float = field(default_factory=time.monotonic)
+    saves: BackgroundSaves = field(default_factory=BackgroundSaves)
+    """Checkpoint saves in the background, committed by WaitCheckpoint or at close."""
+    transfer: list[torch.Tensor] | None = None
+    """Tensors shaped as ``params`` that pushes receive gradients into and pulls send from,
+    allocated on first use (see :meth:`claim_transfer`)."""
+    transfer_user: object | None = None
+    """Who uses ``transfer`` now: an upload (until its gradients are stepped) or a pull."""
+    transfer_bytes: int = 0
+    """What ``transfer`` counts in the ledger."""
+    staged_transfer: object | None = None
+    """The claim of the staged gradients, if they are in ``transfer``."""
 
     def expected(self, indices: list[int] | None = None) -> list[tuple[torch.dtype, tuple]]:
         """(dtype, shape) of the parameters (all, or those at ``indices``)."""
@@ -67,6 +82,43 @@ class Session:
         if self.staged is not None:
             self.staged.release()
             self.staged = None
+        if self.staged_transfer is not None:
+            self.release_transfer(self.staged_transfer)
+            self.staged_transfer = None
+
+    # ----- the transfer buffer ---------------------------------------------------------------
+
+    def claim_transfer(self, ledger: Ledger) -> tuple[object, list[torch.Tensor]] | None:
+        """The session's transfer buffer for one upload or pull (call with ``lock`` held):
+        a claim to give back with :meth:`release_transfer` and tensors shaped as ``params``.
+
+        Reusing the same memory spares each call the page faults of fresh memory (a large
+        part of a transfer's cost). None (the caller allocates as it goes) when another call
+        holds it, or a new one would pass the gateway's ``max_transfer_bytes``.
+        """
+        if self.transfer_user is not None or self.closed:
+            return None
+        shapes = [(p.dtype, p.shape) for p in self.params]
+        if self.transfer is None or [(t.dtype, t.shape) for t in self.transfer] != shapes:
+            self.drop_transfer(ledger)  # the parameters changed (a param group was added)
+            if not ledger.reserve_transfer(self.nbytes):
+                return None
+            self.transfer = [torch.empty(p.shape, dtype=p.dtype) for p in self.params]
+            self.transfer_bytes = self.nbytes
+        self.transfer_user = claim = object()
+        return claim, self.transfer
+
+    def release_transfer(self, claim: object) -> None:
+        """Gives back a claim of :meth:`claim_transfer` (a no-op for any other)."""
+        if self.transfer_user is claim:
+            self.transfer_user = None
+
+    def drop_transfer(self, ledger: Ledger) -> None:
+        """Frees the transfer buffer (call with ``lock`` held; it must not be claimed)."""
+        if self.transfer is not None:
+            self.transfer = None
+            ledger.release_transfer(self.transfer_bytes)
+            self.transfer_bytes = 0
 
 
 class SessionTable:
@@ -92,6 +144,12 @@ class SessionTable:
     def add(self, session: Session) -> None:
         with self._lock:
             self._sessions[session.session_id] = session
+
+    def snapshot(self, principal: str | None = None) -> list[Session]:
+        """The open sessions (of ``principal`` only, if given), oldest first."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return [s for s in sessions if principal is None or s.principal == principal]
 
     @contextmanager
     def use(self, principal: str, session_id: str) -> Iterator[Session]:
@@ -120,6 +178,7 @@ class SessionTable:
                 return False
             del self._sessions[session_id]
         self._close(session)
+        emit(logger, "session_closed", session=session_id, scope=scope_of(principal))
         return True
 
     def close_all(self) -> None:
@@ -131,9 +190,12 @@ class SessionTable:
 
     def _close(self, session: Session) -> None:
         try:
+            session.saves.finish_all()  # their directories' locks are this process's
             with session.lock:
                 session.closed = True
                 session.unstage()
+                session.transfer_user = None  # a pull in flight sends what it copied
+                session.drop_transfer(self.ledger)
                 session.optimizer.close()
         finally:
             self.ledger.close_session(session.principal, session.nbytes)
@@ -153,7 +215,10 @@ class SessionTable:
             for s in expired:
                 del self._sessions[s.session_id]
         for s in expired:
-            logger.info("session %s unused for %g s: closed", s.session_id, timeout)
+            emit(
+                logger, "session_expired", session=s.session_id, scope=scope_of(s.principal),
+                idle_timeout_s=timeout,
+            )  # fmt: skip
             try:
                 self._close(s)
             except Exception:  # its shards are gone already: nothing left to release

@@ -1,0 +1,267 @@
+"""The service's streamed messages, encoded and decoded without protobuf's copies of tensor bytes.
+
+Every stream of ``protos/shardopt/v1/optimizer.proto`` that carries tensors is made of messages
+``oneof kind { <header> = 1; TensorChunk chunk = 2; ... }``. Protobuf's Python runtime copies a
+chunk's bytes several times on each side (into the message, out of it as ``bytes``, into the
+serialized string). This module writes and reads the chunk messages of those streams straight
+from and into tensor memory, in protobuf's own wire format (other clients see ordinary
+messages):
+
+- :func:`encoded_chunks`: a list of tensors as serialized chunk messages, one copy of their
+  bytes (from the tensor into the message);
+- :func:`parser`: a deserializer that reads a chunk message as a :class:`ChunkMessage` whose
+  ``chunk.data`` is a view into the received bytes (no copy), and leaves any other message
+  (headers, or a chunk written in an unusual but valid form) to protobuf;
+- :func:`serialize`: the serializer of both sides, which passes pre-encoded bytes through;
+- :func:`copy_bytes`: a tensor copied into another by one plain memcpy (the gateway's
+  snapshots for pulls).
+
+:class:`shardopt.core.wire.TensorReceiver` then copies each view into its tensor: one copy on
+the receiving side, where protobuf made four.
+
+Talks to nothing: pure functions over bytes, torch and the generated messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from shardopt.core.wire import CHUNK_BYTES
+
+CHUNK_FIELD = 2
+"""The field number of ``chunk`` in every streamed message of the service."""
+_CHUNK_TAG = bytes([CHUNK_FIELD << 3 | 2])
+_INDEX_TAG, _OFFSET_TAG, _DATA_TAG = b"\x08", b"\x10", b"\x1a"
+_UINT32, _UINT64 = 1 << 32, 1 << 64
+
+
+class ChunkView:
+    """A ``TensorChunk`` whose ``data`` is a read-only view into the message it came in."""
+
+    __slots__ = ("data", "index", "offset")
+
+    def __init__(self, index: int, offset: int, data: memoryview) -> None:
+        self.index = index
+        self.offset = offset
+        self.data = data
+
+
+class ChunkMessage:
+    """A streamed message whose ``kind`` is ``chunk``, read without copying its bytes."""
+
+    __slots__ = ("chunk",)
+
+    def __init__(self, chunk: ChunkView) -> None:
+        self.chunk = chunk
+
+    def WhichOneof(self, group: str) -> str:  # noqa: N802 - protobuf's name
+        return "chunk"
+
+
+# ----- varints ------------------------------------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(data: memoryview, pos: int, end: int) -> tuple[int, int] | None:
+    """The varint at ``pos`` and the position after it; None if malformed or cut."""
+    value, shift = 0, 0
+    while pos < end and shift < 70:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    return None
+
+
+# ----- encoding -----------------------------------------------------------------------------
+
+
+def encode_chunk(index: int, offset: int, data: memoryview | bytes) -> bytes:
+    """One serialized ``{chunk: {index, offset, data}}`` message (one copy of ``data``)."""
+    inner = bytearray()
+    if index:
+        inner += _INDEX_TAG + _varint(index)
+    if offset:
+        inner += _OFFSET_TAG + _varint(offset)
+    inner += _DATA_TAG + _varint(len(data))
+    head = _CHUNK_TAG + _varint(len(inner) + len(data)) + bytes(inner)
+    return b"".join((head, data))
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def copies_bytes(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """Whether :func:`copy_bytes` can copy ``src`` into ``dst``: one dtype and shape, both
+    contiguous on the CPU, and ``src`` no conjugate or negative view."""
+    return (
+        dst.dtype == src.dtype
+        and dst.shape == src.shape
+        and dst.is_contiguous()
+        and src.is_contiguous()
+        and dst.device.type == "cpu"
+        and src.device.type == "cpu"
+        and not src.is_conj()
+        and not src.is_neg()
+    )
+
+
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copies ``src`` into ``dst`` as one plain memcpy. Torch's ``copy_`` hands large copies to
+    its thread pool, whose threads wait for each other: on a busy machine that costs several
+    times the copy. No autograd version counter sees this write (see
+    ``torch.autograd.graph.increment_version`` for a user's tensor).
+
+    Raises:
+        ValueError: tensors :func:`copies_bytes` refuses.
+    """
+    if not copies_bytes(dst, src):
+        raise ValueError("copy_bytes copies between contiguous CPU tensors of one dtype and shape")
+    if dst.numel():
+        memoryview(dst.detach().view(-1).view(torch.uint8).numpy())[:] = _byte_view(src)
+
+
+def tensor_chunks(
+    index: int, tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[bytes]:
+    """Tensor ``index`` of a stream as serialized chunk messages, each encoded as it is asked
+    for (so one chunk's bytes exist at a time)."""
+    data = _byte_view(tensor)
+    for offset in range(0, len(data), chunk_bytes):
+        yield encode_chunk(index, offset, data[offset : offset + chunk_bytes])
+
+
+def encoded_chunks(tensors: list[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Every tensor's bytes as serialized chunk messages, in order (an empty tensor sends none).
+
+    The same messages as ``{chunk: wire.tensor_chunks(tensors)}`` of any streamed message type.
+    """
+    for index, tensor in enumerate(tensors):
+        yield from tensor_chunks(index, tensor, chunk_bytes)
+
+
+def serialize(message: Any) -> bytes:
+    """A message's bytes: pre-encoded chunks as they are, anything else by protobuf."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+# ----- decoding -----------------------------------------------------------------------------
+
+
+def read_chunk(data: bytes) -> ChunkMessage | None:
+    """``data`` as a chunk message without copying its bytes, or None where it is anything
+    else: a header, a malformed message, or a chunk with unknown or repeated fields (which
+    protobuf then reads, or refuses)."""
+    view = memoryview(data)
+    end = len(view)
+    if end < 2 or view[0] != _CHUNK_TAG[0]:
+        return None
+    read = _read_varint(view, 1, end)
+    if read is None or read[1] + read[0] != end:
+        return None
+    pos = read[1]
+    index = offset = 0
+    payload: memoryview | None = None
+    seen = 0
+    while pos < end:
+        read = _read_varint(view, pos, end)
+        if read is None:
+            return None
+        key, pos = read
+        field, wire_type = key >> 3, key & 7
+        bit = 1 << field if field < 4 else 0
+        if not bit or seen & bit:
+            return None
+        seen |= bit
+        if field == 3 and wire_type == 2:
+            read = _read_varint(view, pos, end)
+            if read is None or read[1] + read[0] > end:
+                return None
+            payload = view[read[1] : read[1] + read[0]]
+            pos = read[1] + read[0]
+        elif field in (1, 2) and wire_type == 0:
+            read = _read_varint(view, pos, end)
+            if read is None or read[0] >= (_UINT32 if field == 1 else _UINT64):
+                return None
+            if field == 1:
+                index = read[0]
+            else:
+                offset = read[0]
+            pos = read[1]
+        else:
+            return None
+    return ChunkMessage(ChunkView(index, offset, payload if payload is not None else view[0:0]))
+
+
+def parser(message_class: Any, on_error: Callable[[Exception], Any]) -> Callable[[bytes], Any]:
+    """A deserializer for a streamed message type: chunks by :func:`read_chunk`, the rest by
+    protobuf; what protobuf cannot parse becomes ``on_error(exception)``."""
+    from google.protobuf.message import DecodeError
+
+    def parse(data: bytes) -> Any:
+        fast = read_chunk(data)
+        if fast is not None:
+            return fast
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, RuntimeError, ValueError) as err:
+            return on_error(err)
+
+    return parse
+
+
+def carries_chunks(message_class: Any) -> bool:
+    """Whether a message type is one of the service's streamed ones (``chunk = 2`` in a
+    oneof ``kind``)."""
+    descriptor = message_class.DESCRIPTOR
+    field = descriptor.fields_by_number.get(CHUNK_FIELD)
+    return (
+        field is not None
+        and field.name == "chunk"
+        and field.containing_oneof is not None
+        and field.containing_oneof.name == "kind"
+    )
+
+
+def stub(channel: Any) -> Any:
+    """The service's stub on ``channel``, its streamed methods sending pre-encoded chunks and
+    reading chunks without copies (the other methods as generated)."""
+    from shardopt.core.proto import pb, rpc
+
+    def refuse(err: Exception) -> Any:
+        raise ValueError(f"malformed message from the gateway: {err}")
+
+    service = pb.DESCRIPTOR.services_by_name["OptimizerService"]
+    result = rpc.OptimizerServiceStub(channel)
+    for method in service.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        if not (carries_chunks(request_class) or carries_chunks(response_class)):
+            continue
+        make = {
+            (True, False): channel.stream_unary,
+            (False, True): channel.unary_stream,
+            (True, True): channel.stream_stream,
+        }[(method.client_streaming, method.server_streaming)]
+        callable_ = make(
+            f"/{service.full_name}/{method.name}",
+            request_serializer=serialize,
+            response_deserializer=parser(response_class, refuse),
+        )
+        setattr(result, method.name, callable_)
+    return result
