@@ -222,6 +222,26 @@ def test_a_damaged_object_is_named_and_nothing_changes(s3, url, damage):
     opt.close()
 
 
+def test_state_this_process_holds_goes_to_the_store_too(s3, url):
+    """LBFGS's gathered vectors are written by this process, not the shards: same store."""
+    params = [nn.Parameter(torch.randn(20)), nn.Parameter(torch.randn(3, 4))]
+    opt = shardopt.LBFGS(params, num_shards=2, history_size=3, max_iter=4)
+
+    def closure():
+        opt.zero_grad()
+        loss = sum((p**2).sum() for p in params)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    opt.save_checkpoint(url)
+    other = shardopt.LBFGS([nn.Parameter(p.detach().clone()) for p in params], num_shards=1)
+    other.load_checkpoint(url)
+    assert_same_state_dict(other.state_dict(), opt.state_dict())
+    other.close()
+    opt.close()
+
+
 # ----- the CLI and the gateway ---------------------------------------------------------------
 
 

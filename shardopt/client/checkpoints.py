@@ -1,12 +1,14 @@
 """The checkpoint protocol, driven from the client: DCP's coordinator with shards as writers.
 
-Saving: the directory is locked against other saves, every shard snapshots its state and plans
+Saving: the location is locked against other saves, every shard snapshots its state and plans
 its part (``save_plan``), this process makes DCP's global plan (a data file name of its own for
 this save), the shards write their files in parallel straight from their actors
-(``save_write``), and the commit (:func:`shardopt.checkpoint.commit.commit`) comes last. Where
-the shards cannot reach the path (an in-process ``memory://`` store), or for state this process
-holds (LBFGS's gathered vectors), this process writes the parts itself. A save that fails
-removes what it wrote; the checkpoint it was replacing loads as it was.
+(``save_write``) to the store (a directory they all reach, or an object store:
+:mod:`shardopt.checkpoint.storage`), and the commit (:func:`shardopt.checkpoint.commit.commit`)
+comes last. Where the shards cannot reach the path (an in-process ``memory://`` store), or for
+state this process holds (LBFGS's gathered vectors), this process writes the parts itself. A
+save that fails waits for every writer to stop, then removes what it wrote; the checkpoint it
+was replacing loads as it was.
 
 Loading: the commit record (and its signature, with a key) is checked before anything is
 unpickled, then every shard reads its own parameters' entries against that record and validates
