@@ -60,13 +60,14 @@ class SaveLock:
         CheckpointInUseError: another save there holds it (in this or another process).
     """
 
-    _memory: dict[str, threading.Lock] = {}
-    _memory_guard = threading.Lock()
+    _saving: set[str] = set()
+    """The locations this process's saves hold (but those held by ``flock``)."""
+    _guard = threading.Lock()
 
     def __init__(self, where: str) -> None:
         self.where = where
         self._file: Any = None
-        self._lock: threading.Lock | None = None
+        self._held = False
         store = store_at(where)
         self.exclusive = isinstance(store, InProcess)
         """Whether no other save, from any process, can write there until the release."""
@@ -84,11 +85,11 @@ class SaveLock:
             except OSError as err:  # no locks here: unique names still keep loads whole
                 logger.warning("cannot lock %s (%s): concurrent saves are not excluded", where, err)
         else:
-            with self._memory_guard:
-                lock = self._memory.setdefault(where, threading.Lock())
-            if not lock.acquire(blocking=False):
-                raise self._in_use()
-            self._lock = lock
+            with self._guard:
+                if where in self._saving:
+                    raise self._in_use()
+                self._saving.add(where)
+            self._held = True
 
     def _in_use(self) -> CheckpointInUseError:
         return CheckpointInUseError(
@@ -101,9 +102,10 @@ class SaveLock:
         if self._file is not None:
             self._file.close()  # drops the flock
             self._file = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        if self._held:
+            with self._guard:
+                self._saving.discard(self.where)
+            self._held = False
 
 
 def _is_ours(name: str) -> bool:

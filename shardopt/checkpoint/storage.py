@@ -39,6 +39,7 @@ import stat
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
+import fsspec
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as FsspecFileSystem
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
@@ -70,8 +71,6 @@ def location(path: str | os.PathLike) -> str:
         raise ValueError(f"chained fsspec URLs are not checkpoint locations: {text!r}")
     if scheme == "memory":
         return text.rstrip("/")
-    import fsspec
-
     try:
         fsspec.get_filesystem_class(scheme)
     except ValueError:
@@ -101,13 +100,7 @@ class Store:
 
     def fs(self) -> tuple[Any, str]:
         """The fsspec file system and the root path of this location in it."""
-        import fsspec
-
         return fsspec.core.url_to_fs(self.where, **self.fs_options)
-
-    def path(self, name: str) -> str:
-        """The file system's path of ``name`` in this location."""
-        return f"{self.fs()[1]}/{name}"
 
     def shown(self, name: str) -> str:
         """``name`` as messages show it: the location's URL or directory, then the name."""
