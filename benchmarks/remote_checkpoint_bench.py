@@ -13,9 +13,11 @@ float32 parameters (after one step), in one run:
   ``.metadata``; ``load_checkpoint`` with as many shards, every shard reading and checking its
   own slices.
 
-Figures are medians of ``--repeats``; MB/s counts the optimizer state's bytes; ``x put`` is
-the bandwidth over the single-stream put's. The server shares this machine's CPUs with the
-shards, so the ratios say how shardopt's parallel writers use one server, not a cloud's.
+Figures are medians of ``--repeats``, after one untimed save and load per shard count (each
+shard process starts its s3fs client); MB/s counts the optimizer state's bytes; ``x put`` is
+the bandwidth over the single-stream put's (``x get``: over the single-stream get's). The
+server shares this machine's CPUs with the shards, so the ratios say how shardopt's parallel
+writers use one server, not a cloud's.
 
     python benchmarks/remote_checkpoint_bench.py [--params 50M] [--shards 2,4] [--repeats 2]
 
@@ -118,6 +120,9 @@ def main() -> None:
             if count == shard_counts[0]:
                 results |= anchors(fs, opt, bucket, args)
             url = f"{bucket}/shardopt-{count}"
+            log(f"warm-up: one save and load with {count} shards (s3fs starts in each shard)")
+            opt.save_checkpoint(url)
+            opt.load_checkpoint(url)
             log(f"save_checkpoint({url!r}) with {count} shards")
             results[f"shardopt save, {count} shards"] = back_to_back(
                 lambda url=url, opt=opt: opt.save_checkpoint(url), args.repeats
