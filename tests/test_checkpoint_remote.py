@@ -60,6 +60,7 @@ def trained(num_shards: int = 2, steps: int = 3):
 
 
 def test_locations_of_object_stores():
+    pytest.importorskip("s3fs", reason="s3:// locations need s3fs")
     assert location("s3://bucket/run/step-100/") == "s3://bucket/run/step-100"
     assert location("file:///tmp/x") == "/tmp/x"
     assert location("memory://a/b/") == "memory://a/b"
@@ -193,6 +194,30 @@ def test_a_shard_killed_mid_save_leaves_no_half_checkpoint_and_the_previous_one_
     fresh.save_checkpoint(url)  # the failed save holds nothing: the next one goes ahead
     fresh.close()
     opt.close()
+
+
+def test_a_failed_save_aborts_its_unfinished_multipart_uploads(s3, url):
+    """A shard killed while uploading a large object in parts leaves the parts on the store
+    (no object, but stored): the save's abort aborts its uploads, and only its own."""
+    from shardopt.checkpoint.commit import abort
+
+    fs, root = s3.filesystem(), url.removeprefix("s3://")
+    bucket, _, prefix = root.partition("/")
+    ours, theirs = "__1_0123456789ab_0.distcp", "__0_ba9876543210_0.distcp"
+    for name in (ours, theirs):  # two parts' worth started, one part sent, never completed
+        upload = fs.open(f"{root}/{name}", "wb", block_size=5 * 2**20)
+        upload.write(b"x" * (6 * 2**20))
+        upload.flush()
+        assert upload.mpu is not None
+        upload.closed = True  # as a killed writer: no completion, no abort
+
+    def unfinished() -> list[str]:
+        listing = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+        return sorted(u["Key"].rpartition("/")[2] for u in listing.get("Uploads", []))
+
+    assert unfinished() == sorted([ours, theirs]) and not fs.exists(f"{root}/{ours}")
+    abort(url, "0123456789ab")
+    assert unfinished() == [theirs]  # another save's upload, maybe still going: left alone
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])

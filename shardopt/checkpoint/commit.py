@@ -119,12 +119,18 @@ def _is_ours(name: str) -> bool:
 
 
 def abort(where: str, save_id: str) -> None:
-    """Removes what a failed save wrote, as far as it can; the checkpoint there is untouched."""
+    """Removes what a failed save wrote (on an object store, its unfinished uploads too), as
+    far as it can; the checkpoint there is untouched."""
     store = store_at(where)
+
+    def written(name: str) -> bool:
+        return _is_ours(name) and (f"_{save_id}_" in name or name.endswith(f".{save_id}.tmp"))
+
     try:
         for name in store.names():
-            if _is_ours(name) and (f"_{save_id}_" in name or name.endswith(f".{save_id}.tmp")):
+            if written(name):
                 store.remove(name)
+        store.drop_unfinished(written)  # the uploads of a shard killed mid-write
     except OSError as err:
         logger.warning("could not remove the files of a failed save to %s: %s", where, err)
 

@@ -16,7 +16,8 @@ A checkpoint location (:func:`location`) is one of three kinds of :class:`Store`
   put of ``.metadata`` (:mod:`shardopt.checkpoint.commit` says what it then guarantees).
   Listings are never cached, since other processes write the objects, and a data object's
   SHA-256 is computed as its bytes go out (:class:`_DigestingStream`), so a save reads nothing
-  back from the store.
+  back from the store. A failed save's unfinished multipart uploads (a shard killed mid-write)
+  are aborted (:meth:`ObjectStore.drop_unfinished`).
 
 Credentials are never part of a location, nor of a gateway request: the file system takes them
 from the environment and configuration of the process that opens the store (for s3fs:
@@ -36,7 +37,7 @@ import hashlib
 import os
 import pathlib
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import fsspec
@@ -46,6 +47,9 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
 LOCAL_SCHEMES = ("file", "local")
 """fsspec's names for the local file system: a location with one is a :class:`LocalDir`."""
+MAX_LISTINGS = 100
+"""At most this many pages (of up to 1000 uploads each) are listed to find a save's unfinished
+uploads."""
 
 
 def location(path: str | os.PathLike) -> str:
@@ -139,6 +143,10 @@ class Store:
     def sync(self) -> None:
         """Makes the files written here durable, where that is a separate step."""
 
+    def drop_unfinished(self, match: Callable[[str], bool]) -> None:
+        """Abandons the unfinished uploads of the files whose names ``match`` (where a store
+        keeps them: those of a writer killed mid-upload)."""
+
     def check_regular(self, name: str) -> None:
         """Refuses a link, FIFO or device where a checkpoint file belongs (local only)."""
 
@@ -205,6 +213,38 @@ class ObjectStore(Store):
 
     def writer(self) -> FileSystemWriter:
         return _ObjectWriter(self.where, **self.fs_options)
+
+    def drop_unfinished(self, match: Callable[[str], bool]) -> None:
+        """Aborts the multipart uploads of matching objects directly in this location (S3's
+        API, s3fs: a large object is uploaded in parts, which a killed writer leaves on the
+        store, unseen but stored, until aborted; other file systems: nothing to do).
+
+        Raises:
+            OSError: the store refused to list or abort them.
+        """
+        fs, root = self.fs()
+        call = getattr(fs, "call_s3", None)
+        if call is None:
+            return
+        bucket, _, prefix = root.partition("/")
+        marker: dict[str, str] = {}
+        for _ in range(MAX_LISTINGS):
+            listing = call("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker)
+            for upload in listing.get("Uploads", []):
+                folder, _, name = upload["Key"].rpartition("/")
+                if folder == prefix and match(name):
+                    call(
+                        "abort_multipart_upload",
+                        Bucket=bucket,
+                        Key=upload["Key"],
+                        UploadId=upload["UploadId"],
+                    )
+            if not listing.get("IsTruncated"):
+                return
+            marker = {
+                "KeyMarker": listing["NextKeyMarker"],
+                "UploadIdMarker": listing["NextUploadIdMarker"],
+            }
 
 
 def store_at(where: str) -> Store:
