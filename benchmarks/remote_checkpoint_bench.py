@@ -11,7 +11,9 @@ float32 parameters (after one step), in one run:
 - shardopt ``save_checkpoint("s3://...")`` with 2 and 4 shards, every shard uploading its own
   object from its actor, digests computed as the bytes go out, then the commit record and
   ``.metadata``; ``load_checkpoint`` with as many shards, every shard reading and checking its
-  own slices.
+  own slices;
+- for reference, the same saves and loads with as many shards to a local directory (``--dir``):
+  shardopt's own work (snapshot, serialization, checksums, fsync) without the store.
 
 Figures are medians of ``--repeats``, after one untimed save and load per shard count (each
 shard process starts its s3fs client); MB/s counts the optimizer state's bytes; ``x put`` is
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import statistics
 import tempfile
 import time
@@ -92,7 +95,9 @@ def main() -> None:
     parser.add_argument("--params", type=parse_size, default=parse_size("50M"))
     parser.add_argument("--shards", default="2,4", help="shard counts, comma-separated")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dir", default=tempfile.gettempdir(), help="for the anchor's file")
+    parser.add_argument(
+        "--dir", default=tempfile.gettempdir(), help="for the anchor's file and the local saves"
+    )
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="the JSON's folder")
     args = parser.parse_args()
     shard_counts = [int(n) for n in args.shards.split(",") if n.strip()]
@@ -131,6 +136,18 @@ def main() -> None:
             results[f"shardopt load, {count} shards"] = back_to_back(
                 lambda url=url, opt=opt: opt.load_checkpoint(url), args.repeats
             )
+            local = pathlib.Path(args.dir) / f"shardopt-bench-{uuid.uuid4().hex[:8]}"
+            log(f"reference: save and load with {count} shards to {local}")
+            try:
+                opt.save_checkpoint(local)
+                results[f"local dir save, {count} shards"] = back_to_back(
+                    lambda local=local, opt=opt: opt.save_checkpoint(local), args.repeats
+                )
+                results[f"local dir load, {count} shards"] = back_to_back(
+                    lambda local=local, opt=opt: opt.load_checkpoint(local), args.repeats
+                )
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
             opt.close()
             del opt, params
     finally:
@@ -145,8 +162,9 @@ def main() -> None:
     ]
     for name, samples in results.items():
         med = statistics.median(samples)
-        anchor_put = put / med if "save" in name or "put" in name else None
-        anchor_get = get / med if "load" in name or "get" in name else None
+        remote = not name.startswith("local")
+        anchor_put = put / med if remote and ("save" in name or "put" in name) else None
+        anchor_get = get / med if remote and ("load" in name or "get" in name) else None
         lines.append(
             f"{name:<32}{med:>8.2f}{nbytes / med / 1e6:>9.1f}"
             f"{fixed(anchor_put, 8)}{fixed(anchor_get, 8)}"
