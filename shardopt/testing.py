@@ -73,10 +73,10 @@ class LocalS3:
     """An S3-compatible server (moto's ``moto.server``) in a child process on 127.0.0.1.
 
     :attr:`env` is what a process needs to reach it with s3fs (``AWS_ENDPOINT_URL``, test
-    credentials, a region): set it in the environment of every process that opens ``s3://``
-    URLs before that process starts; Ray's workers inherit the environment of the process that
-    started Ray, so set it before ``ray.init``. The port is chosen when the object is made, so
-    the environment can be set before the server starts.
+    credentials, a region, loopback exempt from any proxy): set it in the environment of every
+    process that opens ``s3://`` URLs before that process starts; Ray's workers inherit the
+    environment of the process that started Ray, so set it before ``ray.init``. The port is
+    chosen when the object is made, so the environment can be set before the server starts.
 
     Example::
 
@@ -92,12 +92,17 @@ class LocalS3:
                 port = probe.getsockname()[1]
         self.port = port
         self.endpoint = f"http://127.0.0.1:{port}"
+        # a proxy the environment names never sees the requests to this server
+        bypass = os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or ""
+        bypass = ",".join(filter(None, [bypass, "127.0.0.1", "localhost"]))
         self.env = {
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_ACCESS_KEY_ID": "shardopt-test",
             "AWS_SECRET_ACCESS_KEY": "shardopt-test-secret",
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",
+            "NO_PROXY": bypass,
+            "no_proxy": bypass,
         }
         self._process: subprocess.Popen | None = None
         self._log: Any = None

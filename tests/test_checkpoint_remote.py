@@ -86,6 +86,17 @@ def test_gateway_paths_under_an_object_store_stay_in_the_tokens_prefix():
             checkpoint_path(root, principal, bad)
 
 
+def test_the_test_server_is_reached_directly_whatever_proxy_is_set(s3, bucket, monkeypatch):
+    """Requests to the local server stay on loopback: a proxy in the environment is bypassed."""
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens there
+    fs = s3.filesystem()
+    path = f"{bucket.removeprefix('s3://')}/direct-{uuid.uuid4().hex[:8]}"
+    fs.pipe_file(path, b"direct")
+    assert fs.cat_file(path) == b"direct"
+    fs.rm_file(path)
+
+
 # ----- save, load, reshard -------------------------------------------------------------------
 
 
