@@ -81,7 +81,8 @@ def test_gateway_paths_under_an_object_store_stay_in_the_tokens_prefix():
     for bad in ("../up", "/abs", "", "a\\b"):
         with pytest.raises(ValueError, match="must be relative"):
             checkpoint_path(root, principal, bad)
-    for bad in ("a::memory://x", "a?b", "a#b", "*", "a b", "run/.metadata", "a%2F..", "."):
+    outside = ("s3://other-bucket/x", "gs://b/x", "a::memory://x", "a?b", "a#b", "*", "a b")
+    for bad in (*outside, "run/.metadata", "a%2F..", "."):
         with pytest.raises(ValueError, match="letters, digits"):
             checkpoint_path(root, principal, bad)
 
