@@ -7,7 +7,9 @@ float32 parameters (after one step), in one run:
 - anchors: the same bytes (``torch.save`` of the gathered state dict, in a local file) put to
   the server with ``s3fs`` ``put_file`` as one stream (``max_concurrency=1``, what ``aws s3
   cp`` of one file does without multipart concurrency), and got back with ``get_file``; and the
-  same put with s3fs's default of 10 parts in flight;
+  same put with s3fs's default of 10 parts in flight; and the same bytes put by 2 (and 4)
+  processes at once, one stream and 1/N of the bytes each: what the server gives as many
+  writers as shards;
 - shardopt ``save_checkpoint("s3://...")`` with 2 and 4 shards, every shard uploading its own
   object from its actor, digests computed as the bytes go out, then the commit record and
   ``.metadata``; ``load_checkpoint`` with as many shards, every shard reading and checking its
@@ -17,7 +19,8 @@ float32 parameters (after one step), in one run:
 
 Figures are medians of ``--repeats``, after one untimed save and load per shard count (each
 shard process starts its s3fs client); MB/s counts the optimizer state's bytes; ``x put`` is
-the bandwidth over the single-stream put's (``x get``: over the single-stream get's). The
+the bandwidth over the single-stream put's (``x get``: over the single-stream get's; ``x N
+puts``: a save's over that of as many processes putting at once as it has shards). The
 server shares this machine's CPUs with the shards, so the ratios say how shardopt's parallel
 writers use one server, not a cloud's.
 
@@ -28,6 +31,7 @@ Writes benchmarks/results/remote_checkpoint_bench.json.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pathlib
 import shutil
@@ -65,8 +69,50 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     )
 
 
-def anchors(fs: Any, opt: torch.optim.Optimizer, bucket: str, args: Any) -> dict[str, list[float]]:
-    """s3fs put/get of the state's bytes (``torch.save`` of the gathered state dict)."""
+_WORKER_FS: Any = None
+"""A put worker's s3fs file system (its environment names the server, as the shards' does)."""
+
+
+def _start_worker() -> None:
+    global _WORKER_FS
+    import fsspec
+
+    _WORKER_FS = fsspec.filesystem("s3", use_listings_cache=False)
+
+
+def _put(local: str, remote: str) -> None:
+    _WORKER_FS.put_file(local, remote, max_concurrency=1)
+
+
+def parallel_puts(blob: pathlib.Path, remote: str, count: int, repeats: int) -> list[float]:
+    """The seconds of ``count`` processes putting 1/``count`` of ``blob`` each, at once, one
+    stream each: what the server gives as many writers as shards (processes started, and
+    their clients connected, before the clock starts)."""
+    data = blob.read_bytes()
+    step = -(-len(data) // count)
+    parts = []
+    for i in range(count):
+        part = blob.with_name(f"{blob.name}.{i}")
+        part.write_bytes(data[i * step : (i + 1) * step])
+        parts.append((str(part), f"{remote}.{i}"))
+    del data
+    try:
+        with multiprocessing.get_context("spawn").Pool(count, initializer=_start_worker) as pool:
+            tiny = blob.with_name(f"{blob.name}.tiny")
+            tiny.write_bytes(b"warm-up")
+            pool.starmap(_put, [(str(tiny), f"{name}.warm-up") for _, name in parts], 1)
+            tiny.unlink()
+            return back_to_back(lambda: pool.starmap(_put, parts, 1), repeats)
+    finally:
+        for local, _ in parts:
+            pathlib.Path(local).unlink(missing_ok=True)
+
+
+def anchors(
+    fs: Any, opt: torch.optim.Optimizer, bucket: str, counts: list[int], args: Any
+) -> dict[str, list[float]]:
+    """s3fs put/get of the state's bytes (``torch.save`` of the gathered state dict): one
+    stream, one stream with parts in flight, and as many processes as shards."""
     blob = pathlib.Path(args.dir) / f"shardopt-bench-{uuid.uuid4().hex[:8]}.pt"
     torch.save(opt.state_dict(), blob)
     remote = f"{bucket.removeprefix('s3://')}/anchor/state.pt"
@@ -74,7 +120,7 @@ def anchors(fs: Any, opt: torch.optim.Optimizer, bucket: str, args: Any) -> dict
     fs.pipe_file(remote, b"warm-up")  # the connection, the server's first request
     fs.cat_file(remote)
     try:
-        return {
+        results = {
             "s3fs put, one stream": back_to_back(
                 lambda: fs.put_file(str(blob), remote, max_concurrency=1), args.repeats
             ),
@@ -85,9 +131,15 @@ def anchors(fs: Any, opt: torch.optim.Optimizer, bucket: str, args: Any) -> dict
                 lambda: fs.get_file(remote, str(blob)), args.repeats
             ),
         }
+        for count in counts:
+            log(f"anchor: {count} processes put 1/{count} of the bytes each, at once")
+            results[f"s3fs put, {count} processes"] = parallel_puts(
+                blob, remote, count, args.repeats
+            )
+        return results
     finally:
         blob.unlink(missing_ok=True)
-        fs.rm_file(remote)
+        fs.rm(f"{bucket.removeprefix('s3://')}/anchor", recursive=True)
 
 
 def main() -> None:
@@ -123,7 +175,7 @@ def main() -> None:
             opt.step()
             nbytes = state_bytes(opt)
             if count == shard_counts[0]:
-                results |= anchors(fs, opt, bucket, args)
+                results |= anchors(fs, opt, bucket, shard_counts, args)
             url = f"{bucket}/shardopt-{count}"
             log(f"warm-up: one save and load with {count} shards (s3fs starts in each shard)")
             opt.save_checkpoint(url)
@@ -158,16 +210,21 @@ def main() -> None:
     lines = [
         f"AdamW state of {args.params:,} params: {nbytes / 1e6:.0f} MB, local S3 server "
         f"(moto), median of {args.repeats}",
-        f"{'operation':<32}{'s':>8}{'MB/s':>9}{'x put':>8}{'x get':>8}",
+        f"{'operation':<32}{'s':>8}{'MB/s':>9}{'x put':>8}{'x get':>8}{'x N puts':>10}",
     ]
     for name, samples in results.items():
         med = statistics.median(samples)
         remote = not name.startswith("local")
         anchor_put = put / med if remote and ("save" in name or "put" in name) else None
         anchor_get = get / med if remote and ("load" in name or "get" in name) else None
+        count = name.split(", ")[-1].split()[0]
+        parallel = results.get(f"s3fs put, {count} processes")
+        anchor_parallel = None
+        if name.startswith("shardopt save") and parallel:
+            anchor_parallel = statistics.median(parallel) / med
         lines.append(
             f"{name:<32}{med:>8.2f}{nbytes / med / 1e6:>9.1f}"
-            f"{fixed(anchor_put, 8)}{fixed(anchor_get, 8)}"
+            f"{fixed(anchor_put, 8)}{fixed(anchor_get, 8)}{fixed(anchor_parallel, 10)}"
         )
     meta = run_meta() | {"seconds": time.monotonic() - started}
     report = {
