@@ -17,14 +17,15 @@ float32 parameters (after one step), in one run:
 - for reference, the same saves and loads with as many shards to a local directory (``--dir``):
   shardopt's own work (snapshot, serialization, checksums, fsync) without the store.
 
-Figures are medians of ``--repeats``, after one untimed save and load per shard count (each
-shard process starts its s3fs client); MB/s counts the optimizer state's bytes; ``x put`` is
-the bandwidth over the single-stream put's (``x get``: over the single-stream get's; ``x N
-puts``: a save's over that of as many processes putting at once as it has shards). The
-server shares this machine's CPUs with the shards, so the ratios say how shardopt's parallel
-writers use one server, not a cloud's.
+Every configuration runs once per round, in an order that rotates every round (this machine is
+shared: load drifts); the first round is not timed (every shard and put process makes its s3fs
+client then). Figures are medians of ``--repeats`` rounds; MB/s counts the optimizer state's
+bytes; ``x put`` is the bandwidth over the single-stream put's (``x get``: over the
+single-stream get's; ``x N puts``: a save's over that of as many processes putting at once as
+it has shards). The server shares this machine's CPUs with the shards, so the ratios say how
+shardopt's parallel writers use one server, not a cloud's.
 
-    python benchmarks/remote_checkpoint_bench.py [--params 50M] [--shards 2,4] [--repeats 2]
+    python benchmarks/remote_checkpoint_bench.py [--params 50M] [--shards 2,4] [--repeats 3]
 
 Writes benchmarks/results/remote_checkpoint_bench.json.
 """
@@ -48,11 +49,11 @@ import torch
 from common import (
     RESULTS,
     arg_parser,
-    back_to_back,
     fixed,
     logger,
     parse_size,
     publish,
+    round_robin,
     run_meta,
 )
 from workload import mixed_params
@@ -84,69 +85,36 @@ def _put(local: str, remote: str) -> None:
     _WORKER_FS.put_file(local, remote, max_concurrency=1)
 
 
-def parallel_puts(blob: pathlib.Path, remote: str, count: int, repeats: int) -> list[float]:
-    """The seconds of ``count`` processes putting 1/``count`` of ``blob`` each, at once, one
-    stream each: what the server gives as many writers as shards (processes started, and
-    their clients connected, before the clock starts)."""
-    data = blob.read_bytes()
-    step = -(-len(data) // count)
-    parts = []
-    for i in range(count):
-        part = blob.with_name(f"{blob.name}.{i}")
-        part.write_bytes(data[i * step : (i + 1) * step])
-        parts.append((str(part), f"{remote}.{i}"))
-    del data
-    try:
-        with multiprocessing.get_context("spawn").Pool(count, initializer=_start_worker) as pool:
-            tiny = blob.with_name(f"{blob.name}.tiny")
-            tiny.write_bytes(b"warm-up")
-            pool.starmap(_put, [(str(tiny), f"{name}.warm-up") for _, name in parts], 1)
-            tiny.unlink()
-            return back_to_back(lambda: pool.starmap(_put, parts, 1), repeats)
-    finally:
-        for local, _ in parts:
+class ParallelPuts:
+    """``count`` processes that put 1/``count`` of a file each, at once, one stream each: what
+    the server gives as many writers as shards (processes started, and their clients made,
+    before any timing)."""
+
+    def __init__(self, blob: pathlib.Path, remote: str, count: int) -> None:
+        data = blob.read_bytes()
+        step = -(-len(data) // count)
+        self.parts = []
+        for i in range(count):
+            part = blob.with_name(f"{blob.name}.{i}")
+            part.write_bytes(data[i * step : (i + 1) * step])
+            self.parts.append((str(part), f"{remote}.{i}"))
+        self.pool = multiprocessing.get_context("spawn").Pool(count, initializer=_start_worker)
+
+    def __call__(self) -> None:
+        self.pool.starmap(_put, self.parts, 1)
+
+    def close(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+        for local, _ in self.parts:
             pathlib.Path(local).unlink(missing_ok=True)
-
-
-def anchors(
-    fs: Any, opt: torch.optim.Optimizer, bucket: str, counts: list[int], args: Any
-) -> dict[str, list[float]]:
-    """s3fs put/get of the state's bytes (``torch.save`` of the gathered state dict): one
-    stream, one stream with parts in flight, and as many processes as shards."""
-    blob = pathlib.Path(args.dir) / f"shardopt-bench-{uuid.uuid4().hex[:8]}.pt"
-    torch.save(opt.state_dict(), blob)
-    remote = f"{bucket.removeprefix('s3://')}/anchor/state.pt"
-    log(f"anchors: s3fs put/get of {blob.stat().st_size / 1e6:.0f} MB")
-    fs.pipe_file(remote, b"warm-up")  # the connection, the server's first request
-    fs.cat_file(remote)
-    try:
-        results = {
-            "s3fs put, one stream": back_to_back(
-                lambda: fs.put_file(str(blob), remote, max_concurrency=1), args.repeats
-            ),
-            "s3fs put, 10 parts in flight": back_to_back(
-                lambda: fs.put_file(str(blob), remote, max_concurrency=10), args.repeats
-            ),
-            "s3fs get, one stream": back_to_back(
-                lambda: fs.get_file(remote, str(blob)), args.repeats
-            ),
-        }
-        for count in counts:
-            log(f"anchor: {count} processes put 1/{count} of the bytes each, at once")
-            results[f"s3fs put, {count} processes"] = parallel_puts(
-                blob, remote, count, args.repeats
-            )
-        return results
-    finally:
-        blob.unlink(missing_ok=True)
-        fs.rm(f"{bucket.removeprefix('s3://')}/anchor", recursive=True)
 
 
 def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--params", type=parse_size, default=parse_size("50M"))
     parser.add_argument("--shards", default="2,4", help="shard counts, comma-separated")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--dir", default=tempfile.gettempdir(), help="for the anchor's file and the local saves"
     )
@@ -161,11 +129,13 @@ def main() -> None:
     os.environ.update(s3.env)  # before Ray starts: the shards' actors inherit it
     import shardopt
 
+    work = pathlib.Path(tempfile.mkdtemp(prefix="shardopt-bench-", dir=args.dir))
+    optimizers, pools = [], []
     try:
         fs = s3.filesystem()
         bucket = s3.bucket(f"bench-{uuid.uuid4().hex[:8]}")
-        results: dict[str, list[float]] = {}
-        nbytes = 0
+        root = bucket.removeprefix("s3://")
+        steps: dict[str, Any] = {}
         for count in shard_counts:
             log(f"{count} shards: an AdamW state over {args.params:,} params")
             params = mixed_params(args.params)
@@ -173,43 +143,49 @@ def main() -> None:
                 p.grad = torch.randn_like(p)
             opt = shardopt.AdamW(params, lr=1e-3, num_shards=count)
             opt.step()
-            nbytes = state_bytes(opt)
-            if count == shard_counts[0]:
-                results |= anchors(fs, opt, bucket, shard_counts, args)
-            url = f"{bucket}/shardopt-{count}"
-            log(f"warm-up: one save and load with {count} shards (s3fs starts in each shard)")
-            opt.save_checkpoint(url)
-            opt.load_checkpoint(url)
-            log(f"save_checkpoint({url!r}) with {count} shards")
-            results[f"shardopt save, {count} shards"] = back_to_back(
-                lambda url=url, opt=opt: opt.save_checkpoint(url), args.repeats
-            )
-            log(f"load_checkpoint with {count} shards")
-            results[f"shardopt load, {count} shards"] = back_to_back(
-                lambda url=url, opt=opt: opt.load_checkpoint(url), args.repeats
-            )
-            local = pathlib.Path(args.dir) / f"shardopt-bench-{uuid.uuid4().hex[:8]}"
-            log(f"reference: save and load with {count} shards to {local}")
-            try:
-                opt.save_checkpoint(local)
-                results[f"local dir save, {count} shards"] = back_to_back(
-                    lambda local=local, opt=opt: opt.save_checkpoint(local), args.repeats
-                )
-                results[f"local dir load, {count} shards"] = back_to_back(
-                    lambda local=local, opt=opt: opt.load_checkpoint(local), args.repeats
-                )
-            finally:
-                shutil.rmtree(local, ignore_errors=True)
-            opt.close()
-            del opt, params
+            optimizers.append(opt)
+            url, local = f"{bucket}/shardopt-{count}", work / f"shardopt-{count}"
+            steps[f"shardopt save, {count} shards"] = lambda o=opt, u=url: o.save_checkpoint(u)
+            steps[f"shardopt load, {count} shards"] = lambda o=opt, u=url: o.load_checkpoint(u)
+            steps[f"local dir save, {count} shards"] = lambda o=opt, d=local: o.save_checkpoint(d)
+            steps[f"local dir load, {count} shards"] = lambda o=opt, d=local: o.load_checkpoint(d)
+        nbytes = state_bytes(optimizers[0])
+        blob = work / "state.pt"
+        torch.save(optimizers[0].state_dict(), blob)
+        remote = f"{root}/anchor/state.pt"
+        log(f"anchors: s3fs put/get of {blob.stat().st_size / 1e6:.0f} MB")
+        anchor_steps = {
+            "s3fs put, one stream": lambda: fs.put_file(str(blob), remote, max_concurrency=1),
+            "s3fs put, 10 parts in flight": lambda: fs.put_file(
+                str(blob), remote, max_concurrency=10
+            ),
+            "s3fs get, one stream": lambda: fs.get_file(remote, str(work / "got.pt")),
+        }
+        for count in shard_counts:
+            pools.append(ParallelPuts(blob, f"{root}/anchor/part", count))
+            anchor_steps[f"s3fs put, {count} processes"] = pools[-1]
+        fs.put_file(str(blob), remote)  # what the gets read, from the first round on
+        # every configuration once per round, the order rotating: the first round (every
+        # shard's and worker's s3fs client made, the checkpoints there to load) is not timed
+        log(f"{1 + args.repeats} rounds of {len(steps) + len(anchor_steps)} configurations")
+        samples = round_robin(anchor_steps | steps, warmup=1, repeats=args.repeats)
+        failed = {name: s.error for name, s in samples.items() if s.error is not None}
+        if failed:
+            raise RuntimeError(f"configurations failed: {failed}")
+        results = {name: [ms / 1e3 for ms in s.samples_ms] for name, s in samples.items()}
     finally:
+        for pool in pools:
+            pool.close()
+        for opt in optimizers:
+            opt.close()
+        shutil.rmtree(work, ignore_errors=True)
         s3.stop()
 
     put = statistics.median(results["s3fs put, one stream"])
     get = statistics.median(results["s3fs get, one stream"])
     lines = [
         f"AdamW state of {args.params:,} params: {nbytes / 1e6:.0f} MB, local S3 server "
-        f"(moto), median of {args.repeats}",
+        f"(moto), median of {args.repeats} rounds",
         f"{'operation':<32}{'s':>8}{'MB/s':>9}{'x put':>8}{'x get':>8}{'x N puts':>10}",
     ]
     for name, samples in results.items():
