@@ -169,7 +169,9 @@ def _add_ckpt(subparsers: Subparsers) -> None:
         help="inspect or export a shardopt checkpoint",
         description=(
             "Work with a checkpoint written by optimizer.save_checkpoint(path): a "
-            "torch.distributed.checkpoint directory with one data file per shard."
+            "torch.distributed.checkpoint directory (or object store prefix, e.g. "
+            "s3://bucket/run/step-100, with credentials from the environment) with one data "
+            "file per shard."
         ),
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -182,7 +184,7 @@ def _add_ckpt(subparsers: Subparsers) -> None:
             "does not cover, and then only DCP's metadata classes and weights_only values."
         ),
     )
-    inspect.add_argument("path", help="the checkpoint directory")
+    inspect.add_argument("path", help="the checkpoint directory or URL")
     _add_key_file(inspect, "refuse a checkpoint not signed with it")
     inspect.set_defaults(handler=_run_ckpt_inspect)
     export = verbs.add_parser(
@@ -195,7 +197,7 @@ def _add_ckpt(subparsers: Subparsers) -> None:
             "checkpoint from elsewhere (torch's dcp_to_torch_save unpickles with plain pickle)."
         ),
     )
-    export.add_argument("path", help="the checkpoint directory")
+    export.add_argument("path", help="the checkpoint directory or URL")
     _add_key_file(export, "refuse a checkpoint not signed with it")
     export.add_argument("out", help="the .pt file to write")
     export.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -216,7 +218,7 @@ def _run_ckpt_inspect(args: argparse.Namespace) -> int:
     key = _checkpoint_key(args)
     try:
         info = describe(args.path, key=key)
-    except (FileNotFoundError, ValueError, TypeError, KeyError) as err:  # a hostile checkpoint
+    except (OSError, ImportError, ValueError, TypeError, KeyError) as err:  # hostile or unreachable
         info = {"path": args.path, "integrity": f"FAILED: {err}"}
     print(f"checkpoint {info['path']}")
     print(f"  integrity: {info['integrity']}")
@@ -240,7 +242,7 @@ def _run_ckpt_export(args: argparse.Namespace) -> int:
     key = _checkpoint_key(args)
     try:
         count = export(args.path, args.out, progress=not args.no_progress, key=key)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ImportError, ValueError) as err:
         print(f"shardopt ckpt export: {err}")
         return 1
     print(f"wrote {args.out}: state of {count} parameters")
@@ -282,7 +284,10 @@ def _add_serve(subparsers: Subparsers) -> None:
     parser.add_argument("--tls-cert", help="PEM certificate chain for TLS")
     parser.add_argument("--tls-key", help="PEM private key for TLS")
     parser.add_argument(
-        "--checkpoint-dir", help="where clients' SaveCheckpoint/LoadCheckpoint paths live"
+        "--checkpoint-dir",
+        help="where clients' SaveCheckpoint/LoadCheckpoint paths live: a directory every Ray "
+        "node mounts, or an object store URL (s3://bucket/prefix; credentials from the "
+        "environment of the gateway and of every Ray node, e.g. AWS_ACCESS_KEY_ID)",
     )
     _add_key_file(parser, "sign every checkpoint saved and load only checkpoints signed with it")
     parser.add_argument(

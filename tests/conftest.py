@@ -14,7 +14,11 @@ import pytest
 import ray
 import torch
 
+from shardopt.testing import LocalS3
+
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
+S3 = LocalS3()
+"""The session's S3 server (started by the ``s3`` fixture, when a test first asks for it)."""
 
 
 def pytest_collection_modifyitems(items):
@@ -24,13 +28,27 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session", autouse=True)
 def ray_session():
-    """One local Ray per test session; shard actors can import the test modules."""
+    """One local Ray per test session; shard actors can import the test modules and reach the
+    session's S3 server (its endpoint and test credentials are in their environment)."""
     paths = [str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    os.environ.update(S3.env)  # never a real store: every s3:// URL goes to the local server
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3(ray_session):
+    """The session's S3-compatible server (moto) on loopback; the tests that use it are
+    skipped, with the reason, where it cannot start (moto[server] or s3fs missing, ...)."""
+    try:
+        S3.start()
+    except RuntimeError as err:
+        pytest.skip(f"no local S3 server: {err}")
+    yield S3
+    S3.stop()
 
 
 @pytest.fixture(scope="session")

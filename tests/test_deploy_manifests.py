@@ -35,6 +35,8 @@ KUBERAY_FILES = ("raycluster.yaml", "raycluster-gpu.yaml", "gateway.yaml", "secr
 RAY_SERVICES = ("ray-head", "ray-worker-1", "ray-worker-2", "gateway")
 SERVE_PORT = 50051
 
+# `pip install ... .` or `pip install ... ".[extra]"`: a RUN that installs shardopt itself.
+INSTALLS_SHARDOPT = re.compile(r"""pip install\b[^&;]*\s["']?\.(\[[\w,-]+\])?["']?(\s|$)""")
 # Compose's ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}.
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 BARE_VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -555,14 +557,13 @@ def test_kuberay_files_have_the_expected_documents(manifests):
     assert kinds == {
         "raycluster.yaml": ["RayCluster"],
         "raycluster-gpu.yaml": ["RayCluster"],
-        "gateway.yaml": ["Deployment", "PersistentVolumeClaim", "Service"],
-        "secrets.example.yaml": ["Secret", "Secret"],
+        "gateway.yaml": ["Deployment", "Service"],
+        "secrets.example.yaml": ["Secret", "Secret", "Secret"],
     }
     api_versions = {
         "RayCluster": "ray.io/v1",
         "Deployment": "apps/v1",
         "Service": "v1",
-        "PersistentVolumeClaim": "v1",
         "Secret": "v1",
     }
     for name, docs in manifests.items():
@@ -650,14 +651,34 @@ def test_ray_containers_define_probes_that_need_no_dashboard(manifests):
                     assert command[:2] == ["ray", "health-check"], (file, probe, command)
 
 
-def test_ray_pods_share_the_checkpoint_volume(manifests, gateway_serve):
-    """Each shard writes its own checkpoint file: every Ray pod mounts the gateway's claim."""
-    claim = one(manifests, "gateway.yaml", "PersistentVolumeClaim")
-    assert "ReadWriteMany" in claim["spec"]["accessModes"]
-    assert quantity(claim["spec"]["resources"]["requests"]["storage"]) > 0
-    for where, pod, container in ray_containers(manifests):
-        volume = volume_at(pod, container, gateway_serve["checkpoint_dir"])
-        assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"], where
+def test_ray_pods_and_the_gateway_reach_the_checkpoint_store(manifests):
+    """Checkpoints go to an object store: each shard uploads its own object from its own pod and
+    the gateway writes the commit, so every Ray container and the gateway get the store's
+    credentials from one Secret, and no volume is shared between pods."""
+    from shardopt.checkpoint.storage import location
+
+    pod = one(manifests, "gateway.yaml", "Deployment")["spec"]["template"]["spec"]
+    url = serve_args(pod["containers"][0]["command"])["checkpoint_dir"]
+    assert url.startswith("s3://") and location(url) == url, url
+    secrets = secrets_example(manifests)
+    refs = set()
+    for where, _, container in ray_containers(manifests):
+        names = [e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e]
+        assert len(names) == 1, f"{where}: no object store credentials from a Secret"
+        refs.add(names[0])
+        env = {e["name"] for e in container.get("env", [])}
+        assert not env & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, f"{where}: keys inline"
+        mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+        assert "/checkpoints" not in mounts, f"{where}: a checkpoint volume is still mounted"
+    (secret,) = refs
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"} <= secrets[secret]
+    for docs in manifests.values():
+        assert all(d["kind"] != "PersistentVolumeClaim" for d in docs)
+
+
+def test_the_image_installs_the_object_store_file_system():
+    runs = [rest for word, rest in _resolved_dockerfile() if word == "RUN"]
+    assert any(re.search(r"""["']\.\[[\w,-]*\bs3\b""", run) for run in runs), "no .[s3] (s3fs)"
 
 
 def test_raycluster_gpu_requests_gpus(manifests):
@@ -725,7 +746,8 @@ def test_gateway_probes_hit_the_serve_port(manifests):
 
 def test_gateway_command_matches_compose(manifests, services, gateway_serve):
     """The same `ray start` and `shardopt serve` flags as compose's gateway, but the head's
-    Service name (KubeRay's ``<cluster>-head-svc``) in place of ``ray-head``."""
+    Service name (KubeRay's ``<cluster>-head-svc``) in place of ``ray-head`` and an object store
+    in place of the checkpoint volume."""
     cluster = one(manifests, "raycluster.yaml", "RayCluster")
     head_port = int(cluster["spec"]["headGroupSpec"]["rayStartParams"].get("port", 6379))
     head_service = f"{cluster['metadata']['name']}-head-svc"
@@ -734,7 +756,9 @@ def test_gateway_command_matches_compose(manifests, services, gateway_serve):
 
     kube_serve = serve_args(command)
     assert host_port(kube_serve["ray_address"]) == (head_service, head_port)
-    assert {**kube_serve, "ray_address": None} == {**gateway_serve, "ray_address": None}
+    # checkpoints: compose's volume, KubeRay's object store (see the tests of each)
+    same = {"ray_address": None, "checkpoint_dir": None}
+    assert {**kube_serve, **same} == {**gateway_serve, **same}
 
     compose_start = ray_start_params(ray_start_of(with_defaults(services["gateway"]["command"])))
     kube_start = ray_start_params(ray_start_of(command))
@@ -820,7 +844,7 @@ def test_dockerfile_installs_torch_before_shardopt():
     instructions = _resolved_dockerfile()
     runs = [(i, rest) for i, (word, rest) in enumerate(instructions) if word == "RUN"]
     torch_at = [i for i, rest in runs if re.search(r"pip install\b.*\btorch==2\.13\.0\b", rest)]
-    shardopt_at = [i for i, rest in runs if re.search(r"pip install\b[^&;]*\s\.(\s|$)", rest)]
+    shardopt_at = [i for i, rest in runs if INSTALLS_SHARDOPT.search(rest)]
     assert torch_at, "no RUN installs torch==2.13.0"
     assert shardopt_at, "no RUN installs shardopt (pip install .)"
     assert torch_at[0] < shardopt_at[0]
@@ -837,7 +861,7 @@ def test_dockerfile_copies_protos_before_installing():
     install_at = [
         i
         for i, (word, rest) in enumerate(instructions)
-        if word == "RUN" and re.search(r"pip install\b[^&;]*\s\.(\s|$)", rest)
+        if word == "RUN" and INSTALLS_SHARDOPT.search(rest)
     ]
     assert protos_at and install_at and protos_at[0] < install_at[0]
     assert (ROOT / "protos" / "shardopt" / "v1").is_dir()

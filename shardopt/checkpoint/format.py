@@ -1,11 +1,12 @@
 """Sharded checkpoints in torch.distributed.checkpoint (DCP) format, written by the shards.
 
-A checkpoint is a DCP directory: one data file per shard (``__{i}_{save}_0.distcp``, with a
-name of its own for every save), written by that shard in parallel straight from its actor; a
-commit record (the SHA-256 of ``.metadata`` and of every slice of every data file, signed when
-the saver has a key: :mod:`shardopt.checkpoint.integrity`); and DCP's ``.metadata``,
-renamed into place last: the commit. The proxy plays DCP's coordinator (local plans -> global
-plan -> per-shard writes -> metadata), so plain PyTorch reads it:
+A checkpoint is a DCP directory (or an object store prefix: :mod:`shardopt.checkpoint.storage`):
+one data file per shard (``__{i}_{save}_0.distcp``, with a name of its own for every save),
+written by that shard in parallel straight from its actor; a commit record (the SHA-256 of
+``.metadata`` and of every slice of every data file, signed when the saver has a key:
+:mod:`shardopt.checkpoint.integrity`); and DCP's ``.metadata``, written last: the commit. The
+proxy plays DCP's coordinator (local plans -> global plan -> per-shard writes -> metadata), so
+plain PyTorch reads it:
 ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save(path, "opt.pt")`` gives a
 torch.optim state dict (it unpickles with plain ``pickle``: only for checkpoints you trust;
 :func:`export` is the safe route). DCP turns dict keys into strings, so the parameter ids are
@@ -13,9 +14,10 @@ stored as strings in both ``state`` and each group's ``params``; torch.optim's
 ``load_state_dict`` only matches the two, so the converted file loads into
 ``torch.optim.<Name>`` as it is.
 
-A save holds an exclusive lock on the directory (:class:`shardopt.checkpoint.commit.SaveLock`)
-from before its first write until its commit: a second save there fails with
-:class:`~shardopt.core.errors.CheckpointInUseError`. Until the commit, the checkpoint the save
+A save holds a lock on the location (:class:`shardopt.checkpoint.commit.SaveLock`) from before
+its first write until its commit: a second save there fails with
+:class:`~shardopt.core.errors.CheckpointInUseError` (on an object store, one from the same
+process; see :mod:`shardopt.checkpoint.commit`). Until the commit, the checkpoint the save
 replaces loads as it was; after it, that checkpoint's files are removed. A load reads
 ``.metadata`` once and checks every slice it reads against the record those bytes name: it sees
 one whole checkpoint or fails.
@@ -28,8 +30,8 @@ Owns the format and its pieces: the shard side (:class:`ShardSave`, :func:`read_
 the coordinator's step (:func:`coordinate`) and the reader's checks (:func:`verify`);
 :mod:`shardopt.client.checkpoints` drives the protocol from the client.
 
-Talks to: the file system through DCP's ``FileSystemWriter`` (fsspec's for ``memory://``), and
-:mod:`shardopt.checkpoint.integrity` for everything it reads back.
+Talks to: the checkpoint's store (:mod:`shardopt.checkpoint.storage`, whose DCP writer the
+shards write with), and :mod:`shardopt.checkpoint.integrity` for everything it reads back.
 """
 
 from __future__ import annotations
@@ -40,10 +42,9 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import (
@@ -68,53 +69,8 @@ from torch.distributed.checkpoint.planner_helpers import _create_read_items
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from shardopt.checkpoint import integrity
-from shardopt.checkpoint.integrity import Commit, VerifyingReader, fs_of
-
-if TYPE_CHECKING:
-    pass
-
-
-def location(path: str | os.PathLike) -> str:
-    """Where a checkpoint lives: an absolute local directory, or a ``memory://`` URL.
-
-    ``file://`` URLs become local directories, which every shard on a shared file system
-    writes itself. ``memory://`` (fsspec's in-process store) exists only in the proxy's
-    process, so there the proxy does the I/O for its shards.
-
-    Raises:
-        ValueError: another URL scheme.
-    """
-    text = os.fspath(path)
-    if "://" not in text:
-        return os.path.abspath(text)
-    scheme, rest = text.split("://", 1)
-    if scheme == "file":
-        return os.path.abspath(rest)
-    if scheme == "memory":
-        return text.rstrip("/")
-    raise ValueError(
-        f"unsupported checkpoint location {scheme}://: use a directory every shard reaches "
-        "(local or shared file system, file://) or memory://"
-    )
-
-
-def shards_reach(where: str) -> bool:
-    """Whether the shards can do their own I/O there (not for the proxy's in-process store)."""
-    return "://" not in where
-
-
-def _writer(where: str) -> FileSystemWriter:
-    if shards_reach(where):
-        return FileSystemWriter(where, sync_files=True)
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-
-    return FsspecWriter(where, sync_files=False)
-
-
-def make_dirs(where: str) -> None:
-    fs, root = fs_of(where)
-    fs.makedirs(root, exist_ok=True)
-
+from shardopt.checkpoint.integrity import Commit, VerifyingReader
+from shardopt.checkpoint.storage import digests_written, location, store_at
 
 # ----- shard side -------------------------------------------------------------------------------
 
@@ -124,7 +80,8 @@ class ShardSave:
 
     def __init__(self, where: str, state: dict[str, Any], is_coordinator: bool):
         self.where = where
-        self.writer = _writer(where)
+        self.store = store_at(where)
+        self.writer = self.store.writer()
         self.writer.set_up_storage_writer(is_coordinator)
         self.planner = DefaultSavePlanner()
         self.planner.set_up_planner(state, None, is_coordinator)
@@ -134,7 +91,7 @@ class ShardSave:
     def local_plan(self) -> Any:
         # not the writer's prepare_local_plan, which warns about the committed checkpoint this
         # save replaces (it stays loadable until the commit)
-        self.writer.fs.mkdir(self.writer.path)
+        self.store.prepare()
         return self.planner.create_local_plan()
 
     def start_writing(self, plan: Any) -> None:
@@ -148,7 +105,10 @@ class ShardSave:
                 for result in results:
                     info = result.storage_data
                     slices.setdefault(info.relative_path, []).append((info.offset, info.length))
-                digests = {f: integrity.digest_file(self.where, f, s) for f, s in slices.items()}
+                digests = {
+                    f: integrity.digest_file(self.where, f, s, digests_written(self.writer, f))
+                    for f, s in slices.items()
+                }
                 self._outcome = (results, digests)
             except BaseException as exc:  # reported to the proxy by wait()
                 self._outcome = exc

@@ -4,19 +4,20 @@ A shardopt checkpoint is committed by two files: the commit record
 ``.shardopt-commit-<sha256 of .metadata>.json`` (JSON: the SHA-256 and size of DCP's
 ``.metadata``, and the size of every data file with the SHA-256 of every slice in it, the
 slices covering every byte; optionally an HMAC-SHA256 signature over all of it) and DCP's
-``.metadata`` itself, renamed into place last. A reader reads ``.metadata``'s bytes once,
-finds the record named by their digest, checks the signature when it has a key, and only then
-unpickles those bytes, with an allowlist unpickler that builds DCP's metadata classes and
-nothing else (:func:`unpickle_metadata`). Data slices are checked against the record as they
-are read (:class:`VerifyingReader`), so a file changed between the check and the read never
-reaches the state; values load with ``weights_only``.
+``.metadata`` itself, written last (renamed into place, or put whole on an object store). A
+reader reads ``.metadata``'s bytes once, finds the record named by their digest, checks the
+signature when it has a key, and only then unpickles those bytes, with an allowlist unpickler
+that builds DCP's metadata classes and nothing else (:func:`unpickle_metadata`). Data slices
+are checked against the record as they are read (:class:`VerifyingReader`), so a file changed
+between the check and the read never reaches the state; values load with ``weights_only``.
 
 Checksums detect corruption, not forgery: anyone who can write the directory can write a
 matching record. A key (:func:`read_key`) makes the record a signature: with one, only
 checkpoints signed with that key load.
 
 Owns the record format, the signing key, the metadata unpickler and the verifying DCP reader.
-Talks to: the file system (fsspec) and DCP's ``FileSystemReader``; used by
+Talks to: the checkpoint's store (:mod:`shardopt.checkpoint.storage`: a directory or an object
+store, through fsspec) and DCP's ``FileSystemReader``; used by
 :mod:`shardopt.checkpoint.format` and the client's protocol (:mod:`shardopt.client.checkpoints`),
 and by the shards reading their parts.
 """
@@ -32,8 +33,7 @@ import os
 import pathlib
 import pickle
 import re
-import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,8 @@ from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
+
+from shardopt.checkpoint.storage import fs_of, store_at
 
 METADATA = ".metadata"
 """DCP's metadata (a pickle), renamed into place last: the commit."""
@@ -65,31 +67,11 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # ----- files ------------------------------------------------------------------------------------
 
 
-def fs_of(where: str) -> tuple[Any, str]:
-    """The fsspec file system and root path of a checkpoint location."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(where)
-
-
-def _check_regular(where: str, name: str) -> None:
-    """Refuses a symlink, FIFO or device where a checkpoint file belongs (a local directory).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a regular file.
-    """
-    if "://" in where:
-        return
-    mode = os.lstat(os.path.join(where, name)).st_mode
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{where}/{name} is not a regular file (a link, FIFO or device)")
-
-
 def _read_small(where: str, name: str) -> bytes:
-    fs, root = fs_of(where)
+    store = store_at(where)
+    fs, root = store.fs()
     path = f"{root}/{name}"
-    _check_regular(where, name)
+    store.check_regular(name)
     size = fs.size(path)
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"{where}/{name} has {size} bytes, more than {MAX_METADATA_BYTES}")
@@ -108,11 +90,18 @@ def _hash_range(f: Any, length: int, shown: str) -> str:
     return digest.hexdigest()
 
 
-def digest_file(where: str, name: str, slices: Iterable[tuple[int, int]]) -> dict[str, Any]:
+def digest_file(
+    where: str,
+    name: str,
+    slices: Iterable[tuple[int, int]],
+    known: Mapping[tuple[int, int], str] | None = None,
+) -> dict[str, Any]:
     """The record entry of one data file: its size and the SHA-256 of every slice in it.
 
     ``slices`` are the (offset, length) DCP's writer reported; bytes outside them (DCP writes
-    none) get entries of their own, so that the entries cover every byte. One sequential pass.
+    none) get entries of their own, so that the entries cover every byte. ``known`` holds the
+    digests the writer computed as it wrote, by (start, end) (an object store's uploads): the
+    file is read back only for ranges it lacks, in one sequential pass.
     """
     fs, root = fs_of(where)
     path, shown = f"{root}/{name}", f"{where}/{name}"
@@ -128,8 +117,16 @@ def digest_file(where: str, name: str, slices: Iterable[tuple[int, int]]) -> dic
         end = offset + length
     if size > end:
         ranges.append((end, size - end))
-    with fs.open(path, "rb") as f:
-        digests = {_slice_key(o, n): _hash_range(f, n, shown) for o, n in ranges}
+    elif size < end:
+        raise ValueError(f"checkpoint data file {shown} has {size} bytes, fewer than written")
+    known = known or {}
+    digests = {_slice_key(o, n): known[(o, o + n)] for o, n in ranges if (o, o + n) in known}
+    missing = [(o, n) for o, n in ranges if _slice_key(o, n) not in digests]
+    if missing:
+        with fs.open(path, "rb") as f:
+            for offset, length in missing:
+                f.seek(offset)
+                digests[_slice_key(offset, length)] = _hash_range(f, length, shown)
     return {"size": size, "slices": digests}
 
 
@@ -344,12 +341,13 @@ def check_files(commit: Commit, full: bool) -> None:
         FileNotFoundError: a data file is missing (named in the message).
         ValueError: a data file of another size or checksum (named in the message).
     """
-    fs, root = fs_of(commit.where)
+    store = store_at(commit.where)
+    fs, root = store.fs()
     for name, entry in sorted(commit.files.items()):
         path, shown = f"{root}/{name}", f"{commit.where}/{name}"
         if not fs.exists(path):
             raise FileNotFoundError(f"checkpoint data file {shown} is missing")
-        _check_regular(commit.where, name)
+        store.check_regular(name)
         changed = fs.size(path) != entry["size"]
         if full and not changed:
             with fs.open(path, "rb") as f:

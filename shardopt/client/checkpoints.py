@@ -1,12 +1,14 @@
 """The checkpoint protocol, driven from the client: DCP's coordinator with shards as writers.
 
-Saving: the directory is locked against other saves, every shard snapshots its state and plans
+Saving: the location is locked against other saves, every shard snapshots its state and plans
 its part (``save_plan``), this process makes DCP's global plan (a data file name of its own for
 this save), the shards write their files in parallel straight from their actors
-(``save_write``), and the commit (:func:`shardopt.checkpoint.commit.commit`) comes last. Where
-the shards cannot reach the path (an in-process ``memory://`` store), or for state this process
-holds (LBFGS's gathered vectors), this process writes the parts itself. A save that fails
-removes what it wrote; the checkpoint it was replacing loads as it was.
+(``save_write``) to the store (a directory they all reach, or an object store:
+:mod:`shardopt.checkpoint.storage`), and the commit (:func:`shardopt.checkpoint.commit.commit`)
+comes last. Where the shards cannot reach the path (an in-process ``memory://`` store), or for
+state this process holds (LBFGS's gathered vectors), this process writes the parts itself. A
+save that fails waits for every writer to stop, then removes what it wrote; the checkpoint it
+was replacing loads as it was.
 
 Loading: the commit record (and its signature, with a key) is checked before anything is
 unpickled, then every shard reads its own parameters' entries against that record and validates
@@ -24,11 +26,11 @@ from typing import Any
 
 from shardopt.checkpoint import commit as committing
 from shardopt.checkpoint import format as checkpoint
-from shardopt.checkpoint import integrity
+from shardopt.checkpoint import integrity, storage
 from shardopt.checkpoint.format import SaveHandle
 from shardopt.checkpoint.integrity import Commit
 from shardopt.client.handles import ShardHandle
-from shardopt.client.runtime import ray_get
+from shardopt.client.runtime import ray_get, settle
 from shardopt.client.shard_map import ShardMap
 from shardopt.core.buffers import pack_tree
 from shardopt.core.param_groups import check_param_groups
@@ -54,15 +56,17 @@ def save(
     Raises:
         CheckpointInUseError: another save to ``path`` is in progress.
     """
-    where = checkpoint.location(path)
+    where = storage.location(path)
+    store = storage.store_at(where)
     if key is not None:
         integrity.check_key(key)
-    checkpoint.make_dirs(where)
+    store.prepare()
     lock = committing.SaveLock(where)
     save_id = uuid.uuid4().hex[:12]
     token = uuid.uuid4().hex
+    writing: list[ShardHandle] = []  # shards that may be writing: settled before an abort
     try:
-        if shards and checkpoint.shards_reach(where):  # each shard writes its own file
+        if shards and store.shards_reach:  # each shard writes its own file
             plans = ray_get(
                 [
                     h.save_plan(token, where, groups if i == 0 else None)
@@ -70,10 +74,16 @@ def save(
                 ]
             )
             global_plans, metadata = checkpoint.coordinate(plans, save_id)
+            writing = list(shards)
             ray_get([h.save_write(token, p) for h, p in zip(shards, global_plans)])
 
             def outcomes() -> list[Any]:
-                return ray_get([h.save_wait(token) for h in shards])
+                waits = [h.save_wait(token) for h in shards]
+                try:
+                    return ray_get(waits)
+                except BaseException:
+                    settle(waits)  # no shard still writing when the abort removes its files
+                    raise
 
             def poll() -> bool:
                 return all(ray_get([h.save_done(token) for h in shards]))
@@ -97,19 +107,29 @@ def save(
                 part.start_writing(plan)
 
             def outcomes() -> list[Any]:
-                return [part.wait() for part in saves]
+                settled = []
+                for part in saves:  # every write ends before a failure aborts the save
+                    try:
+                        settled.append(part.wait())
+                    except BaseException as exc:
+                        settled.append(exc)
+                for outcome in settled:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                return settled
 
             def poll() -> bool:
                 return all(part.done() for part in saves)
 
     except BaseException:
+        settle([h.save_wait(token) for h in writing])
         committing.abort(where, save_id)
         lock.release()
         raise
 
     def finish() -> Commit:
         try:
-            return committing.commit(where, metadata, outcomes(), key, save_id)
+            return committing.commit(where, metadata, outcomes(), key, save_id, lock.exclusive)
         except BaseException:
             committing.abort(where, save_id)
             raise
@@ -136,7 +156,7 @@ def read_groups(
         ValueError: a corrupted or changed file, a missing or wrong signature (with ``key``),
             metadata that is not DCP's, or a checkpoint of other parameters.
     """
-    where = checkpoint.location(path)
+    where = storage.location(path)
     commit = integrity.read_commit(where, key)
     integrity.check_files(commit, full=False)  # a missing or cut file fails before any shard
     saved_groups = check_param_groups(current_groups, checkpoint.read_param_groups(commit))
@@ -161,7 +181,7 @@ def prepare_on_shards(
         Each shard's verdict (the exception that rejected its part, or None) and the ids it
         found state for.
     """
-    if checkpoint.shards_reach(commit.where):  # each shard reads its own parameters' state
+    if storage.store_at(commit.where).shards_reach:  # each shard reads its own parameters' state
         return ray_get([h.prepare_load_from_checkpoint(token, options, commit) for h in shards])
     answers = []  # an in-process store: read here, one shard's part at a time
     for h in shards:

@@ -506,13 +506,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         The directory is a torch.distributed.checkpoint checkpoint (see
         :mod:`shardopt.checkpoint`); ``dcp_to_torch_save`` turns it into a torch.optim state
         dict. A commit record with the SHA-256 of every file is written, then DCP's
-        ``.metadata`` by rename: a save that dies part-way leaves no new checkpoint that loads,
-        and a checkpoint it was replacing loads as it was until the commit. One save at a time
-        per directory.
+        ``.metadata`` (by rename, or one put on an object store): a save that dies part-way
+        leaves no new checkpoint that loads, and a checkpoint it was replacing loads as it was
+        until the commit. One save at a time per directory (per URL and process on an object
+        store, which has no lock across processes: see ``SECURITY.md``).
 
         Args:
-            path: a directory (or ``file://`` URL) every shard can write to, or a
-                ``memory://`` URL (fsspec's in-process store; this process then does the I/O).
+            path: a directory (or ``file://`` URL) every shard can write to, an object store
+                URL such as ``s3://bucket/run/step-100`` (any fsspec protocol whose file system
+                is installed; every shard uploads its own object, with the credentials in its
+                node's environment), or a ``memory://`` URL (fsspec's in-process store; this
+                process then does the I/O).
             blocking: wait for the commit. With False, training can go on at once; the
                 checkpoint holds the state as of this call once ``handle.wait()`` commits it.
             key: an HMAC key (at least 16 bytes, e.g. from
@@ -540,7 +544,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         every slice's SHA-256, and validates it; only if all accept does any apply it.
 
         Args:
-            path: the checkpoint's directory (or ``file://`` / ``memory://`` URL).
+            path: the checkpoint's directory, or its ``file://``, object store (``s3://``...)
+                or ``memory://`` URL.
             key: the HMAC key checkpoints must be signed with (None: any intact checkpoint).
 
         Raises:

@@ -9,7 +9,8 @@ largest optimizer alive or past asked for; :meth:`HostPool.set_max_idle` bounds 
 idle (a gateway does: a closed session's extra hosts are killed, their processes end).
 
 Also :func:`ray_get`, which turns a shard's failure into the shard's own exception (or a
-:class:`~shardopt.core.errors.ShardUnavailableError` for a lost actor).
+:class:`~shardopt.core.errors.ShardUnavailableError` for a lost actor), and :func:`settle`,
+which waits for calls whose outcome no longer matters to end.
 
 Talks to: Ray (``ray.init``, actor creation); :class:`~shardopt.actor.host.ShardHost` remotely.
 """
@@ -206,6 +207,15 @@ def ray_get(refs: Any) -> Any:
         raise
     except ray.exceptions.RayActorError as err:
         raise ShardUnavailableError(f"a shard actor is unavailable: {err}") from err
+
+
+def settle(refs: list[Any], timeout_s: float = 120.0) -> None:
+    """Waits until every ref has a value or an error (both ignored), at most ``timeout_s``."""
+    if refs:
+        try:
+            ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        except Exception:  # a cluster going away: nothing left to wait for
+            pass
 
 
 def drop_shards(hosts: list[Any], keys: list[str]) -> None:

@@ -13,13 +13,15 @@ into the keyword arguments of a :class:`~shardopt.client.optimizer.ShardedOptimi
 - shard counts, group sizes and group timeouts are bounded by
   :class:`~shardopt.gateway.quotas.Limits`;
 - param group options are plain values, and option updates pass torch's own checks;
-- checkpoint paths live under the token's own directory, symbolic links that lead out refused.
+- checkpoint paths live under the token's own directory (or prefix, on an object store),
+  symbolic links that lead out refused; on an object store, names of plain characters only.
 
 Errors are ``ValueError``/``TypeError`` (INVALID_ARGUMENT) or
 :class:`~shardopt.core.errors.QuotaExceededError` (RESOURCE_EXHAUSTED), raised before any
 allocation.
 
-Talks to nothing but torch (a throwaway optimizer runs torch's checks of updated options).
+Talks to nothing but torch (a throwaway optimizer runs torch's checks of updated options) and
+the file system under ``--checkpoint-dir`` (what a checkpoint path leads to).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 
 from shardopt.actor.placement import normalize_resources, normalize_strategy
+from shardopt.checkpoint.storage import location
 from shardopt.core.errors import QuotaExceededError
 from shardopt.gateway.auth import principal_of
 from shardopt.gateway.quotas import Limits
@@ -305,22 +308,47 @@ def param_groups_of(
 # ----- checkpoint paths ---------------------------------------------------------------------
 
 MAX_CHECKPOINT_ENTRIES = 10_000
+OBJECT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.=-]{0,254}")
+"""A part of a checkpoint path under an object store URL: nothing a URL or fsspec reads
+specially (``?``, ``#``, ``::``, ``*``, ``%``, spaces, ...)."""
 
 
-def checkpoint_path(root: pathlib.Path, principal: str, relative: str) -> pathlib.Path:
-    """Where a token's checkpoint ``relative`` lives: under ``root/<its scope>/``.
-
-    ``root`` must be resolved. The path must be relative and without ``..``; it, and every
-    entry already in it, must not lead out of the token's directory through a symbolic link.
+def checkpoint_root(checkpoint_dir: str) -> pathlib.Path | str:
+    """``--checkpoint-dir`` as the gateway uses it: a resolved directory, or an object store
+    URL (``s3://bucket/prefix``, credentials from the gateway's and the nodes' environment).
 
     Raises:
-        ValueError: an absolute path, ``..``, or a symbolic link that leads out.
+        ValueError, ImportError: a URL of an unknown protocol, or whose file system package is
+            not installed (see :func:`shardopt.checkpoint.storage.location`).
+    """
+    where = location(checkpoint_dir)
+    return where if "://" in where else pathlib.Path(where).resolve()
+
+
+def checkpoint_path(root: pathlib.Path | str, principal: str, relative: str) -> pathlib.Path | str:
+    """Where a token's checkpoint ``relative`` lives: under ``root/<its scope>/``.
+
+    ``root`` is what :func:`checkpoint_root` returns. The path must be relative and without
+    ``..``. In a directory, it and every entry already in it must not lead out of the token's
+    directory through a symbolic link; under an object store URL (no links there), each of its
+    parts is letters, digits and ``_.=-``.
+
+    Raises:
+        ValueError: an absolute path, ``..``, a symbolic link that leads out, or (on an object
+            store) a name with other characters.
     """
     path = pathlib.PurePosixPath(relative)
     if not relative or path.is_absolute() or ".." in path.parts or "\\" in relative:
         raise ValueError(f"checkpoint path {relative!r} must be relative, without '..'")
     if len(relative) > 1024:
         raise ValueError("a checkpoint path of more than 1024 characters")
+    if isinstance(root, str):
+        if not path.parts or not all(OBJECT_NAME.fullmatch(part) for part in path.parts):
+            raise ValueError(
+                f"checkpoint path {relative!r}: on this gateway's object store, a path is names "
+                "of letters, digits and _.=- separated by /"
+            )
+        return "/".join((root, scope_of(principal), *path.parts))
     home = root / scope_of(principal)
     target = home / path
     escape = ValueError(

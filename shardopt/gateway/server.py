@@ -144,7 +144,9 @@ def serve(
         tokens: accepted bearer tokens (see :func:`shardopt.gateway.auth.check_tokens`); None serves
             without authentication.
         tls_cert, tls_key: PEM files for TLS; without them the port is plaintext.
-        checkpoint_dir: where each token's Save/LoadCheckpoint directory lives (None: refused).
+        checkpoint_dir: where each token's Save/LoadCheckpoint directory lives (None: refused):
+            a directory every Ray node mounts, or an object store URL such as
+            ``s3://bucket/prefix`` (credentials from this process's and the nodes' environment).
         checkpoint_key: HMAC key (:func:`shardopt.checkpoint.integrity.read_key`) that signs
             every checkpoint saved; LoadCheckpoint then loads only checkpoints signed with it.
             None: checkpoints are checksummed, not signed, and any intact one loads.
@@ -164,7 +166,9 @@ def serve(
         The running :class:`Gateway`.
 
     Raises:
-        ValueError: a placeholder or short token, inconsistent limits or placement.
+        ValueError: a placeholder or short token, inconsistent limits or placement, or a
+            checkpoint URL of an unknown protocol.
+        ImportError: the file system package of the checkpoint URL is not installed.
     """
     from shardopt.client.optimizer import default_num_shards
     from shardopt.client.runtime import ensure_ray, host_pool

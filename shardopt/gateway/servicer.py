@@ -46,6 +46,7 @@ from shardopt.gateway.admission import (
     check_group_update,
     check_param_dtype,
     checkpoint_path,
+    checkpoint_root,
     optimizer_kwargs,
     param_groups_of,
     scope_of,
@@ -163,7 +164,8 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
 
     Args:
         limits: the gateway's limits and quotas.
-        checkpoint_dir: where tokens' checkpoint directories live (None: checkpoints refused).
+        checkpoint_dir: where tokens' checkpoint directories live: a directory or an object
+            store URL (None: checkpoints refused).
         shards: the operator's placement of group shards.
         checkpoint_key: the HMAC key that signs every checkpoint saved; loads then accept only
             checkpoints signed with it (None: checksummed, not signed).
@@ -180,7 +182,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
     ) -> None:
         self.limits = limits or Limits()
         self.operators = frozenset(operators)  # principals of operators' tokens
-        self.checkpoint_dir = pathlib.Path(checkpoint_dir).resolve() if checkpoint_dir else None
+        self.checkpoint_dir = checkpoint_root(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_key = checkpoint_key  # signs saves; loads need its signature
         self.shards = shards or ShardSettings()
         self.ledger = Ledger(self.limits)
@@ -507,7 +509,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                     optimizer.load_state_dict(state_dict)
                     return pb.LoadStateDictReply(state_order=optimizer.backend.state_order)
 
-    def _checkpoint_path(self, principal: str, relative: str) -> pathlib.Path:
+    def _checkpoint_path(self, principal: str, relative: str) -> pathlib.Path | str:
         if self.checkpoint_dir is None:
             raise PermissionError("this gateway has no checkpoint directory (--checkpoint-dir)")
         return checkpoint_path(self.checkpoint_dir, principal, relative)
@@ -579,9 +581,13 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         context.abort(code, message or type(exc).__name__)
 
     def _scrub(self, message: str) -> str:
-        """``message`` with the checkpoint directory's absolute path taken out."""
+        """``message`` with the checkpoint directory's absolute path (or URL) taken out."""
         if self.checkpoint_dir is None:
             return message
-        root = re.escape(str(self.checkpoint_dir))
-        message = re.sub(root + r"/[^/\s'\"]+/?", "", message)  # a token's own directory
-        return re.sub(root, "<checkpoint-dir>", message)
+        roots = [str(self.checkpoint_dir)]
+        if isinstance(self.checkpoint_dir, str):  # a URL: file systems name it without scheme
+            roots.append(self.checkpoint_dir.split("://", 1)[1])
+        for root in map(re.escape, roots):
+            message = re.sub(root + r"/[^/\s'\"]+/?", "", message)  # a token's own directory
+            message = re.sub(root, "<checkpoint-dir>", message)
+        return message
