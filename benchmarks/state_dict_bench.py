@@ -13,8 +13,9 @@ Client memory: for each of ``--memory-params`` (50M and 200M parameters by defau
 process per operation builds the optimizer (2 shards), steps once, drops its gradients and
 hands freed memory back to the system (``malloc_trim``); then the growth of its peak RSS over
 the operation, against the bytes of the state: ``state_dict()`` over shared memory and over
-the object store, ``load_state_dict`` of that dict, and ``save_state_dict(path)`` (the
-streaming save).
+the object store, ``load_state_dict`` of that dict, ``save_state_dict(path)`` (the streaming
+save), and ``load_state_dict`` of that file mapped by ``torch.load(path, mmap=True)`` (its
+pages, read from the file as the shards' parts are packed, count in the RSS too).
 
     python benchmarks/state_dict_bench.py [--params 50000000] [--repeats 5]
         [--memory-params 50M,200M]
@@ -115,7 +116,7 @@ def shardopt_run(n: int, repeats: int, shared_memory: bool) -> dict:
 
 
 MEMORY_OPS = ("state_dict (shared memory)", "state_dict (object store)", "load_state_dict",
-              "save_state_dict")  # fmt: skip
+              "save_state_dict", "load_state_dict (mmap file)")  # fmt: skip
 
 
 def _rss() -> int:
@@ -143,12 +144,16 @@ def _memory_probe(n: int, op: str, address: str, out: str, queue) -> None:
         p.grad = None
     loaded = opt.state_dict() if op == "load_state_dict" else None
     nbytes = state_bytes(loaded) if loaded is not None else None
+    if op == "load_state_dict (mmap file)":  # the streaming save's file, mapped, not read
+        opt.save_state_dict(out)
+        loaded = torch.load(out, weights_only=True, mmap=True)
+        nbytes = state_bytes(loaded)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     reset_peak_rss()
     base = _rss()
     start = time.perf_counter()
-    if op == "load_state_dict":
+    if op.startswith("load_state_dict"):
         opt.load_state_dict(loaded)
     elif op == "save_state_dict":
         opt.save_state_dict(out)
@@ -159,6 +164,7 @@ def _memory_probe(n: int, op: str, address: str, out: str, queue) -> None:
     growth = peak_rss_bytes() - base
     if op == "save_state_dict":
         nbytes = state_bytes(torch.load(out, weights_only=True, mmap=True))
+    if os.path.exists(out):
         os.unlink(out)
     opt.close()
     queue.put({"growth_mb": growth / 2**20, "state_mb": nbytes / 2**20, "x_state": growth / nbytes,
