@@ -94,3 +94,19 @@ def test_a_shard_keeps_at_most_two_packed_states():
     shard.drop_state(tokens[2])
     with pytest.raises(KeyError):
         shard.state_chunk(tokens[2], 0, 1)
+
+
+def test_page_out_gives_back_only_file_pages_and_loses_nothing(tmp_path):
+    from shardopt.core.mapped_files import page_out
+
+    torch.save({"a": torch.arange(300_000.0), "b": torch.ones(5)}, tmp_path / "s.pt")
+    mapped = torch.load(tmp_path / "s.pt", weights_only=True, mmap=True)
+    assert mapped["a"].sum() == torch.arange(300_000.0).sum()  # paged in
+    mapped["b"].mul_(3)  # a private, written page: must survive
+    assert page_out([mapped["a"], mapped["b"]]) > 0
+    assert torch.equal(mapped["a"], torch.arange(300_000.0))
+    assert torch.equal(mapped["b"], torch.full((5,), 3.0))
+    ordinary = torch.randn(100_000)
+    before = ordinary.clone()
+    assert page_out([ordinary]) == 0  # anonymous memory is never advised
+    assert torch.equal(ordinary, before)
