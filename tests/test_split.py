@@ -500,3 +500,44 @@ def test_assigning_optimizer_state_of_a_split_parameter():
         assert_same_state_dict(opt.state_dict(), want_opt.state_dict())
     finally:
         opt.close()
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["", "overlap"])
+@pytest.mark.parametrize("clip", [False, True], ids=["scaled", "unscale_-clip"])
+def test_grad_scaler_and_scheduler_with_split_tensors(clip, overlap):
+    """GradScaler's loop (an inf step skipped on every piece) and an lr scheduler, split."""
+    from test_dropin import INF_STEP, _scaled_run
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 400), nn.Tanh(), nn.Linear(400, 2))
+
+    sharded_model, torch_model = model(), model()
+    opt = shardopt.AdamW(sharded_model.parameters(), lr=1e-2, num_shards=3, overlap=overlap)
+    ref = torch.optim.AdamW(torch_model.parameters(), lr=1e-2, fused=True)
+    try:
+        assert opt.plan.is_split(0)
+        for o in (opt, ref):
+            o.step = _with_scheduler(o)
+        got, want = _scaled_run(opt, sharded_model, clip), _scaled_run(ref, torch_model, clip)
+        assert want[INF_STEP][1] == want[INF_STEP - 1][1] / 2  # the reference skipped a step
+        for k, ((params, scale), (ref_params, ref_scale)) in enumerate(zip(got, want)):
+            assert scale == ref_scale, k
+            assert_same_tensors(params, ref_params, path=f"step {k}")
+        assert_same(opt.state_dict()["state"], ref.state_dict()["state"], "state")
+        assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"] != 1e-2
+    finally:
+        opt.close()
+
+
+def _with_scheduler(opt):
+    """``opt.step`` followed by a StepLR step, as a training loop does."""
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    step = opt.step
+
+    def stepped(*args, **kwargs):
+        result = step(*args, **kwargs)
+        scheduler.step()
+        return result
+
+    return stepped
