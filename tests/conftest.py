@@ -76,3 +76,20 @@ def cluster(ray_session):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def address(gateway):
+    """``host:port`` of the module's ``gateway`` fixture (a real server on 127.0.0.1)."""
+    return f"127.0.0.1:{gateway.port}"
+
+
+@pytest.fixture
+def stub(address):
+    """A raw stub on a channel to the module's gateway, closed after the test."""
+    import grpc
+
+    from shardopt.core.proto import rpc
+
+    with grpc.insecure_channel(address) as channel:
+        yield rpc.OptimizerServiceStub(channel)

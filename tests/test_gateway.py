@@ -38,7 +38,7 @@ from reference import run_as_shards
 
 import shardopt
 from shardopt.core import wire
-from shardopt.core.proto import pb, rpc, tensors_pb
+from shardopt.core.proto import pb, tensors_pb
 from shardopt.gateway import Limits, serve
 
 SIZES = (5, 4, 2)
@@ -57,17 +57,6 @@ def gateway(tmp_path_factory):
     )  # fmt: skip
     yield gw
     gw.stop(1)
-
-
-@pytest.fixture(scope="module")
-def address(gateway):
-    return f"127.0.0.1:{gateway.port}"
-
-
-@pytest.fixture
-def stub(address):
-    with grpc.insecure_channel(address) as channel:
-        yield rpc.OptimizerServiceStub(channel)
 
 
 def model_and_copy(seed=0):

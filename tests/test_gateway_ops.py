@@ -30,7 +30,7 @@ from test_lbfgs import PROBLEMS, assert_close_state, closure_for, make_params
 
 import shardopt
 from shardopt.core import wire
-from shardopt.core.proto import pb, rpc
+from shardopt.core.proto import pb
 from shardopt.gateway import Limits, serve
 from shardopt.gateway.admission import token_scope
 from shardopt.gateway.saves import MAX_SAVES
@@ -48,17 +48,6 @@ def gateway(tmp_path_factory):
     )  # fmt: skip
     yield gw
     gw.stop(1)
-
-
-@pytest.fixture(scope="module")
-def address(gateway):
-    return f"127.0.0.1:{gateway.port}"
-
-
-@pytest.fixture
-def stub(address):
-    with grpc.insecure_channel(address) as channel:
-        yield rpc.OptimizerServiceStub(channel)
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:

@@ -79,17 +79,6 @@ def gateway(checkpoints):
     gw.stop(1)
 
 
-@pytest.fixture(scope="module")
-def address(gateway):
-    return f"127.0.0.1:{gateway.port}"
-
-
-@pytest.fixture
-def stub(address):
-    with grpc.insecure_channel(address) as channel:
-        yield rpc.OptimizerServiceStub(channel)
-
-
 @pytest.fixture
 def victim(stub):
     with guarded_victim(stub) as guarded:
