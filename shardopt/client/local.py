@@ -162,7 +162,6 @@ class LocalShards(RayShards):
         sent: dict[int, tuple[StepRequest, torch.Tensor]] = {}
         pending: dict[Any, int] = {}
         touched_slots: dict[int, list[int]] = {}
-        sparse_rows: dict[int, dict[int, Any]] = {}  # by shard and slot: rows a sparse grad hit
         for s in self.shard_map.live_shards():
             changed = self.data_path.changed_params(s, params)
             flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params, scaling)
@@ -187,7 +186,6 @@ class LocalShards(RayShards):
                 STEP_BYTES.labels("out").inc(grad_bytes + sparse_bytes)
             pending[ref] = s
             touched_slots[s] = touched
-            sparse_rows[s] = {j: grad.touched_rows() for j, grad in sparse.items()}
             sent[s] = (request, flat)
         self.data_path.forget_shipped()
         new_state: list[int] = []
@@ -212,7 +210,9 @@ class LocalShards(RayShards):
             seconds = time.perf_counter() - sent_at
             SHARD_STEP_SECONDS.labels(optimizer, str(s)).observe(seconds)
             shared_values = self.data_path.shared_params(s)
-            rows = sparse_rows[s] if result.rows_only else None
+            rows = None
+            if result.rows_only:  # the rows its sparse gradients touched changed, no others
+                rows = {j: grad.touched_rows() for j, grad in sent[s][0].sparse_grads.items()}
             if shared_values is not None:
                 self.shard_map.copy_back(s, shared_values, params, touched_slots[s], rows=rows)
             elif result.params is not None:
@@ -220,7 +220,7 @@ class LocalShards(RayShards):
                 self.shard_map.copy_back(s, result.params, params, touched_slots[s])
             else:  # sparse gradients that changed only their rows: those rows came back
                 STEP_BYTES.labels("in").inc(sum(v.nbytes for v in result.rows.values()))
-                self.shard_map.copy_rows(s, sparse_rows[s], result.rows, params)
+                self.shard_map.copy_rows(s, rows, result.rows, params)
             new_state.extend(result.new_state_ids)
         if failures:
             self._step_failed(step_id, failures, sent)
