@@ -110,3 +110,46 @@ def test_page_out_gives_back_only_file_pages_and_loses_nothing(tmp_path):
     before = ordinary.clone()
     assert page_out([ordinary]) == 0  # anonymous memory is never advised
     assert torch.equal(ordinary, before)
+
+
+def test_save_state_dict_where_the_backend_cannot_stream(tmp_path):
+    """LBFGS's shards hold vectors, not torch's state: the gathered dict is saved, atomically."""
+    params = _params([(40, 3), (5,)])
+    opt = shardopt.LBFGS(params, lr=0.5, num_shards=2)
+    try:
+
+        def closure():
+            opt.zero_grad()
+            loss = _loss_of(params)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        opt.save_state_dict(tmp_path / "lbfgs.pt")
+        assert [p.name for p in tmp_path.iterdir()] == ["lbfgs.pt"]
+        assert_same_state_dict(
+            torch.load(tmp_path / "lbfgs.pt", weights_only=True), opt.state_dict()
+        )
+    finally:
+        opt.close()
+
+
+def _loss_of(params):
+    return sum(((p - 1.0) ** 2).sum() for p in params)
+
+
+def test_save_state_dict_from_a_shard_group(tmp_path):
+    params, ref = _params(), _params()
+    opt = shardopt.Adam(
+        params, lr=1e-2, fused=True, num_shards=3, group="state-file", world_size=1, rank=0
+    )
+    want_opt = torch.optim.Adam(ref, lr=1e-2, fused=True)
+    try:
+        _run(opt, params, 2)
+        _run(want_opt, ref, 2)
+        opt.save_state_dict(tmp_path / "group.pt")
+        assert_same_state_dict(
+            torch.load(tmp_path / "group.pt", weights_only=True), want_opt.state_dict()
+        )
+    finally:
+        opt.close()

@@ -188,16 +188,16 @@ class Backend(ABC):
             ValueError, TypeError: a shard rejected its part (nothing changed anywhere).
         """
 
-    def save_state_file(
+    def stream_state_file(
         self, path: str, order: list[int], param_groups: list[dict[str, Any]]
-    ) -> None:
-        """Writes the state dict to ``path`` as ``torch.save`` does. Here: gathered whole, then
-        saved; backends whose shards can pack their part aside stream it instead."""
-        state: dict[int, Any] = {}
-        for part in self.state_parts():
-            state.update(part)
-        ids = [pid for pid in order if pid in state] + sorted(set(state) - set(order))
-        torch.save({"state": {pid: state[pid] for pid in ids}, "param_groups": param_groups}, path)
+    ) -> bool:
+        """Writes the state dict to ``path`` as ``torch.save`` does, straight from the shards,
+        if this backend can (see :mod:`shardopt.client.state_file`).
+
+        Returns:
+            False when it cannot: the proxy then gathers the state and saves that.
+        """
+        return False
 
     @abstractmethod
     def set_param_state(self, pid: int, value: dict[str, Any]) -> None:

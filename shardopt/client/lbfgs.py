@@ -315,6 +315,11 @@ class LBFGSShards(LocalShards):
         wanted = param_ids is None or 0 in param_ids
         yield {0: self._materialize()} if wanted and self._lbfgs_state else {}
 
+    def stream_state_file(
+        self, path: str, order: list[int], param_groups: list[dict[str, Any]]
+    ) -> bool:
+        return False  # torch's form of LBFGS's state is assembled here, not on the shards
+
     def set_param_state(self, pid: int, value: dict[str, Any]) -> None:
         if pid != 0:
             raise KeyError("torch's LBFGS keeps its state under the first parameter only")

@@ -24,6 +24,7 @@ import ray
 import torch
 
 from shardopt.checkpoint.format import SaveHandle
+from shardopt.client import state_file
 from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.gateway_session import GatewaySession, group_request
 from shardopt.client.local import LocalShards
@@ -436,11 +437,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
         shard's part at a time). With state_dict hooks registered it gathers the state and
         runs them first, as :meth:`state_dict` does.
         """
-        if self._optimizer_state_dict_pre_hooks or self._optimizer_state_dict_post_hooks:
-            torch.save(self.state_dict(), path)
-            return
+        path = os.fspath(path)
         backend = self.backend
-        backend.save_state_file(os.fspath(path), backend.state_order, self._params.packed_groups())
+        hooks = self._optimizer_state_dict_pre_hooks or self._optimizer_state_dict_post_hooks
+        if hooks or not backend.stream_state_file(
+            path, backend.state_order, self._params.packed_groups()
+        ):
+            state_file.save_whole(self.state_dict(), path)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a torch.optim state dict (from torch or from shardopt with any shard count).

@@ -17,8 +17,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
-
 from shardopt.checkpoint.format import SaveHandle
 from shardopt.checkpoint.integrity import Commit
 from shardopt.client import checkpoints, state_file
@@ -27,7 +25,7 @@ from shardopt.client.data_path import DataPath
 from shardopt.client.handles import ShardHandle
 from shardopt.client.runtime import ray_get
 from shardopt.client.shard_map import ShardMap
-from shardopt.core.buffers import pack_tree
+from shardopt.core.buffers import pack_tree, tensors_in
 from shardopt.core.mapped_files import page_out
 from shardopt.core.param_groups import group_options
 from shardopt.core.records import ShardStatus
@@ -89,7 +87,7 @@ class RayShards(Backend):
         errors = []
         for s in live:  # one shard's part packed at a time: this process holds one at most
             packed = pack_tree(per_shard[s])
-            page_out(_tensors_of(per_shard[s]))  # read from a mapped file: give the pages back
+            page_out(tensors_in(per_shard[s]))  # read from a mapped file: give the pages back
             per_shard[s] = {}
             errors.append(ray_get(self.handle(s).prepare_load(token, options, packed)))
             del packed
@@ -106,10 +104,11 @@ class RayShards(Backend):
             raise failure
         ray_get([self.handle(s).commit_load(token) for s in live])
 
-    def save_state_file(
+    def stream_state_file(
         self, path: str, order: list[int], param_groups: list[dict[str, Any]]
-    ) -> None:
+    ) -> bool:
         state_file.save_state_file(path, self.shard_map, self.handles, order, param_groups)
+        return True
 
     def set_param_state(self, pid: int, value: dict[str, Any]) -> None:
         shape = self._params.flat()[pid].shape
@@ -154,14 +153,3 @@ class RayShards(Backend):
 
     def status(self) -> list[ShardStatus]:
         return ray_get([h.status() for h in self.handles])
-
-
-def _tensors_of(tree: Any) -> list[torch.Tensor]:
-    """Every tensor in a nested state (dicts, lists, tuples)."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        tree = list(tree.values())
-    if isinstance(tree, (list, tuple)):
-        return [t for value in tree for t in _tensors_of(value)]
-    return []

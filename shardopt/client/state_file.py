@@ -12,6 +12,9 @@ weights_only=True)`` reads it; ``torch.load(path, mmap=True, weights_only=True)`
 instead of reading it, so ``optimizer.load_state_dict`` of that holds one shard's part at a
 time in memory.
 
+Backends that cannot stream (the gateway's, LBFGS's) and state_dict hooks get the gathered
+dict saved the same atomic way (:func:`save_whole`).
+
 Talks to: the shards through their handles (pack, chunks, drop) and the file system.
 """
 
@@ -31,7 +34,7 @@ from shardopt.client.data_path import pull_chunks
 from shardopt.client.handles import ShardHandle
 from shardopt.client.runtime import ray_get
 from shardopt.client.shard_map import ShardMap
-from shardopt.core.buffers import TensorSlot
+from shardopt.core.buffers import TensorSlot, tensors_in
 
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip local file header (30 bytes)
 
@@ -51,23 +54,24 @@ def _storage_offsets(path: str) -> list[tuple[int, int]]:
     return [records[k] for k in range(len(records))]
 
 
-def _tensors_in_pickle_order(tree: Any) -> list[torch.Tensor]:
-    """Tensors of a state dict in the order pickle meets them (dict order, depth first), the
-    order ``torch.save`` numbers their storages."""
-    found: list[torch.Tensor] = []
+def _aside(path: str) -> str:
+    """Where a file for ``path`` is written before it is renamed into place."""
+    return f"{path}.shardopt-{os.getpid()}.tmp"
 
-    def walk(node: Any) -> None:
-        if isinstance(node, torch.Tensor):
-            found.append(node)
-        elif isinstance(node, dict):
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, (list, tuple)):
-            for value in node:
-                walk(value)
 
-    walk(tree)
-    return found
+def save_whole(state_dict: dict[str, Any], path: str) -> None:
+    """``torch.save(state_dict, path)``, written aside and renamed into place (atomic)."""
+    aside = _aside(path)
+    try:
+        with open(aside, "wb") as f:
+            torch.save(state_dict, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(aside, path)
+    except BaseException:
+        if os.path.exists(aside):
+            os.unlink(aside)
+        raise
 
 
 def save_state_file(
@@ -86,7 +90,7 @@ def save_state_file(
     path = os.fspath(path)
     live = shard_map.live_shards()
     packs = dict(zip(live, ray_get([handles[s].pack_state() for s in live])))
-    aside = f"{path}.shardopt-{os.getpid()}.tmp"
+    aside = _aside(path)
     try:
         mode = FakeTensorMode()
         state: dict[int, dict[str, Any]] = {}
@@ -115,7 +119,7 @@ def save_state_file(
         with skip_data(materialize_fake_tensors=True):
             torch.save(state_dict, aside)
         records = _storage_offsets(aside)
-        tensors = _tensors_in_pickle_order(state_dict)
+        tensors = tensors_in(state_dict)  # torch.save numbers storages in this order
         if len(records) != len(tensors) or any(
             size != t.numel() * t.element_size() for (_, size), t in zip(records, tensors)
         ):

@@ -182,15 +182,8 @@ def pack_tree(tree: Any, allocate: Callable[[int], torch.Tensor] | None = None) 
     return PackedTree(skeleton, layout, to_numpy(flat))
 
 
-def empty_tree(skeleton: Any, layout: FlatLayout) -> tuple[Any, list[torch.Tensor]]:
-    """The structure of a packed tree with new, unfilled CPU tensors where its tensors go.
-
-    Returns:
-        The tree, and its tensors in slot order (to be filled from wherever the bytes are).
-    """
-    tensors = [
-        torch.empty(shape, dtype=dtype) for shape, dtype in zip(layout.shapes, layout.dtypes)
-    ]
+def _with_tensors(skeleton: Any, tensors: list[torch.Tensor]) -> Any:
+    """A packed tree's structure with ``tensors[i]`` where its ``i``-th tensor goes."""
 
     def walk(node: Any) -> Any:
         if isinstance(node, TensorSlot):
@@ -201,7 +194,19 @@ def empty_tree(skeleton: Any, layout: FlatLayout) -> tuple[Any, list[torch.Tenso
             return type(node)(walk(v) for v in node)
         return node
 
-    return walk(skeleton), tensors
+    return walk(skeleton)
+
+
+def empty_tree(skeleton: Any, layout: FlatLayout) -> tuple[Any, list[torch.Tensor]]:
+    """The structure of a packed tree with new, unfilled CPU tensors where its tensors go.
+
+    Returns:
+        The tree, and its tensors in slot order (to be filled from wherever the bytes are).
+    """
+    tensors = [
+        torch.empty(shape, dtype=dtype) for shape, dtype in zip(layout.shapes, layout.dtypes)
+    ]
+    return _with_tensors(skeleton, tensors), tensors
 
 
 def unpack_tree(packed: PackedTree, device: torch.device | str = "cpu") -> Any:
@@ -212,14 +217,17 @@ def unpack_tree(packed: PackedTree, device: torch.device | str = "cpu") -> Any:
     data = packed.data
     source = data if isinstance(data, torch.Tensor) else readonly_tensor(data)
     layout = packed.layout
+    tensors = [layout.view(source, i).to(device=device, copy=True) for i in range(len(layout))]
+    return _with_tensors(packed.skeleton, tensors)
 
-    def walk(node: Any) -> Any:
-        if isinstance(node, TensorSlot):
-            return layout.view(source, node.index).to(device=device, copy=True)
-        if isinstance(node, dict):
-            return {k: walk(v) for k, v in node.items()}
-        if isinstance(node, (list, tuple)):
-            return type(node)(walk(v) for v in node)
-        return node
 
-    return walk(packed.skeleton)
+def tensors_in(tree: Any) -> list[torch.Tensor]:
+    """The tensors of a nested structure (dicts, lists, tuples) in the order pickle meets
+    them: dict order, depth first (the order ``torch.save`` numbers their storages)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, (list, tuple)):
+        return [t for value in tree for t in tensors_in(value)]
+    return []
