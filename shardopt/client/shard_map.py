@@ -147,10 +147,12 @@ class ShardMap:
                 return slot.rows[0], slot.rows[1], slot.full_rows
         return None
 
-    def piece_shape(self, pid: int, shard: int) -> tuple[int, ...]:
-        """The shape of parameter ``pid``'s piece on ``shard`` (its own, when whole)."""
+    def is_piece_shaped(self, pid: int, shard: int, shape: tuple[int, ...]) -> bool:
+        """Whether a state tensor of ``shape`` is shaped like parameter ``pid``'s piece on
+        ``shard`` (so it holds that piece's rows of a whole state tensor)."""
         k = self.shards_of(pid).index(shard)
-        return tuple(self._layouts[shard].shapes[self._where[pid][k][1]])
+        piece = self._layouts[shard].shapes[self._where[pid][k][1]]
+        return len(shape) > 0 and tuple(shape) == tuple(piece)
 
     def piece(self, shard: int, slot: int, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (a parameter or its gradient) as the piece in ``shard``'s ``slot``."""
@@ -329,16 +331,20 @@ class ShardMap:
         if slot.rows is None:
             return piece
         start, stop = slot.rows
+        rows = {
+            key
+            for key, value in piece.items()
+            if isinstance(value, torch.Tensor) and self.is_piece_shaped(pid, shard, value.shape)
+        }
         if merged is None:
             merged = {
                 key: torch.empty((slot.full_rows, *value.shape[1:]), dtype=value.dtype)
-                if isinstance(value, torch.Tensor) and self._piece_shaped(pid, k, value)
+                if key in rows
                 else value
                 for key, value in piece.items()
             }
-        for key, value in piece.items():
-            if isinstance(value, torch.Tensor) and self._piece_shaped(pid, k, value):
-                merged[key][start:stop].copy_(value)
+        for key in rows:
+            merged[key][start:stop].copy_(piece[key])
         return merged
 
     def split_state(self, pid: int, value: dict[str, Any], shape: torch.Size) -> dict[int, Any]:
@@ -358,10 +364,6 @@ class ShardMap:
                 for key, v in value.items()
             }
         return split
-
-    def _piece_shaped(self, pid: int, k: int, value: torch.Tensor) -> bool:
-        shard, slot = self._where[pid][k]
-        return tuple(value.shape) == tuple(self._layouts[shard].shapes[slot]) and value.dim() > 0
 
     # ----- which parameters have optimizer state --------------------------------------------
 

@@ -106,7 +106,7 @@ def save_state_file(
                         continue
                     shape, dtype = layout.shapes[slot.index], layout.dtypes[slot.index]
                     start = 0
-                    if rows is not None and tuple(shape) == shard_map.piece_shape(pid, s):
+                    if rows is not None and shard_map.is_piece_shaped(pid, s, shape):
                         start = rows[0] * dtype.itemsize * (int(torch.Size(shape[1:]).numel()))
                         shape = (rows[2], *shape[1:])
                     if key not in whole:
