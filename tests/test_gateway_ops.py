@@ -30,6 +30,7 @@ from test_lbfgs import PROBLEMS, assert_close_state, closure_for, make_params
 
 import shardopt
 from shardopt.core import wire
+from shardopt.core.errors import ERROR_TYPE_KEY
 from shardopt.core.proto import pb
 from shardopt.gateway import Limits, serve
 from shardopt.gateway.admission import token_scope
@@ -326,9 +327,9 @@ def test_list_sessions_is_scoped_to_the_token_and_operators_see_all(stub):
 
 
 def test_transfers_reuse_one_counted_buffer_per_session(gateway, stub):
-    """Pushes receive into, and pulls send from, one buffer per session, counted in the ledger
-    and given back at close; a pull while gradients are staged in it sends a copy of its own,
-    and every step is still torch's."""
+    """Pushes receive into one buffer per session, counted in the ledger and given back at
+    close; pulls send straight from the parameters (a pull while gradients are staged sends the
+    parameters, not the gradients), and every step is still torch's."""
     params = [torch.randn(5, 3), torch.randn(7)]
     ref = [p.clone().requires_grad_() for p in params]
     hyper = {"lr": 0.1, "momentum": 0.9}
@@ -343,7 +344,7 @@ def test_transfers_reuse_one_counted_buffer_per_session(gateway, stub):
             push(stub, session_id, grads)
             staged = [p.grad.data_ptr() for p in session.params]
             assert staged == [t.data_ptr() for t in session.transfer]  # received in place
-            assert_same_tensors(pull(stub, session_id), ref)  # the buffer is busy: a copy
+            assert_same_tensors(pull(stub, session_id), ref)
             step(stub, session_id)
             for r, g in zip(ref, grads):
                 r.grad = g
@@ -354,6 +355,58 @@ def test_transfers_reuse_one_counted_buffer_per_session(gateway, stub):
     finally:
         close_session(stub, session_id)
     assert ledger.transfer_bytes == before
+
+
+def test_a_pull_that_a_step_overtakes_is_refused_whole_and_the_client_pulls_again(
+    gateway, address, stub
+):
+    """A pull streams the parameters without the session's lock; a step that runs while it
+    streams makes the rest of it ABORTED (PullConflictError), never a mix of two states, and
+    the Python client pulls again."""
+    param = torch.randn(8 << 20)  # 32 MiB: more than gRPC sends ahead of a reader that waits
+    session_id = open_session(stub, [param], num_shards=1).session_id
+    try:
+        request = pb.PullParametersRequest(session_id=session_id)
+        answers = stub.PullParameters(request, metadata=auth(TOKEN))
+        assert next(answers).WhichOneof("kind") == "header"
+        assert next(answers).chunk.offset == 0
+        push(stub, session_id, [torch.ones_like(param)])
+        step(stub, session_id)  # while the pull waits for its reader
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in answers:
+                pass
+        assert caught.value.code() == grpc.StatusCode.ABORTED
+        metadata = dict(caught.value.trailing_metadata())
+        assert metadata[ERROR_TYPE_KEY] == "PullConflictError"
+        assert_same_tensors(pull(stub, session_id), [param - 0.1])  # whole, after the step
+    finally:
+        close_session(stub, session_id)
+
+    # the client pulls again: its first pull is overtaken by a step of the same session
+    param = torch.zeros(8 << 20)
+    opt = shardopt.SGD([param], lr=0.5, address=address, token=TOKEN)
+    backend = opt.backend
+    real, tries = backend._stub.PullParameters, []
+
+    def overtaken(request, metadata):  # the real stream; a real step between its chunks
+        answers = real(request, metadata=metadata)
+        header, chunk = next(answers), next(answers)
+        if not tries:
+            push(stub, backend.session_id, [torch.ones_like(param)])
+            step(stub, backend.session_id)
+        tries.append(request.session_id)
+        yield header
+        yield chunk
+        yield from answers
+
+    try:
+        backend._stub.PullParameters = overtaken
+        backend.pull_params()
+        assert len(tries) == 2
+        assert torch.equal(param, torch.full_like(param, -0.5))  # the state after the step
+    finally:
+        backend._stub.PullParameters = real
+        opt.close()
 
 
 # ----- metrics ----------------------------------------------------------------------------------

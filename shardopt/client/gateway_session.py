@@ -49,7 +49,7 @@ _ERROR_TYPES: dict[str, type[BaseException]] = {
             errors.GroupTimeoutError, errors.ShardUnavailableError,
             errors.OptimizerClosedError, errors.PlacementError, errors.CheckpointInUseError,
             errors.QuotaExceededError, errors.PartialStepError, errors.AccessDeniedError,
-            errors.ShardoptError,
+            errors.PullConflictError, errors.ShardoptError,
         )
     },
 }  # fmt: skip
@@ -105,6 +105,11 @@ def open_channel(address: str, tls: bool | str | os.PathLike | None) -> grpc.Cha
         return grpc.insecure_channel(address, options=options)
     roots = None if tls is True else open(tls, "rb").read()
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots), options=options)
+
+
+PULL_ATTEMPTS = 5
+"""How often a pull is tried when the gateway's parameters keep changing while they stream
+(another thread of the client stepping meanwhile)."""
 
 
 def receive_parameters(answers: Iterator[Any], into: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -301,11 +306,18 @@ class GatewaySession(Backend):
     def pull_params(self) -> None:
         """Copies the gateway's current parameters into the proxy's tensors."""
         params = self._params.flat()
-        answers = self._stream(
-            self._stub.PullParameters, pb.PullParametersRequest(session_id=self.session_id)
-        )
         staging = self._staging(params)  # a pull that fails part-way leaves params as they were
-        for pid, (p, value) in enumerate(zip(params, receive_parameters(answers, staging))):
+        request = pb.PullParametersRequest(session_id=self.session_id)
+        for attempt in range(1, PULL_ATTEMPTS + 1):
+            try:
+                values = receive_parameters(
+                    self._stream(self._stub.PullParameters, request), staging
+                )
+                break
+            except errors.PullConflictError:  # another call changed them mid-stream
+                if attempt == PULL_ATTEMPTS:
+                    raise
+        for pid, (p, value) in enumerate(zip(params, values)):
             assign(p, value)
             self.shard_map.record(pid, p)
 

@@ -53,6 +53,11 @@ class CheckpointInUseError(ShardoptError):
     """Another save to the same checkpoint directory is in progress; nothing was written."""
 
 
+class PullConflictError(ShardoptError):
+    """A gateway's parameters changed (a step, a load) while they were being pulled, so what
+    was sent is not one state; nothing was changed, and pulling again gets the new state."""
+
+
 class QuotaExceededError(ShardoptError, MemoryError):
     """A gateway refused a request over one of its limits (a token's quota, the gateway's bytes,
     a session's shards); nothing was allocated or changed."""
@@ -74,6 +79,7 @@ GRPC_STATUS: dict[type[BaseException], str] = {
     PartialStepError: "ABORTED",
     PlacementError: "FAILED_PRECONDITION",
     CheckpointInUseError: "ABORTED",
+    PullConflictError: "ABORTED",
     QuotaExceededError: "RESOURCE_EXHAUSTED",
     AccessDeniedError: "PERMISSION_DENIED",
     PermissionError: "UNAUTHENTICATED",

@@ -34,7 +34,13 @@ import torch
 from shardopt.client.lbfgs import LBFGS
 from shardopt.client.optimizer import ShardedOptimizer, default_num_shards
 from shardopt.core import chunk_codec, wire
-from shardopt.core.errors import ERROR_TYPE_KEY, GRPC_STATUS, AccessDeniedError, ShardoptError
+from shardopt.core.errors import (
+    ERROR_TYPE_KEY,
+    GRPC_STATUS,
+    AccessDeniedError,
+    PullConflictError,
+    ShardoptError,
+)
 from shardopt.core.events import emit
 from shardopt.core.param_groups import group_options
 from shardopt.core.proto import pb, rpc
@@ -348,30 +354,25 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
 
     @_handled_stream
     def PullParameters(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        with (
-            self._use(context, request.session_id) as session,
-            self.ledger.buffered(session.principal, session.nbytes),
-        ):
+        with self._use(context, request.session_id) as session:
             with session.lock:
                 if session.optimizer.group is not None:
                     session.optimizer.pull_params()
-                # a snapshot, sent without the lock: into the transfer buffer when it is free
-                claim, snapshot = session.claim_transfer(self.ledger) or (None, None)
-                if snapshot is None:
-                    snapshot = [p.detach().clone() for p in session.params]
-                else:
-                    snapshot = list(snapshot)
-                    for buffer, p in zip(snapshot, session.params):
-                        chunk_codec.copy_bytes(buffer, p)
-            try:
-                specs = [wire.spec_of(p, n) for p, n in zip(snapshot, session.names)]
-                yield pb.PullParametersReply(header=pb.PullParametersHeader(params=specs))
-                for index in range(len(snapshot)):  # each tensor's memory goes once it is sent
-                    tensor, snapshot[index] = snapshot[index], None
-                    yield from chunk_codec.tensor_chunks(index, tensor)
-            finally:
-                with session.lock:
-                    session.release_transfer(claim)
+                params, names = list(session.params), list(session.names)
+                unchanged = session.lock.generation + 1  # once this hold ends
+            # streamed straight from the parameters without the lock (a slow reader never holds
+            # up the session): each chunk is encoded, then checked to have been read while no
+            # call held the lock, else the pull is refused as a whole (the client pulls again)
+            specs = [wire.spec_of(p, n) for p, n in zip(params, names)]
+            yield pb.PullParametersReply(header=pb.PullParametersHeader(params=specs))
+            for index, param in enumerate(params):
+                for chunk in chunk_codec.tensor_chunks(index, param):
+                    if session.lock.generation != unchanged:
+                        raise PullConflictError(
+                            "the session's parameters changed while they were being pulled (a "
+                            "call such as Step or LoadStateDict ran during the pull); pull again"
+                        )
+                    yield chunk
 
     @_handled
     def PushParameters(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:

@@ -31,6 +31,25 @@ from shardopt.gateway.saves import BackgroundSaves
 logger = logging.getLogger(__name__)
 
 
+class SessionLock:
+    """A session's lock, which counts its holds: :attr:`generation` is odd while a call holds
+    it and changes with every hold, so a reader that works without it (a pull streaming the
+    parameters) can tell whether anything may have changed them since it looked (a seqlock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.generation = 0
+
+    def __enter__(self) -> SessionLock:
+        self._lock.acquire()
+        self.generation += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.generation += 1
+        self._lock.release()
+
+
 @dataclass
 class Session:
     """One client's optimizer, its parameters here, and the gradients it staged."""
@@ -41,7 +60,8 @@ class Session:
     params: list[torch.Tensor]
     names: list[str]
     nbytes: int
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: SessionLock = field(default_factory=SessionLock)
+    """Held by every call that reads or changes the session, except a pull's stream."""
     grads_ready: bool = False
     staged: Hold | None = None
     """The ledger's hold on the staged gradients' bytes, until a step consumes them."""
@@ -58,7 +78,7 @@ class Session:
     """Tensors shaped as ``params`` that pushes receive gradients into and pulls send from,
     allocated on first use (see :meth:`claim_transfer`)."""
     transfer_user: object | None = None
-    """Who uses ``transfer`` now: an upload (until its gradients are stepped) or a pull."""
+    """Who uses ``transfer`` now: an upload (until its gradients are stepped)."""
     transfer_bytes: int = 0
     """What ``transfer`` counts in the ledger."""
     staged_transfer: object | None = None
