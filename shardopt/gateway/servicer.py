@@ -55,6 +55,7 @@ from shardopt.gateway.auth import ANONYMOUS, bearer_token, principal_of
 from shardopt.gateway.closure_step import ClosureStep
 from shardopt.gateway.gradients import GradientUpload
 from shardopt.gateway.quotas import Ledger, Limits
+from shardopt.gateway.resume import StoreLink, repeat_from
 from shardopt.gateway.sessions import Session, SessionTable
 from shardopt.gateway.status import session_info, shard_infos
 
@@ -170,6 +171,8 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         checkpoint_key: the HMAC key that signs every checkpoint saved; loads then accept only
             checkpoints signed with it (None: checksummed, not signed).
         operators: principals of operators' tokens (they may list every tenant's sessions).
+        store: where resumable sessions are recorded (``--session-store``; None: sessions end
+            with this process).
     """
 
     def __init__(
@@ -179,6 +182,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         shards: ShardSettings | None = None,
         checkpoint_key: bytes | None = None,
         operators: list[str] = (),
+        store: StoreLink | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self.operators = frozenset(operators)  # principals of operators' tokens
@@ -187,6 +191,9 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         self.shards = shards or ShardSettings()
         self.ledger = Ledger(self.limits)
         self.sessions = SessionTable(self.ledger, self.limits.session_idle_timeout_s)
+        self.store = store
+        if store is not None:
+            self.sessions.on_close = store.drop
 
     # ----- sessions ---------------------------------------------------------------------------
 
@@ -244,6 +251,13 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             self.ledger.close_session(principal, nbytes)
             raise
         session = Session(uuid.uuid4().hex, principal, optimizer, params, names, nbytes)
+        if self.store is not None:
+            try:  # recorded before its client hears of it
+                self.store.put(session, kwargs)
+            except BaseException:
+                optimizer.close()
+                self.ledger.close_session(principal, nbytes)
+                raise
         self.sessions.add(session)
         emit(
             logger, "session_opened", session=session.session_id, scope=scope_of(principal),
@@ -265,13 +279,24 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         closed = self.sessions.close(_principal(context), request.session_id)
         return pb.CloseSessionReply(closed=closed)
 
+    def resume(self) -> int:
+        """Resumes the sessions its store recorded (before serving); returns how many."""
+        if self.store is None:
+            return 0
+        return len(self.store.resume(self.sessions))
+
     def start(self) -> None:
-        """Starts closing sessions unused for ``Limits.session_idle_timeout_s``."""
+        """Starts closing sessions unused for ``Limits.session_idle_timeout_s`` (and beating
+        to the session store)."""
         self.sessions.start()
+        if self.store is not None:
+            self.store.start(self.sessions)
 
     def stop(self) -> None:
         """Stops the expiry of idle sessions (they stay open: :meth:`close_all`)."""
         self.sessions.stop()
+        if self.store is not None:
+            self.store.stop()
 
     def close_all(self) -> None:
         """Closes every session (graceful shutdown)."""
@@ -321,6 +346,8 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         with self._use(context, request.session_id) as session, session.lock:
             if not session.grads_ready:
                 raise ShardoptError("no gradients staged: call PushGradients before each Step")
+            if request.HasField("step_id"):
+                repeat_from(session, request.step_id)
             if request.param_groups:
                 self._update_groups(session, request.param_groups)
             try:

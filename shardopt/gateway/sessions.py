@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -136,6 +136,8 @@ class SessionTable:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
+        self.on_close: Callable[[str], None] | None = None
+        """Told each closed session's id (a session store drops its record)."""
 
     def __len__(self) -> int:
         with self._lock:
@@ -199,6 +201,8 @@ class SessionTable:
                 session.optimizer.close()
         finally:
             self.ledger.close_session(session.principal, session.nbytes)
+            if self.on_close is not None:
+                self.on_close(session.session_id)
 
     # ----- expiry ---------------------------------------------------------------------------
 
