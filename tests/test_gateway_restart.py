@@ -69,7 +69,8 @@ def gone(name: str, timeout: float = 30.0) -> bool:
 
 def test_a_gateway_killed_mid_training_resumes_for_its_token_only(tmp_path):
     """SIGKILL while the client steps; the same command starts again on the same port: the
-    client pauses and its run ends bit-identical to torch's uninterrupted one. The restarted
+    client pauses and its run ends bit-identical to torch's uninterrupted one (and so after a
+    graceful stop and start). The restarted
     gateway counts the resumed session against the token's quota; another token can neither
     see nor use it; the record holds a hash of the token, never the token."""
     store = f"restart-{uuid.uuid4().hex[:8]}"
@@ -104,6 +105,13 @@ def test_a_gateway_killed_mid_training_resumes_for_its_token_only(tmp_path):
             train_step(reference, want_opt, seed=i)
         killer.join()
         assert max(pauses) > 1.0  # the client waited for the new gateway
+        # a graceful stop (SIGTERM) hands the session over to the next gateway, too
+        restarted[0].send_signal(signal.SIGTERM)
+        assert restarted[0].wait(timeout=60) == 0
+        restarted.append(start_gateway(tmp_path, store, port, *flags)[0])
+        for i in range(6, 8):
+            train_step(model, opt, seed=i)
+            train_step(reference, want_opt, seed=i)
         assert_same_params(model, reference)
         got, want = opt.state_dict(), want_opt.state_dict()
         assert_same_tensors(
@@ -144,7 +152,7 @@ def test_sessions_no_gateway_resumes_still_expire(tmp_path):
     process, address = start_gateway(tmp_path, store, 0, "--session-idle-timeout", "1")
     try:
         model = torch.nn.Linear(3, 2)
-        opt = shardopt.SGD(model.parameters(), lr=0.1, address=address, token=TOKEN)
+        opt = shardopt.SGD(model.parameters(), lr=0.1, address=address, token=TOKEN, num_shards=1)
         (record,) = records_of(store)
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -166,7 +174,9 @@ def test_a_repeated_step_id_is_applied_once():
         with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             stub = rpc.OptimizerServiceStub(channel)
             param = torch.randn(4, 3)
-            session = open_session(stub, [param], optimizer="Adam", hyperparameters={"lr": 0.1})
+            session = open_session(
+                stub, [param], optimizer="Adam", hyperparameters={"lr": 0.1}, num_shards=1
+            )
             sid = session.session_id
             grads = [torch.randn(4, 3) for _ in range(2)]
             want = param.clone().requires_grad_()

@@ -346,6 +346,14 @@ class LocalShards(RayShards):
     def lost_shared_memory(self, shard: int) -> None:
         self.data_path.map_shared(shard, None, self._params.flat())
 
+    def detach(self) -> None:
+        """Lets go of the shards without dropping them: they outlive this process (a gateway
+        handing its sessions over to the next one, :mod:`shardopt.gateway.resume`)."""
+        if not self._closed:
+            self._closed = True
+            self.data_path.close()
+            self._finalizer.detach()
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -203,6 +203,14 @@ class StoreLink:
         if names is None or not resumable(session.optimizer):
             return
         ray.get(self.store.put.remote(record_of(session, kwargs, names)))
+        session.recorded = True
+
+    def forget(self, session: Session) -> None:
+        """Drops a session's record: a restarted gateway will not resume it (its param groups
+        grew: the shards' placement is no longer the plan a resume makes)."""
+        if session.recorded:
+            session.recorded = False
+            self.drop(session.session_id)
 
     def drop(self, session_id: str) -> None:
         self.store.drop.remote(session_id)
@@ -290,6 +298,7 @@ class StoreLink:
             record.nbytes,
         )  # fmt: skip
         session.steps = optimizer.backend.next_step_id
+        session.recorded = True
         session.last_used = time.monotonic() - max(0.0, time.time() - last_used)
         logger.info(
             "resumed session %s (%d shards, next step %d)",

@@ -35,10 +35,11 @@ from shardopt.core.proto import SERVICE_NAME, pb
 from shardopt.gateway.admission import OPTIMIZERS, ShardSettings
 from shardopt.gateway.auth import TokenAuthInterceptor, check_tokens, principal_of
 from shardopt.gateway.call_limits import CallLimiter
+from shardopt.gateway.handling import Malformed
 from shardopt.gateway.observability import COLLECTOR, MetricsInterceptor, count_bytes
 from shardopt.gateway.quotas import Limits
 from shardopt.gateway.resume import StoreLink
-from shardopt.gateway.servicer import Malformed, OptimizerGateway
+from shardopt.gateway.servicer import OptimizerGateway
 
 logger = logging.getLogger(__name__)
 

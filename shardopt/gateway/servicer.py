@@ -19,12 +19,11 @@ Talks to: the sessions' optimizers (and through them Ray); the ledger; clients o
 
 from __future__ import annotations
 
-import functools
 import logging
 import pathlib
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -34,7 +33,7 @@ import torch
 from shardopt.client.lbfgs import LBFGS
 from shardopt.client.optimizer import ShardedOptimizer, default_num_shards
 from shardopt.core import chunk_codec, wire
-from shardopt.core.errors import ERROR_TYPE_KEY, GRPC_STATUS, AccessDeniedError, ShardoptError
+from shardopt.core.errors import ERROR_TYPE_KEY, AccessDeniedError, ShardoptError
 from shardopt.core.events import emit
 from shardopt.core.param_groups import group_options
 from shardopt.core.proto import pb, rpc
@@ -54,58 +53,15 @@ from shardopt.gateway.admission import (
 from shardopt.gateway.auth import ANONYMOUS, bearer_token, principal_of
 from shardopt.gateway.closure_step import ClosureStep
 from shardopt.gateway.gradients import GradientUpload
+from shardopt.gateway.handling import Malformed, status_of
+from shardopt.gateway.handling import handled as _handled
+from shardopt.gateway.handling import handled_stream as _handled_stream
 from shardopt.gateway.quotas import Ledger, Limits
 from shardopt.gateway.resume import StoreLink, repeat_from
 from shardopt.gateway.sessions import Session, SessionTable
 from shardopt.gateway.status import session_info, shard_infos
 
 logger = logging.getLogger(__name__)
-
-
-class Malformed:
-    """What a request that protobuf could not parse becomes (INVALID_ARGUMENT, not INTERNAL)."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-def _status_of(exc: BaseException) -> grpc.StatusCode:
-    for kind, name in GRPC_STATUS.items():
-        if isinstance(exc, kind):
-            return getattr(grpc.StatusCode, name)
-    return grpc.StatusCode.INTERNAL
-
-
-def _handled(method: Callable) -> Callable:
-    """Maps a servicer method's exceptions to statuses (also for streamed answers)."""
-
-    @functools.wraps(method)
-    def unary(self: OptimizerGateway, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            if isinstance(request, Malformed):
-                raise wire.WireError(f"malformed request: {request.error}")
-            return method(self, request, context)
-        except grpc.RpcError:  # the call was cancelled (by its client or the watchdog)
-            raise
-        except Exception as exc:
-            self._abort(context, exc)
-
-    return unary
-
-
-def _handled_stream(method: Callable) -> Callable:
-    @functools.wraps(method)
-    def stream(self: OptimizerGateway, request: Any, context: grpc.ServicerContext) -> Iterator:
-        try:
-            if isinstance(request, Malformed):
-                raise wire.WireError(f"malformed request: {request.error}")
-            yield from method(self, request, context)
-        except grpc.RpcError:
-            raise
-        except Exception as exc:
-            self._abort(context, exc)
-
-    return stream
 
 
 def _principal(context: grpc.ServicerContext) -> str:
@@ -299,8 +255,12 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             self.store.stop()
 
     def close_all(self) -> None:
-        """Closes every session (graceful shutdown)."""
-        self.sessions.close_all()
+        """Closes every session (graceful shutdown); with a session store, its sessions are
+        handed over to the next gateway instead."""
+        if self.store is not None:
+            self.sessions.hand_over()
+        else:
+            self.sessions.close_all()
 
     # ----- stepping ---------------------------------------------------------------------------
 
@@ -481,6 +441,8 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                     session.params.extend(values)
                     session.names.extend(names)
                     session.nbytes += nbytes
+                    if self.store is not None:
+                        self.store.forget(session)
             except BaseException:
                 self.ledger.shrink_session(session.principal, nbytes)
                 raise
@@ -594,7 +556,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
 
     def _abort(self, context: grpc.ServicerContext, exc: BaseException) -> None:
         """Ends the call with ``exc``'s status and a message that names no server path."""
-        code = _status_of(exc)
+        code = status_of(exc)
         if isinstance(exc, wire.LimitError):
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
         if code == grpc.StatusCode.INTERNAL:
