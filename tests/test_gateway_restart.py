@@ -166,41 +166,64 @@ def test_sessions_no_gateway_resumes_still_expire(tmp_path):
             process.kill()
 
 
+def _fail_next_step(host, key: str) -> None:
+    """Run inside a shard host (``__ray_call__``): its shard ``key`` refuses its next step
+    before applying anything (as a gateway killed before the request reached it)."""
+    shard = host._shards[key]
+
+    def refuse(request):
+        del shard.step  # the class's own again
+        raise RuntimeError("injected: this shard never saw the step")
+
+    shard.step = refuse
+
+
 def test_a_repeated_step_id_is_applied_once():
     """A Step whose answer was lost, sent again with its id (and its gradients pushed again),
-    changes nothing; an id before the last one is refused."""
+    is applied by no shard twice: after a step that one shard applied and the other did not
+    (as when the gateway dies between them), its repeat completes it; an id before the last
+    one is refused."""
     gateway = serve(tokens=[TOKEN, OTHER_TOKEN])
     try:
         with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
             stub = rpc.OptimizerServiceStub(channel)
-            param = torch.randn(4, 3)
+            params = [torch.randn(4, 3), torch.randn(4, 3)]
             session = open_session(
-                stub, [param], optimizer="Adam", hyperparameters={"lr": 0.1}, num_shards=1
+                stub, params, optimizer="Adam", hyperparameters={"lr": 0.1}, num_shards=2
             )
             sid = session.session_id
-            grads = [torch.randn(4, 3) for _ in range(2)]
-            want = param.clone().requires_grad_()
-            want_opt = torch.optim.Adam([want], lr=0.1, fused=True)
+            held = gateway.servicer.sessions.snapshot()[0]
+            assert sorted(session.owners) == [0, 1]  # one parameter on each shard
+            want = [p.clone().requires_grad_() for p in params]
+            want_opt = torch.optim.Adam(want, lr=0.1, fused=True)
+            grads = [[torch.randn(4, 3) for _ in params] for _ in range(3)]
 
-            def step(step_id: int, grad: torch.Tensor) -> None:
-                push(stub, sid, [grad])
+            def step(step_id: int) -> None:
+                push(stub, sid, grads[step_id])
                 request = pb.StepRequest(session_id=sid, step_id=step_id)
                 stub.Step(request, metadata=auth())
 
-            def pulled() -> torch.Tensor:
-                return gateway.servicer.sessions.snapshot()[0].params[0].clone()
+            def torch_step(step_id: int) -> None:
+                for w, g in zip(want, grads[step_id]):
+                    w.grad = g
+                want_opt.step()
 
-            step(0, grads[0])
-            want.grad = grads[0]
-            want_opt.step()
-            assert_same_tensors([pulled()], [want])
-            step(0, grads[0])  # the answer was lost: the same step again
-            assert_same_tensors([pulled()], [want])
-            step(1, grads[1])
-            want.grad = grads[1]
-            want_opt.step()
-            assert_same_tensors([pulled()], [want])
-            assert code_of(lambda: step(0, grads[0])) == grpc.StatusCode.INVALID_ARGUMENT
-            assert_same_tensors([pulled()], [want])
+            step(0)
+            torch_step(0)
+            assert_same_tensors(held.params, want)
+            step(0)  # the answer was lost: the same step again changes nothing
+            assert_same_tensors(held.params, want)
+            handle = held.optimizer.backend.handles[1]
+            ray.get(handle.host.__ray_call__.remote(_fail_next_step, handle.key))
+            with pytest.raises(grpc.RpcError):
+                step(1)  # shard 0 applied step 1, shard 1 did not
+            step(1)  # repeated: shard 1 applies it, shard 0 answers what it has
+            torch_step(1)
+            assert_same_tensors(held.params, want)
+            step(2)
+            torch_step(2)
+            assert_same_tensors(held.params, want)
+            assert code_of(lambda: step(0)) == grpc.StatusCode.INVALID_ARGUMENT
+            assert_same_tensors(held.params, want)
     finally:
         gateway.stop(0)

@@ -6,7 +6,10 @@ with their specs and values, and each step pushes the gradients, steps (sending 
 group options, so lr schedulers work) and pulls the parameters back into the user's tensors.
 State dicts travel as value trees plus chunked tensors (:mod:`shardopt.core.wire`). A server error
 comes back as the exception type the server raised (``ValueError``, ``TypeError``,
-:class:`~shardopt.core.errors.GroupTimeoutError`, ...), with the server's message.
+:class:`~shardopt.core.errors.GroupTimeoutError`, ...), with the server's message. A call that
+finds no gateway (UNAVAILABLE, not sent by a server) is tried again with backoff for
+``reconnect_s``; each step carries its id, so a step tried again after its answer was lost is
+applied once (its gradients are pushed again: a restarted gateway has none).
 
 Talks to: a gateway over gRPC (this process joins no Ray cluster).
 """

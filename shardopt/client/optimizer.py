@@ -128,6 +128,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         token: the gateway's bearer token.
         tls: with ``address``: True for TLS with the system's root certificates, or the path
             of a PEM file of root certificates; False/None for plaintext.
+        reconnect_timeout: with ``address``: how long a call retries, with backoff, while no
+            gateway answers (one restarting with ``--session-store`` resumes the session; a
+            step is then sent again under its id and applied once); 0: fail at once.
         **defaults: ``optimizer_class``'s hyperparameters.
 
     Raises:

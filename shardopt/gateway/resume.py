@@ -161,19 +161,33 @@ class StoreLink:
 
     def __init__(self, name: str, idle_timeout_s: float | None) -> None:
         self.gateway_id = uuid.uuid4().hex
-        self.store = (
-            ray.remote(SessionStore)
-            .options(
-                name=store_name(name), namespace=NAMESPACE, lifetime="detached",
-                get_if_exists=True, num_cpus=0,
-            )
-            .remote(NAMESPACE, idle_timeout_s)
-        )  # fmt: skip
+        self._name = name
         self._idle_timeout_s = idle_timeout_s
+        self.store = self._store()
         self._names: dict[int, str] = {}  # id(host handle) -> its actor name
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._beater: threading.Thread | None = None
+
+    def _store(self) -> Any:
+        return (
+            ray.remote(SessionStore)
+            .options(
+                name=store_name(self._name), namespace=NAMESPACE, lifetime="detached",
+                get_if_exists=True, num_cpus=0,
+            )
+            .remote(NAMESPACE, self._idle_timeout_s)
+        )  # fmt: skip
+
+    def _claim(self) -> float:
+        """The store's :meth:`~SessionStore.claim`; a store that ended itself just now (empty,
+        unattended) is started again."""
+        try:
+            return ray.get(self.store.claim.remote(self.gateway_id, self._idle_timeout_s))
+        except ray.exceptions.RayActorError:
+            time.sleep(BEAT_S)  # its name is free once it is gone
+            self.store = self._store()
+            return ray.get(self.store.claim.remote(self.gateway_id, self._idle_timeout_s))
 
     # ----- hosts ------------------------------------------------------------------------------
 
@@ -245,7 +259,7 @@ class StoreLink:
         """Takes the store over (waiting for a previous gateway's beats to stop) and resumes its
         sessions into ``sessions`` (a SessionTable), counting them in its ledger."""
         deadline = time.monotonic() + timeout_s
-        while (wait := ray.get(self.store.claim.remote(self.gateway_id, self._idle_timeout_s))) > 0:
+        while (wait := self._claim()) > 0:
             if time.monotonic() > deadline:
                 raise RuntimeError("another gateway still uses this session store")
             time.sleep(min(wait, BEAT_S))
