@@ -121,6 +121,9 @@ def test_a_gateway_killed_mid_training_resumes_for_its_token_only(tmp_path):
         (record,) = records_of(store)
         assert record.principal == principal_of(TOKEN)
         assert TOKEN not in repr(record)
+        # names the gateway made, none a request chose
+        assert all(name.startswith("host/") for name in record.hosts)
+        assert record.session_id == opt.backend.session_id
         with grpc.insecure_channel(address) as channel:
             stub = rpc.OptimizerServiceStub(channel)
             ref = pb.SessionRef(session_id=opt.backend.session_id)
@@ -145,25 +148,50 @@ def test_a_gateway_killed_mid_training_resumes_for_its_token_only(tmp_path):
     assert gone(store_name(store))
 
 
-def test_sessions_no_gateway_resumes_still_expire(tmp_path):
-    """A gateway killed and never started again: its idle sessions' shards and hosts end
-    after the idle timeout, and so does the store."""
-    store = f"orphan-{uuid.uuid4().hex[:8]}"
-    process, address = start_gateway(tmp_path, store, 0, "--session-idle-timeout", "1")
+def eventually(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def test_idle_sessions_expire_across_restarts_and_without_a_gateway(tmp_path):
+    """A restarted gateway expires a session from its last use before the restart; a gateway
+    killed and never started again: its idle session's shards and hosts end after the idle
+    timeout, and so does the store."""
+    store = f"idle-{uuid.uuid4().hex[:8]}"
+    process, address = start_gateway(tmp_path, store)  # idle timeout: an hour
+    port = int(address.rsplit(":", 1)[1])
+    processes = [process]
     try:
+        kwargs = dict(address=address, token=TOKEN, num_shards=1, reconnect_timeout=60)
         model = torch.nn.Linear(3, 2)
-        opt = shardopt.SGD(model.parameters(), lr=0.1, address=address, token=TOKEN, num_shards=1)
+        first = shardopt.SGD(model.parameters(), lr=0.1, **kwargs)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        # started again with a one-second idle timeout: the session was last used before
+        flags = ("--session-idle-timeout", "1")
+        process = start_gateway(tmp_path, store, port, *flags)[0]
+        processes.append(process)
+        assert eventually(lambda: records_of(store) == [])
+        model(torch.ones(1, 3)).sum().backward()
+        with pytest.raises(shardopt.OptimizerClosedError):
+            first.step()
+        kwargs["reconnect_timeout"] = 0
+        second = shardopt.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1, **kwargs)
         (record,) = records_of(store)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        assert all(gone(f"{name}", 30) for name in record.hosts)
+        assert all(gone(name, 30) for name in record.hosts)
         assert gone(store_name(store))
-        opt.backend._reconnect_s = 0.0  # noqa: SLF001 (fail fast: there is no gateway)
         with pytest.raises(shardopt.ShardUnavailableError):
-            opt.step()
+            second.step()
     finally:
-        if process.poll() is None:
-            process.kill()
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
 
 
 def _fail_next_step(host, key: str) -> None:
