@@ -263,7 +263,8 @@ class GatewaySession(Backend):
             except grpc.RpcError as err:
                 if not reconnectable(err) or time.monotonic() + delay > deadline:
                     raise raised(err) from None
-                logger.warning("gateway %s unavailable (%s); retrying", self.address, err.details())
+                log = logger.warning if delay == 0.05 else logger.debug  # once per outage
+                log("gateway %s unavailable (%s); retrying", self.address, err.details())
             time.sleep(delay)
             delay = min(2 * delay, 1.0)
 

@@ -32,6 +32,7 @@ from shardopt.client.handles import ShardHandle
 from shardopt.client.local import LocalShards
 from shardopt.client.optimizer import ShardedOptimizer
 from shardopt.client.runtime import drop_shards, host_pool, ray_get
+from shardopt.core.events import emit
 from shardopt.core.param_groups import group_options
 from shardopt.core.records import ShardSpec
 from shardopt.gateway.admission import OPTIMIZERS
@@ -258,7 +259,8 @@ class StoreLink:
     def resume(self, sessions: Any, timeout_s: float = 60.0) -> list[Session]:
         """Takes the store over (waiting for a previous gateway's beats to stop) and resumes its
         sessions into ``sessions`` (a SessionTable), counting them in its ledger."""
-        deadline = time.monotonic() + timeout_s
+        began = time.monotonic()
+        deadline = began + timeout_s
         while (wait := self._claim()) > 0:
             if time.monotonic() > deadline:
                 raise RuntimeError("another gateway still uses this session store")
@@ -297,6 +299,10 @@ class StoreLink:
         with self._lock:
             self._names.update({id(h): n for n, h in hosts.items()})
         host_pool.adopt(list(hosts.values()), [loads[n] for n in hosts], {})
+        emit(
+            logger, "sessions_resumed", sessions=len(resumed), dropped=len(records) - len(resumed),
+            seconds=round(time.monotonic() - began, 3),
+        )  # fmt: skip
         return resumed
 
     def _resume_one(self, record: SessionRecord, hosts: list[Any], last_used: float) -> Session:
