@@ -363,6 +363,13 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
         "shards", "the operator's choices for every session's shards (clients cannot set them)"
     )
     shards.add_argument(
+        "--session-store",
+        metavar="NAME",
+        help="keep sessions (their records and shard hosts) in the Ray cluster under NAME: a "
+        "gateway killed and started again with the same NAME on the same cluster resumes them "
+        "for their tokens (default: sessions end with the gateway)",
+    )
+    shards.add_argument(
         "--max-shards",
         type=_positive_int,
         help="shards one session may have (default: the cluster's GPUs, or its CPUs where it "
@@ -457,6 +464,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         operator_tokens=operators,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        session_store=args.session_store,
     )
     stopping = threading.Event()
 

@@ -8,6 +8,8 @@ and still stepping afterwards.
 
 from __future__ import annotations
 
+import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -148,3 +150,14 @@ def guarded_victim(stub, token=TOKEN, bystander_token=OTHER_TOKEN) -> Iterator[V
         victim.bystander_steps()
     finally:
         victim.close()
+
+
+def wait_for_line(process: subprocess.Popen, prefix: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if line.startswith(prefix):
+            return line.strip()
+        if not line and process.poll() is not None:
+            break
+    raise AssertionError(f"no {prefix!r} line from the server (exit code {process.poll()})")

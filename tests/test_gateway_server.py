@@ -24,6 +24,7 @@ from gateway_helpers import (
     guarded_victim,
     open_session,
     push,
+    wait_for_line,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -38,17 +39,6 @@ from shardopt.gateway.admission import token_scope
 TOKEN = "serve-test-token-0123456789"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-def wait_for_line(process: subprocess.Popen, prefix: str, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if line.startswith(prefix):
-            return line.strip()
-        if not line and process.poll() is not None:
-            break
-    raise AssertionError(f"no {prefix!r} line from the server (exit code {process.poll()})")
 
 
 def health_of(address: str, credentials=None) -> int:

@@ -251,6 +251,20 @@ class ShardHost(ShardCalls):
         shard.restore(export)
         return tuple(sorted(shard.status().state_ids))
 
+    def reattach(
+        self, key: str, shared_memory: bool
+    ) -> tuple[tuple[int, ...], SharedBuffers | None, int]:
+        """Hands a shard to a proxy in a new process (a restarted gateway's session): its
+        buffers move to new shared-memory files (``shared_memory``) or into this process.
+
+        Returns:
+            The ids with optimizer state, the shared buffers (if any), the last step applied.
+        """
+        with self._using(key) as shard:
+            buffers = shard.reshare(shared_memory)
+            status = shard.status()
+            return tuple(sorted(status.state_ids)), buffers, status.last_step_id
+
     def drop(self, key: str) -> None:
         shard = self._shards.pop(key, None)
         if shard is not None:

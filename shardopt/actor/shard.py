@@ -146,6 +146,22 @@ class Shard:
             return None
         return SharedBuffers(*self._shm_paths, nbytes=self._layout.nbytes)
 
+    def reshare(self, shared: bool) -> SharedBuffers | None:
+        """Moves the parameter and gradient buffers into new shared-memory files (``shared``,
+        where ``/dev/shm`` has room) or into this process, keeping the values and the tensors'
+        identities. For a proxy in a new process (a restarted gateway): the old files were
+        unlinked once the first proxy mapped them."""
+        self._shared = shared
+        flat, grad_flat, paths = self._allocate(self._layout.nbytes)
+        flat.copy_(self._flat)
+        self._unlink_shared()
+        self._shm_paths = paths
+        for i, (p, g) in enumerate(zip(self._params, self._grads)):
+            self._layout.rebind(p, flat, i)
+            self._layout.rebind(g, grad_flat, i)
+        self._flat, self._grad_flat = flat, grad_flat
+        return self.shared_buffers()
+
     def _unlink_shared(self) -> None:
         for path in self._shm_paths or ():
             shm.remove(path)

@@ -6,7 +6,10 @@ with their specs and values, and each step pushes the gradients, steps (sending 
 group options, so lr schedulers work) and pulls the parameters back into the user's tensors.
 State dicts travel as value trees plus chunked tensors (:mod:`shardopt.core.wire`). A server error
 comes back as the exception type the server raised (``ValueError``, ``TypeError``,
-:class:`~shardopt.core.errors.GroupTimeoutError`, ...), with the server's message.
+:class:`~shardopt.core.errors.GroupTimeoutError`, ...), with the server's message. A call that
+finds no gateway (UNAVAILABLE, not sent by a server) is tried again with backoff for
+``reconnect_s``; each step carries its id, so a step tried again after its answer was lost is
+applied once (its gradients are pushed again: a restarted gateway has none).
 
 Talks to: a gateway over gRPC (this process joins no Ray cluster).
 """
@@ -17,6 +20,7 @@ import builtins
 import logging
 import os
 import queue
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -96,10 +100,14 @@ def group_request(
 
 def open_channel(address: str, tls: bool | str | os.PathLike | None) -> grpc.Channel:
     """A channel to a gateway: plaintext, or TLS (True: the system's roots; a path: a PEM of root
-    certificates), with the wire format's message limits."""
+    certificates), with the wire format's message limits. It tries to reconnect to a gateway
+    that went away within a second (gRPC's default backs off to two minutes)."""
     options = [
         ("grpc.max_receive_message_length", wire.MESSAGE_LIMIT),
         ("grpc.max_send_message_length", wire.MESSAGE_LIMIT),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
     ]
     if not tls:
         return grpc.insecure_channel(address, options=options)
@@ -165,6 +173,14 @@ def gradients_of(params: list[torch.Tensor], dense: bool = False) -> tuple[Any, 
     return header, dense_grads + sparse_tensors
 
 
+def reconnectable(err: grpc.RpcError) -> bool:
+    """Whether a failed call met no gateway (UNAVAILABLE without the server's error type: gone,
+    restarting, or the connection broke), so that the same call may be tried again."""
+    if err.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    return errors.ERROR_TYPE_KEY not in dict(err.trailing_metadata() or ())
+
+
 def _no_key_over_grpc(key: bytes | None) -> None:
     if key is not None:
         raise ValueError(
@@ -197,6 +213,8 @@ class GatewaySession(Backend):
             PEM file of root certificates (e.g. a self-signed server certificate).
         num_shards: the shards asked for (None: the gateway decides).
         group: a shard group's options (:func:`group_request`), or None.
+        reconnect_s: how long a call retries, with backoff, while no gateway answers (a
+            gateway restarting with ``--session-store`` resumes the session); 0: never.
     """
 
     kind = "gateway"
@@ -209,8 +227,12 @@ class GatewaySession(Backend):
         tls: bool | str | os.PathLike | None,
         num_shards: int | None,
         group: dict[str, Any] | None,
+        reconnect_s: float = 0.0,
     ) -> None:
         self._params = params
+        self._reconnect_s = reconnect_s
+        self._group = group
+        self._next_step = 0  # the id of the next step: a repeat after a lost answer reuses it
         self.address = address
         self._channel = open_channel(address, tls)
         self._stub = chunk_codec.stub(self._channel)
@@ -225,11 +247,31 @@ class GatewaySession(Backend):
         self._closure_steps = issubclass(params.optimizer_class, torch.optim.LBFGS)
         self._open(num_shards, group)
 
-    def _call(self, method: Callable[..., Any], request: Any) -> Any:
-        try:
-            return method(request, metadata=self._metadata)
-        except grpc.RpcError as err:
-            raise raised(err) from None
+    def _call(self, method: Callable[..., Any], request: Any, retry: bool = True) -> Any:
+        """One call; ``request`` is a message or a function making the request stream (called
+        again for each try). Retried while no gateway answers (see :meth:`_retrying`)."""
+        make = request if callable(request) else lambda: request
+        if not retry:
+            return self._retrying(lambda: method(make(), metadata=self._metadata), 0.0)
+        return self._retrying(lambda: method(make(), metadata=self._metadata))
+
+    def _retrying(self, attempt: Callable[[], Any], window_s: float | None = None) -> Any:
+        """``attempt()``, tried again with backoff while it fails for want of a gateway, for at
+        most ``window_s`` (default: ``reconnect_s``); then (or on any other error) raises the
+        server's exception (:func:`raised`)."""
+        window_s = self._reconnect_s if window_s is None else window_s
+        deadline = time.monotonic() + window_s
+        delay = 0.05
+        while True:
+            try:
+                return attempt()
+            except grpc.RpcError as err:
+                if not reconnectable(err) or time.monotonic() + delay > deadline:
+                    raise raised(err) from None
+                log = logger.warning if delay == 0.05 else logger.debug  # once per outage
+                log("gateway %s unavailable (%s); retrying", self.address, err.details())
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
 
     def _stream(self, method: Callable[..., Any], request: Any) -> Iterator[Any]:
         try:
@@ -260,7 +302,7 @@ class GatewaySession(Backend):
             yield from messages
             yield from chunk_codec.encoded_chunks(params)
 
-        session = self._call(self._stub.OpenSession, requests())
+        session = self._call(self._stub.OpenSession, requests, retry=False)
         self._session["id"] = session.session_id
         self.shard_map = ShardMap.with_owners(session.num_shards, tuple(session.owners), params)
         self.shard_map.set_state_order(session.state_order)
@@ -292,11 +334,18 @@ class GatewaySession(Backend):
             yield pb.PushGradientsRequest(header=header)
             yield from chunk_codec.encoded_chunks(tensors)
 
-        self._call(self._stub.PushGradients, requests())
         groups = wire.encode_groups(self._params.groups, with_ids=False)
-        reply = self._call(
-            self._stub.Step, pb.StepRequest(session_id=self.session_id, param_groups=groups)
+        step = pb.StepRequest(
+            session_id=self.session_id, param_groups=groups, step_id=self._next_step
         )
+
+        def push_and_step() -> Any:  # the gradients again with each try: a new gateway has none
+            self._stub.PushGradients(requests(), metadata=self._metadata)
+            return self._stub.Step(step, metadata=self._metadata)
+
+        # a group's shards count pushes, not step ids: its steps are not tried twice
+        reply = self._retrying(push_and_step, None if self._group is None else 0.0)
+        self._next_step += 1
         self.last_pushes = list(reply.pushes)
         self.shard_map.set_state_order(reply.state_order)
         self.pull_params()
@@ -310,8 +359,10 @@ class GatewaySession(Backend):
         request = pb.PullParametersRequest(session_id=self.session_id)
         for attempt in range(1, PULL_ATTEMPTS + 1):
             try:
-                values = receive_parameters(
-                    self._stream(self._stub.PullParameters, request), staging
+                values = self._retrying(
+                    lambda: receive_parameters(
+                        self._stub.PullParameters(request, metadata=self._metadata), staging
+                    )
                 )
                 break
             except errors.PullConflictError:  # another call changed them mid-stream
@@ -339,7 +390,7 @@ class GatewaySession(Backend):
             yield pb.PushParametersRequest(header=header)
             yield from chunk_codec.encoded_chunks(params)
 
-        self._call(self._stub.PushParameters, requests())
+        self._call(self._stub.PushParameters, requests)
         for pid, p in enumerate(params):
             self.shard_map.record(pid, p)
 
@@ -356,7 +407,7 @@ class GatewaySession(Backend):
             yield pb.AddParamGroupRequest(header=header)
             yield from chunk_codec.encoded_chunks(new_params)
 
-        self._call(self._stub.AddParamGroup, requests())
+        self._call(self._stub.AddParamGroup, requests, retry=False)
         # the gateway's session places them with the same deterministic plan
         first = len(self.shard_map.plan.owners)
         extended = self.shard_map.plan.extended([p.numel() * p.element_size() for p in new_params])
@@ -391,7 +442,7 @@ class GatewaySession(Backend):
             yield pb.StateDictMessage(header=header)
             yield from chunk_codec.encoded_chunks(tensors)
 
-        reply = self._call(self._stub.LoadStateDict, requests())
+        reply = self._call(self._stub.LoadStateDict, requests)
         self.shard_map.set_state_order(reply.state_order)
 
     def set_param_state(self, pid: int, value: dict[str, Any]) -> None:

@@ -89,6 +89,21 @@ class LocalShards(RayShards):
             ShardSpec(params.optimizer_class, params.defaults, options, blocks[s])
             for s in range(num_shards)
         ]
+        created = self._open_shards(specs, actor_options, shared_memory)
+        flat = params.flat()
+        for s, (_, buffers) in enumerate(created):
+            self.data_path.map_shared(s, buffers, flat)
+        self.shard_map.note_state(chain.from_iterable(ids for ids, _ in created))
+        if replicate:
+            self.replicas = Replicas(self, interval=replicate)
+            self.replicas.start(specs)
+
+    def _hosts(
+        self, num_shards: int, actor_options: dict[str, Any], shared_memory: bool | None
+    ) -> tuple[list[Any], list[bool]]:
+        """Sets ``handles``, ``host_nodes``, ``threads`` and the finalizer that drops the
+        shards, for ``hosts`` from the pool; returns the hosts and whether each shard shares
+        memory with this process."""
         hosts, infos = host_pool.acquire(num_shards, actor_options)
         owner = host_pool.new_owner_key()
         self.handles = [ShardHandle(h, f"{owner}/{s}", s) for s, h in enumerate(hosts)]
@@ -100,19 +115,21 @@ class LocalShards(RayShards):
         ]
         self.host_nodes = [info["node_id"] for info in infos]
         self.threads = threads_per_shard(self.host_nodes, "num_cpus" in actor_options)
-        created = ray_get(
+        return hosts, shared
+
+    def _open_shards(
+        self, specs: list[ShardSpec], actor_options: dict[str, Any], shared_memory: bool | None
+    ) -> list[tuple[tuple[int, ...], Any]]:
+        """Creates the shards (see :meth:`_hosts`); returns each one's ids with optimizer
+        state and its shared buffers (if any). A restarted gateway attaches to existing ones
+        instead (:mod:`shardopt.gateway.resume`)."""
+        _, shared = self._hosts(len(specs), actor_options, shared_memory)
+        return ray_get(
             [
                 h.host.create.remote(h.key, s, specs[s], shared[s], self.threads[s])
                 for s, h in enumerate(self.handles)
             ]
         )
-        flat = params.flat()
-        for s, (_, buffers) in enumerate(created):
-            self.data_path.map_shared(s, buffers, flat)
-        self.shard_map.note_state(chain.from_iterable(ids for ids, _ in created))
-        if replicate:
-            self.replicas = Replicas(self, interval=replicate)
-            self.replicas.start(specs)
 
     def _place(
         self, new_params: list[torch.Tensor], groups: list[int], splittable: list[bool]
@@ -145,6 +162,17 @@ class LocalShards(RayShards):
     @property
     def next_step_id(self) -> int:
         return self._next_step_id
+
+    def repeat_from(self, step_id: int) -> None:
+        """Gives the next step the id ``step_id`` (at most one back: a gateway repeating a
+        step whose answer its client lost). Each shard applies a step id once, and answers a
+        repeat of its last one with its parameters as they are."""
+        if step_id < self._next_step_id - 1:
+            raise ValueError(
+                f"step {step_id} was applied before step {self._next_step_id - 1}: it cannot "
+                "be repeated"
+            )
+        self._next_step_id = step_id
 
     # ----- stepping -------------------------------------------------------------------------
 
@@ -317,6 +345,14 @@ class LocalShards(RayShards):
 
     def lost_shared_memory(self, shard: int) -> None:
         self.data_path.map_shared(shard, None, self._params.flat())
+
+    def detach(self) -> None:
+        """Lets go of the shards without dropping them: they outlive this process (a gateway
+        handing its sessions over to the next one, :mod:`shardopt.gateway.resume`)."""
+        if not self._closed:
+            self._closed = True
+            self.data_path.close()
+            self._finalizer.detach()
 
     def close(self) -> None:
         if not self._closed:

@@ -128,6 +128,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         token: the gateway's bearer token.
         tls: with ``address``: True for TLS with the system's root certificates, or the path
             of a PEM file of root certificates; False/None for plaintext.
+        reconnect_timeout: with ``address``: how long a call retries, with backoff, while no
+            gateway answers (one restarting with ``--session-store`` resumes the session; a
+            step is then sent again under its id and applied once); 0: fail at once.
         **defaults: ``optimizer_class``'s hyperparameters.
 
     Raises:
@@ -169,6 +172,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         address: str | None = None,
         token: str | None = None,
         tls: bool | str | os.PathLike | None = None,
+        reconnect_timeout: datetime.timedelta | float = datetime.timedelta(minutes=2),
         **defaults: Any,
     ) -> None:
         if not (
@@ -247,7 +251,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             group=group, world_size=world_size, rank=rank, mode=mode,
             max_staleness=max_staleness, timeout=timeout, placement=placement,
             shard_resources=shard_resources, replicate=int(replicate), address=address,
-            token=token, tls=tls,
+            token=token, tls=tls, reconnect_timeout=reconnect_timeout,
         )  # fmt: skip
         self._backend = self._make_backend(source, **options)
         self._params = source
@@ -271,6 +275,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         overlap: bool,
         share_params: bool,
         replicate: int,
+        reconnect_timeout: datetime.timedelta | float,
         **group_settings: Any,
     ) -> Backend:
         """The one backend this optimizer uses, chosen once (see :mod:`shardopt.client.backend`):
@@ -280,7 +285,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if address is not None:  # the group's options are checked here, before connecting
             config = make_config(num_shards=num_shards or 1, **settings) if group else None
             request = group_request(group, rank, config)
-            return GatewaySession(source, address, token, tls, num_shards, request)
+            if isinstance(reconnect_timeout, datetime.timedelta):
+                reconnect_timeout = reconnect_timeout.total_seconds()
+            return GatewaySession(
+                source, address, token, tls, num_shards, request, float(reconnect_timeout)
+            )
         ensure_ray()
         num_shards = num_shards or default_num_shards()
         if group is not None:

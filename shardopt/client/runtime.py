@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -68,7 +69,29 @@ class HostPool:
         self._hosts: dict[str, list[Any]] = {}
         self._load: dict[int, int] = {}
         self._keys = itertools.count()
+        self._prefix = uuid.uuid4().hex[:8]  # keys stay unique on hosts that outlive a process
         self._max_idle: int | None = None
+        self._starter: Callable[[str, dict[str, Any]], Any] = _start_host
+
+    def set_starter(self, starter: Callable[[str, dict[str, Any]], Any] | None) -> None:
+        """Starts new hosts with ``starter(name, actor_options)`` (None: a plain Ray actor of
+        this process). A gateway whose sessions outlive it starts detached hosts it records
+        (:mod:`shardopt.gateway.session_store`)."""
+        with self._lock:
+            self._starter = starter or _start_host
+
+    def adopt(self, hosts: list[Any], loads: list[int], actor_options: dict[str, Any]) -> None:
+        """Takes hosts started by another process into the pool (a restarted gateway's), each
+        holding ``loads[i]`` live optimizers' shards; idle ones beyond the bound are killed."""
+        ensure_ray()
+        key = json.dumps(dict(actor_options), sort_keys=True, default=str)
+        with self._lock:
+            self._reset_if_new_cluster()
+            pooled = self._hosts.setdefault(key, [])
+            for host, load in zip(hosts, loads):
+                pooled.append(host)
+                self._load[id(host)] = load
+        self._trim()
 
     def set_max_idle(self, count: int | None) -> int | None:
         """Keeps at most ``count`` idle hosts in all (None: every one); the others are killed as
@@ -157,10 +180,8 @@ class HostPool:
         with self._lock:
             self._reset_if_new_cluster()
             hosts = self._hosts.setdefault(options_key, [])
-            remote_host = ray.remote(ShardHost)
-            while len(hosts) < count:
-                named = {"name": host_name(), **options}  # found by `shardopt status`
-                hosts.append(remote_host.options(namespace=NAMESPACE, **named).remote())
+            while len(hosts) < count:  # named: found by `shardopt status`
+                hosts.append(self._starter(host_name(), options))
             chosen = sorted(hosts, key=lambda h: (self._load.get(id(h), 0), hosts.index(h)))[:count]
             chosen.sort(key=hosts.index)
             for h in chosen:
@@ -183,7 +204,12 @@ class HostPool:
             self._load.pop(id(host), None)
 
     def new_owner_key(self) -> str:
-        return f"{os.getpid()}-{next(self._keys)}"
+        return f"{os.getpid()}-{self._prefix}-{next(self._keys)}"
+
+
+def _start_host(name: str, actor_options: dict[str, Any]) -> Any:
+    """A new shard host actor of this process, named ``name`` in shardopt's namespace."""
+    return ray.remote(ShardHost).options(namespace=NAMESPACE, name=name, **actor_options).remote()
 
 
 def host_name(kind: str = "host") -> str:

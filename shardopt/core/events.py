@@ -46,6 +46,7 @@ EVENTS: dict[str, str] = {
     "session_expired": "a gateway session was unused for --session-idle-timeout and closed",
     "stream_cancelled": "the gateway cancelled a stream that waited too long for its client",
     "gateway_started": "shardopt serve started serving",
+    "sessions_resumed": "a gateway resumed the sessions its session store recorded",
     "gateway_stopping": "shardopt serve began its graceful shutdown",
 }
 """Every event :func:`emit` logs, with its meaning."""

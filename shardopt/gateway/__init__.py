@@ -5,6 +5,8 @@
 - :mod:`~shardopt.gateway.servicer`: the service's methods, each session a
   :class:`~shardopt.client.optimizer.ShardedOptimizer` in the gateway process;
 - :mod:`~shardopt.gateway.sessions`: sessions by token, idle expiry;
+- :mod:`~shardopt.gateway.session_store` and :mod:`~shardopt.gateway.resume`: sessions that
+  outlive the gateway process (``--session-store``), resumed by a restarted gateway;
 - :mod:`~shardopt.gateway.admission`: what a client may ask for (hyperparameters, groups,
   checkpoint paths), checked before anything is built;
 - :mod:`~shardopt.gateway.quotas` and :mod:`~shardopt.gateway.call_limits`: what one token may

@@ -178,6 +178,17 @@ class Ledger:
             self._sessions += 1
             self._resident += nbytes
 
+    def resume_session(self, principal: str, nbytes: int) -> None:
+        """Counts a session a restarted gateway resumed, without refusing it (it was admitted
+        before the restart): the token's quotas hold its new sessions back until it is under
+        them again."""
+        with self._lock:
+            account = self._account(principal)
+            account.sessions += 1
+            account.resident += nbytes
+            self._sessions += 1
+            self._resident += nbytes
+
     def grow_session(self, principal: str, nbytes: int) -> None:
         """Counts ``nbytes`` more parameters of an open session (a new param group).
 

@@ -35,9 +35,11 @@ from shardopt.core.proto import SERVICE_NAME, pb
 from shardopt.gateway.admission import OPTIMIZERS, ShardSettings
 from shardopt.gateway.auth import TokenAuthInterceptor, check_tokens, principal_of
 from shardopt.gateway.call_limits import CallLimiter
+from shardopt.gateway.handling import Malformed
 from shardopt.gateway.observability import COLLECTOR, MetricsInterceptor, count_bytes
 from shardopt.gateway.quotas import Limits
-from shardopt.gateway.servicer import Malformed, OptimizerGateway
+from shardopt.gateway.resume import StoreLink
+from shardopt.gateway.servicer import OptimizerGateway
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +138,7 @@ def serve(
     operator_tokens: list[str] | None = None,
     metrics_port: int | None = None,
     metrics_host: str | None = None,
+    session_store: str | None = None,
 ) -> Gateway:
     """Starts the gateway (Ray must be reachable: :func:`shardopt.client.runtime.ensure_ray`).
 
@@ -161,6 +164,9 @@ def serve(
         metrics_port: serve Prometheus text at ``http://metrics_host:metrics_port/metrics``
             (0: any free port, see ``Gateway.metrics_port``; None: no metrics server).
         metrics_host: where the metrics server listens (default: ``host``).
+        session_store: keep sessions in the Ray cluster under this name, so that a gateway
+            started again with it on the same cluster resumes them
+            (:mod:`shardopt.gateway.session_store`); None: sessions end with this process.
 
     Returns:
         The running :class:`Gateway`.
@@ -185,10 +191,15 @@ def serve(
     shards = ShardSettings(placement, dict(shard_resources or {}))
     limiter = CallLimiter(limits, max_workers)
     ensure_ray()
+    store = None
+    if session_store is not None:
+        store = StoreLink(session_store, limits.session_idle_timeout_s)
+        host_pool.set_starter(store.start_host)
     servicer = OptimizerGateway(
         limits, checkpoint_dir, shards, checkpoint_key,
-        operators=[principal_of(t) for t in operator_tokens or ()],
+        operators=[principal_of(t) for t in operator_tokens or ()], store=store,
     )  # fmt: skip
+    resumed = servicer.resume()  # before serving: no client sees a session missing
     idle = limits.idle_shard_hosts
     previous_idle = host_pool.set_max_idle(default_num_shards() if idle is None else idle)
     auth = [TokenAuthInterceptor(tokens, operator_tokens or ())] if tokens else []
@@ -241,7 +252,7 @@ def serve(
         )
     emit(
         logger, "gateway_started", host=host, port=bound, auth=bool(tokens),
-        operators=len(operator_tokens or ()), metrics_port=metrics_port,
+        operators=len(operator_tokens or ()), metrics_port=metrics_port, resumed=resumed,
     )  # fmt: skip
     return Gateway(
         server,
@@ -249,7 +260,7 @@ def serve(
         health_servicer,
         bound,
         limiter,
-        lambda: host_pool.set_max_idle(previous_idle),
+        lambda: (host_pool.set_max_idle(previous_idle), host_pool.set_starter(None)),
         metrics_server,
         metrics_port,
     )

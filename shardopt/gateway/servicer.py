@@ -19,12 +19,11 @@ Talks to: the sessions' optimizers (and through them Ray); the ledger; clients o
 
 from __future__ import annotations
 
-import functools
 import logging
 import pathlib
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -36,7 +35,6 @@ from shardopt.client.optimizer import ShardedOptimizer, default_num_shards
 from shardopt.core import chunk_codec, wire
 from shardopt.core.errors import (
     ERROR_TYPE_KEY,
-    GRPC_STATUS,
     AccessDeniedError,
     PullConflictError,
     ShardoptError,
@@ -60,57 +58,15 @@ from shardopt.gateway.admission import (
 from shardopt.gateway.auth import ANONYMOUS, bearer_token, principal_of
 from shardopt.gateway.closure_step import ClosureStep
 from shardopt.gateway.gradients import GradientUpload
+from shardopt.gateway.handling import Malformed, status_of
+from shardopt.gateway.handling import handled as _handled
+from shardopt.gateway.handling import handled_stream as _handled_stream
 from shardopt.gateway.quotas import Ledger, Limits
+from shardopt.gateway.resume import StoreLink, repeat_from
 from shardopt.gateway.sessions import Session, SessionTable
 from shardopt.gateway.status import session_info, shard_infos
 
 logger = logging.getLogger(__name__)
-
-
-class Malformed:
-    """What a request that protobuf could not parse becomes (INVALID_ARGUMENT, not INTERNAL)."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-def _status_of(exc: BaseException) -> grpc.StatusCode:
-    for kind, name in GRPC_STATUS.items():
-        if isinstance(exc, kind):
-            return getattr(grpc.StatusCode, name)
-    return grpc.StatusCode.INTERNAL
-
-
-def _handled(method: Callable) -> Callable:
-    """Maps a servicer method's exceptions to statuses (also for streamed answers)."""
-
-    @functools.wraps(method)
-    def unary(self: OptimizerGateway, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            if isinstance(request, Malformed):
-                raise wire.WireError(f"malformed request: {request.error}")
-            return method(self, request, context)
-        except grpc.RpcError:  # the call was cancelled (by its client or the watchdog)
-            raise
-        except Exception as exc:
-            self._abort(context, exc)
-
-    return unary
-
-
-def _handled_stream(method: Callable) -> Callable:
-    @functools.wraps(method)
-    def stream(self: OptimizerGateway, request: Any, context: grpc.ServicerContext) -> Iterator:
-        try:
-            if isinstance(request, Malformed):
-                raise wire.WireError(f"malformed request: {request.error}")
-            yield from method(self, request, context)
-        except grpc.RpcError:
-            raise
-        except Exception as exc:
-            self._abort(context, exc)
-
-    return stream
 
 
 def _principal(context: grpc.ServicerContext) -> str:
@@ -176,6 +132,8 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         checkpoint_key: the HMAC key that signs every checkpoint saved; loads then accept only
             checkpoints signed with it (None: checksummed, not signed).
         operators: principals of operators' tokens (they may list every tenant's sessions).
+        store: where resumable sessions are recorded (``--session-store``; None: sessions end
+            with this process).
     """
 
     def __init__(
@@ -185,6 +143,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         shards: ShardSettings | None = None,
         checkpoint_key: bytes | None = None,
         operators: list[str] = (),
+        store: StoreLink | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self.operators = frozenset(operators)  # principals of operators' tokens
@@ -193,6 +152,9 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         self.shards = shards or ShardSettings()
         self.ledger = Ledger(self.limits)
         self.sessions = SessionTable(self.ledger, self.limits.session_idle_timeout_s)
+        self.store = store
+        if store is not None:
+            self.sessions.on_close = store.drop
 
     # ----- sessions ---------------------------------------------------------------------------
 
@@ -250,6 +212,13 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             self.ledger.close_session(principal, nbytes)
             raise
         session = Session(uuid.uuid4().hex, principal, optimizer, params, names, nbytes)
+        if self.store is not None:
+            try:  # recorded before its client hears of it
+                self.store.put(session, kwargs)
+            except BaseException:
+                optimizer.close()
+                self.ledger.close_session(principal, nbytes)
+                raise
         self.sessions.add(session)
         emit(
             logger, "session_opened", session=session.session_id, scope=scope_of(principal),
@@ -271,17 +240,32 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         closed = self.sessions.close(_principal(context), request.session_id)
         return pb.CloseSessionReply(closed=closed)
 
+    def resume(self) -> int:
+        """Resumes the sessions its store recorded (before serving); returns how many."""
+        if self.store is None:
+            return 0
+        return len(self.store.resume(self.sessions))
+
     def start(self) -> None:
-        """Starts closing sessions unused for ``Limits.session_idle_timeout_s``."""
+        """Starts closing sessions unused for ``Limits.session_idle_timeout_s`` (and beating
+        to the session store)."""
         self.sessions.start()
+        if self.store is not None:
+            self.store.start(self.sessions)
 
     def stop(self) -> None:
         """Stops the expiry of idle sessions (they stay open: :meth:`close_all`)."""
         self.sessions.stop()
+        if self.store is not None:
+            self.store.stop()
 
     def close_all(self) -> None:
-        """Closes every session (graceful shutdown)."""
-        self.sessions.close_all()
+        """Closes every session (graceful shutdown); with a session store, its sessions are
+        handed over to the next gateway instead."""
+        if self.store is not None:
+            self.sessions.hand_over()
+        else:
+            self.sessions.close_all()
 
     # ----- stepping ---------------------------------------------------------------------------
 
@@ -327,6 +311,8 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         with self._use(context, request.session_id) as session, session.lock:
             if not session.grads_ready:
                 raise ShardoptError("no gradients staged: call PushGradients before each Step")
+            if request.HasField("step_id"):
+                repeat_from(session, request.step_id)
             if request.param_groups:
                 self._update_groups(session, request.param_groups)
             try:
@@ -455,6 +441,8 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                     session.params.extend(values)
                     session.names.extend(names)
                     session.nbytes += nbytes
+                    if self.store is not None:
+                        self.store.forget(session)
             except BaseException:
                 self.ledger.shrink_session(session.principal, nbytes)
                 raise
@@ -568,7 +556,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
 
     def _abort(self, context: grpc.ServicerContext, exc: BaseException) -> None:
         """Ends the call with ``exc``'s status and a message that names no server path."""
-        code = _status_of(exc)
+        code = status_of(exc)
         if isinstance(exc, wire.LimitError):
             code = grpc.StatusCode.RESOURCE_EXHAUSTED
         if code == grpc.StatusCode.INTERNAL:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -83,6 +83,8 @@ class Session:
     """What ``transfer`` counts in the ledger."""
     staged_transfer: object | None = None
     """The claim of the staged gradients, if they are in ``transfer``."""
+    recorded: bool = False
+    """Whether a session store holds its record (a restarted gateway resumes it)."""
 
     def expected(self, indices: list[int] | None = None) -> list[tuple[torch.dtype, tuple]]:
         """(dtype, shape) of the parameters (all, or those at ``indices``)."""
@@ -156,6 +158,8 @@ class SessionTable:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
+        self.on_close: Callable[[str], None] | None = None
+        """Told each closed session's id (a session store drops its record)."""
 
     def __len__(self) -> int:
         with self._lock:
@@ -208,7 +212,15 @@ class SessionTable:
         for session in sessions:
             self._close(session)
 
-    def _close(self, session: Session) -> None:
+    def hand_over(self) -> None:
+        """Lets go of every recorded session without closing it (a restarted gateway resumes
+        them) and closes the others (graceful shutdown of a gateway with a session store)."""
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            self._close(session, keep=session.recorded)
+
+    def _close(self, session: Session, keep: bool = False) -> None:
         try:
             session.saves.finish_all()  # their directories' locks are this process's
             with session.lock:
@@ -216,9 +228,14 @@ class SessionTable:
                 session.unstage()
                 session.transfer_user = None  # a pull in flight sends what it copied
                 session.drop_transfer(self.ledger)
-                session.optimizer.close()
+                if keep:
+                    session.optimizer.backend.detach()
+                else:
+                    session.optimizer.close()
         finally:
             self.ledger.close_session(session.principal, session.nbytes)
+            if self.on_close is not None and not keep:
+                self.on_close(session.session_id)
 
     # ----- expiry ---------------------------------------------------------------------------
 

@@ -1,0 +1,257 @@
+"""A gateway killed and started again resumes its sessions (``shardopt serve --session-store``).
+
+The gateways are real ``shardopt serve`` processes joined to the session's Ray, which outlives
+them; they are killed with SIGKILL (nothing is handed over, no finalizer runs).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import grpc
+import pytest
+import ray
+import torch
+from gateway_helpers import OTHER_TOKEN, TOKEN, auth, code_of, open_session, push, wait_for_line
+from helpers import assert_same_params, assert_same_tensors, make_model, train_step
+
+import shardopt
+from shardopt.actor.host import NAMESPACE
+from shardopt.core.proto import pb, rpc
+from shardopt.gateway import serve
+from shardopt.gateway.auth import principal_of
+from shardopt.gateway.session_store import store_name
+
+
+def start_gateway(tmp_path, store: str, port: int = 0, *flags: str) -> tuple[subprocess.Popen, str]:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\n{OTHER_TOKEN}\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "shardopt", "serve", "--port", str(port),
+            "--token-file", str(tokens), "--session-store", store,
+            "--ray-address", ray.get_runtime_context().gcs_address, *flags,
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        return process, wait_for_line(process, "serving on ").removeprefix("serving on ")
+    except BaseException:
+        process.kill()
+        raise
+
+
+def records_of(store: str) -> list:
+    actor = ray.get_actor(store_name(store), namespace=NAMESPACE)
+    return [record for record, _ in ray.get(actor.records.remote())]
+
+
+def gone(name: str, timeout: float = 30.0) -> bool:
+    """Whether the named actor ends within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            actor = ray.get_actor(name, namespace=NAMESPACE)
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except (ValueError, ray.exceptions.RayActorError):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_a_gateway_killed_mid_training_resumes_for_its_token_only(tmp_path):
+    """SIGKILL while the client steps; the same command starts again on the same port: the
+    client pauses and its run ends bit-identical to torch's uninterrupted one (and so after a
+    graceful stop and start). The restarted
+    gateway counts the resumed session against the token's quota; another token can neither
+    see nor use it; the record holds a hash of the token, never the token."""
+    store = f"restart-{uuid.uuid4().hex[:8]}"
+    flags = ("--max-sessions-per-token", "1")
+    process, address = start_gateway(tmp_path, store, 0, *flags)
+    port = int(address.rsplit(":", 1)[1])
+    model = make_model(0)
+    reference = copy.deepcopy(model)
+    opt = shardopt.Adam(
+        model.parameters(), lr=1e-2, address=address, token=TOKEN, num_shards=2,
+        reconnect_timeout=120,
+    )  # fmt: skip
+    want_opt = torch.optim.Adam(reference.parameters(), lr=1e-2, fused=True)
+    killed, restarted = threading.Event(), []
+
+    def kill_and_restart() -> None:
+        killed.wait()
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        restarted.append(start_gateway(tmp_path, store, port, *flags)[0])
+
+    killer = threading.Thread(target=kill_and_restart)
+    killer.start()
+    try:
+        pauses = []
+        for i in range(6):
+            if i == 3:
+                killed.set()  # killed while this step pushes, steps or pulls
+            start = time.monotonic()
+            train_step(model, opt, seed=i)
+            pauses.append(time.monotonic() - start)
+            train_step(reference, want_opt, seed=i)
+        killer.join()
+        assert max(pauses) > 1.0  # the client waited for the new gateway
+        # a graceful stop (SIGTERM) hands the session over to the next gateway, too
+        restarted[0].send_signal(signal.SIGTERM)
+        assert restarted[0].wait(timeout=60) == 0
+        restarted.append(start_gateway(tmp_path, store, port, *flags)[0])
+        for i in range(6, 8):
+            train_step(model, opt, seed=i)
+            train_step(reference, want_opt, seed=i)
+        assert_same_params(model, reference)
+        got, want = opt.state_dict(), want_opt.state_dict()
+        assert_same_tensors(
+            [v for s in got["state"].values() for v in s.values()],
+            [v for s in want["state"].values() for v in s.values()],
+        )
+        (record,) = records_of(store)
+        assert record.principal == principal_of(TOKEN)
+        assert TOKEN not in repr(record)
+        # names the gateway made, none a request chose
+        assert all(name.startswith("host/") for name in record.hosts)
+        assert record.session_id == opt.backend.session_id
+        with grpc.insecure_channel(address) as channel:
+            stub = rpc.OptimizerServiceStub(channel)
+            ref = pb.SessionRef(session_id=opt.backend.session_id)
+            # another token: not listed, not usable
+            other = stub.ListSessions(pb.ListSessionsRequest(), metadata=auth(OTHER_TOKEN))
+            assert not other.sessions
+            denied = code_of(lambda: stub.GetParamGroups(ref, metadata=auth(OTHER_TOKEN)))
+            assert denied == grpc.StatusCode.NOT_FOUND
+            assert not stub.CloseSession(ref, metadata=auth(OTHER_TOKEN)).closed
+            # the resumed session counts: the token holds its one session already
+            refused = code_of(lambda: open_session(stub, [torch.zeros(2)]))
+            assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED
+            mine = stub.ListSessions(pb.ListSessionsRequest(), metadata=auth(TOKEN))
+            assert [s.session_id for s in mine.sessions] == [opt.backend.session_id]
+        opt.close()
+        assert records_of(store) == []
+    finally:
+        for p in [process, *restarted]:
+            if p.poll() is None:
+                p.kill()
+    # no gateway, no session: the store kills its hosts and ends
+    assert gone(store_name(store))
+
+
+def eventually(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def test_idle_sessions_expire_across_restarts_and_without_a_gateway(tmp_path):
+    """A restarted gateway expires a session from its last use before the restart; a gateway
+    killed and never started again: its idle session's shards and hosts end after the idle
+    timeout, and so does the store."""
+    store = f"idle-{uuid.uuid4().hex[:8]}"
+    process, address = start_gateway(tmp_path, store)  # idle timeout: an hour
+    port = int(address.rsplit(":", 1)[1])
+    processes = [process]
+    try:
+        kwargs = dict(address=address, token=TOKEN, num_shards=1, reconnect_timeout=60)
+        model = torch.nn.Linear(3, 2)
+        first = shardopt.SGD(model.parameters(), lr=0.1, **kwargs)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        # started again with a one-second idle timeout: the session was last used before
+        flags = ("--session-idle-timeout", "1")
+        process = start_gateway(tmp_path, store, port, *flags)[0]
+        processes.append(process)
+        assert eventually(lambda: records_of(store) == [])
+        model(torch.ones(1, 3)).sum().backward()
+        with pytest.raises(shardopt.OptimizerClosedError):
+            first.step()
+        kwargs["reconnect_timeout"] = 0
+        second = shardopt.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1, **kwargs)
+        (record,) = records_of(store)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert all(gone(name, 30) for name in record.hosts)
+        assert gone(store_name(store))
+        with pytest.raises(shardopt.ShardUnavailableError):
+            second.step()
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+
+
+def _fail_next_step(host, key: str) -> None:
+    """Run inside a shard host (``__ray_call__``): its shard ``key`` refuses its next step
+    before applying anything (as a gateway killed before the request reached it)."""
+    shard = host._shards[key]
+
+    def refuse(request):
+        del shard.step  # the class's own again
+        raise RuntimeError("injected: this shard never saw the step")
+
+    shard.step = refuse
+
+
+def test_a_repeated_step_id_is_applied_once():
+    """A Step whose answer was lost, sent again with its id (and its gradients pushed again),
+    is applied by no shard twice: after a step that one shard applied and the other did not
+    (as when the gateway dies between them), its repeat completes it; an id before the last
+    one is refused."""
+    gateway = serve(tokens=[TOKEN, OTHER_TOKEN])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            stub = rpc.OptimizerServiceStub(channel)
+            params = [torch.randn(4, 3), torch.randn(4, 3)]
+            session = open_session(
+                stub, params, optimizer="Adam", hyperparameters={"lr": 0.1}, num_shards=2
+            )
+            sid = session.session_id
+            held = gateway.servicer.sessions.snapshot()[0]
+            assert sorted(session.owners) == [0, 1]  # one parameter on each shard
+            want = [p.clone().requires_grad_() for p in params]
+            want_opt = torch.optim.Adam(want, lr=0.1, fused=True)
+            grads = [[torch.randn(4, 3) for _ in params] for _ in range(3)]
+
+            def step(step_id: int) -> None:
+                push(stub, sid, grads[step_id])
+                request = pb.StepRequest(session_id=sid, step_id=step_id)
+                stub.Step(request, metadata=auth())
+
+            def torch_step(step_id: int) -> None:
+                for w, g in zip(want, grads[step_id]):
+                    w.grad = g
+                want_opt.step()
+
+            step(0)
+            torch_step(0)
+            assert_same_tensors(held.params, want)
+            step(0)  # the answer was lost: the same step again changes nothing
+            assert_same_tensors(held.params, want)
+            handle = held.optimizer.backend.handles[1]
+            ray.get(handle.host.__ray_call__.remote(_fail_next_step, handle.key))
+            with pytest.raises(grpc.RpcError):
+                step(1)  # shard 0 applied step 1, shard 1 did not
+            step(1)  # repeated: shard 1 applies it, shard 0 answers what it has
+            torch_step(1)
+            assert_same_tensors(held.params, want)
+            step(2)
+            torch_step(2)
+            assert_same_tensors(held.params, want)
+            assert code_of(lambda: step(0)) == grpc.StatusCode.INVALID_ARGUMENT
+            assert_same_tensors(held.params, want)
+    finally:
+        gateway.stop(0)
