@@ -119,6 +119,31 @@ def test_sync_step_times_out_naming_the_missing_rank_and_changes_nothing(name):
     late.close()
 
 
+def test_shared_memory_and_the_object_store_give_the_same_bits(name):
+    """Workers on the shards' node push through gradient slots and read the shard's parameter
+    buffer; with shared_memory=False the same run goes through the object store, bit for bit."""
+    x, y = make_data(8)
+    runs = {}
+    for shared in (None, False):
+        group = f"{name}-{shared}"
+
+        def work(rank, group=group, shared=shared):
+            worker = attach(group, 2, rank, shared_memory=shared)
+            uses = worker.opt.uses_shared_memory
+            params = worker.train(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4], 3)
+            worker.close()
+            return uses, params
+
+        try:
+            runs[shared] = run_ranks(2, work)
+        finally:
+            shardopt.close_group(group)
+    assert [uses for uses, _ in runs[None]] == [[True, True]] * 2
+    assert [uses for uses, _ in runs[False]] == [[False, False]] * 2
+    for (_, a), (_, b) in zip(runs[None], runs[False]):
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
 def test_late_joiner_gets_the_current_parameters(name):
     x, y = make_data(8)
     first = attach(name, 2, 0, mode="async")

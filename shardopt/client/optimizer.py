@@ -84,7 +84,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             e.g. ``{"num_gpus": 1}`` to run each shard on its own GPU.
         shared_memory: exchange gradients and parameters with CPU shards on this node through
             shared memory (``/dev/shm``) instead of Ray's object store; by default wherever
-            possible. ``False`` forces the object store.
+            possible. ``False`` forces the object store. (A group's shards too.)
         overlap: copy each gradient towards its shard as soon as backward has produced it
             (post-accumulate-grad hooks), so ``step()`` waits only for what is left. Gradients
             changed in place after backward (clipping, GradScaler) are noticed by their
@@ -285,7 +285,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         num_shards = num_shards or default_num_shards()
         if group is not None:
             config = make_config(num_shards=num_shards, **settings)
-            return ShardGroupMember(source, group, rank, config)
+            return ShardGroupMember(source, group, rank, config, shared_memory)
         return self._local_backend(
             source,
             num_shards,

@@ -179,17 +179,28 @@ class ShardGroupMember(RayShards):
         name: the group's name.
         rank: this worker's rank.
         config: the group's options (checked by :func:`make_config`).
+        shared_memory: exchange gradients (and in sync mode parameters) with the group's shards
+            on this node through shared memory; by default wherever possible. ``False`` forces
+            the object store.
     """
 
     kind = "group"
 
-    def __init__(self, params: ParamSource, name: str, rank: int, config: GroupConfig) -> None:
+    def __init__(
+        self,
+        params: ParamSource,
+        name: str,
+        rank: int,
+        config: GroupConfig,
+        shared_memory: bool | None = None,
+    ) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"Invalid group name: {name!r} (a non-empty string without '/')")
         self._params = params
         self.name = name
         self.rank = rank
         self.config = config
+        self._shared_memory = shared_memory is not False
         self.membership: GroupMembership | None = None
         self.versions: list[int] = [0] * config.num_shards
         self.last_push: list[PushResult] = []
@@ -258,11 +269,18 @@ class ShardGroupMember(RayShards):
 
     def _map_shared(self) -> None:
         """Maps this rank's shared buffers on the group's shards on this node."""
+        if not self._shared_memory:
+            return
         here = ray.get_runtime_context().get_node_id()
         local = [s for s, node in enumerate(self.membership.node_ids) if node == here]
         answers = ray_get([self.handles[s].attach_shared(self.rank, here) for s in local])
         for s, buffers in zip(local, answers):
             self.data_path.map_rank(s, buffers)
+
+    @property
+    def uses_shared_memory(self) -> list[bool]:
+        """Per shard: whether this worker's gradients reach it through shared memory."""
+        return [self.data_path.in_slot(s) for s in range(self.num_shards)]
 
     def shard_nodes(self) -> list[str | None]:
         return list(self.membership.node_ids) if self.membership else super().shard_nodes()
