@@ -5,8 +5,9 @@ Where a group shard is on this worker's node, the worker maps its
 :class:`~shardopt.core.records.RankBuffers` (:meth:`GroupShardHost.attach_shared
 <shardopt.actor.shard_group_host.GroupShardHost.attach_shared>`): its gradients are packed
 straight into its slot there (and pushed without them), and in sync mode the parameters a
-round answers with are read from the shard's own buffer. The other shards go through Ray's
-object store as before. The shard's parameter buffer is not handed to ``DataPath``'s own
+round answers with are read from the shard's own buffer (with ``share_params`` the worker's CPU
+parameters are re-pointed into it: nothing is copied back at all). The other shards go through
+Ray's object store as before. The shard's parameter buffer is not handed to ``DataPath``'s own
 mapping: a user's edit of a parameter still reaches the shard as an update under its lock.
 
 Talks to: :mod:`shardopt.core.shm`; the rest as :class:`~shardopt.client.data_path.DataPath`.
@@ -25,20 +26,30 @@ from shardopt.core.records import RankBuffers
 class GroupDataPath(DataPath):
     """A :class:`DataPath` with a group rank's gradient slots and shared parameter buffers."""
 
-    def __init__(self, shard_map: ShardMap) -> None:
+    def __init__(self, shard_map: ShardMap, *, share_params: bool = False) -> None:
         super().__init__(shard_map, share_params=False, replicated=False)
+        self._group_map = shard_map
+        self._share_group_params = share_params
         self._slots: dict[int, torch.Tensor] = {}
         self._group_params: dict[int, torch.Tensor] = {}
 
-    def map_rank(self, shard: int, buffers: RankBuffers | None) -> None:
-        """Maps this rank's buffers on ``shard`` (None: it has none) and unlinks their files."""
+    def map_rank(self, shard: int, buffers: RankBuffers | None, params: list[torch.Tensor]) -> None:
+        """Maps this rank's buffers on ``shard`` (None: it has none) and unlinks their files;
+        with ``share_params``, re-points the CPU parameters (whole tensors) into the shard's."""
         self._slots.pop(shard, None)
         self._group_params.pop(shard, None)
         self.forget_shipped(shard)
         if buffers is None:
             return
         if buffers.param_path is not None:
-            self._group_params[shard] = shm.attach(buffers.param_path, buffers.nbytes)
+            mapped = self._group_params[shard] = shm.attach(buffers.param_path, buffers.nbytes)
+            if self._share_group_params:
+                layout = self._group_map.layout(shard)
+                for j, slot in enumerate(self._group_map.slots(shard)):
+                    p = params[slot.pid]
+                    if p.device.type == "cpu" and slot.rows is None:
+                        p.data = layout.view(mapped, j)
+                        self._group_map.record(slot.pid, p)
         self._slots[shard] = shm.attach(buffers.grad_path, buffers.nbytes)
 
     def in_slot(self, shard: int) -> bool:

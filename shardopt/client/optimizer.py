@@ -92,7 +92,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             version counters and are not seen.
         share_params: with shared memory, re-point the user's CPU parameters into the shards'
             buffers, so a step copies no parameters back. The tensors stay the same objects
-            but their storage moves: views taken of them earlier no longer follow them.
+            but their storage moves: views taken of them earlier no longer follow them. (A
+            sync group's workers on its shards' node then share one copy of the parameters.)
         group: attach this worker to the named shard group (created by the first worker to
             arrive): many workers, one sharded optimizer. See ``docs`` in the README and
             :mod:`shardopt.actor.shard_group_registry`. The options below apply to groups only.
@@ -285,7 +286,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         num_shards = num_shards or default_num_shards()
         if group is not None:
             config = make_config(num_shards=num_shards, **settings)
-            return ShardGroupMember(source, group, rank, config, shared_memory)
+            return ShardGroupMember(source, group, rank, config, shared_memory, share_params)
         return self._local_backend(
             source,
             num_shards,

@@ -182,6 +182,10 @@ class ShardGroupMember(RayShards):
         shared_memory: exchange gradients (and in sync mode parameters) with the group's shards
             on this node through shared memory; by default wherever possible. ``False`` forces
             the object store.
+        share_params: (sync mode) re-point this worker's CPU parameters into the shared
+            parameter buffers of the shards on its node: a round copies no parameters back.
+            Every worker there then holds the very same memory, so a parameter written in
+            place on one worker is written for all of them.
     """
 
     kind = "group"
@@ -193,6 +197,7 @@ class ShardGroupMember(RayShards):
         rank: int,
         config: GroupConfig,
         shared_memory: bool | None = None,
+        share_params: bool = False,
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"Invalid group name: {name!r} (a non-empty string without '/')")
@@ -205,7 +210,7 @@ class ShardGroupMember(RayShards):
         self.versions: list[int] = [0] * config.num_shards
         self.last_push: list[PushResult] = []
         self.shard_map = ShardMap(config.num_shards)
-        self.data_path = GroupDataPath(self.shard_map)
+        self.data_path = GroupDataPath(self.shard_map, share_params=share_params)
         blocks = self.shard_map.place(params.flat(), params.group_indices(), params.splittable())
         options = params.options()
         specs = [
@@ -274,8 +279,9 @@ class ShardGroupMember(RayShards):
         here = ray.get_runtime_context().get_node_id()
         local = [s for s, node in enumerate(self.membership.node_ids) if node == here]
         answers = ray_get([self.handles[s].attach_shared(self.rank, here) for s in local])
+        params = self._params.flat()
         for s, buffers in zip(local, answers):
-            self.data_path.map_rank(s, buffers)
+            self.data_path.map_rank(s, buffers, params)
 
     @property
     def uses_shared_memory(self) -> list[bool]:
