@@ -108,9 +108,10 @@ def test_async_staleness_bound():
 
 
 def test_slot_pushes_average_in_rank_order_with_the_same_bits_as_sent_ones():
-    """Rank 0's slot is the shard's gradient buffer, rank 1 sends its gradients, rank 2 has a
-    slot of its own; the sum is taken in rank order (values chosen so that order matters)."""
-    host, layout = make_host(world_size=3)
+    """Ranks 0 and 2 have slots, rank 1 sends its gradients; the sum is taken in rank order as
+    the pushes arrive (values chosen so that order matters), and starts over when a round's
+    pushes are withdrawn after part of it was summed."""
+    host, layout = make_host(world_size=3, timeout_s=2.0)
     node = ray.get_runtime_context().get_node_id()
     buffers = {r: host.attach_shared("unit/0", r, node) for r in (0, 2)}
     assert host.attach_shared("unit/0", 1, "another-node") is None
@@ -122,6 +123,11 @@ def test_slot_pushes_average_in_rank_order_with_the_same_bits_as_sent_ones():
     sent = request(1, 0, grads[1], layout)
     pushes = [replace(request(r, 0, 0, layout), grads=None) if r != 1 else sent for r in range(3)]
     with ThreadPoolExecutor(3) as pool:
+        partial = [pool.submit(host.push, "unit/0", p) for p in pushes[:2]]  # rank 2 missing
+        for f in partial:
+            with pytest.raises(GroupTimeoutError):
+                f.result()
+        assert host.version() == 0
         answers = list(pool.map(lambda p: host.push("unit/0", p), pushes))
     mean = ((torch.tensor(1e8) + torch.tensor(1.0)) + torch.tensor(-1e8)) / 3
     assert torch.equal(host._shard.params[0], torch.full((3,), -0.5 * mean.item()))
@@ -147,4 +153,16 @@ def test_async_slot_push_applies_and_answers_through_the_store():
     answer = host.push("unit/0", replace(request(1, 0, 0, layout), grads=None))
     assert answer.applied_version == 0
     assert torch.equal(params_of(answer, layout), torch.full((3,), -1.0))
+    host.close()
+
+
+def test_one_worker_steps_on_its_slot_without_a_copy():
+    host, layout = make_host(world_size=1)
+    b = host.attach_shared("unit/0", 0, ray.get_runtime_context().get_node_id())
+    slot = shm.attach(b.grad_path, b.nbytes)
+    layout.pack([torch.full((3,), 4.0)], out=slot)
+    assert torch.equal(layout.view(host._shard.grad_buffer(), 0), torch.full((3,), 4.0))
+    answer = host.push("unit/0", replace(request(0, 0, 0, layout), grads=None))
+    assert answer.applied_version == 0 and answer.current.params is None
+    assert torch.equal(host._shard.params[0], torch.full((3,), -2.0))
     host.close()

@@ -6,13 +6,15 @@ once (:meth:`RankSlots.attach`): a gradient slot of its own, a shared-memory fil
 shard's gradient buffer, which it fills at every step and pushes without sending the gradients
 (``PushRequest.grads`` None); and in sync mode the shard's own parameter buffer, which every
 rank on the node reads after a round (the buffer changes only when a round completes, and a
-round needs every rank's push, so nobody reads while it changes). In sync mode rank 0's slot
-*is* the shard's gradient buffer: the average starts from rank 0's gradients where they lie,
-and with one worker nothing is copied at all. In async mode each push is applied on its own
-while other ranks read, so parameters still come back through the object store there.
+round needs every rank's push, so nobody reads while it changes). With one worker in sync
+mode its slot *is* the shard's gradient buffer: nothing is copied at all. In async mode each
+push is applied on its own while other ranks read, so parameters still come back through the
+object store there.
 
-:func:`average_into` sums a round's gradients in rank order and divides by the world size,
-exactly as before shared memory (the tests compare bits).
+:class:`RoundSum` sums a sync round's gradients in rank order as the pushes arrive (rank ``k``
+is added as soon as ranks ``0..k`` are in), so that the last push finds most of the work done.
+It sums in rank order and divides by the world size, exactly as a round did before shared
+memory (the tests compare bits).
 
 Talks to: the :class:`~shardopt.actor.shard.Shard` it serves; :mod:`shardopt.core.shm`.
 """
@@ -27,7 +29,7 @@ import torch
 
 from shardopt.actor.shard import Shard
 from shardopt.core import shm
-from shardopt.core.buffers import FlatLayout, readonly_tensor
+from shardopt.core.buffers import readonly_tensor
 from shardopt.core.records import PushRequest, RankBuffers, SparseGrad
 
 logger = logging.getLogger(__name__)
@@ -39,11 +41,13 @@ class RankSlots:
     Args:
         shard: the group's shard held here (its buffers must be in shared memory).
         mode: the group's mode, ``"sync"`` or ``"async"``.
+        world_size: the group's world size.
     """
 
-    def __init__(self, shard: Shard, mode: str) -> None:
+    def __init__(self, shard: Shard, mode: str, world_size: int) -> None:
         self._shard = shard
         self._mode = mode
+        self._world_size = world_size
         self._slots: dict[int, torch.Tensor] = {}  # rank -> its gradient buffer, mapped here
         self._handed_out: list[str] = []  # files a worker maps and unlinks (removed at close)
 
@@ -54,7 +58,7 @@ class RankSlots:
         if buffers is None:
             return None
         try:
-            if self._mode == "sync" and rank == 0:
+            if self._mode == "sync" and self._world_size == 1:
                 slot, grad_path = self._shard.grad_buffer(), shm.link(buffers.grad_path)
             else:
                 slot, grad_path = shm.create(buffers.nbytes)
@@ -73,6 +77,10 @@ class RankSlots:
     def reads_shared_params(self, rank: int) -> bool:
         """Whether ``rank`` reads the parameters in the shard's shared buffer."""
         return self._mode == "sync" and rank in self._slots
+
+    def has_gradients(self, request: PushRequest) -> bool:
+        """Whether a push's gradients are at hand (sent with it, or in its rank's slot)."""
+        return request.grads is not None or request.rank in self._slots
 
     def grads(self, request: PushRequest) -> torch.Tensor:
         """The flat gradients of a push: sent with it, or in the rank's slot.
@@ -98,39 +106,92 @@ class RankSlots:
         self._slots.clear()
 
 
-def average_into(
-    target_flat: torch.Tensor,
-    layout: FlatLayout,
-    requests: Sequence[PushRequest],
-    sources: Sequence[torch.Tensor],
-    world_size: int,
-) -> tuple[tuple[bool, ...], dict[int, SparseGrad]]:
-    """A round's average gradient in ``target_flat``: for each parameter, the sum of the dense
-    gradients in rank order (``requests`` are sorted by rank, ``sources`` their flat buffers),
-    divided by the world size, as DistributedDataParallel averages; sparse gradients are
-    concatenated and scaled. A source that already is ``target_flat`` (rank 0's slot) is not
-    copied onto itself, and nothing is divided by a world size of one.
+class RoundSum:
+    """A sync round's gradient sum, built in rank order as the pushes arrive.
 
-    Returns:
-        Which slots hold a dense gradient, and the sparse gradients by slot.
+    Per parameter, the first rank (in rank order) with a dense gradient is copied into the
+    shard's gradient buffer and every later one added, then the sum is divided by the world
+    size: the operations a round always ran on each element, in the same order.
+    A push withdrawn (a timeout) starts the sum over; the slots themselves are never written
+    here, so nothing is lost.
+
+    Args:
+        slots: where each push's gradients are.
+        shard: the shard whose gradient buffer receives the sum.
     """
-    has_grad, sparse = [], {}
-    for j in range(len(layout)):
-        dense = [src for r, src in zip(requests, sources) if r.has_grad[j]]
-        if dense:
-            target = layout.view(target_flat, j)
-            first = layout.view(dense[0], j)
-            if first.data_ptr() != target.data_ptr() or first.device != target.device:
-                target.copy_(first)
-            for src in dense[1:]:
-                target.add_(layout.view(src, j).to(target.device))
+
+    def __init__(self, slots: RankSlots, shard: Shard) -> None:
+        self._slots = slots
+        self._shard = shard
+        self._added: list[int] = []  # ranks summed so far, in order
+        self._started: list[bool] = []  # per parameter: whether the buffer holds a partial sum
+
+    def reset(self) -> None:
+        """Forgets the partial sum (a push was withdrawn, or the round ended)."""
+        self._added, self._started = [], []
+
+    def take(self, arrived: dict[int, PushRequest], ranks: Sequence[int]) -> None:
+        """Adds the next ranks of ``ranks`` (the round's, in order) that have arrived."""
+        for rank in ranks[len(self._added) :]:
+            request = arrived.get(rank)
+            if request is None or not self._slots.has_gradients(request):
+                return  # a push without gradients fails the whole round in finish()
+            self._add(request)
+
+    def _add(self, request: PushRequest) -> None:
+        layout, target_flat = self._shard.layout, self._shard.grad_buffer()
+        if not self._started:
+            self._started = [False] * len(layout)
+        source = self._slots.grads(request)
+        for j in range(len(layout)):
+            if not request.has_grad[j]:
+                continue
+            target, src = layout.view(target_flat, j), layout.view(source, j)
+            if self._started[j]:
+                target.add_(src.to(target.device))
+            elif src.data_ptr() != target.data_ptr() or src.device != target.device:
+                target.copy_(src)
+            self._started[j] = True
+        self._added.append(request.rank)
+
+    def finish(
+        self, requests: Sequence[PushRequest], world_size: int
+    ) -> tuple[tuple[bool, ...], dict[int, SparseGrad]]:
+        """The round's average in the shard's gradient buffer (``requests``: the whole round,
+        in rank order).
+
+        Returns:
+            Which slots hold a dense gradient, and the sparse gradients by slot.
+
+        Raises:
+            ValueError: a push without gradients from a rank without a slot.
+        """
+        try:
+            if self._added != [r.rank for r in requests[: len(self._added)]]:
+                self.reset()  # not a prefix of this round (the round's ranks changed)
+            for request in requests[len(self._added) :]:
+                self._add(request)
+            layout = self._shard.layout
+            started = self._started or [False] * len(layout)
             if world_size != 1:
-                target.div_(world_size)
-        has_grad.append(bool(dense))
+                for j in range(len(layout)):
+                    if started[j]:
+                        layout.view(self._shard.grad_buffer(), j).div_(world_size)
+            return tuple(started), sparse_average(requests, len(layout), world_size)
+        finally:
+            self.reset()
+
+
+def sparse_average(
+    requests: Sequence[PushRequest], count: int, world_size: int
+) -> dict[int, SparseGrad]:
+    """A round's sparse gradients by slot: every rank's, concatenated and scaled."""
+    sparse = {}
+    for j in range(count):
         parts = [r.sparse_grads[j] for r in requests if j in r.sparse_grads]
         if parts:
             sparse[j] = SparseGrad(
                 indices=np.concatenate([p.indices for p in parts], axis=1),
                 values=np.concatenate([p.values for p in parts], axis=0) / world_size,
             )
-    return tuple(has_grad), sparse
+    return sparse

@@ -43,7 +43,7 @@ from typing import Any
 import ray
 import torch
 
-from shardopt.actor.group_buffers import RankSlots, average_into
+from shardopt.actor.group_buffers import RankSlots, RoundSum
 from shardopt.actor.host import ShardCalls, actor_device, observe_step
 from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
@@ -56,7 +56,6 @@ from shardopt.core.records import (
     PushResult,
     RankBuffers,
     ShardSpec,
-    SparseGrad,
     StepRequest,
     StepResult,
 )
@@ -81,6 +80,7 @@ class GroupShardHost(ShardCalls):
         self._outcome: tuple[int, PushResult | BaseException] | None = None
         self._params: ParamsAt | None = None
         self._slots: RankSlots | None = None
+        self._sum: RoundSum | None = None  # the sync round's gradients, summed as they arrive
 
     def create(
         self, key: str, shard_index: int, spec: ShardSpec, num_threads: int | None
@@ -90,7 +90,8 @@ class GroupShardHost(ShardCalls):
             torch.set_num_threads(num_threads)
         with self._cond:
             self._shard = Shard(shard_index, spec, self.device, shared_memory=True)
-            self._slots = RankSlots(self._shard, self.config.mode)
+            self._slots = RankSlots(self._shard, self.config.mode, self.config.world_size)
+            self._sum = RoundSum(self._slots, self._shard)
             # its files go with the host (close() runs first when the registry kills it)
             weakref.finalize(self, self._slots.close)
             weakref.finalize(self, self._shard.close)
@@ -208,6 +209,7 @@ class GroupShardHost(ShardCalls):
             raise ValueError(f"rank {request.rank} pushed twice for version {version}")
         self._round[request.rank] = request
         my_round = self._round_seq
+        self._sum.take(self._round, range(self.config.world_size))
         if len(self._round) == self.config.world_size:
             self._apply_round(shard, version)
         else:
@@ -216,6 +218,7 @@ class GroupShardHost(ShardCalls):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._round.pop(request.rank, None)
+                    self._sum.reset()
                     missing = sorted(set(range(self.config.world_size)) - set(self._round))
                     missing.remove(request.rank)
                     observe("round_timeouts", 1, mode="sync")
@@ -253,7 +256,7 @@ class GroupShardHost(ShardCalls):
         requests = [self._round[r] for r in sorted(self._round)]
         self._round = {}
         try:
-            has_grad, sparse = self._average_into(shard, requests)
+            has_grad, sparse = self._sum.finish(requests, self.config.world_size)
             step = StepRequest(
                 step_id=version,
                 group_options=requests[0].group_options,
@@ -271,14 +274,6 @@ class GroupShardHost(ShardCalls):
         self._outcome = (self._round_seq, outcome)
         self._round_seq += 1
         self._cond.notify_all()
-
-    def _average_into(
-        self, shard: Shard, requests: list[PushRequest]
-    ) -> tuple[tuple[bool, ...], dict[int, SparseGrad]]:
-        sources = [self._slots.grads(r) for r in requests]
-        return average_into(
-            shard.grad_buffer(), shard.layout, requests, sources, self.config.world_size
-        )
 
     def _current(self, shard: Shard, rank: int | None = None) -> ParamsAt:
         """The parameters at the current version: for a rank that reads them in shared memory,
