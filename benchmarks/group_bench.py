@@ -1,13 +1,15 @@
-"""Data-parallel training on a simulated multi-node cluster: shardopt groups against DDP.
+"""Data-parallel training on one node and on a simulated multi-node cluster: shardopt groups
+against DDP.
 
-    python benchmarks/group_bench.py [--workers 1,2,4] [--width 1024] [--layers 4] [--quick]
+    python benchmarks/group_bench.py [--shapes node,cluster] [--workers 1,2,4] [--quick]
 
-The default run (4.2M parameters, 1/2/4 workers) takes about 80 s on a 2-core machine, as
-``--quick`` does (a tiny MLP; both are mostly starting the cluster, the actors and the shards).
+The default run (4.2M parameters, 1/2/4 workers, both shapes) takes about 8 minutes on a
+2-core machine; ``--quick`` (a tiny MLP) is mostly starting the clusters, actors and shards.
 
-Starts a ``ray.cluster_utils.Cluster`` on this machine (a head and ``--nodes - 1`` worker
-nodes, ``--node-cpus`` logical CPUs and ``--object-store-mb`` of object store each) and, for
-each world size N, N worker actors spread over its nodes (``scheduling_strategy="SPREAD"``).
+Each shape starts a ``ray.cluster_utils.Cluster`` on this machine: ``cluster`` is a head and
+``--nodes - 1`` worker nodes (``--node-cpus`` logical CPUs and ``--object-store-mb`` of object
+store each), ``node`` one node with as many logical CPUs as the whole ``cluster`` shape. For
+each world size N, N worker actors are spread over its nodes (``scheduling_strategy="SPREAD"``).
 The same actors train, one configuration after the other, an MLP (``--layers`` linear layers
 of ``--width``, ReLU between) on a fixed batch of their own (MSE loss, AdamW lr 1e-3) with
 
@@ -15,7 +17,9 @@ of ``--width``, ReLU between) on a fixed batch of their own (MSE loss, AdamW lr 
   and a local ``torch.optim.AdamW(fused=True)`` in every worker, the anchor;
 * shardopt sync: ``shardopt.AdamW(..., group=..., world_size=N, rank=r, mode="sync",
   num_shards=2)``: each step averages every worker's gradients on the group's shards;
-* shardopt async: the same with ``mode="async"``: each push is applied as it arrives.
+* shardopt async: the same with ``mode="async"``: each push is applied as it arrives;
+* plain (1 worker only): a plain ``shardopt.AdamW(..., num_shards=2)`` without a group, the
+  anchor of a 1-worker group (``vs plain``: the group's step time over the plain one's).
 
 A step is ``zero_grad``, forward, backward, ``step`` (DDP's all-reduce runs inside backward).
 Each configuration runs ``--warmup`` steps, then ``--steps`` timed ones on every worker at
@@ -27,8 +31,8 @@ and the shards add the gradients in different orders, and AdamW's normalisation 
 rounding differences visible (about 1e-3 after 35 steps at lr 1e-3; in-process, adding the same
 4 gradients as ``g0+g1+g2+g3`` or ``(g0+g1)+(g2+g3)`` differs as much).
 
-Prints a table (ms/step, steps/s per worker, samples/s over all workers, ratio to DDP at the
-same world size) and writes every sample to ``benchmarks/results/group_bench.json``. All the
+Prints a table per shape (ms/step, steps/s per worker, samples/s over all workers, ratio to DDP
+at the same world size) and writes every sample to ``benchmarks/results/group_bench.json``. All the
 "nodes" share this machine's cores: the figures measure the data path (object store, gloo on
 loopback, the shards' averaging), not a real network.
 
@@ -68,8 +72,14 @@ from common import (
     run_meta,
 )
 
-MODES = ("ddp", "sync", "async")
-LABELS = {"ddp": "DDP + AdamW(fused)", "sync": "shardopt sync", "async": "shardopt async"}
+MODES = ("ddp", "sync", "async", "plain")
+LABELS = {
+    "ddp": "DDP + AdamW(fused)",
+    "sync": "shardopt sync",
+    "async": "shardopt async",
+    "plain": "plain ShardedOptimizer",
+}
+SHAPES = ("node", "cluster")
 log = logger("group_bench")
 
 
@@ -160,6 +170,14 @@ class BenchWorker:
         )
         return list(self.opt.group.membership.node_ids)
 
+    def setup_plain(self, num_shards: int) -> None:
+        """A plain sharded optimizer (no group), with the group's number of shards."""
+        self.mode = "plain"
+        self.model = self.trained = make_model(self.workload)
+        self.opt = shardopt.AdamW(
+            self.model.parameters(), lr=self.workload.lr, num_shards=num_shards
+        )
+
     def run(self, steps: int) -> dict[str, Any]:
         """``steps`` training steps; their times (ms), the wall time, async staleness."""
         times, staleness = [], []
@@ -171,7 +189,7 @@ class BenchWorker:
             loss.backward()
             self.opt.step()
             times.append((time.perf_counter() - t0) * 1e3)
-            if self.mode != "ddp":
+            if self.mode not in ("ddp", "plain"):
                 staleness += [r.staleness for r in self.opt.group.last_push]
         return {
             "samples_ms": times,
@@ -231,6 +249,8 @@ def run_config(workers: list[Any], mode: str, args: argparse.Namespace) -> dict[
         if mode == "ddp":
             port = ray.get(workers[0].free_port.remote())
             ray.get([w.setup_ddp.remote(port, n) for w in workers])
+        elif mode == "plain":
+            ray.get(workers[0].setup_plain.remote(args.shards))
         else:
             group = f"group-bench-{uuid.uuid4().hex[:8]}-{mode}-{n}"
             record["group"] = group
@@ -266,16 +286,56 @@ def run_config(workers: list[Any], mode: str, args: argparse.Namespace) -> dict[
     return record
 
 
+def shape_nodes(shape: str, args: argparse.Namespace) -> tuple[int, int]:
+    """(nodes, logical CPUs per node) of a shape: one node has the whole cluster's CPUs."""
+    if shape == "node":
+        return 1, args.nodes * args.node_cpus
+    return args.nodes, args.node_cpus
+
+
+def run_shape(shape: str, workload: Workload, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every world size and mode on one shape's cluster (started here and shut down)."""
+    nodes, cpus = shape_nodes(shape, args)
+    log(f"{shape}: starting a {nodes}-node cluster ({cpus} logical CPUs per node)")
+    cluster = start_cluster(nodes, cpus, args.object_store_mb)
+    records = []
+    try:
+        remote_worker = ray.remote(BenchWorker).options(num_cpus=1, scheduling_strategy="SPREAD")
+        for n in args.workers:
+            log(f"{shape}, {n} worker(s): starting the actors")
+            workers = [remote_worker.remote(r, workload, args.threads) for r in range(n)]
+            worker_nodes = ray.get([w.node_id.remote() for w in workers])
+            for mode in args.modes:
+                if mode == "plain" and n != 1:
+                    continue
+                log(f"{shape}, {n} worker(s): {mode}")
+                try:
+                    record = run_config(workers, mode, args)
+                except Exception as exc:  # reported in the table and the JSON; the others go on
+                    record = {"mode": mode, "workers": n, "error": describe(exc)}
+                    log(f"{n} worker(s): {mode} failed: {record['error'][:500]}")
+                record["shape"] = shape
+                record["worker_nodes"] = worker_nodes
+                records.append(record)
+            for w in workers:
+                ray.kill(w)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    add_ratios(records)
+    return records
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     workload = Workload(args.width, args.layers, args.batch)
     report: dict[str, Any] = {
         "meta": {
             **run_meta(),
-            "cluster": {
-                "nodes": args.nodes,
-                "cpus_per_node": args.node_cpus,
-                "object_store_mb": args.object_store_mb,
+            "shapes": {
+                shape: dict(zip(("nodes", "cpus_per_node"), shape_nodes(shape, args)))
+                for shape in args.shapes
             },
+            "object_store_mb": args.object_store_mb,
             "workload": asdict(workload),
             "num_params": count_params(workload),
             "threads_per_worker": args.threads,
@@ -283,78 +343,81 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "placement": args.placement,
             "warmup": args.warmup,
             "steps": args.steps,
+            "loadavg_before": load_average(),
         },
         "records": [],
     }
     started = time.perf_counter()
-    log(f"starting a {args.nodes}-node cluster")
-    cluster = start_cluster(args.nodes, args.node_cpus, args.object_store_mb)
-    try:
-        remote_worker = ray.remote(BenchWorker).options(num_cpus=1, scheduling_strategy="SPREAD")
-        for n in args.workers:
-            log(f"{n} worker(s): starting the actors")
-            workers = [remote_worker.remote(r, workload, args.threads) for r in range(n)]
-            worker_nodes = ray.get([w.node_id.remote() for w in workers])
-            for mode in args.modes:
-                log(f"{n} worker(s): {mode}")
-                try:
-                    record = run_config(workers, mode, args)
-                except Exception as exc:  # reported in the table and the JSON; the others go on
-                    record = {"mode": mode, "workers": n, "error": describe(exc)}
-                    log(f"{n} worker(s): {mode} failed: {record['error'][:500]}")
-                record["worker_nodes"] = worker_nodes
-                report["records"].append(record)
-            for w in workers:
-                ray.kill(w)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    add_ratios(report["records"])
+    for shape in args.shapes:
+        report["records"] += run_shape(shape, workload, args)
+    report["meta"]["loadavg_after"] = load_average()
     report["meta"]["seconds"] = time.perf_counter() - started
     return report
 
 
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (other work shares these cores)."""
+    try:
+        return [float(x) for x in pathlib.Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
 def add_ratios(records: list[dict[str, Any]]) -> None:
-    """Each record's steps/s over DDP's at the same world size (above 1: faster than DDP)."""
+    """Each record's steps/s over DDP's at the same world size (above 1: faster than DDP), and
+    a 1-worker group's step time over the plain optimizer's (``vs plain``: below 1.2 is the
+    goal)."""
     ddp = {r["workers"]: r.get("steps_per_s") for r in records if r["mode"] == "ddp"}
+    plain = next((r.get("median_ms") for r in records if r["mode"] == "plain"), None)
     for r in records:
         anchor, ours = ddp.get(r["workers"]), r.get("steps_per_s")
         r["ratio_vs_ddp"] = ours / anchor if anchor and ours else None
+        if r["workers"] == 1 and r["mode"] in ("sync", "async") and plain and r.get("median_ms"):
+            r["time_vs_plain"] = r["median_ms"] / plain
 
 
 def format_table(report: dict[str, Any]) -> str:
     meta = report["meta"]
     w = meta["workload"]
+    shapes = ", ".join(
+        f"{shape}: {v['nodes']} node(s) x {v['cpus_per_node']} CPUs"
+        for shape, v in meta["shapes"].items()
+    )
     lines = [
         f"MLP {w['layers']}x{w['width']} ({meta['num_params'] / 1e6:.2f}M params), batch "
-        f"{w['batch']} per worker; {meta['cluster']['nodes']} nodes x "
-        f"{meta['cluster']['cpus_per_node']} CPUs on a {meta['cpus']}-core machine; "
-        f"median of {meta['steps']} steps after {meta['warmup']}; shardopt "
-        f"num_shards={meta['num_shards']}, placement={meta['placement']}",
-        f"{'config':<22}{'workers':>8}{'ms/step':>10}{'steps/s':>9}{'samples/s':>11}"
-        f"{'vs DDP':>8}  same params on all workers",
+        f"{w['batch']} per worker; {shapes}; a {meta['cpus']}-core machine (load average "
+        f"{meta['loadavg_before']} before, {meta['loadavg_after']} after); median of "
+        f"{meta['steps']} steps after {meta['warmup']}; shardopt num_shards={meta['num_shards']}, "
+        f"placement={meta['placement']}",
+        f"{'shape':<9}{'config':<24}{'workers':>8}{'ms/step':>10}{'steps/s':>9}{'samples/s':>11}"
+        f"{'vs DDP':>8}{'vs plain':>9}  same params on all workers",
     ]
     for r in report["records"]:
+        head = f"{r['shape']:<9}{LABELS[r['mode']]:<24}{r['workers']:>8}"
         if r.get("error"):
-            lines.append(f"{LABELS[r['mode']]:<22}{r['workers']:>8}  error: {r['error'][:200]}")
+            lines.append(f"{head}  error: {r['error'][:200]}")
             continue
         ratio = f"{r['ratio_vs_ddp']:.2f}" if r.get("ratio_vs_ddp") else "-"
+        vs_plain = f"{r['time_vs_plain']:.2f}" if r.get("time_vs_plain") else "-"
         if "params_equal" in r:
             check = "yes" if r["params_equal"] else "NO"
+        elif r["mode"] == "plain":
+            check = "n/a"
         else:
             stale = r.get("mean_staleness")
             check = "n/a" + (f" (mean staleness {stale:.2f})" if stale is not None else "")
         if r.get("max_abs_diff_to_ddp") is not None:
             check += f"; max |sync - DDP| {r['max_abs_diff_to_ddp']:.1e}"
         lines.append(
-            f"{LABELS[r['mode']]:<22}{r['workers']:>8}{r['median_ms']:>10.1f}"
-            f"{r['steps_per_s']:>9.2f}{r['samples_per_s']:>11.0f}{ratio:>8}  {check}"
+            f"{head}{r['median_ms']:>10.1f}{r['steps_per_s']:>9.2f}{r['samples_per_s']:>11.0f}"
+            f"{ratio:>8}{vs_plain:>9}  {check}"
         )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = arg_parser(__doc__)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="of: " + ",".join(SHAPES))
     parser.add_argument("--workers", default="1,2,4", help="world sizes (default 1,2,4)")
     parser.add_argument("--modes", default=",".join(MODES), help="of: " + ",".join(MODES))
     parser.add_argument("--width", type=int, default=None, help="MLP width (default 1024)")
@@ -380,6 +443,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.workers = [int(n) for n in args.workers.split(",") if n.strip()]
     args.modes = comma_list(parser, "--modes", args.modes, MODES)
+    args.shapes = comma_list(parser, "--shapes", args.shapes, SHAPES)
     if any(n > args.nodes * args.node_cpus for n in args.workers):
         parser.error("--workers: each worker reserves one CPU; add --nodes or --node-cpus")
     return args

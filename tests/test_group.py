@@ -119,6 +119,41 @@ def test_sync_step_times_out_naming_the_missing_rank_and_changes_nothing(name):
     late.close()
 
 
+def test_shared_memory_and_the_object_store_give_the_same_bits(name):
+    """Workers on the shards' node push through gradient slots and read the shard's parameter
+    buffer (with share_params, their parameters are that buffer); with shared_memory=False the
+    same run goes through the object store, bit for bit."""
+    x, y = make_data(8)
+    variants = {"shm": {}, "store": {"shared_memory": False}, "share": {"share_params": True}}
+    runs = {}
+    for label, options in variants.items():
+        group = f"{name}-{label}"
+
+        def work(rank, group=group, options=options):
+            worker = attach(group, 2, rank, **options)
+            uses = worker.opt.uses_shared_memory
+            params = worker.train(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4], 3)
+            buffers = [worker.opt.group.data_path.group_params(s) for s in range(2)]
+            spans = [(b.data_ptr(), b.data_ptr() + b.numel()) for b in buffers if b is not None]
+            inside = [
+                any(a <= p.data_ptr() < z for a, z in spans) for p in worker.model.parameters()
+            ]
+            worker.close()
+            return uses, params, inside
+
+        try:
+            runs[label] = run_ranks(2, work)
+        finally:
+            shardopt.close_group(group)
+    assert [r[0] for r in runs["shm"]] == [r[0] for r in runs["share"]] == [[True, True]] * 2
+    assert [r[0] for r in runs["store"]] == [[False, False]] * 2
+    assert all(all(r[2]) for r in runs["share"])  # the parameters are the shards' buffers
+    assert not any(any(r[2]) for r in runs["shm"])
+    for label in ("shm", "share"):
+        for (_, a, _), (_, b, _) in zip(runs[label], runs["store"]):
+            assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
 def test_late_joiner_gets_the_current_parameters(name):
     x, y = make_data(8)
     first = attach(name, 2, 0, mode="async")

@@ -1,17 +1,21 @@
-"""GroupShardHost as a plain class in this process: sync rounds, timeouts, async staleness.
+"""GroupShardHost as a plain class in this process: sync rounds, timeouts, async staleness, the
+gradient slots of ranks on its node.
 
 (Its parameters come back through the object store, so the session's Ray is used for that.)
 """
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 import ray
 import torch
 
 from shardopt.actor.shard_group_host import GroupShardHost
+from shardopt.core import shm
 from shardopt.core.buffers import FlatLayout, readonly_tensor, to_numpy
 from shardopt.core.errors import GroupTimeoutError
 from shardopt.core.records import GroupConfig, ParamBlock, PushRequest, ShardSpec
@@ -98,3 +102,67 @@ def test_async_staleness_bound():
     assert [a.staleness for a in answers] == [0, 1, None]
     assert answers[2].current.version == 2  # the refused worker gets the current parameters
     assert torch.equal(params_of(answers[2], layout), torch.full((3,), -1.0))
+
+
+# ----- shared memory: gradient slots for the ranks on the shard's node ---------------------------
+
+
+def test_slot_pushes_average_in_rank_order_with_the_same_bits_as_sent_ones():
+    """Ranks 0 and 2 have slots, rank 1 sends its gradients; the sum is taken in rank order as
+    the pushes arrive (values chosen so that order matters), and starts over when a round's
+    pushes are withdrawn after part of it was summed."""
+    host, layout = make_host(world_size=3, timeout_s=2.0)
+    node = ray.get_runtime_context().get_node_id()
+    buffers = {r: host.attach_shared("unit/0", r, node) for r in (0, 2)}
+    assert host.attach_shared("unit/0", 1, "another-node") is None
+    grads = {0: 1e8, 1: 1.0, 2: -1e8}
+    for r, b in buffers.items():
+        slot = shm.attach(b.grad_path, b.nbytes)  # unlinks the file: nothing left behind
+        assert not os.path.exists(b.grad_path)
+        layout.pack([torch.full((3,), grads[r])], out=slot)
+    sent = request(1, 0, grads[1], layout)
+    pushes = [replace(request(r, 0, 0, layout), grads=None) if r != 1 else sent for r in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        partial = [pool.submit(host.push, "unit/0", p) for p in pushes[:2]]  # rank 2 missing
+        for f in partial:
+            with pytest.raises(GroupTimeoutError):
+                f.result()
+        assert host.version() == 0
+        answers = list(pool.map(lambda p: host.push("unit/0", p), pushes))
+    mean = ((torch.tensor(1e8) + torch.tensor(1.0)) + torch.tensor(-1e8)) / 3
+    assert torch.equal(host._shard.params[0], torch.full((3,), -0.5 * mean.item()))
+    assert answers[0].current.params is None and answers[2].current.params is None
+    assert torch.equal(params_of(answers[1], layout), host._shard.params[0])  # by the store
+    shared = shm.attach(buffers[0].param_path, buffers[0].nbytes)  # the shard's own buffer
+    assert torch.equal(layout.view(shared, 0), host._shard.params[0])
+    host.close()
+
+
+def test_a_push_without_gradients_needs_a_slot():
+    host, layout = make_host(world_size=1)
+    with pytest.raises(ValueError, match="no gradient slot"):
+        host.push("unit/0", replace(request(0, 0, 1, layout), grads=None))
+    assert host.version() == 0
+
+
+def test_async_slot_push_applies_and_answers_through_the_store():
+    host, layout = make_host(mode="async")
+    b = host.attach_shared("unit/0", 1, ray.get_runtime_context().get_node_id())
+    assert b.param_path is None  # async: parameters change under other ranks' reads
+    layout.pack([torch.full((3,), 2.0)], out=shm.attach(b.grad_path, b.nbytes))
+    answer = host.push("unit/0", replace(request(1, 0, 0, layout), grads=None))
+    assert answer.applied_version == 0
+    assert torch.equal(params_of(answer, layout), torch.full((3,), -1.0))
+    host.close()
+
+
+def test_one_worker_steps_on_its_slot_without_a_copy():
+    host, layout = make_host(world_size=1)
+    b = host.attach_shared("unit/0", 0, ray.get_runtime_context().get_node_id())
+    slot = shm.attach(b.grad_path, b.nbytes)
+    layout.pack([torch.full((3,), 4.0)], out=slot)
+    assert torch.equal(layout.view(host._shard.grad_buffer(), 0), torch.full((3,), 4.0))
+    answer = host.push("unit/0", replace(request(0, 0, 0, layout), grads=None))
+    assert answer.applied_version == 0 and answer.current.params is None
+    assert torch.equal(host._shard.params[0], torch.full((3,), -2.0))
+    host.close()

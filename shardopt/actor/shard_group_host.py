@@ -20,8 +20,13 @@ Every other call of a shard (state, loads, checkpoints: :class:`~shardopt.actor.
 runs under the same lock, so a worker's proxy reaches a group's shards through the same typed
 handles as its own.
 
+Workers on the shard's node exchange gradients (and, in sync mode, parameters) through shared
+memory (:mod:`shardopt.actor.group_buffers`); the others through Ray's object store, where the
+parameters of a version are put once for all of them.
+
 Talks to: workers' backends (:mod:`shardopt.client.shard_group`) and the registry
-(:mod:`shardopt.actor.shard_group_registry`); Ray's metrics (:mod:`shardopt.actor.metrics`).
+(:mod:`shardopt.actor.shard_group_registry`); its shared buffers
+(:mod:`shardopt.actor.group_buffers`); Ray's metrics (:mod:`shardopt.actor.metrics`).
 """
 
 from __future__ import annotations
@@ -31,17 +36,17 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 
+from shardopt.actor.group_buffers import RankSlots, RoundSum
 from shardopt.actor.host import ShardCalls, actor_device, observe_step
 from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
-from shardopt.core.buffers import readonly_tensor
 from shardopt.core.errors import GroupTimeoutError
 from shardopt.core.events import emit
 from shardopt.core.records import (
@@ -49,8 +54,8 @@ from shardopt.core.records import (
     ParamsAt,
     PushRequest,
     PushResult,
+    RankBuffers,
     ShardSpec,
-    SparseGrad,
     StepRequest,
     StepResult,
 )
@@ -74,6 +79,8 @@ class GroupShardHost(ShardCalls):
         self._round_seq = 0  # counts rounds applied or failed: a waiter waits for its own
         self._outcome: tuple[int, PushResult | BaseException] | None = None
         self._params: ParamsAt | None = None
+        self._slots: RankSlots | None = None
+        self._sum: RoundSum | None = None  # the sync round's gradients, summed as they arrive
 
     def create(
         self, key: str, shard_index: int, spec: ShardSpec, num_threads: int | None
@@ -82,9 +89,31 @@ class GroupShardHost(ShardCalls):
         if num_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(num_threads)
         with self._cond:
-            self._shard = Shard(shard_index, spec, self.device)
+            self._shard = Shard(shard_index, spec, self.device, shared_memory=True)
+            self._slots = RankSlots(self._shard, self.config.mode, self.config.world_size)
+            self._sum = RoundSum(self._slots, self._shard)
+            # its files go with the host (close() runs first when the registry kills it)
+            weakref.finalize(self, self._slots.close)
+            weakref.finalize(self, self._shard.close)
             self._key = key
             return self._shard.initial_state_ids()
+
+    def attach_shared(self, key: str, rank: int, node_id: str) -> RankBuffers | None:
+        """Shared buffers for ``rank``, a worker on node ``node_id`` (None: not this node, or
+        no shared memory here: it pushes and pulls through the object store)."""
+        with self._cond:
+            self._checked(key)
+            if node_id != ray.get_runtime_context().get_node_id() or self._slots is None:
+                return None
+            return self._slots.attach(rank)
+
+    def close(self) -> None:
+        """Removes this host's shared-memory files (run before the registry kills it)."""
+        with self._cond:
+            if self._slots is not None:
+                self._slots.close()
+            if self._shard is not None:
+                self._shard.close()
 
     def _checked(self, key: str) -> Shard:
         if self._shard is None or key != self._key:
@@ -100,10 +129,11 @@ class GroupShardHost(ShardCalls):
     def step(self, key: str, request: StepRequest) -> StepResult:
         raise TypeError("a shard group's shard steps on its workers' pushes (push), not step()")
 
-    def pull(self, key: str) -> ParamsAt:
-        """The shard's current parameters and their version."""
+    def pull(self, key: str, rank: int | None = None) -> ParamsAt:
+        """The shard's current parameters and their version (for ``rank``: None where it reads
+        them in shared memory)."""
         with self._cond:
-            return self._current(self._checked(key))
+            return self._current(self._checked(key), rank)
 
     def version(self) -> int:
         with self._cond:
@@ -149,10 +179,13 @@ class GroupShardHost(ShardCalls):
                 shard.shard_index, request.rank, request.read_version, None,
                 self._current(shard), (),
             )  # fmt: skip
+        grads = request.grads
+        if grads is None:  # in the rank's slot: copied into the shard's gradient buffer
+            grads = self._slots.grads(request).numpy()
         step = StepRequest(
             step_id=version,
             group_options=request.group_options,
-            grads=request.grads,
+            grads=grads,
             has_grad=request.has_grad,
             sparse_grads=request.sparse_grads,
         )
@@ -176,6 +209,7 @@ class GroupShardHost(ShardCalls):
             raise ValueError(f"rank {request.rank} pushed twice for version {version}")
         self._round[request.rank] = request
         my_round = self._round_seq
+        self._sum.take(self._round, range(self.config.world_size))
         if len(self._round) == self.config.world_size:
             self._apply_round(shard, version)
         else:
@@ -184,6 +218,7 @@ class GroupShardHost(ShardCalls):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._round.pop(request.rank, None)
+                    self._sum.reset()
                     missing = sorted(set(range(self.config.world_size)) - set(self._round))
                     missing.remove(request.rank)
                     observe("round_timeouts", 1, mode="sync")
@@ -205,8 +240,8 @@ class GroupShardHost(ShardCalls):
         if isinstance(outcome, BaseException):
             raise outcome
         return PushResult(
-            shard.shard_index, request.rank, version, version, outcome.current,
-            outcome.new_state_ids,
+            shard.shard_index, request.rank, version, version,
+            self._current(shard, request.rank), outcome.new_state_ids,
         )  # fmt: skip
 
     @staticmethod
@@ -221,7 +256,7 @@ class GroupShardHost(ShardCalls):
         requests = [self._round[r] for r in sorted(self._round)]
         self._round = {}
         try:
-            has_grad, sparse = self._average_into(shard, requests)
+            has_grad, sparse = self._sum.finish(requests, self.config.world_size)
             step = StepRequest(
                 step_id=version,
                 group_options=requests[0].group_options,
@@ -232,40 +267,19 @@ class GroupShardHost(ShardCalls):
             new_state = self._step(shard, step)
             self._version = version + 1
             outcome: PushResult | BaseException = PushResult(
-                shard.shard_index, -1, version, version, self._current(shard), new_state
-            )
+                shard.shard_index, -1, version, version, ParamsAt(self._version, None), new_state
+            )  # each rank's parameters are answered by _current
         except Exception as exc:  # every rank of the round gets the shard's error
             outcome = exc
         self._outcome = (self._round_seq, outcome)
         self._round_seq += 1
         self._cond.notify_all()
 
-    def _average_into(
-        self, shard: Shard, requests: list[PushRequest]
-    ) -> tuple[tuple[bool, ...], dict[int, SparseGrad]]:
-        layout, target_flat = shard.layout, shard.grad_buffer()
-        world_size = self.config.world_size
-        sources = [readonly_tensor(r.grads) for r in requests]
-        has_grad, sparse = [], {}
-        for j in range(len(layout)):
-            dense = [src for r, src in zip(requests, sources) if r.has_grad[j]]
-            if dense:
-                target = layout.view(target_flat, j)
-                target.copy_(layout.view(dense[0], j))
-                for src in dense[1:]:
-                    target.add_(layout.view(src, j).to(target.device))
-                target.div_(world_size)
-            has_grad.append(bool(dense))
-            parts = [r.sparse_grads[j] for r in requests if j in r.sparse_grads]
-            if parts:
-                sparse[j] = SparseGrad(
-                    indices=np.concatenate([p.indices for p in parts], axis=1),
-                    values=np.concatenate([p.values for p in parts], axis=0) / world_size,
-                )
-        return tuple(has_grad), sparse
-
-    def _current(self, shard: Shard) -> ParamsAt:
-        """The parameters at the current version, put in the object store once per version."""
+    def _current(self, shard: Shard, rank: int | None = None) -> ParamsAt:
+        """The parameters at the current version: for a rank that reads them in shared memory,
+        nothing; else put in the object store once per version, for every rank."""
+        if rank is not None and self._slots is not None and self._slots.reads_shared_params(rank):
+            return ParamsAt(self._version, None)
         if self._params is None or self._params.version != self._version:
             self._params = ParamsAt(self._version, ray.put(shard.param_values()))
         return self._params

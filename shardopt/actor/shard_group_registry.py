@@ -107,6 +107,14 @@ def signature_mismatch(name: str, group: GroupSignature, mine: GroupSignature) -
     return None
 
 
+def _close_hosts(hosts: list[Any], timeout_s: float = 10.0) -> None:
+    """Asks a group's shard hosts to remove their shared-memory files before they are killed."""
+    try:
+        ray.wait([h.close.remote() for h in hosts], num_returns=len(hosts), timeout=timeout_s)
+    except Exception as err:  # hosts already gone
+        logger.debug("closing group hosts: %s", err)
+
+
 class GroupRegistry:
     """The cluster's shard groups by name: creation, attachment, lifetime. A plain class, made
     a named detached actor by :func:`shardopt.client.shard_group.registry`."""
@@ -227,6 +235,7 @@ class GroupRegistry:
             group = self._groups.pop(name, None)
         if group is None:
             return False
+        _close_hosts(group.hosts)
         kill_actors(group.hosts)
         placement.release(group.pg)
         emit(logger, "group_closed", group=name, members=sorted(group.members))

@@ -84,7 +84,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             e.g. ``{"num_gpus": 1}`` to run each shard on its own GPU.
         shared_memory: exchange gradients and parameters with CPU shards on this node through
             shared memory (``/dev/shm``) instead of Ray's object store; by default wherever
-            possible. ``False`` forces the object store.
+            possible. ``False`` forces the object store. (A group's shards too.)
         overlap: copy each gradient towards its shard as soon as backward has produced it
             (post-accumulate-grad hooks), so ``step()`` waits only for what is left. Gradients
             changed in place after backward (clipping, GradScaler) are noticed by their
@@ -92,7 +92,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             version counters and are not seen.
         share_params: with shared memory, re-point the user's CPU parameters into the shards'
             buffers, so a step copies no parameters back. The tensors stay the same objects
-            but their storage moves: views taken of them earlier no longer follow them.
+            but their storage moves: views taken of them earlier no longer follow them. (A
+            sync group's workers on its shards' node then share one copy of the parameters.)
         group: attach this worker to the named shard group (created by the first worker to
             arrive): many workers, one sharded optimizer. See ``docs`` in the README and
             :mod:`shardopt.actor.shard_group_registry`. The options below apply to groups only.
@@ -294,7 +295,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         num_shards = num_shards or default_num_shards()
         if group is not None:
             config = make_config(num_shards=num_shards, **settings)
-            return ShardGroupMember(source, group, rank, config)
+            return ShardGroupMember(source, group, rank, config, shared_memory, share_params)
         return self._local_backend(
             source,
             num_shards,

@@ -5,8 +5,9 @@
 worker's :class:`~shardopt.core.records.GroupSignature` to the cluster's registry
 (:mod:`shardopt.actor.shard_group_registry`), then steps by pushing each shard's gradients
 (tagged with the version of the parameters they were computed on) and copying the parameters
-each shard answers with into the worker's tensors. State, loads, checkpoints and status reach the
-group's shard hosts through the same typed handles as a worker's own shards
+each shard answers with into the worker's tensors. With a shard on the worker's node both go
+through shared memory (:mod:`shardopt.client.group_data_path`). State, loads, checkpoints and
+status reach the group's shard hosts through the same typed handles as a worker's own shards
 (:class:`~shardopt.client.ray_shards.RayShards`). Also the cluster-wide entry points
 :func:`list_groups` and :func:`close_group`.
 
@@ -29,7 +30,7 @@ from shardopt.actor.host import NAMESPACE
 from shardopt.actor.placement import normalize_resources, normalize_strategy
 from shardopt.actor.shard_group_registry import REGISTRY_NAME, GroupRegistry
 from shardopt.client.backend import ParamSource
-from shardopt.client.data_path import DataPath
+from shardopt.client.group_data_path import GroupDataPath
 from shardopt.client.handles import ShardHandle
 from shardopt.client.ray_shards import RayShards
 from shardopt.client.runtime import ensure_ray, ray_get
@@ -163,8 +164,11 @@ class GroupShardHandle(ShardHandle):
     def push(self, request: PushRequest) -> Any:
         return self.host.push.remote(self.key, request)
 
-    def pull(self) -> Any:
-        return self.host.pull.remote(self.key)
+    def pull(self, rank: int | None = None) -> Any:
+        return self.host.pull.remote(self.key, rank)
+
+    def attach_shared(self, rank: int, node_id: str) -> Any:
+        return self.host.attach_shared.remote(self.key, rank, node_id)
 
 
 class ShardGroupMember(RayShards):
@@ -175,22 +179,38 @@ class ShardGroupMember(RayShards):
         name: the group's name.
         rank: this worker's rank.
         config: the group's options (checked by :func:`make_config`).
+        shared_memory: exchange gradients (and in sync mode parameters) with the group's shards
+            on this node through shared memory; by default wherever possible. ``False`` forces
+            the object store.
+        share_params: (sync mode) re-point this worker's CPU parameters into the shared
+            parameter buffers of the shards on its node: a round copies no parameters back.
+            Every worker there then holds the very same memory, so a parameter written in
+            place on one worker is written for all of them.
     """
 
     kind = "group"
 
-    def __init__(self, params: ParamSource, name: str, rank: int, config: GroupConfig) -> None:
+    def __init__(
+        self,
+        params: ParamSource,
+        name: str,
+        rank: int,
+        config: GroupConfig,
+        shared_memory: bool | None = None,
+        share_params: bool = False,
+    ) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"Invalid group name: {name!r} (a non-empty string without '/')")
         self._params = params
         self.name = name
         self.rank = rank
         self.config = config
+        self._shared_memory = shared_memory is not False
         self.membership: GroupMembership | None = None
         self.versions: list[int] = [0] * config.num_shards
         self.last_push: list[PushResult] = []
         self.shard_map = ShardMap(config.num_shards)
-        self.data_path = DataPath(self.shard_map, share_params=False, replicated=False)
+        self.data_path = GroupDataPath(self.shard_map, share_params=share_params)
         blocks = self.shard_map.place(params.flat(), params.group_indices(), params.splittable())
         options = params.options()
         specs = [
@@ -245,11 +265,28 @@ class ShardGroupMember(RayShards):
         if not membership.created:
             logger.info("rank %d attached to existing group %r", self.rank, self.name)
         try:
+            self._map_shared()
             self.pull_params()
         except BaseException:
             self._finalizer()
             raise
         return membership
+
+    def _map_shared(self) -> None:
+        """Maps this rank's shared buffers on the group's shards on this node."""
+        if not self._shared_memory:
+            return
+        here = ray.get_runtime_context().get_node_id()
+        local = [s for s, node in enumerate(self.membership.node_ids) if node == here]
+        answers = ray_get([self.handles[s].attach_shared(self.rank, here) for s in local])
+        params = self._params.flat()
+        for s, buffers in zip(local, answers):
+            self.data_path.map_rank(s, buffers, params)
+
+    @property
+    def uses_shared_memory(self) -> list[bool]:
+        """Per shard: whether this worker's gradients reach it through shared memory."""
+        return [self.data_path.in_slot(s) for s in range(self.num_shards)]
 
     def shard_nodes(self) -> list[str | None]:
         return list(self.membership.node_ids) if self.membership else super().shard_nodes()
@@ -260,13 +297,15 @@ class ShardGroupMember(RayShards):
     def pull_params(self) -> None:
         """Copies every shard's current parameters into the worker's tensors."""
         shards = self.shard_map.live_shards()
-        answers = ray_get([self.handles[s].pull() for s in shards])
+        answers = ray_get([self.handles[s].pull(self.rank) for s in shards])
         params = self._params.flat()
         for s, current in zip(shards, answers):
             self._adopt(s, current, params)
 
     def _adopt(self, shard: int, current: ParamsAt, params: list[torch.Tensor]) -> None:
-        self.shard_map.copy_back(shard, ray_get(current.params), params)
+        values = current.params
+        values = self.data_path.group_params(shard) if values is None else ray_get(values)
+        self.shard_map.copy_back(shard, values, params)
         self.versions[shard] = current.version
 
     def push_params(self) -> None:
@@ -324,9 +363,8 @@ class ShardGroupMember(RayShards):
             flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params)
             if not touched and self.config.mode == "async":
                 continue  # nothing to apply; sync still pushes: the round needs every rank
-            request = PushRequest(
-                self.rank, self.versions[s], options, to_numpy(flat), has_grad, sparse
-            )
+            grads = None if self.data_path.in_slot(s) else to_numpy(flat)
+            request = PushRequest(self.rank, self.versions[s], options, grads, has_grad, sparse)
             pending[self.handles[s].push(request)] = s
         self.data_path.forget_shipped()
         rejected = []
@@ -349,3 +387,4 @@ class ShardGroupMember(RayShards):
 
     def close(self) -> None:
         self._finalizer()
+        self.data_path.close()

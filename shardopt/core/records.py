@@ -54,6 +54,16 @@ class SharedBuffers:
 
 
 @dataclass(frozen=True)
+class RankBuffers:
+    """One worker's shared-memory files on a group shard of its node: its own gradient slot,
+    and (sync mode) the shard's parameter buffer, which every rank there reads."""
+
+    grad_path: str
+    param_path: str | None
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class SharedTree:
     """A packed tree whose flat buffer is a shared-memory file (see :mod:`shardopt.core.shm`)."""
 
@@ -150,19 +160,21 @@ class ShardExport:
 @dataclass(frozen=True)
 class PushRequest:
     """One worker's gradients for one shard of a group, computed on the shard's parameters at
-    ``read_version`` (laid out as the shard's parameters, like :class:`StepRequest`)."""
+    ``read_version`` (laid out as the shard's parameters, like :class:`StepRequest`; None:
+    written to the rank's gradient slot in shared memory, see :class:`RankBuffers`)."""
 
     rank: int
     read_version: int
     group_options: tuple[dict[str, Any], ...]
-    grads: np.ndarray
+    grads: np.ndarray | None
     has_grad: tuple[bool, ...]
     sparse_grads: dict[int, SparseGrad]
 
 
 @dataclass(frozen=True)
 class ParamsAt:
-    """A group shard's parameters (a Ray object ref to one flat buffer) at one version."""
+    """A group shard's parameters (a Ray object ref to one flat buffer) at one version
+    (``params`` None: read them in the shard's shared parameter buffer)."""
 
     version: int
     params: Any

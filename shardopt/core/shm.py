@@ -45,6 +45,18 @@ def create(nbytes: int) -> tuple[torch.Tensor, str]:
     return torch.from_file(path, shared=True, size=size, dtype=torch.uint8), path
 
 
+def link(path: str) -> str:
+    """A second name for an existing buffer, for one more process to :func:`attach` (which
+    unlinks the name it maps): a buffer read by several processes keeps its own name.
+
+    Raises:
+        FileNotFoundError: no such buffer.
+    """
+    other = os.path.join(SHM_DIR, f"shardopt-{os.getpid()}-{uuid.uuid4().hex}")
+    os.link(path, other)
+    return other
+
+
 def attach(path: str, nbytes: int) -> torch.Tensor:
     """Maps a buffer another process created, and unlinks its file.
 

@@ -1,0 +1,197 @@
+"""A group shard's data path: gradient slots in shared memory for the workers on its node, and
+the rank-order average of a sync round.
+
+A worker on the same node as a group shard asks for :class:`~shardopt.core.records.RankBuffers`
+once (:meth:`RankSlots.attach`): a gradient slot of its own, a shared-memory file laid out as the
+shard's gradient buffer, which it fills at every step and pushes without sending the gradients
+(``PushRequest.grads`` None); and in sync mode the shard's own parameter buffer, which every
+rank on the node reads after a round (the buffer changes only when a round completes, and a
+round needs every rank's push, so nobody reads while it changes). With one worker in sync
+mode its slot *is* the shard's gradient buffer: nothing is copied at all. In async mode each
+push is applied on its own while other ranks read, so parameters still come back through the
+object store there.
+
+:class:`RoundSum` sums a sync round's gradients in rank order as the pushes arrive (rank ``k``
+is added as soon as ranks ``0..k`` are in), so that the last push finds most of the work done.
+It sums in rank order and divides by the world size, exactly as a round did before shared
+memory (the tests compare bits).
+
+Talks to: the :class:`~shardopt.actor.shard.Shard` it serves; :mod:`shardopt.core.shm`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from shardopt.actor.shard import Shard
+from shardopt.core import shm
+from shardopt.core.buffers import readonly_tensor
+from shardopt.core.records import PushRequest, RankBuffers, SparseGrad
+
+logger = logging.getLogger(__name__)
+
+
+class RankSlots:
+    """The gradient slots of the ranks on this shard's node (see the module docstring).
+
+    Args:
+        shard: the group's shard held here (its buffers must be in shared memory).
+        mode: the group's mode, ``"sync"`` or ``"async"``.
+        world_size: the group's world size.
+    """
+
+    def __init__(self, shard: Shard, mode: str, world_size: int) -> None:
+        self._shard = shard
+        self._mode = mode
+        self._world_size = world_size
+        self._slots: dict[int, torch.Tensor] = {}  # rank -> its gradient buffer, mapped here
+        self._handed_out: list[str] = []  # files a worker maps and unlinks (removed at close)
+
+    def attach(self, rank: int) -> RankBuffers | None:
+        """A rank's shared buffers (None: the shard's buffers are not in shared memory, or
+        ``/dev/shm`` has no room: that rank uses the object store)."""
+        buffers = self._shard.shared_buffers()
+        if buffers is None:
+            return None
+        try:
+            if self._mode == "sync" and self._world_size == 1:
+                slot, grad_path = self._shard.grad_buffer(), shm.link(buffers.grad_path)
+            else:
+                slot, grad_path = shm.create(buffers.nbytes)
+            self._handed_out.append(grad_path)
+            param_path = None
+            if self._mode == "sync":
+                param_path = shm.link(buffers.param_path)
+                self._handed_out.append(param_path)
+        except OSError as err:
+            index = self._shard.shard_index
+            logger.warning("shard %d: no shared buffers for rank %d (%s)", index, rank, err)
+            return None
+        self._slots[rank] = slot
+        return RankBuffers(grad_path, param_path, buffers.nbytes)
+
+    def reads_shared_params(self, rank: int) -> bool:
+        """Whether ``rank`` reads the parameters in the shard's shared buffer."""
+        return self._mode == "sync" and rank in self._slots
+
+    def has_gradients(self, request: PushRequest) -> bool:
+        """Whether a push's gradients are at hand (sent with it, or in its rank's slot)."""
+        return request.grads is not None or request.rank in self._slots
+
+    def grads(self, request: PushRequest) -> torch.Tensor:
+        """The flat gradients of a push: sent with it, or in the rank's slot.
+
+        Raises:
+            ValueError: a push without gradients from a rank that has no slot here.
+        """
+        if request.grads is not None:
+            return readonly_tensor(request.grads)
+        slot = self._slots.get(request.rank)
+        if slot is None:
+            raise ValueError(
+                f"rank {request.rank} pushed no gradients to shard {self._shard.shard_index} "
+                "and has no gradient slot there"
+            )
+        return slot
+
+    def close(self) -> None:
+        """Removes the files handed out and not mapped yet (mappings stay valid)."""
+        for path in self._handed_out:
+            shm.remove(path)
+        self._handed_out.clear()
+        self._slots.clear()
+
+
+class RoundSum:
+    """A sync round's gradient sum, built in rank order as the pushes arrive.
+
+    Per parameter, the first rank (in rank order) with a dense gradient is copied into the
+    shard's gradient buffer and every later one added, then the sum is divided by the world
+    size: the operations a round always ran on each element, in the same order.
+    A push withdrawn (a timeout) starts the sum over; the slots themselves are never written
+    here, so nothing is lost.
+
+    Args:
+        slots: where each push's gradients are.
+        shard: the shard whose gradient buffer receives the sum.
+    """
+
+    def __init__(self, slots: RankSlots, shard: Shard) -> None:
+        self._slots = slots
+        self._shard = shard
+        self._added: list[int] = []  # ranks summed so far, in order
+        self._started: list[bool] = []  # per parameter: whether the buffer holds a partial sum
+
+    def reset(self) -> None:
+        """Forgets the partial sum (a push was withdrawn, or the round ended)."""
+        self._added, self._started = [], []
+
+    def take(self, arrived: dict[int, PushRequest], ranks: Sequence[int]) -> None:
+        """Adds the next ranks of ``ranks`` (the round's, in order) that have arrived."""
+        for rank in ranks[len(self._added) :]:
+            request = arrived.get(rank)
+            if request is None or not self._slots.has_gradients(request):
+                return  # a push without gradients fails the whole round in finish()
+            self._add(request)
+
+    def _add(self, request: PushRequest) -> None:
+        layout, target_flat = self._shard.layout, self._shard.grad_buffer()
+        if not self._started:
+            self._started = [False] * len(layout)
+        source = self._slots.grads(request)
+        for j in range(len(layout)):
+            if not request.has_grad[j]:
+                continue
+            target, src = layout.view(target_flat, j), layout.view(source, j)
+            if self._started[j]:
+                target.add_(src.to(target.device))
+            elif src.data_ptr() != target.data_ptr() or src.device != target.device:
+                target.copy_(src)
+            self._started[j] = True
+        self._added.append(request.rank)
+
+    def finish(
+        self, requests: Sequence[PushRequest], world_size: int
+    ) -> tuple[tuple[bool, ...], dict[int, SparseGrad]]:
+        """The round's average in the shard's gradient buffer (``requests``: the whole round,
+        in rank order).
+
+        Returns:
+            Which slots hold a dense gradient, and the sparse gradients by slot.
+
+        Raises:
+            ValueError: a push without gradients from a rank without a slot.
+        """
+        try:
+            if self._added != [r.rank for r in requests[: len(self._added)]]:
+                self.reset()  # not a prefix of this round (the round's ranks changed)
+            for request in requests[len(self._added) :]:
+                self._add(request)
+            layout = self._shard.layout
+            started = self._started or [False] * len(layout)
+            if world_size != 1:
+                for j in range(len(layout)):
+                    if started[j]:
+                        layout.view(self._shard.grad_buffer(), j).div_(world_size)
+            return tuple(started), sparse_average(requests, len(layout), world_size)
+        finally:
+            self.reset()
+
+
+def sparse_average(
+    requests: Sequence[PushRequest], count: int, world_size: int
+) -> dict[int, SparseGrad]:
+    """A round's sparse gradients by slot: every rank's, concatenated and scaled."""
+    sparse = {}
+    for j in range(count):
+        parts = [r.sparse_grads[j] for r in requests if j in r.sparse_grads]
+        if parts:
+            sparse[j] = SparseGrad(
+                indices=np.concatenate([p.indices for p in parts], axis=1),
+                values=np.concatenate([p.values for p in parts], axis=0) / world_size,
+            )
+    return sparse
