@@ -12,6 +12,10 @@ parameters after the push:
   moves to the next version; every rank gets the same new parameters. A rank that does not
   arrive within the group's timeout makes the others fail with :class:`GroupTimeoutError`
   naming it (their pushes are withdrawn: the shard is unchanged).
+- ``sync`` with ``elastic=True``: the ranks a round waits for are the group's members, decided
+  by its coordinator (:mod:`shardopt.actor.group_membership`) the same way for every shard;
+  a member that dies is dropped and the round completes without it, and the gradient is the
+  sum over the round's participants divided by their number.
 - ``async``: each push is applied as it arrives (Downpour), one version per push. With
   ``max_staleness=s``, gradients computed on parameters more than ``s`` versions old are not
   applied: the worker gets the current parameters instead and computes again.
@@ -38,6 +42,7 @@ import numpy as np
 import ray
 import torch
 
+from shardopt.actor.group_membership import ElasticRounds, MembersView, RoundDecision
 from shardopt.actor.host import ShardCalls, actor_device, observe_step
 from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
@@ -57,13 +62,22 @@ from shardopt.core.records import (
 
 logger = logging.getLogger(__name__)
 
+OUTCOMES_KEPT = 8
+"""Rounds whose outcome a slow waiter (a dropped member's push) can still read."""
+COMMIT_WAIT_S = 5.0
+"""How long one report to an elastic group's coordinator waits before it is made again."""
+
 
 class GroupShardHost(ShardCalls):
     """The Ray actor holding one shard of a group. Made remote by the registry with
     ``max_concurrency`` above the world size, so that a sync round's pushes wait together."""
 
-    def __init__(self, group: str, config: GroupConfig) -> None:
+    def __init__(self, group: str, config: GroupConfig, members: Any = None) -> None:
+        """Args: ``members``: an elastic group's coordinator
+        (:class:`~shardopt.actor.group_membership.GroupMembers`)."""
         self.group = group
+        self._members = members
+        self._elastic: ElasticRounds | None = None
         self.config = config
         self.device = actor_device()
         self._cond = threading.Condition()
@@ -72,7 +86,7 @@ class GroupShardHost(ShardCalls):
         self._version = 0
         self._round: dict[int, PushRequest] = {}
         self._round_seq = 0  # counts rounds applied or failed: a waiter waits for its own
-        self._outcome: tuple[int, PushResult | BaseException] | None = None
+        self._outcomes: dict[int, PushResult | BaseException] = {}  # the last rounds' by seq
         self._params: ParamsAt | None = None
 
     def create(
@@ -84,6 +98,8 @@ class GroupShardHost(ShardCalls):
         with self._cond:
             self._shard = Shard(shard_index, spec, self.device)
             self._key = key
+            if self._members is not None:
+                self._elastic = ElasticRounds(self._members, shard_index)
             return self._shard.initial_state_ids()
 
     def _checked(self, key: str) -> Shard:
@@ -100,10 +116,17 @@ class GroupShardHost(ShardCalls):
     def step(self, key: str, request: StepRequest) -> StepResult:
         raise TypeError("a shard group's shard steps on its workers' pushes (push), not step()")
 
-    def pull(self, key: str) -> ParamsAt:
-        """The shard's current parameters and their version."""
+    def pull(self, key: str, at_least: int = 0) -> ParamsAt:
+        """The shard's current parameters and their version, once it is ``at_least`` (a worker
+        joining an elastic group adopts the version of the round it was admitted to)."""
         with self._cond:
-            return self._current(self._checked(key))
+            shard = self._checked(key)
+            if not self._cond.wait_for(lambda: self._version >= at_least, self.config.timeout_s):
+                raise GroupTimeoutError(
+                    f"group {self.group!r}: shard {shard.shard_index} did not reach version "
+                    f"{at_least} within {self.config.timeout_s:g} s (it is at {self._version})"
+                )
+            return self._current(shard)
 
     def version(self) -> int:
         with self._cond:
@@ -176,38 +199,89 @@ class GroupShardHost(ShardCalls):
             raise ValueError(f"rank {request.rank} pushed twice for version {version}")
         self._round[request.rank] = request
         my_round = self._round_seq
-        if len(self._round) == self.config.world_size:
+        if self._elastic is not None:
+            self._drive(shard, version)
+        elif len(self._round) == self.config.world_size:
             self._apply_round(shard, version)
-        else:
-            deadline = time.monotonic() + self.config.timeout_s
-            while self._round_seq == my_round:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._round.pop(request.rank, None)
-                    missing = sorted(set(range(self.config.world_size)) - set(self._round))
-                    missing.remove(request.rank)
-                    observe("round_timeouts", 1, mode="sync")
-                    emit(
-                        logger, "round_timeout", logging.WARNING, group=self.group,
-                        shard=shard.shard_index, version=version, rank=request.rank,
-                        missing=missing, timeout_s=self.config.timeout_s,
-                    )  # fmt: skip
-                    raise GroupTimeoutError(
-                        f"group {self.group!r}: rank {request.rank} waited "
-                        f"{self.config.timeout_s:g} s at version {version} of shard "
-                        f"{shard.shard_index} for rank(s) {missing} of world size "
-                        f"{self.config.world_size}; a worker died or is stuck. Its gradients "
-                        f"were withdrawn: the shard is unchanged"
-                    )
-                self._cond.wait(left)
-        assert self._outcome is not None and self._outcome[0] == my_round
-        outcome = self._outcome[1]
+        deadline = time.monotonic() + self.config.timeout_s
+        while self._round_seq == my_round:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._timed_out(shard, version, request.rank)
+            self._cond.wait(left)
+        outcome = self._outcomes[my_round]
         if isinstance(outcome, BaseException):
             raise outcome
         return PushResult(
             shard.shard_index, request.rank, version, version, outcome.current,
-            outcome.new_state_ids,
+            outcome.new_state_ids, outcome.participants,
         )  # fmt: skip
+
+    def _timed_out(self, shard: Shard, version: int, rank: int) -> None:
+        """Raises GroupTimeoutError for a push that waited too long for its round."""
+        observe("round_timeouts", 1, mode="sync")
+        if self._elastic is not None:
+            # the coordinator decides the round: the push stays in it (withdrawing it here
+            # could leave it counted on other shards and not on this one)
+            waiting = sorted(self._elastic.view.expected(version) - set(self._round))
+            raise GroupTimeoutError(
+                f"elastic group {self.group!r}: rank {rank} waited {self.config.timeout_s:g} s "
+                f"at version {version} of shard {shard.shard_index} (waiting for rank(s) "
+                f"{waiting}, alive by their heartbeats, or for the group's coordinator); "
+                f"its push stays in the round"
+            )
+        self._round.pop(rank, None)
+        missing = sorted(set(range(self.config.world_size)) - set(self._round) - {rank})
+        emit(
+            logger, "round_timeout", logging.WARNING, group=self.group,
+            shard=shard.shard_index, version=version, rank=rank,
+            missing=missing, timeout_s=self.config.timeout_s,
+        )  # fmt: skip
+        raise GroupTimeoutError(
+            f"group {self.group!r}: rank {rank} waited "
+            f"{self.config.timeout_s:g} s at version {version} of shard "
+            f"{shard.shard_index} for rank(s) {missing} of world size "
+            f"{self.config.world_size}; a worker died or is stuck. Its gradients "
+            f"were withdrawn: the shard is unchanged"
+        )
+
+    # ----- elastic rounds (see shardopt.actor.group_membership) -------------------------------
+
+    def members_changed(self, view: MembersView) -> None:
+        """The coordinator's new view of the members: a round waiting for a dropped member
+        may now be complete here."""
+        with self._cond:
+            if self._elastic is not None and self._shard is not None:
+                if self._elastic.update(view) and self._round:
+                    self._drive(self._shard, self._version)
+
+    def _drive(self, shard: Shard, version: int) -> None:
+        """(Under the lock) asks the coordinator for round ``version``'s decision while this
+        shard holds the pushes of every member it knows of; applies the round once decided.
+        The lock is released while asking, so that pushes go on arriving."""
+        elastic = self._elastic
+        assert elastic is not None
+        while self._version == version and elastic.ready(version, self._round):
+            elastic.driving = True
+            ref = elastic.commit(version, self._round, COMMIT_WAIT_S)
+            self._cond.release()
+            try:
+                answer: RoundDecision | MembersView | BaseException = ray.get(ref)
+            except Exception as exc:  # the coordinator is unreachable: waiters time out
+                answer = exc
+            finally:
+                self._cond.acquire()
+                elastic.driving = False
+            if isinstance(answer, BaseException):
+                logger.warning("group %r: round %d not decided: %s", self.group, version, answer)
+                return
+            if isinstance(answer, MembersView):
+                elastic.update(answer)
+                continue
+            elastic.update(answer.view)
+            if self._version == version:
+                self._apply_round(shard, version, answer.participants)
+            return
 
     @staticmethod
     def _step(shard: Shard, step: StepRequest) -> tuple[int, ...]:
@@ -216,12 +290,30 @@ class GroupShardHost(ShardCalls):
         observe_step(shard, time.perf_counter() - start)
         return new_state
 
-    def _apply_round(self, shard: Shard, version: int) -> None:
-        """Averages the round's gradients into the shard's gradient buffer and steps once."""
-        requests = [self._round[r] for r in sorted(self._round)]
-        self._round = {}
+    def _apply_round(
+        self, shard: Shard, version: int, participants: tuple[int, ...] | None = None
+    ) -> None:
+        """Averages the round's gradients into the shard's gradient buffer and steps once.
+
+        Args:
+            participants: (elastic) the ranks the coordinator decided the round averages over;
+                the pushes of others (members dropped mid-round) are left out.
+        """
+        if participants is None:
+            participants = tuple(sorted(self._round))
+            divisor = self.config.world_size
+        else:
+            divisor = len(participants)
+        round_, self._round = self._round, {}
         try:
-            has_grad, sparse = self._average_into(shard, requests)
+            if not participants or not set(participants) <= set(round_):
+                raise RuntimeError(
+                    f"group {self.group!r}: round {version} of shard {shard.shard_index} was "
+                    f"decided for ranks {list(participants)}, this shard holds the pushes of "
+                    f"{sorted(round_)}"
+                )
+            requests = [round_[r] for r in participants]
+            has_grad, sparse = self._average_into(shard, requests, divisor)
             step = StepRequest(
                 step_id=version,
                 group_options=requests[0].group_options,
@@ -232,19 +324,26 @@ class GroupShardHost(ShardCalls):
             new_state = self._step(shard, step)
             self._version = version + 1
             outcome: PushResult | BaseException = PushResult(
-                shard.shard_index, -1, version, version, self._current(shard), new_state
+                shard.shard_index,
+                -1,
+                version,
+                version,
+                self._current(shard),
+                new_state,
+                participants,
             )
         except Exception as exc:  # every rank of the round gets the shard's error
             outcome = exc
-        self._outcome = (self._round_seq, outcome)
+        self._outcomes[self._round_seq] = outcome
+        self._outcomes.pop(self._round_seq - OUTCOMES_KEPT, None)
         self._round_seq += 1
         self._cond.notify_all()
 
     def _average_into(
-        self, shard: Shard, requests: list[PushRequest]
+        self, shard: Shard, requests: list[PushRequest], world_size: int
     ) -> tuple[tuple[bool, ...], dict[int, SparseGrad]]:
+        """Sums the requests' gradients into the shard's buffer, divided by ``world_size``."""
         layout, target_flat = shard.layout, shard.grad_buffer()
-        world_size = self.config.world_size
         sources = [readonly_tensor(r.grads) for r in requests]
         has_grad, sparse = [], {}
         for j in range(len(layout)):

@@ -7,7 +7,9 @@ starts its shard hosts (:class:`~shardopt.actor.shard_group_host.GroupShardHost`
 worker's parameters. Later workers attach if they present the same
 :class:`~shardopt.core.records.GroupSignature` (parameter names, shapes and dtypes, optimizer class,
 hyperparameters, world size, mode...), and get a ``ValueError`` naming the first difference
-otherwise.
+otherwise. An elastic group (``elastic=True``) also gets a coordinator
+(:class:`~shardopt.actor.group_membership.GroupMembers`, ``group/<name>/members``) that admits
+its workers (assigning ranks when they pass none) and decides each round's participants.
 
 The actor is created (and found) by :func:`shardopt.client.shard_group.registry`.
 
@@ -53,6 +55,11 @@ class _Group:
     pg: Any
     members: dict[int, str] = field(default_factory=dict)  # rank -> job id
     owner_closed: bool = False
+    coordinator: Any = None  # an elastic group's GroupMembers actor
+
+    @property
+    def actors(self) -> list[Any]:
+        return [*self.hosts, *([self.coordinator] if self.coordinator is not None else [])]
 
 
 def _option_mismatch(where: str, ours: tuple, theirs: tuple, name: str) -> str | None:
@@ -122,13 +129,17 @@ class GroupRegistry:
         self,
         name: str,
         signature: GroupSignature,
-        rank: int,
+        rank: int | None,
         job_id: str,
         spec_refs: list[Any],
+        actor_id: str | None = None,
     ) -> GroupMembership:
         """Attaches ``rank`` to group ``name``, creating the group if it does not exist.
 
         Args:
+            rank: the worker's rank; None in an elastic group: the next unused one.
+            actor_id: the worker's Ray actor, if it is one (an elastic group drops it when the
+                actor dies).
             spec_refs: object refs to the worker's shard specs (its initial parameters), one
                 per shard; only the shard hosts of a group being created read them.
 
@@ -152,20 +163,39 @@ class GroupRegistry:
                     raise OptimizerClosedError(
                         f"group {name!r} was closed by its owner (rank {group.owner_rank})"
                     )
-                if rank in group.members:
+                if rank is not None and rank in group.members:
                     raise ValueError(
                         f"rank {rank} is already attached to group {name!r} (attached ranks: "
                         f"{sorted(group.members)}); each worker needs its own rank"
                     )
+            first_round = 0
+            if group.coordinator is not None:
+                try:
+                    admission = ray.get(group.coordinator.admit.remote(rank, actor_id, job_id))
+                except Exception:
+                    if created:
+                        self.close_group(name)
+                    raise
+                rank, first_round = admission.rank, admission.first_round
+                if created:
+                    group.owner_rank = rank
+            assert rank is not None
             group.members[rank] = job_id
             emit(logger, "worker_attached", group=name, rank=rank, job=job_id, created=created)
             return GroupMembership(
-                name, rank, created, tuple(group.hosts), tuple(group.keys), tuple(group.node_ids)
-            )
+                name, rank, created, tuple(group.hosts), tuple(group.keys),
+                tuple(group.node_ids), group.coordinator, first_round,
+            )  # fmt: skip
 
     def _create(
-        self, name: str, signature: GroupSignature, rank: int, job_id: str, spec_refs: list[Any]
+        self,
+        name: str,
+        signature: GroupSignature,
+        rank: int | None,
+        job_id: str,
+        spec_refs: list[Any],
     ) -> _Group:
+        from shardopt.actor.group_membership import GroupMembers
         from shardopt.actor.shard_group_host import (
             GroupShardHost,  # torch only where shards are made
         )
@@ -179,18 +209,34 @@ class GroupRegistry:
                 config.num_shards, config.placement, bundle, f"shardopt/{name}", config.timeout_s
             )
             per_shard = [{**options, **p} for p in placed]
+        coordinator = None
+        if config.elastic:
+            coordinator = (
+                ray.remote(GroupMembers)
+                .options(
+                    name=f"group/{name}/members",
+                    namespace=NAMESPACE,
+                    lifetime="detached",
+                    max_concurrency=2 * config.num_shards + (config.world_size or 64) + 8,
+                    num_cpus=0,
+                )
+                .remote(name, config.num_shards, config.heartbeat_timeout_s, config.world_size)
+            )
         remote_host = ray.remote(GroupShardHost)
         hosts = [
             remote_host.options(
                 name=f"group/{name}/shard/{s}",
                 namespace=NAMESPACE,
                 lifetime="detached",
-                max_concurrency=config.world_size + 8,
+                max_concurrency=(config.world_size or 64) + 8,
                 **per_shard[s],
-            ).remote(name, config)
+            ).remote(name, config, coordinator)
             for s in range(config.num_shards)
         ]
+        actors = [*hosts, *([coordinator] if coordinator is not None else [])]
         try:
+            if coordinator is not None:
+                ray.get(coordinator.set_hosts.remote(hosts))
             infos = ray.get([h.info.remote() for h in hosts])
             node_ids = [info["node_id"] for info in infos]
             reserved = config.placement is not None or "num_cpus" in dict(config.actor_options)
@@ -200,14 +246,15 @@ class GroupRegistry:
                 [h.create.remote(keys[s], s, spec_refs[s], threads[s]) for s, h in enumerate(hosts)]
             )
         except Exception:
-            kill_actors(hosts)
+            kill_actors(actors)
             placement.release(pg)
             raise
         emit(
             logger, "group_created", group=name, rank=rank, shards=config.num_shards,
             world_size=config.world_size, mode=config.mode, nodes=node_ids,
+            elastic=config.elastic,
         )  # fmt: skip
-        return _Group(signature, rank, job_id, hosts, keys, node_ids, pg)
+        return _Group(signature, rank, job_id, hosts, keys, node_ids, pg, coordinator=coordinator)
 
     def leave(self, name: str, rank: int) -> None:
         """Detaches ``rank``; the owner's leaving closes the group once nobody is attached."""
@@ -217,6 +264,8 @@ class GroupRegistry:
                 return
             if group.members.pop(rank, None) is not None:
                 emit(logger, "worker_detached", group=name, rank=rank)
+                if group.coordinator is not None:
+                    group.coordinator.leave.remote(rank)
             if rank == group.owner_rank:
                 group.owner_closed = True
             self._collect(name)
@@ -227,7 +276,7 @@ class GroupRegistry:
             group = self._groups.pop(name, None)
         if group is None:
             return False
-        kill_actors(group.hosts)
+        kill_actors(group.actors)
         placement.release(group.pg)
         emit(logger, "group_closed", group=name, members=sorted(group.members))
         return True
@@ -247,6 +296,7 @@ class GroupRegistry:
                     "node_ids": list(g.node_ids),
                     "world_size": g.signature.config.world_size,
                     "mode": g.signature.config.mode,
+                    "elastic": g.signature.config.elastic,
                 }
                 for name, g in self._groups.items()
             }
@@ -271,6 +321,8 @@ class GroupRegistry:
                     for r in gone:
                         job = group.members.pop(r)
                         emit(logger, "worker_dropped", logging.WARNING, group=name, rank=r, job=job)
+                        if group.coordinator is not None:
+                            group.coordinator.drop.remote(r, "its job ended")
                     if group.owner_job in dead:
                         group.owner_closed = True
                     self._collect(name)

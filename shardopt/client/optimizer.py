@@ -29,7 +29,7 @@ from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.gateway_session import GatewaySession, group_request
 from shardopt.client.local import LocalShards
 from shardopt.client.runtime import ensure_ray
-from shardopt.client.shard_group import ShardGroupMember, make_config
+from shardopt.client.shard_group import HEARTBEAT_TIMEOUT, ShardGroupMember, make_config
 from shardopt.client.state_view import ShardStateView
 from shardopt.core.amp import scaling_of
 from shardopt.core.errors import OptimizerClosedError
@@ -96,8 +96,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         group: attach this worker to the named shard group (created by the first worker to
             arrive): many workers, one sharded optimizer. See ``docs`` in the README and
             :mod:`shardopt.actor.shard_group_registry`. The options below apply to groups only.
-        world_size: how many workers the group has.
-        rank: this worker's rank in ``[0, world_size)``.
+        world_size: how many workers the group has (elastic: at most; None for no bound).
+        rank: this worker's rank in ``[0, world_size)`` (elastic: None assigns one).
         mode: ``"sync"`` (each step averages all workers' gradients, as DDP does, and every
             worker gets the same parameters) or ``"async"`` (each worker's gradients are
             applied as they arrive).
@@ -106,6 +106,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             closure, computes again).
         timeout: how long a sync step waits for the other workers before failing with
             :class:`~shardopt.core.errors.GroupTimeoutError` (a ``timedelta`` or seconds).
+        elastic: (sync) workers may come and go: one that dies, or sends no heartbeat for
+            ``heartbeat_timeout`` (default 10 s), is dropped and the round completes, averaged
+            over the workers that contributed; new ones join at a round boundary
+            (:mod:`shardopt.actor.group_membership`; ``opt.group.members()``).
         placement: a Ray placement strategy for the group's shards: ``"STRICT_SPREAD"``
             (one per node), ``"SPREAD"``, ``"PACK"``, ``"STRICT_PACK"``.
         shard_resources: what each shard reserves under ``placement`` (default one CPU;
@@ -162,6 +166,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         mode: str = "sync",
         max_staleness: int | None = None,
         timeout: datetime.timedelta | float = datetime.timedelta(minutes=5),
+        elastic: bool = False,
+        heartbeat_timeout: datetime.timedelta | float = HEARTBEAT_TIMEOUT,
         placement: str | None = None,
         shard_resources: dict[str, float] | None = None,
         replicate: bool | int = False,
@@ -185,6 +191,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid num_shards: {num_shards} (must be an int >= 1)")
         if group is None and (world_size, rank, max_staleness, placement) != (None,) * 4:
             raise ValueError("world_size, rank, max_staleness and placement need group=...")
+        if elastic and (group is None or address is not None):
+            raise ValueError("elastic=True applies to shard groups in the Ray cluster (group=...)")
         if group is not None and not self._local_backend.per_tensor:
             raise ValueError("shardopt.LBFGS runs one closure over all shards: it has no groups")
         if replicate and (
@@ -246,6 +254,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             shared_memory=shared_memory, overlap=overlap, share_params=share_params,
             group=group, world_size=world_size, rank=rank, mode=mode,
             max_staleness=max_staleness, timeout=timeout, placement=placement,
+            elastic=elastic, heartbeat_timeout=heartbeat_timeout,
             shard_resources=shard_resources, replicate=int(replicate), address=address,
             token=token, tls=tls,
         )  # fmt: skip
@@ -321,7 +330,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     @property
     def group(self) -> ShardGroupMember | None:
-        """This worker's shard group membership (versions, ``last_push``), or None."""
+        """This worker's shard group membership (versions, ``last_push``; elastic:
+        ``members()``, ``participants``), or None."""
         backend = self._backend
         return backend if isinstance(backend, ShardGroupMember) else None
 
