@@ -301,6 +301,7 @@ class ElasticRounds:
         self.shard_index = shard_index
         self.view = MembersView(-1, ())
         self.driving = False  # a thread of the host is asking the coordinator
+        self.decision: RoundDecision | None = None  # the last decision received
 
     def update(self, view: MembersView) -> bool:
         """Keeps ``view`` if it is newer than the one held; returns whether it was."""

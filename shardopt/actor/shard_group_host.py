@@ -43,6 +43,7 @@ import ray
 import torch
 
 from shardopt.actor.group_membership import ElasticRounds, MembersView, RoundDecision
+from shardopt.actor.group_replica import AppliedRound, ReplicaLink, repeat_answer
 from shardopt.actor.host import ShardCalls, actor_device, observe_step
 from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
@@ -54,6 +55,7 @@ from shardopt.core.records import (
     ParamsAt,
     PushRequest,
     PushResult,
+    ShardExport,
     ShardSpec,
     SparseGrad,
     StepRequest,
@@ -88,6 +90,8 @@ class GroupShardHost(ShardCalls):
         self._round_seq = 0  # counts rounds applied or failed: a waiter waits for its own
         self._outcomes: dict[int, PushResult | BaseException] = {}  # the last rounds' by seq
         self._params: ParamsAt | None = None
+        self._replica: ReplicaLink | None = None  # replicate=True: see group_replica
+        self._last_round: AppliedRound | None = None
 
     def create(
         self, key: str, shard_index: int, spec: ShardSpec, num_threads: int | None
@@ -101,6 +105,63 @@ class GroupShardHost(ShardCalls):
             if self._members is not None:
                 self._elastic = ElasticRounds(self._members, shard_index)
             return self._shard.initial_state_ids()
+
+    def create_from(self, key: str, shard_index: int, export: ShardExport) -> None:
+        """Creates the shard from an export of another (a new replica), at its version."""
+        self.create(key, shard_index, export.spec, None)
+        with self._cond:
+            assert self._shard is not None
+            self._shard.restore(export)
+            self._version = export.last_step_id + 1
+
+    # ----- replicas (see shardopt.actor.group_replica) ----------------------------------------
+
+    def set_replica(self, key: str, replica: Any) -> None:
+        """Links this primary to its replica (which holds the shard as it is now)."""
+        with self._cond:
+            self._checked(key)
+            self._replica = None if replica is None else ReplicaLink(replica, key)
+
+    def follow_round(self, key: str, step: StepRequest, participants: tuple[int, ...]) -> None:
+        """(A replica) applies a round its primary applied, once (by version)."""
+        with self._cond:
+            shard = self._checked(key)
+            if step.step_id < self._version:
+                return
+            if step.step_id != self._version:
+                raise ValueError(
+                    f"replica of shard {shard.shard_index} of group {self.group!r} is at version "
+                    f"{self._version}, its primary sent round {step.step_id}"
+                )
+            new_state = self._step(shard, step)
+            self._version += 1
+            self._last_round = AppliedRound(step.step_id, participants, new_state)
+
+    def take_over(self, key: str, replica: Any, members: Any) -> None:
+        """(A replica) becomes its shard's primary: exports itself to ``replica`` (its new
+        replica, or None) and links to it under the lock, so no round falls in between."""
+        with self._cond:
+            shard = self._checked(key)
+            if members is not None and self._elastic is None:
+                self._members = members
+                self._elastic = ElasticRounds(members, shard.shard_index)
+            self._replica = None
+            if replica is not None:
+                ray.get(replica.create_from.remote(key, shard.shard_index, shard.export()))
+                self._replica = ReplicaLink(replica, key)
+
+    def _step_round(
+        self, shard: Shard, step: StepRequest, participants: tuple[int, ...]
+    ) -> tuple[int, ...]:
+        """Steps the shard for a round; with a replica, the replica gets the round first (the
+        two step in parallel) and has applied it before this returns."""
+        link = self._replica
+        ref = link.send(step, shard.grad_buffer(), participants) if link else None
+        new_state = self._step(shard, step)
+        if link is not None and not link.wait(ref):
+            self._replica = None
+        self._last_round = AppliedRound(step.step_id, participants, new_state)
+        return new_state
 
     def _checked(self, key: str) -> Shard:
         if self._shard is None or key != self._key:
@@ -159,6 +220,14 @@ class GroupShardHost(ShardCalls):
                     f"of shard {shard.shard_index}, which is only at version {self._version}"
                 )
             if self.config.mode == "sync":
+                last = self._last_round
+                if last is not None and request.read_version == last.version == self._version - 1:
+                    repeat = repeat_answer(
+                        last, request.rank, self._elastic is not None, self._current(shard),
+                        shard.shard_index,
+                    )  # fmt: skip
+                    if repeat is not None:
+                        return repeat  # a push resent after a fail-over: the round was applied
                 return self._push_sync(shard, request)
             return self._push_async(shard, request)
 
@@ -261,7 +330,14 @@ class GroupShardHost(ShardCalls):
         The lock is released while asking, so that pushes go on arriving."""
         elastic = self._elastic
         assert elastic is not None
-        while self._version == version and elastic.ready(version, self._round):
+        while self._version == version:
+            decided = elastic.decision
+            if decided is not None and decided.version == version:
+                if set(decided.participants) <= set(self._round):
+                    self._apply_round(shard, version, decided.participants)
+                return  # (a new primary) the decided participants' pushes are coming
+            if not elastic.ready(version, self._round):
+                return
             elastic.driving = True
             ref = elastic.commit(version, self._round, COMMIT_WAIT_S)
             self._cond.release()
@@ -277,11 +353,9 @@ class GroupShardHost(ShardCalls):
                 return
             if isinstance(answer, MembersView):
                 elastic.update(answer)
-                continue
-            elastic.update(answer.view)
-            if self._version == version:
-                self._apply_round(shard, version, answer.participants)
-            return
+            else:
+                elastic.update(answer.view)
+                elastic.decision = answer
 
     @staticmethod
     def _step(shard: Shard, step: StepRequest) -> tuple[int, ...]:
@@ -321,7 +395,7 @@ class GroupShardHost(ShardCalls):
                 has_grad=has_grad,
                 sparse_grads=sparse,
             )
-            new_state = self._step(shard, step)
+            new_state = self._step_round(shard, step, participants)
             self._version = version + 1
             outcome: PushResult | BaseException = PushResult(
                 shard.shard_index,

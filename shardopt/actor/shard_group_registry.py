@@ -32,8 +32,9 @@ from typing import Any
 import ray
 
 from shardopt.actor import placement
+from shardopt.actor.group_replica import start_replica
 from shardopt.actor.host import NAMESPACE, kill_actors, threads_per_shard
-from shardopt.core.errors import OptimizerClosedError
+from shardopt.core.errors import OptimizerClosedError, ShardUnavailableError
 from shardopt.core.events import emit
 from shardopt.core.records import GroupConfig, GroupMembership, GroupSignature
 
@@ -56,10 +57,13 @@ class _Group:
     members: dict[int, str] = field(default_factory=dict)  # rank -> job id
     owner_closed: bool = False
     coordinator: Any = None  # an elastic group's GroupMembers actor
+    replicas: list[Any] = field(default_factory=list)  # replicate=True: per shard, or None
+    retired: list[Any] = field(default_factory=list)  # primaries replaced by their replicas
 
     @property
     def actors(self) -> list[Any]:
-        return [*self.hosts, *([self.coordinator] if self.coordinator is not None else [])]
+        extra = [self.coordinator] if self.coordinator is not None else []
+        return [*self.hosts, *self.replicas, *self.retired, *extra]
 
 
 def _option_mismatch(where: str, ours: tuple, theirs: tuple, name: str) -> str | None:
@@ -184,7 +188,7 @@ class GroupRegistry:
             emit(logger, "worker_attached", group=name, rank=rank, job=job_id, created=created)
             return GroupMembership(
                 name, rank, created, tuple(group.hosts), tuple(group.keys),
-                tuple(group.node_ids), group.coordinator, first_round,
+                tuple(group.node_ids), group.coordinator, first_round, tuple(group.replicas),
             )  # fmt: skip
 
     def _create(
@@ -233,7 +237,11 @@ class GroupRegistry:
             ).remote(name, config, coordinator)
             for s in range(config.num_shards)
         ]
-        actors = [*hosts, *([coordinator] if coordinator is not None else [])]
+        replicas = [
+            start_replica(remote_host, name, s, config, options) if config.replicate else None
+            for s in range(config.num_shards)
+        ]
+        actors = [*hosts, *replicas, *([coordinator] if coordinator is not None else [])]
         try:
             if coordinator is not None:
                 ray.get(coordinator.set_hosts.remote(hosts))
@@ -244,9 +252,17 @@ class GroupRegistry:
             keys = [f"{name}/{s}" for s in range(config.num_shards)]
             ray.get(
                 [h.create.remote(keys[s], s, spec_refs[s], threads[s]) for s, h in enumerate(hosts)]
+                + [
+                    r.create.remote(keys[s], s, spec_refs[s], threads[s])
+                    for s, r in enumerate(replicas)
+                    if r is not None
+                ]
+            )
+            ray.get(
+                [h.set_replica.remote(keys[s], r) for s, (h, r) in enumerate(zip(hosts, replicas))]
             )
         except Exception:
-            kill_actors(actors)
+            kill_actors([a for a in actors if a is not None])
             placement.release(pg)
             raise
         emit(
@@ -254,7 +270,10 @@ class GroupRegistry:
             world_size=config.world_size, mode=config.mode, nodes=node_ids,
             elastic=config.elastic,
         )  # fmt: skip
-        return _Group(signature, rank, job_id, hosts, keys, node_ids, pg, coordinator=coordinator)
+        return _Group(
+            signature, rank, job_id, hosts, keys, node_ids, pg, coordinator=coordinator,
+            replicas=replicas if config.replicate else [],
+        )  # fmt: skip
 
     def leave(self, name: str, rank: int) -> None:
         """Detaches ``rank``; the owner's leaving closes the group once nobody is attached."""
@@ -276,10 +295,57 @@ class GroupRegistry:
             group = self._groups.pop(name, None)
         if group is None:
             return False
-        kill_actors(group.actors)
+        kill_actors([a for a in group.actors if a is not None])
         placement.release(group.pg)
         emit(logger, "group_closed", group=name, members=sorted(group.members))
         return True
+
+    def fail_over(self, name: str, shard: int, lost: Any) -> tuple[Any, Any]:
+        """Replaces shard ``shard``'s primary ``lost`` by its replica, which gets a new replica
+        (see :mod:`shardopt.actor.group_replica`); the first worker to find the primary lost
+        asks, the others get the same answer.
+
+        Returns:
+            The shard's primary and replica now.
+
+        Raises:
+            ShardUnavailableError: the group has no (usable) replica of the shard.
+        """
+        with self._lock:
+            group = self._groups.get(name)
+            if group is None:
+                raise OptimizerClosedError(f"group {name!r} does not exist (any more)")
+            current = group.hosts[shard]
+            if current._actor_id != lost._actor_id:  # another worker asked first
+                return current, group.replicas[shard]
+            try:
+                ray.get(current.info.remote(), timeout=30)
+                return current, group.replicas[shard]  # it is alive: the caller may retry
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            replica = group.replicas[shard] if group.replicas else None
+            if replica is None:
+                raise ShardUnavailableError(
+                    f"shard {shard} of group {name!r} was lost and has no replica "
+                    "(replicate=True keeps one)"
+                )
+            from shardopt.actor.shard_group_host import GroupShardHost
+
+            config = group.signature.config
+            new = start_replica(
+                ray.remote(GroupShardHost), name, shard, config, dict(config.actor_options)
+            )
+            try:
+                ray.get(replica.take_over.remote(group.keys[shard], new, group.coordinator))
+            except Exception:
+                kill_actors([new])
+                raise
+            group.retired.append(current)
+            group.hosts[shard], group.replicas[shard] = replica, new
+            if group.coordinator is not None:
+                group.coordinator.set_hosts.remote(group.hosts)
+            emit(logger, "replica_promoted", logging.WARNING, group=name, shard=shard)
+            return replica, new
 
     def exists(self, name: str) -> bool:
         with self._lock:
@@ -297,6 +363,7 @@ class GroupRegistry:
                     "world_size": g.signature.config.world_size,
                     "mode": g.signature.config.mode,
                     "elastic": g.signature.config.elastic,
+                    "replicate": g.signature.config.replicate,
                 }
                 for name, g in self._groups.items()
             }

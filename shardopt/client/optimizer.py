@@ -117,7 +117,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         replicate: keep an in-memory replica of every shard on another node, so that a lost
             shard actor (or node) is replaced with nothing lost (see
             :mod:`shardopt.client.replication`). ``True`` (or 1): the replicas run every step too;
-            an int ``k > 1``: they are refreshed from their primaries every ``k`` steps and
+            an int ``k > 1`` (not for groups): they are refreshed every ``k`` steps and
             this process keeps the gradients since, to replay after a loss. Costs a second
             copy of each shard's parameters, gradients and state (and, with ``k``, up to
             ``k`` gradient copies here).
@@ -195,12 +195,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError("elastic=True applies to shard groups in the Ray cluster (group=...)")
         if group is not None and not self._local_backend.per_tensor:
             raise ValueError("shardopt.LBFGS runs one closure over all shards: it has no groups")
-        if replicate and (
-            group is not None or address is not None or not self._local_backend.per_tensor
-        ):
+        if replicate and (address is not None or not self._local_backend.per_tensor):
             raise ValueError(
-                "replicate=True applies to a ShardedOptimizer in the Ray cluster, not to "
-                "groups, gateway sessions or LBFGS"
+                "replicate=True applies to optimizers in the Ray cluster, not to gateway "
+                "sessions or LBFGS"
             )
         if not isinstance(replicate, (bool, int)) or replicate < 0:
             raise ValueError(f"Invalid replicate: {replicate!r} (False, True, or steps >= 1)")
@@ -293,7 +291,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         ensure_ray()
         num_shards = num_shards or default_num_shards()
         if group is not None:
-            config = make_config(num_shards=num_shards, **settings)
+            config = make_config(num_shards=num_shards, replicate=replicate, **settings)
             return ShardGroupMember(source, group, rank, config)
         return self._local_backend(
             source,

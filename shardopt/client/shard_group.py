@@ -19,6 +19,7 @@ and an elastic group's coordinator (:mod:`shardopt.actor.group_membership`).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import threading
@@ -38,10 +39,12 @@ from shardopt.client.backend import ParamSource
 from shardopt.client.data_path import DataPath
 from shardopt.client.handles import ShardHandle
 from shardopt.client.ray_shards import RayShards
+from shardopt.client.replication import MirroredHandle
 from shardopt.client.runtime import ensure_ray, ray_get
 from shardopt.client.shard_map import ShardMap
 from shardopt.core.amp import AmpScaling
 from shardopt.core.buffers import to_numpy
+from shardopt.core.errors import ShardUnavailableError
 from shardopt.core.metrics import GROUP_PUSH_SECONDS, GROUP_STALE_PUSHES, GROUP_STALENESS
 from shardopt.core.records import (
     GroupConfig,
@@ -93,14 +96,20 @@ def make_config(
     actor_options: dict[str, Any],
     elastic: bool = False,
     heartbeat_timeout: datetime.timedelta | float = HEARTBEAT_TIMEOUT,
+    replicate: int = 0,
 ) -> GroupConfig:
     """Checks a worker's group options.
 
     Raises:
         ValueError: a missing or out-of-range ``world_size``/``rank``, an unknown ``mode``,
             ``max_staleness`` without async mode or negative, a bad placement, ``elastic``
-            with async mode.
+            with async mode, ``replicate`` with async mode or as an interval.
     """
+    if replicate and (mode != "sync" or replicate != 1):
+        raise ValueError(
+            f"Invalid replicate: {replicate!r} for a shard group: replicas of group shards "
+            "follow every round (replicate=True) of sync groups"
+        )
     if not isinstance(elastic, bool):
         raise ValueError(f"Invalid elastic: {elastic!r} (True or False)")
     if mode not in MODES:
@@ -139,6 +148,7 @@ def make_config(
         actor_options=tuple(sorted(actor_options.items())),
         elastic=elastic,
         heartbeat_timeout_s=timeout_seconds(heartbeat_timeout) if elastic else 10.0,
+        replicate=int(replicate),
     )
 
 
@@ -217,6 +227,33 @@ class GroupShardHandle(ShardHandle):
 
     def pull(self, at_least: int = 0) -> Any:
         return self.host.pull.remote(self.key, at_least)
+
+
+class MirroredGroupShardHandle(MirroredHandle, GroupShardHandle):
+    """A replicated group shard's handle: a worker's calls that change the shard (parameter
+    writes, loads) reach its replica too (rounds reach it from the primary)."""
+
+
+class _GroupReplicas:
+    """The replicas of a group's shards as :class:`MirroredHandle` forwards calls to them."""
+
+    def __init__(self, hosts: list[Any], keys: list[str]) -> None:
+        self.hosts = hosts
+        self.keys = keys
+
+    def follow(self, shard: int, call: Callable[[ShardHandle], Any], changes_state: bool) -> None:
+        ray_get(call(ShardHandle(self.hosts[shard], self.keys[shard], shard)))
+
+
+def _handles(membership: GroupMembership) -> list[GroupShardHandle]:
+    hosts, keys = list(membership.hosts), list(membership.keys)
+    if not membership.replicas:
+        return [GroupShardHandle(h, k, s) for s, (h, k) in enumerate(zip(hosts, keys))]
+    replicas = _GroupReplicas(list(membership.replicas), keys)
+    return [
+        MirroredGroupShardHandle(h, k, s, replicas)  # type: ignore[arg-type]
+        for s, (h, k) in enumerate(zip(hosts, keys))
+    ]
 
 
 class ShardGroupMember(RayShards):
@@ -298,10 +335,7 @@ class ShardGroupMember(RayShards):
             self._heartbeats = _Heartbeats(
                 membership.coordinator, self.rank, self.config.heartbeat_timeout_s
             )
-        self.handles: list[GroupShardHandle] = [
-            GroupShardHandle(host, key, s)
-            for s, (host, key) in enumerate(zip(membership.hosts, membership.keys))
-        ]
+        self.handles: list[GroupShardHandle] = _handles(membership)
         self._finalizer = weakref.finalize(
             self, _leave, reg, self.name, self.rank, self._heartbeats
         )
@@ -426,6 +460,7 @@ class ShardGroupMember(RayShards):
         params = self._params.flat()
         options = self._params.options()
         pending: dict[Any, int] = {}
+        requests: dict[int, PushRequest] = {}
         for s in shards:
             flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params)
             if not touched and self.config.mode == "async":
@@ -434,13 +469,24 @@ class ShardGroupMember(RayShards):
                 self.rank, self.versions[s], options, to_numpy(flat), has_grad, sparse
             )
             pending[self.handles[s].push(request)] = s
+            requests[s] = request
         self.data_path.forget_shipped()
         rejected = []
         waiting = list(pending)
         sent_at, mode = time.perf_counter(), self.config.mode
         while waiting:  # adopt each shard's parameters as soon as it answers
             done, waiting = ray.wait(waiting, num_returns=1)
-            result: PushResult = ray_get(done[0])
+            try:
+                result: PushResult = ray_get(done[0])
+            except ShardUnavailableError:
+                if not self.membership or not self.membership.replicas:
+                    raise
+                s = pending.pop(done[0])
+                self._fail_over(s)  # the replica takes over; the push goes to it again
+                ref = self.handles[s].push(requests[s])
+                pending[ref] = s
+                waiting.append(ref)
+                continue
             GROUP_PUSH_SECONDS.labels(mode).observe(time.perf_counter() - sent_at)
             if result.staleness is not None:
                 GROUP_STALENESS.labels(mode).observe(result.staleness)
@@ -452,6 +498,19 @@ class ShardGroupMember(RayShards):
             if result.applied_version is None:
                 rejected.append(s)
         return sorted(rejected)
+
+    def _fail_over(self, shard: int) -> None:
+        """Replaces a lost primary by its replica (the registry does it once for the group)."""
+        assert self.membership is not None
+        lost = self.handles[shard].host
+        host, replica = ray_get(registry().fail_over.remote(self.name, shard, lost))
+        hosts, replicas = list(self.membership.hosts), list(self.membership.replicas)
+        hosts[shard], replicas[shard] = host, replica
+        self.membership = dataclasses.replace(
+            self.membership, hosts=tuple(hosts), replicas=tuple(replicas)
+        )
+        self.handles = _handles(self.membership)
+        logger.warning("group %r: shard %d failed over to its replica", self.name, shard)
 
     def close(self) -> None:
         self._finalizer()

@@ -243,3 +243,5 @@ class GroupMembership:
     """An elastic group's :class:`~shardopt.actor.group_membership.GroupMembers` actor."""
     first_round: int = 0
     """(elastic) the round this worker was admitted to: the version it adopts."""
+    replicas: tuple[Any, ...] = ()
+    """(replicate=True) each shard's replica host."""
