@@ -11,10 +11,12 @@ holds; torch's per-tensor kernels are deterministic, so the replica stays bit-id
 When a primary dies, the first worker whose push finds it lost asks the registry to fail over
 (:meth:`~shardopt.actor.shard_group_registry.GroupRegistry.fail_over`): the replica becomes the
 primary and builds its own new replica from an export of itself, under its lock (no round
-between the export and the link). Every worker resends its push of the round in flight to the
-new primary, which applies the round once: if the old primary had already sent it the round,
-the new one answers each participant's repeated push from its record of that round
-(:func:`repeat_answer`), otherwise the round is applied there from the resent pushes. The
+between the export and the link), on a spare host the registry started beforehand (so that the
+fail-over waits for no new process; a new spare is started after it). Every worker resends
+its push of the round in flight to the new primary, which applies the round once: if the old
+primary had already sent it the round, the new one answers each participant's repeated push
+from its record of that round (:func:`repeat_answer`), otherwise the round is applied there
+from the resent pushes. The
 calls of a worker that change a shard (parameter writes, loads) reach the replica through
 :class:`~shardopt.client.replication.MirroredHandle`, as for a worker's own shards.
 
@@ -93,8 +95,8 @@ def repeat_answer(
 def start_replica(
     remote_host: Any, name: str, shard: int, config: Any, options: dict[str, Any]
 ) -> Any:
-    """A replica host for shard ``shard`` of group ``name`` (detached, named), spread away from
-    the group's other actors where Ray can."""
+    """A replica host for shard ``shard`` of group ``name`` (-1: a spare), detached and named,
+    spread away from the group's other actors where Ray can."""
     options = {k: v for k, v in options.items() if k not in ("scheduling_strategy", "name")}
     return remote_host.options(
         name=f"group/{name}/shard/{shard}/replica/{uuid.uuid4().hex[:8]}",

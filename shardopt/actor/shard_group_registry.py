@@ -59,10 +59,11 @@ class _Group:
     coordinator: Any = None  # an elastic group's GroupMembers actor
     replicas: list[Any] = field(default_factory=list)  # replicate=True: per shard, or None
     retired: list[Any] = field(default_factory=list)  # primaries replaced by their replicas
+    spare: Any = None  # replicate=True: a started host, the next fail-over's new replica
 
     @property
     def actors(self) -> list[Any]:
-        extra = [self.coordinator] if self.coordinator is not None else []
+        extra = [a for a in (self.coordinator, self.spare) if a is not None]
         return [*self.hosts, *self.replicas, *self.retired, *extra]
 
 
@@ -270,9 +271,10 @@ class GroupRegistry:
             world_size=config.world_size, mode=config.mode, nodes=node_ids,
             elastic=config.elastic,
         )  # fmt: skip
+        spare = start_replica(remote_host, name, -1, config, options) if config.replicate else None
         return _Group(
             signature, rank, job_id, hosts, keys, node_ids, pg, coordinator=coordinator,
-            replicas=replicas if config.replicate else [],
+            replicas=replicas if config.replicate else [], spare=spare,
         )  # fmt: skip
 
     def leave(self, name: str, rank: int) -> None:
@@ -332,8 +334,9 @@ class GroupRegistry:
             from shardopt.actor.shard_group_host import GroupShardHost
 
             config = group.signature.config
-            new = start_replica(
-                ray.remote(GroupShardHost), name, shard, config, dict(config.actor_options)
+            new = group.spare  # started already: the fail-over does not wait for a process
+            group.spare = start_replica(
+                ray.remote(GroupShardHost), name, -1, config, dict(config.actor_options)
             )
             try:
                 ray.get(replica.take_over.remote(group.keys[shard], new, group.coordinator))
