@@ -134,8 +134,13 @@ def recovery(size: int, kind: str, heartbeat: float) -> dict[str, Any]:
     attach(workers, name, options)
     steps = 300
     runs = [w.run.remote(name, steps) for w in workers]
-    shard0 = ray.get_actor(f"group/{name}/shard/0", namespace=NAMESPACE)
-    while ray.get(shard0.version.remote()) < 10:
+    if kind.startswith("worker"):  # the coordinator knows the rounds decided
+        members = ray.get_actor(f"group/{name}/members", namespace=NAMESPACE)
+        progress = lambda: ray.get(members.view.remote())["round"]  # noqa: E731
+    else:
+        shard0 = ray.get_actor(f"group/{name}/shard/0", namespace=NAMESPACE)
+        progress = lambda: ray.get(shard0.version.remote())  # noqa: E731
+    while progress() < 10:
         time.sleep(0.01)
     victim_pid = (
         ray.get(workers[2].pid.remote())

@@ -236,7 +236,7 @@ class GroupMembers:
                     self._round.reports.pop(shard, None)
                     return self._view()
                 self._round.reports[shard] = present
-                if self._complete(expected):
+                if expected and self._complete(expected):  # (no members: nothing to decide)
                     return self._decide(expected)
                 left = deadline - time.monotonic()
                 if left <= 0:
