@@ -220,7 +220,7 @@ class GroupShardHost(ShardCalls):
                     f"of shard {shard.shard_index}, which is only at version {self._version}"
                 )
             if self.config.mode == "sync":
-                last = self._last_round
+                last = self._last_round if self.config.replicate else None
                 if last is not None and request.read_version == last.version == self._version - 1:
                     repeat = repeat_answer(
                         last, request.rank, self._elastic is not None, self._current(shard),
