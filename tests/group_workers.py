@@ -6,6 +6,8 @@ Used in-process (threads) by tests/test_group.py and as Ray actors by tests/test
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import helpers
@@ -46,6 +48,8 @@ class GroupWorker:
         self.model: torch.nn.Module | None = None
         self.opt: shardopt.ShardedOptimizer | None = None
         self.pushes: list[tuple[int, int, int | None, int]] = []
+        self.step_times: list[float] = []  # time.time() after each step
+        self.participants: list[tuple[int, ...]] = []  # each step's participants (sync)
 
     def attach(self, seed: int = 0, **options: Any) -> list[torch.Tensor]:
         """Builds the model from ``seed`` and joins the group; returns the adopted parameters."""
@@ -77,7 +81,19 @@ class GroupWorker:
                 self.opt.step()
             for r in self.opt.group.last_push:
                 self.pushes.append((r.shard_index, r.read_version, r.applied_version, r.rank))
+            self.step_times.append(time.time())
+            self.participants.append(self.opt.group.participants)
         return self.params()
+
+    def rank(self) -> int:
+        return self.opt.group.rank
+
+    def history(self) -> tuple[list[float], list[tuple[int, ...]]]:
+        """Each step's end time and participants."""
+        return list(self.step_times), list(self.participants)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def push_log(self) -> list[tuple[int, int, int | None, int]]:
         """(shard, read version, applied version or None, rank) of every push's final answer."""

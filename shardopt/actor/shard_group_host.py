@@ -12,6 +12,10 @@ parameters after the push:
   moves to the next version; every rank gets the same new parameters. A rank that does not
   arrive within the group's timeout makes the others fail with :class:`GroupTimeoutError`
   naming it (their pushes are withdrawn: the shard is unchanged).
+- ``sync`` with ``elastic=True``: the ranks a round waits for are the group's members, decided
+  by its coordinator (:mod:`shardopt.actor.group_membership`) the same way for every shard;
+  a member that dies is dropped and the round completes without it, and the gradient is the
+  sum over the round's participants divided by their number.
 - ``async``: each push is applied as it arrives (Downpour), one version per push. With
   ``max_staleness=s``, gradients computed on parameters more than ``s`` versions old are not
   applied: the worker gets the current parameters instead and computes again.
@@ -44,6 +48,8 @@ import ray
 import torch
 
 from shardopt.actor.group_buffers import RankSlots, RoundSum
+from shardopt.actor.group_membership import ElasticRounds, MembersView, RoundDecision
+from shardopt.actor.group_replica import AppliedRound, ReplicaLink, repeat_answer
 from shardopt.actor.host import ShardCalls, actor_device, observe_step
 from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
@@ -55,6 +61,7 @@ from shardopt.core.records import (
     PushRequest,
     PushResult,
     RankBuffers,
+    ShardExport,
     ShardSpec,
     StepRequest,
     StepResult,
@@ -62,13 +69,22 @@ from shardopt.core.records import (
 
 logger = logging.getLogger(__name__)
 
+OUTCOMES_KEPT = 8
+"""Rounds whose outcome a slow waiter (a dropped member's push) can still read."""
+COMMIT_WAIT_S = 5.0
+"""How long one report to an elastic group's coordinator waits before it is made again."""
+
 
 class GroupShardHost(ShardCalls):
     """The Ray actor holding one shard of a group. Made remote by the registry with
     ``max_concurrency`` above the world size, so that a sync round's pushes wait together."""
 
-    def __init__(self, group: str, config: GroupConfig) -> None:
+    def __init__(self, group: str, config: GroupConfig, members: Any = None) -> None:
+        """Args: ``members``: an elastic group's coordinator
+        (:class:`~shardopt.actor.group_membership.GroupMembers`)."""
         self.group = group
+        self._members = members
+        self._elastic: ElasticRounds | None = None
         self.config = config
         self.device = actor_device()
         self._cond = threading.Condition()
@@ -77,10 +93,12 @@ class GroupShardHost(ShardCalls):
         self._version = 0
         self._round: dict[int, PushRequest] = {}
         self._round_seq = 0  # counts rounds applied or failed: a waiter waits for its own
-        self._outcome: tuple[int, PushResult | BaseException] | None = None
+        self._outcomes: dict[int, PushResult | BaseException] = {}  # the last rounds' by seq
         self._params: ParamsAt | None = None
         self._slots: RankSlots | None = None
         self._sum: RoundSum | None = None  # the sync round's gradients, summed as they arrive
+        self._replica: ReplicaLink | None = None  # replicate=True: see group_replica
+        self._last_round: AppliedRound | None = None
 
     def create(
         self, key: str, shard_index: int, spec: ShardSpec, num_threads: int | None
@@ -96,6 +114,8 @@ class GroupShardHost(ShardCalls):
             weakref.finalize(self, self._slots.close)
             weakref.finalize(self, self._shard.close)
             self._key = key
+            if self._members is not None:
+                self._elastic = ElasticRounds(self._members, shard_index)
             return self._shard.initial_state_ids()
 
     def attach_shared(self, key: str, rank: int, node_id: str) -> RankBuffers | None:
@@ -105,6 +125,8 @@ class GroupShardHost(ShardCalls):
             self._checked(key)
             if node_id != ray.get_runtime_context().get_node_id() or self._slots is None:
                 return None
+            if self._elastic is not None or self.config.replicate:
+                return None  # ranks come and go, hosts fail over: through the object store
             return self._slots.attach(rank)
 
     def close(self) -> None:
@@ -114,6 +136,63 @@ class GroupShardHost(ShardCalls):
                 self._slots.close()
             if self._shard is not None:
                 self._shard.close()
+
+    def create_from(self, key: str, shard_index: int, export: ShardExport) -> None:
+        """Creates the shard from an export of another (a new replica), at its version."""
+        self.create(key, shard_index, export.spec, None)
+        with self._cond:
+            assert self._shard is not None
+            self._shard.restore(export)
+            self._version = export.last_step_id + 1
+
+    # ----- replicas (see shardopt.actor.group_replica) ----------------------------------------
+
+    def set_replica(self, key: str, replica: Any) -> None:
+        """Links this primary to its replica (which holds the shard as it is now)."""
+        with self._cond:
+            self._checked(key)
+            self._replica = None if replica is None else ReplicaLink(replica, key)
+
+    def follow_round(self, key: str, step: StepRequest, participants: tuple[int, ...]) -> None:
+        """(A replica) applies a round its primary applied, once (by version)."""
+        with self._cond:
+            shard = self._checked(key)
+            if step.step_id < self._version:
+                return
+            if step.step_id != self._version:
+                raise ValueError(
+                    f"replica of shard {shard.shard_index} of group {self.group!r} is at version "
+                    f"{self._version}, its primary sent round {step.step_id}"
+                )
+            new_state = self._step(shard, step)
+            self._version += 1
+            self._last_round = AppliedRound(step.step_id, participants, new_state)
+
+    def take_over(self, key: str, replica: Any, members: Any) -> None:
+        """(A replica) becomes its shard's primary: exports itself to ``replica`` (its new
+        replica, or None) and links to it under the lock, so no round falls in between."""
+        with self._cond:
+            shard = self._checked(key)
+            if members is not None and self._elastic is None:
+                self._members = members
+                self._elastic = ElasticRounds(members, shard.shard_index)
+            self._replica = None
+            if replica is not None:
+                ray.get(replica.create_from.remote(key, shard.shard_index, shard.export()))
+                self._replica = ReplicaLink(replica, key)
+
+    def _step_round(
+        self, shard: Shard, step: StepRequest, participants: tuple[int, ...]
+    ) -> tuple[int, ...]:
+        """Steps the shard for a round; with a replica, the replica gets the round first (the
+        two step in parallel) and has applied it before this returns."""
+        link = self._replica
+        ref = link.send(step, shard.grad_buffer(), participants) if link else None
+        new_state = self._step(shard, step)
+        if link is not None and not link.wait(ref):
+            self._replica = None
+        self._last_round = AppliedRound(step.step_id, participants, new_state)
+        return new_state
 
     def _checked(self, key: str) -> Shard:
         if self._shard is None or key != self._key:
@@ -129,11 +208,18 @@ class GroupShardHost(ShardCalls):
     def step(self, key: str, request: StepRequest) -> StepResult:
         raise TypeError("a shard group's shard steps on its workers' pushes (push), not step()")
 
-    def pull(self, key: str, rank: int | None = None) -> ParamsAt:
-        """The shard's current parameters and their version (for ``rank``: None where it reads
-        them in shared memory)."""
+    def pull(self, key: str, rank: int | None = None, at_least: int = 0) -> ParamsAt:
+        """The shard's current parameters and their version, once it is ``at_least`` (a worker
+        joining an elastic group adopts the version of the round it was admitted to); for
+        ``rank``, None where it reads them in shared memory."""
         with self._cond:
-            return self._current(self._checked(key), rank)
+            shard = self._checked(key)
+            if not self._cond.wait_for(lambda: self._version >= at_least, self.config.timeout_s):
+                raise GroupTimeoutError(
+                    f"group {self.group!r}: shard {shard.shard_index} did not reach version "
+                    f"{at_least} within {self.config.timeout_s:g} s (it is at {self._version})"
+                )
+            return self._current(shard, rank)
 
     def version(self) -> int:
         with self._cond:
@@ -166,6 +252,14 @@ class GroupShardHost(ShardCalls):
                     f"of shard {shard.shard_index}, which is only at version {self._version}"
                 )
             if self.config.mode == "sync":
+                last = self._last_round if self.config.replicate else None
+                if last is not None and request.read_version == last.version == self._version - 1:
+                    repeat = repeat_answer(
+                        last, request.rank, self._elastic is not None, self._current(shard),
+                        shard.shard_index,
+                    )  # fmt: skip
+                    if repeat is not None:
+                        return repeat  # a push resent after a fail-over: the round was applied
                 return self._push_sync(shard, request)
             return self._push_async(shard, request)
 
@@ -209,40 +303,97 @@ class GroupShardHost(ShardCalls):
             raise ValueError(f"rank {request.rank} pushed twice for version {version}")
         self._round[request.rank] = request
         my_round = self._round_seq
-        self._sum.take(self._round, range(self.config.world_size))
-        if len(self._round) == self.config.world_size:
-            self._apply_round(shard, version)
+        if self._elastic is not None:
+            self._drive(shard, version)
         else:
-            deadline = time.monotonic() + self.config.timeout_s
-            while self._round_seq == my_round:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._round.pop(request.rank, None)
-                    self._sum.reset()
-                    missing = sorted(set(range(self.config.world_size)) - set(self._round))
-                    missing.remove(request.rank)
-                    observe("round_timeouts", 1, mode="sync")
-                    emit(
-                        logger, "round_timeout", logging.WARNING, group=self.group,
-                        shard=shard.shard_index, version=version, rank=request.rank,
-                        missing=missing, timeout_s=self.config.timeout_s,
-                    )  # fmt: skip
-                    raise GroupTimeoutError(
-                        f"group {self.group!r}: rank {request.rank} waited "
-                        f"{self.config.timeout_s:g} s at version {version} of shard "
-                        f"{shard.shard_index} for rank(s) {missing} of world size "
-                        f"{self.config.world_size}; a worker died or is stuck. Its gradients "
-                        f"were withdrawn: the shard is unchanged"
-                    )
-                self._cond.wait(left)
-        assert self._outcome is not None and self._outcome[0] == my_round
-        outcome = self._outcome[1]
+            self._sum.take(self._round, range(self.config.world_size))
+        if self._elastic is None and len(self._round) == self.config.world_size:
+            self._apply_round(shard, version)
+        deadline = time.monotonic() + self.config.timeout_s
+        while self._round_seq == my_round:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._timed_out(shard, version, request.rank)
+            self._cond.wait(left)
+        outcome = self._outcomes[my_round]
         if isinstance(outcome, BaseException):
             raise outcome
         return PushResult(
-            shard.shard_index, request.rank, version, version,
-            self._current(shard, request.rank), outcome.new_state_ids,
+            shard.shard_index, request.rank, version, version, self._current(shard, request.rank),
+            outcome.new_state_ids, outcome.participants,
         )  # fmt: skip
+
+    def _timed_out(self, shard: Shard, version: int, rank: int) -> None:
+        """Raises GroupTimeoutError for a push that waited too long for its round."""
+        observe("round_timeouts", 1, mode="sync")
+        if self._elastic is not None:
+            # the coordinator decides the round: the push stays in it (withdrawing it here
+            # could leave it counted on other shards and not on this one)
+            waiting = sorted(self._elastic.view.expected(version) - set(self._round))
+            raise GroupTimeoutError(
+                f"elastic group {self.group!r}: rank {rank} waited {self.config.timeout_s:g} s "
+                f"at version {version} of shard {shard.shard_index} (waiting for rank(s) "
+                f"{waiting}, alive by their heartbeats, or for the group's coordinator); "
+                f"its push stays in the round"
+            )
+        self._round.pop(rank, None)
+        self._sum.reset()
+        missing = sorted(set(range(self.config.world_size)) - set(self._round) - {rank})
+        emit(
+            logger, "round_timeout", logging.WARNING, group=self.group,
+            shard=shard.shard_index, version=version, rank=rank,
+            missing=missing, timeout_s=self.config.timeout_s,
+        )  # fmt: skip
+        raise GroupTimeoutError(
+            f"group {self.group!r}: rank {rank} waited "
+            f"{self.config.timeout_s:g} s at version {version} of shard "
+            f"{shard.shard_index} for rank(s) {missing} of world size "
+            f"{self.config.world_size}; a worker died or is stuck. Its gradients "
+            f"were withdrawn: the shard is unchanged"
+        )
+
+    # ----- elastic rounds (see shardopt.actor.group_membership) -------------------------------
+
+    def members_changed(self, view: MembersView) -> None:
+        """The coordinator's new view of the members: a round waiting for a dropped member
+        may now be complete here."""
+        with self._cond:
+            if self._elastic is not None and self._shard is not None:
+                if self._elastic.update(view) and self._round:
+                    self._drive(self._shard, self._version)
+
+    def _drive(self, shard: Shard, version: int) -> None:
+        """(Under the lock) asks the coordinator for round ``version``'s decision while this
+        shard holds the pushes of every member it knows of; applies the round once decided.
+        The lock is released while asking, so that pushes go on arriving."""
+        elastic = self._elastic
+        assert elastic is not None
+        while self._version == version:
+            decided = elastic.decision
+            if decided is not None and decided.version == version:
+                if set(decided.participants) <= set(self._round):
+                    self._apply_round(shard, version, decided.participants)
+                return  # (a new primary) the decided participants' pushes are coming
+            if not elastic.ready(version, self._round):
+                return
+            elastic.driving = True
+            ref = elastic.commit(version, self._round, COMMIT_WAIT_S)
+            self._cond.release()
+            try:
+                answer: RoundDecision | MembersView | BaseException = ray.get(ref)
+            except Exception as exc:  # the coordinator is unreachable: waiters time out
+                answer = exc
+            finally:
+                self._cond.acquire()
+                elastic.driving = False
+            if isinstance(answer, BaseException):
+                logger.warning("group %r: round %d not decided: %s", self.group, version, answer)
+                return
+            if isinstance(answer, MembersView):
+                elastic.update(answer)
+            else:
+                elastic.update(answer.view)
+                elastic.decision = answer
 
     @staticmethod
     def _step(shard: Shard, step: StepRequest) -> tuple[int, ...]:
@@ -251,12 +402,30 @@ class GroupShardHost(ShardCalls):
         observe_step(shard, time.perf_counter() - start)
         return new_state
 
-    def _apply_round(self, shard: Shard, version: int) -> None:
-        """Averages the round's gradients into the shard's gradient buffer and steps once."""
-        requests = [self._round[r] for r in sorted(self._round)]
-        self._round = {}
+    def _apply_round(
+        self, shard: Shard, version: int, participants: tuple[int, ...] | None = None
+    ) -> None:
+        """Averages the round's gradients into the shard's gradient buffer and steps once.
+
+        Args:
+            participants: (elastic) the ranks the coordinator decided the round averages over;
+                the pushes of others (members dropped mid-round) are left out.
+        """
+        if participants is None:
+            participants = tuple(sorted(self._round))
+            divisor = self.config.world_size
+        else:
+            divisor = len(participants)
+        round_, self._round = self._round, {}
         try:
-            has_grad, sparse = self._sum.finish(requests, self.config.world_size)
+            if not participants or not set(participants) <= set(round_):
+                raise RuntimeError(
+                    f"group {self.group!r}: round {version} of shard {shard.shard_index} was "
+                    f"decided for ranks {list(participants)}, this shard holds the pushes of "
+                    f"{sorted(round_)}"
+                )
+            requests = [round_[r] for r in participants]
+            has_grad, sparse = self._sum.finish(requests, divisor)
             step = StepRequest(
                 step_id=version,
                 group_options=requests[0].group_options,
@@ -264,14 +433,21 @@ class GroupShardHost(ShardCalls):
                 has_grad=has_grad,
                 sparse_grads=sparse,
             )
-            new_state = self._step(shard, step)
+            new_state = self._step_round(shard, step, participants)
             self._version = version + 1
             outcome: PushResult | BaseException = PushResult(
-                shard.shard_index, -1, version, version, ParamsAt(self._version, None), new_state
-            )  # each rank's parameters are answered by _current
+                shard.shard_index,
+                -1,
+                version,
+                version,
+                ParamsAt(self._version, None),  # each rank's parameters are answered by _current
+                new_state,
+                participants,
+            )
         except Exception as exc:  # every rank of the round gets the shard's error
             outcome = exc
-        self._outcome = (self._round_seq, outcome)
+        self._outcomes[self._round_seq] = outcome
+        self._outcomes.pop(self._round_seq - OUTCOMES_KEPT, None)
         self._round_seq += 1
         self._cond.notify_all()
 

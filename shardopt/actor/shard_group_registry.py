@@ -7,7 +7,9 @@ starts its shard hosts (:class:`~shardopt.actor.shard_group_host.GroupShardHost`
 worker's parameters. Later workers attach if they present the same
 :class:`~shardopt.core.records.GroupSignature` (parameter names, shapes and dtypes, optimizer class,
 hyperparameters, world size, mode...), and get a ``ValueError`` naming the first difference
-otherwise.
+otherwise. An elastic group (``elastic=True``) also gets a coordinator
+(:class:`~shardopt.actor.group_membership.GroupMembers`, ``group/<name>/members``) that admits
+its workers (assigning ranks when they pass none) and decides each round's participants.
 
 The actor is created (and found) by :func:`shardopt.client.shard_group.registry`.
 
@@ -30,8 +32,9 @@ from typing import Any
 import ray
 
 from shardopt.actor import placement
+from shardopt.actor.group_replica import start_replica
 from shardopt.actor.host import NAMESPACE, kill_actors, threads_per_shard
-from shardopt.core.errors import OptimizerClosedError
+from shardopt.core.errors import OptimizerClosedError, ShardUnavailableError
 from shardopt.core.events import emit
 from shardopt.core.records import GroupConfig, GroupMembership, GroupSignature
 
@@ -53,6 +56,15 @@ class _Group:
     pg: Any
     members: dict[int, str] = field(default_factory=dict)  # rank -> job id
     owner_closed: bool = False
+    coordinator: Any = None  # an elastic group's GroupMembers actor
+    replicas: list[Any] = field(default_factory=list)  # replicate=True: per shard, or None
+    retired: list[Any] = field(default_factory=list)  # primaries replaced by their replicas
+    spare: Any = None  # replicate=True: a started host, the next fail-over's new replica
+
+    @property
+    def actors(self) -> list[Any]:
+        extra = [a for a in (self.coordinator, self.spare) if a is not None]
+        return [*self.hosts, *self.replicas, *self.retired, *extra]
 
 
 def _option_mismatch(where: str, ours: tuple, theirs: tuple, name: str) -> str | None:
@@ -130,13 +142,17 @@ class GroupRegistry:
         self,
         name: str,
         signature: GroupSignature,
-        rank: int,
+        rank: int | None,
         job_id: str,
         spec_refs: list[Any],
+        actor_id: str | None = None,
     ) -> GroupMembership:
         """Attaches ``rank`` to group ``name``, creating the group if it does not exist.
 
         Args:
+            rank: the worker's rank; None in an elastic group: the next unused one.
+            actor_id: the worker's Ray actor, if it is one (an elastic group drops it when the
+                actor dies).
             spec_refs: object refs to the worker's shard specs (its initial parameters), one
                 per shard; only the shard hosts of a group being created read them.
 
@@ -160,20 +176,39 @@ class GroupRegistry:
                     raise OptimizerClosedError(
                         f"group {name!r} was closed by its owner (rank {group.owner_rank})"
                     )
-                if rank in group.members:
+                if rank is not None and rank in group.members:
                     raise ValueError(
                         f"rank {rank} is already attached to group {name!r} (attached ranks: "
                         f"{sorted(group.members)}); each worker needs its own rank"
                     )
+            first_round = 0
+            if group.coordinator is not None:
+                try:
+                    admission = ray.get(group.coordinator.admit.remote(rank, actor_id, job_id))
+                except Exception:
+                    if created:
+                        self.close_group(name)
+                    raise
+                rank, first_round = admission.rank, admission.first_round
+                if created:
+                    group.owner_rank = rank
+            assert rank is not None
             group.members[rank] = job_id
             emit(logger, "worker_attached", group=name, rank=rank, job=job_id, created=created)
             return GroupMembership(
-                name, rank, created, tuple(group.hosts), tuple(group.keys), tuple(group.node_ids)
-            )
+                name, rank, created, tuple(group.hosts), tuple(group.keys),
+                tuple(group.node_ids), group.coordinator, first_round, tuple(group.replicas),
+            )  # fmt: skip
 
     def _create(
-        self, name: str, signature: GroupSignature, rank: int, job_id: str, spec_refs: list[Any]
+        self,
+        name: str,
+        signature: GroupSignature,
+        rank: int | None,
+        job_id: str,
+        spec_refs: list[Any],
     ) -> _Group:
+        from shardopt.actor.group_membership import GroupMembers
         from shardopt.actor.shard_group_host import (
             GroupShardHost,  # torch only where shards are made
         )
@@ -187,18 +222,38 @@ class GroupRegistry:
                 config.num_shards, config.placement, bundle, f"shardopt/{name}", config.timeout_s
             )
             per_shard = [{**options, **p} for p in placed]
+        coordinator = None
+        if config.elastic:
+            coordinator = (
+                ray.remote(GroupMembers)
+                .options(
+                    name=f"group/{name}/members",
+                    namespace=NAMESPACE,
+                    lifetime="detached",
+                    max_concurrency=2 * config.num_shards + (config.world_size or 64) + 8,
+                    num_cpus=0,
+                )
+                .remote(name, config.num_shards, config.heartbeat_timeout_s, config.world_size)
+            )
         remote_host = ray.remote(GroupShardHost)
         hosts = [
             remote_host.options(
                 name=f"group/{name}/shard/{s}",
                 namespace=NAMESPACE,
                 lifetime="detached",
-                max_concurrency=config.world_size + 8,
+                max_concurrency=(config.world_size or 64) + 8,
                 **per_shard[s],
-            ).remote(name, config)
+            ).remote(name, config, coordinator)
             for s in range(config.num_shards)
         ]
+        replicas = [
+            start_replica(remote_host, name, s, config, options) if config.replicate else None
+            for s in range(config.num_shards)
+        ]
+        actors = [*hosts, *replicas, *([coordinator] if coordinator is not None else [])]
         try:
+            if coordinator is not None:
+                ray.get(coordinator.set_hosts.remote(hosts))
             infos = ray.get([h.info.remote() for h in hosts])
             node_ids = [info["node_id"] for info in infos]
             reserved = config.placement is not None or "num_cpus" in dict(config.actor_options)
@@ -206,16 +261,29 @@ class GroupRegistry:
             keys = [f"{name}/{s}" for s in range(config.num_shards)]
             ray.get(
                 [h.create.remote(keys[s], s, spec_refs[s], threads[s]) for s, h in enumerate(hosts)]
+                + [
+                    r.create.remote(keys[s], s, spec_refs[s], threads[s])
+                    for s, r in enumerate(replicas)
+                    if r is not None
+                ]
+            )
+            ray.get(
+                [h.set_replica.remote(keys[s], r) for s, (h, r) in enumerate(zip(hosts, replicas))]
             )
         except Exception:
-            kill_actors(hosts)
+            kill_actors([a for a in actors if a is not None])
             placement.release(pg)
             raise
         emit(
             logger, "group_created", group=name, rank=rank, shards=config.num_shards,
             world_size=config.world_size, mode=config.mode, nodes=node_ids,
+            elastic=config.elastic,
         )  # fmt: skip
-        return _Group(signature, rank, job_id, hosts, keys, node_ids, pg)
+        spare = start_replica(remote_host, name, -1, config, options) if config.replicate else None
+        return _Group(
+            signature, rank, job_id, hosts, keys, node_ids, pg, coordinator=coordinator,
+            replicas=replicas if config.replicate else [], spare=spare,
+        )  # fmt: skip
 
     def leave(self, name: str, rank: int) -> None:
         """Detaches ``rank``; the owner's leaving closes the group once nobody is attached."""
@@ -225,6 +293,8 @@ class GroupRegistry:
                 return
             if group.members.pop(rank, None) is not None:
                 emit(logger, "worker_detached", group=name, rank=rank)
+                if group.coordinator is not None:
+                    group.coordinator.leave.remote(rank)
             if rank == group.owner_rank:
                 group.owner_closed = True
             self._collect(name)
@@ -235,11 +305,60 @@ class GroupRegistry:
             group = self._groups.pop(name, None)
         if group is None:
             return False
-        _close_hosts(group.hosts)
-        kill_actors(group.hosts)
+        shard_hosts = [*group.hosts, *group.replicas, *group.retired, group.spare]
+        _close_hosts([h for h in shard_hosts if h is not None])
+        kill_actors([a for a in group.actors if a is not None])
         placement.release(group.pg)
         emit(logger, "group_closed", group=name, members=sorted(group.members))
         return True
+
+    def fail_over(self, name: str, shard: int, lost: Any) -> tuple[Any, Any]:
+        """Replaces shard ``shard``'s primary ``lost`` by its replica, which gets a new replica
+        (see :mod:`shardopt.actor.group_replica`); the first worker to find the primary lost
+        asks, the others get the same answer.
+
+        Returns:
+            The shard's primary and replica now.
+
+        Raises:
+            ShardUnavailableError: the group has no (usable) replica of the shard.
+        """
+        with self._lock:
+            group = self._groups.get(name)
+            if group is None:
+                raise OptimizerClosedError(f"group {name!r} does not exist (any more)")
+            current = group.hosts[shard]
+            if current._actor_id != lost._actor_id:  # another worker asked first
+                return current, group.replicas[shard]
+            try:
+                ray.get(current.info.remote(), timeout=30)
+                return current, group.replicas[shard]  # it is alive: the caller may retry
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            replica = group.replicas[shard] if group.replicas else None
+            if replica is None:
+                raise ShardUnavailableError(
+                    f"shard {shard} of group {name!r} was lost and has no replica "
+                    "(replicate=True keeps one)"
+                )
+            from shardopt.actor.shard_group_host import GroupShardHost
+
+            config = group.signature.config
+            new = group.spare  # started already: the fail-over does not wait for a process
+            group.spare = start_replica(
+                ray.remote(GroupShardHost), name, -1, config, dict(config.actor_options)
+            )
+            try:
+                ray.get(replica.take_over.remote(group.keys[shard], new, group.coordinator))
+            except Exception:
+                kill_actors([new])
+                raise
+            group.retired.append(current)
+            group.hosts[shard], group.replicas[shard] = replica, new
+            if group.coordinator is not None:
+                group.coordinator.set_hosts.remote(group.hosts)
+            emit(logger, "replica_promoted", logging.WARNING, group=name, shard=shard)
+            return replica, new
 
     def exists(self, name: str) -> bool:
         with self._lock:
@@ -256,6 +375,8 @@ class GroupRegistry:
                     "node_ids": list(g.node_ids),
                     "world_size": g.signature.config.world_size,
                     "mode": g.signature.config.mode,
+                    "elastic": g.signature.config.elastic,
+                    "replicate": g.signature.config.replicate,
                 }
                 for name, g in self._groups.items()
             }
@@ -280,6 +401,8 @@ class GroupRegistry:
                     for r in gone:
                         job = group.members.pop(r)
                         emit(logger, "worker_dropped", logging.WARNING, group=name, rank=r, job=job)
+                        if group.coordinator is not None:
+                            group.coordinator.drop.remote(r, "its job ended")
                     if group.owner_job in dead:
                         group.owner_closed = True
                     self._collect(name)

@@ -29,7 +29,12 @@ from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.gateway_session import GatewaySession, group_request
 from shardopt.client.local import LocalShards
 from shardopt.client.runtime import ensure_ray
-from shardopt.client.shard_group import ShardGroupMember, make_config
+from shardopt.client.shard_group import (
+    HEARTBEAT_TIMEOUT,
+    ShardGroupMember,
+    make_config,
+    timeout_seconds,
+)
 from shardopt.client.state_view import ShardStateView
 from shardopt.core.amp import scaling_of
 from shardopt.core.errors import OptimizerClosedError
@@ -97,8 +102,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         group: attach this worker to the named shard group (created by the first worker to
             arrive): many workers, one sharded optimizer. See ``docs`` in the README and
             :mod:`shardopt.actor.shard_group_registry`. The options below apply to groups only.
-        world_size: how many workers the group has.
-        rank: this worker's rank in ``[0, world_size)``.
+        world_size: how many workers the group has (elastic: at most; None for no bound).
+        rank: this worker's rank in ``[0, world_size)`` (elastic: None assigns one).
         mode: ``"sync"`` (each step averages all workers' gradients, as DDP does, and every
             worker gets the same parameters) or ``"async"`` (each worker's gradients are
             applied as they arrive).
@@ -107,17 +112,20 @@ class ShardedOptimizer(torch.optim.Optimizer):
             closure, computes again).
         timeout: how long a sync step waits for the other workers before failing with
             :class:`~shardopt.core.errors.GroupTimeoutError` (a ``timedelta`` or seconds).
+        elastic: (sync) workers may come and go: one that dies, or sends no heartbeat for
+            ``heartbeat_timeout`` (default 10 s), is dropped and the round completes, averaged
+            over the workers that contributed; new ones join at a round boundary
+            (:mod:`shardopt.actor.group_membership`; ``opt.group.members()``).
         placement: a Ray placement strategy for the group's shards: ``"STRICT_SPREAD"``
             (one per node), ``"SPREAD"``, ``"PACK"``, ``"STRICT_PACK"``.
         shard_resources: what each shard reserves under ``placement`` (default one CPU;
             ``{"GPU": 1}`` puts one shard per GPU).
         replicate: keep an in-memory replica of every shard on another node, so that a lost
-            shard actor (or node) is replaced with nothing lost (see
-            :mod:`shardopt.client.replication`). ``True`` (or 1): the replicas run every step too;
-            an int ``k > 1``: they are refreshed from their primaries every ``k`` steps and
-            this process keeps the gradients since, to replay after a loss. Costs a second
-            copy of each shard's parameters, gradients and state (and, with ``k``, up to
-            ``k`` gradient copies here).
+            shard actor (or node) is replaced with nothing lost (:mod:`~.replication`).
+            ``True`` (or 1): the replicas run every step too; an int ``k > 1`` (not for
+            groups): refreshed every ``k`` steps, this process keeping the gradients since to
+            replay after a loss. Costs a second copy of each shard's parameters, gradients and
+            state (with ``k``, up to ``k`` gradient copies here).
         split: whether a tensor may be split along dim 0 into row ranges on several shards,
             so that one big tensor (an embedding) does not decide a shard's bytes and step
             time. By default torch's element-wise algorithms split (SGD, Adam, AdamW, ...;
@@ -166,6 +174,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         mode: str = "sync",
         max_staleness: int | None = None,
         timeout: datetime.timedelta | float = datetime.timedelta(minutes=5),
+        elastic: bool = False,
+        heartbeat_timeout: datetime.timedelta | float = HEARTBEAT_TIMEOUT,
         placement: str | None = None,
         shard_resources: dict[str, float] | None = None,
         replicate: bool | int = False,
@@ -190,15 +200,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid num_shards: {num_shards} (must be an int >= 1)")
         if group is None and (world_size, rank, max_staleness, placement) != (None,) * 4:
             raise ValueError("world_size, rank, max_staleness and placement need group=...")
+        if elastic and (group is None or address is not None):
+            raise ValueError("elastic=True applies to shard groups in the Ray cluster (group=...)")
         if group is not None and not self._local_backend.per_tensor:
             raise ValueError("shardopt.LBFGS runs one closure over all shards: it has no groups")
-        if replicate and (
-            group is not None or address is not None or not self._local_backend.per_tensor
-        ):
-            raise ValueError(
-                "replicate=True applies to a ShardedOptimizer in the Ray cluster, not to "
-                "groups, gateway sessions or LBFGS"
-            )
+        if replicate and (address is not None or not self._local_backend.per_tensor):
+            raise ValueError("replicate=True applies in the Ray cluster, not to gateways/LBFGS")
         if not isinstance(replicate, (bool, int)) or replicate < 0:
             raise ValueError(f"Invalid replicate: {replicate!r} (False, True, or steps >= 1)")
         if address is not None and (
@@ -251,6 +258,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             shared_memory=shared_memory, overlap=overlap, share_params=share_params,
             group=group, world_size=world_size, rank=rank, mode=mode,
             max_staleness=max_staleness, timeout=timeout, placement=placement,
+            elastic=elastic, heartbeat_timeout=heartbeat_timeout,
             shard_resources=shard_resources, replicate=int(replicate), address=address,
             token=token, tls=tls, reconnect_timeout=reconnect_timeout,
         )  # fmt: skip
@@ -286,25 +294,17 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if address is not None:  # the group's options are checked here, before connecting
             config = make_config(num_shards=num_shards or 1, **settings) if group else None
             request = group_request(group, rank, config)
-            if isinstance(reconnect_timeout, datetime.timedelta):
-                reconnect_timeout = reconnect_timeout.total_seconds()
-            return GatewaySession(
-                source, address, token, tls, num_shards, request, float(reconnect_timeout)
-            )
+            reconnect_s = timeout_seconds(reconnect_timeout)
+            return GatewaySession(source, address, token, tls, num_shards, request, reconnect_s)
         ensure_ray()
         num_shards = num_shards or default_num_shards()
         if group is not None:
-            config = make_config(num_shards=num_shards, **settings)
+            config = make_config(num_shards=num_shards, replicate=replicate, **settings)
             return ShardGroupMember(source, group, rank, config, shared_memory, share_params)
         return self._local_backend(
-            source,
-            num_shards,
-            actor_options=actor_options,
-            shared_memory=shared_memory,
-            overlap=overlap,
-            share_params=share_params,
-            replicate=replicate,
-        )
+            source, num_shards, actor_options=actor_options, shared_memory=shared_memory,
+            overlap=overlap, share_params=share_params, replicate=replicate,
+        )  # fmt: skip
 
     # ----- what the backend knows -----------------------------------------------------------
 
@@ -331,7 +331,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     @property
     def group(self) -> ShardGroupMember | None:
-        """This worker's shard group membership (versions, ``last_push``), or None."""
+        """This worker's shard group membership (versions, ``last_push``; elastic:
+        ``members()``, ``participants``), or None."""
         backend = self._backend
         return backend if isinstance(backend, ShardGroupMember) else None
 

@@ -6,19 +6,27 @@ worker's :class:`~shardopt.core.records.GroupSignature` to the cluster's registr
 (:mod:`shardopt.actor.shard_group_registry`), then steps by pushing each shard's gradients
 (tagged with the version of the parameters they were computed on) and copying the parameters
 each shard answers with into the worker's tensors. With a shard on the worker's node both go
-through shared memory (:mod:`shardopt.client.group_data_path`). State, loads, checkpoints and
-status reach the group's shard hosts through the same typed handles as a worker's own shards
-(:class:`~shardopt.client.ray_shards.RayShards`). Also the cluster-wide entry points
-:func:`list_groups` and :func:`close_group`.
+through shared memory (:mod:`shardopt.client.group_data_path`; not in elastic or replicated
+groups, whose ranks and hosts change). In an elastic group the worker also sends heartbeats to
+the group's coordinator (:mod:`shardopt.actor.group_membership`) from a background thread, off
+the step's path, and shows the members and each round's participants
+(:meth:`ShardGroupMember.members`, :attr:`ShardGroupMember.participants`). State, loads,
+checkpoints and status reach the group's shard hosts through the same typed handles as a
+worker's own shards (:class:`~shardopt.client.ray_shards.RayShards`). Also the cluster-wide
+entry points :func:`list_groups` and :func:`close_group`.
 
-Talks to: the group registry and the group's shard hosts (:mod:`shardopt.actor.shard_group_host`).
+Talks to: the group registry, the group's shard hosts (:mod:`shardopt.actor.shard_group_host`)
+and an elastic group's coordinator (:mod:`shardopt.actor.group_membership`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
+import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -33,10 +41,12 @@ from shardopt.client.backend import ParamSource
 from shardopt.client.group_data_path import GroupDataPath
 from shardopt.client.handles import ShardHandle
 from shardopt.client.ray_shards import RayShards
+from shardopt.client.replication import MirroredHandle
 from shardopt.client.runtime import ensure_ray, ray_get
 from shardopt.client.shard_map import ShardMap
 from shardopt.core.amp import AmpScaling
 from shardopt.core.buffers import to_numpy
+from shardopt.core.errors import ShardUnavailableError
 from shardopt.core.metrics import GROUP_PUSH_SECONDS, GROUP_STALE_PUSHES, GROUP_STALENESS
 from shardopt.core.records import (
     GroupConfig,
@@ -51,6 +61,8 @@ from shardopt.core.records import (
 logger = logging.getLogger(__name__)
 
 MODES = ("sync", "async")
+HEARTBEAT_TIMEOUT = datetime.timedelta(seconds=10)
+"""An elastic group drops a member whose heartbeats stop for this long (by default)."""
 MAX_STALE_RETRIES = 1000
 """How often ``step(closure)`` recomputes gradients rejected as too stale before giving up."""
 
@@ -84,19 +96,40 @@ def make_config(
     placement: str | None,
     shard_resources: dict[str, float] | None,
     actor_options: dict[str, Any],
+    elastic: bool = False,
+    heartbeat_timeout: datetime.timedelta | float = HEARTBEAT_TIMEOUT,
+    replicate: int = 0,
 ) -> GroupConfig:
     """Checks a worker's group options.
 
     Raises:
         ValueError: a missing or out-of-range ``world_size``/``rank``, an unknown ``mode``,
-            ``max_staleness`` without async mode or negative, a bad placement.
+            ``max_staleness`` without async mode or negative, a bad placement, ``elastic``
+            with async mode, ``replicate`` with async mode or as an interval.
     """
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"Invalid world_size: {world_size!r} (a group needs an int >= 1)")
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"Invalid rank: {rank!r} (must be an int in [0, {world_size}))")
+    if replicate and (mode != "sync" or replicate != 1):
+        raise ValueError(
+            f"Invalid replicate: {replicate!r} for a shard group: replicas of group shards "
+            "follow every round (replicate=True) of sync groups"
+        )
+    if not isinstance(elastic, bool):
+        raise ValueError(f"Invalid elastic: {elastic!r} (True or False)")
     if mode not in MODES:
         raise ValueError(f"Invalid mode: {mode!r} (use 'sync' or 'async')")
+    if elastic:
+        if mode != "sync":
+            raise ValueError("elastic=True applies to sync groups (async mode waits for nobody)")
+        if world_size is not None and (not isinstance(world_size, int) or world_size < 1):
+            raise ValueError(f"Invalid world_size: {world_size!r} (None or an int >= 1)")
+        if rank is not None and (
+            not isinstance(rank, int) or rank < 0 or (world_size and rank >= world_size)
+        ):
+            raise ValueError(f"Invalid rank: {rank!r} (None, or an int >= 0 below world_size)")
+    else:
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"Invalid world_size: {world_size!r} (a group needs an int >= 1)")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"Invalid rank: {rank!r} (must be an int in [0, {world_size}))")
     if max_staleness is not None:
         if mode != "async":
             raise ValueError("max_staleness bounds async mode; sync mode is never stale")
@@ -115,17 +148,47 @@ def make_config(
         placement=strategy,
         shard_resources=tuple(sorted(resources.items())),
         actor_options=tuple(sorted(actor_options.items())),
+        elastic=elastic,
+        heartbeat_timeout_s=timeout_seconds(heartbeat_timeout) if elastic else 10.0,
+        replicate=int(replicate),
     )
 
 
-def _leave(registry: Any, name: str, rank: int) -> None:
+def _leave(registry: Any, name: str, rank: int, elastic: _Heartbeats | None) -> None:
     """Detaches a worker (run by close() or when its optimizer is collected)."""
+    if elastic is not None:
+        elastic.stop()
     if not ray.is_initialized():
         return
     try:
         registry.leave.remote(name, rank)
+        if elastic is not None and elastic.rank != rank:  # re-admitted under another rank
+            elastic.coordinator.leave.remote(elastic.rank)
     except Exception:  # the cluster is going away
         pass
+
+
+class _Heartbeats:
+    """A background thread telling an elastic group's coordinator that this worker is alive
+    (a few times per ``heartbeat_timeout``; never on the step's path)."""
+
+    def __init__(self, coordinator: Any, rank: int, timeout_s: float) -> None:
+        self.coordinator = coordinator
+        self.rank = rank
+        self._stop = threading.Event()
+        self._interval = timeout_s / 5
+        self._thread = threading.Thread(target=self._run, daemon=True, name="shardopt-heartbeat")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.coordinator.heartbeat.remote(self.rank)
+            except Exception as err:  # Ray going away, or the group torn down
+                logger.debug("heartbeat not sent: %s", err)
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def registry() -> Any:
@@ -164,11 +227,38 @@ class GroupShardHandle(ShardHandle):
     def push(self, request: PushRequest) -> Any:
         return self.host.push.remote(self.key, request)
 
-    def pull(self, rank: int | None = None) -> Any:
-        return self.host.pull.remote(self.key, rank)
+    def pull(self, rank: int | None = None, at_least: int = 0) -> Any:
+        return self.host.pull.remote(self.key, rank, at_least)
 
     def attach_shared(self, rank: int, node_id: str) -> Any:
         return self.host.attach_shared.remote(self.key, rank, node_id)
+
+
+class MirroredGroupShardHandle(MirroredHandle, GroupShardHandle):
+    """A replicated group shard's handle: a worker's calls that change the shard (parameter
+    writes, loads) reach its replica too (rounds reach it from the primary)."""
+
+
+class _GroupReplicas:
+    """The replicas of a group's shards as :class:`MirroredHandle` forwards calls to them."""
+
+    def __init__(self, hosts: list[Any], keys: list[str]) -> None:
+        self.hosts = hosts
+        self.keys = keys
+
+    def follow(self, shard: int, call: Callable[[ShardHandle], Any], changes_state: bool) -> None:
+        ray_get(call(ShardHandle(self.hosts[shard], self.keys[shard], shard)))
+
+
+def _handles(membership: GroupMembership) -> list[GroupShardHandle]:
+    hosts, keys = list(membership.hosts), list(membership.keys)
+    if not membership.replicas:
+        return [GroupShardHandle(h, k, s) for s, (h, k) in enumerate(zip(hosts, keys))]
+    replicas = _GroupReplicas(list(membership.replicas), keys)
+    return [
+        MirroredGroupShardHandle(h, k, s, replicas)  # type: ignore[arg-type]
+        for s, (h, k) in enumerate(zip(hosts, keys))
+    ]
 
 
 class ShardGroupMember(RayShards):
@@ -177,7 +267,7 @@ class ShardGroupMember(RayShards):
     Args:
         params: the worker's parameters.
         name: the group's name.
-        rank: this worker's rank.
+        rank: this worker's rank (None in an elastic group: the registry assigns one).
         config: the group's options (checked by :func:`make_config`).
         shared_memory: exchange gradients (and in sync mode parameters) with the group's shards
             on this node through shared memory; by default wherever possible. ``False`` forces
@@ -194,7 +284,7 @@ class ShardGroupMember(RayShards):
         self,
         params: ParamSource,
         name: str,
-        rank: int,
+        rank: int | None,
         config: GroupConfig,
         shared_memory: bool | None = None,
         share_params: bool = False,
@@ -209,6 +299,7 @@ class ShardGroupMember(RayShards):
         self.membership: GroupMembership | None = None
         self.versions: list[int] = [0] * config.num_shards
         self.last_push: list[PushResult] = []
+        self._heartbeats: _Heartbeats | None = None
         self.shard_map = ShardMap(config.num_shards)
         self.data_path = GroupDataPath(self.shard_map, share_params=share_params)
         blocks = self.shard_map.place(params.flat(), params.group_indices(), params.splittable())
@@ -243,30 +334,35 @@ class ShardGroupMember(RayShards):
     def _join(self, specs: list[ShardSpec]) -> GroupMembership:
         """Attaches to (or creates) the group and adopts its current parameters."""
         reg = registry()
-        job_id = ray.get_runtime_context().get_job_id()
+        context = ray.get_runtime_context()
+        job_id, actor_id = context.get_job_id(), context.get_actor_id()
         signature = self.signature()
         # Only a worker that may create the group ships its initial parameters.
         spec_refs = [] if ray.get(reg.exists.remote(self.name)) else [ray.put(s) for s in specs]
         try:
             membership = ray_get(
-                reg.join.remote(self.name, signature, self.rank, job_id, spec_refs)
+                reg.join.remote(self.name, signature, self.rank, job_id, spec_refs, actor_id)
             )
         except LookupError:  # the group ended between the two calls: create it after all
             spec_refs = [ray.put(s) for s in specs]
             membership = ray_get(
-                reg.join.remote(self.name, signature, self.rank, job_id, spec_refs)
+                reg.join.remote(self.name, signature, self.rank, job_id, spec_refs, actor_id)
             )
         self.membership = membership
-        self.handles: list[GroupShardHandle] = [
-            GroupShardHandle(host, key, s)
-            for s, (host, key) in enumerate(zip(membership.hosts, membership.keys))
-        ]
-        self._finalizer = weakref.finalize(self, _leave, reg, self.name, self.rank)
+        self.rank = membership.rank
+        if membership.coordinator is not None:
+            self._heartbeats = _Heartbeats(
+                membership.coordinator, self.rank, self.config.heartbeat_timeout_s
+            )
+        self.handles: list[GroupShardHandle] = _handles(membership)
+        self._finalizer = weakref.finalize(
+            self, _leave, reg, self.name, self.rank, self._heartbeats
+        )
         if not membership.created:
             logger.info("rank %d attached to existing group %r", self.rank, self.name)
         try:
             self._map_shared()
-            self.pull_params()
+            self.pull_params(at_least=membership.first_round)
         except BaseException:
             self._finalizer()
             raise
@@ -294,10 +390,11 @@ class ShardGroupMember(RayShards):
     # ----- parameters -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def pull_params(self) -> None:
-        """Copies every shard's current parameters into the worker's tensors."""
+    def pull_params(self, at_least: int = 0) -> None:
+        """Copies every shard's current parameters into the worker's tensors (once the shards
+        are at version ``at_least``)."""
         shards = self.shard_map.live_shards()
-        answers = ray_get([self.handles[s].pull(self.rank) for s in shards])
+        answers = ray_get([self.handles[s].pull(self.rank, at_least) for s in shards])
         params = self._params.flat()
         for s, current in zip(shards, answers):
             self._adopt(s, current, params)
@@ -352,13 +449,56 @@ class ShardGroupMember(RayShards):
             )
         self.last_push = [results[s] for s in sorted(results)]
         self.shard_map.note_state(i for r in self.last_push for i in r.new_state_ids)
+        if self._heartbeats is not None and self.rank not in self.participants:
+            self._readmit()
         return loss
+
+    # ----- elastic groups ---------------------------------------------------------------------
+
+    @property
+    def participants(self) -> tuple[int, ...]:
+        """The ranks whose gradients this worker's last sync step averaged (every shard of a
+        round averages over the same ranks)."""
+        return self.last_push[0].participants if self.last_push else ()
+
+    def members(self) -> dict[str, Any]:
+        """An elastic group's membership, from its coordinator: ``members`` (rank -> the round
+        it joined at), ``round`` (the next round to decide), ``participants`` (round -> ranks,
+        for the last rounds), ``dropped`` (rank -> why).
+
+        Raises:
+            ValueError: the group is not elastic.
+        """
+        if self.membership is None or self.membership.coordinator is None:
+            raise ValueError(f"group {self.name!r} is not elastic: its members are its ranks")
+        return ray_get(self.membership.coordinator.view.remote())
+
+    def _readmit(self) -> None:
+        """This worker was dropped (its heartbeats were late) though it is alive: its last
+        gradients were left out. It is admitted again under a new rank, at a round boundary."""
+        assert self._heartbeats is not None and self.membership is not None
+        old = self.rank
+        context = ray.get_runtime_context()
+        admission = ray_get(
+            self.membership.coordinator.admit.remote(
+                None, context.get_actor_id(), context.get_job_id()
+            )
+        )
+        self.rank = self._heartbeats.rank = admission.rank
+        message = (
+            f"group {self.name!r}: rank {old} was dropped from the group (no heartbeat within "
+            f"{self.config.heartbeat_timeout_s:g} s), so its last gradients were not applied; "
+            f"it rejoined as rank {self.rank} at round {admission.first_round}"
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        self.pull_params(at_least=admission.first_round)
 
     def _push(self, shards: list[int], results: dict[int, PushResult]) -> list[int]:
         """One push to ``shards``; returns the shards that rejected it as too stale."""
         params = self._params.flat()
         options = self._params.options()
         pending: dict[Any, int] = {}
+        requests: dict[int, PushRequest] = {}
         for s in shards:
             flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params)
             if not touched and self.config.mode == "async":
@@ -366,13 +506,24 @@ class ShardGroupMember(RayShards):
             grads = None if self.data_path.in_slot(s) else to_numpy(flat)
             request = PushRequest(self.rank, self.versions[s], options, grads, has_grad, sparse)
             pending[self.handles[s].push(request)] = s
+            requests[s] = request
         self.data_path.forget_shipped()
         rejected = []
         waiting = list(pending)
         sent_at, mode = time.perf_counter(), self.config.mode
         while waiting:  # adopt each shard's parameters as soon as it answers
             done, waiting = ray.wait(waiting, num_returns=1)
-            result: PushResult = ray_get(done[0])
+            try:
+                result: PushResult = ray_get(done[0])
+            except ShardUnavailableError:
+                if not self.membership or not self.membership.replicas:
+                    raise
+                s = pending.pop(done[0])
+                self._fail_over(s)  # the replica takes over; the push goes to it again
+                ref = self.handles[s].push(requests[s])
+                pending[ref] = s
+                waiting.append(ref)
+                continue
             GROUP_PUSH_SECONDS.labels(mode).observe(time.perf_counter() - sent_at)
             if result.staleness is not None:
                 GROUP_STALENESS.labels(mode).observe(result.staleness)
@@ -384,6 +535,19 @@ class ShardGroupMember(RayShards):
             if result.applied_version is None:
                 rejected.append(s)
         return sorted(rejected)
+
+    def _fail_over(self, shard: int) -> None:
+        """Replaces a lost primary by its replica (the registry does it once for the group)."""
+        assert self.membership is not None
+        lost = self.handles[shard].host
+        host, replica = ray_get(registry().fail_over.remote(self.name, shard, lost))
+        hosts, replicas = list(self.membership.hosts), list(self.membership.replicas)
+        hosts[shard], replicas[shard] = host, replica
+        self.membership = dataclasses.replace(
+            self.membership, hosts=tuple(hosts), replicas=tuple(replicas)
+        )
+        self.handles = _handles(self.membership)
+        logger.warning("group %r: shard %d failed over to its replica", self.name, shard)
 
     def close(self) -> None:
         self._finalizer()

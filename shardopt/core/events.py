@@ -36,6 +36,8 @@ EVENTS: dict[str, str] = {
     "worker_attached": "a worker (rank) attached to a shard group",
     "worker_detached": "a worker left its shard group (close())",
     "worker_dropped": "a worker's Ray job ended; the registry detached it from its group",
+    "worker_admitted": "a worker joined an elastic group, from the round not yet decided",
+    "member_dropped": "an elastic group dropped a member (died, no heartbeat, or left)",
     "group_created": "a shard group was created by its first worker",
     "group_closed": "a shard group was torn down",
     "round_timeout": "a sync group round waited longer than its timeout for missing ranks",

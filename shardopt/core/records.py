@@ -196,6 +196,8 @@ class PushResult:
     applied_version: int | None
     current: ParamsAt
     new_state_ids: tuple[int, ...]
+    participants: tuple[int, ...] = ()
+    """(sync) the ranks whose gradients the round averaged."""
 
     @property
     def staleness(self) -> int | None:
@@ -207,9 +209,12 @@ class PushResult:
 
 @dataclass(frozen=True)
 class GroupConfig:
-    """How a shard group runs: its workers, its mode, its shards and where they are placed."""
+    """How a shard group runs: its workers, its mode, its shards and where they are placed.
 
-    world_size: int
+    ``world_size`` is None for an elastic group without a bound on its members; ``replicate``
+    is 0 (no replicas) or 1 (each shard has a replica that applies every round)."""
+
+    world_size: int | None
     mode: str
     max_staleness: int | None
     timeout_s: float
@@ -217,6 +222,9 @@ class GroupConfig:
     placement: str | None
     shard_resources: tuple[tuple[str, float], ...]
     actor_options: tuple[tuple[str, Any], ...]
+    elastic: bool = False
+    heartbeat_timeout_s: float = 10.0
+    replicate: int = 0
 
 
 @dataclass(frozen=True)
@@ -243,3 +251,9 @@ class GroupMembership:
     hosts: tuple[Any, ...]
     keys: tuple[str, ...]
     node_ids: tuple[str, ...]
+    coordinator: Any = None
+    """An elastic group's :class:`~shardopt.actor.group_membership.GroupMembers` actor."""
+    first_round: int = 0
+    """(elastic) the round this worker was admitted to: the version it adopts."""
+    replicas: tuple[Any, ...] = ()
+    """(replicate=True) each shard's replica host."""
