@@ -15,6 +15,7 @@ Talks to: shard hosts through :class:`~shardopt.client.handles.ShardHandle`; the
 from __future__ import annotations
 
 import logging
+import select
 import time
 import weakref
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from shardopt.core.amp import AmpScaling
 from shardopt.core.buffers import to_numpy
 from shardopt.core.errors import PartialStepError, ShardUnavailableError
 from shardopt.core.events import emit
+from shardopt.core.lane import LaneBroken, LaneClient
 from shardopt.core.metrics import SHARD_STEP_SECONDS, STEP_BYTES
 from shardopt.core.param_groups import group_options
 from shardopt.core.records import ShardSpec, StepRequest
@@ -93,7 +95,7 @@ class LocalShards(RayShards):
         owner = host_pool.new_owner_key()
         self.handles = [ShardHandle(h, f"{owner}/{s}", s) for s, h in enumerate(hosts)]
         self._finalizer = weakref.finalize(self, drop_shards, hosts, [h.key for h in self.handles])
-        here = ray.get_runtime_context().get_node_id()
+        here = self._node = ray.get_runtime_context().get_node_id()
         shared = [
             shared_memory is not False and info["node_id"] == here and info["device"] == "cpu"
             for info in infos
@@ -110,6 +112,9 @@ class LocalShards(RayShards):
         for s, (_, buffers) in enumerate(created):
             self.data_path.map_shared(s, buffers, flat)
         self.shard_map.note_state(chain.from_iterable(ids for ids, _ in created))
+        self._lanes: dict[int, tuple[ShardHandle, LaneClient]] = {}
+        if self.per_tensor:
+            self._open_lanes()
         if replicate:
             self.replicas = Replicas(self, interval=replicate)
             self.replicas.start(specs)
@@ -123,6 +128,29 @@ class LocalShards(RayShards):
             for j, p in enumerate(new_params):
                 p.register_post_accumulate_grad_hook(GradShipper(self.data_path, first + j))
         return blocks
+
+    def _open_lanes(self) -> None:
+        """Opens a step lane (:mod:`shardopt.core.lane`) to each shard in shared memory."""
+        shared = [s for s in range(self.num_shards) if self.data_path.shared_params(s) is not None]
+        addresses = ray_get([self.handles[s].open_lane() for s in shared])
+        for s, address in zip(shared, addresses):
+            if address is not None:
+                try:
+                    self._lanes[s] = (self.handles[s], LaneClient(address))
+                except LaneBroken as err:  # its steps go through Ray
+                    logger.debug("shard %d: %s", s, err)
+
+    def _lane(self, shard: int) -> LaneClient | None:
+        """The shard's step lane, if it has one (not after its host was replaced)."""
+        entry = self._lanes.get(shard)
+        if entry is None or entry[0] is not self.handles[shard] or entry[1].closed:
+            return None
+        return entry[1]
+
+    def _close_lane(self, shard: int) -> None:
+        entry = self._lanes.pop(shard, None)
+        if entry is not None:
+            entry[1].close()
 
     def handle(self, shard: int) -> ShardHandle:
         if self.replicas is not None:  # its replica follows the calls that change it
@@ -162,6 +190,8 @@ class LocalShards(RayShards):
         sent: dict[int, tuple[StepRequest, torch.Tensor]] = {}
         pending: dict[Any, int] = {}
         touched_slots: dict[int, list[int]] = {}
+        outgoing: dict[int, StepRequest] = {}
+        held: list[int] = []  # shards on this node: sent once all are packed
         for s in self.shard_map.live_shards():
             changed = self.data_path.changed_params(s, params)
             flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params, scaling)
@@ -179,30 +209,36 @@ class LocalShards(RayShards):
                 params_in=changed,  # written already where shared (for a replica, a resend)
                 scaling=scaling,
             )
-            ref = self.handles[s].step(replace(request, params_in=None) if shared else request)
             if not shared:
                 sparse_bytes = sum(g.indices.nbytes + g.values.nbytes for g in sparse.values())
                 grad_bytes = flat.numel() if request.grads is not None else 0
                 STEP_BYTES.labels("out").inc(grad_bytes + sparse_bytes)
-            pending[ref] = s
+            outgoing[s] = replace(request, params_in=None) if shared else request
+            if self.host_nodes[s] == self._node:
+                held.append(s)
+            else:  # its update runs on other CPUs while this process packs the next shard's
+                pending[self.handles[s].step(outgoing[s])] = s
             touched_slots[s] = touched
             sent[s] = (request, flat)
+        for s in held:  # their updates would slow the packing down, and it theirs
+            pending[self._send_step(s, outgoing[s])] = s
         self.data_path.forget_shipped()
         new_state: list[int] = []
         failures: dict[int, Exception] = {}
-        waiting = list(pending)
         sent_at, optimizer = time.perf_counter(), self._params.optimizer_class.__name__
-        while waiting:  # copy each shard's parameters back as soon as it is done
-            done, waiting = ray.wait(waiting, num_returns=1)
-            s = pending[done[0]]
+        while pending:  # copy each shard's parameters back as soon as it is done
+            answer, s = _first_answer(pending)
             try:
-                result = ray_get(done[0])
+                result = answer.receive() if isinstance(answer, LaneClient) else ray_get(answer)
+            except LaneBroken as err:  # Ray knows whether the shard is gone; it applies it once
+                logger.debug("shard %d: %s; step %d goes through Ray", s, err, step_id)
+                self._close_lane(s)
+                pending[self.handles[s].step(outgoing[s])] = s
+                continue
             except ShardUnavailableError:
                 if replicas is None:
                     raise
-                ref = replicas.recover(s, *sent[s])
-                pending[ref] = s
-                waiting.append(ref)
+                pending[replicas.recover(s, *sent[s])] = s
                 continue
             except Exception as err:  # the others may have applied it: see _step_failed
                 failures[s] = err
@@ -230,6 +266,19 @@ class LocalShards(RayShards):
                 replicas.step(s, replace(request, grads=grads, return_params=False))
         self.shard_map.note_state(new_state)
         return loss
+
+    def _send_step(self, shard: int, request: StepRequest) -> Any:
+        """Sends a step to a shard: through its lane where it has one and the request is
+        small (no sparse gradients), else through Ray. Returns what to wait on."""
+        lane = self._lane(shard)
+        if lane is not None and not request.sparse_grads:
+            try:
+                lane.send(request)
+                return lane
+            except LaneBroken as err:
+                logger.debug("shard %d: %s", shard, err)
+                self._close_lane(shard)
+        return self.handles[shard].step(request)
 
     def _step_failed(
         self,
@@ -316,12 +365,31 @@ class LocalShards(RayShards):
         return lambda commit: setattr(replicas, "checkpoint", (commit, step_id))
 
     def lost_shared_memory(self, shard: int) -> None:
+        self._close_lane(shard)
         self.data_path.map_shared(shard, None, self._params.flat())
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            for shard in list(self._lanes):
+                self._close_lane(shard)
             self.data_path.close()
             self._finalizer()
             if self.replicas is not None:
                 self.replicas.close()
+
+
+def _first_answer(pending: dict[Any, int]) -> tuple[Any, int]:
+    """Takes out of ``pending`` (Ray refs and step lanes, each to its shard) the first one whose
+    answer is in, waiting for it."""
+    lanes = [k for k in pending if isinstance(k, LaneClient)]
+    refs = [k for k in pending if not isinstance(k, LaneClient)]
+    while True:  # both kinds at once only when some shards are on other nodes: poll in turn
+        if lanes:
+            ready, _, _ = select.select(lanes, [], [], 0.001 if refs else None)
+            if ready:
+                return ready[0], pending.pop(ready[0])
+        if refs:
+            done, _ = ray.wait(refs, num_returns=1, timeout=0.001 if lanes else None)
+            if done:
+                return done[0], pending.pop(done[0])
