@@ -138,11 +138,19 @@ def test_steps_go_through_lanes_and_through_ray_once_a_lane_breaks():
         opt.close()
 
 
-def test_without_shared_memory_steps_go_through_ray():
-    model = make_model()
-    opt = shardopt.SGD(model.parameters(), lr=1e-2, num_shards=2, shared_memory=False)
+@pytest.mark.parametrize(
+    "options",
+    [{"shared_memory": False}, {"replicate": True}],
+    ids=["object_store", "replicas"],  # replicas: a refresh's export must not be overtaken
+)
+def test_steps_go_through_ray_without_shared_memory_or_with_replicas(options):
+    sharded, reference = make_model(), make_model()
+    opt = shardopt.SGD(sharded.parameters(), lr=1e-2, momentum=0.9, num_shards=2, **options)
+    ref = run_as_shards(torch.optim.SGD(reference.parameters(), lr=1e-2, momentum=0.9))
     try:
         assert opt._backend._lanes == {}
-        run_steps(model, opt, 1)
+        run_steps(sharded, opt, 2)
+        run_steps(reference, ref, 2)
+        assert_same_params(sharded, reference)
     finally:
         opt.close()

@@ -113,7 +113,7 @@ class LocalShards(RayShards):
             self.data_path.map_shared(s, buffers, flat)
         self.shard_map.note_state(chain.from_iterable(ids for ids, _ in created))
         self._lanes: dict[int, tuple[ShardHandle, LaneClient]] = {}
-        if self.per_tensor:
+        if self.per_tensor and not replicate:  # replicas export from primaries in Ray's order
             self._open_lanes()
         if replicate:
             self.replicas = Replicas(self, interval=replicate)
@@ -130,7 +130,12 @@ class LocalShards(RayShards):
         return blocks
 
     def _open_lanes(self) -> None:
-        """Opens a step lane (:mod:`shardopt.core.lane`) to each shard in shared memory."""
+        """Opens a step lane (:mod:`shardopt.core.lane`) to each shard in shared memory.
+
+        Not with replicas: a replica's refresh sends its primary an export that the next step
+        must not overtake, and a step through a lane would (Ray keeps one caller's calls in
+        order; a lane does not wait for them).
+        """
         shared = [s for s in range(self.num_shards) if self.data_path.shared_params(s) is not None]
         addresses = ray_get([self.handles[s].open_lane() for s in shared])
         for s, address in zip(shared, addresses):
@@ -382,13 +387,17 @@ class LocalShards(RayShards):
 def _first_answer(pending: dict[Any, int]) -> tuple[Any, int]:
     """Takes out of ``pending`` (Ray refs and step lanes, each to its shard) the first one whose
     answer is in, waiting for it."""
-    lanes = [k for k in pending if isinstance(k, LaneClient)]
+    lanes = {k.fileno(): k for k in pending if isinstance(k, LaneClient)}
     refs = [k for k in pending if not isinstance(k, LaneClient)]
+    poller = select.poll()  # not select(): a busy process's descriptors pass FD_SETSIZE
+    for fd in lanes:
+        poller.register(fd, select.POLLIN)
     while True:  # both kinds at once only when some shards are on other nodes: poll in turn
         if lanes:
-            ready, _, _ = select.select(lanes, [], [], 0.001 if refs else None)
+            ready = poller.poll(1 if refs else None)
             if ready:
-                return ready[0], pending.pop(ready[0])
+                lane = lanes[ready[0][0]]
+                return lane, pending.pop(lane)
         if refs:
             done, _ = ray.wait(refs, num_returns=1, timeout=0.001 if lanes else None)
             if done:
