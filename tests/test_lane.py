@@ -75,7 +75,10 @@ def test_a_lane_refuses_a_client_without_its_token_and_reads_nothing_more():
     intruder.connect(server.address.path)
     intruder.sendall(b"x" * TOKEN_BYTES + b"\0" * 8)
     intruder.settimeout(30)
-    assert intruder.recv(1) == b""  # the lane closed without reading a frame
+    try:  # the lane closed without reading the frame (unread bytes may reset the socket)
+        assert intruder.recv(1) == b""
+    except ConnectionResetError:
+        pass
     intruder.close()
     assert calls == []
 

@@ -231,38 +231,43 @@ class LocalShards(RayShards):
         new_state: list[int] = []
         failures: dict[int, Exception] = {}
         sent_at, optimizer = time.perf_counter(), self._params.optimizer_class.__name__
-        while pending:  # copy each shard's parameters back as soon as it is done
-            answer, s = _first_answer(pending)
-            try:
-                result = answer.receive() if isinstance(answer, LaneClient) else ray_get(answer)
-            except LaneBroken as err:  # Ray knows whether the shard is gone; it applies it once
-                logger.debug("shard %d: %s; step %d goes through Ray", s, err, step_id)
-                self._close_lane(s)
-                pending[self.handles[s].step(outgoing[s])] = s
-                continue
-            except ShardUnavailableError:
-                if replicas is None:
-                    raise
-                pending[replicas.recover(s, *sent[s])] = s
-                continue
-            except Exception as err:  # the others may have applied it: see _step_failed
-                failures[s] = err
-                continue
-            seconds = time.perf_counter() - sent_at
-            SHARD_STEP_SECONDS.labels(optimizer, str(s)).observe(seconds)
-            shared_values = self.data_path.shared_params(s)
-            rows = None
-            if result.rows_only:  # the rows its sparse gradients touched changed, no others
-                rows = {j: grad.touched_rows() for j, grad in sent[s][0].sparse_grads.items()}
-            if shared_values is not None:
-                self.shard_map.copy_back(s, shared_values, params, touched_slots[s], rows=rows)
-            elif result.params is not None:
-                STEP_BYTES.labels("in").inc(result.params.nbytes)
-                self.shard_map.copy_back(s, result.params, params, touched_slots[s])
-            else:  # sparse gradients that changed only their rows: those rows came back
-                STEP_BYTES.labels("in").inc(sum(v.nbytes for v in result.rows.values()))
-                self.shard_map.copy_rows(s, rows, result.rows, params)
-            new_state.extend(result.new_state_ids)
+        try:
+            while pending:  # copy each shard's parameters back as soon as it is done
+                answer, s = _first_answer(pending)
+                try:
+                    result = answer.receive() if isinstance(answer, LaneClient) else ray_get(answer)
+                except LaneBroken as err:  # Ray knows whether the shard is gone; it applies it once
+                    logger.debug("shard %d: %s; step %d goes through Ray", s, err, step_id)
+                    self._close_lane(s)
+                    pending[self.handles[s].step(outgoing[s])] = s
+                    continue
+                except ShardUnavailableError:
+                    if replicas is None:
+                        raise
+                    pending[replicas.recover(s, *sent[s])] = s
+                    continue
+                except Exception as err:  # the others may have applied it: see _step_failed
+                    failures[s] = err
+                    continue
+                seconds = time.perf_counter() - sent_at
+                SHARD_STEP_SECONDS.labels(optimizer, str(s)).observe(seconds)
+                shared_values = self.data_path.shared_params(s)
+                rows = None
+                if result.rows_only:  # the rows its sparse gradients touched changed, no others
+                    rows = {j: grad.touched_rows() for j, grad in sent[s][0].sparse_grads.items()}
+                if shared_values is not None:
+                    self.shard_map.copy_back(s, shared_values, params, touched_slots[s], rows=rows)
+                elif result.params is not None:
+                    STEP_BYTES.labels("in").inc(result.params.nbytes)
+                    self.shard_map.copy_back(s, result.params, params, touched_slots[s])
+                else:  # sparse gradients that changed only their rows: those rows came back
+                    STEP_BYTES.labels("in").inc(sum(v.nbytes for v in result.rows.values()))
+                    self.shard_map.copy_rows(s, rows, result.rows, params)
+                new_state.extend(result.new_state_ids)
+        finally:  # a lane whose answer was not read would hand it to the next step
+            for answer, s in pending.items():
+                if isinstance(answer, LaneClient):
+                    self._close_lane(s)
         if failures:
             self._step_failed(step_id, failures, sent)
         if replicas is not None:  # only now: until every shard has applied it, they roll back
