@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,7 @@ from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
 from shardopt.checkpoint.integrity import Commit
 from shardopt.core.buffers import PackedTree
+from shardopt.core.lane import LaneAddress, LaneServer
 from shardopt.core.records import (
     ParamBlock,
     ParamUpdate,
@@ -208,20 +210,38 @@ class ShardHost(ShardCalls):
 
     Hosts are pooled and reused by :mod:`shardopt.client.runtime`, so a new optimizer does not
     pay for a new worker process. Ray runs one call at a time on it, so the optimizers whose
-    shards it holds take turns.
+    shards it holds take turns. A shard whose client is on this node may also be stepped through a
+    step lane (:meth:`open_lane`), on the lane's thread: a lock keeps every call one at a time.
     """
 
     def __init__(self) -> None:
         self._shards: dict[str, Shard] = {}
+        self._lanes: dict[str, LaneServer] = {}
+        self._lock = threading.RLock()  # Ray's calls and the lanes' steps take turns
         self.device = actor_device()
 
     @contextlib.contextmanager
     def _using(self, key: str) -> Iterator[Shard]:
-        try:
-            shard = self._shards[key]
-        except KeyError:
-            raise KeyError(f"this shard host holds no shard {key!r}") from None
-        yield shard
+        with self._lock:
+            try:
+                shard = self._shards[key]
+            except KeyError:
+                raise KeyError(f"this shard host holds no shard {key!r}") from None
+            yield shard
+
+    def open_lane(self, key: str) -> LaneAddress | None:
+        """Opens a step lane to shard ``key`` for a client on this node (see
+        :mod:`shardopt.core.lane`); None where the shard's buffers are not shared memory."""
+        with self._lock:
+            if self._shards[key].shared_buffers() is None:
+                return None
+            old = self._lanes.pop(key, None)
+            if old is not None:
+                old.close()
+            lane = self._lanes[key] = LaneServer(
+                lambda request: self.step(key, request), name=f"shardopt-lane-{key}"
+            )
+            return lane.address
 
     def create(
         self,
@@ -239,7 +259,8 @@ class ShardHost(ShardCalls):
         if num_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(num_threads)
         shard = Shard(shard_index, spec, self.device, shared_memory)
-        self._shards[key] = shard
+        with self._lock:
+            self._shards[key] = shard
         return shard.initial_state_ids(), shard.shared_buffers()
 
     def create_from(
@@ -266,9 +287,13 @@ class ShardHost(ShardCalls):
             return tuple(sorted(status.state_ids)), buffers, status.last_step_id
 
     def drop(self, key: str) -> None:
-        shard = self._shards.pop(key, None)
-        if shard is not None:
-            shard.close()
+        with self._lock:
+            lane = self._lanes.pop(key, None)
+            if lane is not None:
+                lane.close()
+            shard = self._shards.pop(key, None)
+            if shard is not None:
+                shard.close()
 
     def describe(self) -> list[dict[str, Any]]:
         """Every shard held here: its key, its optimizer's class and its status (for

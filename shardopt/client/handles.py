@@ -45,6 +45,10 @@ class ShardHandle:
     def run_vectors(self, program: list[tuple]) -> Any:
         return self.host.run_vectors.remote(self.key, program)
 
+    def open_lane(self) -> Any:
+        """A step lane to this shard (:mod:`shardopt.core.lane`; a ``ShardHost``'s only)."""
+        return self.host.open_lane.remote(self.key)
+
     # ----- optimizer state ------------------------------------------------------------------
 
     def state(self, param_ids: tuple[int, ...] | None = None) -> Any:

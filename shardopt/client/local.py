@@ -15,6 +15,7 @@ Talks to: shard hosts through :class:`~shardopt.client.handles.ShardHandle`; the
 from __future__ import annotations
 
 import logging
+import select
 import time
 import weakref
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from shardopt.core.amp import AmpScaling
 from shardopt.core.buffers import to_numpy
 from shardopt.core.errors import PartialStepError, ShardUnavailableError
 from shardopt.core.events import emit
+from shardopt.core.lane import LaneBroken, LaneClient
 from shardopt.core.metrics import SHARD_STEP_SECONDS, STEP_BYTES
 from shardopt.core.param_groups import group_options
 from shardopt.core.records import ShardSpec, StepRequest
@@ -94,6 +96,9 @@ class LocalShards(RayShards):
         for s, (_, buffers) in enumerate(created):
             self.data_path.map_shared(s, buffers, flat)
         self.shard_map.note_state(chain.from_iterable(ids for ids, _ in created))
+        self._lanes: dict[int, tuple[ShardHandle, LaneClient]] = {}
+        if self.per_tensor and not replicate:  # replicas export from primaries in Ray's order
+            self._open_lanes()
         if replicate:
             self.replicas = Replicas(self, interval=replicate)
             self.replicas.start(specs)
@@ -108,7 +113,7 @@ class LocalShards(RayShards):
         owner = host_pool.new_owner_key()
         self.handles = [ShardHandle(h, f"{owner}/{s}", s) for s, h in enumerate(hosts)]
         self._finalizer = weakref.finalize(self, drop_shards, hosts, [h.key for h in self.handles])
-        here = ray.get_runtime_context().get_node_id()
+        here = self._node = ray.get_runtime_context().get_node_id()
         shared = [
             shared_memory is not False and info["node_id"] == here and info["device"] == "cpu"
             for info in infos
@@ -140,6 +145,34 @@ class LocalShards(RayShards):
             for j, p in enumerate(new_params):
                 p.register_post_accumulate_grad_hook(GradShipper(self.data_path, first + j))
         return blocks
+
+    def _open_lanes(self) -> None:
+        """Opens a step lane (:mod:`shardopt.core.lane`) to each shard in shared memory.
+
+        Not with replicas: a replica's refresh sends its primary an export that the next step
+        must not overtake, and a step through a lane would (Ray keeps one caller's calls in
+        order; a lane does not wait for them).
+        """
+        shared = [s for s in range(self.num_shards) if self.data_path.shared_params(s) is not None]
+        addresses = ray_get([self.handles[s].open_lane() for s in shared])
+        for s, address in zip(shared, addresses):
+            if address is not None:
+                try:
+                    self._lanes[s] = (self.handles[s], LaneClient(address))
+                except LaneBroken as err:  # its steps go through Ray
+                    logger.debug("shard %d: %s", s, err)
+
+    def _lane(self, shard: int) -> LaneClient | None:
+        """The shard's step lane, if it has one (not after its host was replaced)."""
+        entry = self._lanes.get(shard)
+        if entry is None or entry[0] is not self.handles[shard] or entry[1].closed:
+            return None
+        return entry[1]
+
+    def _close_lane(self, shard: int) -> None:
+        entry = self._lanes.pop(shard, None)
+        if entry is not None:
+            entry[1].close()
 
     def handle(self, shard: int) -> ShardHandle:
         if self.replicas is not None:  # its replica follows the calls that change it
@@ -190,6 +223,8 @@ class LocalShards(RayShards):
         sent: dict[int, tuple[StepRequest, torch.Tensor]] = {}
         pending: dict[Any, int] = {}
         touched_slots: dict[int, list[int]] = {}
+        outgoing: dict[int, StepRequest] = {}
+        held: list[int] = []  # shards on this node: sent once all are packed
         for s in self.shard_map.live_shards():
             changed = self.data_path.changed_params(s, params)
             flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params, scaling)
@@ -207,49 +242,60 @@ class LocalShards(RayShards):
                 params_in=changed,  # written already where shared (for a replica, a resend)
                 scaling=scaling,
             )
-            ref = self.handles[s].step(replace(request, params_in=None) if shared else request)
             if not shared:
                 sparse_bytes = sum(g.indices.nbytes + g.values.nbytes for g in sparse.values())
                 grad_bytes = flat.numel() if request.grads is not None else 0
                 STEP_BYTES.labels("out").inc(grad_bytes + sparse_bytes)
-            pending[ref] = s
+            outgoing[s] = replace(request, params_in=None) if shared else request
+            if self.host_nodes[s] == self._node:
+                held.append(s)
+            else:  # its update runs on other CPUs while this process packs the next shard's
+                pending[self.handles[s].step(outgoing[s])] = s
             touched_slots[s] = touched
             sent[s] = (request, flat)
+        for s in held:  # their updates would slow the packing down, and it theirs
+            pending[self._send_step(s, outgoing[s])] = s
         self.data_path.forget_shipped()
         new_state: list[int] = []
         failures: dict[int, Exception] = {}
-        waiting = list(pending)
         sent_at, optimizer = time.perf_counter(), self._params.optimizer_class.__name__
-        while waiting:  # copy each shard's parameters back as soon as it is done
-            done, waiting = ray.wait(waiting, num_returns=1)
-            s = pending[done[0]]
-            try:
-                result = ray_get(done[0])
-            except ShardUnavailableError:
-                if replicas is None:
-                    raise
-                ref = replicas.recover(s, *sent[s])
-                pending[ref] = s
-                waiting.append(ref)
-                continue
-            except Exception as err:  # the others may have applied it: see _step_failed
-                failures[s] = err
-                continue
-            seconds = time.perf_counter() - sent_at
-            SHARD_STEP_SECONDS.labels(optimizer, str(s)).observe(seconds)
-            shared_values = self.data_path.shared_params(s)
-            rows = None
-            if result.rows_only:  # the rows its sparse gradients touched changed, no others
-                rows = {j: grad.touched_rows() for j, grad in sent[s][0].sparse_grads.items()}
-            if shared_values is not None:
-                self.shard_map.copy_back(s, shared_values, params, touched_slots[s], rows=rows)
-            elif result.params is not None:
-                STEP_BYTES.labels("in").inc(result.params.nbytes)
-                self.shard_map.copy_back(s, result.params, params, touched_slots[s])
-            else:  # sparse gradients that changed only their rows: those rows came back
-                STEP_BYTES.labels("in").inc(sum(v.nbytes for v in result.rows.values()))
-                self.shard_map.copy_rows(s, rows, result.rows, params)
-            new_state.extend(result.new_state_ids)
+        try:
+            while pending:  # copy each shard's parameters back as soon as it is done
+                answer, s = _first_answer(pending)
+                try:
+                    result = answer.receive() if isinstance(answer, LaneClient) else ray_get(answer)
+                except LaneBroken as err:  # Ray knows whether the shard is gone; it applies it once
+                    logger.debug("shard %d: %s; step %d goes through Ray", s, err, step_id)
+                    self._close_lane(s)
+                    pending[self.handles[s].step(outgoing[s])] = s
+                    continue
+                except ShardUnavailableError:
+                    if replicas is None:
+                        raise
+                    pending[replicas.recover(s, *sent[s])] = s
+                    continue
+                except Exception as err:  # the others may have applied it: see _step_failed
+                    failures[s] = err
+                    continue
+                seconds = time.perf_counter() - sent_at
+                SHARD_STEP_SECONDS.labels(optimizer, str(s)).observe(seconds)
+                shared_values = self.data_path.shared_params(s)
+                rows = None
+                if result.rows_only:  # the rows its sparse gradients touched changed, no others
+                    rows = {j: grad.touched_rows() for j, grad in sent[s][0].sparse_grads.items()}
+                if shared_values is not None:
+                    self.shard_map.copy_back(s, shared_values, params, touched_slots[s], rows=rows)
+                elif result.params is not None:
+                    STEP_BYTES.labels("in").inc(result.params.nbytes)
+                    self.shard_map.copy_back(s, result.params, params, touched_slots[s])
+                else:  # sparse gradients that changed only their rows: those rows came back
+                    STEP_BYTES.labels("in").inc(sum(v.nbytes for v in result.rows.values()))
+                    self.shard_map.copy_rows(s, rows, result.rows, params)
+                new_state.extend(result.new_state_ids)
+        finally:  # a lane whose answer was not read would hand it to the next step
+            for answer, s in pending.items():
+                if isinstance(answer, LaneClient):
+                    self._close_lane(s)
         if failures:
             self._step_failed(step_id, failures, sent)
         if replicas is not None:  # only now: until every shard has applied it, they roll back
@@ -258,6 +304,19 @@ class LocalShards(RayShards):
                 replicas.step(s, replace(request, grads=grads, return_params=False))
         self.shard_map.note_state(new_state)
         return loss
+
+    def _send_step(self, shard: int, request: StepRequest) -> Any:
+        """Sends a step to a shard: through its lane where it has one and the request is
+        small (no sparse gradients), else through Ray. Returns what to wait on."""
+        lane = self._lane(shard)
+        if lane is not None and not request.sparse_grads:
+            try:
+                lane.send(request)
+                return lane
+            except LaneBroken as err:
+                logger.debug("shard %d: %s", shard, err)
+                self._close_lane(shard)
+        return self.handles[shard].step(request)
 
     def _step_failed(
         self,
@@ -344,6 +403,7 @@ class LocalShards(RayShards):
         return lambda commit: setattr(replicas, "checkpoint", (commit, step_id))
 
     def lost_shared_memory(self, shard: int) -> None:
+        self._close_lane(shard)
         self.data_path.map_shared(shard, None, self._params.flat())
 
     def detach(self) -> None:
@@ -351,13 +411,37 @@ class LocalShards(RayShards):
         handing its sessions over to the next one, :mod:`shardopt.gateway.resume`)."""
         if not self._closed:
             self._closed = True
+            for shard in list(self._lanes):
+                self._close_lane(shard)
             self.data_path.close()
             self._finalizer.detach()
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            for shard in list(self._lanes):
+                self._close_lane(shard)
             self.data_path.close()
             self._finalizer()
             if self.replicas is not None:
                 self.replicas.close()
+
+
+def _first_answer(pending: dict[Any, int]) -> tuple[Any, int]:
+    """Takes out of ``pending`` (Ray refs and step lanes, each to its shard) the first one whose
+    answer is in, waiting for it."""
+    lanes = {k.fileno(): k for k in pending if isinstance(k, LaneClient)}
+    refs = [k for k in pending if not isinstance(k, LaneClient)]
+    poller = select.poll()  # not select(): a busy process's descriptors pass FD_SETSIZE
+    for fd in lanes:
+        poller.register(fd, select.POLLIN)
+    while True:  # both kinds at once only when some shards are on other nodes: poll in turn
+        if lanes:
+            ready = poller.poll(1 if refs else None)
+            if ready:
+                lane = lanes[ready[0][0]]
+                return lane, pending.pop(lane)
+        if refs:
+            done, _ = ray.wait(refs, num_returns=1, timeout=0.001 if lanes else None)
+            if done:
+                return done[0], pending.pop(done[0])
