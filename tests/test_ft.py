@@ -191,9 +191,8 @@ def test_losing_both_without_a_checkpoint_warns_that_all_state_is_lost():
 
 
 def test_replicate_is_refused_where_it_does_not_apply():
+    """(Sync groups take replicate=True: tests/test_group_replicas.py checks their options.)"""
     model = make_model(sizes=SIZES)
-    with pytest.raises(ValueError, match="replicate=True"):
-        shardopt.AdamW(model.parameters(), replicate=True, group="g", world_size=1, rank=0)
     with pytest.raises(ValueError, match="replicate=True"):
         shardopt.AdamW(model.parameters(), replicate=True, address="127.0.0.1:1")
     with pytest.raises(TypeError, match="replicate"):
