@@ -468,7 +468,8 @@ def test_integer_and_bool_parameters_are_invalid_argument(stub, gateway, victim,
 
 def test_a_client_that_does_not_read_its_download_holds_no_thread_for_long():
     """A download larger than the transport's buffers, never read: the server's thread waits
-    on the client, and the watchdog ends the call after the idle timeout."""
+    on the client (holding no copy of the parameters, nor the session), and the watchdog ends
+    the call after the idle timeout."""
     limits = Limits(max_session_bytes=64 * MiB, stream_idle_timeout_s=1.0, idle_shard_hosts=1)
     gw = serve("127.0.0.1", 0, tokens=[ATTACKER], limits=limits, max_workers=32)
     options = [("grpc.max_receive_message_length", wire.MESSAGE_LIMIT)]
@@ -482,7 +483,8 @@ def test_a_client_that_does_not_read_its_download_holds_no_thread_for_long():
             in_flight = lambda: gw.limiter.in_flight(principal_of(ATTACKER))  # noqa: E731
             eventually(lambda: in_flight() == 1, 2.0)
             time.sleep(0.5)
-            assert in_flight() == 1 and usage(gw)["buffered"] == 64 * MiB  # blocked on the client
+            # blocked on the client, holding no copy (a pull streams from the parameters)
+            assert in_flight() == 1 and usage(gw)["buffered"] == 0
             eventually(lambda: in_flight() == 0, limits.stream_idle_timeout_s + 5)
             assert time.monotonic() - started >= limits.stream_idle_timeout_s
             assert usage(gw)["buffered"] == 0

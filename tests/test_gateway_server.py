@@ -71,7 +71,9 @@ def test_serve_command_trains_a_client_and_shuts_down_gracefully(tmp_path):
         address = wait_for_line(process, "serving on ").removeprefix("serving on ")
         assert health_of(address) == health_pb2.HealthCheckResponse.SERVING
         model = torch.nn.Linear(3, 1)
-        opt = shardopt.SGD(model.parameters(), lr=0.1, address=address, token=TOKEN)
+        opt = shardopt.SGD(
+            model.parameters(), lr=0.1, address=address, token=TOKEN, reconnect_timeout=1
+        )  # a stopped gateway: fail after 1 s of retries
         before = model.weight.detach().clone()
         model(torch.ones(2, 3)).sum().backward()
         opt.step()

@@ -17,6 +17,7 @@ Talks to: a gateway over gRPC (this process joins no Ray cluster).
 from __future__ import annotations
 
 import builtins
+import datetime
 import logging
 import os
 import queue
@@ -227,10 +228,14 @@ class GatewaySession(Backend):
         tls: bool | str | os.PathLike | None,
         num_shards: int | None,
         group: dict[str, Any] | None,
-        reconnect_s: float = 0.0,
+        reconnect_s: float | datetime.timedelta = 0.0,
     ) -> None:
         self._params = params
-        self._reconnect_s = reconnect_s
+        if isinstance(reconnect_s, datetime.timedelta):
+            reconnect_s = reconnect_s.total_seconds()
+        if not isinstance(reconnect_s, (int, float)) or reconnect_s < 0:
+            raise ValueError(f"Invalid reconnect_timeout: {reconnect_s!r} (seconds >= 0)")
+        self._reconnect_s = float(reconnect_s)
         self._group = group
         self._next_step = 0  # the id of the next step: a repeat after a lost answer reuses it
         self.address = address

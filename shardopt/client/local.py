@@ -91,6 +91,7 @@ class LocalShards(RayShards):
             ShardSpec(params.optimizer_class, params.defaults, options, blocks[s])
             for s in range(num_shards)
         ]
+        self._node = ray.get_runtime_context().get_node_id()  # this process's
         created = self._open_shards(specs, actor_options, shared_memory)
         flat = params.flat()
         for s, (_, buffers) in enumerate(created):
@@ -113,7 +114,7 @@ class LocalShards(RayShards):
         owner = host_pool.new_owner_key()
         self.handles = [ShardHandle(h, f"{owner}/{s}", s) for s, h in enumerate(hosts)]
         self._finalizer = weakref.finalize(self, drop_shards, hosts, [h.key for h in self.handles])
-        here = self._node = ray.get_runtime_context().get_node_id()
+        here = self._node
         shared = [
             shared_memory is not False and info["node_id"] == here and info["device"] == "cpu"
             for info in infos

@@ -29,12 +29,7 @@ from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.gateway_session import GatewaySession, group_request
 from shardopt.client.local import LocalShards
 from shardopt.client.runtime import ensure_ray
-from shardopt.client.shard_group import (
-    HEARTBEAT_TIMEOUT,
-    ShardGroupMember,
-    make_config,
-    timeout_seconds,
-)
+from shardopt.client.shard_group import HEARTBEAT_TIMEOUT, ShardGroupMember, make_config
 from shardopt.client.state_view import ShardStateView
 from shardopt.core.amp import scaling_of
 from shardopt.core.errors import OptimizerClosedError
@@ -294,8 +289,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if address is not None:  # the group's options are checked here, before connecting
             config = make_config(num_shards=num_shards or 1, **settings) if group else None
             request = group_request(group, rank, config)
-            reconnect_s = timeout_seconds(reconnect_timeout)
-            return GatewaySession(source, address, token, tls, num_shards, request, reconnect_s)
+            return GatewaySession(
+                source, address, token, tls, num_shards, request, reconnect_timeout
+            )
         ensure_ray()
         num_shards = num_shards or default_num_shards()
         if group is not None:
