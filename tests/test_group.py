@@ -6,6 +6,7 @@ tests/test_group_cluster.py.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ from group_workers import GroupWorker, loss_of, make_data, make_model, reference
 
 import shardopt
 from shardopt.client.shard_group import list_groups
+from shardopt.client.shard_group import registry as group_registry
 
 HYPER = {"lr": 0.05, "weight_decay": 0.01}
 
@@ -131,7 +133,7 @@ def test_shared_memory_and_the_object_store_give_the_same_bits(name):
 
         def work(rank, group=group, options=options):
             worker = attach(group, 2, rank, **options)
-            uses = worker.opt.uses_shared_memory
+            uses = (worker.opt.uses_shared_memory, len(worker.opt.group.lanes))
             params = worker.train(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4], 3)
             buffers = [worker.opt.group.data_path.group_params(s) for s in range(2)]
             spans = [(b.data_ptr(), b.data_ptr() + b.numel()) for b in buffers if b is not None]
@@ -145,13 +147,54 @@ def test_shared_memory_and_the_object_store_give_the_same_bits(name):
             runs[label] = run_ranks(2, work)
         finally:
             shardopt.close_group(group)
-    assert [r[0] for r in runs["shm"]] == [r[0] for r in runs["share"]] == [[True, True]] * 2
-    assert [r[0] for r in runs["store"]] == [[False, False]] * 2
+    # (shared memory per shard, push lanes): a rank on the shards' node pushes over lanes
+    assert [r[0] for r in runs["shm"]] == [r[0] for r in runs["share"]] == [([True, True], 2)] * 2
+    assert [r[0] for r in runs["store"]] == [([False, False], 0)] * 2
     assert all(all(r[2]) for r in runs["share"])  # the parameters are the shards' buffers
     assert not any(any(r[2]) for r in runs["shm"])
     for label in ("shm", "share"):
         for (_, a, _), (_, b, _) in zip(runs[label], runs["store"]):
             assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def _close_push_lane(host, rank):
+    host._lanes[rank].close()
+
+
+def test_a_closed_groups_hosts_serve_the_next_group_from_a_clean_start(name):
+    """A closed plain group's hosts wait in the registry's pool: the next group runs on the very
+    same processes, from its own parameters and fresh optimizer state (bit-identical to
+    torch), with no file of the first group left. Its pushes go over lanes, and through Ray
+    once a lane breaks, with the same bits."""
+    x, y = make_data(8)
+    first = attach(name, 1, 0, seed=3)
+    first.train(x, y, steps=2)
+    registry = group_registry()
+    hosts, _ = ray.get(registry.shard_hosts.remote(name))
+    infos = ray.get([h.info.remote() for h in hosts])
+    first_files = {f for i in infos for f in os.listdir("/dev/shm") if f"-{i['pid']}-" in f}
+    first.close()
+    assert name not in list_groups()
+    assert ray.get(registry.pooled_hosts.remote()) >= 2
+    second_name = f"{name}-next"
+    try:
+        second = attach(second_name, 1, 0)
+        hosts, keys = ray.get(registry.shard_hosts.remote(second_name))
+        assert {i["pid"] for i in ray.get([h.info.remote() for h in hosts])} == {
+            i["pid"] for i in infos
+        }
+        assert not first_files & set(os.listdir("/dev/shm"))  # the first group's files
+        assert len(second.opt.group.lanes) == 2
+        second.train(x, y, steps=2)
+        ray.get(hosts[0].__ray_call__.remote(_close_push_lane, 0))
+        params = second.train(x, y, steps=2)  # shard 0's pushes now go through Ray
+        assert len(second.opt.group.lanes) == 1
+        expected = reference_run(4, x, y, **HYPER)
+        assert all(torch.equal(p, q) for p, q in zip(params, expected))
+        assert ray.get([h.version.remote() for h in hosts]) == [4, 4]
+        second.close()
+    finally:
+        shardopt.close_group(second_name)
 
 
 def test_late_joiner_gets_the_current_parameters(name):

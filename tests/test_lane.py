@@ -136,7 +136,9 @@ def test_steps_go_through_lanes_and_through_ray_once_a_lane_breaks():
         assert not any(t.startswith("shardopt-lane-") for t in threads[0][2:])  # through Ray
         # the broken lane's step went through Ray once: applied once, as torch applied it
         assert [s.last_step_id for s in opt.shard_status()] == [3, 3]
-        assert opt._backend._lane(0) is None and opt._backend._lane(1) is not None
+        backend = opt._backend
+        assert backend.lanes.get(0, backend.handles[0]) is None
+        assert backend.lanes.get(1, backend.handles[1]) is not None
     finally:
         opt.close()
 
@@ -151,7 +153,7 @@ def test_steps_go_through_ray_without_shared_memory_or_with_replicas(options):
     opt = shardopt.SGD(sharded.parameters(), lr=1e-2, momentum=0.9, num_shards=2, **options)
     ref = run_as_shards(torch.optim.SGD(reference.parameters(), lr=1e-2, momentum=0.9))
     try:
-        assert opt._backend._lanes == {}
+        assert len(opt._backend.lanes) == 0
         run_steps(sharded, opt, 2)
         run_steps(reference, ref, 2)
         assert_same_params(sharded, reference)

@@ -55,6 +55,7 @@ from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
 from shardopt.core.errors import GroupTimeoutError
 from shardopt.core.events import emit
+from shardopt.core.lane import LaneAddress, LaneServer
 from shardopt.core.records import (
     GroupConfig,
     ParamsAt,
@@ -82,12 +83,19 @@ class GroupShardHost(ShardCalls):
     def __init__(self, group: str, config: GroupConfig, members: Any = None) -> None:
         """Args: ``members``: an elastic group's coordinator
         (:class:`~shardopt.actor.group_membership.GroupMembers`)."""
+        self.device = actor_device()
+        self._cond = threading.Condition()
+        self._active = 0  # pushes in progress (a host is recycled only without any)
+        self._finalizers: list[weakref.finalize] = []
+        self._lanes: dict[int, LaneServer] = {}  # rank -> its push lane (see open_lane)
+        self._start(group, config, members)
+
+    def _start(self, group: str, config: GroupConfig, members: Any) -> None:
+        """The state of a host that holds no shard yet, for group ``group``."""
         self.group = group
         self._members = members
         self._elastic: ElasticRounds | None = None
         self.config = config
-        self.device = actor_device()
-        self._cond = threading.Condition()
         self._key: str | None = None
         self._shard: Shard | None = None
         self._version = 0
@@ -100,6 +108,24 @@ class GroupShardHost(ShardCalls):
         self._replica: ReplicaLink | None = None  # replicate=True: see group_replica
         self._last_round: AppliedRound | None = None
 
+    def recycle(self) -> bool:
+        """Drops this host's shard, files and lanes, so that the registry's pool
+        (:mod:`shardopt.actor.group_host_pool`) can give it to another group. False (and
+        nothing dropped) while a push is in progress: the registry kills it instead."""
+        with self._cond:
+            if self._active:
+                return False
+            self.close()
+            self._start(self.group, self.config, None)
+            return True
+
+    def reuse(self, group: str, config: GroupConfig) -> None:
+        """Serves group ``group`` now (a pooled host, recycled: it holds no shard)."""
+        with self._cond:
+            if self._shard is not None:
+                raise RuntimeError(f"this host still holds shard {self._key!r}: recycle it first")
+            self._start(group, config, None)
+
     def create(
         self, key: str, shard_index: int, spec: ShardSpec, num_threads: int | None
     ) -> tuple[int, ...]:
@@ -111,8 +137,10 @@ class GroupShardHost(ShardCalls):
             self._slots = RankSlots(self._shard, self.config.mode, self.config.world_size)
             self._sum = RoundSum(self._slots, self._shard)
             # its files go with the host (close() runs first when the registry kills it)
-            weakref.finalize(self, self._slots.close)
-            weakref.finalize(self, self._shard.close)
+            self._finalizers += [
+                weakref.finalize(self, self._slots.close),
+                weakref.finalize(self, self._shard.close),
+            ]
             self._key = key
             if self._members is not None:
                 self._elastic = ElasticRounds(self._members, shard_index)
@@ -129,9 +157,42 @@ class GroupShardHost(ShardCalls):
                 return None  # ranks come and go, hosts fail over: through the object store
             return self._slots.attach(rank)
 
+    def open_lane(self, key: str, rank: int) -> LaneAddress | None:
+        """Opens a push lane (:mod:`shardopt.core.lane`) for ``rank``, a worker on this node
+        that reads a sync round's parameters in shared memory (so no answer carries an object
+        ref); None for any other: its pushes go through Ray. Not in elastic or replicated
+        groups (they have no shared memory). A lane pushes for its own rank only."""
+        with self._cond:
+            self._checked(key)
+            if self.config.mode != "sync" or self._slots is None:
+                return None
+            if self._elastic is not None or self.config.replicate:
+                return None
+            if not self._slots.reads_shared_params(rank):
+                return None
+            old = self._lanes.pop(rank, None)
+            if old is not None:
+                old.close()
+            lane = self._lanes[rank] = LaneServer(
+                lambda request: self._lane_push(key, rank, request),
+                name=f"shardopt-lane-{self.group}-{rank}",
+            )
+            return lane.address
+
+    def _lane_push(self, key: str, rank: int, request: PushRequest) -> PushResult:
+        if not isinstance(request, PushRequest) or request.rank != rank:
+            raise ValueError(f"a push lane of rank {rank} carries that rank's pushes only")
+        return self.push(key, request)
+
     def close(self) -> None:
         """Removes this host's shared-memory files (run before the registry kills it)."""
         with self._cond:
+            for lane in self._lanes.values():
+                lane.close()
+            self._lanes.clear()
+            for finalizer in self._finalizers:  # lets go of the shard's memory, too
+                finalizer()
+            self._finalizers.clear()
             if self._slots is not None:
                 self._slots.close()
             if self._shard is not None:
@@ -235,9 +296,13 @@ class GroupShardHost(ShardCalls):
         """
         start = time.perf_counter()
         mode = self.config.mode
+        with self._cond:
+            self._active += 1
         try:
             result = self._push(key, request)
         finally:
+            with self._cond:
+                self._active -= 1
             observe("round_wait", time.perf_counter() - start, mode=mode)
         if result.applied_version is not None:
             observe("staleness", result.applied_version - result.read_version, mode=mode)

@@ -1,13 +1,16 @@
 """Shard groups: many workers attached to one sharded optimizer, found by name.
 
-The :class:`GroupRegistry` is one named, detached Ray actor per cluster (``shardopt-groups`` in the
-``shardopt`` namespace). The first worker to attach to a group name creates the group: the registry
-starts its shard hosts (:class:`~shardopt.actor.shard_group_host.GroupShardHost`, detached and named
-``group/<name>/shard/<i>``), placed as the group asks (:mod:`shardopt.actor.placement`), from that
-worker's parameters. Later workers attach if they present the same
-:class:`~shardopt.core.records.GroupSignature` (parameter names, shapes and dtypes, optimizer class,
-hyperparameters, world size, mode...), and get a ``ValueError`` naming the first difference
-otherwise. An elastic group (``elastic=True``) also gets a coordinator
+The :class:`GroupRegistry` is one named, detached Ray actor per cluster (``shardopt-groups`` in
+the ``shardopt`` namespace). The first worker to attach to a group name creates the group: the
+registry starts its shard hosts (:class:`~shardopt.actor.shard_group_host.GroupShardHost`,
+detached and named ``group/<name>/shard/<i>``), placed as the group asks
+(:mod:`shardopt.actor.placement`), from that worker's parameters. A plain group (no placement,
+elasticity or replicas) takes idle hosts of closed groups from the registry's pool instead
+(:mod:`shardopt.actor.group_host_pool`; such hosts are named ``group-host/<id>``) and gives
+its hosts back to it when it closes. Later workers attach if they present the same
+:class:`~shardopt.core.records.GroupSignature` (parameter names, shapes and dtypes, optimizer
+class, hyperparameters, world size, mode...), and get a ``ValueError`` naming the first
+difference otherwise. An elastic group (``elastic=True``) also gets a coordinator
 (:class:`~shardopt.actor.group_membership.GroupMembers`, ``group/<name>/members``) that admits
 its workers (assigning ranks when they pass none) and decides each round's participants.
 
@@ -26,12 +29,19 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import ray
 
 from shardopt.actor import placement
+from shardopt.actor.group_host_pool import (
+    POOLED_CONCURRENCY,
+    GroupHostPool,
+    options_key,
+    poolable,
+)
 from shardopt.actor.group_replica import start_replica
 from shardopt.actor.host import NAMESPACE, kill_actors, threads_per_shard
 from shardopt.core.errors import OptimizerClosedError, ShardUnavailableError
@@ -43,6 +53,8 @@ logger = logging.getLogger(__name__)
 REGISTRY_NAME = "shardopt-groups"
 """The registry actor's name (in the ``shardopt`` namespace)."""
 WATCH_INTERVAL_S = 1.0
+POOL_CALL_TIMEOUT_S = 30.0
+"""How long recycling or reusing a pooled host may take before it is killed instead."""
 
 
 @dataclass
@@ -134,6 +146,7 @@ class GroupRegistry:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._groups: dict[str, _Group] = {}
+        self._pool = GroupHostPool()  # idle hosts of closed plain groups, for the next ones
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, daemon=True)
         self._watchdog.start()
@@ -236,15 +249,22 @@ class GroupRegistry:
                 .remote(name, config.num_shards, config.heartbeat_timeout_s, config.world_size)
             )
         remote_host = ray.remote(GroupShardHost)
-        hosts = [
+        hosts = self._pooled_hosts(name, config) if poolable(config) else []
+        hosts += [
             remote_host.options(
-                name=f"group/{name}/shard/{s}",
+                name=(
+                    f"group-host/{uuid.uuid4().hex[:12]}"  # serves one group after another
+                    if poolable(config)
+                    else f"group/{name}/shard/{s}"
+                ),
                 namespace=NAMESPACE,
                 lifetime="detached",
-                max_concurrency=(config.world_size or 64) + 8,
+                max_concurrency=(
+                    POOLED_CONCURRENCY if poolable(config) else (config.world_size or 64) + 8
+                ),
                 **per_shard[s],
             ).remote(name, config, coordinator)
-            for s in range(config.num_shards)
+            for s in range(len(hosts), config.num_shards)
         ]
         replicas = [
             start_replica(remote_host, name, s, config, options) if config.replicate else None
@@ -305,12 +325,61 @@ class GroupRegistry:
             group = self._groups.pop(name, None)
         if group is None:
             return False
+        kept = self._recycle(group) if poolable(group.signature.config) else []
         shard_hosts = [*group.hosts, *group.replicas, *group.retired, group.spare]
-        _close_hosts([h for h in shard_hosts if h is not None])
-        kill_actors([a for a in group.actors if a is not None])
+        _close_hosts([h for h in shard_hosts if h is not None and h not in kept])
+        kill_actors([a for a in group.actors if a is not None and a not in kept])
         placement.release(group.pg)
         emit(logger, "group_closed", group=name, members=sorted(group.members))
         return True
+
+    def _pooled_hosts(self, name: str, config: GroupConfig) -> list[Any]:
+        """Idle hosts from the pool (:mod:`shardopt.actor.group_host_pool`), now serving
+        group ``name``; a host that does not answer is killed and left out."""
+        with self._lock:
+            taken = self._pool.take(options_key(dict(config.actor_options)), config.num_shards)
+        hosts = []
+        for host in taken:
+            try:
+                ray.get(host.reuse.remote(name, config), timeout=POOL_CALL_TIMEOUT_S)
+                hosts.append(host)
+            except Exception as err:  # gone meanwhile: start another
+                logger.debug("pooled group host unusable: %s", err)
+                kill_actors([host])
+        return hosts
+
+    def _recycle(self, group: _Group) -> list[Any]:
+        """Gives a closed group's hosts to the pool; returns those it took."""
+        key = options_key(dict(group.signature.config.actor_options))
+        refs = [h.recycle.remote() for h in group.hosts]
+        kept, excess = [], []
+        for host, ref in zip(group.hosts, refs):
+            try:
+                if not ray.get(ref, timeout=POOL_CALL_TIMEOUT_S):
+                    continue  # a push still in progress: it is killed with the group
+            except Exception as err:
+                logger.debug("group host not recycled: %s", err)
+                continue
+            kept.append(host)
+            with self._lock:
+                excess += self._pool.give(host, key)
+        kill_actors(excess)
+        return kept
+
+    def shard_hosts(self, name: str) -> tuple[list[Any], list[str]]:
+        """Group ``name``'s shard hosts (the current primaries) and its shards' keys.
+
+        Raises:
+            KeyError: no such group.
+        """
+        with self._lock:
+            group = self._groups[name]
+            return list(group.hosts), list(group.keys)
+
+    def pooled_hosts(self) -> int:
+        """How many idle group hosts wait for the next group."""
+        with self._lock:
+            return len(self._pool)
 
     def fail_over(self, name: str, shard: int, lost: Any) -> tuple[Any, Any]:
         """Replaces shard ``shard``'s primary ``lost`` by its replica, which gets a new replica
@@ -394,6 +463,9 @@ class GroupRegistry:
             except Exception as err:  # GCS briefly unreachable: try again
                 logger.debug("job table unavailable: %s", err)
                 continue
+            with self._lock:
+                expired = self._pool.expired()
+            kill_actors(expired)
             with self._lock:
                 for name in list(self._groups):
                     group = self._groups[name]

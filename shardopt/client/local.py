@@ -15,7 +15,6 @@ Talks to: shard hosts through :class:`~shardopt.client.handles.ShardHandle`; the
 from __future__ import annotations
 
 import logging
-import select
 import time
 import weakref
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from shardopt.checkpoint.integrity import Commit
 from shardopt.client.backend import ParamSource
 from shardopt.client.data_path import DataPath, GradShipper
 from shardopt.client.handles import ShardHandle
+from shardopt.client.lanes import Lanes, answer_of, first_answer
 from shardopt.client.ray_shards import RayShards
 from shardopt.client.replication import Replicas
 from shardopt.client.runtime import drop_shards, host_pool, ray_get
@@ -97,7 +97,7 @@ class LocalShards(RayShards):
         for s, (_, buffers) in enumerate(created):
             self.data_path.map_shared(s, buffers, flat)
         self.shard_map.note_state(chain.from_iterable(ids for ids, _ in created))
-        self._lanes: dict[int, tuple[ShardHandle, LaneClient]] = {}
+        self.lanes = Lanes()
         if self.per_tensor and not replicate:  # replicas export from primaries in Ray's order
             self._open_lanes()
         if replicate:
@@ -157,23 +157,7 @@ class LocalShards(RayShards):
         shared = [s for s in range(self.num_shards) if self.data_path.shared_params(s) is not None]
         addresses = ray_get([self.handles[s].open_lane() for s in shared])
         for s, address in zip(shared, addresses):
-            if address is not None:
-                try:
-                    self._lanes[s] = (self.handles[s], LaneClient(address))
-                except LaneBroken as err:  # its steps go through Ray
-                    logger.debug("shard %d: %s", s, err)
-
-    def _lane(self, shard: int) -> LaneClient | None:
-        """The shard's step lane, if it has one (not after its host was replaced)."""
-        entry = self._lanes.get(shard)
-        if entry is None or entry[0] is not self.handles[shard] or entry[1].closed:
-            return None
-        return entry[1]
-
-    def _close_lane(self, shard: int) -> None:
-        entry = self._lanes.pop(shard, None)
-        if entry is not None:
-            entry[1].close()
+            self.lanes.open(s, self.handles[s], address)
 
     def handle(self, shard: int) -> ShardHandle:
         if self.replicas is not None:  # its replica follows the calls that change it
@@ -262,12 +246,12 @@ class LocalShards(RayShards):
         sent_at, optimizer = time.perf_counter(), self._params.optimizer_class.__name__
         try:
             while pending:  # copy each shard's parameters back as soon as it is done
-                answer, s = _first_answer(pending)
+                answer, s = first_answer(pending)
                 try:
-                    result = answer.receive() if isinstance(answer, LaneClient) else ray_get(answer)
+                    result = answer_of(answer)
                 except LaneBroken as err:  # Ray knows whether the shard is gone; it applies it once
                     logger.debug("shard %d: %s; step %d goes through Ray", s, err, step_id)
-                    self._close_lane(s)
+                    self.lanes.close(s)
                     pending[self.handles[s].step(outgoing[s])] = s
                     continue
                 except ShardUnavailableError:
@@ -296,7 +280,7 @@ class LocalShards(RayShards):
         finally:  # a lane whose answer was not read would hand it to the next step
             for answer, s in pending.items():
                 if isinstance(answer, LaneClient):
-                    self._close_lane(s)
+                    self.lanes.close(s)
         if failures:
             self._step_failed(step_id, failures, sent)
         if replicas is not None:  # only now: until every shard has applied it, they roll back
@@ -309,14 +293,10 @@ class LocalShards(RayShards):
     def _send_step(self, shard: int, request: StepRequest) -> Any:
         """Sends a step to a shard: through its lane where it has one and the request is
         small (no sparse gradients), else through Ray. Returns what to wait on."""
-        lane = self._lane(shard)
-        if lane is not None and not request.sparse_grads:
-            try:
-                lane.send(request)
+        if not request.sparse_grads:
+            lane = self.lanes.send(shard, self.handles[shard], request)
+            if lane is not None:
                 return lane
-            except LaneBroken as err:
-                logger.debug("shard %d: %s", shard, err)
-                self._close_lane(shard)
         return self.handles[shard].step(request)
 
     def _step_failed(
@@ -404,7 +384,7 @@ class LocalShards(RayShards):
         return lambda commit: setattr(replicas, "checkpoint", (commit, step_id))
 
     def lost_shared_memory(self, shard: int) -> None:
-        self._close_lane(shard)
+        self.lanes.close(shard)
         self.data_path.map_shared(shard, None, self._params.flat())
 
     def detach(self) -> None:
@@ -412,37 +392,15 @@ class LocalShards(RayShards):
         handing its sessions over to the next one, :mod:`shardopt.gateway.resume`)."""
         if not self._closed:
             self._closed = True
-            for shard in list(self._lanes):
-                self._close_lane(shard)
+            self.lanes.close_all()
             self.data_path.close()
             self._finalizer.detach()
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            for shard in list(self._lanes):
-                self._close_lane(shard)
+            self.lanes.close_all()
             self.data_path.close()
             self._finalizer()
             if self.replicas is not None:
                 self.replicas.close()
-
-
-def _first_answer(pending: dict[Any, int]) -> tuple[Any, int]:
-    """Takes out of ``pending`` (Ray refs and step lanes, each to its shard) the first one whose
-    answer is in, waiting for it."""
-    lanes = {k.fileno(): k for k in pending if isinstance(k, LaneClient)}
-    refs = [k for k in pending if not isinstance(k, LaneClient)]
-    poller = select.poll()  # not select(): a busy process's descriptors pass FD_SETSIZE
-    for fd in lanes:
-        poller.register(fd, select.POLLIN)
-    while True:  # both kinds at once only when some shards are on other nodes: poll in turn
-        if lanes:
-            ready = poller.poll(1 if refs else None)
-            if ready:
-                lane = lanes[ready[0][0]]
-                return lane, pending.pop(lane)
-        if refs:
-            done, _ = ray.wait(refs, num_returns=1, timeout=0.001 if lanes else None)
-            if done:
-                return done[0], pending.pop(done[0])

@@ -40,6 +40,7 @@ from shardopt.actor.shard_group_registry import REGISTRY_NAME, GroupRegistry
 from shardopt.client.backend import ParamSource
 from shardopt.client.group_data_path import GroupDataPath
 from shardopt.client.handles import ShardHandle
+from shardopt.client.lanes import Lanes, answer_of, first_answer
 from shardopt.client.ray_shards import RayShards
 from shardopt.client.replication import MirroredHandle
 from shardopt.client.runtime import ensure_ray, ray_get
@@ -47,6 +48,7 @@ from shardopt.client.shard_map import ShardMap
 from shardopt.core.amp import AmpScaling
 from shardopt.core.buffers import to_numpy
 from shardopt.core.errors import ShardUnavailableError
+from shardopt.core.lane import LaneBroken, LaneClient
 from shardopt.core.metrics import GROUP_PUSH_SECONDS, GROUP_STALE_PUSHES, GROUP_STALENESS
 from shardopt.core.records import (
     GroupConfig,
@@ -233,6 +235,9 @@ class GroupShardHandle(ShardHandle):
     def attach_shared(self, rank: int, node_id: str) -> Any:
         return self.host.attach_shared.remote(self.key, rank, node_id)
 
+    def open_push_lane(self, rank: int) -> Any:
+        return self.host.open_lane.remote(self.key, rank)
+
 
 class MirroredGroupShardHandle(MirroredHandle, GroupShardHandle):
     """A replicated group shard's handle: a worker's calls that change the shard (parameter
@@ -302,6 +307,7 @@ class ShardGroupMember(RayShards):
         self._heartbeats: _Heartbeats | None = None
         self.shard_map = ShardMap(config.num_shards)
         self.data_path = GroupDataPath(self.shard_map, share_params=share_params)
+        self.lanes = Lanes()  # to the shards on this node whose rounds answer in shared memory
         blocks = self.shard_map.place(params.flat(), params.group_indices(), params.splittable())
         options = params.options()
         specs = [
@@ -378,6 +384,10 @@ class ShardGroupMember(RayShards):
         params = self._params.flat()
         for s, buffers in zip(local, answers):
             self.data_path.map_rank(s, buffers, params)
+        laned = [s for s in local if self.data_path.group_params(s) is not None]
+        addresses = ray_get([self.handles[s].open_push_lane(self.rank) for s in laned])
+        for s, address in zip(laned, addresses):
+            self.lanes.open(s, self.handles[s], address)
 
     @property
     def uses_shared_memory(self) -> list[bool]:
@@ -494,46 +504,63 @@ class ShardGroupMember(RayShards):
         self.pull_params(at_least=admission.first_round)
 
     def _push(self, shards: list[int], results: dict[int, PushResult]) -> list[int]:
-        """One push to ``shards``; returns the shards that rejected it as too stale."""
+        """One push to ``shards``; returns the shards that rejected it as too stale.
+
+        Pushes to shards on other nodes go out as each is packed; those to shards on this
+        node once every shard is packed (their updates would slow the packing down, and it
+        theirs), through the shard's lane where it has one.
+        """
         params = self._params.flat()
         options = self._params.options()
         pending: dict[Any, int] = {}
         requests: dict[int, PushRequest] = {}
+        held: list[int] = []
         for s in shards:
             flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params)
             if not touched and self.config.mode == "async":
                 continue  # nothing to apply; sync still pushes: the round needs every rank
-            grads = None if self.data_path.in_slot(s) else to_numpy(flat)
-            request = PushRequest(self.rank, self.versions[s], options, grads, has_grad, sparse)
-            pending[self.handles[s].push(request)] = s
-            requests[s] = request
+            in_slot = self.data_path.in_slot(s)
+            grads = None if in_slot else to_numpy(flat)
+            requests[s] = PushRequest(self.rank, self.versions[s], options, grads, has_grad, sparse)
+            if in_slot:
+                held.append(s)
+            else:
+                pending[self.handles[s].push(requests[s])] = s
+        for s in held:
+            lane = self.lanes.send(s, self.handles[s], requests[s])
+            pending[lane if lane is not None else self.handles[s].push(requests[s])] = s
         self.data_path.forget_shipped()
         rejected = []
-        waiting = list(pending)
         sent_at, mode = time.perf_counter(), self.config.mode
-        while waiting:  # adopt each shard's parameters as soon as it answers
-            done, waiting = ray.wait(waiting, num_returns=1)
-            try:
-                result: PushResult = ray_get(done[0])
-            except ShardUnavailableError:
-                if not self.membership or not self.membership.replicas:
-                    raise
-                s = pending.pop(done[0])
-                self._fail_over(s)  # the replica takes over; the push goes to it again
-                ref = self.handles[s].push(requests[s])
-                pending[ref] = s
-                waiting.append(ref)
-                continue
-            GROUP_PUSH_SECONDS.labels(mode).observe(time.perf_counter() - sent_at)
-            if result.staleness is not None:
-                GROUP_STALENESS.labels(mode).observe(result.staleness)
-            else:
-                GROUP_STALE_PUSHES.inc()
-            s = pending[done[0]]
-            self._adopt(s, result.current, params)
-            results[s] = result
-            if result.applied_version is None:
-                rejected.append(s)
+        try:
+            while pending:  # adopt each shard's parameters as soon as it answers
+                answer, s = first_answer(pending)
+                try:
+                    result: PushResult = answer_of(answer)
+                except LaneBroken as err:  # through Ray: it knows whether the shard is gone
+                    logger.debug("shard %d: %s; the push goes through Ray", s, err)
+                    self.lanes.close(s)
+                    pending[self.handles[s].push(requests[s])] = s
+                    continue
+                except ShardUnavailableError:
+                    if not self.membership or not self.membership.replicas:
+                        raise
+                    self._fail_over(s)  # the replica takes over; the push goes to it again
+                    pending[self.handles[s].push(requests[s])] = s
+                    continue
+                GROUP_PUSH_SECONDS.labels(mode).observe(time.perf_counter() - sent_at)
+                if result.staleness is not None:
+                    GROUP_STALENESS.labels(mode).observe(result.staleness)
+                else:
+                    GROUP_STALE_PUSHES.inc()
+                self._adopt(s, result.current, params)
+                results[s] = result
+                if result.applied_version is None:
+                    rejected.append(s)
+        finally:  # a lane whose answer was not read would hand it to the next push
+            for answer, s in pending.items():
+                if isinstance(answer, LaneClient):
+                    self.lanes.close(s)
         return sorted(rejected)
 
     def _fail_over(self, shard: int) -> None:
@@ -550,5 +577,6 @@ class ShardGroupMember(RayShards):
         logger.warning("group %r: shard %d failed over to its replica", self.name, shard)
 
     def close(self) -> None:
+        self.lanes.close_all()
         self._finalizer()
         self.data_path.close()

@@ -1,0 +1,100 @@
+"""A client's step lanes (:mod:`shardopt.core.lane`) to the shards on its node, and the wait
+for the first answer among lanes and Ray refs.
+
+Both the plain optimizer (:mod:`shardopt.client.local`) and a shard group's worker
+(:mod:`shardopt.client.shard_group`) send the step's small request over a lane where the shard
+shares memory with them, and through Ray otherwise. A lane belongs to the shard host it was
+opened on: once a shard's handle changes (its host replaced), its lane is no longer used.
+
+Talks to: the lanes' sockets (:class:`~shardopt.core.lane.LaneClient`) and Ray (``ray.wait``).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+from typing import Any
+
+import ray
+
+from shardopt.client.runtime import ray_get
+from shardopt.core.lane import LaneAddress, LaneBroken, LaneClient
+
+logger = logging.getLogger(__name__)
+
+
+class Lanes:
+    """The open lanes, one per shard, each tied to the host (``owner``) it was opened on."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[int, tuple[Any, LaneClient]] = {}
+
+    def open(self, shard: int, owner: Any, address: LaneAddress | None) -> None:
+        """Connects to ``address`` (None: the host offered no lane); a lane that cannot connect
+        is left out (the shard's steps go through Ray)."""
+        self.close(shard)
+        if address is None:
+            return
+        try:
+            self._lanes[shard] = (owner, LaneClient(address))
+        except LaneBroken as err:
+            logger.debug("shard %d: %s", shard, err)
+
+    def get(self, shard: int, owner: Any) -> LaneClient | None:
+        """The shard's lane, if it has an open one to ``owner``."""
+        entry = self._lanes.get(shard)
+        if entry is None or entry[0] is not owner or entry[1].closed:
+            return None
+        return entry[1]
+
+    def send(self, shard: int, owner: Any, request: Any) -> LaneClient | None:
+        """Sends ``request`` over the shard's lane; None where it has none or it broke (the
+        caller sends it through Ray)."""
+        lane = self.get(shard, owner)
+        if lane is None:
+            return None
+        try:
+            lane.send(request)
+            return lane
+        except LaneBroken as err:
+            logger.debug("shard %d: %s", shard, err)
+            self.close(shard)
+            return None
+
+    def close(self, shard: int) -> None:
+        entry = self._lanes.pop(shard, None)
+        if entry is not None:
+            entry[1].close()
+
+    def close_all(self) -> None:
+        for shard in list(self._lanes):
+            self.close(shard)
+
+    def __len__(self) -> int:
+        return len(self._lanes)
+
+
+def first_answer(pending: dict[Any, int]) -> tuple[Any, int]:
+    """Takes out of ``pending`` (Ray refs and lanes, each to its shard) the first one whose
+    answer is in, waiting for it."""
+    lanes = {k.fileno(): k for k in pending if isinstance(k, LaneClient)}
+    refs = [k for k in pending if not isinstance(k, LaneClient)]
+    poller = select.poll()  # not select(): a busy process's descriptors pass FD_SETSIZE
+    for fd in lanes:
+        poller.register(fd, select.POLLIN)
+    while True:  # both kinds at once only when some shards are on other nodes: poll in turn
+        if lanes:
+            ready = poller.poll(1 if refs else None)
+            if ready:
+                lane = lanes[ready[0][0]]
+                return lane, pending.pop(lane)
+        if refs:
+            done, _ = ray.wait(refs, num_returns=1, timeout=0.001 if lanes else None)
+            if done:
+                return done[0], pending.pop(done[0])
+
+
+def answer_of(answer: Any) -> Any:
+    """The result behind what :func:`first_answer` returned: a lane's answer, or a Ray ref's
+    (raising what the call raised; a lane that broke raises :class:`LaneBroken`)."""
+    return answer.receive() if isinstance(answer, LaneClient) else ray_get(answer)
