@@ -26,9 +26,11 @@ from test_lbfgs import PROBLEMS, closure_for, make_params
 
 import shardopt
 from shardopt.actor.host import NAMESPACE
+from shardopt.client.shard_map import ShardMap
 from shardopt.core.proto import pb, rpc
 from shardopt.gateway import serve
 from shardopt.gateway.auth import principal_of
+from shardopt.gateway.resume import pieces_of
 from shardopt.gateway.session_store import (
     KV_NAMESPACE,
     SessionRecord,
@@ -287,7 +289,7 @@ def _pid(actor) -> int:
 
 
 def test_param_groups_lbfgs_and_a_lost_store_survive_a_restart(tmp_path):
-    """One gateway serves an Adam session that added a param group (three shards, placed in two
+    """One gateway serves an Adam session that added a param group (two shards, placed in two
     placements), an LBFGS session and a second LBFGS session. The store's process is killed
     (SIGKILL): Ray restarts it and it reloads its records from the GCS's key-value store (JSON,
     no token). The gateway is killed during the second LBFGS session's step, after it asked for
@@ -303,7 +305,7 @@ def test_param_groups_lbfgs_and_a_lost_store_survive_a_restart(tmp_path):
         model, reference = make_model(0), make_model(0)
         first = [list(m.parameters()) for m in (model[0], reference[0])]
         rest = [[p for m in list(net)[1:] for p in m.parameters()] for net in (model, reference)]
-        adam = shardopt.Adam(first[0], lr=1e-2, num_shards=3, **kwargs)
+        adam = shardopt.Adam(first[0], lr=1e-2, num_shards=2, **kwargs)
         want_adam = torch.optim.Adam(first[1], lr=1e-2, fused=True)
         loss_fn, shapes = PROBLEMS["least_squares"]
         lbfgs_kwargs = dict(max_iter=4, history_size=3, line_search_fn="strong_wolfe")
@@ -336,7 +338,11 @@ def test_param_groups_lbfgs_and_a_lost_store_survive_a_restart(tmp_path):
         assert eventually(lambda: _pid(actor) != pid)
         records = {r.session_id: r for r in records_of(store)}
         assert set(records) == {o.backend.session_id for o in (adam, lbfgs, doomed)}
-        assert records[adam.backend.session_id].placed == (1, 1)
+        grown = records[adam.backend.session_id]
+        assert grown.placed == (1, 1)
+        at_once = ShardMap(2)  # placed as it grew: not the plan of all its parameters at once
+        at_once.place([*first[0], *rest[0]], [0, 0, 1, 1, 1, 1], [False] * 6)
+        assert grown.pieces != pieces_of(at_once)
         assert records[lbfgs.backend.session_id].lbfgs["state"]["n_iter"] > 0
         saved = internal_kv._internal_kv_list(store_name(store), namespace=KV_NAMESPACE)
         assert len(saved) >= 3  # the records, the hosts, maybe last use
