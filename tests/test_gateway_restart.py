@@ -32,6 +32,7 @@ from shardopt.gateway import serve
 from shardopt.gateway.auth import principal_of
 from shardopt.gateway.resume import pieces_of
 from shardopt.gateway.session_store import (
+    _RELOADED,
     KV_NAMESPACE,
     SessionRecord,
     record_from_json,
@@ -336,6 +337,9 @@ def test_param_groups_lbfgs_and_a_lost_store_survive_a_restart(tmp_path):
         pid = _pid(actor)
         os.kill(pid, signal.SIGKILL)
         assert eventually(lambda: _pid(actor) != pid)
+        # the gateway that beats on is its gateway again (a new one's claim would wait)
+        gateway_of = lambda self: self._gateway  # noqa: E731
+        assert eventually(lambda: ray.get(actor.__ray_call__.remote(gateway_of)) != _RELOADED)
         records = {r.session_id: r for r in records_of(store)}
         assert set(records) == {o.backend.session_id for o in (adam, lbfgs, doomed)}
         grown = records[adam.backend.session_id]

@@ -9,7 +9,9 @@ comes back as the exception type the server raised (``ValueError``, ``TypeError`
 :class:`~shardopt.core.errors.GroupTimeoutError`, ...), with the server's message. A call that
 finds no gateway (UNAVAILABLE, not sent by a server) is tried again with backoff for
 ``reconnect_s``; each step carries its id, so a step tried again after its answer was lost is
-applied once (its gradients are pushed again: a restarted gateway has none).
+applied once (its gradients are pushed again: a restarted gateway has none). An LBFGS step
+(``ClosureStep``) only while the gateway has asked for no evaluation; a pull another call
+overtook (``PullConflictError``) at once, a few times (one policy: ``_retrying``).
 
 Talks to: a gateway over gRPC (this process joins no Ray cluster).
 """

@@ -105,6 +105,7 @@ class SessionRecord:
     steps)."""
 
 
+_RELOADED = "(the gateway before the store's restart)"
 _UPDATABLE = frozenset({"steps", "lbfgs", "stepping"})
 
 
@@ -227,7 +228,9 @@ class SessionStore:
         self._records = {r.session_id: r for r in records}
         self._last_used = {sid: last_used.get(sid, now) for sid in self._records}
         self._saved_at = now
-        self._gateway: str | None = None
+        # restarted (something was saved): the gateway that beats within STALE_S is its own; a
+        # new gateway's claim waits that long, as for a gateway that still beats
+        self._gateway: str | None = _RELOADED if records or self._hosts else None
         self._beat = now
         self._lock = threading.Lock()
         if records:
@@ -251,7 +254,7 @@ class SessionStore:
         """The gateway is alive; ``last_used`` holds its sessions' last use (wall clock).
         Returns False when another gateway has taken the store over."""
         with self._lock:
-            if self._gateway is None:  # this store was restarted: its gateway beats on
+            if self._gateway == _RELOADED:  # this store was restarted: its gateway beats on
                 self._gateway = gateway
             if gateway != self._gateway:
                 return False
