@@ -397,3 +397,12 @@ def test_param_groups_lbfgs_and_a_lost_store_survive_a_restart(tmp_path):
                 p.kill()
     assert gone(store_name(store))
     assert internal_kv._internal_kv_list(store_name(store), namespace=KV_NAMESPACE) == []
+
+
+def test_elastic_groups_are_refused_over_a_gateway():
+    """A gateway resumes no shard group's members, and takes no elastic ones at all: refused
+    before anything is sent."""
+    with pytest.raises(ValueError, match="elastic=True applies to shard groups in the Ray"):
+        shardopt.AdamW(
+            [torch.zeros(2, requires_grad=True)], group="g", elastic=True, address="127.0.0.1:9"
+        )
