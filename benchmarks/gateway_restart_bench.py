@@ -1,6 +1,7 @@
 """A gateway restart, timed: the pause a client sees, and what keeping sessions costs a step.
 
     python benchmarks/gateway_restart_bench.py [--size 4M] [--steps 15] [--restarts 3]
+        [--lbfgs-size 1M] [--lbfgs-steps 8]
 
 On one model (``--size`` float32 parameters in 4 tensors, 4M by default, 16 MB) and AdamW
 (lr 1e-3), with 2 shards, it measures
@@ -9,6 +10,10 @@ On one model (``--size`` float32 parameters in 4 tensors, 4M by default, 16 MB) 
   ``shardopt serve`` processes on the same Ray, one with ``--session-store`` and one without,
   stepping in turns (``--steps`` timed steps each, after 3 untimed); the ratio of their median
   steps is what the persistence adds (its records and beats are off the step's path);
+* the same for ``shardopt.LBFGS`` (``--lbfgs-size`` float64 parameters in 4 tensors, a
+  quadratic loss, ``max_iter=5``, 1 shard): with the store, each step marks its record before
+  its first evaluation and records LBFGS's state after it (two store calls, each saved to the
+  GCS's key-value store), which is on the step's path;
 * the pause: the gateway with the store is killed (SIGKILL) between two steps and the same
   command started again at once; the step that spans it is the pause the training loop sees,
   beside a gateway process's start-up (from its start to its "serving on" line: importing
@@ -72,9 +77,9 @@ def start(
     raise RuntimeError(f"the gateway did not start (exit code {process.wait()})")
 
 
-def model_of(size: int) -> list[torch.Tensor]:
+def model_of(size: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    return [torch.randn(size // 4, requires_grad=True) for _ in range(4)]
+    return [torch.randn(size // 4, dtype=dtype, requires_grad=True) for _ in range(4)]
 
 
 def one_step(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> float:
@@ -85,11 +90,25 @@ def one_step(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> float:
     return time.perf_counter() - start
 
 
+def lbfgs_step(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> float:
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = sum(((p - 1.0) ** 2 * (1 + i)).sum() for i, p in enumerate(params))
+        loss.backward()
+        return loss
+
+    start = time.perf_counter()
+    opt.step(closure)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--size", type=parse_size, default=4_000_000)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--restarts", type=int, default=3)
+    parser.add_argument("--lbfgs-size", type=parse_size, default=1_000_000)
+    parser.add_argument("--lbfgs-steps", type=int, default=8)
     args = parser.parse_args()
     began = time.perf_counter()
     ray.init(address="local", include_dashboard=False)
@@ -121,6 +140,27 @@ def main() -> None:
                 seconds = one_step(params[name], opts[name])
                 if i >= 3:
                     samples[name].append(seconds * 1e3)
+        lbfgs_params = {name: model_of(args.lbfgs_size, torch.float64) for name in samples}
+        lbfgs = {
+            name: shardopt.LBFGS(
+                lbfgs_params[name],
+                max_iter=5,
+                history_size=10,
+                address=address,
+                token=TOKEN,
+                num_shards=1,
+                reconnect_timeout=120,
+            )  # fmt: skip
+            for name, address in (("plain", plain_address), ("store", kept_address))
+        }
+        lbfgs_samples: dict[str, list[float]] = {"plain": [], "store": []}
+        for i in range(args.lbfgs_steps + 2):
+            for name in ("plain", "store") if i % 2 else ("store", "plain"):
+                seconds = lbfgs_step(lbfgs_params[name], lbfgs[name])
+                if i >= 2:
+                    lbfgs_samples[name].append(seconds * 1e3)
+        for opt in lbfgs.values():
+            opt.close()
         port = int(kept_address.rsplit(":", 1)[1])
         pauses, startups, resumes = [], [first_start], []
         for r in range(args.restarts):
@@ -144,6 +184,8 @@ def main() -> None:
                 p.kill()
     plain_ms = statistics.median(samples["plain"])
     store_ms = statistics.median(samples["store"])
+    lbfgs_plain_ms = statistics.median(lbfgs_samples["plain"])
+    lbfgs_store_ms = statistics.median(lbfgs_samples["store"])
     pause_s = statistics.median(pauses)
     startup_s = statistics.median(startups)
     resume_s = statistics.median([r for r in resumes if r is not None] or [float("nan")])
@@ -154,6 +196,10 @@ def main() -> None:
             f"(load average {' '.join(load)})",
             f"  step, no session store     {plain_ms:9.1f} ms",
             f"  step, with session store   {store_ms:9.1f} ms   ratio {store_ms / plain_ms:.3f}",
+            f"  LBFGS step ({args.lbfgs_size / 1e6:g}M float64, max_iter 5), no store "
+            f"{lbfgs_plain_ms:9.1f} ms",
+            f"  LBFGS step, with session store   {lbfgs_store_ms:9.1f} ms   ratio "
+            f"{lbfgs_store_ms / lbfgs_plain_ms:.3f}",
             f"  pause across a SIGKILL + restart  {pause_s:6.2f} s  "
             f"({pause_s * 1e3 / plain_ms:.0f} steps)",
             f"  a gateway's start-up (process start to serving)  {startup_s:6.2f} s",
@@ -164,6 +210,7 @@ def main() -> None:
     report = {
         "meta": {**run_meta(), "seconds": time.perf_counter() - began, "loadavg": load},
         "step_ms": samples,
+        "lbfgs_step_ms": lbfgs_samples,
         "pause_s": pauses,
         "startup_s": startups,
         "resume_s": resumes,

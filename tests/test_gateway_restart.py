@@ -21,13 +21,24 @@ import ray
 import torch
 from gateway_helpers import OTHER_TOKEN, TOKEN, auth, code_of, open_session, push, wait_for_line
 from helpers import assert_same_params, assert_same_tensors, make_model, train_step
+from ray.experimental import internal_kv
+from test_lbfgs import PROBLEMS, closure_for, make_params
 
 import shardopt
 from shardopt.actor.host import NAMESPACE
+from shardopt.client.shard_map import ShardMap
 from shardopt.core.proto import pb, rpc
 from shardopt.gateway import serve
 from shardopt.gateway.auth import principal_of
-from shardopt.gateway.session_store import store_name
+from shardopt.gateway.resume import pieces_of
+from shardopt.gateway.session_store import (
+    _RELOADED,
+    KV_NAMESPACE,
+    SessionRecord,
+    record_from_json,
+    record_to_json,
+    store_name,
+)
 
 
 def start_gateway(tmp_path, store: str, port: int = 0, *flags: str) -> tuple[subprocess.Popen, str]:
@@ -255,3 +266,143 @@ def test_a_repeated_step_id_is_applied_once():
             assert_same_tensors(held.params, want)
     finally:
         gateway.stop(0)
+
+
+def test_a_record_is_json_data_that_round_trips():
+    """Records are saved as JSON (never pickled): tuples stay tuples, floats keep their bits,
+    and text that is not a record is refused."""
+    record = SessionRecord(
+        session_id="s", principal="p" * 64, optimizer="Adam",
+        kwargs={"lr": 0.1 + 2e-17, "betas": (0.9, 0.999), "eps": float("inf"), "num_shards": 2},
+        groups=(((0, 1), {"lr": 0.1, "amsgrad": False, "nested": [1, {2: None}]}),),
+        names=("a", "b"), specs=(("torch.float32", (2, 3)), ("torch.float64", ())), nbytes=32,
+        hosts=("host/x",), keys=("k/0",), placed=(1,), pieces=(((0, 0, 2),), ((0, 0, 1),)),
+        lbfgs={"state": {"t": {"tensor": "torch.float32", "value": 0.25}}, "machine": {}},
+    )  # fmt: skip
+    assert record_from_json(record_to_json(record)) == record
+    for text in ('{"session_id": {"x": 1}}', '{"code": "os.system"}', "[1]"):
+        with pytest.raises((ValueError, TypeError)):
+            record_from_json(text)
+
+
+def _pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def test_param_groups_lbfgs_and_a_lost_store_survive_a_restart(tmp_path):
+    """One gateway serves an Adam session that added a param group (two shards, placed in two
+    placements), an LBFGS session and a second LBFGS session. The store's process is killed
+    (SIGKILL): Ray restarts it and it reloads its records from the GCS's key-value store (JSON,
+    no token). The gateway is killed during the second LBFGS session's step, after it asked for
+    an evaluation: that step fails at once (never tried again) and the restarted gateway refuses
+    the session's further steps. The other two, stepping while no gateway serves, pause and end
+    bit-identical to torch's uninterrupted runs."""
+    store = f"groups-{uuid.uuid4().hex[:8]}"
+    process, address = start_gateway(tmp_path, store)
+    port = int(address.rsplit(":", 1)[1])
+    processes = [process]
+    try:
+        kwargs = dict(address=address, token=TOKEN, reconnect_timeout=120)
+        model, reference = make_model(0), make_model(0)
+        first = [list(m.parameters()) for m in (model[0], reference[0])]
+        rest = [[p for m in list(net)[1:] for p in m.parameters()] for net in (model, reference)]
+        adam = shardopt.Adam(first[0], lr=1e-2, num_shards=2, **kwargs)
+        want_adam = torch.optim.Adam(first[1], lr=1e-2, fused=True)
+        loss_fn, shapes = PROBLEMS["least_squares"]
+        lbfgs_kwargs = dict(max_iter=4, history_size=3, line_search_fn="strong_wolfe")
+        mine, theirs, cut = make_params(shapes), make_params(shapes), make_params(shapes, seed=1)
+        lbfgs = shardopt.LBFGS(mine, num_shards=1, **lbfgs_kwargs, **kwargs)
+        want_lbfgs = torch.optim.LBFGS(theirs, **lbfgs_kwargs)
+        doomed = shardopt.LBFGS(cut, num_shards=1, **lbfgs_kwargs, **kwargs)
+
+        def both_lbfgs() -> None:
+            got = lbfgs.step(closure_for(loss_fn, mine, lbfgs, []))
+            want = want_lbfgs.step(closure_for(loss_fn, theirs, want_lbfgs, []))
+            assert_same_tensors([got, *mine], [want, *theirs])
+
+        def both_adam(seed: int) -> None:
+            train_step(model, adam, seed)
+            train_step(reference, want_adam, seed)
+
+        both_adam(0)
+        adam.add_param_group({"params": rest[0], "lr": 5e-3})
+        want_adam.add_param_group({"params": rest[1], "lr": 5e-3})
+        for i in (1, 2):
+            both_adam(i)
+            both_lbfgs()
+        doomed.step(closure_for(loss_fn, cut, doomed, []))
+
+        # the store's process dies: Ray starts it again, and it reloads what it saved
+        actor = ray.get_actor(store_name(store), namespace=NAMESPACE)
+        pid = _pid(actor)
+        os.kill(pid, signal.SIGKILL)
+        assert eventually(lambda: _pid(actor) != pid)
+        # the gateway that beats on is its gateway again (a new one's claim would wait)
+        gateway_of = lambda self: self._gateway  # noqa: E731
+        assert eventually(lambda: ray.get(actor.__ray_call__.remote(gateway_of)) != _RELOADED)
+        records = {r.session_id: r for r in records_of(store)}
+        assert set(records) == {o.backend.session_id for o in (adam, lbfgs, doomed)}
+        grown = records[adam.backend.session_id]
+        assert grown.placed == (1, 1)
+        at_once = ShardMap(2)  # placed as it grew: not the plan of all its parameters at once
+        at_once.place([*first[0], *rest[0]], [0, 0, 1, 1, 1, 1], [False] * 6)
+        assert grown.pieces != pieces_of(at_once)
+        assert records[lbfgs.backend.session_id].lbfgs["state"]["n_iter"] > 0
+        saved = internal_kv._internal_kv_list(store_name(store), namespace=KV_NAMESPACE)
+        assert len(saved) >= 3  # the records, the hosts, maybe last use
+        for key in saved:
+            assert TOKEN.encode() not in internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+
+        # the gateway dies during an LBFGS step, once it asked for an evaluation
+        calls = []
+        inner = closure_for(loss_fn, cut, doomed, calls)
+
+        def killing_closure():
+            if len(calls) == 1:  # the step's second evaluation: the shards moved
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+            return inner()
+
+        with pytest.raises(shardopt.ShardUnavailableError) as failed:
+            doomed.step(killing_closure)
+        assert "not tried again" in "".join(getattr(failed.value, "__notes__", []))
+        restarted: list = []
+        starter = threading.Thread(
+            target=lambda: restarted.append(start_gateway(tmp_path, store, port)[0])
+        )
+        starter.start()
+        try:
+            both_lbfgs()  # tried again while no gateway serves: it had begun nothing
+            both_adam(3)
+        finally:
+            starter.join()
+            processes.extend(restarted)
+        both_adam(4)
+        both_lbfgs()
+        assert_same_params(model, reference)
+        got, want = adam.state_dict(), want_adam.state_dict()
+        assert [g["lr"] for g in got["param_groups"]] == [1e-2, 5e-3]
+        assert_same_tensors(
+            [v for s in got["state"].values() for v in s.values()],
+            [v for s in want["state"].values() for v in s.values()],
+        )
+        with pytest.raises(shardopt.ShardoptError, match="restarted during LBFGS step"):
+            doomed.step(closure_for(loss_fn, cut, doomed, []))
+        for opt in (adam, lbfgs, doomed):
+            opt.close()
+        assert records_of(store) == []
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+    assert gone(store_name(store))
+    assert internal_kv._internal_kv_list(store_name(store), namespace=KV_NAMESPACE) == []
+
+
+def test_elastic_groups_are_refused_over_a_gateway():
+    """A gateway resumes no shard group's members, and takes no elastic ones at all: refused
+    before anything is sent."""
+    with pytest.raises(ValueError, match="elastic=True applies to shard groups in the Ray"):
+        shardopt.AdamW(
+            [torch.zeros(2, requires_grad=True)], group="g", elastic=True, address="127.0.0.1:9"
+        )

@@ -9,7 +9,9 @@ comes back as the exception type the server raised (``ValueError``, ``TypeError`
 :class:`~shardopt.core.errors.GroupTimeoutError`, ...), with the server's message. A call that
 finds no gateway (UNAVAILABLE, not sent by a server) is tried again with backoff for
 ``reconnect_s``; each step carries its id, so a step tried again after its answer was lost is
-applied once (its gradients are pushed again: a restarted gateway has none).
+applied once (its gradients are pushed again: a restarted gateway has none). An LBFGS step
+(``ClosureStep``) only while the gateway has asked for no evaluation; a pull another call
+overtook (``PullConflictError``) at once, a few times (one policy: ``_retrying``).
 
 Talks to: a gateway over gRPC (this process joins no Ray cluster).
 """
@@ -68,9 +70,14 @@ _BY_STATUS = {
 }
 
 
+def error_type(err: grpc.RpcError) -> str | None:
+    """The name of the exception type the server said a failed call raised (None: it did not)."""
+    return dict(err.trailing_metadata() or ()).get(errors.ERROR_TYPE_KEY)
+
+
 def raised(err: grpc.RpcError) -> BaseException:
     """The exception a failed call stands for: the server's type where it said, else by status."""
-    name = dict(err.trailing_metadata() or ()).get(errors.ERROR_TYPE_KEY)
+    name = error_type(err)
     kind = _ERROR_TYPES.get(name) or _BY_STATUS.get(err.code(), errors.ShardoptError)
     message = err.details() or str(err.code())
     if kind is KeyError and "session" in message:
@@ -177,9 +184,7 @@ def gradients_of(params: list[torch.Tensor], dense: bool = False) -> tuple[Any, 
 def reconnectable(err: grpc.RpcError) -> bool:
     """Whether a failed call met no gateway (UNAVAILABLE without the server's error type: gone,
     restarting, or the connection broke), so that the same call may be tried again."""
-    if err.code() != grpc.StatusCode.UNAVAILABLE:
-        return False
-    return errors.ERROR_TYPE_KEY not in dict(err.trailing_metadata() or ())
+    return err.code() == grpc.StatusCode.UNAVAILABLE and error_type(err) is None
 
 
 def _no_key_over_grpc(key: bytes | None) -> None:
@@ -260,10 +265,14 @@ class GatewaySession(Backend):
             return self._retrying(lambda: method(make(), metadata=self._metadata), 0.0)
         return self._retrying(lambda: method(make(), metadata=self._metadata))
 
-    def _retrying(self, attempt: Callable[[], Any], window_s: float | None = None) -> Any:
-        """``attempt()``, tried again with backoff while it fails for want of a gateway, for at
-        most ``window_s`` (default: ``reconnect_s``); then (or on any other error) raises the
-        server's exception (:func:`raised`)."""
+    def _retrying(
+        self, attempt: Callable[[], Any], window_s: float | None = None, conflicts: int = 0
+    ) -> Any:
+        """``attempt()`` under the client's one retry policy: tried again with backoff while it
+        fails for want of a gateway, for at most ``window_s`` (default: ``reconnect_s``), and
+        tried again at once, at most ``conflicts`` times, when the gateway refused it because
+        another call overtook it (:class:`~shardopt.core.errors.PullConflictError`); then (or
+        on any other error) raises the server's exception (:func:`raised`)."""
         window_s = self._reconnect_s if window_s is None else window_s
         deadline = time.monotonic() + window_s
         delay = 0.05
@@ -271,6 +280,9 @@ class GatewaySession(Backend):
             try:
                 return attempt()
             except grpc.RpcError as err:
+                if conflicts > 0 and error_type(err) == errors.PullConflictError.__name__:
+                    conflicts -= 1  # another call changed the parameters mid-stream
+                    continue
                 if not reconnectable(err) or time.monotonic() + delay > deadline:
                     raise raised(err) from None
                 log = logger.warning if delay == 0.05 else logger.debug  # once per outage
@@ -362,17 +374,12 @@ class GatewaySession(Backend):
         params = self._params.flat()
         staging = self._staging(params)  # a pull that fails part-way leaves params as they were
         request = pb.PullParametersRequest(session_id=self.session_id)
-        for attempt in range(1, PULL_ATTEMPTS + 1):
-            try:
-                values = self._retrying(
-                    lambda: receive_parameters(
-                        self._stub.PullParameters(request, metadata=self._metadata), staging
-                    )
-                )
-                break
-            except errors.PullConflictError:  # another call changed them mid-stream
-                if attempt == PULL_ATTEMPTS:
-                    raise
+        values = self._retrying(
+            lambda: receive_parameters(
+                self._stub.PullParameters(request, metadata=self._metadata), staging
+            ),
+            conflicts=PULL_ATTEMPTS - 1,
+        )
         for pid, (p, value) in enumerate(zip(params, values)):
             assign(p, value)
             self.shard_map.record(pid, p)
@@ -521,9 +528,22 @@ class GatewaySession(Backend):
         params = self._params.flat()
         if self.shard_map.any_changed(params):
             self.push_params()
-        outbox: queue.Queue[Any] = queue.Queue()
         groups = wire.encode_groups(self._params.groups, with_ids=False)
         start = pb.StepRequest(session_id=self.session_id, param_groups=groups)
+        # tried again only while the gateway has asked for nothing: it began no step then
+        done, loss = self._retrying(lambda: self._closure_conversation(closure, params, start))
+        self.shard_map.set_state_order(done.state_order)
+        self.pull_params()  # the step's last update follows its last evaluation
+        return loss
+
+    def _closure_conversation(
+        self, closure: Callable[[], Any], params: list[torch.Tensor], start: Any
+    ) -> tuple[Any, Any]:
+        """One ``ClosureStep`` call; returns its ``done`` reply and the closure's first value.
+        Raises ``grpc.RpcError`` only
+        while the gateway has asked for no evaluation (a failure then may be tried again);
+        after, the exception the failure stands for, with a note that it is not retried."""
+        outbox: queue.Queue[Any] = queue.Queue()
         outbox.put([pb.ClosureStepRequest(start=start)])
 
         def requests() -> Iterator[Any]:
@@ -532,11 +552,13 @@ class GatewaySession(Backend):
 
         call = self._stub.ClosureStep(requests(), metadata=self._metadata)
         first: list[Any] = []
+        asked = False
         try:
             for answer in call:
                 kind = answer.WhichOneof("kind")
                 if kind == "done":
                     break
+                asked = True
                 if kind != "evaluate":
                     raise wire.WireError(f"expected an evaluate request, got a {kind}")
                 if answer.evaluate.params:  # the step moved the parameters: evaluate there
@@ -560,10 +582,18 @@ class GatewaySession(Backend):
             else:
                 raise errors.ShardoptError("the gateway ended the step without finishing it")
         except grpc.RpcError as err:
-            raise raised(err) from None
+            if not asked:
+                raise  # nothing of the step reached a shard: the caller may try it again
+            exc = raised(err)
+            if reconnectable(err):
+                exc.add_note(
+                    "shardopt: the gateway was lost during this LBFGS step, after it had asked "
+                    "for an evaluation: the step is not tried again (the shards may hold part "
+                    "of it; a gateway restarted with --session-store refuses the session's "
+                    "further steps if so)"
+                )
+            raise exc from None
         finally:
             outbox.put(None)
             call.cancel()  # a no-op once the call is over; else (the closure raised) it ends it
-        self.shard_map.set_state_order(answer.done.state_order)
-        self.pull_params()  # the step's last update follows its last evaluation
-        return first[0]
+        return answer.done, first[0]

@@ -19,6 +19,7 @@ Talks to: the shards' vector stores through :mod:`shardopt.client.vector_machine
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -274,6 +275,60 @@ class LBFGSShards(LocalShards):
         else:
             self._machine.flush()
 
+    # ----- the state between steps as plain values (a restarted gateway's resume) -----------
+
+    def portable_state(self) -> dict[str, Any]:
+        """The state between steps as plain values: numbers and 0-dim tensors by value (their
+        dtype named), the flat vectors by name (their values stay on the shards), and the
+        vector machine's naming. A backend over the same shards continues from it
+        (:meth:`adopt_portable_state`) exactly where this one stopped.
+
+        Raises:
+            TypeError: a value that is none of those.
+        """
+
+        def portable(value: Any) -> Any:
+            if isinstance(value, ShardedVector):
+                return {"vector": value.name}
+            if isinstance(value, torch.Tensor) and value.dim() == 0:
+                return {"tensor": str(value.dtype), "value": value.item()}
+            if isinstance(value, list):
+                return [portable(v) for v in value]
+            if value is None or isinstance(value, (bool, int, float)):
+                return value
+            raise TypeError(f"LBFGS state holds a {type(value).__name__}: not portable")
+
+        state = {key: portable(value) for key, value in self._lbfgs_state.items()}
+        return {"state": state, "machine": self._machine.portable()}
+
+    def adopt_portable_state(self, saved: dict[str, Any]) -> None:
+        """Continues from :meth:`portable_state` of a backend over the same shards.
+
+        Raises:
+            ValueError: ``saved`` is not such a state.
+        """
+
+        def value_of(value: Any) -> Any:
+            if isinstance(value, dict) and set(value) == {"vector"}:
+                return ShardedVector(self._machine, str(value["vector"]))
+            if isinstance(value, dict) and set(value) == {"tensor", "value"}:
+                dtype = getattr(torch, str(value["tensor"]).removeprefix("torch."), None)
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"no dtype {value['tensor']!r}")
+                return torch.tensor(value["value"], dtype=dtype)
+            if isinstance(value, list):
+                return [value_of(v) for v in value]
+            if value is None or isinstance(value, (bool, int, float)):
+                return value
+            raise ValueError(f"not a portable LBFGS state value: {value!r:.80}")
+
+        if not isinstance(saved, dict) or set(saved) != {"state", "machine"}:
+            raise ValueError("not a portable LBFGS state")
+        state = {str(key): value_of(value) for key, value in saved["state"].items()}
+        self._machine.adopt(saved["machine"])
+        self._lbfgs_state = state
+        self.shard_map.set_state_order([0] if state else [])
+
     # ----- state in torch's LBFGS format ----------------------------------------------------
 
     def _materialize(self) -> dict[str, Any]:
@@ -417,6 +472,9 @@ class LBFGS(ShardedOptimizer):
         address, token, tls: a gateway's ``host:port`` and how to reach it: the gateway runs
             the step (its vectors on its shards) and asks this process to evaluate the
             closure where the algorithm needs it.
+        reconnect_timeout: with ``address``: how long a call retries while no gateway
+            answers. A step is tried again only if the gateway had not begun it (no evaluation
+            was asked for); one interrupted later fails (it is never applied twice).
 
     Example:
         >>> import torch, shardopt
@@ -451,6 +509,7 @@ class LBFGS(ShardedOptimizer):
         address: str | None = None,
         token: str | None = None,
         tls: bool | str | os.PathLike | None = None,
+        reconnect_timeout: datetime.timedelta | float = datetime.timedelta(minutes=2),
     ) -> None:
         super().__init__(
             params,
@@ -461,6 +520,7 @@ class LBFGS(ShardedOptimizer):
             address=address,
             token=token,
             tls=tls,
+            reconnect_timeout=reconnect_timeout,
             lr=lr,
             max_iter=max_iter,
             max_eval=max_eval,

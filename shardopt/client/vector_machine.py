@@ -12,7 +12,6 @@ Talks to: the shards' vector stores through :meth:`ShardHandle.run_vectors
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
@@ -29,14 +28,26 @@ class VectorMachine:
         self._handles = handles
         self.shards = [h.index for h in handles]
         self._programs: dict[int, list[tuple]] = {s: [] for s in self.shards}
-        self._names = itertools.count()
+        self._next_name = 0
         self._garbage: list[str] = []
         self.bytes_sent = 0
         self.bytes_received = 0
         self.round_trips = 0
 
     def new(self) -> ShardedVector:
-        return ShardedVector(self, f"v{next(self._names)}")
+        self._next_name += 1
+        return ShardedVector(self, f"v{self._next_name - 1}")
+
+    def portable(self) -> dict[str, Any]:
+        """Where its naming stands (the next name's number) and the names it has yet to free,
+        as plain values: what a machine taking over the same shards needs (:meth:`adopt`)."""
+        return {"next": self._next_name, "garbage": list(self._garbage)}
+
+    def adopt(self, portable: dict[str, Any]) -> None:
+        """Takes over from the machine whose :meth:`portable` this is (on the same shards):
+        new names follow its last, and its garbage is freed with the next flush."""
+        self._next_name = max(self._next_name, int(portable["next"]))
+        self._garbage.extend(str(name) for name in portable["garbage"])
 
     def queue(self, op: tuple) -> None:
         for program in self._programs.values():

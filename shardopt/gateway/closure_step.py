@@ -49,6 +49,8 @@ class ClosureStep:
         ledger, limits: what the client's uploads are counted against.
         after_step: run in the worker after the step, given the first evaluation's loss;
             returns the ``done`` reply's ``StepReply``.
+        before_first: run in the worker before the client is first asked for an evaluation
+            (nothing of the step has reached a shard yet).
     """
 
     def __init__(
@@ -58,12 +60,14 @@ class ClosureStep:
         ledger: Ledger,
         limits: Limits,
         after_step: Callable[[float | None], Any],
+        before_first: Callable[[], None] | None = None,
     ) -> None:
         self._session = session
         self._requests = requests
         self._ledger = ledger
         self._limits = limits
         self._after_step = after_step
+        self._before_first = before_first
         self._out: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._sent_versions = [p._version for p in session.params]  # what the client holds
         self._held: Hold | None = None
@@ -113,6 +117,9 @@ class ClosureStep:
     @torch.no_grad()
     def _closure(self) -> torch.Tensor:
         session = self._session
+        if self.evaluations == 0 and self._before_first is not None:
+            self._before_first()
+            self._before_first = None
         params = session.params
         versions = [p._version for p in params]
         if versions != self._sent_versions:  # the step moved them: the client needs them

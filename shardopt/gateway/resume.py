@@ -8,9 +8,14 @@ resumes every recorded session (:meth:`StoreLink.resume`) as a :class:`ResumedOp
 attaches to the shards that are there instead of creating new ones. The parameters are read
 back from the shards; the shards' optimizer state never left them.
 
-Resumable: sessions of a per-tensor optimizer outside shard groups. LBFGS sessions (whose step is
-a conversation with the client) and shard group members are not recorded, nor is a session once
-it added a param group: a restart closes those as before.
+Resumable: sessions outside shard groups, of a per-tensor optimizer or of LBFGS, with every
+param group they added (the record says how each placement placed them, and a resume places them
+the same way, checked against the recorded pieces). An LBFGS session's state between steps (its
+numbers, and its vectors by name: their values stay on the shards) is recorded after each step;
+a step under way is marked in the record first, so a session whose gateway died mid-step is
+resumed with its steps refused (its shards may hold part of that step; it is never applied
+twice, nor continued from a mix). Shard group members are not recorded: a restart closes them as
+before.
 
 Talks to: the store actor and shard hosts (Ray); the servicer's session table and ledger.
 """
@@ -29,6 +34,7 @@ import torch
 
 from shardopt.actor.host import NAMESPACE, ShardHost
 from shardopt.client.handles import ShardHandle
+from shardopt.client.lbfgs import LBFGSShards
 from shardopt.client.local import LocalShards
 from shardopt.client.optimizer import ShardedOptimizer
 from shardopt.client.runtime import drop_shards, host_pool, ray_get
@@ -43,11 +49,26 @@ logger = logging.getLogger(__name__)
 
 
 class Attachment:
-    """Where a resumed session's shards are: their hosts and keys."""
+    """Where a resumed session's shards are: their hosts and keys, how its param groups were
+    placed (group counts, in order; empty: all at once) and the pieces that gave (empty: not
+    checked)."""
 
-    def __init__(self, hosts: list[Any], keys: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        hosts: list[Any],
+        keys: tuple[str, ...],
+        placed: tuple[int, ...] = (),
+        pieces: tuple[tuple[tuple[int, int, int], ...], ...] = (),
+    ) -> None:
         self.hosts = hosts
         self.keys = keys
+        self.placed = placed
+        self.pieces = pieces
+
+
+def pieces_of(shard_map: Any) -> tuple[tuple[tuple[int, int, int], ...], ...]:
+    """Each parameter's pieces in a shard map's plan, as (shard, first row, row after)."""
+    return tuple(tuple((p.shard, p.start, p.stop) for p in ps) for ps in shard_map.plan.pieces)
 
 
 class ResumedShards(LocalShards):
@@ -58,9 +79,40 @@ class ResumedShards(LocalShards):
     def __init__(self, params: Any, num_shards: int, attachment: Attachment, **kwargs: Any) -> None:
         self._attachment = attachment
         self._last_steps: list[int] = []
+        self._replayed = False  # the first placement replays the recorded ones
         super().__init__(params, num_shards, **kwargs)
         self._next_step_id = max(self._last_steps) + 1
         self.pull_params()
+
+    def _place(
+        self, new_params: list[torch.Tensor], groups: list[int], splittable: list[bool]
+    ) -> list[Any]:
+        """Places every parameter as the session's placements did: its first groups at once,
+        then each added group on its own (the plan extends deterministically).
+
+        Raises:
+            ValueError: placements that do not cover the groups, or a layout other than the
+                recorded one (the shards hold other pieces than this would map).
+        """
+        if self._replayed:  # a group added since the resume
+            return super()._place(new_params, groups, splittable)
+        self._replayed = True
+        placed = self._attachment.placed or (max(groups, default=-1) + 1,)
+        if sum(placed) != max(groups, default=-1) + 1:
+            raise ValueError(f"placements of {sum(placed)} param groups for {max(groups) + 1}")
+        blocks: list[Any] = []
+        first_group = start = 0
+        for count in placed:
+            stop = start
+            while stop < len(groups) and groups[stop] < first_group + count:
+                stop += 1
+            chosen = slice(start, stop)
+            blocks = super()._place(new_params[chosen], groups[chosen], splittable[chosen])
+            first_group, start = first_group + count, stop
+        recorded = self._attachment.pieces
+        if recorded and pieces_of(self.shard_map) != recorded:
+            raise ValueError("the parameters' layout is not the one recorded")
+        return blocks  # unused: the shards exist (see _open_shards)
 
     def _open_shards(
         self, specs: list[ShardSpec], actor_options: dict[str, Any], shared_memory: bool | None
@@ -83,17 +135,26 @@ class ResumedShards(LocalShards):
         return [(ids, buffers) for ids, buffers, _ in answers]
 
 
+class ResumedLBFGSShards(ResumedShards, LBFGSShards):
+    """:class:`~shardopt.client.lbfgs.LBFGSShards` over a resumed LBFGS session's shards (its
+    state between steps is adopted after: :meth:`~LBFGSShards.adopt_portable_state`)."""
+
+
 class ResumedOptimizer(ShardedOptimizer):
-    """A :class:`~shardopt.client.optimizer.ShardedOptimizer` over a resumed session's shards."""
+    """A :class:`~shardopt.client.optimizer.ShardedOptimizer` over a resumed session's shards
+    (``shardopt.LBFGS``'s backend for ``torch.optim.LBFGS``)."""
 
     def __init__(
         self, groups: list[dict], optimizer_class: type, attachment: Attachment, **kwargs: Any
     ) -> None:
         self._attachment = attachment
+        if optimizer_class is torch.optim.LBFGS:
+            self._local_backend = LBFGSShards  # as shardopt.LBFGS
         super().__init__(groups, optimizer_class, **kwargs)
 
     def _make_backend(self, source: Any, **options: Any) -> Any:
-        return ResumedShards(
+        lbfgs = self._local_backend is LBFGSShards
+        return (ResumedLBFGSShards if lbfgs else ResumedShards)(
             source, options["num_shards"], self._attachment,
             actor_options=options["actor_options"], shared_memory=options["shared_memory"],
             overlap=False, share_params=False, replicate=0,
@@ -102,7 +163,19 @@ class ResumedOptimizer(ShardedOptimizer):
 
 def resumable(optimizer: ShardedOptimizer) -> bool:
     """Whether a session's optimizer can be resumed by a restarted gateway."""
-    return type(optimizer.backend) in (LocalShards, ResumedShards)
+    backends = (LocalShards, ResumedShards, LBFGSShards, ResumedLBFGSShards)
+    return type(optimizer.backend) in backends
+
+
+def is_lbfgs(session: Session) -> bool:
+    """Whether a session runs LBFGS on its shards (its record carries LBFGS's state)."""
+    return isinstance(session.optimizer.backend, LBFGSShards)
+
+
+def lbfgs_state(session: Session) -> dict[str, Any] | None:
+    """An LBFGS session's state between steps as plain values (None: not LBFGS)."""
+    backend = session.optimizer.backend
+    return backend.portable_state() if isinstance(backend, LBFGSShards) else None
 
 
 def repeat_from(session: Session, step_id: int) -> None:
@@ -130,6 +203,9 @@ def record_of(session: Session, kwargs: dict[str, Any], host_names: list[str]) -
     groups = tuple(
         (tuple(index[id(p)] for p in g["params"]), group_options(g)) for g in optimizer.param_groups
     )
+    placed = tuple(session.placements) or (len(groups),)
+    if sum(placed) != len(groups):
+        raise ValueError(f"placements of {sum(placed)} param groups for {len(groups)}")
     return SessionRecord(
         session_id=session.session_id,
         principal=session.principal,
@@ -141,6 +217,10 @@ def record_of(session: Session, kwargs: dict[str, Any], host_names: list[str]) -
         nbytes=session.nbytes,
         hosts=tuple(host_names),
         keys=tuple(h.key for h in optimizer.backend.handles),
+        placed=placed,
+        pieces=pieces_of(optimizer.backend.shard_map),
+        steps=session.steps,
+        lbfgs=lbfgs_state(session),
     )
 
 
@@ -175,9 +255,9 @@ class StoreLink:
             ray.remote(SessionStore)
             .options(
                 name=store_name(self._name), namespace=NAMESPACE, lifetime="detached",
-                get_if_exists=True, num_cpus=0,
+                get_if_exists=True, num_cpus=0, max_restarts=-1, max_task_retries=-1,
             )
-            .remote(NAMESPACE, self._idle_timeout_s)
+            .remote(NAMESPACE, self._idle_timeout_s, store_name(self._name))
         )  # fmt: skip
 
     def _claim(self) -> float:
@@ -212,17 +292,31 @@ class StoreLink:
 
     # ----- records ----------------------------------------------------------------------------
 
-    def put(self, session: Session, kwargs: dict[str, Any]) -> None:
-        """Records a session (if it can be resumed) before its client hears of it."""
+    def put(self, session: Session, kwargs: dict[str, Any] | None = None) -> None:
+        """Records a session (if it can be resumed) before its client hears of it, or records
+        it again as it is now (its param groups grew; ``kwargs``: those it was recorded with)."""
+        kwargs = session.record_kwargs if kwargs is None else kwargs
         names = self.host_names(session.optimizer)
-        if names is None or not resumable(session.optimizer):
+        if names is None or kwargs is None or not resumable(session.optimizer):
             return
+        session.placements = session.placements or [len(session.optimizer.param_groups)]
         ray.get(self.store.put.remote(record_of(session, kwargs, names)))
+        session.record_kwargs = dict(kwargs)
         session.recorded = True
 
+    def update(self, session: Session, **changes: Any) -> None:
+        """Changes a recorded session's ``steps``, ``lbfgs`` or ``stepping`` (saved when it
+        returns)."""
+        if session.recorded:
+            ray.get(self.store.update.remote(session.session_id, changes))
+
+    def lbfgs_stepped(self, session: Session) -> None:
+        """Records an LBFGS session's state after a step (or a load) as not stepping."""
+        if session.recorded and (state := lbfgs_state(session)) is not None:
+            self.update(session, steps=session.steps, lbfgs=state, stepping=False)
+
     def forget(self, session: Session) -> None:
-        """Drops a session's record: a restarted gateway will not resume it (its param groups
-        grew: the shards' placement is no longer the plan a resume makes)."""
+        """Drops a session's record: a restarted gateway will not resume it."""
         if session.recorded:
             session.recorded = False
             self.drop(session.session_id)
@@ -310,14 +404,26 @@ class StoreLink:
         params = [torch.empty(shape, dtype=_dtype(dtype)) for dtype, shape in record.specs]
         groups = [{**options, "params": [params[i] for i in ids]} for ids, options in record.groups]
         kwargs = dict(record.kwargs)
-        optimizer = ResumedOptimizer(
-            groups, optimizer_class, Attachment(hosts, record.keys), **kwargs
-        )
+        attachment = Attachment(hosts, record.keys, record.placed, record.pieces)
+        optimizer = ResumedOptimizer(groups, optimizer_class, attachment, **kwargs)
         session = Session(
             record.session_id, record.principal, optimizer, params, list(record.names),
             record.nbytes,
         )  # fmt: skip
         session.steps = optimizer.backend.next_step_id
+        if isinstance(optimizer.backend, LBFGSShards):
+            session.steps = record.steps
+            if record.stepping:
+                session.refused = (
+                    f"the gateway restarted during LBFGS step {record.steps} of this session; "
+                    "its shards may hold part of that step, which is not applied again nor "
+                    "continued: close this session and open a new one (e.g. from a checkpoint "
+                    "saved before)"
+                )
+            elif record.lbfgs is not None:
+                optimizer.backend.adopt_portable_state(record.lbfgs)
+        session.record_kwargs = kwargs
+        session.placements = list(record.placed) or [len(record.groups)]
         session.recorded = True
         session.last_used = time.monotonic() - max(0.0, time.time() - last_used)
         logger.info(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import pathlib
-import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +33,6 @@ from shardopt.client.lbfgs import LBFGS
 from shardopt.client.optimizer import ShardedOptimizer, default_num_shards
 from shardopt.core import chunk_codec, wire
 from shardopt.core.errors import (
-    ERROR_TYPE_KEY,
     AccessDeniedError,
     PullConflictError,
     ShardoptError,
@@ -58,11 +56,11 @@ from shardopt.gateway.admission import (
 from shardopt.gateway.auth import ANONYMOUS, bearer_token, principal_of
 from shardopt.gateway.closure_step import ClosureStep
 from shardopt.gateway.gradients import GradientUpload
-from shardopt.gateway.handling import Malformed, status_of
+from shardopt.gateway.handling import Malformed, abort
 from shardopt.gateway.handling import handled as _handled
 from shardopt.gateway.handling import handled_stream as _handled_stream
 from shardopt.gateway.quotas import Ledger, Limits
-from shardopt.gateway.resume import StoreLink, repeat_from
+from shardopt.gateway.resume import StoreLink, is_lbfgs, repeat_from
 from shardopt.gateway.sessions import Session, SessionTable
 from shardopt.gateway.status import session_info, shard_infos
 
@@ -309,6 +307,8 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
     @_handled
     def Step(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._use(context, request.session_id) as session, session.lock:
+            if session.refused is not None:
+                raise ShardoptError(session.refused)
             if not session.grads_ready:
                 raise ShardoptError("no gradients staged: call PushGradients before each Step")
             if request.HasField("step_id"):
@@ -326,17 +326,34 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         requests = _messages(requests)
         start = _first(requests, "start")
         with self._use(context, start.session_id) as session, session.lock:
+            if session.refused is not None:
+                raise ShardoptError(session.refused)
             session.unstage()  # the closure computes the gradients
             if start.param_groups:
                 self._update_groups(session, start.param_groups)
+            store = self.store if session.recorded and is_lbfgs(session) else None
+            marked = []
+
+            def begin() -> None:  # a restart from here on refuses the session's steps
+                store.update(session, stepping=True)
+                marked.append(True)
 
             def done(loss: float | None) -> Any:
                 reply = _stepped(session)
                 reply.loss = loss if loss is not None else float("nan")
+                if marked:  # recorded before the client hears the step is done
+                    store.lbfgs_stepped(session)
+                    marked.clear()
                 return reply
 
-            run = ClosureStep(session, requests, self.ledger, self.limits, done)
-            yield from run.replies()
+            run = ClosureStep(
+                session, requests, self.ledger, self.limits, done, begin if store else None
+            )
+            try:
+                yield from run.replies()
+            finally:
+                if marked:  # a step that raised: its state as it is (as torch's would be)
+                    store.lbfgs_stepped(session)
 
     @_handled_stream
     def PullParameters(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -399,6 +416,15 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         for group, options in zip(optimizer.param_groups, decoded):  # all checked: now apply
             group.update(options)
 
+    def _record_again(self, session: Session) -> None:
+        """Records a session as it is now (its param groups grew); if that fails, a restart
+        will not resume it (its old record would not match its shards)."""
+        try:
+            self.store.put(session)
+        except Exception:
+            logger.exception("session %s: recording it again failed", session.session_id)
+            self.store.forget(session)
+
     @_handled
     def GetParamGroups(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._use(context, request.session_id) as session, session.lock:
@@ -441,8 +467,9 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                     session.params.extend(values)
                     session.names.extend(names)
                     session.nbytes += nbytes
+                    session.placements.append(1)
                     if self.store is not None:
-                        self.store.forget(session)
+                        self._record_again(session)
             except BaseException:
                 self.ledger.shrink_session(session.principal, nbytes)
                 raise
@@ -496,6 +523,8 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                     check_group_update(optimizer.optimizer_class, options, f"param group {i}")
                 with session.lock:
                     optimizer.load_state_dict(state_dict)
+                    if self.store is not None:  # an LBFGS session's state is in its record
+                        self.store.lbfgs_stepped(session)
                     return pb.LoadStateDictReply(state_order=optimizer.backend.state_order)
 
     def _checkpoint_path(self, principal: str, relative: str) -> pathlib.Path | str:
@@ -531,6 +560,8 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             path = self._checkpoint_path(session.principal, request.path)
             with session.lock:
                 session.optimizer.load_checkpoint(path, key=self.checkpoint_key)
+                if self.store is not None:  # an LBFGS session's state is in its record
+                    self.store.lbfgs_stepped(session)
         return pb.CheckpointReply(path=request.path)
 
     # ----- status -----------------------------------------------------------------------------
@@ -556,27 +587,4 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
 
     def _abort(self, context: grpc.ServicerContext, exc: BaseException) -> None:
         """Ends the call with ``exc``'s status and a message that names no server path."""
-        code = status_of(exc)
-        if isinstance(exc, wire.LimitError):
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED
-        if code == grpc.StatusCode.INTERNAL:
-            incident = uuid.uuid4().hex[:12]
-            logger.error("gateway: unexpected error (incident %s)", incident, exc_info=exc)
-            message = f"internal error; the gateway's log has the details (incident {incident})"
-        else:
-            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-            message = self._scrub(message)
-        context.set_trailing_metadata(((ERROR_TYPE_KEY, type(exc).__name__),))
-        context.abort(code, message or type(exc).__name__)
-
-    def _scrub(self, message: str) -> str:
-        """``message`` with the checkpoint directory's absolute path (or URL) taken out."""
-        if self.checkpoint_dir is None:
-            return message
-        roots = [str(self.checkpoint_dir)]
-        if isinstance(self.checkpoint_dir, str):  # a URL: file systems name it without scheme
-            roots.append(self.checkpoint_dir.split("://", 1)[1])
-        for root in map(re.escape, roots):
-            message = re.sub(root + r"/[^/\s'\"]+/?", "", message)  # a token's own directory
-            message = re.sub(root, "<checkpoint-dir>", message)
-        return message
+        abort(context, exc, self.checkpoint_dir)

@@ -85,6 +85,13 @@ class Session:
     """The claim of the staged gradients, if they are in ``transfer``."""
     recorded: bool = False
     """Whether a session store holds its record (a restarted gateway resumes it)."""
+    record_kwargs: dict | None = None
+    """What admission gave its optimizer (kept for its record)."""
+    placements: list[int] = field(default_factory=list)
+    """How many param groups each placement of its parameters placed (see
+    :attr:`~shardopt.gateway.session_store.SessionRecord.placed`)."""
+    refused: str | None = None
+    """Why its steps are refused (an LBFGS step that a gateway's restart cut short)."""
 
     def expected(self, indices: list[int] | None = None) -> list[tuple[torch.dtype, tuple]]:
         """(dtype, shape) of the parameters (all, or those at ``indices``)."""
