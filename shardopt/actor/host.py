@@ -14,10 +14,12 @@ Talks to: the shards it holds (:class:`~shardopt.actor.shard.Shard`); Ray's metr
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -105,6 +107,21 @@ class ShardCalls:
             result = shard.step(request)
             observe_step(shard, time.perf_counter() - start)
             return result
+
+    def step_direct(
+        self, key: str, request: StepRequest, grads: torch.Tensor | None
+    ) -> tuple[StepResult, torch.Tensor]:
+        """A step whose gradient buffer came as a tensor (through Ray Direct Transport, see
+        :mod:`shardopt.client.transport`); answers with the result and a copy of the shard's
+        flat parameter buffer on its device, for the client to fetch the same way. A copy, as
+        RDT objects must not change after they are sent: the next step writes the buffer."""
+        with self._using(key) as shard:
+            if grads is not None and request.step_id > shard.status().last_step_id:
+                shard.grad_buffer().copy_(grads)
+            start = time.perf_counter()
+            result = shard.step(replace(request, grads=None, return_params=False))
+            observe_step(shard, time.perf_counter() - start)
+            return result, shard.param_buffer().clone()
 
     def set_params(self, key: str, update: ParamUpdate) -> None:
         with self._using(key) as shard:
@@ -304,13 +321,16 @@ class ShardHost(ShardCalls):
         ]
 
     def info(self) -> dict[str, Any]:
-        """The host's device, node, process id and the shards it holds."""
+        """The host's device, node, the GPUs Ray gave it, whether it has NIXL, its process id
+        and the shards it holds."""
         import ray
 
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         return {
             "device": str(self.device),
             "node_id": node_id,
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else [],
+            "nixl": importlib.util.find_spec("nixl") is not None,
             "pid": os.getpid(),
             "shards": sorted(self._shards),
         }
