@@ -75,15 +75,32 @@ def threads_per_shard(node_ids: list[str], reserved: bool) -> list[int | None]:
 
 
 def actor_device() -> torch.device:
-    """CUDA when Ray gave this actor a GPU (and torch can see it), else CPU."""
+    """CUDA when Ray gave this actor a GPU (and torch can see it), else CPU.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to the actor's GPUs (whole or a fraction, from
+    ``num_gpus`` or a placement bundle's ``GPU``), so its first GPU is ``cuda:0``; where Ray
+    was told not to (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``) it is the GPU's own index.
+    """
     try:
         import ray
 
-        if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
-            return torch.device("cuda", 0)
+        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+        if gpu_ids and torch.cuda.is_available():
+            index = 0
+            if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "0") not in ("", "0"):
+                index = int(gpu_ids[0]) if str(gpu_ids[0]).isdigit() else 0
+            device = torch.device("cuda", index)
+            torch.cuda.set_device(device)
+            return device
     except Exception:  # outside an actor
         pass
     return torch.device("cpu")
+
+
+def finished(shard: Shard) -> None:
+    """Waits for the shard's GPU work (so that a step's time is the update's, not its launch)."""
+    if shard.device.type == "cuda":
+        torch.cuda.synchronize(shard.device)
 
 
 def observe_step(shard: Shard, seconds: float) -> None:
@@ -105,6 +122,7 @@ class ShardCalls:
         with self._using(key) as shard:
             start = time.perf_counter()
             result = shard.step(request)
+            finished(shard)
             observe_step(shard, time.perf_counter() - start)
             return result
 
@@ -120,6 +138,7 @@ class ShardCalls:
                 shard.grad_buffer().copy_(grads)
             start = time.perf_counter()
             result = shard.step(replace(request, grads=None, return_params=False))
+            finished(shard)
             observe_step(shard, time.perf_counter() - start)
             return result, shard.param_buffer().clone()
 
