@@ -9,8 +9,8 @@
 #    be a CPU build: then no interpreter qualifies, and the script says so and exits 3.
 # 2. nvidia-smi and torch's view of the device          -> env.log
 # 3. the tests marked gpu (tests/test_gpu.py and the gpu tests of other files), at most
-#    TESTS_S seconds (default 300)                       -> tests.log, tests.xml
-# 4. benchmarks/gpu_bench.py (AdamW, 50M and 500M), at most BENCH_S seconds (default 360)
+#    TESTS_S seconds (default 240)                       -> tests.log, tests.xml
+# 4. benchmarks/gpu_bench.py (AdamW, 50M and 500M), at most BENCH_S seconds (default 300)
 #                                                        -> bench.log, gpu_bench_<device>.json
 # Exit status: 0 when every stage passed, else the first failing stage's (tests: pytest's;
 # 124 for a stage that ran out of time). summary.txt says how each stage ended.
@@ -19,8 +19,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
-tests_s=${TESTS_S:-300}
-bench_s=${BENCH_S:-360}
+tests_s=${TESTS_S:-240}
+bench_s=${BENCH_S:-300}
 summary="$out/summary.txt"
 : >"$summary"
 note() { echo "$*" | tee -a "$summary"; }
@@ -88,8 +88,10 @@ stage() {  # stage NAME SECONDS LOG COMMAND...
   fi
 }
 
-stage tests "$tests_s" "$out/tests.log" "$python" -m pytest -m gpu -rA --durations=0 \
-  --junitxml="$out/tests.xml" tests/test_gpu.py tests/test_optimizer.py tests/test_step_failures.py
+# -v: a line per test as it ends; a test past 90 s dumps every thread's stack (a hang shows)
+stage tests "$tests_s" "$out/tests.log" "$python" -m pytest -m gpu -v -rA --durations=0 \
+  -o faulthandler_timeout=90 --junitxml="$out/tests.xml" \
+  tests/test_gpu.py tests/test_optimizer.py tests/test_step_failures.py
 stage bench "$bench_s" "$out/bench.log" "$python" benchmarks/gpu_bench.py --out "$out"
 
 note "total: $(($(date +%s) - started)) s; exit $status; results and logs in $out"
