@@ -1,8 +1,10 @@
 """The per-shard transport (shardopt.client.transport) as far as a machine without a GPU can
 check it: the choice for each shard, the refusals, ``shard_status()``'s ``transport`` field,
 the shard's side of a direct step (a gradient tensor in, the parameters as a tensor out) bit for
-bit against torch, and torch's placement of state for parameters off the CPU (on the ``meta``
-device). The GPU to GPU paths themselves are in tests/test_gpu.py (CUDA only).
+bit against torch, the whole Ray Direct Transport path of a step through a real one-sided
+transport for CPU tensors registered with Ray (tests/shm_transport.py), and torch's placement of
+state for parameters off the CPU (on the ``meta`` device). The GPU to GPU paths themselves
+(CUDA IPC) are in tests/test_gpu.py (CUDA only).
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import logging
 
 import pytest
+import shm_transport
 import torch
-from helpers import assert_same_tensors
+from helpers import assert_same, assert_same_tensors
 
 import shardopt
 from shardopt.actor.host import ShardHost
@@ -120,3 +123,28 @@ def test_shard_status_names_each_shards_transport(caplog):
         ) as opt:
             assert [s.transport for s in opt.shard_status()] == ["object_store"]
     assert "no 'cuda_ipc'" in caplog.text and "not all on CUDA" in caplog.text
+
+
+def test_steps_through_a_registered_one_sided_transport_match_torch():
+    """shardopt's RDT data path end to end on a CPU: the client puts its gradient buffer with
+    the transport, each shard host (made with ``enable_tensor_transport``) receives it as a
+    tensor and answers with its parameters through it; bit-identical to torch's fused AdamW."""
+    shm_transport.register()  # before the hosts that use it are made
+    torch.manual_seed(5)
+    init = [torch.randn(40, 8), torch.randn(8), torch.randn(())]
+    params = [t.clone().requires_grad_() for t in init]
+    ref = [t.clone().requires_grad_() for t in init]
+    torch_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
+    with shardopt.AdamW(
+        params, lr=1e-2, weight_decay=0.1, num_shards=2, transport="shm_test"
+    ) as opt:
+        assert [s.transport for s in opt.shard_status()] == ["shm_test"] * 2
+        for _ in range(3):
+            grads = [torch.randn_like(t) for t in init]
+            for p, r, g in zip(params, ref, grads):
+                p.grad, r.grad = g.clone(), g.clone()
+            opt.step()
+            torch_opt.step()
+            assert_same_tensors(params, ref)
+        assert_same(opt.state_dict()["state"], torch_opt.state_dict()["state"], "state", 0.0)
+        assert [s.transport for s in opt.shard_status()] == ["shm_test"] * 2  # no fallback

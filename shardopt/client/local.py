@@ -28,7 +28,7 @@ import torch
 
 from shardopt.actor.host import threads_per_shard
 from shardopt.checkpoint.integrity import Commit
-from shardopt.client import transport
+from shardopt.client import transport as transport_module
 from shardopt.client.backend import ParamSource
 from shardopt.client.data_path import DataPath, GradShipper
 from shardopt.client.handles import ShardHandle
@@ -96,14 +96,18 @@ class LocalShards(RayShards):
             for s in range(num_shards)
         ]
         self._node = ray.get_runtime_context().get_node_id()  # this process's
-        if transport == "object_store":
-            shared_memory = False
-        created = self._open_shards(specs, actor_options, shared_memory)
+        direct_ok = self.per_tensor and not replicate  # replicas take numpy gradients
+        if transport == "object_store" or (direct_ok and transport_module.is_direct(transport)):
+            shared_memory = False  # asked for by name: not shared memory
+        transport = transport if direct_ok else "object_store"
+        host_options, client = actor_options, transport_module.ClientSide.here()
+        if transport_module.needs_rdt_hosts(transport, actor_options, client):
+            host_options = {**actor_options, "enable_tensor_transport": True}
+        created = self._open_shards(specs, host_options, shared_memory)
         flat = params.flat()
         for s, (_, buffers) in enumerate(created):
             self.data_path.map_shared(s, buffers, flat)
-        direct_ok = self.per_tensor and not replicate  # replicas take numpy gradients
-        self._choose_transports(transport if direct_ok else "object_store")
+        self._choose_transports(transport, client)
         self.shard_map.note_state(chain.from_iterable(ids for ids, _ in created))
         self._lanes: dict[int, tuple[ShardHandle, LaneClient]] = {}
         if self.per_tensor and not replicate:  # replicas export from primaries in Ray's order
@@ -146,7 +150,7 @@ class LocalShards(RayShards):
             ]
         )
 
-    def _choose_transports(self, requested: str) -> None:
+    def _choose_transports(self, requested: str, client: transport_module.ClientSide) -> None:
         """Sets each shard's transport (:mod:`shardopt.client.transport`) and where its
         gradients are gathered here: on the client's GPU for RDT, in pinned memory for the
         object store from CUDA tensors."""
@@ -157,12 +161,11 @@ class LocalShards(RayShards):
         devices = [{flat[slot.pid].device for slot in self.shard_map.slots(s)} for s in range(
             self.num_shards)]  # fmt: skip
         shared = [self.data_path.shared_params(s) is not None for s in range(self.num_shards)]
-        self.transports = transport.choose_all(
-            requested, transport.ClientSide.here(), infos, devices, shared
-        )
+        self.transports = transport_module.choose_all(requested, client, infos, devices, shared)
+        transport_module.await_registration([h.host for h in self.handles], self.transports)
         for s, chosen in enumerate(self.transports):
             cuda = [d for d in devices[s] if d.type == "cuda"]
-            if chosen in transport.DIRECT and cuda:
+            if transport_module.is_direct(chosen) and cuda:
                 self.data_path.stage_on(s, cuda[0])
             elif cuda:
                 self.data_path.stage_on(s, torch.device("cpu"), pin_memory=True)
@@ -170,7 +173,7 @@ class LocalShards(RayShards):
     def _direct(self, shard: int) -> str | None:
         """The shard's Ray Direct Transport, if it uses one."""
         chosen = self.transports[shard] if self.transports else None
-        return chosen if chosen in transport.DIRECT else None
+        return chosen if transport_module.is_direct(chosen) else None
 
     def _place(
         self, new_params: list[torch.Tensor], groups: list[int], splittable: list[bool]
