@@ -121,7 +121,8 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     ray.init(address="local", include_dashboard=False, log_to_driver=True)
     gpus = ray.cluster_resources().get("GPU", 0)
-    share = 1.0 / (args.shards + 1)  # the client and its shards on one GPU
+    # the client and both optimizers' shards on one GPU (RDT shards need hosts of their own)
+    share = 1.0 / (2 * args.shards + 1)
     log(f"device {device_name(args.device)}; Ray sees {gpus} GPU(s); {share:.2f} GPU each")
     client_gpus = share if args.device == "cuda" else 0
     client = ray.remote(BenchClient).options(num_gpus=client_gpus).remote()
