@@ -418,7 +418,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
         Returns:
             ``{"state": {id: {...}}, "param_groups": [...]}``, equal to what
-            ``optimizer_class.state_dict()`` gives for the same run (state tensors on CPU).
+            ``optimizer_class.state_dict()`` gives for the same run (tensors on its devices).
         """
         backend = self.backend
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
