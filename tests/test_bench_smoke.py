@@ -135,3 +135,13 @@ def test_split_bench_pieces_run():
     sparse = split_bench.sparse(2, steps=2, rows=4000, batch=16)
     assert sparse["sparse"]["pieces"] == 2
     assert sparse["dense_vs_sparse_bytes"] > 10  # 16 of 4000 rows touched, both ways
+
+
+def test_gpu_bench_runs_on_a_cpu():
+    """benchmarks/gpu_bench.py's client on a CPU (its --device cpu mode): every config steps,
+    and each records the transport its shards really used (CUDA IPC falls back here)."""
+    gpu_bench = _benchmark_module("gpu_bench")
+    result = gpu_bench.BenchClient().run(20_000, "cpu", 1, 0, warmup=0, repeats=1)
+    assert all(s["error"] is None and s["median_ms"] > 0 for s in result["samples"].values())
+    assert result["transports"]["shardopt cuda_ipc"] == ["object_store"]
+    assert result["transports"]["shardopt object_store after"] == ["object_store"]

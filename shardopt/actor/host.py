@@ -14,10 +14,12 @@ Talks to: the shards it holds (:class:`~shardopt.actor.shard.Shard`); Ray's metr
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -73,15 +75,32 @@ def threads_per_shard(node_ids: list[str], reserved: bool) -> list[int | None]:
 
 
 def actor_device() -> torch.device:
-    """CUDA when Ray gave this actor a GPU (and torch can see it), else CPU."""
+    """CUDA when Ray gave this actor a GPU (and torch can see it), else CPU.
+
+    Ray sets ``CUDA_VISIBLE_DEVICES`` to the actor's GPUs (whole or a fraction, from
+    ``num_gpus`` or a placement bundle's ``GPU``), so its first GPU is ``cuda:0``; where Ray
+    was told not to (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``) it is the GPU's own index.
+    """
     try:
         import ray
 
-        if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
-            return torch.device("cuda", 0)
+        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
+        if gpu_ids and torch.cuda.is_available():
+            index = 0
+            if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "0") not in ("", "0"):
+                index = int(gpu_ids[0]) if str(gpu_ids[0]).isdigit() else 0
+            device = torch.device("cuda", index)
+            torch.cuda.set_device(device)
+            return device
     except Exception:  # outside an actor
         pass
     return torch.device("cpu")
+
+
+def finished(shard: Shard) -> None:
+    """Waits for the shard's GPU work (so that a step's time is the update's, not its launch)."""
+    if shard.device.type == "cuda":
+        torch.cuda.synchronize(shard.device)
 
 
 def observe_step(shard: Shard, seconds: float) -> None:
@@ -103,8 +122,25 @@ class ShardCalls:
         with self._using(key) as shard:
             start = time.perf_counter()
             result = shard.step(request)
+            finished(shard)
             observe_step(shard, time.perf_counter() - start)
             return result
+
+    def step_direct(
+        self, key: str, request: StepRequest, grads: torch.Tensor | None
+    ) -> tuple[StepResult, torch.Tensor]:
+        """A step whose gradient buffer came as a tensor (through Ray Direct Transport, see
+        :mod:`shardopt.client.transport`); answers with the result and a copy of the shard's
+        flat parameter buffer on its device, for the client to fetch the same way. A copy, as
+        RDT objects must not change after they are sent: the next step writes the buffer."""
+        with self._using(key) as shard:
+            if grads is not None and request.step_id > shard.status().last_step_id:
+                shard.grad_buffer().copy_(grads)
+            start = time.perf_counter()
+            result = shard.step(replace(request, grads=None, return_params=False))
+            finished(shard)
+            observe_step(shard, time.perf_counter() - start)
+            return result, shard.param_buffer().clone()
 
     def set_params(self, key: str, update: ParamUpdate) -> None:
         with self._using(key) as shard:
@@ -304,13 +340,16 @@ class ShardHost(ShardCalls):
         ]
 
     def info(self) -> dict[str, Any]:
-        """The host's device, node, process id and the shards it holds."""
+        """The host's device, node, the GPUs Ray gave it, whether it has NIXL, its process id
+        and the shards it holds."""
         import ray
 
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         return {
             "device": str(self.device),
             "node_id": node_id,
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else [],
+            "nixl": importlib.util.find_spec("nixl") is not None,
             "pid": os.getpid(),
             "shards": sorted(self._shards),
         }

@@ -37,6 +37,7 @@ from shardopt.core.buffers import (
 from shardopt.core.param_groups import (
     fuses_by_default,
     is_fusable,
+    place_state,
     sparse_step_keeps_other_rows,
 )
 from shardopt.core.records import (
@@ -242,6 +243,10 @@ class Shard:
         """The flat gradient buffer a step with ``grads=None`` reads (a group fills it)."""
         return self._grad_flat
 
+    def param_buffer(self) -> torch.Tensor:
+        """The flat buffer of the master parameters, on this shard's device."""
+        return self._flat
+
     # ----- stepping ---------------------------------------------------------------------------
 
     def _note_new_state(self) -> tuple[int, ...]:
@@ -429,9 +434,10 @@ class Shard:
 
     def set_param_state(self, param_id: int, packed: PackedTree) -> None:
         """Replaces one parameter's state (the proxy's ``opt.state[p] = ...``)."""
-        value = unpack_tree(packed, self.device)
-        p = self._params[self._local_of[param_id]]
-        self.optimizer.state[p] = value
+        local = self._local_of[param_id]
+        p = self._params[local]
+        group = self.optimizer.param_groups[self._group_of[local]]
+        self.optimizer.state[p] = place_state(unpack_tree(packed), p.device, group)
         self._note_new_state()
 
     def prepare_load(
@@ -442,7 +448,8 @@ class Shard:
         Nothing visible changes until :meth:`commit_load`; :meth:`abort_load` drops the candidate.
         Returns the exception that rejected the state, or None.
         """
-        return self._prepare(token, group_options, lambda: unpack_tree(packed, self.device))
+        # on the CPU: torch's load_state_dict moves each tensor where torch keeps it
+        return self._prepare(token, group_options, lambda: unpack_tree(packed))
 
     def prepare_load_from_checkpoint(
         self,

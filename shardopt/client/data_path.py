@@ -66,6 +66,7 @@ class DataPath:
         self._mapped: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
         self._mapped_from: dict[int, SharedBuffers] = {}  # what each mapping came from
         self._staging: list[torch.Tensor | None] = [None] * n
+        self._stage_on: list[tuple[torch.device, bool]] = [(torch.device("cpu"), False)] * n
         self._shipped: dict[int, tuple[int, int]] = {}  # id -> the gradient's (ptr, version)
         self._coalesced: dict[int, torch.Tensor] = {}  # id -> its sparse gradient, this step
         self.closed = False
@@ -118,6 +119,15 @@ class DataPath:
 
     # ----- gradients ------------------------------------------------------------------------
 
+    def stage_on(self, shard: int, device: torch.device, pin_memory: bool = False) -> None:
+        """Gathers a shard's gradients on ``device`` (a CUDA buffer for Ray Direct Transport),
+        or in pinned CPU memory (``pin_memory``: copied from CUDA gradients faster)."""
+        pin = pin_memory and device.type == "cpu" and torch.cuda.is_available()
+        if self._stage_on[shard] != (device, pin):
+            self._stage_on[shard] = (device, pin)
+            self._staging[shard] = None
+            self.forget_shipped(shard)
+
     def grad_buffer(self, shard: int) -> torch.Tensor:
         """Where a shard's gradients are gathered: its shared buffer, or a reused local one."""
         mapped = self._mapped[shard]
@@ -126,7 +136,8 @@ class DataPath:
         layout = self._map.layout(shard)
         staging = self._staging[shard]
         if staging is None or staging.numel() != layout.nbytes:
-            staging = self._staging[shard] = layout.empty()
+            device, pin = self._stage_on[shard]
+            staging = self._staging[shard] = layout.empty(device, pin_memory=pin)
             self.forget_shipped(shard)
         return staging
 

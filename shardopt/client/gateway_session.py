@@ -513,7 +513,7 @@ class GatewaySession(Backend):
             ShardStatus(
                 shard_index=s.shard, device=s.device, fused=s.fused, num_params=s.num_params,
                 param_bytes=s.param_bytes, state_ids=tuple(s.state_params),
-                last_step_id=s.last_step,
+                last_step_id=s.last_step, transport="grpc",
             )
             for s in reply.shards
         ]  # fmt: skip

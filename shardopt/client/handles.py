@@ -33,6 +33,12 @@ class ShardHandle:
     def step(self, request: StepRequest) -> Any:
         return self.host.step.remote(self.key, request)
 
+    def step_direct(self, request: StepRequest, grads: Any, transport: str) -> Any:
+        """A step whose gradients (``grads``, a ref put with ``transport``) and parameters
+        travel through Ray Direct Transport (:mod:`shardopt.client.transport`)."""
+        call = self.host.step_direct.options(tensor_transport=transport)
+        return call.remote(self.key, request, grads)
+
     def set_params(self, update: ParamUpdate) -> Any:
         return self.host.set_params.remote(self.key, update)
 

@@ -27,6 +27,7 @@ import torch
 
 from shardopt.actor.host import threads_per_shard
 from shardopt.checkpoint.integrity import Commit
+from shardopt.client import transport as transport_module
 from shardopt.client.backend import ParamSource
 from shardopt.client.data_path import DataPath, GradShipper
 from shardopt.client.handles import ShardHandle
@@ -58,6 +59,8 @@ class LocalShards(RayShards):
         overlap: ship gradients during backward.
         share_params: re-point CPU parameters into the shards' shared buffers.
         replicate: 0 (off), 1 (replicas run every step) or k (refreshed every k steps).
+        transport: how tensors reach each shard (:mod:`shardopt.client.transport`); with
+            replicas, or for LBFGS, shared memory or the object store.
     """
 
     per_tensor = True
@@ -74,6 +77,7 @@ class LocalShards(RayShards):
         overlap: bool,
         share_params: bool,
         replicate: int,
+        transport: str = "auto",
     ) -> None:
         self._params = params
         self.actor_options = actor_options
@@ -92,10 +96,18 @@ class LocalShards(RayShards):
             for s in range(num_shards)
         ]
         self._node = ray.get_runtime_context().get_node_id()  # this process's
-        created = self._open_shards(specs, actor_options, shared_memory)
+        direct_ok = self.per_tensor and not replicate  # replicas take numpy gradients
+        if transport == "object_store" or (direct_ok and transport_module.is_direct(transport)):
+            shared_memory = False  # asked for by name: not shared memory
+        transport = transport if direct_ok else "object_store"
+        host_options, client = actor_options, transport_module.ClientSide.here()
+        if transport_module.needs_rdt_hosts(transport, actor_options, client):
+            host_options = {**actor_options, "enable_tensor_transport": True}
+        created = self._open_shards(specs, host_options, shared_memory)
         flat = params.flat()
         for s, (_, buffers) in enumerate(created):
             self.data_path.map_shared(s, buffers, flat)
+        self._choose_transports(transport, client)
         self.shard_map.note_state(chain.from_iterable(ids for ids, _ in created))
         self.lanes = Lanes()
         if self.per_tensor and not replicate:  # replicas export from primaries in Ray's order
@@ -120,6 +132,7 @@ class LocalShards(RayShards):
             for info in infos
         ]
         self.host_nodes = [info["node_id"] for info in infos]
+        self._host_infos = infos
         self.threads = threads_per_shard(self.host_nodes, "num_cpus" in actor_options)
         return hosts, shared
 
@@ -136,6 +149,31 @@ class LocalShards(RayShards):
                 for s, h in enumerate(self.handles)
             ]
         )
+
+    def _choose_transports(self, requested: str, client: transport_module.ClientSide) -> None:
+        """Sets each shard's transport (:mod:`shardopt.client.transport`) and where its
+        gradients are gathered here: on the client's GPU for RDT, in pinned memory for the
+        object store from CUDA tensors."""
+        infos = getattr(self, "_host_infos", None)
+        if infos is None:  # shards attached, not created here: the defaults
+            return
+        flat = self._params.flat()
+        devices = [{flat[slot.pid].device for slot in self.shard_map.slots(s)} for s in range(
+            self.num_shards)]  # fmt: skip
+        shared = [self.data_path.shared_params(s) is not None for s in range(self.num_shards)]
+        self.transports = transport_module.choose_all(requested, client, infos, devices, shared)
+        transport_module.await_registration([h.host for h in self.handles], self.transports)
+        for s, chosen in enumerate(self.transports):
+            cuda = [d for d in devices[s] if d.type == "cuda"]
+            if transport_module.is_direct(chosen) and cuda:
+                self.data_path.stage_on(s, cuda[0])
+            elif cuda:
+                self.data_path.stage_on(s, torch.device("cpu"), pin_memory=True)
+
+    def _direct(self, shard: int) -> str | None:
+        """The shard's Ray Direct Transport, if it uses one."""
+        chosen = self.transports[shard] if self.transports else None
+        return chosen if transport_module.is_direct(chosen) else None
 
     def _place(
         self, new_params: list[torch.Tensor], groups: list[int], splittable: list[bool]
@@ -218,15 +256,22 @@ class LocalShards(RayShards):
                 if changed is not None:  # written already where shared; replicas need it
                     ray_get(self.handle(s).set_params(changed))
                 continue
+            direct = None if sparse else self._direct(s)
             request = StepRequest(
                 step_id=step_id,
                 group_options=options,
-                grads=None if shared or not any(has_grad) else to_numpy(flat),  # sparse: none
+                grads=None if shared or direct or not any(has_grad) else to_numpy(flat),
                 has_grad=has_grad,
                 sparse_grads=sparse,
                 params_in=changed,  # written already where shared (for a replica, a resend)
                 scaling=scaling,
             )
+            if direct:  # GPU to GPU: sent at once, nothing competes with it for the CPUs
+                grads = ray.put(flat, _tensor_transport=direct) if any(has_grad) else None
+                pending[self.handles[s].step_direct(request, grads, direct)] = s
+                del grads  # RDT objects stay unchanged: dropped before the buffer is reused
+                touched_slots[s], sent[s] = touched, (request, flat)
+                continue
             if not shared:
                 sparse_bytes = sum(g.indices.nbytes + g.values.nbytes for g in sparse.values())
                 grad_bytes = flat.numel() if request.grads is not None else 0
@@ -261,7 +306,14 @@ class LocalShards(RayShards):
                     continue
                 except Exception as err:  # the others may have applied it: see _step_failed
                     failures[s] = err
+                    if self._direct(s):  # a failed transfer may have broken RDT's state
+                        logger.warning("shard %d: direct step failed (%s): object store", s, err)
+                        self.transports[s] = "object_store"  # type: ignore[index]
+                        self.data_path.stage_on(s, torch.device("cpu"), pin_memory=True)
                     continue
+                if isinstance(result, tuple):  # a direct step: its parameters as a tensor
+                    result, values = result
+                    result = replace(result, params=values)
                 seconds = time.perf_counter() - sent_at
                 SHARD_STEP_SECONDS.labels(optimizer, str(s)).observe(seconds)
                 shared_values = self.data_path.shared_params(s)

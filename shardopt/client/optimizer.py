@@ -31,6 +31,7 @@ from shardopt.client.local import LocalShards
 from shardopt.client.runtime import ensure_ray
 from shardopt.client.shard_group import HEARTBEAT_TIMEOUT, ShardGroupMember, make_config
 from shardopt.client.state_view import ShardStateView
+from shardopt.client.transport import check_transport
 from shardopt.core.amp import scaling_of
 from shardopt.core.errors import OptimizerClosedError
 from shardopt.core.events import emit
@@ -127,6 +128,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             :data:`~shardopt.core.param_groups.SPLITS_BY_DEFAULT`), Adafactor and Muon never,
             your own class only with ``split=True``. A param group may say ``"split": False``
             (or True) for its own tensors. Numbers and ``state_dict`` are the same either way.
+        transport: ``"auto"``, ``"object_store"``, ``"cuda_ipc"`` or ``"nixl"``: how tensors
+            reach each shard (:mod:`shardopt.client.transport`; :meth:`shard_status` shows it).
         address: ``"host:port"`` of a shardopt gateway (``shardopt serve``): the shards are
             reached over gRPC instead of Ray, and this process needs no Ray at all.
         token: the gateway's bearer token.
@@ -175,6 +178,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         shard_resources: dict[str, float] | None = None,
         replicate: bool | int = False,
         split: bool | None = None,
+        transport: str = "auto",
         address: str | None = None,
         token: str | None = None,
         tls: bool | str | os.PathLike | None = None,
@@ -195,6 +199,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid num_shards: {num_shards} (must be an int >= 1)")
         if group is None and (world_size, rank, max_staleness, placement) != (None,) * 4:
             raise ValueError("world_size, rank, max_staleness and placement need group=...")
+        check_transport(transport, group, address)
         if elastic and (group is None or address is not None):
             raise ValueError("elastic=True applies to shard groups in the Ray cluster (group=...)")
         if group is not None and not self._local_backend.per_tensor:
@@ -223,9 +228,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         params = list(params)
         # The real class validates every hyperparameter with torch's own errors and tells us its
         # full defaults. It creates no state worth keeping (Adagrad's is dropped right here).
-        template = optimizer_class(copy_param_groups(params), **defaults)
-        full_defaults = dict(template.defaults)
-        del template
+        full_defaults = dict(optimizer_class(copy_param_groups(params), **defaults).defaults)
 
         self.optimizer_class = optimizer_class
         self._split = split_choice(optimizer_class, split, "") and self._local_backend.per_tensor
@@ -255,7 +258,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             max_staleness=max_staleness, timeout=timeout, placement=placement,
             elastic=elastic, heartbeat_timeout=heartbeat_timeout,
             shard_resources=shard_resources, replicate=int(replicate), address=address,
-            token=token, tls=tls, reconnect_timeout=reconnect_timeout,
+            token=token, tls=tls, reconnect_timeout=reconnect_timeout, transport=transport,
         )  # fmt: skip
         self._backend = self._make_backend(source, **options)
         self._params = source
@@ -280,6 +283,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         share_params: bool,
         replicate: int,
         reconnect_timeout: datetime.timedelta | float,
+        transport: str,
         **group_settings: Any,
     ) -> Backend:
         """The one backend this optimizer uses, chosen once (see :mod:`shardopt.client.backend`):
@@ -299,7 +303,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             return ShardGroupMember(source, group, rank, config, shared_memory, share_params)
         return self._local_backend(
             source, num_shards, actor_options=actor_options, shared_memory=shared_memory,
-            overlap=overlap, share_params=share_params, replicate=replicate,
+            overlap=overlap, share_params=share_params, replicate=replicate, transport=transport,
         )  # fmt: skip
 
     # ----- what the backend knows -----------------------------------------------------------
@@ -308,8 +312,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     def backend(self) -> Backend:
         """Where this optimizer's shards are and how its tensors reach them."""
         self._check_open()
-        assert self._backend is not None
-        return self._backend
+        return self._backend  # type: ignore[return-value]
 
     @property
     def plan(self) -> ShardPlan:
@@ -415,7 +418,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
         Returns:
             ``{"state": {id: {...}}, "param_groups": [...]}``, equal to what
-            ``optimizer_class.state_dict()`` gives for the same run (state tensors on CPU).
+            ``optimizer_class.state_dict()`` gives for the same run (tensors on its devices).
         """
         backend = self.backend
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
@@ -571,7 +574,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
     # ----- inspection and lifecycle ---------------------------------------------------------
 
     def shard_status(self) -> list[ShardStatus]:
-        """What each shard reports: device, parameter count and bytes, which ids have state."""
+        """What each shard reports: device, transport, parameter count and bytes, state ids."""
         return self.backend.status()
 
     def close(self) -> None:

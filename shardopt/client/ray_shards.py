@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from shardopt.checkpoint.format import SaveHandle
@@ -27,7 +28,7 @@ from shardopt.client.runtime import ray_get
 from shardopt.client.shard_map import ShardMap
 from shardopt.core.buffers import pack_tree, tensors_in
 from shardopt.core.mapped_files import page_out
-from shardopt.core.param_groups import group_options
+from shardopt.core.param_groups import group_options, place_state
 from shardopt.core.records import ShardStatus
 
 
@@ -38,6 +39,9 @@ class RayShards(Backend):
     handles: list[ShardHandle]
     shard_map: ShardMap
     data_path: DataPath
+    transports: list[str] | None = None
+    """Each shard's transport (:mod:`shardopt.client.transport`); None: shared memory where
+    mapped, else the object store."""
 
     def handle(self, shard: int) -> ShardHandle:
         """The handle for calls that change shard ``shard`` (a replicated backend mirrors
@@ -69,12 +73,27 @@ class RayShards(Backend):
                     pieces.pop(pid, None)
                 else:
                     pieces[pid] = (seen + 1, merged)
-            yield part
+            yield self._placed(part)
             ref = following
         if pieces:
             raise RuntimeError(
                 f"parameters {sorted(pieces)} have optimizer state on some of their shards only"
             )
+
+    def _placed(self, part: dict[int, Any]) -> dict[int, Any]:
+        """State of parameters not on the CPU moved where torch keeps it: on the parameter's
+        device (``step`` on the CPU unless its group is fused or capturable), as
+        ``torch.optim``'s own state of those parameters is."""
+        params = self._params.flat()
+        if all(params[pid].device.type == "cpu" for pid in part):
+            return part
+        groups, group_of = self._params.groups, self._params.group_indices()
+        return {
+            pid: place_state(value, params[pid].device, groups[group_of[pid]])
+            if params[pid].device.type != "cpu"
+            else value
+            for pid, value in part.items()
+        }
 
     def load_state(self, state: dict[int, dict[str, Any]], options: tuple[dict, ...]) -> None:
         per_shard: list[dict[int, Any]] = [{} for _ in range(self.num_shards)]
@@ -152,4 +171,8 @@ class RayShards(Backend):
         return lambda commit: None
 
     def status(self) -> list[ShardStatus]:
-        return ray_get([h.status() for h in self.handles])
+        statuses = ray_get([h.status() for h in self.handles])
+        transports = self.transports or [
+            "shared_memory" if shared else "object_store" for shared in self.uses_shared_memory
+        ]
+        return [replace(st, transport=t) for st, t in zip(statuses, transports)]

@@ -208,8 +208,15 @@ class HostPool:
 
 
 def _start_host(name: str, actor_options: dict[str, Any]) -> Any:
-    """A new shard host actor of this process, named ``name`` in shardopt's namespace."""
-    return ray.remote(ShardHost).options(namespace=NAMESPACE, name=name, **actor_options).remote()
+    """A new shard host actor of this process, named ``name`` in shardopt's namespace.
+
+    ``enable_tensor_transport`` (Ray Direct Transport, :mod:`shardopt.client.transport`) is an
+    option of the actor class in Ray, not of ``.options()``: it makes the class.
+    """
+    options = dict(actor_options)
+    rdt = bool(options.pop("enable_tensor_transport", False))
+    cls = ray.remote(enable_tensor_transport=True)(ShardHost) if rdt else ray.remote(ShardHost)
+    return cls.options(namespace=NAMESPACE, name=name, **options).remote()
 
 
 def host_name(kind: str = "host") -> str:

@@ -133,3 +133,19 @@ def run_options(
     if is_fusable(params) and fuses_by_default(optimizer_class, options):
         return {**options, "fused": True}
     return options
+
+
+def place_state(value: Any, device: torch.device, options: dict[str, Any], key: Any = None) -> Any:
+    """A parameter's optimizer state with its tensors where torch keeps them for a parameter on
+    ``device`` in a group with ``options``: every tensor on ``device``, but ``step`` on the CPU
+    unless the group is fused or capturable (torch's ``load_state_dict`` policy; no dtype
+    casts). Tensors already in place are kept, not copied."""
+    if isinstance(value, torch.Tensor):
+        if key == "step" and not (options.get("fused") or options.get("capturable")):
+            return value
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: place_state(v, device, options, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(place_state(v, device, options, key) for v in value)
+    return value

@@ -144,6 +144,9 @@ class ShardStatus:
     param_bytes: int
     state_ids: tuple[int, ...]
     last_step_id: int
+    transport: str = "object_store"
+    """How tensors travel between the client and this shard: ``shared_memory``,
+    ``object_store``, or a Ray Direct Transport (``cuda_ipc``, ``nixl``); set by the client."""
 
 
 @dataclass(frozen=True)
