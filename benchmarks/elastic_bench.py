@@ -6,8 +6,9 @@ Three worker actors on a local Ray (``ray.init(address="local", num_cpus=4)``), 
 ``shardopt.AdamW(lr=1e-3, num_shards=2, group=...)`` over ``--size`` float32 parameters (four
 equal 1-D tensors; every step gets the same fixed random gradients, no model), in sync mode.
 
-1. Per-round overhead: three groups alive at once, a plain sync group (``world_size=3``), an
-   elastic one (``elastic=True``) and a replicated one (``replicate=True``); blocks of
+1. Per-round overhead: four groups alive at once, a plain sync group (``world_size=3``), an
+   elastic one (``elastic=True``) and two replicated ones (``replicate=True``: one replica
+   per shard; ``replicate=2``: two); blocks of
    ``--block`` rounds on every worker, the group's order rotating each repeat; a round's time is
    rank 0's ``opt.step()``; median over the rounds after the warm-up. Overhead = x / plain - 1.
 2. Recovery, ``--trials`` fresh groups per kind of loss, each training 3 workers; the time from
@@ -52,6 +53,7 @@ KINDS = {
     "plain": {"world_size": WORKERS},
     "elastic": {"elastic": True},
     "replicated": {"world_size": WORKERS, "replicate": True},
+    "replicated k=2": {"world_size": WORKERS, "replicate": 2},
 }
 
 
@@ -104,7 +106,10 @@ def attach(workers: list[Any], name: str, options: dict[str, Any]) -> None:
 
 def overhead(size: int, repeats: int, warmup: int, block: int) -> dict[str, Any]:
     workers = new_workers(size)
-    names = {kind: f"eb-{kind}-{uuid.uuid4().hex[:6]}" for kind in KINDS}
+    names = {
+        kind: f"eb-{kind.replace(' ', '').replace('=', '')}-{uuid.uuid4().hex[:6]}"
+        for kind in KINDS
+    }
     for kind, options in KINDS.items():
         attach(workers, names[kind], options)
     samples: dict[str, list[float]] = {kind: [] for kind in KINDS}

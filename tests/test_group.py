@@ -6,6 +6,8 @@ tests/test_group_cluster.py.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,7 @@ import torch
 from group_workers import GroupWorker, loss_of, make_data, make_model, reference_run
 
 import shardopt
+from shardopt.actor.host import NAMESPACE
 from shardopt.client.shard_group import list_groups
 
 HYPER = {"lr": 0.05, "weight_decay": 0.01}
@@ -326,6 +329,7 @@ def test_param_groups_are_fixed_and_lr_changes_reach_the_shards(name):
 
 
 def test_owner_close_keeps_the_group_until_the_others_detach(name):
+    """... and the files of a host killed before the end are removed with the group."""
     owner = attach(name, 2, 0, mode="async")
     other = attach(name, 2, 1, mode="async")
     owner.close()
@@ -334,8 +338,14 @@ def test_owner_close_keeps_the_group_until_the_others_detach(name):
         attach(name, 2, 0, mode="async")
     x, y = make_data(4)
     other.train(x, y, steps=1)  # still served
+    # a host SIGKILLed before the group ends: the registry removes its shared-memory files
+    host = ray.get_actor(f"group/{name}/shard/0", namespace=NAMESPACE)
+    info = ray.get(host.info.remote())
+    assert len(info["shm_files"]) == 2 and all(os.path.exists(p) for p in info["shm_files"])
+    os.kill(info["pid"], signal.SIGKILL)
     other.close()
     assert name not in list_groups()
+    assert not any(os.path.exists(p) for p in info["shm_files"])
 
 
 def test_group_ends_with_its_owners_job(name):

@@ -26,10 +26,15 @@ handles as its own.
 
 Workers on the shard's node exchange gradients (and, in sync mode, parameters) through shared
 memory (:mod:`shardopt.actor.group_buffers`); the others through Ray's object store, where the
-parameters of a version are put once for all of them.
+parameters of a version are put once for all of them. Elastic and replicated groups' hosts
+make no shared-memory files (their workers all go through the object store).
+
+With ``replicate=k`` a primary sends every round to its ``k`` replicas before answering, and
+a replica takes over when its primary is lost (:mod:`shardopt.actor.group_replica`).
 
 Talks to: workers' backends (:mod:`shardopt.client.shard_group`) and the registry
-(:mod:`shardopt.actor.shard_group_registry`); its shared buffers
+(:mod:`shardopt.actor.shard_group_registry`); its replicas (other hosts of this class, through
+:mod:`shardopt.actor.group_replica`); its shared buffers
 (:mod:`shardopt.actor.group_buffers`); Ray's metrics (:mod:`shardopt.actor.metrics`).
 """
 

@@ -13,6 +13,12 @@ its workers (assigning ranks when they pass none) and decides each round's parti
 
 The actor is created (and found) by :func:`shardopt.client.shard_group.registry`.
 
+A replicated group (``replicate=k``) gets ``k`` replica hosts per shard and one spare host,
+started in advance; the registry promotes a replica when a worker finds a primary lost
+(:meth:`GroupRegistry.fail_over`) and builds a new replica on the spare when a primary reports
+a replica lost (:meth:`GroupRegistry.replica_lost`), starting a new spare each time (see
+:mod:`shardopt.actor.group_replica`).
+
 Lifetime: the worker that created a group owns it. A worker's ``close()`` detaches it; the group
 is torn down (shard hosts killed, placement group removed) once its owner has closed and no
 worker is attached any more, or when the owner's Ray job has ended (a watchdog thread checks the
@@ -25,6 +31,7 @@ Talks to: Ray (named actors, the job table); workers' backends
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -60,6 +67,9 @@ class _Group:
     replicas: list[list[Any]] = field(default_factory=list)  # replicate=k: per shard, k hosts
     retired: list[Any] = field(default_factory=list)  # lost primaries and replicas
     spare: Any = None  # replicate=k: a started host, the next new replica
+    files: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    """Shared-memory files of the shard hosts: actor id -> node, paths (removed here if the
+    host dies before it can)."""
 
     @property
     def shard_hosts(self) -> list[Any]:
@@ -135,12 +145,38 @@ def _versions(hosts: list[Any], timeout_s: float = 30.0) -> dict[Any, int]:
     return alive
 
 
-def _close_hosts(hosts: list[Any], timeout_s: float = 10.0) -> None:
-    """Asks a group's shard hosts to remove their shared-memory files before they are killed."""
+def _close_hosts(hosts: list[Any], timeout_s: float = 10.0) -> list[Any]:
+    """Asks a group's shard hosts to remove their shared-memory files before they are killed.
+    Returns the hosts that did not (already dead)."""
+    refs = [h.close.remote() for h in hosts]
     try:
-        ray.wait([h.close.remote() for h in hosts], num_returns=len(hosts), timeout=timeout_s)
-    except Exception as err:  # hosts already gone
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    except Exception as err:  # the cluster is going away
         logger.debug("closing group hosts: %s", err)
+    failed = []
+    for host, ref in zip(hosts, refs):
+        try:
+            ray.get(ref, timeout=0)
+        except Exception as err:  # dead, or not done in time
+            logger.debug("group host not closed: %s", err)
+            failed.append(host)
+    return failed
+
+
+def _remove_files(files: dict[str, tuple[str, tuple[str, ...]]], hosts: list[Any]) -> None:
+    """Removes the shared-memory files of dead shard ``hosts`` (recorded when they were made:
+    actor id -> node, paths) that are on this node."""
+    here = ray.get_runtime_context().get_node_id()
+    for host in hosts:
+        node, paths = files.get(host._actor_id.hex(), ("", ()))
+        if not paths or node != here:
+            continue
+        from shardopt.core import shm  # torch: only where there are files to remove
+
+        for path in paths:
+            if os.path.dirname(path) == shm.SHM_DIR:
+                shm.remove(path)
+                logger.info("removed %s, a file of a lost group shard host", path)
 
 
 class GroupRegistry:
@@ -283,6 +319,10 @@ class GroupRegistry:
                 [h.create.remote(keys[s], s, spec_refs[s], threads[s]) for s, h in enumerate(hosts)]
                 + [r.create.remote(keys[s], s, spec_refs[s], threads[s]) for s, r in flat_replicas]
             )
+            files = {
+                h._actor_id.hex(): (info["node_id"], tuple(info["shm_files"]))
+                for h, info in zip(hosts, ray.get([h.info.remote() for h in hosts]))
+            }
             if k:
                 me = ray.get_runtime_context().current_actor
                 ray.get(
@@ -300,7 +340,7 @@ class GroupRegistry:
         spare = start_replica(remote_host, name, -1, config, options) if k else None
         return _Group(
             signature, rank, job_id, hosts, keys, node_ids, pg, coordinator=coordinator,
-            replicas=replicas if k else [], spare=spare,
+            replicas=replicas if k else [], spare=spare, files=files,
         )  # fmt: skip
 
     def leave(self, name: str, rank: int) -> None:
@@ -323,7 +363,7 @@ class GroupRegistry:
             group = self._groups.pop(name, None)
         if group is None:
             return False
-        _close_hosts(group.shard_hosts)
+        _remove_files(group.files, _close_hosts(group.shard_hosts))
         kill_actors(group.actors)
         placement.release(group.pg)
         emit(logger, "group_closed", group=name, members=sorted(group.members))

@@ -12,11 +12,14 @@ the group's coordinator (:mod:`shardopt.actor.group_membership`) from a backgrou
 the step's path, and shows the members and each round's participants
 (:meth:`ShardGroupMember.members`, :attr:`ShardGroupMember.participants`). State, loads,
 checkpoints and status reach the group's shard hosts through the same typed handles as a
-worker's own shards (:class:`~shardopt.client.ray_shards.RayShards`). Also the cluster-wide
-entry points :func:`list_groups` and :func:`close_group`.
+worker's own shards (:class:`~shardopt.client.ray_shards.RayShards`). In a replicated group
+(``replicate=k``) a push, pull, state read or status that finds a shard's primary lost asks the
+registry to fail over and asks the new primary again (:mod:`shardopt.actor.group_replica`).
+Also the cluster-wide entry points :func:`list_groups` and :func:`close_group`.
 
-Talks to: the group registry, the group's shard hosts (:mod:`shardopt.actor.shard_group_host`)
-and an elastic group's coordinator (:mod:`shardopt.actor.group_membership`).
+Talks to: the group registry, the group's shard hosts (:mod:`shardopt.actor.shard_group_host`,
+through :mod:`shardopt.client.group_handles`) and an elastic group's coordinator
+(:mod:`shardopt.actor.group_membership`).
 """
 
 from __future__ import annotations
