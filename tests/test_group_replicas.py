@@ -137,6 +137,7 @@ def test_two_replicas_survive_a_primary_and_a_replica_killed_together(names, ref
     workers, params = run_group(name, {4: kill_primary_and_replica}, replicate=2, num_shards=1)
     assert_same_run(workers, params, reference, shards=1)
     wait_for_replicas(name, [2])
+    assert ray.get(hosts_of(name, 0)[0].replica_count.remote()) == 2
     for w in workers:
         w.close()
 

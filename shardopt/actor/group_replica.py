@@ -9,8 +9,9 @@ primary steps (they all step in parallel) and waited for before any worker gets 
 answer. So whatever a worker has seen, every live replica holds; torch's per-tensor kernels are
 deterministic, so the replicas stay bit-identical.
 
-A replica that fails a round (its host died) is dropped from the primary's links at once (the
-round completes without it; ``event=replica_lost``), and the primary tells the registry, which
+A replica that fails a round (its host died) or does not answer within the group's ``timeout``
+(hung) is dropped from the primary's links at once (the round completes without it;
+``event=replica_lost``; the registry kills it), and the primary tells the registry, which
 builds a new one on its spare host from an export of the primary, taken under the primary's lock
 (no round between the export and the link): :meth:`~shardopt.actor.shard_group_registry.
 GroupRegistry.replica_lost`. The group is back at ``k`` replicas once that is done.
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -99,13 +101,15 @@ class ReplicaLinks:
         shared = ray.put(step)  # once, for every replica
         return [r.follow_round.remote(self.key, shared, participants) for r in self.replicas]
 
-    def wait(self, refs: list[Any], version: int) -> None:
+    def wait(self, refs: list[Any], version: int, timeout_s: float) -> None:
         """Waits for every replica to apply round ``version``; drops the ones that failed it
-        (their hosts died) and reports them to the registry, which builds new ones."""
+        (their hosts died) or did not answer within ``timeout_s`` (hung), and reports them to
+        the registry, which replaces them."""
         lost = []
+        deadline = time.monotonic() + timeout_s
         for replica, ref in zip(list(self.replicas), refs):
             try:
-                ray.get(ref)
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except Exception as err:
                 lost.append(replica)
                 emit(

@@ -249,7 +249,7 @@ class GroupShardHost(ShardCalls):
         refs = links.send(step, shard.grad_buffer(), participants) if links else []
         new_state = self._step(shard, step)
         if links:
-            links.wait(refs, step.step_id)
+            links.wait(refs, step.step_id, self.config.timeout_s)
         self._last_round = AppliedRound(step.step_id, participants, new_state)
         return new_state
 

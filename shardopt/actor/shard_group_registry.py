@@ -438,6 +438,7 @@ class GroupRegistry:
                 if lost._actor_id not in ids:
                     return False  # already replaced (or a fail-over dropped it)
                 group.retired.append(replicas.pop(ids.index(lost._actor_id)))
+                kill_actors([lost])  # dropped from the rounds: stale from now on (if alive)
             if len(replicas) >= group.signature.config.replicate:
                 return False
             primary, new = group.hosts[shard], self._take_spare(group, name)
