@@ -137,6 +137,15 @@ def recovery(size: int, kind: str, heartbeat: float) -> dict[str, Any]:
     else:
         options = {"world_size": WORKERS, "replicate": True}
     attach(workers, name, options)
+    # the victim's pid first: a worker actor runs one call at a time (it would answer only
+    # after its run), and the shard's host is the one the run starts on
+    victim_pid = (
+        ray.get(workers[2].pid.remote())
+        if kind.startswith("worker")
+        else ray.get(ray.get_actor(f"group/{name}/shard/1", namespace=NAMESPACE).info.remote())[
+            "pid"
+        ]
+    )
     steps = 300
     runs = [w.run.remote(name, steps) for w in workers]
     if kind.startswith("worker"):  # the coordinator knows the rounds decided
@@ -148,13 +157,6 @@ def recovery(size: int, kind: str, heartbeat: float) -> dict[str, Any]:
     deadline = time.monotonic() + 3.0  # ten rounds in, or 3 s: the loss falls mid-run either way
     while progress() < 10 and time.monotonic() < deadline:
         time.sleep(0.01)
-    victim_pid = (
-        ray.get(workers[2].pid.remote())
-        if kind.startswith("worker")
-        else ray.get(ray.get_actor(f"group/{name}/shard/1", namespace=NAMESPACE).info.remote())[
-            "pid"
-        ]
-    )
     lost_at = time.time()
     os.kill(victim_pid, signal.SIGSTOP if kind == "worker SIGSTOP" else signal.SIGKILL)
     survivors = workers[:2] if kind.startswith("worker") else workers
