@@ -6,7 +6,9 @@ Three worker actors on a local Ray (``ray.init(address="local", num_cpus=4)``), 
 ``shardopt.AdamW(lr=1e-3, num_shards=2, group=...)`` over ``--size`` float32 parameters (four
 equal 1-D tensors; every step gets the same fixed random gradients, no model), in sync mode.
 
-1. Per-round overhead: four groups alive at once, a plain sync group (``world_size=3``), an
+1. Per-round overhead: five groups alive at once, a plain sync group (``world_size=3``), the
+   same through the object store (``shared_memory=False``: elastic and replicated groups
+   always go that way, so this row separates the data path from their own cost), an
    elastic one (``elastic=True``) and two replicated ones (``replicate=True``: one replica
    per shard; ``replicate=2``: two); blocks of
    ``--block`` rounds on every worker, the group's order rotating each repeat; a round's time is
@@ -31,6 +33,7 @@ Talks to: Ray (a local instance, actors) and shardopt's groups.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import statistics
 import time
@@ -51,6 +54,7 @@ log = logger("elastic_bench")
 WORKERS = 3
 KINDS = {
     "plain": {"world_size": WORKERS},
+    "plain (store)": {"world_size": WORKERS, "shared_memory": False},
     "elastic": {"elastic": True},
     "replicated": {"world_size": WORKERS, "replicate": True},
     "replicated k=2": {"world_size": WORKERS, "replicate": 2},
@@ -106,10 +110,7 @@ def attach(workers: list[Any], name: str, options: dict[str, Any]) -> None:
 
 def overhead(size: int, repeats: int, warmup: int, block: int) -> dict[str, Any]:
     workers = new_workers(size)
-    names = {
-        kind: f"eb-{kind.replace(' ', '').replace('=', '')}-{uuid.uuid4().hex[:6]}"
-        for kind in KINDS
-    }
+    names = {kind: f"eb-{re.sub('[^a-z0-9]', '', kind)}-{uuid.uuid4().hex[:6]}" for kind in KINDS}
     for kind, options in KINDS.items():
         attach(workers, names[kind], options)
     samples: dict[str, list[float]] = {kind: [] for kind in KINDS}
