@@ -97,8 +97,8 @@ def reference():
 
 def test_a_killed_group_shard_fails_over_to_its_replica_bit_identically(names, reference):
     """replicate=True: shard 1's primary SIGKILLed mid-run, later shard 0's replica alone:
-    nothing lost, the lost replica rebuilt. Then shard 0's primary SIGKILLed between rounds:
-    a state_dict and a pull fail over too."""
+    nothing lost, the lost replica rebuilt. A load then reaches the rebuilt replica; shard 0's
+    primary SIGKILLed between rounds: a state_dict and a pull fail over too."""
     name = names()
     kill_primary = lambda: os.kill(pid_of(hosts_of(name, 1)[0]), signal.SIGKILL)  # noqa: E731
     kill_replica = lambda: os.kill(pid_of(hosts_of(name, 0)[1][0]), signal.SIGKILL)  # noqa: E731
@@ -109,10 +109,18 @@ def test_a_killed_group_shard_fails_over_to_its_replica_bit_identically(names, r
         assert ray.get(hosts_of(name, s)[0].info.remote())["shm_files"] == []
     assert [w.opt.group.uses_shared_memory for w in workers] == [[False, False]] * 2
 
+    # a load reaches the replicas the registry knows now (shard 0's was rebuilt: the
+    # workers' memberships name the lost one)
+    changed = workers[0].state_dict()
+    for st in changed["state"].values():
+        st["exp_avg"].mul_(2)
+    workers[0].opt.load_state_dict(changed)
+
     os.kill(pid_of(hosts_of(name, 0)[0]), signal.SIGKILL)
-    state = workers[0].state_dict()  # meets the dead primary
+    state = workers[0].state_dict()  # meets the dead primary: the rebuilt replica answers
     for p, st in reference[1]["state"].items():
         for key, want in st.items():
+            want = want * 2 if key == "exp_avg" else want
             assert torch.equal(state["state"][p][key], want), (p, key)
     for p in workers[1].model.parameters():
         p.data.zero_()
