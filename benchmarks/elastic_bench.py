@@ -6,8 +6,11 @@ Three worker actors on a local Ray (``ray.init(address="local", num_cpus=4)``), 
 ``shardopt.AdamW(lr=1e-3, num_shards=2, group=...)`` over ``--size`` float32 parameters (four
 equal 1-D tensors; every step gets the same fixed random gradients, no model), in sync mode.
 
-1. Per-round overhead: three groups alive at once, a plain sync group (``world_size=3``), an
-   elastic one (``elastic=True``) and a replicated one (``replicate=True``); blocks of
+1. Per-round overhead: five groups alive at once, a plain sync group (``world_size=3``), the
+   same through the object store (``shared_memory=False``: elastic and replicated groups
+   always go that way, so this row separates the data path from their own cost), an
+   elastic one (``elastic=True``) and two replicated ones (``replicate=True``: one replica
+   per shard; ``replicate=2``: two); blocks of
    ``--block`` rounds on every worker, the group's order rotating each repeat; a round's time is
    rank 0's ``opt.step()``; median over the rounds after the warm-up. Overhead = x / plain - 1.
 2. Recovery, ``--trials`` fresh groups per kind of loss, each training 3 workers; the time from
@@ -30,6 +33,7 @@ Talks to: Ray (a local instance, actors) and shardopt's groups.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import statistics
 import time
@@ -50,8 +54,10 @@ log = logger("elastic_bench")
 WORKERS = 3
 KINDS = {
     "plain": {"world_size": WORKERS},
+    "plain (store)": {"world_size": WORKERS, "shared_memory": False},
     "elastic": {"elastic": True},
     "replicated": {"world_size": WORKERS, "replicate": True},
+    "replicated k=2": {"world_size": WORKERS, "replicate": 2},
 }
 
 
@@ -104,7 +110,7 @@ def attach(workers: list[Any], name: str, options: dict[str, Any]) -> None:
 
 def overhead(size: int, repeats: int, warmup: int, block: int) -> dict[str, Any]:
     workers = new_workers(size)
-    names = {kind: f"eb-{kind}-{uuid.uuid4().hex[:6]}" for kind in KINDS}
+    names = {kind: f"eb-{re.sub('[^a-z0-9]', '', kind)}-{uuid.uuid4().hex[:6]}" for kind in KINDS}
     for kind, options in KINDS.items():
         attach(workers, names[kind], options)
     samples: dict[str, list[float]] = {kind: [] for kind in KINDS}
@@ -132,6 +138,15 @@ def recovery(size: int, kind: str, heartbeat: float) -> dict[str, Any]:
     else:
         options = {"world_size": WORKERS, "replicate": True}
     attach(workers, name, options)
+    # the victim's pid first: a worker actor runs one call at a time (it would answer only
+    # after its run), and the shard's host is the one the run starts on
+    victim_pid = (
+        ray.get(workers[2].pid.remote())
+        if kind.startswith("worker")
+        else ray.get(ray.get_actor(f"group/{name}/shard/1", namespace=NAMESPACE).info.remote())[
+            "pid"
+        ]
+    )
     steps = 300
     runs = [w.run.remote(name, steps) for w in workers]
     if kind.startswith("worker"):  # the coordinator knows the rounds decided
@@ -143,13 +158,6 @@ def recovery(size: int, kind: str, heartbeat: float) -> dict[str, Any]:
     deadline = time.monotonic() + 3.0  # ten rounds in, or 3 s: the loss falls mid-run either way
     while progress() < 10 and time.monotonic() < deadline:
         time.sleep(0.01)
-    victim_pid = (
-        ray.get(workers[2].pid.remote())
-        if kind.startswith("worker")
-        else ray.get(ray.get_actor(f"group/{name}/shard/1", namespace=NAMESPACE).info.remote())[
-            "pid"
-        ]
-    )
     lost_at = time.time()
     os.kill(victim_pid, signal.SIGSTOP if kind == "worker SIGSTOP" else signal.SIGKILL)
     survivors = workers[:2] if kind.startswith("worker") else workers

@@ -41,6 +41,29 @@ def reference_run(steps: int, x: torch.Tensor, y: torch.Tensor, **hyper: Any) ->
     return [p.detach().clone() for p in model.parameters()]
 
 
+def sync_reference(
+    steps: int, halves: list[tuple[torch.Tensor, torch.Tensor]], **hyper: Any
+) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """A sync group's run computed here, without Ray: each rank's gradients on its half, summed
+    in rank order and divided by the world size (as a round does), then fused AdamW. Returns
+    the parameters and the optimizer's state_dict after ``steps`` rounds."""
+    model = make_model(0)
+    opt = torch.optim.AdamW(model.parameters(), fused=True, **hyper)
+    for _ in range(steps):
+        grads = []
+        for x, y in halves:
+            model.zero_grad()
+            loss_of(model, x, y).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for j, p in enumerate(model.parameters()):
+            total = grads[0][j].clone()
+            for rank_grads in grads[1:]:
+                total.add_(rank_grads[j])
+            p.grad = total.div_(len(halves))
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], opt.state_dict()
+
+
 class GroupWorker:
     """One rank: its own copy of the model, attached to a shard group."""
 

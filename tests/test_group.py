@@ -7,6 +7,7 @@ tests/test_group_cluster.py.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -170,7 +171,7 @@ def test_a_closed_groups_hosts_serve_the_next_group_from_a_clean_start(name):
     first = attach(name, 1, 0, seed=3)
     first.train(x, y, steps=2)
     registry = group_registry()
-    hosts, _ = ray.get(registry.shard_hosts.remote(name))
+    hosts, _ = ray.get(registry.primary_hosts.remote(name))
     infos = ray.get([h.info.remote() for h in hosts])
     first_files = {f for i in infos for f in os.listdir("/dev/shm") if f"-{i['pid']}-" in f}
     first.close()
@@ -179,7 +180,7 @@ def test_a_closed_groups_hosts_serve_the_next_group_from_a_clean_start(name):
     second_name = f"{name}-next"
     try:
         second = attach(second_name, 1, 0)
-        hosts, keys = ray.get(registry.shard_hosts.remote(second_name))
+        hosts, keys = ray.get(registry.primary_hosts.remote(second_name))
         assert {i["pid"] for i in ray.get([h.info.remote() for h in hosts])} == {
             i["pid"] for i in infos
         }
@@ -369,6 +370,7 @@ def test_param_groups_are_fixed_and_lr_changes_reach_the_shards(name):
 
 
 def test_owner_close_keeps_the_group_until_the_others_detach(name):
+    """... and the files of a host killed before the end are removed with the group."""
     owner = attach(name, 2, 0, mode="async")
     other = attach(name, 2, 1, mode="async")
     owner.close()
@@ -377,8 +379,14 @@ def test_owner_close_keeps_the_group_until_the_others_detach(name):
         attach(name, 2, 0, mode="async")
     x, y = make_data(4)
     other.train(x, y, steps=1)  # still served
+    # a host SIGKILLed before the group ends: the registry removes its shared-memory files
+    hosts, _ = ray.get(group_registry().primary_hosts.remote(name))
+    info = ray.get(hosts[0].info.remote())
+    assert len(info["shm_files"]) == 2 and all(os.path.exists(p) for p in info["shm_files"])
+    os.kill(info["pid"], signal.SIGKILL)
     other.close()
     assert name not in list_groups()
+    assert not any(os.path.exists(p) for p in info["shm_files"])
 
 
 def test_group_ends_with_its_owners_job(name):

@@ -1,26 +1,37 @@
-"""Replicas of a shard group's shards (``replicate=True`` on a sync group).
+"""Replicas of a shard group's shards (``replicate=k`` on a sync group; ``True`` is 1).
 
-Each shard host of a replicated group has a replica: a second
-:class:`~shardopt.actor.shard_group_host.GroupShardHost` holding the same shard (started by the
-registry, on another node where Ray finds one). The primary sends every round it applies to its
-replica (:class:`ReplicaLink`): the round's averaged gradients, as one step request with the
-round's version as its step id, sent before the primary steps (the two step in parallel) and
-waited for before any worker gets the round's answer. So whatever a worker has seen, the replica
-holds; torch's per-tensor kernels are deterministic, so the replica stays bit-identical.
+Each shard host of a replicated group has ``k`` replicas: other
+:class:`~shardopt.actor.shard_group_host.GroupShardHost` actors holding the same shard (started by
+the registry, spread over other nodes where Ray finds them). The primary sends every round it
+applies to all of them (:class:`ReplicaLinks`): the round's averaged gradients, put in the
+object store once, as one step request with the round's version as its step id, sent before the
+primary steps (they all step in parallel) and waited for before any worker gets the round's
+answer. So whatever a worker has seen, every live replica holds; torch's per-tensor kernels are
+deterministic, so the replicas stay bit-identical.
 
-When a primary dies, the first worker whose push finds it lost asks the registry to fail over
-(:meth:`~shardopt.actor.shard_group_registry.GroupRegistry.fail_over`): the replica becomes the
-primary and builds its own new replica from an export of itself, under its lock (no round
-between the export and the link), on a spare host the registry started beforehand (so that the
-fail-over waits for no new process; a new spare is started after it). Every worker resends
-its push of the round in flight to the new primary, which applies the round once: if the old
-primary had already sent it the round, the new one answers each participant's repeated push
-from its record of that round (:func:`repeat_answer`), otherwise the round is applied there
-from the resent pushes. The
-calls of a worker that change a shard (parameter writes, loads) reach the replica through
+A replica that fails a round (its host died) or does not answer within the group's ``timeout``
+(hung) is dropped from the primary's links at once (the round completes without it;
+``event=replica_lost``; the registry kills it), and the primary tells the registry, which
+builds a new one on its spare host from an export of the primary, taken under the primary's lock
+(no round between the export and the link): :meth:`~shardopt.actor.shard_group_registry.
+GroupRegistry.replica_lost`. The group is back at ``k`` replicas once that is done.
+
+When a primary dies, the first worker whose push (or pull, or state call) finds it lost asks the
+registry to fail over (:meth:`~shardopt.actor.shard_group_registry.GroupRegistry.fail_over`): of
+the shard's replicas still alive, the one at the highest version becomes the primary
+(:meth:`~shardopt.actor.shard_group_host.GroupShardHost.take_over`); the others stay linked to it
+as they are when they hold the same version (no export; one that missed the round the old
+primary was sending when it died gets an export), and a new replica is built from an export on
+the spare host the registry started beforehand (so that the fail-over waits for no new
+process; a new spare is started after it). Losing the primary and up to ``k - 1`` replicas at
+once loses nothing. Every worker resends its push of the round in flight to the new primary,
+which applies the round once: if the old primary had already sent it the round, the new one
+answers each participant's repeated push from its record of that round (:func:`repeat_answer`),
+otherwise the round is applied there from the resent pushes. The calls of a worker that change
+a shard (parameter writes, loads) reach the replicas through
 :class:`~shardopt.client.replication.MirroredHandle`, as for a worker's own shards.
 
-Talks to: the replica's shard host (a Ray actor); the shard host
+Talks to: the replicas' shard hosts and the registry (Ray actors); the shard host
 (:mod:`shardopt.actor.shard_group_host`) and the registry
 (:mod:`shardopt.actor.shard_group_registry`) call in.
 """
@@ -29,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -36,6 +48,7 @@ import ray
 
 from shardopt.actor.host import NAMESPACE
 from shardopt.core.buffers import to_numpy
+from shardopt.core.events import emit
 from shardopt.core.records import ParamsAt, PushResult, StepRequest
 
 logger = logging.getLogger(__name__)
@@ -50,35 +63,66 @@ class AppliedRound:
     new_state_ids: tuple[int, ...]
 
 
-class ReplicaLink:
-    """A primary's link to its replica: sends each round, waits for it.
+class ReplicaLinks:
+    """A primary's links to its replicas: sends each round to all of them, waits for them,
+    drops (and reports) the ones that were lost.
 
     Args:
-        replica: the replica's shard host (an actor handle).
+        group: the group's name.
         key: the shard's key.
+        shard: the shard's index.
+        replicas: the replicas' shard hosts (actor handles), each holding the shard as the
+            primary holds it now.
+        registry: the group registry (told of a lost replica), or None.
     """
 
-    def __init__(self, replica: Any, key: str) -> None:
-        self.replica = replica
+    def __init__(
+        self, group: str, key: str, shard: int, replicas: list[Any], registry: Any = None
+    ) -> None:
+        self.group = group
         self.key = key
+        self.shard = shard
+        self.replicas = list(replicas)
+        self.registry = registry
 
-    def send(self, step: StepRequest, gradient: Any, participants: tuple[int, ...]) -> Any:
-        """Sends a round (``gradient``: the averaged gradient buffer, when the step's own
-        grads are None) to the replica; returns the ref to wait for."""
+    def __len__(self) -> int:
+        return len(self.replicas)
+
+    def add(self, replica: Any) -> None:
+        self.replicas.append(replica)
+
+    def send(self, step: StepRequest, gradient: Any, participants: tuple[int, ...]) -> list[Any]:
+        """Sends a round (``gradient``: the averaged gradient buffer, when the step's own grads
+        are None) to every replica; returns the refs to wait for (:meth:`wait`)."""
+        if not self.replicas:
+            return []
         if step.grads is None:
             step = dataclasses.replace(step, grads=to_numpy(gradient))
-        return self.replica.follow_round.remote(self.key, step, participants)
+        shared = ray.put(step)  # once, for every replica
+        return [r.follow_round.remote(self.key, shared, participants) for r in self.replicas]
 
-    @staticmethod
-    def wait(ref: Any) -> bool:
-        """Waits for the replica to apply a round. Returns False when it was lost (the shard
-        goes on without a replica; the registry's fail-over cannot use it then)."""
-        try:
-            ray.get(ref)
-            return True
-        except Exception as err:
-            logger.warning("a group shard's replica was lost: %s", err)
-            return False
+    def wait(self, refs: list[Any], version: int, timeout_s: float) -> None:
+        """Waits for every replica to apply round ``version``; drops the ones that failed it
+        (their hosts died) or did not answer within ``timeout_s`` (hung), and reports them to
+        the registry, which replaces them."""
+        lost = []
+        deadline = time.monotonic() + timeout_s
+        for replica, ref in zip(list(self.replicas), refs):
+            try:
+                ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as err:
+                lost.append(replica)
+                emit(
+                    logger, "replica_lost", logging.WARNING, group=self.group, shard=self.shard,
+                    version=version, left=len(self.replicas) - len(lost), error=type(err).__name__,
+                )  # fmt: skip
+        for replica in lost:
+            self.replicas.remove(replica)
+            if self.registry is not None:
+                try:
+                    self.registry.replica_lost.remote(self.group, self.shard, replica)
+                except Exception as err:  # the cluster is going away
+                    logger.debug("registry not told of a lost replica: %s", err)
 
 
 def repeat_answer(

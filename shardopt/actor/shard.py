@@ -147,6 +147,10 @@ class Shard:
             return None
         return SharedBuffers(*self._shm_paths, nbytes=self._layout.nbytes)
 
+    def shared_paths(self) -> tuple[str, ...]:
+        """The shared-memory files of this shard's buffers (none unless in shared memory)."""
+        return tuple(self._shm_paths or ())
+
     def reshare(self, shared: bool) -> SharedBuffers | None:
         """Moves the parameter and gradient buffers into new shared-memory files (``shared``,
         where ``/dev/shm`` has room) or into this process, keeping the values and the tensors'

@@ -26,10 +26,15 @@ handles as its own.
 
 Workers on the shard's node exchange gradients (and, in sync mode, parameters) through shared
 memory (:mod:`shardopt.actor.group_buffers`); the others through Ray's object store, where the
-parameters of a version are put once for all of them.
+parameters of a version are put once for all of them. Elastic and replicated groups' hosts
+make no shared-memory files (their workers all go through the object store).
+
+With ``replicate=k`` a primary sends every round to its ``k`` replicas before answering, and
+a replica takes over when its primary is lost (:mod:`shardopt.actor.group_replica`).
 
 Talks to: workers' backends (:mod:`shardopt.client.shard_group`) and the registry
-(:mod:`shardopt.actor.shard_group_registry`); its shared buffers
+(:mod:`shardopt.actor.shard_group_registry`); its replicas (other hosts of this class, through
+:mod:`shardopt.actor.group_replica`); its shared buffers
 (:mod:`shardopt.actor.group_buffers`); Ray's metrics (:mod:`shardopt.actor.metrics`).
 """
 
@@ -49,7 +54,7 @@ import torch
 
 from shardopt.actor.group_buffers import RankSlots, RoundSum
 from shardopt.actor.group_membership import ElasticRounds, MembersView, RoundDecision
-from shardopt.actor.group_replica import AppliedRound, ReplicaLink, repeat_answer
+from shardopt.actor.group_replica import AppliedRound, ReplicaLinks, repeat_answer
 from shardopt.actor.host import ShardCalls, actor_device, observe_step
 from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
@@ -105,7 +110,7 @@ class GroupShardHost(ShardCalls):
         self._params: ParamsAt | None = None
         self._slots: RankSlots | None = None
         self._sum: RoundSum | None = None  # the sync round's gradients, summed as they arrive
-        self._replica: ReplicaLink | None = None  # replicate=True: see group_replica
+        self._replicas: ReplicaLinks | None = None  # replicate=k: see group_replica
         self._last_round: AppliedRound | None = None
 
     def recycle(self) -> bool:
@@ -129,18 +134,26 @@ class GroupShardHost(ShardCalls):
     def create(
         self, key: str, shard_index: int, spec: ShardSpec, num_threads: int | None
     ) -> tuple[int, ...]:
-        """Creates the shard; returns the ids its optimizer's constructor gave state to."""
+        """Creates the shard; returns the ids its optimizer's constructor gave state to.
+
+        Its buffers are in shared memory (for the workers on its node) only in a group whose
+        ranks and hosts are fixed: an elastic or replicated group's workers go through the
+        object store (:meth:`attach_shared`), so its hosts make no files a kill would leave.
+        """
         if num_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(num_threads)
+        shared = not (self.config.elastic or self.config.replicate)
         with self._cond:
-            self._shard = Shard(shard_index, spec, self.device, shared_memory=True)
+            if self._shard is not None:  # (a replica made again from an export) its old files
+                self._shard.close()
+            self._shard = Shard(shard_index, spec, self.device, shared_memory=shared)
             self._slots = RankSlots(self._shard, self.config.mode, self.config.world_size)
             self._sum = RoundSum(self._slots, self._shard)
-            # its files go with the host (close() runs first when the registry kills it)
-            self._finalizers += [
-                weakref.finalize(self, self._slots.close),
-                weakref.finalize(self, self._shard.close),
-            ]
+            if shared:  # its files go with the host (close() runs first when it is killed)
+                self._finalizers += [
+                    weakref.finalize(self, self._slots.close),
+                    weakref.finalize(self, self._shard.close),
+                ]
             self._key = key
             if self._members is not None:
                 self._elastic = ElasticRounds(self._members, shard_index)
@@ -198,21 +211,35 @@ class GroupShardHost(ShardCalls):
             if self._shard is not None:
                 self._shard.close()
 
-    def create_from(self, key: str, shard_index: int, export: ShardExport) -> None:
-        """Creates the shard from an export of another (a new replica), at its version."""
-        self.create(key, shard_index, export.spec, None)
-        with self._cond:
+    def create_from(
+        self,
+        key: str,
+        shard_index: int,
+        export: ShardExport,
+        last_round: AppliedRound | None = None,
+    ) -> None:
+        """Creates the shard from an export of another (a new replica), at its version, with
+        its record of the last round applied (to answer a push resent after a fail-over)."""
+        with self._cond:  # (a reentrant lock) no call sees the shard half made
+            self.create(key, shard_index, export.spec, None)
             assert self._shard is not None
             self._shard.restore(export)
             self._version = export.last_step_id + 1
+            self._round, self._params, self._last_round = {}, None, last_round
 
     # ----- replicas (see shardopt.actor.group_replica) ----------------------------------------
 
-    def set_replica(self, key: str, replica: Any) -> None:
-        """Links this primary to its replica (which holds the shard as it is now)."""
+    def set_replicas(self, key: str, replicas: list[Any], registry: Any = None) -> None:
+        """Links this primary to its replicas (which hold the shard as it is now); the
+        ``registry`` is told of a replica that is lost."""
         with self._cond:
-            self._checked(key)
-            self._replica = None if replica is None else ReplicaLink(replica, key)
+            shard = self._checked(key)
+            self._replicas = ReplicaLinks(self.group, key, shard.shard_index, replicas, registry)
+
+    def replica_count(self) -> int:
+        """How many replicas this primary sends its rounds to now."""
+        with self._cond:
+            return len(self._replicas) if self._replicas is not None else 0
 
     def follow_round(self, key: str, step: StepRequest, participants: tuple[int, ...]) -> None:
         """(A replica) applies a round its primary applied, once (by version)."""
@@ -229,29 +256,61 @@ class GroupShardHost(ShardCalls):
             self._version += 1
             self._last_round = AppliedRound(step.step_id, participants, new_state)
 
-    def take_over(self, key: str, replica: Any, members: Any) -> None:
-        """(A replica) becomes its shard's primary: exports itself to ``replica`` (its new
-        replica, or None) and links to it under the lock, so no round falls in between."""
+    def add_replica(self, key: str, replica: Any) -> None:
+        """Builds a new replica on ``replica`` (a started host) from an export of this primary
+        and links it, under the lock: no round falls between the export and the link."""
+        with self._cond:
+            shard = self._checked(key)
+            if self._replicas is None:
+                raise RuntimeError(f"shard {shard.shard_index} of {self.group!r} is not a primary")
+            ray.get(
+                replica.create_from.remote(key, shard.shard_index, shard.export(), self._last_round)
+            )
+            self._replicas.add(replica)
+
+    def take_over(
+        self, key: str, others: list[Any], new: Any, members: Any, registry: Any = None
+    ) -> int:
+        """(A replica) becomes its shard's primary, under the lock (no round falls in between):
+        links the shard's other live replicas ``others`` as they are where they hold its
+        version (an export to those that do not), and builds ``new`` (a started host, or None)
+        from an export. Returns how many replicas it links."""
         with self._cond:
             shard = self._checked(key)
             if members is not None and self._elastic is None:
                 self._members = members
                 self._elastic = ElasticRounds(members, shard.shard_index)
-            self._replica = None
-            if replica is not None:
-                ray.get(replica.create_from.remote(key, shard.shard_index, shard.export()))
-                self._replica = ReplicaLink(replica, key)
+            linked, export = [], None
+            versions = [r.version.remote() for r in others]
+            for replica, ref in zip(others, versions):
+                try:
+                    same = ray.get(ref, timeout=30) == self._version
+                except Exception as err:  # lost too: the registry finds it again
+                    logger.warning("group %r: a replica was lost: %s", self.group, err)
+                    continue
+                if not same:
+                    export = export or shard.export()
+                    ray.get(
+                        replica.create_from.remote(key, shard.shard_index, export, self._last_round)
+                    )
+                linked.append(replica)
+            if new is not None:
+                export = export or shard.export()
+                ray.get(new.create_from.remote(key, shard.shard_index, export, self._last_round))
+                linked.append(new)
+            self._replicas = ReplicaLinks(self.group, key, shard.shard_index, linked, registry)
+            return len(linked)
 
     def _step_round(
         self, shard: Shard, step: StepRequest, participants: tuple[int, ...]
     ) -> tuple[int, ...]:
-        """Steps the shard for a round; with a replica, the replica gets the round first (the
-        two step in parallel) and has applied it before this returns."""
-        link = self._replica
-        ref = link.send(step, shard.grad_buffer(), participants) if link else None
+        """Steps the shard for a round; with replicas, they get the round first (all step in
+        parallel) and have applied it before this returns (a lost one is dropped)."""
+        links = self._replicas
+        refs = links.send(step, shard.grad_buffer(), participants) if links else []
         new_state = self._step(shard, step)
-        if link is not None and not link.wait(ref):
-            self._replica = None
+        if links:
+            links.wait(refs, step.step_id, self.config.timeout_s)
         self._last_round = AppliedRound(step.step_id, participants, new_state)
         return new_state
 
@@ -526,11 +585,13 @@ class GroupShardHost(ShardCalls):
         return self._params
 
     def info(self) -> dict[str, Any]:
-        """The host's device, node, the GPUs Ray gave it, and process id."""
+        """The host's device, node, the GPUs Ray gave it, process id, and the shared-memory
+        files its shard holds."""
         return {
             "device": str(self.device),
             "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "pid": os.getpid(),
             "shards": [self._key] if self._key else [],
+            "shm_files": list(self._shard.shared_paths()) if self._shard is not None else [],
         }

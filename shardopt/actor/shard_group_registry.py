@@ -16,6 +16,12 @@ its workers (assigning ranks when they pass none) and decides each round's parti
 
 The actor is created (and found) by :func:`shardopt.client.shard_group.registry`.
 
+A replicated group (``replicate=k``) gets ``k`` replica hosts per shard and one spare host,
+started in advance; the registry promotes a replica when a worker finds a primary lost
+(:meth:`GroupRegistry.fail_over`) and builds a new replica on the spare when a primary reports
+a replica lost (:meth:`GroupRegistry.replica_lost`), starting a new spare each time (see
+:mod:`shardopt.actor.group_replica`).
+
 Lifetime: the worker that created a group owns it. A worker's ``close()`` detaches it; the group
 is torn down (shard hosts killed, placement group removed) once its owner has closed and no
 worker is attached any more, or when the owner's Ray job has ended (a watchdog thread checks the
@@ -28,6 +34,7 @@ Talks to: Ray (named actors, the job table); workers' backends
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from dataclasses import dataclass, field, fields
@@ -69,14 +76,21 @@ class _Group:
     members: dict[int, str] = field(default_factory=dict)  # rank -> job id
     owner_closed: bool = False
     coordinator: Any = None  # an elastic group's GroupMembers actor
-    replicas: list[Any] = field(default_factory=list)  # replicate=True: per shard, or None
-    retired: list[Any] = field(default_factory=list)  # primaries replaced by their replicas
-    spare: Any = None  # replicate=True: a started host, the next fail-over's new replica
+    replicas: list[list[Any]] = field(default_factory=list)  # replicate=k: per shard, k hosts
+    retired: list[Any] = field(default_factory=list)  # lost primaries and replicas
+    spare: Any = None  # replicate=k: a started host, the next new replica
+    files: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    """Shared-memory files of the shard hosts: actor id -> node, paths (removed here if the
+    host dies before it can)."""
+
+    @property
+    def shard_hosts(self) -> list[Any]:
+        spare = [self.spare] if self.spare is not None else []
+        return [*self.hosts, *(r for rs in self.replicas for r in rs), *self.retired, *spare]
 
     @property
     def actors(self) -> list[Any]:
-        extra = [a for a in (self.coordinator, self.spare) if a is not None]
-        return [*self.hosts, *self.replicas, *self.retired, *extra]
+        return [*self.shard_hosts, *([self.coordinator] if self.coordinator is not None else [])]
 
 
 def _option_mismatch(where: str, ours: tuple, theirs: tuple, name: str) -> str | None:
@@ -131,12 +145,50 @@ def signature_mismatch(name: str, group: GroupSignature, mine: GroupSignature) -
     return None
 
 
-def _close_hosts(hosts: list[Any], timeout_s: float = 10.0) -> None:
-    """Asks a group's shard hosts to remove their shared-memory files before they are killed."""
+def _versions(hosts: list[Any], timeout_s: float = 30.0) -> dict[Any, int]:
+    """The version of each host that answers (the lost ones are left out), in order."""
+    refs = [h.version.remote() for h in hosts]
+    alive = {}
+    for host, ref in zip(hosts, refs):
+        try:
+            alive[host] = ray.get(ref, timeout=timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+            logger.warning("a group shard's replica was lost: %s", err)
+    return alive
+
+
+def _close_hosts(hosts: list[Any], timeout_s: float = 10.0) -> list[Any]:
+    """Asks a group's shard hosts to remove their shared-memory files before they are killed.
+    Returns the hosts that did not (already dead)."""
+    refs = [h.close.remote() for h in hosts]
     try:
-        ray.wait([h.close.remote() for h in hosts], num_returns=len(hosts), timeout=timeout_s)
-    except Exception as err:  # hosts already gone
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    except Exception as err:  # the cluster is going away
         logger.debug("closing group hosts: %s", err)
+    failed = []
+    for host, ref in zip(hosts, refs):
+        try:
+            ray.get(ref, timeout=0)
+        except Exception as err:  # dead, or not done in time
+            logger.debug("group host not closed: %s", err)
+            failed.append(host)
+    return failed
+
+
+def _remove_files(files: dict[str, tuple[str, tuple[str, ...]]], hosts: list[Any]) -> None:
+    """Removes the shared-memory files of dead shard ``hosts`` (recorded when they were made:
+    actor id -> node, paths) that are on this node."""
+    here = ray.get_runtime_context().get_node_id()
+    for host in hosts:
+        node, paths = files.get(host._actor_id.hex(), ("", ()))
+        if not paths or node != here:
+            continue
+        from shardopt.core import shm  # torch: only where there are files to remove
+
+        for path in paths:
+            if os.path.dirname(path) == shm.SHM_DIR:
+                shm.remove(path)
+                logger.info("removed %s, a file of a lost group shard host", path)
 
 
 class GroupRegistry:
@@ -210,7 +262,8 @@ class GroupRegistry:
             emit(logger, "worker_attached", group=name, rank=rank, job=job_id, created=created)
             return GroupMembership(
                 name, rank, created, tuple(group.hosts), tuple(group.keys),
-                tuple(group.node_ids), group.coordinator, first_round, tuple(group.replicas),
+                tuple(group.node_ids), group.coordinator, first_round,
+                tuple(tuple(rs) for rs in group.replicas),
             )  # fmt: skip
 
     def _create(
@@ -266,11 +319,14 @@ class GroupRegistry:
             ).remote(name, config, coordinator)
             for s in range(len(hosts), config.num_shards)
         ]
+        k = config.replicate
         replicas = [
-            start_replica(remote_host, name, s, config, options) if config.replicate else None
+            [start_replica(remote_host, name, s, config, options) for _ in range(k)]
             for s in range(config.num_shards)
         ]
-        actors = [*hosts, *replicas, *([coordinator] if coordinator is not None else [])]
+        flat_replicas = [(s, r) for s, rs in enumerate(replicas) for r in rs]
+        actors = [*hosts, *(r for _, r in flat_replicas)]
+        actors += [coordinator] if coordinator is not None else []
         try:
             if coordinator is not None:
                 ray.get(coordinator.set_hosts.remote(hosts))
@@ -281,15 +337,17 @@ class GroupRegistry:
             keys = [f"{name}/{s}" for s in range(config.num_shards)]
             ray.get(
                 [h.create.remote(keys[s], s, spec_refs[s], threads[s]) for s, h in enumerate(hosts)]
-                + [
-                    r.create.remote(keys[s], s, spec_refs[s], threads[s])
-                    for s, r in enumerate(replicas)
-                    if r is not None
-                ]
+                + [r.create.remote(keys[s], s, spec_refs[s], threads[s]) for s, r in flat_replicas]
             )
-            ray.get(
-                [h.set_replica.remote(keys[s], r) for s, (h, r) in enumerate(zip(hosts, replicas))]
-            )
+            files = {
+                h._actor_id.hex(): (info["node_id"], tuple(info["shm_files"]))
+                for h, info in zip(hosts, ray.get([h.info.remote() for h in hosts]))
+            }
+            if k:
+                me = ray.get_runtime_context().current_actor
+                ray.get(
+                    [h.set_replicas.remote(keys[s], replicas[s], me) for s, h in enumerate(hosts)]
+                )
         except Exception:
             kill_actors([a for a in actors if a is not None])
             placement.release(pg)
@@ -299,10 +357,10 @@ class GroupRegistry:
             world_size=config.world_size, mode=config.mode, nodes=node_ids,
             elastic=config.elastic,
         )  # fmt: skip
-        spare = start_replica(remote_host, name, -1, config, options) if config.replicate else None
+        spare = start_replica(remote_host, name, -1, config, options) if k else None
         return _Group(
             signature, rank, job_id, hosts, keys, node_ids, pg, coordinator=coordinator,
-            replicas=replicas if config.replicate else [], spare=spare,
+            replicas=replicas if k else [], spare=spare, files=files,
         )  # fmt: skip
 
     def leave(self, name: str, rank: int) -> None:
@@ -326,9 +384,9 @@ class GroupRegistry:
         if group is None:
             return False
         kept = self._recycle(group) if poolable(group.signature.config) else []
-        shard_hosts = [*group.hosts, *group.replicas, *group.retired, group.spare]
-        _close_hosts([h for h in shard_hosts if h is not None and h not in kept])
-        kill_actors([a for a in group.actors if a is not None and a not in kept])
+        others = [h for h in group.shard_hosts if h not in kept]
+        _remove_files(group.files, _close_hosts(others))
+        kill_actors([a for a in group.actors if a not in kept])
         placement.release(group.pg)
         emit(logger, "group_closed", group=name, members=sorted(group.members))
         return True
@@ -366,7 +424,7 @@ class GroupRegistry:
         kill_actors(excess)
         return kept
 
-    def shard_hosts(self, name: str) -> tuple[list[Any], list[str]]:
+    def primary_hosts(self, name: str) -> tuple[list[Any], list[str]]:
         """Group ``name``'s shard hosts (the current primaries) and its shards' keys.
 
         Raises:
@@ -381,60 +439,121 @@ class GroupRegistry:
         with self._lock:
             return len(self._pool)
 
-    def fail_over(self, name: str, shard: int, lost: Any) -> tuple[Any, Any]:
-        """Replaces shard ``shard``'s primary ``lost`` by its replica, which gets a new replica
-        (see :mod:`shardopt.actor.group_replica`); the first worker to find the primary lost
-        asks, the others get the same answer.
+    def fail_over(self, name: str, shard: int, lost: Any) -> tuple[Any, tuple[Any, ...]]:
+        """Replaces shard ``shard``'s primary ``lost`` by its most advanced live replica, which
+        links the others and a new one (see :mod:`shardopt.actor.group_replica`); the first
+        worker to find the primary lost asks, the others get the same answer.
 
         Returns:
-            The shard's primary and replica now.
+            The shard's primary and replicas now.
 
         Raises:
-            ShardUnavailableError: the group has no (usable) replica of the shard.
+            ShardUnavailableError: the group has no live replica of the shard.
         """
         with self._lock:
             group = self._groups.get(name)
             if group is None:
                 raise OptimizerClosedError(f"group {name!r} does not exist (any more)")
             current = group.hosts[shard]
+            replicas = group.replicas[shard] if group.replicas else []
             if current._actor_id != lost._actor_id:  # another worker asked first
-                return current, group.replicas[shard]
+                return current, tuple(replicas)
             try:
                 ray.get(current.info.remote(), timeout=30)
-                return current, group.replicas[shard]  # it is alive: the caller may retry
+                return current, tuple(replicas)  # it is alive: the caller may retry
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 pass
-            replica = group.replicas[shard] if group.replicas else None
-            if replica is None:
+            emit(logger, "shard_lost", logging.WARNING, group=name, shard=shard)
+            alive = _versions(replicas)
+            if not alive:
                 raise ShardUnavailableError(
-                    f"shard {shard} of group {name!r} was lost and has no replica "
-                    "(replicate=True keeps one)"
+                    f"shard {shard} of group {name!r} was lost and has no live replica "
+                    f"({len(replicas)} kept: replicate=k keeps k)"
                 )
-            from shardopt.actor.shard_group_host import GroupShardHost
-
-            config = group.signature.config
-            new = group.spare  # started already: the fail-over does not wait for a process
-            group.spare = start_replica(
-                ray.remote(GroupShardHost), name, -1, config, dict(config.actor_options)
-            )
+            promoted = max(alive, key=lambda r: alive[r])  # the first of the highest version
+            others = [r for r in alive if r is not promoted]
+            new = self._take_spare(group, name)
+            me = ray.get_runtime_context().current_actor
+            key = group.keys[shard]
             try:
-                ray.get(replica.take_over.remote(group.keys[shard], new, group.coordinator))
+                ray.get(promoted.take_over.remote(key, others, new, group.coordinator, me))
             except Exception:
                 kill_actors([new])
                 raise
-            group.retired.append(current)
-            group.hosts[shard], group.replicas[shard] = replica, new
+            group.retired += [current, *(r for r in replicas if r not in alive)]
+            group.hosts[shard], group.replicas[shard] = promoted, [*others, new]
             if group.coordinator is not None:
                 group.coordinator.set_hosts.remote(group.hosts)
-            emit(logger, "replica_promoted", logging.WARNING, group=name, shard=shard)
-            return replica, new
+            emit(
+                logger, "replica_promoted", logging.WARNING, group=name, shard=shard,
+                version=alive[promoted], replicas=len(group.replicas[shard]),
+            )  # fmt: skip
+            missing = group.signature.config.replicate - len(group.replicas[shard])
+            for _ in range(missing):  # more were lost with it: rebuilt after this call
+                me.replica_lost.remote(name, shard, None)
+            return promoted, tuple(group.replicas[shard])
+
+    def replica_lost(self, name: str, shard: int, lost: Any) -> bool:
+        """A replica of shard ``shard`` was lost (``lost``; None: one is missing): a new one is
+        built on the group's spare host from an export of the primary, under the primary's
+        lock (see :mod:`shardopt.actor.group_replica`). Called by the primary, which dropped the
+        lost one from its rounds already. Returns whether a replica was built."""
+        with self._lock:
+            group = self._groups.get(name)
+            if group is None or not group.replicas:
+                return False
+            replicas = group.replicas[shard]
+            if lost is not None:
+                ids = [r._actor_id for r in replicas]
+                if lost._actor_id not in ids:
+                    return False  # already replaced (or a fail-over dropped it)
+                group.retired.append(replicas.pop(ids.index(lost._actor_id)))
+                kill_actors([lost])  # dropped from the rounds: stale from now on (if alive)
+            if len(replicas) >= group.signature.config.replicate:
+                return False
+            primary, new = group.hosts[shard], self._take_spare(group, name)
+            try:
+                ray.get(new.info.remote())  # started: the primary's rounds wait for no process
+                ray.get(primary.add_replica.remote(group.keys[shard], new))
+            except Exception as err:  # the primary was lost too: its fail-over rebuilds
+                logger.warning("group %r: no new replica of shard %d: %s", name, shard, err)
+                group.retired.append(new)
+                return False
+            replicas.append(new)
+            emit(
+                logger, "replica_rebuilt", logging.WARNING, group=name, shard=shard,
+                replicas=len(replicas),
+            )  # fmt: skip
+            return True
+
+    @staticmethod
+    def _take_spare(group: _Group, name: str) -> Any:
+        """The group's spare host (started beforehand), replaced by a new one starting now."""
+        from shardopt.actor.shard_group_host import GroupShardHost
+
+        config = group.signature.config
+        spare, group.spare = (
+            group.spare,
+            start_replica(ray.remote(GroupShardHost), name, -1, config, dict(config.actor_options)),
+        )
+        return spare
+
+    def hosts_of(self, name: str, shard: int) -> tuple[Any, tuple[Any, ...]]:
+        """Shard ``shard``'s primary and replicas now (a worker's view may be older)."""
+        with self._lock:
+            group = self._groups.get(name)
+            if group is None:
+                raise OptimizerClosedError(f"group {name!r} does not exist (any more)")
+            replicas = group.replicas[shard] if group.replicas else []
+            return group.hosts[shard], tuple(replicas)
 
     def exists(self, name: str) -> bool:
         with self._lock:
             return name in self._groups
 
     def groups(self) -> dict[str, dict[str, Any]]:
-        """Every live group: its attached ranks, owner, and whether the owner has closed it."""
+        """Every live group: its attached ranks, owner, whether the owner has closed it, and
+        (replicated) how many replicas each shard has now."""
         with self._lock:
             return {
                 name: {
@@ -446,6 +565,7 @@ class GroupRegistry:
                     "mode": g.signature.config.mode,
                     "elastic": g.signature.config.elastic,
                     "replicate": g.signature.config.replicate,
+                    "replicas": [len(rs) for rs in g.replicas],
                 }
                 for name, g in self._groups.items()
             }

@@ -118,10 +118,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
             ``{"GPU": 1}`` puts one shard per GPU).
         replicate: keep an in-memory replica of every shard on another node, so that a lost
             shard actor (or node) is replaced with nothing lost (:mod:`~.replication`).
-            ``True`` (or 1): the replicas run every step too; an int ``k > 1`` (not for
-            groups): refreshed every ``k`` steps, this process keeping the gradients since to
-            replay after a loss. Costs a second copy of each shard's parameters, gradients and
-            state (with ``k``, up to ``k`` gradient copies here).
+            ``True`` (or 1): the replicas run every step too; an int ``k > 1``: refreshed every
+            ``k`` steps (this process keeps the gradients since, to replay after a loss); but
+            **in a sync shard group, ``k`` replicas** of each shard, all following every round.
+            Costs a copy of each shard's parameters, gradients and state per replica.
         split: whether a tensor may be split along dim 0 into row ranges on several shards,
             so that one big tensor (an embedding) does not decide a shard's bytes and step
             time. By default torch's element-wise algorithms split (SGD, Adam, AdamW, ...;

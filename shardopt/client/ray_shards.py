@@ -64,7 +64,7 @@ class RayShards(Backend):
             following = (
                 request(self.handles[shards[i + 1]], param_ids) if i + 1 < len(shards) else None
             )
-            part = self.data_path.receive_state(ref)
+            part = self._receive_state(shard, ref, param_ids)
             for pid in [pid for pid in part if shard_map.is_split(pid)]:
                 seen, merged = pieces.get(pid, (0, None))
                 merged = shard_map.merge_piece(pid, shard, part.pop(pid), merged)
@@ -94,6 +94,13 @@ class RayShards(Backend):
             else value
             for pid, value in part.items()
         }
+
+    def _receive_state(
+        self, shard: int, request: Any, param_ids: tuple[int, ...] | None
+    ) -> dict[int, Any]:
+        """Shard ``shard``'s part of the state, asked for with ``request`` (a backend whose
+        shards fail over asks the new one again when the shard was lost)."""
+        return self.data_path.receive_state(request)
 
     def load_state(self, state: dict[int, dict[str, Any]], options: tuple[dict, ...]) -> None:
         per_shard: list[dict[int, Any]] = [{} for _ in range(self.num_shards)]

@@ -12,11 +12,14 @@ the group's coordinator (:mod:`shardopt.actor.group_membership`) from a backgrou
 the step's path, and shows the members and each round's participants
 (:meth:`ShardGroupMember.members`, :attr:`ShardGroupMember.participants`). State, loads,
 checkpoints and status reach the group's shard hosts through the same typed handles as a
-worker's own shards (:class:`~shardopt.client.ray_shards.RayShards`). Also the cluster-wide
-entry points :func:`list_groups` and :func:`close_group`.
+worker's own shards (:class:`~shardopt.client.ray_shards.RayShards`). In a replicated group
+(``replicate=k``) a push, pull, state read or status that finds a shard's primary lost asks the
+registry to fail over and asks the new primary again (:mod:`shardopt.actor.group_replica`).
+Also the cluster-wide entry points :func:`list_groups` and :func:`close_group`.
 
-Talks to: the group registry, the group's shard hosts (:mod:`shardopt.actor.shard_group_host`)
-and an elastic group's coordinator (:mod:`shardopt.actor.group_membership`).
+Talks to: the group registry, the group's shard hosts (:mod:`shardopt.actor.shard_group_host`,
+through :mod:`shardopt.client.group_handles`) and an elastic group's coordinator
+(:mod:`shardopt.actor.group_membership`).
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ from shardopt.actor.placement import normalize_resources, normalize_strategy
 from shardopt.actor.shard_group_registry import REGISTRY_NAME, GroupRegistry
 from shardopt.client.backend import ParamSource
 from shardopt.client.group_data_path import GroupDataPath
+from shardopt.client.group_handles import GroupShardHandle, group_handles
 from shardopt.client.handles import ShardHandle
 from shardopt.client.lanes import Lanes, answer_of, first_answer
 from shardopt.client.ray_shards import RayShards
-from shardopt.client.replication import MirroredHandle
 from shardopt.client.runtime import ensure_ray, ray_get
 from shardopt.client.shard_map import ShardMap
 from shardopt.core.amp import AmpScaling
@@ -58,6 +61,7 @@ from shardopt.core.records import (
     PushRequest,
     PushResult,
     ShardSpec,
+    ShardStatus,
 )
 
 logger = logging.getLogger(__name__)
@@ -65,6 +69,8 @@ logger = logging.getLogger(__name__)
 MODES = ("sync", "async")
 HEARTBEAT_TIMEOUT = datetime.timedelta(seconds=10)
 """An elastic group drops a member whose heartbeats stop for this long (by default)."""
+MAX_GROUP_REPLICAS = 8
+"""The most replicas (``replicate=k``) a group shard may have."""
 MAX_STALE_RETRIES = 1000
 """How often ``step(closure)`` recomputes gradients rejected as too stale before giving up."""
 
@@ -107,12 +113,17 @@ def make_config(
     Raises:
         ValueError: a missing or out-of-range ``world_size``/``rank``, an unknown ``mode``,
             ``max_staleness`` without async mode or negative, a bad placement, ``elastic``
-            with async mode, ``replicate`` with async mode or as an interval.
+            with async mode, ``replicate`` with async mode or above :data:`MAX_GROUP_REPLICAS`.
     """
-    if replicate and (mode != "sync" or replicate != 1):
+    if replicate and mode != "sync":
         raise ValueError(
-            f"Invalid replicate: {replicate!r} for a shard group: replicas of group shards "
-            "follow every round (replicate=True) of sync groups"
+            f"Invalid replicate: {replicate!r} for a shard group in {mode!r} mode: replicas of "
+            "group shards follow every round of sync groups (replicate=True, or k replicas)"
+        )
+    if not isinstance(replicate, int) or not 0 <= replicate <= MAX_GROUP_REPLICAS:
+        raise ValueError(
+            f"Invalid replicate: {replicate!r} for a shard group (True, or the number of "
+            f"replicas of each shard, 1 to {MAX_GROUP_REPLICAS})"
         )
     if not isinstance(elastic, bool):
         raise ValueError(f"Invalid elastic: {elastic!r} (True or False)")
@@ -223,49 +234,6 @@ def list_groups() -> dict[str, dict[str, Any]]:
     return ray.get(registry().groups.remote())
 
 
-class GroupShardHandle(ShardHandle):
-    """A handle on one shard of a group: the shard calls, and a worker's push and pull."""
-
-    def push(self, request: PushRequest) -> Any:
-        return self.host.push.remote(self.key, request)
-
-    def pull(self, rank: int | None = None, at_least: int = 0) -> Any:
-        return self.host.pull.remote(self.key, rank, at_least)
-
-    def attach_shared(self, rank: int, node_id: str) -> Any:
-        return self.host.attach_shared.remote(self.key, rank, node_id)
-
-    def open_push_lane(self, rank: int) -> Any:
-        return self.host.open_lane.remote(self.key, rank)
-
-
-class MirroredGroupShardHandle(MirroredHandle, GroupShardHandle):
-    """A replicated group shard's handle: a worker's calls that change the shard (parameter
-    writes, loads) reach its replica too (rounds reach it from the primary)."""
-
-
-class _GroupReplicas:
-    """The replicas of a group's shards as :class:`MirroredHandle` forwards calls to them."""
-
-    def __init__(self, hosts: list[Any], keys: list[str]) -> None:
-        self.hosts = hosts
-        self.keys = keys
-
-    def follow(self, shard: int, call: Callable[[ShardHandle], Any], changes_state: bool) -> None:
-        ray_get(call(ShardHandle(self.hosts[shard], self.keys[shard], shard)))
-
-
-def _handles(membership: GroupMembership) -> list[GroupShardHandle]:
-    hosts, keys = list(membership.hosts), list(membership.keys)
-    if not membership.replicas:
-        return [GroupShardHandle(h, k, s) for s, (h, k) in enumerate(zip(hosts, keys))]
-    replicas = _GroupReplicas(list(membership.replicas), keys)
-    return [
-        MirroredGroupShardHandle(h, k, s, replicas)  # type: ignore[arg-type]
-        for s, (h, k) in enumerate(zip(hosts, keys))
-    ]
-
-
 class ShardGroupMember(RayShards):
     """One worker's membership of a shard group and its push/pull data path.
 
@@ -360,7 +328,7 @@ class ShardGroupMember(RayShards):
             self._heartbeats = _Heartbeats(
                 membership.coordinator, self.rank, self.config.heartbeat_timeout_s
             )
-        self.handles: list[GroupShardHandle] = _handles(membership)
+        self.handles: list[GroupShardHandle] = group_handles(membership, reg)
         self._finalizer = weakref.finalize(
             self, _leave, reg, self.name, self.rank, self._heartbeats
         )
@@ -404,10 +372,44 @@ class ShardGroupMember(RayShards):
         """Copies every shard's current parameters into the worker's tensors (once the shards
         are at version ``at_least``)."""
         shards = self.shard_map.live_shards()
-        answers = ray_get([self.handles[s].pull(self.rank, at_least) for s in shards])
+        refs = [self.handles[s].pull(self.rank, at_least) for s in shards]
         params = self._params.flat()
-        for s, current in zip(shards, answers):
+        for s, ref in zip(shards, refs):
+            current = self._failing_over(s, ref, lambda h: h.pull(self.rank, at_least))
             self._adopt(s, current, params)
+
+    @property
+    def replicated(self) -> bool:
+        """Whether the group's shards have replicas (a lost primary fails over)."""
+        return bool(self.membership and self.membership.replicas)
+
+    def _failing_over(self, shard: int, ref: Any, again: Callable[[ShardHandle], Any]) -> Any:
+        """The answer of ``ref`` (a read of ``shard``); when the shard's primary was lost (in a
+        replicated group), the answer of ``again`` asked of the replica that took over."""
+        try:
+            return ray_get(ref)
+        except ShardUnavailableError:
+            if not self.replicated:
+                raise
+        self._fail_over(shard)
+        return ray_get(again(self.handles[shard]))
+
+    def _receive_state(
+        self, shard: int, request: Any, param_ids: tuple[int, ...] | None
+    ) -> dict[int, Any]:
+        try:
+            return self.data_path.receive_state(request)
+        except ShardUnavailableError:
+            if not self.replicated:
+                raise
+        self._fail_over(shard)
+        return self.data_path.receive_state(
+            self.data_path.request_state(self.handles[shard], param_ids)
+        )
+
+    def status(self) -> list[ShardStatus]:
+        refs = [h.status() for h in self.handles]
+        return [self._failing_over(s, r, lambda h: h.status()) for s, r in enumerate(refs)]
 
     def _adopt(self, shard: int, current: ParamsAt, params: list[torch.Tensor]) -> None:
         values = current.params
@@ -543,7 +545,7 @@ class ShardGroupMember(RayShards):
                     pending[self.handles[s].push(requests[s])] = s
                     continue
                 except ShardUnavailableError:
-                    if not self.membership or not self.membership.replicas:
+                    if not self.replicated:
                         raise
                     self._fail_over(s)  # the replica takes over; the push goes to it again
                     pending[self.handles[s].push(requests[s])] = s
@@ -564,17 +566,17 @@ class ShardGroupMember(RayShards):
         return sorted(rejected)
 
     def _fail_over(self, shard: int) -> None:
-        """Replaces a lost primary by its replica (the registry does it once for the group)."""
+        """Replaces a lost primary by a replica (the registry does it once for the group)."""
         assert self.membership is not None
         lost = self.handles[shard].host
-        host, replica = ray_get(registry().fail_over.remote(self.name, shard, lost))
-        hosts, replicas = list(self.membership.hosts), list(self.membership.replicas)
-        hosts[shard], replicas[shard] = host, replica
+        host, replicas = ray_get(registry().fail_over.remote(self.name, shard, lost))
+        hosts, all_replicas = list(self.membership.hosts), list(self.membership.replicas)
+        hosts[shard], all_replicas[shard] = host, tuple(replicas)
         self.membership = dataclasses.replace(
-            self.membership, hosts=tuple(hosts), replicas=tuple(replicas)
+            self.membership, hosts=tuple(hosts), replicas=tuple(all_replicas)
         )
-        self.handles = _handles(self.membership)
-        logger.warning("group %r: shard %d failed over to its replica", self.name, shard)
+        self.handles = group_handles(self.membership, registry())
+        logger.warning("group %r: shard %d failed over to a replica", self.name, shard)
 
     def close(self) -> None:
         self.lanes.close_all()

@@ -72,7 +72,7 @@ def _groups() -> list[dict[str, Any]]:
             "shards": [],
         }
         try:
-            hosts, keys = _get(registry.shard_hosts.remote(name))
+            hosts, keys = _get(registry.primary_hosts.remote(name))
             statuses = _get([h.status.remote(k) for h, k in zip(hosts, keys)])
             versions = _get([h.version.remote() for h in hosts])
             for status, node, version in zip(statuses, group["node_ids"], versions):

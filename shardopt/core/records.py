@@ -215,7 +215,7 @@ class GroupConfig:
     """How a shard group runs: its workers, its mode, its shards and where they are placed.
 
     ``world_size`` is None for an elastic group without a bound on its members; ``replicate``
-    is 0 (no replicas) or 1 (each shard has a replica that applies every round)."""
+    is the number of replicas of each shard, each applying every round (0: none)."""
 
     world_size: int | None
     mode: str
@@ -258,5 +258,5 @@ class GroupMembership:
     """An elastic group's :class:`~shardopt.actor.group_membership.GroupMembers` actor."""
     first_round: int = 0
     """(elastic) the round this worker was admitted to: the version it adopts."""
-    replicas: tuple[Any, ...] = ()
-    """(replicate=True) each shard's replica host."""
+    replicas: tuple[tuple[Any, ...], ...] = ()
+    """(replicate=k) each shard's replica hosts (k of them, fewer while one is rebuilt)."""
