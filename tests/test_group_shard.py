@@ -145,14 +145,21 @@ def test_a_push_without_gradients_needs_a_slot():
     assert host.version() == 0
 
 
-def test_async_slot_push_applies_and_answers_through_the_store():
+def test_async_slot_push_answers_in_the_ranks_own_parameter_buffer():
+    """An async rank on the shard's node reads its answers in a buffer of its own: another
+    rank's push changes the shard, not what this rank reads, until this rank is answered."""
     host, layout = make_host(mode="async")
     b = host.attach_shared("unit/0", 1, ray.get_runtime_context().get_node_id())
-    assert b.param_path is None  # async: parameters change under other ranks' reads
+    reads = shm.attach(b.param_path, b.nbytes)
     layout.pack([torch.full((3,), 2.0)], out=shm.attach(b.grad_path, b.nbytes))
     answer = host.push("unit/0", replace(request(1, 0, 0, layout), grads=None))
-    assert answer.applied_version == 0
-    assert torch.equal(params_of(answer, layout), torch.full((3,), -1.0))
+    assert answer.applied_version == 0 and answer.current.params is None
+    assert torch.equal(layout.view(reads, 0), torch.full((3,), -1.0))
+    other = host.push("unit/0", request(0, 1, 1, layout))  # rank 0: through the object store
+    assert torch.equal(params_of(other, layout), torch.full((3,), -1.5))
+    assert torch.equal(layout.view(reads, 0), torch.full((3,), -1.0))  # not rank 1's answer
+    assert host.pull("unit/0", 1).params is None
+    assert torch.equal(layout.view(reads, 0), torch.full((3,), -1.5))
     host.close()
 
 

@@ -8,8 +8,9 @@ shard's gradient buffer, which it fills at every step and pushes without sending
 rank on the node reads after a round (the buffer changes only when a round completes, and a
 round needs every rank's push, so nobody reads while it changes). With one worker in sync
 mode its slot *is* the shard's gradient buffer: nothing is copied at all. In async mode each
-push is applied on its own while other ranks read, so parameters still come back through the
-object store there.
+push is applied on its own while other ranks read, so each rank gets a parameter buffer of its
+own, which the shard fills (:meth:`RankSlots.publish`) only when it answers that rank: the rank
+reads it before its next push, and nobody else writes it.
 
 :class:`RoundSum` sums a sync round's gradients in rank order as the pushes arrive (rank ``k``
 is added as soon as ranks ``0..k`` are in), so that the last push finds most of the work done.
@@ -49,6 +50,7 @@ class RankSlots:
         self._mode = mode
         self._world_size = world_size
         self._slots: dict[int, torch.Tensor] = {}  # rank -> its gradient buffer, mapped here
+        self._reads: dict[int, torch.Tensor] = {}  # async: rank -> its own parameter buffer
         self._handed_out: list[str] = []  # files a worker maps and unlinks (removed at close)
 
     def attach(self, rank: int) -> RankBuffers | None:
@@ -63,20 +65,33 @@ class RankSlots:
             else:
                 slot, grad_path = shm.create(buffers.nbytes)
             self._handed_out.append(grad_path)
-            param_path = None
+            reads = None
             if self._mode == "sync":
                 param_path = shm.link(buffers.param_path)
-                self._handed_out.append(param_path)
+            else:
+                reads, param_path = shm.create(buffers.nbytes)
+            self._handed_out.append(param_path)
         except OSError as err:
             index = self._shard.shard_index
             logger.warning("shard %d: no shared buffers for rank %d (%s)", index, rank, err)
             return None
         self._slots[rank] = slot
+        if reads is not None:
+            self._reads[rank] = reads
         return RankBuffers(grad_path, param_path, buffers.nbytes)
 
     def reads_shared_params(self, rank: int) -> bool:
-        """Whether ``rank`` reads the parameters in the shard's shared buffer."""
-        return self._mode == "sync" and rank in self._slots
+        """Whether ``rank`` reads the parameters in shared memory: the shard's own buffer
+        (sync), or its own copy (async, see :meth:`publish`)."""
+        return rank in self._slots and (self._mode == "sync" or rank in self._reads)
+
+    def publish(self, rank: int) -> None:
+        """Before an answer to ``rank``: in async mode, copies the shard's parameters into the
+        rank's own buffer (in sync mode it reads the shard's buffer itself)."""
+        reads = self._reads.get(rank)
+        if reads is not None:
+            flat = self._shard.param_buffer()
+            reads[: flat.numel()].copy_(flat)
 
     def has_gradients(self, request: PushRequest) -> bool:
         """Whether a push's gradients are at hand (sent with it, or in its rank's slot)."""
@@ -104,6 +119,7 @@ class RankSlots:
             shm.remove(path)
         self._handed_out.clear()
         self._slots.clear()
+        self._reads.clear()
 
 
 class RoundSum:

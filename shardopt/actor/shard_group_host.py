@@ -172,12 +172,12 @@ class GroupShardHost(ShardCalls):
 
     def open_lane(self, key: str, rank: int) -> LaneAddress | None:
         """Opens a push lane (:mod:`shardopt.core.lane`) for ``rank``, a worker on this node
-        that reads a sync round's parameters in shared memory (so no answer carries an object
+        that reads its answers' parameters in shared memory (so no answer carries an object
         ref); None for any other: its pushes go through Ray. Not in elastic or replicated
         groups (they have no shared memory). A lane pushes for its own rank only."""
         with self._cond:
             self._checked(key)
-            if self.config.mode != "sync" or self._slots is None:
+            if self._slots is None:
                 return None
             if self._elastic is not None or self.config.replicate:
                 return None
@@ -395,7 +395,7 @@ class GroupShardHost(ShardCalls):
         if limit is not None and version - request.read_version > limit:
             return PushResult(
                 shard.shard_index, request.rank, request.read_version, None,
-                self._current(shard), (),
+                self._current(shard, request.rank), (),
             )  # fmt: skip
         grads = request.grads
         if grads is None:  # in the rank's slot: copied into the shard's gradient buffer
@@ -411,7 +411,7 @@ class GroupShardHost(ShardCalls):
         self._version = version + 1
         return PushResult(
             shard.shard_index, request.rank, request.read_version, version,
-            self._current(shard), new_state,
+            self._current(shard, request.rank), new_state,
         )  # fmt: skip
 
     def _push_sync(self, shard: Shard, request: PushRequest) -> PushResult:
@@ -579,6 +579,7 @@ class GroupShardHost(ShardCalls):
         """The parameters at the current version: for a rank that reads them in shared memory,
         nothing; else put in the object store once per version, for every rank."""
         if rank is not None and self._slots is not None and self._slots.reads_shared_params(rank):
+            self._slots.publish(rank)
             return ParamsAt(self._version, None)
         if self._params is None or self._params.version != self._version:
             self._params = ParamsAt(self._version, ray.put(shard.param_values()))

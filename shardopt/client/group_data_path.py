@@ -4,11 +4,13 @@ worker's shared buffers on the group shards of its node.
 Where a group shard is on this worker's node, the worker maps its
 :class:`~shardopt.core.records.RankBuffers` (:meth:`GroupShardHost.attach_shared
 <shardopt.actor.shard_group_host.GroupShardHost.attach_shared>`): its gradients are packed
-straight into its slot there (and pushed without them), and in sync mode the parameters a
-round answers with are read from the shard's own buffer (with ``share_params`` the worker's CPU
-parameters are re-pointed into it: nothing is copied back at all). The other shards go through
-Ray's object store as before. The shard's parameter buffer is not handed to ``DataPath``'s own
-mapping: a user's edit of a parameter still reaches the shard as an update under its lock.
+straight into its slot there (and pushed without them), and the parameters a push answers
+with are read in shared memory: in sync mode from the shard's own buffer (with
+``share_params`` the worker's CPU parameters are re-pointed into it: nothing is copied back at
+all), in async mode from a buffer of the rank's own that the shard fills when it answers.
+The other shards go through Ray's object store as before. The shard's parameter buffer is not
+handed to ``DataPath``'s own mapping: a user's edit of a parameter still reaches the shard as
+an update under its lock.
 
 Talks to: :mod:`shardopt.core.shm`; the rest as :class:`~shardopt.client.data_path.DataPath`.
 """
