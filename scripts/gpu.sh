@@ -29,6 +29,7 @@ tests_s=${TESTS_S:-240}
 bench_s=${BENCH_S:-300}
 summary="$out/summary.txt"
 : >"$summary"
+: >"$out/env.log"
 note() { echo "$*" | tee -a "$summary"; }
 started=$(date +%s)
 

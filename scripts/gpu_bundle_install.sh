@@ -43,6 +43,7 @@ export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 echo "+ import check and one Ray actor (PYTHONPATH=$PYTHONPATH)"
 timeout --kill-after=10 120 "$python" - <<'EOF'
 import importlib
+import importlib.metadata
 import pkgutil
 import sys
 
@@ -59,11 +60,13 @@ import shardopt
 
 print(f"python {sys.version.split()[0]}; torch {torch.__version__}; ray {ray.__version__} from "
       f"{ray.__file__}; grpc {grpc.__version__}; protobuf {google.protobuf.__version__}; "
-      f"jsonschema {jsonschema.__version__}")
+      f"jsonschema {importlib.metadata.version('jsonschema')}")
 # demo needs scikit-learn, testing's S3 server moto: neither is needed on the GPU machine
 optional = {"sklearn", "moto", "s3fs"}
 failed = []
 for module in pkgutil.walk_packages(shardopt.__path__, "shardopt."):
+    if module.name.endswith("__main__"):  # runs the CLI
+        continue
     try:
         importlib.import_module(module.name)
     except Exception as err:  # report every module that does not import, then fail
