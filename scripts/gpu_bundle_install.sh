@@ -30,7 +30,11 @@ else
   mkdir -p "$site"
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
     "$bundle"/wheels/*.whl
-  tar -xJf "$bundle"/ray-*-pruned.tar.xz -C "$site"
+  # Python's tarfile, not tar -J: the machine may have no xz
+  "$python" -c 'import sys, tarfile
+with tarfile.open(sys.argv[1]) as tar:
+    tar.extractall(sys.argv[2], **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))' \
+    "$bundle"/ray-*-pruned.tar.xz "$site"
   cp "$bundle/MANIFEST.txt" "$site/.shardopt-bundle"
 fi
 if [[ ! -f shardopt/v1/optimizer_pb2.py ]]; then
