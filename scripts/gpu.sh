@@ -71,6 +71,11 @@ for candidate in "${candidates[@]}"; do
   fi
 done
 
+{
+  echo "--- nvidia-smi"
+  nvidia-smi 2>&1 || echo "nvidia-smi failed"
+} >>"$out/env.log"
+
 if [[ -n "$bundle" ]]; then
   # the interpreter to install into: the CUDA one, else (a dry run) the first with a torch
   target=$python
@@ -92,10 +97,6 @@ if [[ -n "$bundle" ]]; then
   export PYTHONPATH="${GPU_SITE:-/tmp/site}:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   note "bundle: installed and checked with ${target:-python3}; PYTHONPATH=$PYTHONPATH"
 fi
-{
-  echo "--- nvidia-smi"
-  nvidia-smi 2>&1 || echo "nvidia-smi failed"
-} >>"$out/env.log"
 cat "$out/env.log"
 if [[ -z "$python" ]]; then
   note "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
