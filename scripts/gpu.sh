@@ -7,6 +7,12 @@
 # 1. the interpreter: $GPU_PYTHON, else ./.venv (created by scripts/venv.sh if missing), else
 #    python3 on the PATH: the first whose torch sees CUDA. torch==2.13.0 from a local wheel may
 #    be a CPU build: then no interpreter qualifies, and the script says so and exits 3.
+#    With a bundle (.gpu/MANIFEST.txt, or $GPU_BUNDLE/MANIFEST.txt; built by
+#    scripts/gpu_bundle.sh for a machine without internet, docs/GPU_RUN.md): no venv is made;
+#    the candidates are $GPU_PYTHON, /opt/torch/.venv/bin/python3, python3; the bundle is
+#    installed into $GPU_SITE (default /tmp/site) and PYTHONPATH is that plus this checkout;
+#    then the imports shardopt needs and a one-actor Ray start are checked (-> bundle.log; exit
+#    4 if they fail), before the CUDA check, so a dry run without CUDA checks them too.
 # 2. nvidia-smi and torch's view of the device          -> env.log
 # 3. the tests marked gpu (tests/test_gpu.py and the gpu tests of other files), at most
 #    TESTS_S seconds (default 240)                       -> tests.log, tests.xml
@@ -23,6 +29,7 @@ tests_s=${TESTS_S:-240}
 bench_s=${BENCH_S:-300}
 summary="$out/summary.txt"
 : >"$summary"
+: >"$out/env.log"
 note() { echo "$*" | tee -a "$summary"; }
 started=$(date +%s)
 
@@ -40,13 +47,20 @@ sys.exit(0 if torch.cuda.is_available() else 1)
 EOF
 }
 
+bundle=${GPU_BUNDLE:-.gpu}
 candidates=()
 [[ -n "${GPU_PYTHON:-}" ]] && candidates+=("$GPU_PYTHON")
-if [[ ! -x .venv/bin/python ]]; then
-  echo "+ creating .venv (scripts/venv.sh)"
-  (extra=test; source scripts/venv.sh) >"$out/venv.log" 2>&1 || note "venv: failed (see venv.log)"
+if [[ -f "$bundle/MANIFEST.txt" ]]; then
+  note "bundle: $bundle ($(head -n 1 "$bundle/MANIFEST.txt"))"
+  [[ -x /opt/torch/.venv/bin/python3 ]] && candidates+=(/opt/torch/.venv/bin/python3)
+else
+  bundle=""
+  if [[ ! -x .venv/bin/python ]]; then
+    echo "+ creating .venv (scripts/venv.sh)"
+    (extra=test; source scripts/venv.sh) >"$out/venv.log" 2>&1 || note "venv: failed (see venv.log)"
+  fi
+  [[ -x .venv/bin/python ]] && candidates+=(.venv/bin/python)
 fi
-[[ -x .venv/bin/python ]] && candidates+=(.venv/bin/python)
 command -v python3 >/dev/null && candidates+=("$(command -v python3)")
 
 python=""
@@ -56,10 +70,33 @@ for candidate in "${candidates[@]}"; do
     break
   fi
 done
+
 {
   echo "--- nvidia-smi"
   nvidia-smi 2>&1 || echo "nvidia-smi failed"
 } >>"$out/env.log"
+
+if [[ -n "$bundle" ]]; then
+  # the interpreter to install into: the CUDA one, else (a dry run) the first with a torch
+  target=$python
+  if [[ -z "$target" ]]; then
+    for candidate in "${candidates[@]}"; do
+      if "$candidate" -c "import torch" >/dev/null 2>&1; then
+        target=$candidate
+        break
+      fi
+    done
+  fi
+  if ! bash scripts/gpu_bundle_install.sh "$bundle" "${GPU_SITE:-/tmp/site}" "${target:-python3}" \
+    >"$out/bundle.log" 2>&1; then
+    cat "$out/bundle.log"
+    note "bundle: FAILED to install or import (see bundle.log); nothing else was run"
+    exit 4
+  fi
+  cat "$out/bundle.log"
+  export PYTHONPATH="${GPU_SITE:-/tmp/site}:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  note "bundle: installed and checked with ${target:-python3}; PYTHONPATH=$PYTHONPATH"
+fi
 cat "$out/env.log"
 if [[ -z "$python" ]]; then
   note "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
@@ -67,6 +104,7 @@ if [[ -z "$python" ]]; then
   note "!!! The venv's torch==2.13.0 is probably the CPU wheel. Install a CUDA build of torch"
   note "!!! 2.13.0 in .venv, or point GPU_PYTHON at an interpreter that has one (with this"
   note "!!! project's dependencies: pip install -e '.[test]'). Nothing was run."
+  [[ -n "$bundle" ]] && note "!!! (The bundle's imports and Ray start passed: see bundle.log.)"
   note "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"
   exit 3
 fi
