@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import ray
 import torch
 from helpers import assert_same, events_in, make_model, run_steps
 
@@ -109,6 +110,26 @@ def test_a_lost_shard_is_replaced_and_nothing_changes(
 def test_replication_changes_no_number(uninterrupted):
     opt, plain = run(lambda m: shardopt.AdamW(m.parameters(), lr=0.01, num_shards=2))
     assert_same(uninterrupted, plain)
+    opt.close()
+
+
+def test_a_closed_optimizers_replica_hosts_serve_the_next_one(uninterrupted):
+    """The dedicated replica hosts of a closed optimizer are emptied and serve the next
+    replicated optimizer of this process (no new worker process), which loses nothing when a
+    primary is killed."""
+    opt, _ = run(adamw, steps=1)
+    replicas = opt.backend.replicas
+    pids = {ray.get(h.host.info.remote())["pid"] for h in replicas.handles}
+    opt.close()
+    opt, result = run(adamw, kill_primary(1))
+    replicas = opt.backend.replicas
+    infos = [ray.get(h.info.remote()) for h in replicas.owned]
+    assert pids <= {info["pid"] for info in infos}  # the first optimizer's hosts, again
+    keys = {k for info in infos for k in info["shards"]}
+    owner = opt.backend.handles[0].key.rsplit("/", 1)[0]
+    assert keys and all(k.startswith(f"{owner}/") for k in keys)  # none of the first's
+    assert replicas.recoveries == 1
+    assert_same(uninterrupted, result)
     opt.close()
 
 

@@ -47,7 +47,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from shardopt.actor.host import NAMESPACE, ShardHost, kill_actors
 from shardopt.checkpoint.integrity import Commit
 from shardopt.client.handles import ShardHandle
-from shardopt.client.runtime import host_name, host_pool, ray_get
+from shardopt.client.runtime import host_name, host_pool, idle_replica_hosts, ray_get
 from shardopt.core.buffers import to_numpy
 from shardopt.core.events import emit
 from shardopt.core.metrics import REPLICA_LAG
@@ -158,21 +158,19 @@ class Replicas:
         alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
         others = [n for n in alive if n != primary] or alive
         node = others[shard % len(others)]
-        options = {
-            k: v
-            for k, v in self._shards.actor_options.items()
-            if k not in ("scheduling_strategy", "name")
-        }
-        host = (
-            ray.remote(ShardHost)
-            .options(
-                namespace=NAMESPACE,
-                name=host_name("replica"),
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
-                **options,
+        options = self._host_options()
+        host = idle_replica_hosts.take(options, primary if len(alive) > 1 else None)
+        if host is None:  # none left by a closed optimizer of this process
+            host = (
+                ray.remote(ShardHost)
+                .options(
+                    namespace=NAMESPACE,
+                    name=host_name("replica"),
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
+                    **options,
+                )
+                .remote()
             )
-            .remote()
-        )
         self.owned.append(host)
         self.nodes[shard] = None
         return host
@@ -209,8 +207,25 @@ class Replicas:
         self._pending[shard] = []
         self._building[shard] = host.create_from.remote(handle.key, shard, export, threads)
 
+    def _host_options(self) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in self._shards.actor_options.items()
+            if k not in ("scheduling_strategy", "name")
+        }
+
     def close(self) -> None:
-        kill_actors(self.owned)  # the dedicated hosts of replicas and promoted replicas
+        """Empties the dedicated hosts of replicas and promoted replicas, and leaves them to
+        the next replicated optimizer of this process (or kills them, see
+        :class:`~shardopt.client.runtime.IdleReplicaHosts`)."""
+        owner = self._shards.handles[0].key.rsplit("/", 1)[0] if self._shards.handles else ""
+        options = self._host_options()
+        for host in self.owned:
+            if owner:
+                idle_replica_hosts.give(host, options, owner)
+            else:
+                kill_actors([host])
+        self.owned = []
         self.handles = [None] * len(self.handles)
 
     # ----- keeping replicas current -----------------------------------------------------------

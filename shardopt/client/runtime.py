@@ -229,6 +229,69 @@ host_pool = HostPool()
 """The process-wide pool used by every optimizer of this process."""
 
 
+class IdleReplicaHosts:
+    """The dedicated replica hosts of this process's closed optimizers, emptied, kept for the
+    next optimizer's replicas (starting one costs seconds). At most ``max_idle``; a replicated
+    optimizer takes one only on another node than its shard's primary, where there is one."""
+
+    def __init__(self, max_idle: int = 8) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[tuple[Any, str, str]] = []  # (host, options key, node id)
+        self._cluster: str | None = None  # the Ray session they belong to
+        self.max_idle = max_idle
+
+    def _reset_if_new_cluster(self) -> None:
+        cluster = _cluster_id()
+        if cluster != self._cluster:
+            self._cluster, self._idle = cluster, []
+
+    def take(self, actor_options: dict[str, Any], avoid_node: str | None) -> Any | None:
+        """An idle host started with ``actor_options`` and not on ``avoid_node`` that still
+        answers (None: start one)."""
+        key = json.dumps(dict(actor_options), sort_keys=True, default=str)
+        while True:
+            with self._lock:
+                self._reset_if_new_cluster()
+                found = next(
+                    (e for e in reversed(self._idle) if e[1] == key and e[2] != avoid_node), None
+                )
+                if found is None:
+                    return None
+                self._idle.remove(found)
+            try:
+                info = ray.get(found[0].info.remote(), timeout=30)
+            except Exception as err:  # died while idle
+                logger.debug("idle replica host unusable: %s", err)
+                continue
+            if not info["shards"]:
+                return found[0]
+            kill_actors([found[0]])
+
+    def give(self, host: Any, actor_options: dict[str, Any], owner: str) -> None:
+        """Drops owner ``owner``'s shards from ``host`` and keeps it, or kills it (it does not
+        answer, holds other shards, or the pool is full)."""
+        key = json.dumps(dict(actor_options), sort_keys=True, default=str)
+        try:
+            keys = ray.get(host.info.remote(), timeout=30)["shards"]
+            ray.get([host.drop.remote(k) for k in keys if k.startswith(f"{owner}/")], timeout=30)
+            info = ray.get(host.info.remote(), timeout=30)
+        except Exception as err:
+            logger.debug("replica host not kept: %s", err)
+            kill_actors([host])
+            return
+        with self._lock:
+            self._reset_if_new_cluster()
+            keep = not info["shards"] and len(self._idle) < self.max_idle
+            if keep:
+                self._idle.append((host, key, info["node_id"]))
+        if not keep:
+            kill_actors([host])
+
+
+idle_replica_hosts = IdleReplicaHosts()
+"""The idle replica hosts of this process (see :class:`IdleReplicaHosts`)."""
+
+
 def ray_get(refs: Any) -> Any:
     """``ray.get`` that re-raises a shard's own exception and names a lost shard."""
     try:
