@@ -20,7 +20,6 @@ Talks to nothing: the registry starts, recycles and kills the hosts it holds.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,14 +42,9 @@ def poolable(config: GroupConfig) -> bool:
         config.placement is None
         and not config.elastic
         and not config.replicate
-        and (config.world_size or 0) <= MAX_POOLED_WORLD_SIZE
         and config.world_size is not None
+        and config.world_size <= MAX_POOLED_WORLD_SIZE
     )
-
-
-def options_key(actor_options: dict[str, Any]) -> str:
-    """The actor options a pooled host was started with, as a key that equal options share."""
-    return json.dumps(actor_options, sort_keys=True, default=repr)
 
 
 @dataclass
@@ -95,11 +89,6 @@ class GroupHostPool:
         old = [e for e in self._idle if now - e.since > self.idle_timeout_s]
         self._idle = [e for e in self._idle if e not in old]
         return [e.host for e in old]
-
-    def drain(self) -> list[Any]:
-        """Takes out every idle host."""
-        hosts, self._idle = [e.host for e in self._idle], []
-        return hosts
 
     def __len__(self) -> int:
         return len(self._idle)

@@ -12,6 +12,7 @@ Talks to: Ray (``ray.nodes()``, placement groups).
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -27,6 +28,12 @@ STRATEGIES = ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")
 """Ray's placement strategies, accepted in any case."""
 
 DEFAULT_SHARD_RESOURCES: dict[str, float] = {"CPU": 1.0}
+
+
+def options_key(actor_options: dict[str, Any]) -> str:
+    """Ray actor options as a key that equal options share (pools of idle shard hosts reuse a
+    host only for the very options it was started with)."""
+    return json.dumps(dict(actor_options), sort_keys=True, default=repr)
 
 
 def normalize_strategy(placement: str | None) -> str | None:

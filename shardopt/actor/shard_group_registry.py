@@ -46,7 +46,6 @@ from shardopt.actor import placement
 from shardopt.actor.group_host_pool import (
     POOLED_CONCURRENCY,
     GroupHostPool,
-    options_key,
     poolable,
 )
 from shardopt.actor.group_replica import start_replica
@@ -395,7 +394,7 @@ class GroupRegistry:
         """Idle hosts from the pool (:mod:`shardopt.actor.group_host_pool`), now serving
         group ``name``; a host that does not answer is killed and left out."""
         with self._lock:
-            taken = self._pool.take(options_key(dict(config.actor_options)), config.num_shards)
+            taken = self._pool.take(placement.options_key(config.actor_options), config.num_shards)
         hosts = []
         for host in taken:
             try:
@@ -408,7 +407,7 @@ class GroupRegistry:
 
     def _recycle(self, group: _Group) -> list[Any]:
         """Gives a closed group's hosts to the pool; returns those it took."""
-        key = options_key(dict(group.signature.config.actor_options))
+        key = placement.options_key(group.signature.config.actor_options)
         refs = [h.recycle.remote() for h in group.hosts]
         kept, excess = [], []
         for host, ref in zip(group.hosts, refs):

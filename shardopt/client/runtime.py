@@ -18,7 +18,6 @@ Talks to: Ray (``ray.init``, actor creation); :class:`~shardopt.actor.host.Shard
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import threading
@@ -29,6 +28,7 @@ from typing import Any
 import ray
 
 from shardopt.actor.host import NAMESPACE, ShardHost, kill_actors
+from shardopt.actor.placement import options_key
 from shardopt.core.errors import ShardUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class HostPool:
         """Takes hosts started by another process into the pool (a restarted gateway's), each
         holding ``loads[i]`` live optimizers' shards; idle ones beyond the bound are killed."""
         ensure_ray()
-        key = json.dumps(dict(actor_options), sort_keys=True, default=str)
+        key = options_key(actor_options)
         with self._lock:
             self._reset_if_new_cluster()
             pooled = self._hosts.setdefault(key, [])
@@ -156,9 +156,9 @@ class HostPool:
         """
         ensure_ray()
         options = dict(actor_options or {})
-        options_key = json.dumps(options, sort_keys=True, default=str)
+        key = options_key(options)
         for _ in range(3):
-            chosen = self._choose(count, options, options_key)
+            chosen = self._choose(count, options, key)
             answers = [h.info.remote() for h in chosen]
             infos, dead = [], []
             for host, answer in zip(chosen, answers):
@@ -171,15 +171,13 @@ class HostPool:
             logger.warning("replacing %d dead shard host(s)", len(dead))
             self.release(chosen)
             with self._lock:
-                self._hosts[options_key] = [
-                    h for h in self._hosts[options_key] if all(h is not d for d in dead)
-                ]
+                self._hosts[key] = [h for h in self._hosts[key] if all(h is not d for d in dead)]
         raise ShardUnavailableError("shard hosts died as they were started; see Ray's logs")
 
-    def _choose(self, count: int, options: dict[str, Any], options_key: str) -> list[Any]:
+    def _choose(self, count: int, options: dict[str, Any], key: str) -> list[Any]:
         with self._lock:
             self._reset_if_new_cluster()
-            hosts = self._hosts.setdefault(options_key, [])
+            hosts = self._hosts.setdefault(key, [])
             while len(hosts) < count:  # named: found by `shardopt status`
                 hosts.append(self._starter(host_name(), options))
             chosen = sorted(hosts, key=lambda h: (self._load.get(id(h), 0), hosts.index(h)))[:count]
@@ -248,7 +246,7 @@ class IdleReplicaHosts:
     def take(self, actor_options: dict[str, Any], avoid_node: str | None) -> Any | None:
         """An idle host started with ``actor_options`` and not on ``avoid_node`` that still
         answers (None: start one)."""
-        key = json.dumps(dict(actor_options), sort_keys=True, default=str)
+        key = options_key(actor_options)
         while True:
             with self._lock:
                 self._reset_if_new_cluster()
@@ -270,7 +268,7 @@ class IdleReplicaHosts:
     def give(self, host: Any, actor_options: dict[str, Any], owner: str) -> None:
         """Drops owner ``owner``'s shards from ``host`` and keeps it, or kills it (it does not
         answer, holds other shards, or the pool is full)."""
-        key = json.dumps(dict(actor_options), sort_keys=True, default=str)
+        key = options_key(actor_options)
         try:
             keys = ray.get(host.info.remote(), timeout=30)["shards"]
             ray.get([host.drop.remote(k) for k in keys if k.startswith(f"{owner}/")], timeout=30)
