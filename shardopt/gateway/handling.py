@@ -11,6 +11,7 @@ Talks to: nothing but the servicer it wraps and gRPC's context.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import pathlib
@@ -74,19 +75,26 @@ def scrub(message: str, checkpoint_dir: pathlib.Path | str | None) -> str:
     return message
 
 
+@contextlib.contextmanager
+def _statuses(servicer: Any, request: Any, context: grpc.ServicerContext) -> Iterator[None]:
+    """Refuses a malformed request, and maps what the body raises to a status."""
+    try:
+        if isinstance(request, Malformed):
+            raise wire.WireError(f"malformed request: {request.error}")
+        yield
+    except grpc.RpcError:  # the call was cancelled (by its client or the watchdog)
+        raise
+    except Exception as exc:
+        servicer._abort(context, exc)
+
+
 def handled(method: Callable) -> Callable:
     """Maps a servicer method's exceptions to statuses."""
 
     @functools.wraps(method)
     def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            if isinstance(request, Malformed):
-                raise wire.WireError(f"malformed request: {request.error}")
+        with _statuses(self, request, context):
             return method(self, request, context)
-        except grpc.RpcError:  # the call was cancelled (by its client or the watchdog)
-            raise
-        except Exception as exc:
-            self._abort(context, exc)
 
     return unary
 
@@ -96,13 +104,7 @@ def handled_stream(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator:
-        try:
-            if isinstance(request, Malformed):
-                raise wire.WireError(f"malformed request: {request.error}")
+        with _statuses(self, request, context):
             yield from method(self, request, context)
-        except grpc.RpcError:
-            raise
-        except Exception as exc:
-            self._abort(context, exc)
 
     return stream
