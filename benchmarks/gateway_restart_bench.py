@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import ray
 import torch
@@ -102,6 +103,18 @@ def lbfgs_step(params: list[torch.Tensor], opt: torch.optim.Optimizer) -> float:
     return time.perf_counter() - start
 
 
+def alternate(steps: int, warmup: int, step: Callable[[str], float]) -> dict[str, list[float]]:
+    """``step("plain")`` and ``step("store")`` in turns, each first every other round (after
+    ``warmup`` untimed rounds): the milliseconds of each one's ``steps`` timed steps."""
+    samples: dict[str, list[float]] = {"plain": [], "store": []}
+    for i in range(steps + warmup):
+        for name in ("plain", "store") if i % 2 else ("store", "plain"):
+            seconds = step(name)
+            if i >= warmup:
+                samples[name].append(seconds * 1e3)
+    return samples
+
+
 def main() -> None:
     parser = arg_parser(__doc__)
     parser.add_argument("--size", type=parse_size, default=4_000_000)
@@ -134,12 +147,7 @@ def main() -> None:
             )  # fmt: skip
             for name, address in (("plain", plain_address), ("store", kept_address))
         }
-        samples: dict[str, list[float]] = {"plain": [], "store": []}
-        for i in range(args.steps + 3):
-            for name in ("plain", "store") if i % 2 else ("store", "plain"):
-                seconds = one_step(params[name], opts[name])
-                if i >= 3:
-                    samples[name].append(seconds * 1e3)
+        samples = alternate(args.steps, 3, lambda name: one_step(params[name], opts[name]))
         lbfgs_params = {name: model_of(args.lbfgs_size, torch.float64) for name in samples}
         lbfgs = {
             name: shardopt.LBFGS(
@@ -153,12 +161,9 @@ def main() -> None:
             )  # fmt: skip
             for name, address in (("plain", plain_address), ("store", kept_address))
         }
-        lbfgs_samples: dict[str, list[float]] = {"plain": [], "store": []}
-        for i in range(args.lbfgs_steps + 2):
-            for name in ("plain", "store") if i % 2 else ("store", "plain"):
-                seconds = lbfgs_step(lbfgs_params[name], lbfgs[name])
-                if i >= 2:
-                    lbfgs_samples[name].append(seconds * 1e3)
+        lbfgs_samples = alternate(
+            args.lbfgs_steps, 2, lambda name: lbfgs_step(lbfgs_params[name], lbfgs[name])
+        )
         for opt in lbfgs.values():
             opt.close()
         port = int(kept_address.rsplit(":", 1)[1])
