@@ -18,6 +18,7 @@ from shardopt.actor.shard_group_host import GroupShardHost
 from shardopt.core import shm
 from shardopt.core.buffers import FlatLayout, readonly_tensor, to_numpy
 from shardopt.core.errors import GroupTimeoutError
+from shardopt.core.lane import LaneClient
 from shardopt.core.records import GroupConfig, ParamBlock, PushRequest, ShardSpec
 
 OPTIONS = {"lr": 0.5, "momentum": 0.0, "dampening": 0, "weight_decay": 0, "nesterov": False,
@@ -160,6 +161,19 @@ def test_async_slot_push_answers_in_the_ranks_own_parameter_buffer():
     assert torch.equal(layout.view(reads, 0), torch.full((3,), -1.0))  # not rank 1's answer
     assert host.pull("unit/0", 1).params is None
     assert torch.equal(layout.view(reads, 0), torch.full((3,), -1.5))
+    host.close()
+
+
+def test_a_push_lane_carries_its_own_ranks_pushes_only():
+    """A lane opened for rank 0 refuses a push in another rank's name and changes nothing."""
+    host, layout = make_host(world_size=1)
+    host.attach_shared("unit/0", 0, ray.get_runtime_context().get_node_id())
+    client = LaneClient(host.open_lane("unit/0", 0))
+    client.send(request(1, 0, 1, layout))
+    with pytest.raises(ValueError, match="rank 0 carries that rank's pushes only"):
+        client.receive()
+    assert host.version() == 0
+    client.close()
     host.close()
 
 
