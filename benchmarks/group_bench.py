@@ -2,6 +2,7 @@
 against DDP.
 
     python benchmarks/group_bench.py [--shapes node,cluster] [--workers 1,2,4] [--quick]
+    python benchmarks/group_bench.py --shapes node --workers 2,4 --straggler-ms 40
 
 The default run (4.2M parameters, 1/2/4 workers, both shapes) takes about 8 minutes on a
 2-core machine; ``--quick`` (a tiny MLP) is mostly starting the clusters, actors and shards.
@@ -22,6 +23,12 @@ of ``--width``, ReLU between) on a fixed batch of their own (MSE loss, AdamW lr 
   anchor of a 1-worker group (``vs plain``: the group's step time over the plain one's).
 
 A step is ``zero_grad``, forward, backward, ``step`` (DDP's all-reduce runs inside backward).
+With ``--straggler-ms MS``, rank 0 is a slower worker: it sleeps MS after each backward, in every
+configuration (a slower device or link: the sleep takes no CPU from the others). That is the
+shape async mode is for: a sync round, like DDP's all-reduce, waits for the slowest worker, an
+async push waits for nobody. The results then go to ``group_bench_straggler.json``, and the
+figure to compare is ``total samples/s``: every worker's samples over its own wall time, summed
+(the median step time says little when one worker is slower than the rest).
 Each configuration runs ``--warmup`` steps, then ``--steps`` timed ones on every worker at
 once; the figure is the median step time over all workers' timed steps. After the timed steps
 the benchmark checks that every worker holds the very same parameters (``torch.equal``) in DDP
@@ -115,11 +122,12 @@ class BenchWorker:
     A plain class; the benchmark makes it a Ray actor (one CPU, spread over the nodes).
     """
 
-    def __init__(self, rank: int, workload: Workload, threads: int) -> None:
+    def __init__(self, rank: int, workload: Workload, threads: int, delay_ms: float = 0) -> None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # every "node" is this machine
         torch.set_num_threads(threads)
         self.rank = rank
         self.workload = workload
+        self.delay_s = delay_ms / 1e3
         gen = torch.Generator().manual_seed(1000 + rank)
         self.x = torch.randn(workload.batch, workload.width, generator=gen)
         self.y = torch.randn(workload.batch, workload.width, generator=gen)
@@ -187,6 +195,8 @@ class BenchWorker:
             self.opt.zero_grad(set_to_none=True)
             loss = nn.functional.mse_loss(self.trained(self.x), self.y)
             loss.backward()
+            if self.delay_s:
+                time.sleep(self.delay_s)
             self.opt.step()
             times.append((time.perf_counter() - t0) * 1e3)
             if self.mode not in ("ddp", "plain"):
@@ -268,6 +278,7 @@ def run_config(workers: list[Any], mode: str, args: argparse.Namespace) -> dict[
             steps_per_s=1e3 / median,
             samples_per_s=n * args.batch * 1e3 / median,
             wall_steps_per_s=[args.steps / r["wall_s"] for r in runs],
+            total_samples_per_s=sum(args.steps * args.batch / r["wall_s"] for r in runs),
             samples_ms=[r["samples_ms"] for r in runs],
             last_loss=[r["loss"] for r in runs],
         )
@@ -303,7 +314,10 @@ def run_shape(shape: str, workload: Workload, args: argparse.Namespace) -> list[
         remote_worker = ray.remote(BenchWorker).options(num_cpus=1, scheduling_strategy="SPREAD")
         for n in args.workers:
             log(f"{shape}, {n} worker(s): starting the actors")
-            workers = [remote_worker.remote(r, workload, args.threads) for r in range(n)]
+            workers = [
+                remote_worker.remote(r, workload, args.threads, args.straggler_ms if r == 0 else 0)
+                for r in range(n)
+            ]
             worker_nodes = ray.get([w.node_id.remote() for w in workers])
             for mode in args.modes:
                 if mode == "plain" and n != 1:
@@ -343,6 +357,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "placement": args.placement,
             "warmup": args.warmup,
             "steps": args.steps,
+            "straggler_ms": args.straggler_ms,
             "loadavg_before": load_average(),
         },
         "records": [],
@@ -364,14 +379,17 @@ def load_average() -> list[float] | None:
 
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
-    """Each record's steps/s over DDP's at the same world size (above 1: faster than DDP), and
-    a 1-worker group's step time over the plain optimizer's (``vs plain``: below 1.2 is the
-    goal)."""
+    """Each record's steps/s over DDP's at the same world size (above 1: faster than DDP), the
+    same for the total samples/s over all workers' wall time (``total vs DDP``), and a 1-worker
+    group's step time over the plain optimizer's (``vs plain``: below 1.2 is the goal)."""
     ddp = {r["workers"]: r.get("steps_per_s") for r in records if r["mode"] == "ddp"}
+    ddp_total = {r["workers"]: r.get("total_samples_per_s") for r in records if r["mode"] == "ddp"}
     plain = next((r.get("median_ms") for r in records if r["mode"] == "plain"), None)
     for r in records:
         anchor, ours = ddp.get(r["workers"]), r.get("steps_per_s")
         r["ratio_vs_ddp"] = ours / anchor if anchor and ours else None
+        anchor, ours = ddp_total.get(r["workers"]), r.get("total_samples_per_s")
+        r["total_ratio_vs_ddp"] = ours / anchor if anchor and ours else None
         if r["workers"] == 1 and r["mode"] in ("sync", "async") and plain and r.get("median_ms"):
             r["time_vs_plain"] = r["median_ms"] / plain
 
@@ -388,9 +406,11 @@ def format_table(report: dict[str, Any]) -> str:
         f"{w['batch']} per worker; {shapes}; a {meta['cpus']}-core machine (load average "
         f"{meta['loadavg_before']} before, {meta['loadavg_after']} after); median of "
         f"{meta['steps']} steps after {meta['warmup']}; shardopt num_shards={meta['num_shards']}, "
-        f"placement={meta['placement']}",
+        f"placement={meta['placement']}"
+        + (f"; rank 0 sleeps {meta['straggler_ms']:g} ms a step" if meta["straggler_ms"] else ""),
         f"{'shape':<9}{'config':<24}{'workers':>8}{'ms/step':>10}{'steps/s':>9}{'samples/s':>11}"
-        f"{'vs DDP':>8}{'vs plain':>9}  same params on all workers",
+        f"{'vs DDP':>8}{'total samples/s':>17}{'total vs DDP':>14}{'vs plain':>9}"
+        "  same params on all workers",
     ]
     for r in report["records"]:
         head = f"{r['shape']:<9}{LABELS[r['mode']]:<24}{r['workers']:>8}"
@@ -399,6 +419,7 @@ def format_table(report: dict[str, Any]) -> str:
             continue
         ratio = f"{r['ratio_vs_ddp']:.2f}" if r.get("ratio_vs_ddp") else "-"
         vs_plain = f"{r['time_vs_plain']:.2f}" if r.get("time_vs_plain") else "-"
+        total = f"{r['total_ratio_vs_ddp']:.2f}" if r.get("total_ratio_vs_ddp") else "-"
         if "params_equal" in r:
             check = "yes" if r["params_equal"] else "NO"
         elif r["mode"] == "plain":
@@ -410,7 +431,7 @@ def format_table(report: dict[str, Any]) -> str:
             check += f"; max |sync - DDP| {r['max_abs_diff_to_ddp']:.1e}"
         lines.append(
             f"{head}{r['median_ms']:>10.1f}{r['steps_per_s']:>9.2f}{r['samples_per_s']:>11.0f}"
-            f"{ratio:>8}{vs_plain:>9}  {check}"
+            f"{ratio:>8}{r['total_samples_per_s']:>17.0f}{total:>14}{vs_plain:>9}  {check}"
         )
     return "\n".join(lines)
 
@@ -433,6 +454,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=3, help="nodes, head included (default 3)")
     parser.add_argument("--node-cpus", type=int, default=2, help="logical CPUs per node")
     parser.add_argument("--object-store-mb", type=int, default=200, help="per node")
+    parser.add_argument(
+        "--straggler-ms", type=float, default=0, help="rank 0 sleeps this long after backward"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny MLP, few steps")
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
@@ -452,7 +476,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = run(args)
-    publish("group_bench", report, format_table(report), args.out)
+    name = "group_bench_straggler" if args.straggler_ms else "group_bench"
+    publish(name, report, format_table(report), args.out)
 
 
 if __name__ == "__main__":
