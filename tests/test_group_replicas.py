@@ -161,3 +161,36 @@ def test_replicate_options_for_groups_are_checked(names):
             [torch.zeros(2, requires_grad=True)], group=names(), world_size=1, rank=0,
             replicate=9,
         )  # fmt: skip
+
+
+def test_a_hung_replica_is_dropped_after_the_timeout_and_rebuilt(names, reference):
+    """A replica that stops answering (its process SIGSTOPped: alive, hung) holds a round up
+    for the group's timeout (4 s) at most: the primary drops it, the run goes on bit-identical, and
+    the registry builds a replacement, so the group is back at one replica per shard."""
+    name = names()
+    stopped: list[int] = []
+
+    def hang_replica() -> None:
+        stopped.append(pid_of(hosts_of(name, 0)[1][0]))
+        os.kill(stopped[0], signal.SIGSTOP)
+
+    try:
+        start = time.monotonic()
+        workers, params = run_group(
+            name, {4: hang_replica}, replicate=True, timeout=4, num_shards=1
+        )
+        elapsed = time.monotonic() - start
+        assert_same_run(workers, params, reference, shards=1)
+        wait_for_replicas(name, [1])
+        replica = hosts_of(name, 0)[1][0]
+        assert pid_of(replica) != stopped[0]  # a new process, answering
+        assert ray.get(replica.version.remote()) == STEPS
+        assert elapsed < 60  # one round held up for 4 s, not the default 5 minutes
+    finally:
+        for pid in stopped:  # the registry killed it; a stopped process may need the push
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for w in workers:
+        w.close()
