@@ -1,6 +1,7 @@
 """Replicated shard groups (replicate=k): group shard hosts SIGKILLed mid-run (a primary, a
-primary with one of its replicas, a replica alone) are replaced with nothing lost, and the
-round in flight is applied once (see shardopt.actor.group_replica)."""
+primary with one of its replicas in an elastic group, a replica alone) or hung (SIGSTOP) are
+replaced with nothing lost, and the round in flight is applied once (see
+shardopt.actor.group_replica)."""
 
 from __future__ import annotations
 
@@ -132,8 +133,10 @@ def test_a_killed_group_shard_fails_over_to_its_replica_bit_identically(names, r
 
 
 def test_two_replicas_survive_a_primary_and_a_replica_killed_together(names, reference):
-    """replicate=2 (one shard: the same numbers as two): the primary and one of its replicas
-    SIGKILLed at once: nothing lost, the group back at two replicas."""
+    """replicate=2 (one shard: the same numbers as two) in an elastic group: the primary and
+    one of its replicas SIGKILLed at once: the new primary takes the coordinator's decisions of
+    the rounds in flight, so nothing is lost, each round is applied once over both workers, and
+    the group is back at two replicas."""
     name = names()
 
     def kill_primary_and_replica() -> None:
@@ -142,8 +145,12 @@ def test_two_replicas_survive_a_primary_and_a_replica_killed_together(names, ref
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
 
-    workers, params = run_group(name, {4: kill_primary_and_replica}, replicate=2, num_shards=1)
+    workers, params = run_group(
+        name, {4: kill_primary_and_replica}, replicate=2, num_shards=1, elastic=True,
+        heartbeat_timeout=30,
+    )  # fmt: skip
     assert_same_run(workers, params, reference, shards=1)
+    assert [w.opt.group.participants for w in workers] == [(0, 1), (0, 1)]
     wait_for_replicas(name, [2])
     assert ray.get(hosts_of(name, 0)[0].replica_count.remote()) == 2
     for w in workers:
