@@ -1,4 +1,5 @@
-"""Per-step cost of replication: off, every step (``replicate=True``), every k steps.
+"""Per-step cost of replication: off, every step (``replicate=True``), every k steps
+(``replica_refresh=k``).
 
     python benchmarks/replication_interval.py [--params 10_000_000] [--every 10] [--steps 20]
 
@@ -37,11 +38,15 @@ def main() -> None:
     shape = (rows, args.params // rows // 4 * 4)
     base = [torch.randn(shape[1] // 1000 or 1, 1000) for _ in range(rows)]
     grads = [torch.randn_like(t) for t in base]
-    configs = {"off": False, "every step": True, f"every {args.every}": args.every}
+    configs = {
+        "off": {},
+        "every step": {"replicate": True},
+        f"every {args.every}": {"replicate": True, "replica_refresh": args.every},
+    }
     opts = {}
-    for name, replicate in configs.items():
+    for name, options in configs.items():
         params = [torch.nn.Parameter(t.clone()) for t in base]
-        opts[name] = (params, shardopt.AdamW(params, lr=1e-3, num_shards=2, replicate=replicate))
+        opts[name] = (params, shardopt.AdamW(params, lr=1e-3, num_shards=2, **options))
     times: dict[str, list[float]] = {name: [] for name in configs}
     for round_ in range(args.warmup + args.steps):
         for name in configs:

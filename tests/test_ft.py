@@ -34,12 +34,15 @@ def run(opt_factory, disrupt=None, at=3, steps=STEPS):
     return opt, run_steps(model, opt, steps, before_step)
 
 
-def adamw(model, replicate=True, **kw):
-    return shardopt.AdamW(model.parameters(), lr=0.01, num_shards=2, replicate=replicate, **kw)
+def adamw(model, refresh=1, **kw):
+    """Replicated; ``refresh``: the replicas are refreshed every ``refresh`` steps."""
+    return shardopt.AdamW(
+        model.parameters(), lr=0.01, num_shards=2, replicate=True, replica_refresh=refresh, **kw
+    )
 
 
 REPLICATION = [
-    pytest.param(True, 3, id="every-step"),
+    pytest.param(1, 3, id="every-step"),
     pytest.param(3, 3, id="every-3-lost-before-any-refresh"),
     pytest.param(3, 5, id="every-3-lost-after-a-refresh"),
 ]
@@ -66,7 +69,7 @@ def inject(shard, when):
     return disrupt
 
 
-@pytest.mark.parametrize(("replicate", "at"), REPLICATION)
+@pytest.mark.parametrize(("refresh", "at"), REPLICATION)
 @pytest.mark.parametrize(
     ("disrupt", "label"),
     [
@@ -76,10 +79,10 @@ def inject(shard, when):
     ],
 )
 def test_a_lost_shard_is_replaced_and_nothing_changes(
-    uninterrupted, disrupt, label, replicate, at, caplog
+    uninterrupted, disrupt, label, refresh, at, caplog
 ):
     with caplog.at_level(logging.INFO, logger="shardopt"):
-        opt, result = run(lambda m: adamw(m, replicate), disrupt, at=at)
+        opt, result = run(lambda m: adamw(m, refresh), disrupt, at=at)
     assert opt.backend.replicas.recoveries == 1, label
     # an operator sees it: one line each, naming the shard (issue #19)
     events = {e["event"]: e for e in events_in(caplog.text)}
@@ -90,7 +93,7 @@ def test_a_lost_shard_is_replaced_and_nothing_changes(
     # race (ray.kill lands asynchronously; a dying process may not flush its last answer): if
     # it does not, the replica replays steps 0-2 from the log instead. A shard lost at step 5
     # replays steps 3 and 4. The numbers are identical either way (checked above).
-    if replicate is True:
+    if refresh == 1:
         expected = {0}
     elif at == 5:
         expected = {2}
@@ -134,8 +137,8 @@ def test_a_closed_optimizers_replica_hosts_serve_the_next_one(uninterrupted):
 
 
 @pytest.mark.parametrize("killed", [0, 1], ids=["shard-written-to", "other-shard"])
-@pytest.mark.parametrize("replicate", [True, 3])
-def test_replicas_follow_loads_and_param_writes(replicate, killed):
+@pytest.mark.parametrize("refresh", [1, 3])
+def test_replicas_follow_loads_and_param_writes(refresh, killed):
     """Everything that changes a shard reaches its replica: load_state_dict, in-place writes
     (which go straight into a shard's shared memory, and must reach its replica too)."""
 
@@ -148,7 +151,7 @@ def test_replicas_follow_loads_and_param_writes(replicate, killed):
             opt.param_groups[0]["params"][0].mul_(0.9)  # sent with the next step
         return state
 
-    reference_opt, reference = run(lambda m: adamw(m, replicate), disrupt)
+    reference_opt, reference = run(lambda m: adamw(m, refresh), disrupt)
     reference_opt.close()
 
     def disrupt_then_kill(opt):
@@ -156,7 +159,7 @@ def test_replicas_follow_loads_and_param_writes(replicate, killed):
         disrupt(opt)  # the in-place write travels with the next step, which the kill hits
         kill(opt.backend.handles[killed].host)
 
-    opt, result = run(lambda m: adamw(m, replicate), disrupt_then_kill)
+    opt, result = run(lambda m: adamw(m, refresh), disrupt_then_kill)
     assert opt.backend.replicas.recoveries == 1
     assert_same(reference, result)
     opt.close()
@@ -218,3 +221,18 @@ def test_replicate_is_refused_where_it_does_not_apply():
         shardopt.AdamW(model.parameters(), replicate=True, address="127.0.0.1:1")
     with pytest.raises(TypeError, match="replicate"):
         shardopt.LBFGS(model.parameters(), replicate=True)
+    # replicate=k counts replicas (as for groups): a worker's own shards have one, and the
+    # refresh interval has a name of its own; nothing is started for a refused option
+    with pytest.raises(ValueError, match="replicate=True, replica_refresh=3"):
+        shardopt.AdamW(model.parameters(), replicate=3)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="Invalid replica_refresh"):
+            shardopt.AdamW(model.parameters(), replicate=True, replica_refresh=bad)
+    with pytest.raises(ValueError, match="replica_refresh=2 applies to a worker's own shards"):
+        shardopt.AdamW(model.parameters(), replica_refresh=2)
+    with pytest.raises(ValueError, match="replica_refresh=2 applies"):
+        shardopt.AdamW(
+            model.parameters(), replicate=True, replica_refresh=2, group="g", world_size=1, rank=0
+        )
+    with pytest.raises(ValueError, match="Invalid replicate"):
+        shardopt.AdamW(model.parameters(), replicate=-1)

@@ -58,7 +58,8 @@ class LocalShards(RayShards):
         shared_memory: None (wherever possible) or False (never).
         overlap: ship gradients during backward.
         share_params: re-point CPU parameters into the shards' shared buffers.
-        replicate: 0 (off), 1 (replicas run every step) or k (refreshed every k steps).
+        replicate: 0 (off), 1 (replicas run every step) or k (refreshed every k steps:
+            ``replica_refresh=k``).
         transport: how tensors reach each shard (:mod:`shardopt.client.transport`); with
             replicas, or for LBFGS, shared memory or the object store.
     """

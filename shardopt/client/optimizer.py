@@ -28,6 +28,7 @@ from shardopt.client import state_file
 from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.gateway_session import GatewaySession, group_request
 from shardopt.client.local import LocalShards
+from shardopt.client.replication import replica_interval
 from shardopt.client.runtime import ensure_ray
 from shardopt.client.shard_group import HEARTBEAT_TIMEOUT, ShardGroupMember, make_config
 from shardopt.client.state_view import ShardStateView
@@ -96,16 +97,14 @@ class ShardedOptimizer(torch.optim.Optimizer):
             but their storage moves: views taken of them earlier no longer follow them. (A
             sync group's workers on its shards' node then share one copy of the parameters.)
         group: attach this worker to the named shard group (created by the first worker to
-            arrive): many workers, one sharded optimizer. See ``docs`` in the README and
-            :mod:`shardopt.actor.shard_group_registry`. The options below apply to groups only.
+            arrive): many workers, one sharded optimizer (README; :mod:`~.shard_group`).
         world_size: how many workers the group has (elastic: at most; None for no bound).
         rank: this worker's rank in ``[0, world_size)`` (elastic: None assigns one).
         mode: ``"sync"`` (each step averages all workers' gradients, as DDP does, and every
             worker gets the same parameters) or ``"async"`` (each worker's gradients are
             applied as they arrive).
         max_staleness: async only: gradients computed on parameters more than this many
-            versions old are not applied; the worker gets fresh parameters (and, with a
-            closure, computes again).
+            versions old are not applied; the worker gets fresh parameters (a closure reruns).
         timeout: how long a sync step waits for the other workers before failing with
             :class:`~shardopt.core.errors.GroupTimeoutError` (a ``timedelta`` or seconds).
         elastic: (sync) workers may come and go: one that dies, or sends no heartbeat for
@@ -117,11 +116,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
         shard_resources: what each shard reserves under ``placement`` (default one CPU;
             ``{"GPU": 1}`` puts one shard per GPU).
         replicate: keep an in-memory replica of every shard on another node, so that a lost
-            shard actor (or node) is replaced with nothing lost (:mod:`~.replication`).
-            ``True`` (or 1): the replicas run every step too; an int ``k > 1``: refreshed every
-            ``k`` steps (this process keeps the gradients since, to replay after a loss); but
-            **in a sync shard group, ``k`` replicas** of each shard, all following every round.
-            Costs a copy of each shard's parameters, gradients and state per replica.
+            shard actor (or node) is replaced with nothing lost (:mod:`~.replication`): ``True``
+            (or 1) one replica; an int ``k``: ``k`` replicas (sync shard groups; a worker's own
+            shards have one). Costs a copy of each shard's parameters, gradients and state each.
+        replica_refresh: (a worker's own shards, ``replicate=True``) refresh each replica from
+            its primary every ``k`` steps instead of running every step on it (this process
+            keeps the gradients since, to replay after a loss). Default 1: every step.
         split: whether a tensor may be split along dim 0 into row ranges on several shards,
             so that one big tensor (an embedding) does not decide a shard's bytes and step
             time. By default torch's element-wise algorithms split (SGD, Adam, AdamW, ...;
@@ -177,6 +177,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         placement: str | None = None,
         shard_resources: dict[str, float] | None = None,
         replicate: bool | int = False,
+        replica_refresh: int = 1,
         split: bool | None = None,
         transport: str = "auto",
         address: str | None = None,
@@ -204,10 +205,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ValueError("elastic=True applies to shard groups in the Ray cluster (group=...)")
         if group is not None and not self._local_backend.per_tensor:
             raise ValueError("shardopt.LBFGS runs one closure over all shards: it has no groups")
-        if replicate and (address is not None or not self._local_backend.per_tensor):
-            raise ValueError("replicate=True applies in the Ray cluster, not to gateways/LBFGS")
-        if not isinstance(replicate, (bool, int)) or replicate < 0:
-            raise ValueError(f"Invalid replicate: {replicate!r} (False, True, or steps >= 1)")
+        refresh = replica_interval(
+            replicate, replica_refresh, group, address is None and self._local_backend.per_tensor
+        )
         if address is not None and (
             actor_options or shared_memory or overlap or share_params or split is not None
         ):
@@ -257,8 +257,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
             group=group, world_size=world_size, rank=rank, mode=mode,
             max_staleness=max_staleness, timeout=timeout, placement=placement,
             elastic=elastic, heartbeat_timeout=heartbeat_timeout,
-            shard_resources=shard_resources, replicate=int(replicate), address=address,
-            token=token, tls=tls, reconnect_timeout=reconnect_timeout, transport=transport,
+            shard_resources=shard_resources, replicate=int(replicate) if group else refresh,
+            address=address, token=token, tls=tls, reconnect_timeout=reconnect_timeout,
+            transport=transport,
         )  # fmt: skip
         self._backend = self._make_backend(source, **options)
         self._params = source

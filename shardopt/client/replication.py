@@ -56,6 +56,43 @@ from shardopt.core.records import ShardSpec, StepRequest
 logger = logging.getLogger(__name__)
 
 
+def replica_interval(replicate: Any, refresh: Any, group: str | None, in_cluster: bool) -> int:
+    """Checks ``replicate`` and ``replica_refresh``; returns how often a worker's own shards'
+    replicas are refreshed (0: no replicas; 1: they run every step).
+
+    Args:
+        replicate: False, True, or a number of replicas per shard (above 1: shard groups).
+        refresh: a worker's own replicas are refreshed every ``refresh`` steps.
+        group: the shard group's name, if any (its options are checked by ``make_config``).
+        in_cluster: whether the shards are reached in the Ray cluster with per-tensor steps
+            (not a gateway session, not LBFGS).
+
+    Raises:
+        ValueError: replicas where they do not apply, a value that is not a bool or an int
+            >= 0 (``replicate``) or >= 1 (``replica_refresh``), several replicas of a worker's
+            own shards, a refresh interval without ``replicate=True`` or in a group.
+    """
+    if not isinstance(replicate, (bool, int)) or replicate < 0:
+        raise ValueError(f"Invalid replicate: {replicate!r} (False, True, or replicas >= 1)")
+    if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+        raise ValueError(f"Invalid replica_refresh: {refresh!r} (an int >= 1, in steps)")
+    if replicate and not in_cluster:
+        raise ValueError("replicate=True applies in the Ray cluster, not to gateways/LBFGS")
+    if refresh != 1 and (group is not None or replicate is not True and replicate != 1):
+        raise ValueError(
+            f"replica_refresh={refresh} applies to a worker's own shards with replicate=True "
+            "(a shard group's replicas follow every round)"
+        )
+    if group is None and replicate is not True and replicate > 1:
+        raise ValueError(
+            f"replicate={replicate}: a worker's own shards keep one replica each (replicate="
+            f"True); several replicas per shard are for sync shard groups. To refresh the "
+            f"replica every {replicate} steps instead of running each step on it, pass "
+            f"replicate=True, replica_refresh={replicate}"
+        )
+    return refresh if replicate and group is None else 0
+
+
 class Replicated(Protocol):
     """What replicas need of the backend whose shards they replicate."""
 

@@ -95,7 +95,7 @@ GROUP_STALE_PUSHES = Counter(
 REPLICA_LAG = Histogram(
     "shardopt_replica_lag_steps",
     "Steps a replica had not applied yet, seen before each step of its primary (with "
-    "replicate=k: the steps logged since the last refresh)",
+    "replica_refresh=k: the steps logged since the last refresh)",
     buckets=VERSIONS,
     registry=REGISTRY,
 )
