@@ -29,14 +29,18 @@ shape async mode is for: a sync round, like DDP's all-reduce, waits for the slow
 async push waits for nobody. The results then go to ``group_bench_straggler.json``, and the
 figure to compare is ``total samples/s``: every worker's samples over its own wall time, summed
 (the median step time says little when one worker is slower than the rest).
-Each configuration runs ``--warmup`` steps, then ``--steps`` timed ones on every worker at
-once; the figure is the median step time over all workers' timed steps. After the timed steps
-the benchmark checks that every worker holds the very same parameters (``torch.equal``) in DDP
-and in sync mode, and how far sync mode's parameters are from DDP's (same initial weights,
-data and steps; DDP runs first). With 1 or 2 workers they are equal; beyond, gloo's all-reduce
-and the shards add the gradients in different orders, and AdamW's normalisation makes those
-rounding differences visible (about 1e-3 after 35 steps at lr 1e-3; in-process, adding the same
-4 gradients as ``g0+g1+g2+g3`` or ``(g0+g1)+(g2+g3)`` differs as much).
+
+Each configuration runs ``--warmup`` steps, then ``--steps`` timed ones on every worker at once;
+the figure is the median step time over all workers' timed steps. With ``--blocks B`` each
+configuration runs B times, their order rotating from block to block so that the machine's
+drifting load hits each of them alike: the median is over every block's steps, the total
+samples/s the median of the blocks'. After the timed steps the benchmark checks that every
+worker holds the very same parameters (``torch.equal``) in DDP and in sync mode, and how far
+sync mode's parameters are from DDP's (same initial weights, data and steps; DDP runs first).
+With 1 or 2 workers they are equal; beyond, gloo's all-reduce and the shards add the gradients
+in different orders, and AdamW's normalisation makes those rounding differences visible (about
+1e-3 after 35 steps at lr 1e-3; in-process, adding the same 4 gradients as ``g0+g1+g2+g3`` or
+``(g0+g1)+(g2+g3)`` differs as much).
 
 Prints a table per shape (ms/step, steps/s per worker, samples/s over all workers, ratio to DDP
 at the same world size) and writes every sample to ``benchmarks/results/group_bench.json``. All the
@@ -297,6 +301,33 @@ def run_config(workers: list[Any], mode: str, args: argparse.Namespace) -> dict[
     return record
 
 
+def merge_blocks(blocks: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """One configuration's record over its blocks: the median step time over every block's
+    samples, the median of the blocks' total samples/s, each block's figures kept in
+    ``blocks``; an error in any block is the record's error."""
+    failed = next((b for b in blocks if b.get("error")), None)
+    if failed is not None or len(blocks) == 1:
+        return failed or blocks[0]
+    n = blocks[0]["workers"]
+    samples = [ms for b in blocks for worker in b["samples_ms"] for ms in worker]
+    median = statistics.median(samples)
+    record = {
+        **blocks[-1],
+        "median_ms": median,
+        "steps_per_s": 1e3 / median,
+        "samples_per_s": n * args.batch * 1e3 / median,
+        "total_samples_per_s": statistics.median(b["total_samples_per_s"] for b in blocks),
+        "samples_ms": [sum((b["samples_ms"][r] for b in blocks), []) for r in range(n)],
+        "blocks": [
+            {"median_ms": b["median_ms"], "total_samples_per_s": b["total_samples_per_s"]}
+            for b in blocks
+        ],
+    }
+    if "params_equal" in blocks[0]:
+        record["params_equal"] = all(b["params_equal"] for b in blocks)
+    return record
+
+
 def shape_nodes(shape: str, args: argparse.Namespace) -> tuple[int, int]:
     """(nodes, logical CPUs per node) of a shape: one node has the whole cluster's CPUs."""
     if shape == "node":
@@ -319,15 +350,18 @@ def run_shape(shape: str, workload: Workload, args: argparse.Namespace) -> list[
                 for r in range(n)
             ]
             worker_nodes = ray.get([w.node_id.remote() for w in workers])
-            for mode in args.modes:
-                if mode == "plain" and n != 1:
-                    continue
-                log(f"{shape}, {n} worker(s): {mode}")
-                try:
-                    record = run_config(workers, mode, args)
-                except Exception as exc:  # reported in the table and the JSON; the others go on
-                    record = {"mode": mode, "workers": n, "error": describe(exc)}
-                    log(f"{n} worker(s): {mode} failed: {record['error'][:500]}")
+            modes = [m for m in args.modes if m != "plain" or n == 1]
+            blocks: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+            for b in range(args.blocks):  # the order rotates: drifting load hits every mode
+                for mode in modes[b % len(modes) :] + modes[: b % len(modes)]:
+                    log(f"{shape}, {n} worker(s): {mode} (block {b + 1} of {args.blocks})")
+                    try:
+                        blocks[mode].append(run_config(workers, mode, args))
+                    except Exception as exc:  # reported in the table and JSON; the others go on
+                        blocks[mode].append({"mode": mode, "workers": n, "error": describe(exc)})
+                        log(f"{n} worker(s): {mode} failed: {blocks[mode][-1]['error'][:500]}")
+            for mode in modes:
+                record = merge_blocks(blocks[mode], args)
                 record["shape"] = shape
                 record["worker_nodes"] = worker_nodes
                 records.append(record)
@@ -357,6 +391,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "placement": args.placement,
             "warmup": args.warmup,
             "steps": args.steps,
+            "blocks": args.blocks,
             "straggler_ms": args.straggler_ms,
             "loadavg_before": load_average(),
         },
@@ -405,7 +440,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"MLP {w['layers']}x{w['width']} ({meta['num_params'] / 1e6:.2f}M params), batch "
         f"{w['batch']} per worker; {shapes}; a {meta['cpus']}-core machine (load average "
         f"{meta['loadavg_before']} before, {meta['loadavg_after']} after); median of "
-        f"{meta['steps']} steps after {meta['warmup']}; shardopt num_shards={meta['num_shards']}, "
+        f"{meta['steps']} steps after {meta['warmup']}"
+        + (f", in each of {meta['blocks']} rotating blocks" if meta.get("blocks", 1) > 1 else "")
+        + f"; shardopt num_shards={meta['num_shards']}, "
         f"placement={meta['placement']}"
         + (f"; rank 0 sleeps {meta['straggler_ms']:g} ms a step" if meta["straggler_ms"] else ""),
         f"{'shape':<9}{'config':<24}{'workers':>8}{'ms/step':>10}{'steps/s':>9}{'samples/s':>11}"
@@ -454,6 +491,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=3, help="nodes, head included (default 3)")
     parser.add_argument("--node-cpus", type=int, default=2, help="logical CPUs per node")
     parser.add_argument("--object-store-mb", type=int, default=200, help="per node")
+    parser.add_argument(
+        "--blocks", type=int, default=1,
+        help="runs of each configuration, their order rotating (default 1)",
+    )  # fmt: skip
     parser.add_argument(
         "--straggler-ms", type=float, default=0, help="rank 0 sleeps this long after backward"
     )
