@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 MAGIC = b"SOL1"
 HEADER = struct.Struct("!4sQQ")
 """Every frame's header: the magic, the metadata's length, the payload's length."""
-CONNECT_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 10.0
 """How long a client waits to connect."""
 
 Serve = Callable[[Any, np.ndarray], tuple[Any, Any]]
