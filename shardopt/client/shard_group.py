@@ -7,15 +7,19 @@ worker's :class:`~shardopt.core.records.GroupSignature` to the cluster's registr
 (tagged with the version of the parameters they were computed on) and copying the parameters
 each shard answers with into the worker's tensors. With a shard on the worker's node both go
 through shared memory (:mod:`shardopt.client.group_data_path`; not in elastic or replicated
-groups, whose ranks and hosts change). In an elastic group the worker also sends heartbeats to
-the group's coordinator (:mod:`shardopt.actor.group_membership`) from a background thread, off
-the step's path, and shows the members and each round's participants
+groups, whose ranks and hosts change); with a (CPU) shard on another node they go over a
+network lane (:mod:`shardopt.core.net_lane`: the gradient bytes in, the parameters inline in
+the answer), and through Ray's object store where there is no lane or it broke. In an
+elastic group the worker also sends heartbeats to the group's coordinator
+(:mod:`shardopt.actor.group_membership`) from a background thread, off the step's path, and
+shows the members and each round's participants
 (:meth:`ShardGroupMember.members`, :attr:`ShardGroupMember.participants`). State, loads,
 checkpoints and status reach the group's shard hosts through the same typed handles as a
 worker's own shards (:class:`~shardopt.client.ray_shards.RayShards`). In a replicated group
 (``replicate=k``) a push, pull, state read or status that finds a shard's primary lost asks the
 registry to fail over and asks the new primary again (:mod:`shardopt.actor.group_replica`).
-Also the cluster-wide entry points :func:`list_groups` and :func:`close_group`.
+Also the cluster-wide entry points :func:`list_groups` and :func:`close_group` (the options are
+checked in :mod:`shardopt.client.group_config`).
 
 Talks to: the group registry, the group's shard hosts (:mod:`shardopt.actor.shard_group_host`,
 through :mod:`shardopt.client.group_handles`) and an elastic group's coordinator
@@ -163,8 +167,8 @@ class ShardGroupMember(RayShards):
         rank: this worker's rank (None in an elastic group: the registry assigns one).
         config: the group's options (checked by :func:`make_config`).
         shared_memory: exchange gradients (and in sync mode parameters) with the group's shards
-            on this node through shared memory; by default wherever possible. ``False`` forces
-            the object store.
+            on this node through shared memory, and with those on other nodes over network
+            lanes; by default wherever possible. ``False`` forces the object store.
         share_params: (sync mode) re-point this worker's CPU parameters into the shared
             parameter buffers of the shards on its node: a round copies no parameters back.
             Every worker there then holds the very same memory, so a parameter written in
