@@ -45,7 +45,11 @@ in different orders, and AdamW's normalisation makes those rounding differences 
 Prints a table per shape (ms/step, steps/s per worker, samples/s over all workers, ratio to DDP
 at the same world size) and writes every sample to ``benchmarks/results/group_bench.json``. All the
 "nodes" share this machine's cores: the figures measure the data path (object store, gloo on
-loopback, the shards' averaging), not a real network.
+loopback, the shards' averaging), not a real network. A group worker pushes to a shard on
+another node over a network lane (TCP, the data inline; each record's ``lanes`` gives every
+worker's open lanes and how many are network lanes); ``SHARDOPT_NET_LANES=0`` in the
+environment sends those pushes through Ray's object store instead (``meta.net_lanes``), to
+compare.
 
 Talks to: Ray (a local ``Cluster``, actors), torch.distributed (gloo) and shardopt's groups.
 """
@@ -182,6 +186,11 @@ class BenchWorker:
         )
         return list(self.opt.group.membership.node_ids)
 
+    def lanes(self) -> tuple[int, int]:
+        """(open push lanes, of which network lanes to shards on other nodes)."""
+        lanes = self.opt.group.lanes
+        return len(lanes), lanes.net
+
     def setup_plain(self, num_shards: int) -> None:
         """A plain sharded optimizer (no group), with the group's number of shards."""
         self.mode = "plain"
@@ -273,6 +282,7 @@ def run_config(workers: list[Any], mode: str, args: argparse.Namespace) -> dict[
                 for w in workers
             ]
             record["shard_nodes"] = ray.get(setups)[0]
+            record["lanes"] = ray.get([w.lanes.remote() for w in workers])
         ray.get([w.run.remote(args.warmup) for w in workers])
         runs = ray.get([w.run.remote(args.steps) for w in workers])
         samples = [ms for r in runs for ms in r["samples_ms"]]
@@ -394,6 +404,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "blocks": args.blocks,
             "straggler_ms": args.straggler_ms,
             "loadavg_before": load_average(),
+            "net_lanes": os.environ.get("SHARDOPT_NET_LANES", "1") != "0",
         },
         "records": [],
     }

@@ -127,6 +127,11 @@ class GroupWorker:
 
         return ray.get_runtime_context().get_node_id()
 
+    def lanes(self) -> tuple[int, int]:
+        """(open push lanes, of which network lanes) of this worker."""
+        lanes = self.opt.group.lanes
+        return len(lanes), lanes.net
+
     def state_dict(self) -> dict[str, Any]:
         return self.opt.state_dict()
 

@@ -12,10 +12,18 @@ import uuid
 import pytest
 import ray
 import torch
-from group_workers import GroupWorker, loss_of, make_data, make_model, reference_run
+from group_workers import (
+    GroupWorker,
+    loss_of,
+    make_data,
+    make_model,
+    reference_run,
+    sync_reference,
+)
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import shardopt
+from shardopt.client.shard_group import registry as group_registry
 
 pytestmark = pytest.mark.cluster
 
@@ -160,3 +168,64 @@ def test_late_joiner_on_another_node_gets_current_parameters(name, workers):
         assert torch.equal(got, want)
     assert not torch.equal(adopted[0], make_model(7)[0].weight.detach())
     ray.get([first.close.remote(), late.close.remote()])
+
+
+def _close_push_lane(host, rank):
+    host._lanes[rank].close()
+
+
+def _last_put_version(host):
+    """The last version whose parameters the host put in the object store (None: none)."""
+    return None if host._params is None else host._params.version
+
+
+def test_workers_on_another_node_push_over_network_lanes(name):
+    """Both shards on one node (a GPU node: STRICT_PACK of logical GPUs; they run on CPU), both
+    workers on the head: every push goes over a network lane, gradients in and parameters back
+    inline, nothing in the object store, bit-identical to torch on the averaged gradient. A
+    lane the host closes sends that rank's pushes through Ray, with the same bits. Async
+    workers over network lanes get every push applied."""
+    head = ray.get_runtime_context().get_node_id()
+    ranks = [
+        ray.remote(GroupWorker)
+        .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False))
+        .remote()
+        for _ in range(2)
+    ]
+    x, y = make_data(8)
+    halves = [(x[:4], y[:4]), (x[4:], y[4:])]
+    options = dict(num_shards=2, placement="STRICT_PACK", shard_resources={"GPU": 1}, timeout=60)
+    ray.get([w.attach.remote(0, group=name, world_size=2, rank=r, **options, **HYPER)
+             for r, w in enumerate(ranks)])  # fmt: skip
+    nodes = set(shardopt.list_groups()[name]["node_ids"])
+    assert len(nodes) == 1 and head not in nodes
+    assert ray.get([w.lanes.remote() for w in ranks]) == [(2, 2)] * 2
+    train = [w.train.remote(*halves[r], 3) for r, w in enumerate(ranks)]
+    results = ray.get(train)
+    expected, _ = sync_reference(3, halves, **HYPER)
+    assert all(torch.equal(p, q) for p, q in zip(results[0], expected))
+    assert all(torch.equal(p, q) for p, q in zip(results[1], results[0]))
+    hosts, _ = ray.get(group_registry().primary_hosts.remote(name))
+    puts = [h.__ray_call__.remote(_last_put_version) for h in hosts]
+    assert ray.get(puts) == [0, 0]  # the workers' first pull only: the steps put nothing
+    ray.get(hosts[0].__ray_call__.remote(_close_push_lane, 0))
+    results = ray.get([w.train.remote(*halves[r], 2) for r, w in enumerate(ranks)])
+    expected, _ = sync_reference(5, halves, **HYPER)
+    assert all(torch.equal(p, q) for p, q in zip(results[0], expected))
+    assert all(torch.equal(p, q) for p, q in zip(results[1], results[0]))
+    assert ray.get([w.lanes.remote() for w in ranks]) == [(1, 1), (2, 2)]
+    assert ray.get([h.version.remote() for h in hosts]) == [5, 5]
+    assert ray.get([h.__ray_call__.remote(_last_put_version) for h in hosts]) == [5, 0]
+    ray.get([w.close.remote() for w in ranks])
+    group = f"{name}-async"
+    try:
+        ray.get([w.attach.remote(0, group=group, world_size=2, rank=r, mode="async", **options,
+                                 **HYPER) for r, w in enumerate(ranks)])  # fmt: skip
+        assert ray.get([w.lanes.remote() for w in ranks]) == [(2, 2)] * 2
+        ray.get([w.train.remote(*halves[r], 4) for r, w in enumerate(ranks)])
+        log = [e for w in ranks for e in ray.get(w.push_log.remote())]
+        for shard in (0, 1):
+            assert sorted(a for (s, _, a, _) in log if s == shard) == list(range(8))
+        ray.get([w.close.remote() for w in ranks])
+    finally:
+        shardopt.close_group(group)

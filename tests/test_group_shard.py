@@ -18,7 +18,8 @@ from shardopt.actor.shard_group_host import GroupShardHost
 from shardopt.core import shm
 from shardopt.core.buffers import FlatLayout, readonly_tensor, to_numpy
 from shardopt.core.errors import GroupTimeoutError
-from shardopt.core.lane import LaneClient
+from shardopt.core.lane import LaneBroken, LaneClient
+from shardopt.core.net_lane import NetLaneClient
 from shardopt.core.records import GroupConfig, ParamBlock, PushRequest, ShardSpec
 
 OPTIONS = {"lr": 0.5, "momentum": 0.0, "dampening": 0, "weight_decay": 0, "nesterov": False,
@@ -174,6 +175,48 @@ def test_a_push_lane_carries_its_own_ranks_pushes_only():
         client.receive()
     assert host.version() == 0
     client.close()
+    host.close()
+
+
+def test_a_network_lane_carries_gradients_in_and_parameters_back_and_refuses_intruders():
+    """A rank on another node pushes over TCP: the gradients go in the push, the parameters come
+    back inline (nothing in the object store). A wrong token is closed before anything is read;
+    a push in another rank's name is refused; neither changes the shard. A lane the host closes
+    breaks on the client's next call."""
+    import socket
+
+    host, layout = make_host(mode="async")
+    address = host.open_net_lane("unit/0", 1)
+    assert address.nbytes == layout.nbytes
+    intruder = socket.create_connection((address.host, address.port))
+    intruder.sendall(bytes(32) + b"SOL1" + bytes(16) + b"\x80" * 64)  # wrong token, then junk
+    intruder.settimeout(10)
+    assert intruder.recv(1) == b""  # closed without an answer
+    intruder.close()
+    assert host.version() == 0
+    with pytest.raises(LaneBroken):  # the lane accepted its one connection: it is gone
+        NetLaneClient(address).send(request(1, 0, 2, layout), layout.pack([torch.ones(3)]))
+    client = NetLaneClient(host.open_net_lane("unit/0", 1))
+    grads = layout.pack([torch.full((3,), 2.0)])
+    client.send(replace(request(0, 0, 0, layout), grads=None), grads)
+    with pytest.raises(ValueError, match="rank 1 carries that rank's pushes only"):
+        client.receive()
+    assert host.version() == 0 and torch.equal(host._shard.params[0], torch.zeros(3))
+    client.send(replace(request(1, 0, 0, layout), grads=None), grads)
+    answer = client.receive()
+    assert answer.applied_version == 0 and answer.current.params is None
+    assert torch.equal(layout.view(readonly_tensor(client.params), 0), torch.full((3,), -1.0))
+    other = host.push("unit/0", request(0, 1, 1, layout))  # rank 0 through the object store
+    assert torch.equal(params_of(other, layout), torch.full((3,), -1.5))
+    client.send(replace(request(1, 0, 0, layout), grads=None), layout.pack([torch.zeros(3)]))
+    client.receive()  # async: answered from the rank's own copy, taken under the lock
+    assert torch.equal(layout.view(readonly_tensor(client.params), 0), torch.full((3,), -1.5))
+    assert host.version() == 3
+    host._lanes[1].close()
+    with pytest.raises(LaneBroken):
+        client.send(replace(request(1, 3, 0, layout), grads=None), grads)
+        client.receive()
+    assert host.version() == 3
     host.close()
 
 

@@ -10,7 +10,9 @@ round needs every rank's push, so nobody reads while it changes). With one worke
 mode its slot *is* the shard's gradient buffer: nothing is copied at all. In async mode each
 push is applied on its own while other ranks read, so each rank gets a parameter buffer of its
 own, which the shard fills (:meth:`RankSlots.publish`) only when it answers that rank: the rank
-reads it before its next push, and nobody else writes it.
+reads it before its next push, and nobody else writes it. A rank on another node answered
+over a network lane (:mod:`shardopt.actor.group_lanes`) gets such a buffer here too in async
+mode (:meth:`RankSlots.attach_remote`).
 
 :class:`RoundSum` sums a sync round's gradients in rank order as the pushes arrive (rank ``k``
 is added as soon as ranks ``0..k`` are in), so that the last push finds most of the work done.
@@ -79,6 +81,18 @@ class RankSlots:
         if reads is not None:
             self._reads[rank] = reads
         return RankBuffers(grad_path, param_path, buffers.nbytes)
+
+    def attach_remote(self, rank: int) -> None:
+        """``rank`` (on another node) is answered over a network lane: in async mode it gets a
+        parameter buffer of its own here, which :meth:`publish` fills when it answers it."""
+        if self._mode != "sync" and rank not in self._reads:
+            self._reads[rank] = torch.empty_like(self._shard.param_buffer())
+
+    def inline_params(self, rank: int) -> torch.Tensor:
+        """The buffer a network lane sends ``rank``'s answer's parameters from: the shard's own
+        (sync: no round changes it before this rank pushes again) or the rank's (async)."""
+        reads = self._reads.get(rank)
+        return self._shard.param_buffer() if reads is None else reads
 
     def reads_shared_params(self, rank: int) -> bool:
         """Whether ``rank`` reads the parameters in shared memory: the shard's own buffer

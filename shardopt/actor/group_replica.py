@@ -136,6 +136,37 @@ def repeat_answer(
     return PushResult(index, rank, v, v, current, last.new_state_ids, last.participants)
 
 
+def relink(
+    group: str,
+    key: str,
+    shard: Any,
+    version: int,
+    last_round: AppliedRound | None,
+    others: list[Any],
+    new: Any,
+) -> list[Any]:
+    """(A replica taking over, under its lock) the replicas it links: ``others`` (the shard's
+    other live replicas) as they are where they hold ``version``, from an export of ``shard``
+    where they do not, and ``new`` (a started host, or None) built from an export."""
+    linked, export = [], None
+    versions = [r.version.remote() for r in others]
+    for replica, ref in zip(others, versions):
+        try:
+            same = ray.get(ref, timeout=30) == version
+        except Exception as err:  # lost too: the registry finds it again
+            logger.warning("group %r: a replica was lost: %s", group, err)
+            continue
+        if not same:
+            export = export or shard.export()
+            ray.get(replica.create_from.remote(key, shard.shard_index, export, last_round))
+        linked.append(replica)
+    if new is not None:
+        export = export or shard.export()
+        ray.get(new.create_from.remote(key, shard.shard_index, export, last_round))
+        linked.append(new)
+    return linked
+
+
 def start_replica(
     remote_host: Any, name: str, shard: int, config: Any, options: dict[str, Any]
 ) -> Any:

@@ -25,9 +25,11 @@ runs under the same lock, so a worker's proxy reaches a group's shards through t
 handles as its own.
 
 Workers on the shard's node exchange gradients (and, in sync mode, parameters) through shared
-memory (:mod:`shardopt.actor.group_buffers`); the others through Ray's object store, where the
-parameters of a version are put once for all of them. Elastic and replicated groups' hosts
-make no shared-memory files (their workers all go through the object store).
+memory (:mod:`shardopt.actor.group_buffers`), and those on other nodes over network lanes
+(gradients in, parameters inline in the answer: :mod:`shardopt.actor.group_lanes`); a push
+that comes through Ray gets the parameters in the object store, put once per version. Elastic
+and replicated groups' hosts make no shared-memory files and open no lanes (their workers all
+go through the object store).
 
 With ``replicate=k`` a primary sends every round to its ``k`` replicas before answering, and
 a replica takes over when its primary is lost (:mod:`shardopt.actor.group_replica`).
@@ -35,7 +37,8 @@ a replica takes over when its primary is lost (:mod:`shardopt.actor.group_replic
 Talks to: workers' backends (:mod:`shardopt.client.shard_group`) and the registry
 (:mod:`shardopt.actor.shard_group_registry`); its replicas (other hosts of this class, through
 :mod:`shardopt.actor.group_replica`); its shared buffers
-(:mod:`shardopt.actor.group_buffers`); Ray's metrics (:mod:`shardopt.actor.metrics`).
+(:mod:`shardopt.actor.group_buffers`); its push lanes (:mod:`shardopt.actor.group_lanes`);
+Ray's metrics (:mod:`shardopt.actor.metrics`).
 """
 
 from __future__ import annotations
@@ -53,14 +56,16 @@ import ray
 import torch
 
 from shardopt.actor.group_buffers import RankSlots, RoundSum
+from shardopt.actor.group_lanes import HostLanes
 from shardopt.actor.group_membership import ElasticRounds, MembersView, RoundDecision
-from shardopt.actor.group_replica import AppliedRound, ReplicaLinks, repeat_answer
+from shardopt.actor.group_replica import AppliedRound, ReplicaLinks, relink, repeat_answer
 from shardopt.actor.host import ShardCalls, actor_device, observe_step
 from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
 from shardopt.core.errors import GroupTimeoutError
 from shardopt.core.events import emit
-from shardopt.core.lane import LaneAddress, LaneServer
+from shardopt.core.lane import LaneAddress
+from shardopt.core.net_lane import NetLaneAddress
 from shardopt.core.records import (
     GroupConfig,
     ParamsAt,
@@ -92,7 +97,7 @@ class GroupShardHost(ShardCalls):
         self._cond = threading.Condition()
         self._active = 0  # pushes in progress (a host is recycled only without any)
         self._finalizers: list[weakref.finalize] = []
-        self._lanes: dict[int, LaneServer] = {}  # rank -> its push lane (see open_lane)
+        self._lanes = HostLanes()  # rank -> its push lane (see open_lane, open_net_lane)
         self._start(group, config, members)
 
     def _start(self, group: str, config: GroupConfig, members: Any) -> None:
@@ -183,26 +188,30 @@ class GroupShardHost(ShardCalls):
                 return None
             if not self._slots.reads_shared_params(rank):
                 return None
-            old = self._lanes.pop(rank, None)
-            if old is not None:
-                old.close()
-            lane = self._lanes[rank] = LaneServer(
-                lambda request: self._lane_push(key, rank, request),
-                name=f"shardopt-lane-{self.group}-{rank}",
-            )
-            return lane.address
+            name = f"shardopt-lane-{self.group}-{rank}"
+            return self._lanes.open_unix(rank, lambda r: self.push(key, r), name)
 
-    def _lane_push(self, key: str, rank: int, request: PushRequest) -> PushResult:
-        if not isinstance(request, PushRequest) or request.rank != rank:
-            raise ValueError(f"a push lane of rank {rank} carries that rank's pushes only")
-        return self.push(key, request)
+    def open_net_lane(self, key: str, rank: int) -> NetLaneAddress | None:
+        """Opens a network lane (:mod:`shardopt.actor.group_lanes`) for ``rank``, a worker on
+        another node: its gradients come over TCP and its answers carry the parameters inline.
+        None (its pushes go through Ray) in elastic or replicated groups, or for a GPU shard."""
+        with self._cond:
+            shard = self._checked(key)
+            if self._slots is None or self._elastic is not None or self.config.replicate:
+                return None
+            if shard.param_buffer().device.type != "cpu":
+                return None
+            slots, name = self._slots, f"shardopt-net-lane-{self.group}-{rank}"
+            slots.attach_remote(rank)
+            return self._lanes.open_net(
+                rank, ray.util.get_node_ip_address(), shard.layout.nbytes,
+                lambda r: self.push(key, r), lambda: slots.inline_params(rank), name,
+            )  # fmt: skip
 
     def close(self) -> None:
         """Removes this host's shared-memory files (run before the registry kills it)."""
         with self._cond:
-            for lane in self._lanes.values():
-                lane.close()
-            self._lanes.clear()
+            self._lanes.close_all()
             for finalizer in self._finalizers:  # lets go of the shard's memory, too
                 finalizer()
             self._finalizers.clear()
@@ -280,24 +289,7 @@ class GroupShardHost(ShardCalls):
             if members is not None and self._elastic is None:
                 self._members = members
                 self._elastic = ElasticRounds(members, shard.shard_index)
-            linked, export = [], None
-            versions = [r.version.remote() for r in others]
-            for replica, ref in zip(others, versions):
-                try:
-                    same = ray.get(ref, timeout=30) == self._version
-                except Exception as err:  # lost too: the registry finds it again
-                    logger.warning("group %r: a replica was lost: %s", self.group, err)
-                    continue
-                if not same:
-                    export = export or shard.export()
-                    ray.get(
-                        replica.create_from.remote(key, shard.shard_index, export, self._last_round)
-                    )
-                linked.append(replica)
-            if new is not None:
-                export = export or shard.export()
-                ray.get(new.create_from.remote(key, shard.shard_index, export, self._last_round))
-                linked.append(new)
+            linked = relink(self.group, key, shard, self._version, self._last_round, others, new)
             self._replicas = ReplicaLinks(self.group, key, shard.shard_index, linked, registry)
             return len(linked)
 
@@ -576,10 +568,16 @@ class GroupShardHost(ShardCalls):
         self._cond.notify_all()
 
     def _current(self, shard: Shard, rank: int | None = None) -> ParamsAt:
-        """The parameters at the current version: for a rank that reads them in shared memory,
-        nothing; else put in the object store once per version, for every rank."""
-        if rank is not None and self._slots is not None and self._slots.reads_shared_params(rank):
-            self._slots.publish(rank)
+        """The parameters at the current version: for a rank that reads them in shared memory
+        or is answered over its network lane, nothing; else put in the object store once per
+        version, for every rank."""
+        slots = self._slots
+        if (
+            rank is not None
+            and slots is not None
+            and (slots.reads_shared_params(rank) or self._lanes.answers_inline(rank))
+        ):
+            slots.publish(rank)
             return ParamsAt(self._version, None)
         if self._params is None or self._params.version != self._version:
             self._params = ParamsAt(self._version, ray.put(shard.param_values()))

@@ -40,6 +40,9 @@ class GroupShardHandle(ShardHandle):
     def open_push_lane(self, rank: int) -> Any:
         return self.host.open_lane.remote(self.key, rank)
 
+    def open_net_lane(self, rank: int) -> Any:
+        return self.host.open_net_lane.remote(self.key, rank)
+
 
 class MirroredGroupShardHandle(MirroredHandle, GroupShardHandle):
     """A replicated group shard's handle: a worker's calls that change the shard (parameter

@@ -1,17 +1,22 @@
-"""A client's step lanes (:mod:`shardopt.core.lane`) to the shards on its node, and the wait
-for the first answer among lanes and Ray refs.
+"""A client's step lanes (:mod:`shardopt.core.lane`) to the shards on its node, a group worker's
+network lanes (:mod:`shardopt.core.net_lane`) to its group's shards on other nodes, and the
+wait for the first answer among lanes and Ray refs.
 
 Both the plain optimizer (:mod:`shardopt.client.local`) and a shard group's worker
 (:mod:`shardopt.client.shard_group`) send the step's small request over a lane where the shard
-shares memory with them, and through Ray otherwise. A lane belongs to the shard host it was
-opened on: once a shard's handle changes (its host replaced), its lane is no longer used.
+shares memory with them, and through Ray otherwise; a group worker sends its gradients for a
+shard on another node over a network lane, where the group has one. A lane belongs to the
+shard host it was opened on: once a shard's handle changes (its host replaced), its lane is no
+longer used.
 
-Talks to: the lanes' sockets (:class:`~shardopt.core.lane.LaneClient`) and Ray (``ray.wait``).
+Talks to: the lanes' sockets (:class:`~shardopt.core.lane.LaneClient`,
+:class:`~shardopt.core.net_lane.NetLaneClient`) and Ray (``ray.wait``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import select
 from typing import Any
 
@@ -19,42 +24,62 @@ import ray
 
 from shardopt.client.runtime import ray_get
 from shardopt.core.lane import LaneAddress, LaneBroken, LaneClient
+from shardopt.core.net_lane import NetLaneAddress, NetLaneClient
 
 logger = logging.getLogger(__name__)
+
+LANE_TYPES = (LaneClient, NetLaneClient)
+"""The lanes' client ends (an answer :func:`first_answer` returns is one, or a Ray ref)."""
+NET_LANES_ENV = "SHARDOPT_NET_LANES"
+"""Set to ``0`` to send a group worker's pushes to shards on other nodes through Ray (as before
+network lanes; for comparisons)."""
+
+
+def net_lanes_enabled() -> bool:
+    """Whether group workers open network lanes (unless :data:`NET_LANES_ENV` is ``0``)."""
+    return os.environ.get(NET_LANES_ENV, "1") != "0"
 
 
 class Lanes:
     """The open lanes, one per shard, each tied to the host (``owner``) it was opened on."""
 
     def __init__(self) -> None:
-        self._lanes: dict[int, tuple[Any, LaneClient]] = {}
+        self._lanes: dict[int, tuple[Any, LaneClient | NetLaneClient]] = {}
 
-    def open(self, shard: int, owner: Any, address: LaneAddress | None) -> None:
+    def open(self, shard: int, owner: Any, address: LaneAddress | NetLaneAddress | None) -> None:
         """Connects to ``address`` (None: the host offered no lane); a lane that cannot connect
         is left out (the shard's steps go through Ray)."""
         self.close(shard)
         if address is None:
             return
         try:
-            self._lanes[shard] = (owner, LaneClient(address))
+            if isinstance(address, NetLaneAddress):
+                self._lanes[shard] = (owner, NetLaneClient(address))
+            else:
+                self._lanes[shard] = (owner, LaneClient(address))
         except LaneBroken as err:
             logger.debug("shard %d: %s", shard, err)
 
-    def get(self, shard: int, owner: Any) -> LaneClient | None:
+    def get(self, shard: int, owner: Any) -> LaneClient | NetLaneClient | None:
         """The shard's lane, if it has an open one to ``owner``."""
         entry = self._lanes.get(shard)
         if entry is None or entry[0] is not owner or entry[1].closed:
             return None
         return entry[1]
 
-    def send(self, shard: int, owner: Any, request: Any) -> LaneClient | None:
-        """Sends ``request`` over the shard's lane; None where it has none or it broke (the
-        caller sends it through Ray)."""
+    def send(
+        self, shard: int, owner: Any, request: Any, payload: Any = None
+    ) -> LaneClient | NetLaneClient | None:
+        """Sends ``request`` over the shard's lane (with ``payload`` on a network lane); None
+        where it has none or it broke (the caller sends it through Ray)."""
         lane = self.get(shard, owner)
         if lane is None:
             return None
         try:
-            lane.send(request)
+            if isinstance(lane, NetLaneClient):
+                lane.send(request, payload)
+            else:
+                lane.send(request)
             return lane
         except LaneBroken as err:
             logger.debug("shard %d: %s", shard, err)
@@ -70,6 +95,16 @@ class Lanes:
         for shard in list(self._lanes):
             self.close(shard)
 
+    def is_net(self, shard: int) -> bool:
+        """Whether the shard's open lane (if any) is a network lane."""
+        entry = self._lanes.get(shard)
+        return entry is not None and isinstance(entry[1], NetLaneClient)
+
+    @property
+    def net(self) -> int:
+        """How many of the open lanes are network lanes (to shards on other nodes)."""
+        return sum(isinstance(lane, NetLaneClient) for _, lane in self._lanes.values())
+
     def __len__(self) -> int:
         return len(self._lanes)
 
@@ -77,8 +112,8 @@ class Lanes:
 def first_answer(pending: dict[Any, int]) -> tuple[Any, int]:
     """Takes out of ``pending`` (Ray refs and lanes, each to its shard) the first one whose
     answer is in, waiting for it."""
-    lanes = {k.fileno(): k for k in pending if isinstance(k, LaneClient)}
-    refs = [k for k in pending if not isinstance(k, LaneClient)]
+    lanes = {k.fileno(): k for k in pending if isinstance(k, LANE_TYPES)}
+    refs = [k for k in pending if not isinstance(k, LANE_TYPES)]
     poller = select.poll()  # not select(): a busy process's descriptors pass FD_SETSIZE
     for fd in lanes:
         poller.register(fd, select.POLLIN)
@@ -97,4 +132,4 @@ def first_answer(pending: dict[Any, int]) -> tuple[Any, int]:
 def answer_of(answer: Any) -> Any:
     """The result behind what :func:`first_answer` returned: a lane's answer, or a Ray ref's
     (raising what the call raised; a lane that broke raises :class:`LaneBroken`)."""
-    return answer.receive() if isinstance(answer, LaneClient) else ray_get(answer)
+    return answer.receive() if isinstance(answer, LANE_TYPES) else ray_get(answer)

@@ -7,15 +7,19 @@ worker's :class:`~shardopt.core.records.GroupSignature` to the cluster's registr
 (tagged with the version of the parameters they were computed on) and copying the parameters
 each shard answers with into the worker's tensors. With a shard on the worker's node both go
 through shared memory (:mod:`shardopt.client.group_data_path`; not in elastic or replicated
-groups, whose ranks and hosts change). In an elastic group the worker also sends heartbeats to
-the group's coordinator (:mod:`shardopt.actor.group_membership`) from a background thread, off
-the step's path, and shows the members and each round's participants
+groups, whose ranks and hosts change); with a (CPU) shard on another node they go over a
+network lane (:mod:`shardopt.core.net_lane`: the gradient bytes in, the parameters inline in
+the answer), and through Ray's object store where there is no lane or it broke. In an
+elastic group the worker also sends heartbeats to the group's coordinator
+(:mod:`shardopt.actor.group_membership`) from a background thread, off the step's path, and
+shows the members and each round's participants
 (:meth:`ShardGroupMember.members`, :attr:`ShardGroupMember.participants`). State, loads,
 checkpoints and status reach the group's shard hosts through the same typed handles as a
 worker's own shards (:class:`~shardopt.client.ray_shards.RayShards`). In a replicated group
 (``replicate=k``) a push, pull, state read or status that finds a shard's primary lost asks the
 registry to fail over and asks the new primary again (:mod:`shardopt.actor.group_replica`).
-Also the cluster-wide entry points :func:`list_groups` and :func:`close_group`.
+Also the cluster-wide entry points :func:`list_groups` and :func:`close_group` (the options are
+checked in :mod:`shardopt.client.group_config`).
 
 Talks to: the group registry, the group's shard hosts (:mod:`shardopt.actor.shard_group_host`,
 through :mod:`shardopt.client.group_handles`) and an elastic group's coordinator
@@ -25,7 +29,6 @@ through :mod:`shardopt.client.group_handles`) and an elastic group's coordinator
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import threading
 import time
@@ -38,21 +41,28 @@ import ray
 import torch
 
 from shardopt.actor.host import NAMESPACE
-from shardopt.actor.placement import normalize_resources, normalize_strategy
 from shardopt.actor.shard_group_registry import REGISTRY_NAME, GroupRegistry
 from shardopt.client.backend import ParamSource
+from shardopt.client.group_config import (  # noqa: F401  (the group's options, re-exported)
+    HEARTBEAT_TIMEOUT,
+    MAX_GROUP_REPLICAS,
+    MODES,
+    make_config,
+    timeout_seconds,
+)
 from shardopt.client.group_data_path import GroupDataPath
 from shardopt.client.group_handles import GroupShardHandle, group_handles
 from shardopt.client.handles import ShardHandle
-from shardopt.client.lanes import Lanes, answer_of, first_answer
+from shardopt.client.lanes import LANE_TYPES, Lanes, answer_of, first_answer, net_lanes_enabled
 from shardopt.client.ray_shards import RayShards
 from shardopt.client.runtime import ensure_ray, ray_get
 from shardopt.client.shard_map import ShardMap
 from shardopt.core.amp import AmpScaling
 from shardopt.core.buffers import to_numpy
 from shardopt.core.errors import ShardUnavailableError
-from shardopt.core.lane import LaneBroken, LaneClient
+from shardopt.core.lane import LaneBroken
 from shardopt.core.metrics import GROUP_PUSH_SECONDS, GROUP_STALE_PUSHES, GROUP_STALENESS
+from shardopt.core.net_lane import NetLaneClient
 from shardopt.core.records import (
     GroupConfig,
     GroupMembership,
@@ -66,11 +76,6 @@ from shardopt.core.records import (
 
 logger = logging.getLogger(__name__)
 
-MODES = ("sync", "async")
-HEARTBEAT_TIMEOUT = datetime.timedelta(seconds=10)
-"""An elastic group drops a member whose heartbeats stop for this long (by default)."""
-MAX_GROUP_REPLICAS = 8
-"""The most replicas (``replicate=k``) a group shard may have."""
 MAX_STALE_RETRIES = 1000
 """How often ``step(closure)`` recomputes gradients rejected as too stale before giving up."""
 
@@ -84,87 +89,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return tuple(sorted((k, _plain(v)) for k, v in value.items()))
     return value
-
-
-def timeout_seconds(timeout: datetime.timedelta | float) -> float:
-    seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
-    if not isinstance(seconds, (int, float)) or seconds <= 0:
-        raise ValueError(f"Invalid timeout: {timeout!r} (must be positive)")
-    return float(seconds)
-
-
-def make_config(
-    *,
-    world_size: int | None,
-    rank: int | None,
-    mode: str,
-    max_staleness: int | None,
-    timeout: datetime.timedelta | float,
-    num_shards: int,
-    placement: str | None,
-    shard_resources: dict[str, float] | None,
-    actor_options: dict[str, Any],
-    elastic: bool = False,
-    heartbeat_timeout: datetime.timedelta | float = HEARTBEAT_TIMEOUT,
-    replicate: int = 0,
-) -> GroupConfig:
-    """Checks a worker's group options.
-
-    Raises:
-        ValueError: a missing or out-of-range ``world_size``/``rank``, an unknown ``mode``,
-            ``max_staleness`` without async mode or negative, a bad placement, ``elastic``
-            with async mode, ``replicate`` with async mode or above :data:`MAX_GROUP_REPLICAS`.
-    """
-    if replicate and mode != "sync":
-        raise ValueError(
-            f"Invalid replicate: {replicate!r} for a shard group in {mode!r} mode: replicas of "
-            "group shards follow every round of sync groups (replicate=True, or k replicas)"
-        )
-    if not isinstance(replicate, int) or not 0 <= replicate <= MAX_GROUP_REPLICAS:
-        raise ValueError(
-            f"Invalid replicate: {replicate!r} for a shard group (True, or the number of "
-            f"replicas of each shard, 1 to {MAX_GROUP_REPLICAS})"
-        )
-    if not isinstance(elastic, bool):
-        raise ValueError(f"Invalid elastic: {elastic!r} (True or False)")
-    if mode not in MODES:
-        raise ValueError(f"Invalid mode: {mode!r} (use 'sync' or 'async')")
-    if elastic:
-        if mode != "sync":
-            raise ValueError("elastic=True applies to sync groups (async mode waits for nobody)")
-        if world_size is not None and (not isinstance(world_size, int) or world_size < 1):
-            raise ValueError(f"Invalid world_size: {world_size!r} (None or an int >= 1)")
-        if rank is not None and (
-            not isinstance(rank, int) or rank < 0 or (world_size and rank >= world_size)
-        ):
-            raise ValueError(f"Invalid rank: {rank!r} (None, or an int >= 0 below world_size)")
-    else:
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"Invalid world_size: {world_size!r} (a group needs an int >= 1)")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"Invalid rank: {rank!r} (must be an int in [0, {world_size}))")
-    if max_staleness is not None:
-        if mode != "async":
-            raise ValueError("max_staleness bounds async mode; sync mode is never stale")
-        if not isinstance(max_staleness, int) or max_staleness < 0:
-            raise ValueError(f"Invalid max_staleness: {max_staleness!r} (must be an int >= 0)")
-    strategy = normalize_strategy(placement)
-    resources = normalize_resources(shard_resources) if strategy else {}
-    if shard_resources is not None and strategy is None:
-        raise ValueError("shard_resources needs a placement strategy (e.g. placement='SPREAD')")
-    return GroupConfig(
-        world_size=world_size,
-        mode=mode,
-        max_staleness=max_staleness,
-        timeout_s=timeout_seconds(timeout),
-        num_shards=num_shards,
-        placement=strategy,
-        shard_resources=tuple(sorted(resources.items())),
-        actor_options=tuple(sorted(actor_options.items())),
-        elastic=elastic,
-        heartbeat_timeout_s=timeout_seconds(heartbeat_timeout) if elastic else 10.0,
-        replicate=int(replicate),
-    )
 
 
 def _leave(registry: Any, name: str, rank: int, elastic: _Heartbeats | None) -> None:
@@ -243,8 +167,8 @@ class ShardGroupMember(RayShards):
         rank: this worker's rank (None in an elastic group: the registry assigns one).
         config: the group's options (checked by :func:`make_config`).
         shared_memory: exchange gradients (and in sync mode parameters) with the group's shards
-            on this node through shared memory; by default wherever possible. ``False`` forces
-            the object store.
+            on this node through shared memory, and with those on other nodes over network
+            lanes; by default wherever possible. ``False`` forces the object store.
         share_params: (sync mode) re-point this worker's CPU parameters into the shared
             parameter buffers of the shards on its node: a round copies no parameters back.
             Every worker there then holds the very same memory, so a parameter written in
@@ -275,7 +199,7 @@ class ShardGroupMember(RayShards):
         self._heartbeats: _Heartbeats | None = None
         self.shard_map = ShardMap(config.num_shards)
         self.data_path = GroupDataPath(self.shard_map, share_params=share_params)
-        self.lanes = Lanes()  # to the shards on this node whose rounds answer in shared memory
+        self.lanes = Lanes()  # to shards on this node answering in shared memory, and on others
         blocks = self.shard_map.place(params.flat(), params.group_indices(), params.splittable())
         options = params.options()
         specs = [
@@ -343,7 +267,8 @@ class ShardGroupMember(RayShards):
         return membership
 
     def _map_shared(self) -> None:
-        """Maps this rank's shared buffers on the group's shards on this node."""
+        """Maps this rank's shared buffers on the group's shards on this node and opens its
+        lanes: a Unix lane to each of those, a network lane to each shard on another node."""
         if not self._shared_memory:
             return
         here = ray.get_runtime_context().get_node_id()
@@ -353,8 +278,12 @@ class ShardGroupMember(RayShards):
         for s, buffers in zip(local, answers):
             self.data_path.map_rank(s, buffers, params)
         laned = [s for s in local if self.data_path.group_params(s) is not None]
-        addresses = ray_get([self.handles[s].open_push_lane(self.rank) for s in laned])
-        for s, address in zip(laned, addresses):
+        calls = [self.handles[s].open_push_lane(self.rank) for s in laned]
+        if net_lanes_enabled():  # gradients and parameters over TCP to the shards elsewhere
+            remote = [s for s, node in enumerate(self.membership.node_ids) if node != here]
+            laned += remote
+            calls += [self.handles[s].open_net_lane(self.rank) for s in remote]
+        for s, address in zip(laned, ray_get(calls)):
             self.lanes.open(s, self.handles[s], address)
 
     @property
@@ -411,9 +340,18 @@ class ShardGroupMember(RayShards):
         refs = [h.status() for h in self.handles]
         return [self._failing_over(s, r, lambda h: h.status()) for s, r in enumerate(refs)]
 
-    def _adopt(self, shard: int, current: ParamsAt, params: list[torch.Tensor]) -> None:
+    def _adopt(
+        self, shard: int, current: ParamsAt, params: list[torch.Tensor], inline: Any = None
+    ) -> None:
+        """Copies a shard's answered parameters into the worker's tensors: ``inline`` (received
+        over a network lane), else from the object store or the shard's shared buffer."""
         values = current.params
-        values = self.data_path.group_params(shard) if values is None else ray_get(values)
+        if inline is not None:
+            values = inline
+        elif values is None:
+            values = self.data_path.group_params(shard)
+        else:
+            values = ray_get(values)
         self.shard_map.copy_back(shard, values, params)
         self.versions[shard] = current.version
 
@@ -526,8 +464,12 @@ class ShardGroupMember(RayShards):
             requests[s] = PushRequest(self.rank, self.versions[s], options, grads, has_grad, sparse)
             if in_slot:
                 held.append(s)
-            else:
-                pending[self.handles[s].push(requests[s])] = s
+                continue
+            lane = None
+            if self.lanes.is_net(s) and flat.device.type == "cpu":  # the gradients go inline
+                request = dataclasses.replace(requests[s], grads=None)
+                lane = self.lanes.send(s, self.handles[s], request, flat)
+            pending[lane if lane is not None else self.handles[s].push(requests[s])] = s
         for s in held:
             lane = self.lanes.send(s, self.handles[s], requests[s])
             pending[lane if lane is not None else self.handles[s].push(requests[s])] = s
@@ -555,13 +497,14 @@ class ShardGroupMember(RayShards):
                     GROUP_STALENESS.labels(mode).observe(result.staleness)
                 else:
                     GROUP_STALE_PUSHES.inc()
-                self._adopt(s, result.current, params)
+                inline = answer.params if isinstance(answer, NetLaneClient) else None
+                self._adopt(s, result.current, params, inline)
                 results[s] = result
                 if result.applied_version is None:
                     rejected.append(s)
         finally:  # a lane whose answer was not read would hand it to the next push
             for answer, s in pending.items():
-                if isinstance(answer, LaneClient):
+                if isinstance(answer, LANE_TYPES):
                     self.lanes.close(s)
         return sorted(rejected)
 

@@ -78,7 +78,7 @@ def _write_frame(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(_LENGTH.pack(len(payload)) + payload)
 
 
-def _picklable_error(err: BaseException) -> BaseException:
+def picklable_error(err: BaseException) -> BaseException:
     """``err`` if it survives a pickle round trip, else a RuntimeError that names it."""
     try:
         pickle.loads(pickle.dumps(err))
@@ -131,7 +131,7 @@ class LaneServer:
                 try:
                     answer = (True, self._serve(request))
                 except Exception as err:  # the client raises it, as Ray would
-                    answer = (False, _picklable_error(err))
+                    answer = (False, picklable_error(err))
                 _write_frame(conn, pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
         except (OSError, EOFError) as err:  # the client went away, or the lane was closed
             if not self._closed:
