@@ -14,21 +14,33 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import ray
 import torch
 from gateway_helpers import OTHER_TOKEN, TOKEN, auth, code_of, open_session, push, wait_for_line
-from helpers import assert_same_params, assert_same_tensors, make_model, train_step
+from group_workers import make_model as group_model
+from group_workers import sync_reference
+from helpers import (
+    assert_same_params,
+    assert_same_tensors,
+    batch,
+    loss_of,
+    make_model,
+    train_step,
+)
 from ray.experimental import internal_kv
 from test_lbfgs import PROBLEMS, closure_for, make_params
 
 import shardopt
 from shardopt.actor.host import NAMESPACE
+from shardopt.client.shard_group import list_groups, registry
 from shardopt.client.shard_map import ShardMap
 from shardopt.core.proto import pb, rpc
 from shardopt.gateway import serve
+from shardopt.gateway.admission import scope_of
 from shardopt.gateway.auth import principal_of
 from shardopt.gateway.resume import pieces_of
 from shardopt.gateway.session_store import (
@@ -399,9 +411,92 @@ def test_param_groups_lbfgs_and_a_lost_store_survive_a_restart(tmp_path):
     assert internal_kv._internal_kv_list(store_name(store), namespace=KV_NAMESPACE) == []
 
 
+def test_a_sync_group_over_a_killed_gateway_finishes_bit_identical(tmp_path):
+    """Two remote clients are ranks 0 and 1 of a sync group (2 shards) over one gateway with a
+    session store. The gateway is SIGKILLed mid-training (its Ray job ends: the registry keeps
+    the store's members, so the group lives on) and started again: it attaches both ranks
+    again, and each client's step, sent again with its step id, is answered once (a round is
+    never applied twice nor a push refused as a second one). Both runs end bit-identical to an
+    uninterrupted sync run computed without Ray, and to each other. After the restart another
+    token naming the same group gets a group of its own, and this token cannot take a held
+    rank; closing both sessions ends the group."""
+    store = f"group-{uuid.uuid4().hex[:8]}"
+    process, address = start_gateway(tmp_path, store)
+    port = int(address.rsplit(":", 1)[1])
+    processes = [process]
+    name, steps, hyper = f"g{uuid.uuid4().hex[:6]}", 6, dict(lr=1e-2, weight_decay=0.01)
+    scoped = f"{scope_of(principal_of(TOKEN))}-{name}"
+    x, y = batch(0, 16)
+    halves = [(x[:8], y[:8]), (x[8:], y[8:])]
+    want_params, want_state = sync_reference(steps, halves, **hyper)
+    models = [group_model(0), group_model(0)]
+    kwargs = dict(
+        address=address, token=TOKEN, group=name, world_size=2, num_shards=2, timeout=120,
+        reconnect_timeout=120, **hyper,
+    )  # fmt: skip
+    opts = [shardopt.AdamW(models[r].parameters(), rank=r, **kwargs) for r in range(2)]
+    killed, restarted = threading.Event(), threading.Event()
+
+    def train(rank: int) -> list[float]:
+        times = []
+        for i in range(steps):
+            if i == 4:
+                restarted.wait(180)
+            start = time.monotonic()
+            models[rank].zero_grad()
+            loss_of(models[rank], *halves[rank]).backward()
+            if i == 3 and rank == 0:
+                killed.set()  # killed while the round of step 3 is pushed, applied or answered
+            opts[rank].step()
+            times.append(time.monotonic() - start)
+        return times
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(train, r) for r in range(2)]
+            killed.wait(120)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            processes.append(start_gateway(tmp_path, store, port)[0])
+            group = list_groups()[scoped]  # the gateway's job ended: its held ranks stayed
+            held = {r: h.rsplit("/", 1) for r, h in group["held"].items()}
+            assert group["members"] == [0, 1] and held == {
+                r: [store_name(store), o.backend.session_id] for r, o in enumerate(opts)
+            }
+            # another token's group of that name is its own; this token's ranks are taken
+            with grpc.insecure_channel(address) as channel:
+                stub = rpc.OptimizerServiceStub(channel)
+                spec = pb.GroupOptions(name=name, world_size=1, rank=0, mode="sync")
+                other = open_session(stub, [torch.ones(2)], OTHER_TOKEN, group=spec, num_shards=1)
+                assert other.created_group
+                ref = pb.SessionRef(session_id=other.session_id)
+                assert stub.CloseSession(ref, metadata=auth(OTHER_TOKEN)).closed
+            with pytest.raises(ValueError, match="rank 0 is already attached"):
+                shardopt.AdamW(group_model(0).parameters(), rank=0, **kwargs)
+            restarted.set()
+            pauses = [max(r.result(timeout=300)) for r in runs]
+        assert pauses[0] > 1.0  # the client waited for the new gateway
+        assert list_groups()[scoped]["members"] == [0, 1]
+        hosts, _ = ray.get(registry().primary_hosts.remote(scoped))
+        assert ray.get([h.version.remote() for h in hosts]) == [steps, steps]  # once each
+        for model in models:
+            assert_same_tensors(list(model.parameters()), want_params)
+        got = opts[1].state_dict()
+        for p, st in want_state["state"].items():
+            assert_same_tensors([got["state"][p][k] for k in st], list(st.values()))
+        assert len(records_of(store)) == 2
+        for opt in opts:
+            opt.close()
+        assert records_of(store) == []
+        assert eventually(lambda: scoped not in list_groups())
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+
+
 def test_elastic_groups_are_refused_over_a_gateway():
-    """A gateway resumes no shard group's members, and takes no elastic ones at all: refused
-    before anything is sent."""
+    """A gateway takes no elastic group members at all: refused before anything is sent."""
     with pytest.raises(ValueError, match="elastic=True applies to shard groups in the Ray"):
         shardopt.AdamW(
             [torch.zeros(2, requires_grad=True)], group="g", elastic=True, address="127.0.0.1:9"

@@ -25,7 +25,6 @@ through :mod:`shardopt.client.group_handles`) and an elastic group's coordinator
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import threading
 import time
@@ -38,9 +37,15 @@ import ray
 import torch
 
 from shardopt.actor.host import NAMESPACE
-from shardopt.actor.placement import normalize_resources, normalize_strategy
 from shardopt.actor.shard_group_registry import REGISTRY_NAME, GroupRegistry
 from shardopt.client.backend import ParamSource
+from shardopt.client.group_config import (  # noqa: F401 (imported from here by callers)
+    HEARTBEAT_TIMEOUT,
+    MAX_GROUP_REPLICAS,
+    MODES,
+    make_config,
+    timeout_seconds,
+)
 from shardopt.client.group_data_path import GroupDataPath
 from shardopt.client.group_handles import GroupShardHandle, group_handles
 from shardopt.client.handles import ShardHandle
@@ -66,11 +71,6 @@ from shardopt.core.records import (
 
 logger = logging.getLogger(__name__)
 
-MODES = ("sync", "async")
-HEARTBEAT_TIMEOUT = datetime.timedelta(seconds=10)
-"""An elastic group drops a member whose heartbeats stop for this long (by default)."""
-MAX_GROUP_REPLICAS = 8
-"""The most replicas (``replicate=k``) a group shard may have."""
 MAX_STALE_RETRIES = 1000
 """How often ``step(closure)`` recomputes gradients rejected as too stale before giving up."""
 
@@ -84,87 +84,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return tuple(sorted((k, _plain(v)) for k, v in value.items()))
     return value
-
-
-def timeout_seconds(timeout: datetime.timedelta | float) -> float:
-    seconds = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout
-    if not isinstance(seconds, (int, float)) or seconds <= 0:
-        raise ValueError(f"Invalid timeout: {timeout!r} (must be positive)")
-    return float(seconds)
-
-
-def make_config(
-    *,
-    world_size: int | None,
-    rank: int | None,
-    mode: str,
-    max_staleness: int | None,
-    timeout: datetime.timedelta | float,
-    num_shards: int,
-    placement: str | None,
-    shard_resources: dict[str, float] | None,
-    actor_options: dict[str, Any],
-    elastic: bool = False,
-    heartbeat_timeout: datetime.timedelta | float = HEARTBEAT_TIMEOUT,
-    replicate: int = 0,
-) -> GroupConfig:
-    """Checks a worker's group options.
-
-    Raises:
-        ValueError: a missing or out-of-range ``world_size``/``rank``, an unknown ``mode``,
-            ``max_staleness`` without async mode or negative, a bad placement, ``elastic``
-            with async mode, ``replicate`` with async mode or above :data:`MAX_GROUP_REPLICAS`.
-    """
-    if replicate and mode != "sync":
-        raise ValueError(
-            f"Invalid replicate: {replicate!r} for a shard group in {mode!r} mode: replicas of "
-            "group shards follow every round of sync groups (replicate=True, or k replicas)"
-        )
-    if not isinstance(replicate, int) or not 0 <= replicate <= MAX_GROUP_REPLICAS:
-        raise ValueError(
-            f"Invalid replicate: {replicate!r} for a shard group (True, or the number of "
-            f"replicas of each shard, 1 to {MAX_GROUP_REPLICAS})"
-        )
-    if not isinstance(elastic, bool):
-        raise ValueError(f"Invalid elastic: {elastic!r} (True or False)")
-    if mode not in MODES:
-        raise ValueError(f"Invalid mode: {mode!r} (use 'sync' or 'async')")
-    if elastic:
-        if mode != "sync":
-            raise ValueError("elastic=True applies to sync groups (async mode waits for nobody)")
-        if world_size is not None and (not isinstance(world_size, int) or world_size < 1):
-            raise ValueError(f"Invalid world_size: {world_size!r} (None or an int >= 1)")
-        if rank is not None and (
-            not isinstance(rank, int) or rank < 0 or (world_size and rank >= world_size)
-        ):
-            raise ValueError(f"Invalid rank: {rank!r} (None, or an int >= 0 below world_size)")
-    else:
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"Invalid world_size: {world_size!r} (a group needs an int >= 1)")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"Invalid rank: {rank!r} (must be an int in [0, {world_size}))")
-    if max_staleness is not None:
-        if mode != "async":
-            raise ValueError("max_staleness bounds async mode; sync mode is never stale")
-        if not isinstance(max_staleness, int) or max_staleness < 0:
-            raise ValueError(f"Invalid max_staleness: {max_staleness!r} (must be an int >= 0)")
-    strategy = normalize_strategy(placement)
-    resources = normalize_resources(shard_resources) if strategy else {}
-    if shard_resources is not None and strategy is None:
-        raise ValueError("shard_resources needs a placement strategy (e.g. placement='SPREAD')")
-    return GroupConfig(
-        world_size=world_size,
-        mode=mode,
-        max_staleness=max_staleness,
-        timeout_s=timeout_seconds(timeout),
-        num_shards=num_shards,
-        placement=strategy,
-        shard_resources=tuple(sorted(resources.items())),
-        actor_options=tuple(sorted(actor_options.items())),
-        elastic=elastic,
-        heartbeat_timeout_s=timeout_seconds(heartbeat_timeout) if elastic else 10.0,
-        replicate=int(replicate),
-    )
 
 
 def _leave(registry: Any, name: str, rank: int, elastic: _Heartbeats | None) -> None:
@@ -249,6 +168,10 @@ class ShardGroupMember(RayShards):
             parameter buffers of the shards on its node: a round copies no parameters back.
             Every worker there then holds the very same memory, so a parameter written in
             place on one worker is written for all of them.
+        holder: what holds this member beyond this process's Ray job (a gateway's session
+            store, ``gateway-sessions/NAME``; see the registry's lifetime rules), or None.
+        resume: attach again to rank ``rank`` of an existing group under ``holder`` (a
+            restarted gateway resuming a session): never creates the group.
     """
 
     kind = "group"
@@ -261,6 +184,8 @@ class ShardGroupMember(RayShards):
         config: GroupConfig,
         shared_memory: bool | None = None,
         share_params: bool = False,
+        holder: str | None = None,
+        resume: bool = False,
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"Invalid group name: {name!r} (a non-empty string without '/')")
@@ -272,6 +197,9 @@ class ShardGroupMember(RayShards):
         self.membership: GroupMembership | None = None
         self.versions: list[int] = [0] * config.num_shards
         self.last_push: list[PushResult] = []
+        self.holder = holder
+        self._resend = False  # the next push repeats one whose answer was lost (resend_at)
+        self.first_version = 0  # the version this member adopted when it attached
         self._heartbeats: _Heartbeats | None = None
         self.shard_map = ShardMap(config.num_shards)
         self.data_path = GroupDataPath(self.shard_map, share_params=share_params)
@@ -282,7 +210,7 @@ class ShardGroupMember(RayShards):
             ShardSpec(params.optimizer_class, params.defaults, options, blocks[s])
             for s in range(config.num_shards)
         ]
-        self._join(specs)
+        self._join(specs, resume)
 
     def signature(self) -> GroupSignature:
         params = []
@@ -305,23 +233,29 @@ class ShardGroupMember(RayShards):
             ),
         )
 
-    def _join(self, specs: list[ShardSpec]) -> GroupMembership:
-        """Attaches to (or creates) the group and adopts its current parameters."""
+    def _join(self, specs: list[ShardSpec], resume: bool = False) -> GroupMembership:
+        """Attaches to (or creates, unless ``resume``) the group and adopts its current
+        parameters."""
         reg = registry()
         context = ray.get_runtime_context()
         job_id, actor_id = context.get_job_id(), context.get_actor_id()
         signature = self.signature()
+
+        def join(spec_refs: list[Any]) -> GroupMembership:
+            return ray_get(
+                reg.join.remote(
+                    self.name, signature, self.rank, job_id, spec_refs, actor_id, self.holder
+                )
+            )
+
         # Only a worker that may create the group ships its initial parameters.
-        spec_refs = [] if ray.get(reg.exists.remote(self.name)) else [ray.put(s) for s in specs]
+        creates = not resume and not ray.get(reg.exists.remote(self.name))
         try:
-            membership = ray_get(
-                reg.join.remote(self.name, signature, self.rank, job_id, spec_refs, actor_id)
-            )
+            membership = join([ray.put(s) for s in specs] if creates else [])
         except LookupError:  # the group ended between the two calls: create it after all
-            spec_refs = [ray.put(s) for s in specs]
-            membership = ray_get(
-                reg.join.remote(self.name, signature, self.rank, job_id, spec_refs, actor_id)
-            )
+            if resume:
+                raise
+            membership = join([ray.put(s) for s in specs])
         self.membership = membership
         self.rank = membership.rank
         if membership.coordinator is not None:
@@ -340,6 +274,7 @@ class ShardGroupMember(RayShards):
         except BaseException:
             self._finalizer()
             raise
+        self.first_version = min(self.versions, default=0)
         return membership
 
     def _map_shared(self) -> None:
@@ -523,7 +458,9 @@ class ShardGroupMember(RayShards):
                 continue  # nothing to apply; sync still pushes: the round needs every rank
             in_slot = self.data_path.in_slot(s)
             grads = None if in_slot else to_numpy(flat)
-            requests[s] = PushRequest(self.rank, self.versions[s], options, grads, has_grad, sparse)
+            requests[s] = PushRequest(
+                self.rank, self.versions[s], options, grads, has_grad, sparse, self._resend
+            )
             if in_slot:
                 held.append(s)
             else:
@@ -532,6 +469,7 @@ class ShardGroupMember(RayShards):
             lane = self.lanes.send(s, self.handles[s], requests[s])
             pending[lane if lane is not None else self.handles[s].push(requests[s])] = s
         self.data_path.forget_shipped()
+        self._resend = False
         rejected = []
         sent_at, mode = time.perf_counter(), self.config.mode
         try:
@@ -577,6 +515,29 @@ class ShardGroupMember(RayShards):
         )
         self.handles = group_handles(self.membership, registry())
         logger.warning("group %r: shard %d failed over to a replica", self.name, shard)
+
+    def resend_at(self, version: int) -> None:
+        """(Sync) makes the next push one for ``version`` that may repeat a push whose answer
+        was lost (a gateway restarted mid-step): a shard that counted it, or applied its round,
+        answers it once (``PushRequest.resend``). The shards are at ``version`` or one past it.
+
+        Raises:
+            ValueError: async mode, or a shard at another version (nothing is changed).
+        """
+        if self.config.mode != "sync" or not set(self.versions) <= {version, version + 1}:
+            raise ValueError(
+                f"group {self.name!r}: a push for version {version} cannot be sent again (the "
+                f"shards are at versions {self.versions}, {self.config.mode} mode)"
+            )
+        self.versions = [version] * self.num_shards
+        self._resend = True
+
+    def detach(self) -> None:
+        """Lets go of the group without leaving it: a held member (``holder``) stays attached
+        for a restarted gateway to resume."""
+        self.lanes.close_all()
+        self._finalizer.detach()
+        self.data_path.close()
 
     def close(self) -> None:
         self.lanes.close_all()
