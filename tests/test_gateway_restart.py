@@ -183,7 +183,8 @@ def eventually(condition, timeout: float = 60.0) -> bool:
 def test_idle_sessions_expire_across_restarts_and_without_a_gateway(tmp_path):
     """A restarted gateway expires a session from its last use before the restart; a gateway
     killed and never started again: its idle session's shards and hosts end after the idle
-    timeout, and so does the store."""
+    timeout, and so does the store. A group member resumed and expired leaves its group,
+    which ends."""
     store = f"idle-{uuid.uuid4().hex[:8]}"
     process, address = start_gateway(tmp_path, store)  # idle timeout: an hour
     port = int(address.rsplit(":", 1)[1])
@@ -192,6 +193,11 @@ def test_idle_sessions_expire_across_restarts_and_without_a_gateway(tmp_path):
         kwargs = dict(address=address, token=TOKEN, num_shards=1, reconnect_timeout=60)
         model = torch.nn.Linear(3, 2)
         first = shardopt.SGD(model.parameters(), lr=0.1, **kwargs)
+        name = f"idle-{uuid.uuid4().hex[:6]}"  # a group member, held by the store
+        scoped = f"{scope_of(principal_of(TOKEN))}-{name}"
+        member = dict(group=name, world_size=1, rank=0)
+        grouped = shardopt.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1, **member, **kwargs)
+        assert len(records_of(store)) == 2 and grouped.group is None  # (remote)
         process.send_signal(signal.SIGKILL)
         process.wait()
         # started again with a one-second idle timeout: the session was last used before
@@ -199,6 +205,7 @@ def test_idle_sessions_expire_across_restarts_and_without_a_gateway(tmp_path):
         process = start_gateway(tmp_path, store, port, *flags)[0]
         processes.append(process)
         assert eventually(lambda: records_of(store) == [])
+        assert eventually(lambda: scoped not in list_groups())  # its rank left: the group ended
         model(torch.ones(1, 3)).sum().backward()
         with pytest.raises(shardopt.OptimizerClosedError):
             first.step()
@@ -274,6 +281,25 @@ def test_a_repeated_step_id_is_applied_once():
             step(2)
             torch_step(2)
             assert_same_tensors(held.params, want)
+            assert code_of(lambda: step(0)) == grpc.StatusCode.INVALID_ARGUMENT
+            assert_same_tensors(held.params, want)
+
+            # a sync group's member: step i is its push for version i; repeated, it is answered
+            # from the round its shard applied (not applied again, not refused)
+            spec = pb.GroupOptions(name=f"r{uuid.uuid4().hex[:6]}", world_size=1, rank=0)
+            sid = open_session(
+                stub, params, optimizer="Adam", hyperparameters={"lr": 0.1}, num_shards=1,
+                group=spec,
+            ).session_id  # fmt: skip
+            held = next(s for s in gateway.servicer.sessions.snapshot() if s.session_id == sid)
+            want = [p.clone().requires_grad_() for p in params]
+            want_opt = torch.optim.Adam(want, lr=0.1, fused=True)
+            for step_id in (0, 1):
+                step(step_id)
+                torch_step(step_id)
+                step(step_id)  # its answer was lost: sent again
+                assert_same_tensors(held.params, want)
+            assert held.optimizer.group.versions == [2]
             assert code_of(lambda: step(0)) == grpc.StatusCode.INVALID_ARGUMENT
             assert_same_tensors(held.params, want)
     finally:

@@ -305,9 +305,9 @@ class GroupShardHost(ReplicaRole, ShardCalls):
             if self.config.mode == "sync":
                 last = self._last_round if self.config.replicate or request.resend else None
                 if last is not None and request.read_version == last.version == self._version - 1:
-                    repeat = repeat_answer(
-                        last, request.rank, self._elastic is not None, self._current(shard),
-                        shard.shard_index,
+                    repeat = repeat_answer(  # (a lane's answer carries no object ref)
+                        last, request.rank, self._elastic is not None,
+                        self._current(shard, request.rank), shard.shard_index,
                     )  # fmt: skip
                     if repeat is not None:
                         return repeat  # a push resent after a fail-over: the round was applied
