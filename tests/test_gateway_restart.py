@@ -183,8 +183,7 @@ def eventually(condition, timeout: float = 60.0) -> bool:
 def test_idle_sessions_expire_across_restarts_and_without_a_gateway(tmp_path):
     """A restarted gateway expires a session from its last use before the restart; a gateway
     killed and never started again: its idle session's shards and hosts end after the idle
-    timeout, and so does the store. A group member resumed and expired leaves its group,
-    which ends."""
+    timeout, a group member's rank leaves its group (which ends), and so does the store."""
     store = f"idle-{uuid.uuid4().hex[:8]}"
     process, address = start_gateway(tmp_path, store)  # idle timeout: an hour
     port = int(address.rsplit(":", 1)[1])
@@ -193,11 +192,6 @@ def test_idle_sessions_expire_across_restarts_and_without_a_gateway(tmp_path):
         kwargs = dict(address=address, token=TOKEN, num_shards=1, reconnect_timeout=60)
         model = torch.nn.Linear(3, 2)
         first = shardopt.SGD(model.parameters(), lr=0.1, **kwargs)
-        name = f"idle-{uuid.uuid4().hex[:6]}"  # a group member, held by the store
-        scoped = f"{scope_of(principal_of(TOKEN))}-{name}"
-        member = dict(group=name, world_size=1, rank=0)
-        grouped = shardopt.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1, **member, **kwargs)
-        assert len(records_of(store)) == 2 and grouped.group is None  # (remote)
         process.send_signal(signal.SIGKILL)
         process.wait()
         # started again with a one-second idle timeout: the session was last used before
@@ -205,17 +199,22 @@ def test_idle_sessions_expire_across_restarts_and_without_a_gateway(tmp_path):
         process = start_gateway(tmp_path, store, port, *flags)[0]
         processes.append(process)
         assert eventually(lambda: records_of(store) == [])
-        assert eventually(lambda: scoped not in list_groups())  # its rank left: the group ended
         model(torch.ones(1, 3)).sum().backward()
         with pytest.raises(shardopt.OptimizerClosedError):
             first.step()
         kwargs["reconnect_timeout"] = 0
         second = shardopt.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1, **kwargs)
         (record,) = records_of(store)
-        process.send_signal(signal.SIGKILL)
+        name = f"idle-{uuid.uuid4().hex[:6]}"  # a group member: the registry holds its rank
+        scoped = f"{scope_of(principal_of(TOKEN))}-{name}"
+        member = dict(group=name, world_size=1, rank=0)
+        third = shardopt.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1, **member, **kwargs)
+        process.send_signal(signal.SIGKILL)  # (within the idle timeout of its opening)
         process.wait()
+        assert scoped in list_groups() and third.backend.session_id
         assert all(gone(name, 30) for name in record.hosts)
         assert gone(store_name(store))
+        assert eventually(lambda: scoped not in list_groups())  # the store let its rank go
         with pytest.raises(shardopt.ShardUnavailableError):
             second.step()
     finally:

@@ -328,11 +328,12 @@ class GroupRegistry:
             replicas=replicas if k else [], spare=spare, files=files,
         )  # fmt: skip
 
-    def leave(self, name: str, rank: int) -> None:
-        """Detaches ``rank``; the owner's leaving closes the group once nobody is attached."""
+    def leave(self, name: str, rank: int, holder: str | None = None) -> None:
+        """Detaches ``rank`` (with ``holder``: only while that holder holds it); the owner's
+        leaving closes the group once nobody is attached."""
         with self._lock:
             group = self._groups.get(name)
-            if group is None:
+            if group is None or (holder is not None and group.held.get(rank) != holder):
                 return
             group.held.pop(rank, None)
             if group.members.pop(rank, None) is not None:

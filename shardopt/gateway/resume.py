@@ -55,7 +55,13 @@ from shardopt.core.events import emit
 from shardopt.core.param_groups import group_options
 from shardopt.core.records import ShardSpec
 from shardopt.gateway.admission import OPTIMIZERS
-from shardopt.gateway.session_store import BEAT_S, SessionRecord, SessionStore, store_name
+from shardopt.gateway.session_store import (
+    BEAT_S,
+    SessionRecord,
+    SessionStore,
+    leave_group,
+    store_name,
+)
 from shardopt.gateway.sessions import Session
 
 logger = logging.getLogger(__name__)
@@ -443,6 +449,9 @@ class StoreLink:
                 session = self._resume_one(record, [hosts[h] for h in record.hosts], last_used)
             except Exception as err:
                 logger.warning("session %s cannot be resumed: %s", record.session_id, err)
+                if record.group is not None:  # its rank is held for it: let go
+                    holder = self.holder_of(record.session_id)
+                    leave_group(record.group["name"], record.group["rank"], holder)
                 ray.get(self.store.drop.remote(record.session_id))
                 continue
             resumed.append(session)

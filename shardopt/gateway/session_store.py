@@ -162,6 +162,21 @@ def record_from_json(text: str | bytes) -> SessionRecord:
     return SessionRecord(**{k: _decode(v) for k, v in fields.items()})
 
 
+def leave_group(name: str, rank: int, holder: str) -> None:
+    """Detaches a session's shard group member, rank ``rank`` of group ``name``, if ``holder``
+    (the store's name and the session id) still holds it (its session expired, or is not
+    resumed)."""
+    import ray
+
+    from shardopt.actor.host import NAMESPACE
+    from shardopt.actor.shard_group_registry import REGISTRY_NAME
+
+    try:
+        ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE).leave.remote(name, rank, holder)
+    except ValueError:  # no registry: no group
+        pass
+
+
 class _Saved:
     """The store's copy in the GCS's internal key-value store (under ``prefix``)."""
 
@@ -228,6 +243,7 @@ class SessionStore:
     def __init__(self, namespace: str, idle_timeout_s: float | None, name: str) -> None:
         self._namespace = namespace
         self._idle_timeout_s = idle_timeout_s
+        self._name = name  # its members' holders are "<name>/<session id>"
         self._saved = _Saved(name)
         records, self._hosts, last_used = self._saved.load()
         now = time.time()
@@ -352,7 +368,7 @@ class SessionStore:
         for r in expired:
             logger.info("session store: session %s expired without a gateway", r.session_id)
             if r.group is not None:
-                self._leave_group(r.group["name"], r.group["rank"])
+                leave_group(r.group["name"], r.group["rank"], f"{self._name}/{r.session_id}")
             for name, key in zip(r.hosts, r.keys):
                 host = self._actor(name)
                 if host is not None:
@@ -360,14 +376,6 @@ class SessionStore:
         if expired or empty:
             self._kill_hosts(live_hosts)
         return empty
-
-    def _leave_group(self, name: str, rank: int) -> None:
-        """Detaches an expired member's rank from its group (held for this store)."""
-        from shardopt.actor.shard_group_registry import REGISTRY_NAME
-
-        registry = self._actor(REGISTRY_NAME)
-        if registry is not None:
-            registry.leave.remote(name, rank)
 
     def _actor(self, name: str) -> Any:
         import ray
