@@ -438,10 +438,11 @@ def test_param_groups_lbfgs_and_a_lost_store_survive_a_restart(tmp_path):
 
 def test_a_sync_group_over_a_killed_gateway_finishes_bit_identical(tmp_path):
     """Two remote clients are ranks 0 and 1 of a sync group (2 shards) over one gateway with a
-    session store. The gateway is SIGKILLed mid-training (its Ray job ends: the registry keeps
-    the store's members, so the group lives on) and started again: it attaches both ranks
-    again, and each client's step, sent again with its step id, is answered once (a round is
-    never applied twice nor a push refused as a second one). Both runs end bit-identical to an
+    session store. The gateway is SIGKILLed mid-training, once both shards counted rank 0's
+    push of round 3 and wait for rank 1's (its Ray job ends: the registry keeps the store's
+    members, so the group lives on), and started again: it attaches both ranks again, and each
+    client's step, sent again with its step id, is answered once (the round is applied once,
+    the push not refused as a second one). Both runs end bit-identical to an
     uninterrupted sync run computed without Ray, and to each other. After the restart another
     token naming the same group gets a group of its own, and this token cannot take a held
     rank; closing both sessions ends the group."""
@@ -460,18 +461,18 @@ def test_a_sync_group_over_a_killed_gateway_finishes_bit_identical(tmp_path):
         reconnect_timeout=120, **hyper,
     )  # fmt: skip
     opts = [shardopt.AdamW(models[r].parameters(), rank=r, **kwargs) for r in range(2)]
-    killed, restarted = threading.Event(), threading.Event()
+    restarted = threading.Event()
+    hosts, _ = ray.get(registry().primary_hosts.remote(scoped))
+    counted = lambda self: (self._version, sorted(self._round))  # noqa: E731 (on a host)
 
     def train(rank: int) -> list[float]:
         times = []
         for i in range(steps):
-            if i == 4:
-                restarted.wait(180)
+            if i == 3 and rank == 1:
+                restarted.wait(180)  # rank 0's push of round 3 is counted, then the kill
             start = time.monotonic()
             models[rank].zero_grad()
             loss_of(models[rank], *halves[rank]).backward()
-            if i == 3 and rank == 0:
-                killed.set()  # killed while the round of step 3 is pushed, applied or answered
             opts[rank].step()
             times.append(time.monotonic() - start)
         return times
@@ -479,7 +480,8 @@ def test_a_sync_group_over_a_killed_gateway_finishes_bit_identical(tmp_path):
     try:
         with ThreadPoolExecutor(2) as pool:
             runs = [pool.submit(train, r) for r in range(2)]
-            killed.wait(120)
+            rounds = lambda: ray.get([h.__ray_call__.remote(counted) for h in hosts])  # noqa: E731
+            assert eventually(lambda: rounds() == [(3, [0]), (3, [0])])
             process.send_signal(signal.SIGKILL)
             process.wait()
             processes.append(start_gateway(tmp_path, store, port)[0])
