@@ -11,7 +11,10 @@ parameters after the push:
   divided by the world size, as DistributedDataParallel does), runs one optimizer step and
   moves to the next version; every rank gets the same new parameters. A rank that does not
   arrive within the group's timeout makes the others fail with :class:`GroupTimeoutError`
-  naming it (their pushes are withdrawn: the shard is unchanged).
+  naming it (their pushes are withdrawn: the shard is unchanged). A push marked ``resend`` (a
+  restarted gateway repeating a step whose answer was lost) takes the place of the rank's push
+  waiting in the round, or, for the round the shard applied last, is answered from it
+  (:func:`~shardopt.actor.group_replica.repeat_answer`): never applied twice.
 - ``sync`` with ``elastic=True``: the ranks a round waits for are the group's members, decided
   by its coordinator (:mod:`shardopt.actor.group_membership`) the same way for every shard;
   a member that dies is dropped and the round completes without it, and the gradient is the

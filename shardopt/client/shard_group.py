@@ -15,6 +15,9 @@ checkpoints and status reach the group's shard hosts through the same typed hand
 worker's own shards (:class:`~shardopt.client.ray_shards.RayShards`). In a replicated group
 (``replicate=k``) a push, pull, state read or status that finds a shard's primary lost asks the
 registry to fail over and asks the new primary again (:mod:`shardopt.actor.group_replica`).
+A member a gateway's session store holds (``holder``) outlives the gateway's process: a
+restarted gateway attaches it again (``resume``) and, in sync mode, sends a step whose answer
+was lost again as a resend (:meth:`ShardGroupMember.resend_at`).
 Also the cluster-wide entry points :func:`list_groups` and :func:`close_group`.
 
 Talks to: the group registry, the group's shard hosts (:mod:`shardopt.actor.shard_group_host`,
