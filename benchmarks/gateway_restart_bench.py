@@ -19,7 +19,11 @@ On one model (``--size`` float32 parameters in 4 tensors, 4M by default, 16 MB) 
   beside a gateway process's start-up (from its start to its "serving on" line: importing
   torch and Ray, joining the cluster, resuming the session) and, within it, the resume (its
   ``sessions_resumed`` event: waiting for the killed gateway's beats to go stale, reading the
-  records, attaching to the shards). ``--restarts`` times, median reported.
+  records, attaching to the shards). ``--restarts`` times, median reported;
+* the pause of a shard group member: a second remote client on the gateway with the store, the
+  one rank of a sync group (``group=...``, world size 1, 2 shards, same model), steps across
+  each restart at the same time as the first (its member is re-attached to its rank by the new
+  gateway, and its step, sent again with its id, is answered once).
 
 Both gateways are subprocesses joined to a local Ray that this process starts. Prints a table
 and writes every sample to ``benchmarks/results/gateway_restart_bench.json``.
@@ -166,8 +170,14 @@ def main() -> None:
         )
         for opt in lbfgs.values():
             opt.close()
+        group_params = model_of(args.size)
+        group_opt = shardopt.AdamW(
+            group_params, lr=1e-3, address=kept_address, token=TOKEN, num_shards=2,
+            group=f"bench-{uuid.uuid4().hex[:6]}", world_size=1, rank=0, reconnect_timeout=120,
+        )  # fmt: skip
+        group_ms = [one_step(group_params, group_opt) * 1e3 for _ in range(args.steps + 3)][3:]
         port = int(kept_address.rsplit(":", 1)[1])
-        pauses, startups, resumes = [], [first_start], []
+        pauses, startups, resumes, group_pauses = [], [first_start], [], []
         for r in range(args.restarts):
             log(f"restart {r + 1}/{args.restarts}")
             kept.send_signal(signal.SIGKILL)
@@ -175,13 +185,18 @@ def main() -> None:
             box: list = []
             thread = threading.Thread(target=lambda out=box: out.append(start(tokens, port, store)))
             thread.start()
+            member = threading.Thread(
+                target=lambda: group_pauses.append(one_step(group_params, group_opt))
+            )
+            member.start()
             pauses.append(one_step(params["store"], opts["store"]))
+            member.join()
             thread.join()
             kept, _, startup, resume_s = box[0]
             processes.append(kept)
             startups.append(startup)
             resumes.append(resume_s)
-        for opt in opts.values():
+        for opt in [*opts.values(), group_opt]:
             opt.close()
     finally:
         for p in processes:
@@ -192,6 +207,8 @@ def main() -> None:
     lbfgs_plain_ms = statistics.median(lbfgs_samples["plain"])
     lbfgs_store_ms = statistics.median(lbfgs_samples["store"])
     pause_s = statistics.median(pauses)
+    group_pause_s = statistics.median(group_pauses)
+    group_step_ms = statistics.median(group_ms)
     startup_s = statistics.median(startups)
     resume_s = statistics.median([r for r in resumes if r is not None] or [float("nan")])
     load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else []
@@ -207,6 +224,9 @@ def main() -> None:
             f"{lbfgs_store_ms / lbfgs_plain_ms:.3f}",
             f"  pause across a SIGKILL + restart  {pause_s:6.2f} s  "
             f"({pause_s * 1e3 / plain_ms:.0f} steps)",
+            f"  group member (sync, 1 rank): step {group_step_ms:9.1f} ms   ratio "
+            f"{group_step_ms / store_ms:.3f} of the plain session's; pause across the "
+            f"restart {group_pause_s:6.2f} s",
             f"  a gateway's start-up (process start to serving)  {startup_s:6.2f} s",
             f"    of which resuming the session (waiting out the old beats, attaching)  "
             f"{resume_s:6.2f} s",
@@ -217,6 +237,8 @@ def main() -> None:
         "step_ms": samples,
         "lbfgs_step_ms": lbfgs_samples,
         "pause_s": pauses,
+        "group_step_ms": group_ms,
+        "group_pause_s": group_pauses,
         "startup_s": startups,
         "resume_s": resumes,
     }

@@ -14,21 +14,33 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 import ray
 import torch
 from gateway_helpers import OTHER_TOKEN, TOKEN, auth, code_of, open_session, push, wait_for_line
-from helpers import assert_same_params, assert_same_tensors, make_model, train_step
+from group_workers import make_model as group_model
+from group_workers import sync_reference
+from helpers import (
+    assert_same_params,
+    assert_same_tensors,
+    batch,
+    loss_of,
+    make_model,
+    train_step,
+)
 from ray.experimental import internal_kv
 from test_lbfgs import PROBLEMS, closure_for, make_params
 
 import shardopt
 from shardopt.actor.host import NAMESPACE
+from shardopt.client.shard_group import list_groups, registry
 from shardopt.client.shard_map import ShardMap
 from shardopt.core.proto import pb, rpc
 from shardopt.gateway import serve
+from shardopt.gateway.admission import scope_of
 from shardopt.gateway.auth import principal_of
 from shardopt.gateway.resume import pieces_of
 from shardopt.gateway.session_store import (
@@ -171,7 +183,7 @@ def eventually(condition, timeout: float = 60.0) -> bool:
 def test_idle_sessions_expire_across_restarts_and_without_a_gateway(tmp_path):
     """A restarted gateway expires a session from its last use before the restart; a gateway
     killed and never started again: its idle session's shards and hosts end after the idle
-    timeout, and so does the store."""
+    timeout, a group member's rank leaves its group (which ends), and so does the store."""
     store = f"idle-{uuid.uuid4().hex[:8]}"
     process, address = start_gateway(tmp_path, store)  # idle timeout: an hour
     port = int(address.rsplit(":", 1)[1])
@@ -193,10 +205,16 @@ def test_idle_sessions_expire_across_restarts_and_without_a_gateway(tmp_path):
         kwargs["reconnect_timeout"] = 0
         second = shardopt.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1, **kwargs)
         (record,) = records_of(store)
-        process.send_signal(signal.SIGKILL)
+        name = f"idle-{uuid.uuid4().hex[:6]}"  # a group member: the registry holds its rank
+        scoped = f"{scope_of(principal_of(TOKEN))}-{name}"
+        member = dict(group=name, world_size=1, rank=0)
+        third = shardopt.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1, **member, **kwargs)
+        process.send_signal(signal.SIGKILL)  # (within the idle timeout of its opening)
         process.wait()
+        assert scoped in list_groups() and third.backend.session_id
         assert all(gone(name, 30) for name in record.hosts)
         assert gone(store_name(store))
+        assert eventually(lambda: scoped not in list_groups())  # the store let its rank go
         with pytest.raises(shardopt.ShardUnavailableError):
             second.step()
     finally:
@@ -262,6 +280,25 @@ def test_a_repeated_step_id_is_applied_once():
             step(2)
             torch_step(2)
             assert_same_tensors(held.params, want)
+            assert code_of(lambda: step(0)) == grpc.StatusCode.INVALID_ARGUMENT
+            assert_same_tensors(held.params, want)
+
+            # a sync group's member: step i is its push for version i; repeated, it is answered
+            # from the round its shard applied (not applied again, not refused)
+            spec = pb.GroupOptions(name=f"r{uuid.uuid4().hex[:6]}", world_size=1, rank=0)
+            sid = open_session(
+                stub, params, optimizer="Adam", hyperparameters={"lr": 0.1}, num_shards=1,
+                group=spec,
+            ).session_id  # fmt: skip
+            held = next(s for s in gateway.servicer.sessions.snapshot() if s.session_id == sid)
+            want = [p.clone().requires_grad_() for p in params]
+            want_opt = torch.optim.Adam(want, lr=0.1, fused=True)
+            for step_id in (0, 1):
+                step(step_id)
+                torch_step(step_id)
+                step(step_id)  # its answer was lost: sent again
+                assert_same_tensors(held.params, want)
+            assert held.optimizer.group.versions == [2]
             assert code_of(lambda: step(0)) == grpc.StatusCode.INVALID_ARGUMENT
             assert_same_tensors(held.params, want)
     finally:
@@ -399,9 +436,94 @@ def test_param_groups_lbfgs_and_a_lost_store_survive_a_restart(tmp_path):
     assert internal_kv._internal_kv_list(store_name(store), namespace=KV_NAMESPACE) == []
 
 
+def test_a_sync_group_over_a_killed_gateway_finishes_bit_identical(tmp_path):
+    """Two remote clients are ranks 0 and 1 of a sync group (2 shards) over one gateway with a
+    session store. The gateway is SIGKILLed mid-training, once both shards counted rank 0's
+    push of round 3 and wait for rank 1's (its Ray job ends: the registry keeps the store's
+    members, so the group lives on), and started again: it attaches both ranks again, and each
+    client's step, sent again with its step id, is answered once (the round is applied once,
+    the push not refused as a second one). Both runs end bit-identical to an
+    uninterrupted sync run computed without Ray, and to each other. After the restart another
+    token naming the same group gets a group of its own, and this token cannot take a held
+    rank; closing both sessions ends the group."""
+    store = f"group-{uuid.uuid4().hex[:8]}"
+    process, address = start_gateway(tmp_path, store)
+    port = int(address.rsplit(":", 1)[1])
+    processes = [process]
+    name, steps, hyper = f"g{uuid.uuid4().hex[:6]}", 6, dict(lr=1e-2, weight_decay=0.01)
+    scoped = f"{scope_of(principal_of(TOKEN))}-{name}"
+    x, y = batch(0, 16)
+    halves = [(x[:8], y[:8]), (x[8:], y[8:])]
+    want_params, want_state = sync_reference(steps, halves, **hyper)
+    models = [group_model(0), group_model(0)]
+    kwargs = dict(
+        address=address, token=TOKEN, group=name, world_size=2, num_shards=2, timeout=120,
+        reconnect_timeout=120, **hyper,
+    )  # fmt: skip
+    opts = [shardopt.AdamW(models[r].parameters(), rank=r, **kwargs) for r in range(2)]
+    restarted = threading.Event()
+    hosts, _ = ray.get(registry().primary_hosts.remote(scoped))
+    counted = lambda self: (self._version, sorted(self._round))  # noqa: E731 (on a host)
+
+    def train(rank: int) -> list[float]:
+        times = []
+        for i in range(steps):
+            if i == 3 and rank == 1:
+                restarted.wait(180)  # rank 0's push of round 3 is counted, then the kill
+            start = time.monotonic()
+            models[rank].zero_grad()
+            loss_of(models[rank], *halves[rank]).backward()
+            opts[rank].step()
+            times.append(time.monotonic() - start)
+        return times
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(train, r) for r in range(2)]
+            rounds = lambda: ray.get([h.__ray_call__.remote(counted) for h in hosts])  # noqa: E731
+            assert eventually(lambda: rounds() == [(3, [0]), (3, [0])])
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            processes.append(start_gateway(tmp_path, store, port)[0])
+            group = list_groups()[scoped]  # the gateway's job ended: its held ranks stayed
+            held = {r: h.rsplit("/", 1) for r, h in group["held"].items()}
+            assert group["members"] == [0, 1] and held == {
+                r: [store_name(store), o.backend.session_id] for r, o in enumerate(opts)
+            }
+            # another token's group of that name is its own; this token's ranks are taken
+            with grpc.insecure_channel(address) as channel:
+                stub = rpc.OptimizerServiceStub(channel)
+                spec = pb.GroupOptions(name=name, world_size=1, rank=0, mode="sync")
+                other = open_session(stub, [torch.ones(2)], OTHER_TOKEN, group=spec, num_shards=1)
+                assert other.created_group
+                ref = pb.SessionRef(session_id=other.session_id)
+                assert stub.CloseSession(ref, metadata=auth(OTHER_TOKEN)).closed
+            with pytest.raises(ValueError, match="rank 0 is already attached"):
+                shardopt.AdamW(group_model(0).parameters(), rank=0, **kwargs)
+            restarted.set()
+            pauses = [max(r.result(timeout=300)) for r in runs]
+        assert pauses[0] > 1.0  # the client waited for the new gateway
+        assert list_groups()[scoped]["members"] == [0, 1]
+        hosts, _ = ray.get(registry().primary_hosts.remote(scoped))
+        assert ray.get([h.version.remote() for h in hosts]) == [steps, steps]  # once each
+        for model in models:
+            assert_same_tensors(list(model.parameters()), want_params)
+        got = opts[1].state_dict()
+        for p, st in want_state["state"].items():
+            assert_same_tensors([got["state"][p][k] for k in st], list(st.values()))
+        assert len(records_of(store)) == 2
+        for opt in opts:
+            opt.close()
+        assert records_of(store) == []
+        assert eventually(lambda: scoped not in list_groups())
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+
+
 def test_elastic_groups_are_refused_over_a_gateway():
-    """A gateway resumes no shard group's members, and takes no elastic ones at all: refused
-    before anything is sent."""
+    """A gateway takes no elastic group members at all: refused before anything is sent."""
     with pytest.raises(ValueError, match="elastic=True applies to shard groups in the Ray"):
         shardopt.AdamW(
             [torch.zeros(2, requires_grad=True)], group="g", elastic=True, address="127.0.0.1:9"

@@ -7,6 +7,7 @@ gradient slots of ranks on its node.
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -229,4 +230,50 @@ def test_one_worker_steps_on_its_slot_without_a_copy():
     answer = host.push("unit/0", replace(request(0, 0, 0, layout), grads=None))
     assert answer.applied_version == 0 and answer.current.params is None
     assert torch.equal(host._shard.params[0], torch.full((3,), -2.0))
+    host.close()
+
+
+def _until(condition, limit_s: float = 10.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_resent_push_is_answered_once_whether_its_round_waited_or_was_applied():
+    """A push sent again (``resend``: a restarted gateway repeating a step whose answer was
+    lost) while the first waits in its round takes that push's place: the round averages the
+    rank once and both calls get its answer. Sent again after its round was applied, it is
+    answered from that round (neither applied again nor refused as a second push); without
+    ``resend`` it is still refused. A first push that times out withdraws nothing of a resend
+    that took its place."""
+    host, layout = make_host(timeout_s=1.0)
+    resent = lambda rank, version, grad: replace(  # noqa: E731
+        request(rank, version, grad, layout), resend=True
+    )
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(host.push, "unit/0", request(0, 0, 1, layout))
+        _until(lambda: 0 in host._round)
+        again = pool.submit(host.push, "unit/0", resent(0, 0, 1))
+        _until(lambda: host._round.get(0) is not None and host._round[0].resend)
+        other = host.push("unit/0", request(1, 0, 2, layout))
+        answers = [first.result(), again.result(), other]
+    assert [a.applied_version for a in answers] == [0, 0, 0] and host.version() == 1
+    assert torch.equal(params_of(other, layout), torch.full((3,), -0.75))  # (1 + 2) / 2 once
+    repeat = host.push("unit/0", resent(0, 0, 1))  # the round was applied, its answer lost
+    assert (repeat.applied_version, repeat.participants) == (0, other.participants)
+    assert host.version() == 1 and torch.equal(params_of(repeat, layout), torch.full((3,), -0.75))
+    with pytest.raises(ValueError, match="pull_params"):
+        host.push("unit/0", request(0, 0, 1, layout))
+    with ThreadPoolExecutor(2) as pool:  # version 1: the first push times out after the resend
+        first = pool.submit(host.push, "unit/0", request(0, 1, 1, layout))
+        _until(lambda: 0 in host._round)
+        time.sleep(0.5)
+        again = pool.submit(host.push, "unit/0", resent(0, 1, 1))
+        with pytest.raises(GroupTimeoutError):
+            first.result()
+        assert host._round[0].resend  # still in the round
+        other = host.push("unit/0", request(1, 1, 2, layout))
+        assert again.result().applied_version == other.applied_version == 1
+    assert host.version() == 2
     host.close()

@@ -30,6 +30,9 @@ answers each participant's repeated push from its record of that round (:func:`r
 otherwise the round is applied there from the resent pushes. The calls of a worker that change
 a shard (parameter writes, loads) reach the replicas through
 :class:`~shardopt.client.replication.MirroredHandle`, as for a worker's own shards.
+:class:`ReplicaRole` holds a group shard host's calls for all of this (mixed into the host).
+The same record of a shard's last round answers a push that a restarted gateway resends for a
+round already applied (``PushRequest.resend``), in any sync group.
 
 Talks to: the replicas' shard hosts and the registry (Ray actors); the shard host
 (:mod:`shardopt.actor.shard_group_host`) and the registry
@@ -46,6 +49,7 @@ from typing import Any
 
 import ray
 
+from shardopt.actor.group_membership import ElasticRounds
 from shardopt.actor.host import NAMESPACE
 from shardopt.core.buffers import to_numpy
 from shardopt.core.events import emit
@@ -165,6 +169,70 @@ def relink(
         ray.get(new.create_from.remote(key, shard.shard_index, export, last_round))
         linked.append(new)
     return linked
+
+
+class ReplicaRole:
+    """The calls of a group shard host (:class:`~shardopt.actor.shard_group_host.GroupShardHost`,
+    which mixes this in) that link a primary to its replicas, make a replica follow its rounds,
+    build a new one and promote one: each runs under the host's lock, on its shard."""
+
+    _replicas: ReplicaLinks | None
+    _last_round: AppliedRound | None
+
+    def set_replicas(self, key: str, replicas: list[Any], registry: Any = None) -> None:
+        """Links this primary to its replicas (which hold the shard as it is now); the
+        ``registry`` is told of a replica that is lost."""
+        with self._cond:
+            shard = self._checked(key)
+            self._replicas = ReplicaLinks(self.group, key, shard.shard_index, replicas, registry)
+
+    def replica_count(self) -> int:
+        """How many replicas this primary sends its rounds to now."""
+        with self._cond:
+            return len(self._replicas) if self._replicas is not None else 0
+
+    def follow_round(self, key: str, step: StepRequest, participants: tuple[int, ...]) -> None:
+        """(A replica) applies a round its primary applied, once (by version)."""
+        with self._cond:
+            shard = self._checked(key)
+            if step.step_id < self._version:
+                return
+            if step.step_id != self._version:
+                raise ValueError(
+                    f"replica of shard {shard.shard_index} of group {self.group!r} is at version "
+                    f"{self._version}, its primary sent round {step.step_id}"
+                )
+            new_state = self._step(shard, step)
+            self._version += 1
+            self._last_round = AppliedRound(step.step_id, participants, new_state)
+
+    def add_replica(self, key: str, replica: Any) -> None:
+        """Builds a new replica on ``replica`` (a started host) from an export of this primary
+        and links it, under the lock: no round falls between the export and the link."""
+        with self._cond:
+            shard = self._checked(key)
+            if self._replicas is None:
+                raise RuntimeError(f"shard {shard.shard_index} of {self.group!r} is not a primary")
+            ray.get(
+                replica.create_from.remote(key, shard.shard_index, shard.export(), self._last_round)
+            )
+            self._replicas.add(replica)
+
+    def take_over(
+        self, key: str, others: list[Any], new: Any, members: Any, registry: Any = None
+    ) -> int:
+        """(A replica) becomes its shard's primary, under the lock (no round falls in between):
+        links the shard's other live replicas ``others`` as they are where they hold its
+        version (an export to those that do not), and builds ``new`` (a started host, or None)
+        from an export. Returns how many replicas it links."""
+        with self._cond:
+            shard = self._checked(key)
+            if members is not None and self._elastic is None:
+                self._members = members
+                self._elastic = ElasticRounds(members, shard.shard_index)
+            linked = relink(self.group, key, shard, self._version, self._last_round, others, new)
+            self._replicas = ReplicaLinks(self.group, key, shard.shard_index, linked, registry)
+            return len(linked)
 
 
 def start_replica(

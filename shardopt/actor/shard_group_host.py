@@ -11,7 +11,10 @@ parameters after the push:
   divided by the world size, as DistributedDataParallel does), runs one optimizer step and
   moves to the next version; every rank gets the same new parameters. A rank that does not
   arrive within the group's timeout makes the others fail with :class:`GroupTimeoutError`
-  naming it (their pushes are withdrawn: the shard is unchanged).
+  naming it (their pushes are withdrawn: the shard is unchanged). A push marked ``resend`` (a
+  restarted gateway repeating a step whose answer was lost) takes the place of the rank's push
+  waiting in the round, or, for the round the shard applied last, is answered from it
+  (:func:`~shardopt.actor.group_replica.repeat_answer`): never applied twice.
 - ``sync`` with ``elastic=True``: the ranks a round waits for are the group's members, decided
   by its coordinator (:mod:`shardopt.actor.group_membership`) the same way for every shard;
   a member that dies is dropped and the round completes without it, and the gradient is the
@@ -58,7 +61,7 @@ import torch
 from shardopt.actor.group_buffers import RankSlots, RoundSum
 from shardopt.actor.group_lanes import HostLanes
 from shardopt.actor.group_membership import ElasticRounds, MembersView, RoundDecision
-from shardopt.actor.group_replica import AppliedRound, ReplicaLinks, relink, repeat_answer
+from shardopt.actor.group_replica import AppliedRound, ReplicaRole, repeat_answer
 from shardopt.actor.host import ShardCalls, actor_device, observe_step
 from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
@@ -86,7 +89,7 @@ COMMIT_WAIT_S = 5.0
 """How long one report to an elastic group's coordinator waits before it is made again."""
 
 
-class GroupShardHost(ShardCalls):
+class GroupShardHost(ReplicaRole, ShardCalls):
     """The Ray actor holding one shard of a group. Made remote by the registry with
     ``max_concurrency`` above the world size, so that a sync round's pushes wait together."""
 
@@ -115,7 +118,7 @@ class GroupShardHost(ShardCalls):
         self._params: ParamsAt | None = None
         self._slots: RankSlots | None = None
         self._sum: RoundSum | None = None  # the sync round's gradients, summed as they arrive
-        self._replicas: ReplicaLinks | None = None  # replicate=k: see group_replica
+        self._replicas = None  # replicate=k: ReplicaLinks, see group_replica
         self._last_round: AppliedRound | None = None
 
     def recycle(self) -> bool:
@@ -173,6 +176,7 @@ class GroupShardHost(ShardCalls):
                 return None
             if self._elastic is not None or self.config.replicate:
                 return None  # ranks come and go, hosts fail over: through the object store
+            self._withdraw(rank)  # its push waiting in the round had its gradients in the old slot
             return self._slots.attach(rank)
 
     def open_lane(self, key: str, rank: int) -> LaneAddress | None:
@@ -235,63 +239,6 @@ class GroupShardHost(ShardCalls):
             self._shard.restore(export)
             self._version = export.last_step_id + 1
             self._round, self._params, self._last_round = {}, None, last_round
-
-    # ----- replicas (see shardopt.actor.group_replica) ----------------------------------------
-
-    def set_replicas(self, key: str, replicas: list[Any], registry: Any = None) -> None:
-        """Links this primary to its replicas (which hold the shard as it is now); the
-        ``registry`` is told of a replica that is lost."""
-        with self._cond:
-            shard = self._checked(key)
-            self._replicas = ReplicaLinks(self.group, key, shard.shard_index, replicas, registry)
-
-    def replica_count(self) -> int:
-        """How many replicas this primary sends its rounds to now."""
-        with self._cond:
-            return len(self._replicas) if self._replicas is not None else 0
-
-    def follow_round(self, key: str, step: StepRequest, participants: tuple[int, ...]) -> None:
-        """(A replica) applies a round its primary applied, once (by version)."""
-        with self._cond:
-            shard = self._checked(key)
-            if step.step_id < self._version:
-                return
-            if step.step_id != self._version:
-                raise ValueError(
-                    f"replica of shard {shard.shard_index} of group {self.group!r} is at version "
-                    f"{self._version}, its primary sent round {step.step_id}"
-                )
-            new_state = self._step(shard, step)
-            self._version += 1
-            self._last_round = AppliedRound(step.step_id, participants, new_state)
-
-    def add_replica(self, key: str, replica: Any) -> None:
-        """Builds a new replica on ``replica`` (a started host) from an export of this primary
-        and links it, under the lock: no round falls between the export and the link."""
-        with self._cond:
-            shard = self._checked(key)
-            if self._replicas is None:
-                raise RuntimeError(f"shard {shard.shard_index} of {self.group!r} is not a primary")
-            ray.get(
-                replica.create_from.remote(key, shard.shard_index, shard.export(), self._last_round)
-            )
-            self._replicas.add(replica)
-
-    def take_over(
-        self, key: str, others: list[Any], new: Any, members: Any, registry: Any = None
-    ) -> int:
-        """(A replica) becomes its shard's primary, under the lock (no round falls in between):
-        links the shard's other live replicas ``others`` as they are where they hold its
-        version (an export to those that do not), and builds ``new`` (a started host, or None)
-        from an export. Returns how many replicas it links."""
-        with self._cond:
-            shard = self._checked(key)
-            if members is not None and self._elastic is None:
-                self._members = members
-                self._elastic = ElasticRounds(members, shard.shard_index)
-            linked = relink(self.group, key, shard, self._version, self._last_round, others, new)
-            self._replicas = ReplicaLinks(self.group, key, shard.shard_index, linked, registry)
-            return len(linked)
 
     def _step_round(
         self, shard: Shard, step: StepRequest, participants: tuple[int, ...]
@@ -368,11 +315,11 @@ class GroupShardHost(ShardCalls):
                     f"of shard {shard.shard_index}, which is only at version {self._version}"
                 )
             if self.config.mode == "sync":
-                last = self._last_round if self.config.replicate else None
+                last = self._last_round if self.config.replicate or request.resend else None
                 if last is not None and request.read_version == last.version == self._version - 1:
-                    repeat = repeat_answer(
-                        last, request.rank, self._elastic is not None, self._current(shard),
-                        shard.shard_index,
+                    repeat = repeat_answer(  # (a lane's answer carries no object ref)
+                        last, request.rank, self._elastic is not None,
+                        self._current(shard, request.rank), shard.shard_index,
                     )  # fmt: skip
                     if repeat is not None:
                         return repeat  # a push resent after a fail-over: the round was applied
@@ -415,6 +362,8 @@ class GroupShardHost(ShardCalls):
                 f"{version}: in sync mode every rank steps on the current parameters "
                 f"(pull_params() first)"
             )
+        if request.resend:  # its first push may wait in the round: this one takes its place
+            self._withdraw(request.rank)
         if request.rank in self._round:
             raise ValueError(f"rank {request.rank} pushed twice for version {version}")
         self._round[request.rank] = request
@@ -429,7 +378,7 @@ class GroupShardHost(ShardCalls):
         while self._round_seq == my_round:
             left = deadline - time.monotonic()
             if left <= 0:
-                self._timed_out(shard, version, request.rank)
+                self._timed_out(shard, version, request)
             self._cond.wait(left)
         outcome = self._outcomes[my_round]
         if isinstance(outcome, BaseException):
@@ -439,8 +388,16 @@ class GroupShardHost(ShardCalls):
             outcome.new_state_ids, outcome.participants,
         )  # fmt: skip
 
-    def _timed_out(self, shard: Shard, version: int, rank: int) -> None:
+    def _withdraw(self, rank: int) -> None:
+        """(Sync, not elastic) takes ``rank``'s push out of the round waiting here (it is pushed
+        again); the round's sum starts over. Its first push's call still waits, and is answered
+        with the round's outcome (its caller is gone)."""
+        if self._elastic is None and self._round.pop(rank, None) is not None:
+            self._sum.reset()
+
+    def _timed_out(self, shard: Shard, version: int, request: PushRequest) -> None:
         """Raises GroupTimeoutError for a push that waited too long for its round."""
+        rank = request.rank
         observe("round_timeouts", 1, mode="sync")
         if self._elastic is not None:
             # the coordinator decides the round: the push stays in it (withdrawing it here
@@ -452,8 +409,9 @@ class GroupShardHost(ShardCalls):
                 f"{waiting}, alive by their heartbeats, or for the group's coordinator); "
                 f"its push stays in the round"
             )
-        self._round.pop(rank, None)
-        self._sum.reset()
+        if self._round.get(rank) is request:  # not taken over by a resent push
+            self._round.pop(rank)
+            self._sum.reset()
         missing = sorted(set(range(self.config.world_size)) - set(self._round) - {rank})
         emit(
             logger, "round_timeout", logging.WARNING, group=self.group,

@@ -26,6 +26,12 @@ Lifetime: the worker that created a group owns it. A worker's ``close()`` detach
 is torn down (shard hosts killed, placement group removed) once its owner has closed and no
 worker is attached any more, or when the owner's Ray job has ended (a watchdog thread checks the
 members' jobs). :meth:`GroupRegistry.close_group` tears a group down at once, from anywhere.
+A member *held* by a holder (``join(..., holder=...)``: a gateway's session store, whose
+sessions outlive the gateway process, :mod:`shardopt.gateway.resume`) is not detached when its
+job ends, and an owner so held does not close the group with its job: that rank stays attached
+until it leaves (the session closed, or expired by the gateway or its store's reaper), and a
+process presenting the same holder re-attaches to it (a restarted gateway resuming it).
+Ordinary workers (no holder) keep the rules above.
 
 Talks to: Ray (named actors, the job table); workers' backends
 (:mod:`shardopt.client.shard_group`) call in.
@@ -37,7 +43,7 @@ import logging
 import os
 import threading
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -49,6 +55,7 @@ from shardopt.actor.group_host_pool import (
     poolable,
 )
 from shardopt.actor.group_replica import start_replica
+from shardopt.actor.group_signature import signature_mismatch
 from shardopt.actor.host import NAMESPACE, kill_actors, threads_per_shard
 from shardopt.core.errors import OptimizerClosedError, ShardUnavailableError
 from shardopt.core.events import emit
@@ -73,6 +80,7 @@ class _Group:
     node_ids: list[str]
     pg: Any
     members: dict[int, str] = field(default_factory=dict)  # rank -> job id
+    held: dict[int, str] = field(default_factory=dict)  # rank -> its holder (outlives its job)
     owner_closed: bool = False
     coordinator: Any = None  # an elastic group's GroupMembers actor
     replicas: list[list[Any]] = field(default_factory=list)  # replicate=k: per shard, k hosts
@@ -90,58 +98,6 @@ class _Group:
     @property
     def actors(self) -> list[Any]:
         return [*self.shard_hosts, *([self.coordinator] if self.coordinator is not None else [])]
-
-
-def _option_mismatch(where: str, ours: tuple, theirs: tuple, name: str) -> str | None:
-    mine, group = dict(ours), dict(theirs)
-    for key in sorted(set(mine) | set(group)):
-        if mine.get(key, "<unset>") != group.get(key, "<unset>"):
-            return (
-                f"{where} {key!r} is {mine.get(key, '<unset>')!r} here, "
-                f"{group.get(key, '<unset>')!r} in group {name!r}"
-            )
-    return None
-
-
-def signature_mismatch(name: str, group: GroupSignature, mine: GroupSignature) -> str | None:
-    """The first difference between a worker's signature and its group's, in words."""
-    if mine.optimizer_class != group.optimizer_class:
-        return (
-            f"optimizer class is {mine.optimizer_class} here, {group.optimizer_class} in "
-            f"group {name!r}"
-        )
-    if mine.group_sizes != group.group_sizes:
-        return (
-            f"param group sizes are {list(mine.group_sizes)} here, {list(group.group_sizes)} "
-            f"in group {name!r}"
-        )
-    if mine.group_splits != group.group_splits:
-        return (
-            f"split (per param group) is {list(mine.group_splits)} here, "
-            f"{list(group.group_splits)} in group {name!r}"
-        )
-    if len(group.params) != len(mine.params):
-        return (
-            f"this worker has {len(mine.params)} parameters, group {name!r} has {len(group.params)}"
-        )
-    for i, (theirs, ours) in enumerate(zip(group.params, mine.params)):
-        if theirs != ours:
-            what = ("name", "shape", "dtype")
-            k = next(k for k in range(3) if theirs[k] != ours[k])
-            return (
-                f"parameter {i} ({ours[0]!r}) has {what[k]} {ours[k]!r} here, "
-                f"{theirs[k]!r} in group {name!r}"
-            )
-    problem = _option_mismatch("hyperparameter", mine.defaults, group.defaults, name)
-    for g, (ours, theirs) in enumerate(zip(mine.group_options, group.group_options)):
-        problem = problem or _option_mismatch(f"param group {g} option", ours, theirs, name)
-    if problem:
-        return problem
-    for f in fields(GroupConfig):
-        ours, theirs = getattr(mine.config, f.name), getattr(group.config, f.name)
-        if ours != theirs:
-            return f"{f.name} is {ours!r} here, {theirs!r} in group {name!r}"
-    return None
 
 
 def _versions(hosts: list[Any], timeout_s: float = 30.0) -> dict[Any, int]:
@@ -210,6 +166,7 @@ class GroupRegistry:
         job_id: str,
         spec_refs: list[Any],
         actor_id: str | None = None,
+        holder: str | None = None,
     ) -> GroupMembership:
         """Attaches ``rank`` to group ``name``, creating the group if it does not exist.
 
@@ -217,6 +174,9 @@ class GroupRegistry:
             rank: the worker's rank; None in an elastic group: the next unused one.
             actor_id: the worker's Ray actor, if it is one (an elastic group drops it when the
                 actor dies).
+            holder: what holds this member beyond its job (a gateway's session store), or
+                None; a rank attached under the same holder is attached again (re-attached by
+                a restarted gateway), not refused.
             spec_refs: object refs to the worker's shard specs (its initial parameters), one
                 per shard; only the shard hosts of a group being created read them.
 
@@ -240,7 +200,8 @@ class GroupRegistry:
                     raise OptimizerClosedError(
                         f"group {name!r} was closed by its owner (rank {group.owner_rank})"
                     )
-                if rank is not None and rank in group.members:
+                again = holder is not None and group.held.get(rank) == holder
+                if rank is not None and rank in group.members and not again:
                     raise ValueError(
                         f"rank {rank} is already attached to group {name!r} (attached ranks: "
                         f"{sorted(group.members)}); each worker needs its own rank"
@@ -258,7 +219,12 @@ class GroupRegistry:
                     group.owner_rank = rank
             assert rank is not None
             group.members[rank] = job_id
-            emit(logger, "worker_attached", group=name, rank=rank, job=job_id, created=created)
+            if holder is not None:
+                group.held[rank] = holder
+            emit(
+                logger, "worker_attached", group=name, rank=rank, job=job_id, created=created,
+                holder=holder,
+            )  # fmt: skip
             return GroupMembership(
                 name, rank, created, tuple(group.hosts), tuple(group.keys),
                 tuple(group.node_ids), group.coordinator, first_round,
@@ -362,12 +328,14 @@ class GroupRegistry:
             replicas=replicas if k else [], spare=spare, files=files,
         )  # fmt: skip
 
-    def leave(self, name: str, rank: int) -> None:
-        """Detaches ``rank``; the owner's leaving closes the group once nobody is attached."""
+    def leave(self, name: str, rank: int, holder: str | None = None) -> None:
+        """Detaches ``rank`` (with ``holder``: only while that holder holds it); the owner's
+        leaving closes the group once nobody is attached."""
         with self._lock:
             group = self._groups.get(name)
-            if group is None:
+            if group is None or (holder is not None and group.held.get(rank) != holder):
                 return
+            group.held.pop(rank, None)
             if group.members.pop(rank, None) is not None:
                 emit(logger, "worker_detached", group=name, rank=rank)
                 if group.coordinator is not None:
@@ -559,6 +527,7 @@ class GroupRegistry:
                     "members": sorted(g.members),
                     "owner_rank": g.owner_rank,
                     "owner_closed": g.owner_closed,
+                    "held": {r: h for r, h in sorted(g.held.items())},
                     "node_ids": list(g.node_ids),
                     "world_size": g.signature.config.world_size,
                     "mode": g.signature.config.mode,
@@ -575,7 +544,8 @@ class GroupRegistry:
             self.close_group(name)
 
     def _watch(self) -> None:
-        """Detaches the members of ended jobs; an ended owner job counts as the owner closing."""
+        """Detaches the members of ended jobs (not held ones); an ended owner job counts as the
+        owner closing (unless the owner is held)."""
         while not self._stop.wait(WATCH_INTERVAL_S):
             try:
                 dead = {j["JobID"] for j in ray._private.state.jobs() if j.get("IsDead")}
@@ -588,12 +558,14 @@ class GroupRegistry:
             with self._lock:
                 for name in list(self._groups):
                     group = self._groups[name]
-                    gone = [r for r, job in group.members.items() if job in dead]
+                    gone = [
+                        r for r, job in group.members.items() if job in dead and r not in group.held
+                    ]
                     for r in gone:
                         job = group.members.pop(r)
                         emit(logger, "worker_dropped", logging.WARNING, group=name, rank=r, job=job)
                         if group.coordinator is not None:
                             group.coordinator.drop.remote(r, "its job ended")
-                    if group.owner_job in dead:
+                    if group.owner_job in dead and group.owner_rank not in group.held:
                         group.owner_closed = True
                     self._collect(name)

@@ -18,6 +18,9 @@ checkpoints and status reach the group's shard hosts through the same typed hand
 worker's own shards (:class:`~shardopt.client.ray_shards.RayShards`). In a replicated group
 (``replicate=k``) a push, pull, state read or status that finds a shard's primary lost asks the
 registry to fail over and asks the new primary again (:mod:`shardopt.actor.group_replica`).
+A member a gateway's session store holds (``holder``) outlives the gateway's process: a
+restarted gateway attaches it again (``resume``) and, in sync mode, sends a step whose answer
+was lost again as a resend (:meth:`ShardGroupMember.resend_at`).
 Also the cluster-wide entry points :func:`list_groups` and :func:`close_group` (the options are
 checked in :mod:`shardopt.client.group_config`).
 
@@ -173,6 +176,10 @@ class ShardGroupMember(RayShards):
             parameter buffers of the shards on its node: a round copies no parameters back.
             Every worker there then holds the very same memory, so a parameter written in
             place on one worker is written for all of them.
+        holder: what holds this member beyond this process's Ray job (a gateway's session
+            store, ``gateway-sessions/NAME``; see the registry's lifetime rules), or None.
+        resume: attach again to rank ``rank`` of an existing group under ``holder`` (a
+            restarted gateway resuming a session): never creates the group.
     """
 
     kind = "group"
@@ -185,6 +192,8 @@ class ShardGroupMember(RayShards):
         config: GroupConfig,
         shared_memory: bool | None = None,
         share_params: bool = False,
+        holder: str | None = None,
+        resume: bool = False,
     ) -> None:
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"Invalid group name: {name!r} (a non-empty string without '/')")
@@ -196,6 +205,9 @@ class ShardGroupMember(RayShards):
         self.membership: GroupMembership | None = None
         self.versions: list[int] = [0] * config.num_shards
         self.last_push: list[PushResult] = []
+        self.holder = holder
+        self._resend = False  # the next push repeats one whose answer was lost (resend_at)
+        self.first_version = 0  # the version this member adopted when it attached
         self._heartbeats: _Heartbeats | None = None
         self.shard_map = ShardMap(config.num_shards)
         self.data_path = GroupDataPath(self.shard_map, share_params=share_params)
@@ -206,7 +218,7 @@ class ShardGroupMember(RayShards):
             ShardSpec(params.optimizer_class, params.defaults, options, blocks[s])
             for s in range(config.num_shards)
         ]
-        self._join(specs)
+        self._join(specs, resume)
 
     def signature(self) -> GroupSignature:
         params = []
@@ -229,23 +241,29 @@ class ShardGroupMember(RayShards):
             ),
         )
 
-    def _join(self, specs: list[ShardSpec]) -> GroupMembership:
-        """Attaches to (or creates) the group and adopts its current parameters."""
+    def _join(self, specs: list[ShardSpec], resume: bool = False) -> GroupMembership:
+        """Attaches to (or creates, unless ``resume``) the group and adopts its current
+        parameters."""
         reg = registry()
         context = ray.get_runtime_context()
         job_id, actor_id = context.get_job_id(), context.get_actor_id()
         signature = self.signature()
+
+        def join(spec_refs: list[Any]) -> GroupMembership:
+            return ray_get(
+                reg.join.remote(
+                    self.name, signature, self.rank, job_id, spec_refs, actor_id, self.holder
+                )
+            )
+
         # Only a worker that may create the group ships its initial parameters.
-        spec_refs = [] if ray.get(reg.exists.remote(self.name)) else [ray.put(s) for s in specs]
+        creates = not resume and not ray.get(reg.exists.remote(self.name))
         try:
-            membership = ray_get(
-                reg.join.remote(self.name, signature, self.rank, job_id, spec_refs, actor_id)
-            )
+            membership = join([ray.put(s) for s in specs] if creates else [])
         except LookupError:  # the group ended between the two calls: create it after all
-            spec_refs = [ray.put(s) for s in specs]
-            membership = ray_get(
-                reg.join.remote(self.name, signature, self.rank, job_id, spec_refs, actor_id)
-            )
+            if resume:
+                raise
+            membership = join([ray.put(s) for s in specs])
         self.membership = membership
         self.rank = membership.rank
         if membership.coordinator is not None:
@@ -264,6 +282,7 @@ class ShardGroupMember(RayShards):
         except BaseException:
             self._finalizer()
             raise
+        self.first_version = min(self.versions, default=0)
         return membership
 
     def _map_shared(self) -> None:
@@ -461,7 +480,9 @@ class ShardGroupMember(RayShards):
                 continue  # nothing to apply; sync still pushes: the round needs every rank
             in_slot = self.data_path.in_slot(s)
             grads = None if in_slot else to_numpy(flat)
-            requests[s] = PushRequest(self.rank, self.versions[s], options, grads, has_grad, sparse)
+            requests[s] = PushRequest(
+                self.rank, self.versions[s], options, grads, has_grad, sparse, self._resend
+            )
             if in_slot:
                 held.append(s)
                 continue
@@ -474,6 +495,7 @@ class ShardGroupMember(RayShards):
             lane = self.lanes.send(s, self.handles[s], requests[s])
             pending[lane if lane is not None else self.handles[s].push(requests[s])] = s
         self.data_path.forget_shipped()
+        self._resend = False
         rejected = []
         sent_at, mode = time.perf_counter(), self.config.mode
         try:
@@ -520,6 +542,29 @@ class ShardGroupMember(RayShards):
         )
         self.handles = group_handles(self.membership, registry())
         logger.warning("group %r: shard %d failed over to a replica", self.name, shard)
+
+    def resend_at(self, version: int) -> None:
+        """(Sync) makes the next push one for ``version`` that may repeat a push whose answer
+        was lost (a gateway restarted mid-step): a shard that counted it, or applied its round,
+        answers it once (``PushRequest.resend``). The shards are at ``version`` or one past it.
+
+        Raises:
+            ValueError: async mode, or a shard at another version (nothing is changed).
+        """
+        if self.config.mode != "sync" or not set(self.versions) <= {version, version + 1}:
+            raise ValueError(
+                f"group {self.name!r}: a push for version {version} cannot be sent again (the "
+                f"shards are at versions {self.versions}, {self.config.mode} mode)"
+            )
+        self.versions = [version] * self.num_shards
+        self._resend = True
+
+    def detach(self) -> None:
+        """Lets go of the group without leaving it: a held member (``holder``) stays attached
+        for a restarted gateway to resume."""
+        self.lanes.close_all()
+        self._finalizer.detach()
+        self.data_path.close()
 
     def close(self) -> None:
         self.lanes.close_all()

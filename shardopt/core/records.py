@@ -172,6 +172,10 @@ class PushRequest:
     grads: np.ndarray | None
     has_grad: tuple[bool, ...]
     sparse_grads: dict[int, SparseGrad]
+    resend: bool = False
+    """(sync) this rank's push for ``read_version`` may have reached the shard already, its
+    answer lost (a gateway restarted): answered from the round it was counted in, never
+    applied twice nor refused as a second push."""
 
 
 @dataclass(frozen=True)

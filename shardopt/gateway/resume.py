@@ -8,14 +8,25 @@ resumes every recorded session (:meth:`StoreLink.resume`) as a :class:`ResumedOp
 attaches to the shards that are there instead of creating new ones. The parameters are read
 back from the shards; the shards' optimizer state never left them.
 
-Resumable: sessions outside shard groups, of a per-tensor optimizer or of LBFGS, with every
-param group they added (the record says how each placement placed them, and a resume places them
-the same way, checked against the recorded pieces). An LBFGS session's state between steps (its
-numbers, and its vectors by name: their values stay on the shards) is recorded after each step;
-a step under way is marked in the record first, so a session whose gateway died mid-step is
-resumed with its steps refused (its shards may hold part of that step; it is never applied
-twice, nor continued from a mix). Shard group members are not recorded: a restart closes them as
-before.
+Resumable: sessions of a per-tensor optimizer or of LBFGS, with every param group they added
+(the record says how each placement placed them, and a resume places them the same way, checked
+against the recorded pieces). An LBFGS session's state between steps (its numbers, and its
+vectors by name: their values stay on the shards) is recorded after each step; a step under way
+is marked in the record first, so a session whose gateway died mid-step is resumed with its
+steps refused (its shards may hold part of that step; it is never applied twice, nor continued
+from a mix).
+
+Shard group members (sessions that name a group) too: their member is held by the store
+(:class:`HeldGroupOptimizer`, ``holder``: the store's name and the session id), so the registry
+keeps its rank attached, and the group alive, when the gateway's Ray job ends
+(:mod:`shardopt.actor.shard_group_registry`). A restarted gateway attaches it again to the same
+group and rank (never creating the group: one that ended is not resumed) and adopts the group's
+current parameters and versions. In sync mode a client's step ``i`` is the push for version
+``first_version + i``: the first step after a resume, or a step whose id the shards are past, is
+pushed again marked as a resend (:meth:`~shardopt.client.shard_group.ShardGroupMember.
+resend_at`), so a shard that counted it or applied its round answers it once; async group
+members are resumed, but a step whose answer was lost is not repeated (the client does not try
+it again).
 
 Talks to: the store actor and shard hosts (Ray); the servicer's session table and ledger.
 """
@@ -33,16 +44,24 @@ import ray
 import torch
 
 from shardopt.actor.host import NAMESPACE, ShardHost
+from shardopt.client.group_config import make_config
 from shardopt.client.handles import ShardHandle
 from shardopt.client.lbfgs import LBFGSShards
 from shardopt.client.local import LocalShards
 from shardopt.client.optimizer import ShardedOptimizer
 from shardopt.client.runtime import drop_shards, host_pool, ray_get
+from shardopt.client.shard_group import ShardGroupMember
 from shardopt.core.events import emit
 from shardopt.core.param_groups import group_options
 from shardopt.core.records import ShardSpec
 from shardopt.gateway.admission import OPTIMIZERS
-from shardopt.gateway.session_store import BEAT_S, SessionRecord, SessionStore, store_name
+from shardopt.gateway.session_store import (
+    BEAT_S,
+    SessionRecord,
+    SessionStore,
+    leave_group,
+    store_name,
+)
 from shardopt.gateway.sessions import Session
 
 logger = logging.getLogger(__name__)
@@ -161,10 +180,41 @@ class ResumedOptimizer(ShardedOptimizer):
         )  # fmt: skip
 
 
+_GROUP_SETTINGS = (
+    "world_size", "mode", "max_staleness", "timeout", "placement", "elastic",
+    "heartbeat_timeout", "shard_resources",
+)  # fmt: skip
+
+
+class HeldGroupOptimizer(ShardedOptimizer):
+    """A gateway session's :class:`~shardopt.client.optimizer.ShardedOptimizer` in a shard
+    group, its member held by the session store ``holder`` (it outlives the gateway's job);
+    ``resume``: attached again to its rank of the existing group (see the module docstring)."""
+
+    def __init__(
+        self, groups: list[dict], optimizer_class: type, holder: str, resume: bool, **kwargs: Any
+    ) -> None:
+        self._holder, self._resume = holder, resume
+        super().__init__(groups, optimizer_class, **kwargs)
+
+    def _make_backend(self, source: Any, **options: Any) -> Any:
+        config = make_config(
+            num_shards=options["num_shards"], rank=options["rank"],
+            actor_options=options["actor_options"], replicate=options["replicate"],
+            **{k: options[k] for k in _GROUP_SETTINGS},
+        )  # fmt: skip
+        return ShardGroupMember(
+            source, options["group"], options["rank"], config, options["shared_memory"],
+            options["share_params"], holder=self._holder, resume=self._resume,
+        )  # fmt: skip
+
+
 def resumable(optimizer: ShardedOptimizer) -> bool:
     """Whether a session's optimizer can be resumed by a restarted gateway."""
-    backends = (LocalShards, ResumedShards, LBFGSShards, ResumedLBFGSShards)
-    return type(optimizer.backend) in backends
+    backend = optimizer.backend
+    if isinstance(backend, ShardGroupMember):
+        return backend.holder is not None
+    return type(backend) in (LocalShards, ResumedShards, LBFGSShards, ResumedLBFGSShards)
 
 
 def is_lbfgs(session: Session) -> bool:
@@ -186,7 +236,14 @@ def repeat_from(session: Session, step_id: int) -> None:
         ValueError: an id before the last step (nothing is changed).
     """
     backend = session.optimizer.backend
-    if not isinstance(backend, LocalShards) or not backend.per_tensor:  # groups, LBFGS
+    if isinstance(backend, ShardGroupMember):
+        if backend.config.mode == "sync":  # step i pushes for version first_version + i
+            version = backend.first_version + step_id
+            if session.resend_next or backend.versions != [version] * backend.num_shards:
+                backend.resend_at(version)
+            session.resend_next = False
+        return
+    if not isinstance(backend, LocalShards) or not backend.per_tensor:  # LBFGS
         return
     if step_id < session.steps - 1:
         raise ValueError(
@@ -206,6 +263,12 @@ def record_of(session: Session, kwargs: dict[str, Any], host_names: list[str]) -
     placed = tuple(session.placements) or (len(groups),)
     if sum(placed) != len(groups):
         raise ValueError(f"placements of {sum(placed)} param groups for {len(groups)}")
+    member, group = optimizer.group, None
+    if member is not None:
+        group = {
+            "name": member.name, "rank": member.rank, "world_size": member.config.world_size,
+            "mode": member.config.mode, "first_version": member.first_version,
+        }  # fmt: skip
     return SessionRecord(
         session_id=session.session_id,
         principal=session.principal,
@@ -216,11 +279,12 @@ def record_of(session: Session, kwargs: dict[str, Any], host_names: list[str]) -
         specs=tuple((str(p.dtype), tuple(p.shape)) for p in session.params),
         nbytes=session.nbytes,
         hosts=tuple(host_names),
-        keys=tuple(h.key for h in optimizer.backend.handles),
+        keys=() if member is not None else tuple(h.key for h in optimizer.backend.handles),
         placed=placed,
         pieces=pieces_of(optimizer.backend.shard_map),
         steps=session.steps,
         lbfgs=lbfgs_state(session),
+        group=group,
     )
 
 
@@ -243,6 +307,7 @@ class StoreLink:
     def __init__(self, name: str, idle_timeout_s: float | None) -> None:
         self.gateway_id = uuid.uuid4().hex
         self._name = name
+        self._holder = store_name(name)
         self._idle_timeout_s = idle_timeout_s
         self.store = self._store()
         self._names: dict[int, str] = {}  # id(host handle) -> its actor name
@@ -270,6 +335,11 @@ class StoreLink:
             self.store = self._store()
             return ray.get(self.store.claim.remote(self.gateway_id, self._idle_timeout_s))
 
+    def holder_of(self, session_id: str) -> str:
+        """What holds session ``session_id``'s shard group member (its rank in the registry):
+        this store and that session, so no other session takes its rank over."""
+        return f"{self._holder}/{session_id}"
+
     # ----- hosts ------------------------------------------------------------------------------
 
     def start_host(self, name: str, actor_options: dict[str, Any]) -> Any:
@@ -296,7 +366,8 @@ class StoreLink:
         """Records a session (if it can be resumed) before its client hears of it, or records
         it again as it is now (its param groups grew; ``kwargs``: those it was recorded with)."""
         kwargs = session.record_kwargs if kwargs is None else kwargs
-        names = self.host_names(session.optimizer)
+        in_group = session.optimizer.group is not None  # its hosts are the registry's
+        names = [] if in_group else self.host_names(session.optimizer)
         if names is None or kwargs is None or not resumable(session.optimizer):
             return
         session.placements = session.placements or [len(session.optimizer.param_groups)]
@@ -378,6 +449,9 @@ class StoreLink:
                 session = self._resume_one(record, [hosts[h] for h in record.hosts], last_used)
             except Exception as err:
                 logger.warning("session %s cannot be resumed: %s", record.session_id, err)
+                if record.group is not None:  # its rank is held for it: let go
+                    holder = self.holder_of(record.session_id)
+                    leave_group(record.group["name"], record.group["rank"], holder)
                 ray.get(self.store.drop.remote(record.session_id))
                 continue
             resumed.append(session)
@@ -404,13 +478,21 @@ class StoreLink:
         params = [torch.empty(shape, dtype=_dtype(dtype)) for dtype, shape in record.specs]
         groups = [{**options, "params": [params[i] for i in ids]} for ids, options in record.groups]
         kwargs = dict(record.kwargs)
-        attachment = Attachment(hosts, record.keys, record.placed, record.pieces)
-        optimizer = ResumedOptimizer(groups, optimizer_class, attachment, **kwargs)
+        if record.group is not None:
+            optimizer = self._resume_member(record, groups, optimizer_class, kwargs)
+        else:
+            attachment = Attachment(hosts, record.keys, record.placed, record.pieces)
+            optimizer = ResumedOptimizer(groups, optimizer_class, attachment, **kwargs)
         session = Session(
             record.session_id, record.principal, optimizer, params, list(record.names),
             record.nbytes,
         )  # fmt: skip
-        session.steps = optimizer.backend.next_step_id
+        member = optimizer.group
+        if member is not None:
+            session.steps = min(member.versions) - member.first_version
+            session.resend_next = True
+        else:
+            session.steps = optimizer.backend.next_step_id
         if isinstance(optimizer.backend, LBFGSShards):
             session.steps = record.steps
             if record.stepping:
@@ -426,8 +508,37 @@ class StoreLink:
         session.placements = list(record.placed) or [len(record.groups)]
         session.recorded = True
         session.last_used = time.monotonic() - max(0.0, time.time() - last_used)
+        if member is not None:
+            logger.info(
+                "resumed session %s (rank %d of group %r at versions %s)",
+                record.session_id, member.rank, member.name, member.versions,
+            )  # fmt: skip
+            return session
         logger.info(
             "resumed session %s (%d shards, next step %d)",
             record.session_id, optimizer.num_shards, session.steps,
         )  # fmt: skip
         return session
+
+    def _resume_member(
+        self, record: SessionRecord, groups: list[dict], optimizer_class: type, kwargs: dict
+    ) -> ShardedOptimizer:
+        """A recorded group member's optimizer, attached again to its group and rank (the
+        group's hosts and current parameters come from the registry and its shards).
+
+        Raises:
+            ValueError: a record whose group does not match what it was admitted with, or a
+                layout other than the recorded one.
+            LookupError: the group ended.
+        """
+        group = record.group
+        if (group["name"], group["rank"]) != (kwargs.get("group"), kwargs.get("rank")):
+            raise ValueError("the record's group is not the one its session was admitted to")
+        holder = self.holder_of(record.session_id)
+        optimizer = HeldGroupOptimizer(groups, optimizer_class, holder, True, **kwargs)
+        member = optimizer.group
+        member.first_version = group["first_version"]
+        if record.pieces and pieces_of(member.shard_map) != record.pieces:
+            optimizer.close()
+            raise ValueError("the parameters' layout is not the one recorded")
+        return optimizer

@@ -60,7 +60,7 @@ from shardopt.gateway.handling import Malformed, abort
 from shardopt.gateway.handling import handled as _handled
 from shardopt.gateway.handling import handled_stream as _handled_stream
 from shardopt.gateway.quotas import Ledger, Limits
-from shardopt.gateway.resume import StoreLink, is_lbfgs, repeat_from
+from shardopt.gateway.resume import HeldGroupOptimizer, StoreLink, is_lbfgs, repeat_from
 from shardopt.gateway.sessions import Session, SessionTable
 from shardopt.gateway.status import session_info, shard_infos
 
@@ -97,12 +97,17 @@ def _encode_groups(optimizer: ShardedOptimizer) -> list[Any]:
     return wire.encode_groups(optimizer.param_groups)
 
 
-def _build(groups: list[dict], optimizer_class: type, kwargs: dict[str, Any]) -> ShardedOptimizer:
-    """A session's optimizer: LBFGS runs its vectors on the shards (stepped by ClosureStep)."""
+def _build(
+    groups: list[dict], optimizer_class: type, kwargs: dict[str, Any], holder: str | None
+) -> ShardedOptimizer:
+    """A session's optimizer: LBFGS runs its vectors on the shards (stepped by ClosureStep); a
+    group member with a session store is held by it (``holder``: it outlives this process)."""
     if optimizer_class is torch.optim.LBFGS:
         if "group" in kwargs:
             raise ValueError("LBFGS runs one closure over all its shards: it joins no group")
         return LBFGS(groups, **kwargs)
+    if holder is not None and "group" in kwargs:
+        return HeldGroupOptimizer(groups, optimizer_class, holder, False, **kwargs)
     return ShardedOptimizer(groups, optimizer_class, **kwargs)
 
 
@@ -200,16 +205,17 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         )
         for s, n in zip(spec.params, names):
             check_param_dtype(wire.checked_spec(s, n)[0], n)
-        nbytes = receiver.declared
+        nbytes, session_id = receiver.declared, uuid.uuid4().hex
         self.ledger.open_session(principal, nbytes)
         try:
             params = _receive(receiver, requests)
             groups = param_groups_of(spec, params, group_specs)
-            optimizer = _build(groups, optimizer_class, kwargs)
+            holder = self.store.holder_of(session_id) if self.store is not None else None
+            optimizer = _build(groups, optimizer_class, kwargs, holder)
         except BaseException:
             self.ledger.close_session(principal, nbytes)
             raise
-        session = Session(uuid.uuid4().hex, principal, optimizer, params, names, nbytes)
+        session = Session(session_id, principal, optimizer, params, names, nbytes)
         if self.store is not None:
             try:  # recorded before its client hears of it
                 self.store.put(session, kwargs)

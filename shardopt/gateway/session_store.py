@@ -23,16 +23,17 @@ pickled code), from which a restarted store reloads them. The keys are
 ``<store name>/record/<session id>``, ``<store name>/hosts`` and ``<store name>/last_used`` in
 shardopt's namespace; the store deletes them when it ends.
 
-Expiry without a gateway: the gateway beats (:meth:`SessionStore.beat`, every
-:data:`BEAT_S`) with each session's last use. While it beats, it expires idle sessions itself.
-When beats stop (the gateway died, or was never restarted), the store's own reaper closes the
-sessions unused for the idle timeout (counted from their last use the gateway reported): it
-drops their shards and kills the hosts that hold no one's shards; once no record is left it
-kills its hosts and ends itself. So a session no gateway ever resumes still dies, and nothing
-detached outlives its sessions for long.
+Expiry without a gateway: the gateway beats (:meth:`SessionStore.beat`, every :data:`BEAT_S`)
+with each session's last use. While it beats, it expires idle sessions itself. When beats stop
+(the gateway died, or was never restarted), the store's own reaper closes the sessions unused
+for the idle timeout (counted from their last use the gateway reported): it drops their shards
+(a shard group member's rank leaves its group, at the registry) and kills the hosts that hold no
+one's shards; once no record is left it kills its hosts and ends itself. So a session no gateway
+ever resumes still dies, and nothing detached outlives its sessions for long.
 
 Talks to: Ray (the store actor, host actors, the GCS's internal key-value store);
-:class:`~shardopt.actor.host.ShardHost` (``drop``, ``info``) from the store's reaper.
+:class:`~shardopt.actor.host.ShardHost` (``drop``, ``info``) and the shard group registry
+(``leave``) from the store's reaper.
 """
 
 from __future__ import annotations
@@ -103,6 +104,11 @@ class SessionRecord:
     stepping: bool = False
     """An LBFGS step was under way: its shards may hold part of it (a resume refuses its
     steps)."""
+    group: dict[str, Any] | None = None
+    """A shard group member's ``name`` (scoped by the token), ``rank``, ``world_size``,
+    ``mode`` and ``first_version`` (the version it adopted when it attached: its step ``i``
+    pushes for version ``first_version + i`` in sync mode). Its hosts are the registry's (the
+    record's ``hosts`` and ``keys`` are empty); the registry holds its rank for this store."""
 
 
 _RELOADED = "(the gateway before the store's restart)"
@@ -154,6 +160,21 @@ def record_from_json(text: str | bytes) -> SessionRecord:
     if not isinstance(fields, dict) or not set(fields) <= names:
         raise ValueError("not a session record")
     return SessionRecord(**{k: _decode(v) for k, v in fields.items()})
+
+
+def leave_group(name: str, rank: int, holder: str) -> None:
+    """Detaches a session's shard group member, rank ``rank`` of group ``name``, if ``holder``
+    (the store's name and the session id) still holds it (its session expired, or is not
+    resumed)."""
+    import ray
+
+    from shardopt.actor.host import NAMESPACE
+    from shardopt.actor.shard_group_registry import REGISTRY_NAME
+
+    try:
+        ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE).leave.remote(name, rank, holder)
+    except ValueError:  # no registry: no group
+        pass
 
 
 class _Saved:
@@ -222,6 +243,7 @@ class SessionStore:
     def __init__(self, namespace: str, idle_timeout_s: float | None, name: str) -> None:
         self._namespace = namespace
         self._idle_timeout_s = idle_timeout_s
+        self._name = name  # its members' holders are "<name>/<session id>"
         self._saved = _Saved(name)
         records, self._hosts, last_used = self._saved.load()
         now = time.time()
@@ -345,6 +367,8 @@ class SessionStore:
             empty = not self._records
         for r in expired:
             logger.info("session store: session %s expired without a gateway", r.session_id)
+            if r.group is not None:
+                leave_group(r.group["name"], r.group["rank"], f"{self._name}/{r.session_id}")
             for name, key in zip(r.hosts, r.keys):
                 host = self._actor(name)
                 if host is not None:

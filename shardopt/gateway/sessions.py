@@ -92,6 +92,8 @@ class Session:
     :attr:`~shardopt.gateway.session_store.SessionRecord.placed`)."""
     refused: str | None = None
     """Why its steps are refused (an LBFGS step that a gateway's restart cut short)."""
+    resend_next: bool = False
+    """(A resumed sync group member) its next step may repeat one whose answer was lost."""
 
     def expected(self, indices: list[int] | None = None) -> list[tuple[torch.dtype, tuple]]:
         """(dtype, shape) of the parameters (all, or those at ``indices``)."""

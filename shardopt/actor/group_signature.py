@@ -1,0 +1,67 @@
+"""Whether a worker may attach to a shard group: its signature against the group's.
+
+:func:`signature_mismatch` names the first difference between a worker's
+:class:`~shardopt.core.records.GroupSignature` (its parameters, optimizer class, hyperparameters
+and group options) and the one the group was created with, in words; the registry
+(:mod:`shardopt.actor.shard_group_registry`) refuses the worker with it.
+
+Talks to: nothing (pure; the registry calls it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from shardopt.core.records import GroupConfig, GroupSignature
+
+
+def _option_mismatch(where: str, ours: tuple, theirs: tuple, name: str) -> str | None:
+    mine, group = dict(ours), dict(theirs)
+    for key in sorted(set(mine) | set(group)):
+        if mine.get(key, "<unset>") != group.get(key, "<unset>"):
+            return (
+                f"{where} {key!r} is {mine.get(key, '<unset>')!r} here, "
+                f"{group.get(key, '<unset>')!r} in group {name!r}"
+            )
+    return None
+
+
+def signature_mismatch(name: str, group: GroupSignature, mine: GroupSignature) -> str | None:
+    """The first difference between a worker's signature and its group's, in words."""
+    if mine.optimizer_class != group.optimizer_class:
+        return (
+            f"optimizer class is {mine.optimizer_class} here, {group.optimizer_class} in "
+            f"group {name!r}"
+        )
+    if mine.group_sizes != group.group_sizes:
+        return (
+            f"param group sizes are {list(mine.group_sizes)} here, {list(group.group_sizes)} "
+            f"in group {name!r}"
+        )
+    if mine.group_splits != group.group_splits:
+        return (
+            f"split (per param group) is {list(mine.group_splits)} here, "
+            f"{list(group.group_splits)} in group {name!r}"
+        )
+    if len(group.params) != len(mine.params):
+        return (
+            f"this worker has {len(mine.params)} parameters, group {name!r} has {len(group.params)}"
+        )
+    for i, (theirs, ours) in enumerate(zip(group.params, mine.params)):
+        if theirs != ours:
+            what = ("name", "shape", "dtype")
+            k = next(k for k in range(3) if theirs[k] != ours[k])
+            return (
+                f"parameter {i} ({ours[0]!r}) has {what[k]} {ours[k]!r} here, "
+                f"{theirs[k]!r} in group {name!r}"
+            )
+    problem = _option_mismatch("hyperparameter", mine.defaults, group.defaults, name)
+    for g, (ours, theirs) in enumerate(zip(mine.group_options, group.group_options)):
+        problem = problem or _option_mismatch(f"param group {g} option", ours, theirs, name)
+    if problem:
+        return problem
+    for f in fields(GroupConfig):
+        ours, theirs = getattr(mine.config, f.name), getattr(group.config, f.name)
+        if ours != theirs:
+            return f"{f.name} is {ours!r} here, {theirs!r} in group {name!r}"
+    return None
