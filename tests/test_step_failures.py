@@ -203,17 +203,18 @@ def test_a_step_failing_on_one_shard_names_who_applied_it():
 
 
 @pytest.mark.parametrize(
-    ("replicate", "shared_memory"),
+    ("refresh", "shared_memory"),
     [
-        pytest.param(True, True, id="every-step-shm"),
+        pytest.param(1, True, id="every-step-shm"),
         pytest.param(2, False, id="every-2-object_store"),
     ],
 )
-def test_with_replicas_a_failed_step_is_rolled_back_everywhere(replicate, shared_memory):
+def test_with_replicas_a_failed_step_is_rolled_back_everywhere(refresh, shared_memory):
     params, reference = _params(), _params()
     opt = shardopt.ShardedOptimizer(
-        params, Explosive, num_shards=2, replicate=replicate, shared_memory=shared_memory
-    )
+        params, Explosive, num_shards=2, replicate=True, replica_refresh=refresh,
+        shared_memory=shared_memory,
+    )  # fmt: skip
     (error,) = _explosive_run(params, opt, explode_at=3)
     assert type(error) is RuntimeError and "boom" in str(error)
     assert any("rolled back" in note for note in getattr(error, "__notes__", []))
