@@ -239,7 +239,8 @@ def test_a_repeated_step_id_is_applied_once():
     """A Step whose answer was lost, sent again with its id (and its gradients pushed again),
     is applied by no shard twice: after a step that one shard applied and the other did not
     (as when the gateway dies between them), its repeat completes it; an id before the last
-    one is refused."""
+    one is refused. The same for a sync group's member (by version) and an async one's (by
+    the push's id)."""
     gateway = serve(tokens=[TOKEN, OTHER_TOKEN])
     try:
         with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
@@ -301,8 +302,47 @@ def test_a_repeated_step_id_is_applied_once():
             assert held.optimizer.group.versions == [2]
             assert code_of(lambda: step(0)) == grpc.StatusCode.INVALID_ARGUMENT
             assert_same_tensors(held.params, want)
+
+            # an async group's member: each push carries the step's id; a shard that applied
+            # the rank's push with that id answers it again without applying it
+            spec = pb.GroupOptions(name=f"a{uuid.uuid4().hex[:6]}", world_size=1, mode="async")
+            sid = open_session(
+                stub, params, optimizer="Adam", hyperparameters={"lr": 0.1}, num_shards=2,
+                group=spec,
+            ).session_id  # fmt: skip
+            held = next(s for s in gateway.servicer.sessions.snapshot() if s.session_id == sid)
+            assert sorted(held.optimizer.plan.owners) == [0, 1]
+            want = [p.clone().requires_grad_() for p in params]
+            want_opt = torch.optim.Adam(want, lr=0.1, fused=True)
+            step(0)
+            torch_step(0)
+            step(0)  # its answer was lost: sent again
+            assert_same_tensors(held.params, want)
+            host = held.optimizer.backend.handles[1].host
+            ray.get(host.__ray_call__.remote(_fail_next_group_push))
+            with pytest.raises(grpc.RpcError):
+                step(1)  # shard 0 applied it, shard 1 did not
+            step(1)  # sent again: shard 1 applies it, shard 0 answers what it has
+            torch_step(1)
+            assert_same_tensors(held.params, want)
+            step(2)
+            torch_step(2)
+            assert_same_tensors(held.params, want)
+            assert held.optimizer.group.versions == [3, 3]
     finally:
         gateway.stop(0)
+
+
+def _fail_next_group_push(host) -> None:
+    """Run inside a group shard host (``__ray_call__``): its shard refuses its next step before
+    applying anything."""
+    shard = host._shard
+
+    def refuse(request):
+        del shard.step  # the class's own again
+        raise RuntimeError("injected: this shard never saw the push")
+
+    shard.step = refuse
 
 
 def test_a_record_is_json_data_that_round_trips():

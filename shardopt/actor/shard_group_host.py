@@ -21,7 +21,9 @@ parameters after the push:
   sum over the round's participants divided by their number.
 - ``async``: each push is applied as it arrives (Downpour), one version per push. With
   ``max_staleness=s``, gradients computed on parameters more than ``s`` versions old are not
-  applied: the worker gets the current parameters instead and computes again.
+  applied: the worker gets the current parameters instead and computes again. A push that
+  carries the id (``push_id``: a gateway session's step id) of the rank's last applied push is
+  that push sent again after its answer was lost: it is answered, not applied again.
 
 Every other call of a shard (state, loads, checkpoints: :class:`~shardopt.actor.host.ShardCalls`)
 runs under the same lock, so a worker's proxy reaches a group's shards through the same typed
@@ -47,6 +49,7 @@ Ray's metrics (:mod:`shardopt.actor.metrics`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -89,6 +92,14 @@ COMMIT_WAIT_S = 5.0
 """How long one report to an elastic group's coordinator waits before it is made again."""
 
 
+@dataclasses.dataclass(frozen=True)
+class _AppliedPush:
+    """(async) a rank's last applied push that carried an id, and its answer."""
+
+    push_id: int
+    result: PushResult
+
+
 class GroupShardHost(ReplicaRole, ShardCalls):
     """The Ray actor holding one shard of a group. Made remote by the registry with
     ``max_concurrency`` above the world size, so that a sync round's pushes wait together."""
@@ -120,6 +131,7 @@ class GroupShardHost(ReplicaRole, ShardCalls):
         self._sum: RoundSum | None = None  # the sync round's gradients, summed as they arrive
         self._replicas = None  # replicate=k: ReplicaLinks, see group_replica
         self._last_round: AppliedRound | None = None
+        self._last_async: dict[int, _AppliedPush] = {}  # rank -> its last applied push with an id
 
     def recycle(self) -> bool:
         """Drops this host's shard, files and lanes, so that the registry's pool
@@ -336,6 +348,10 @@ class GroupShardHost(ReplicaRole, ShardCalls):
                 shard.shard_index, request.rank, request.read_version, None,
                 self._current(shard, request.rank), (),
             )  # fmt: skip
+        last = self._last_async.get(request.rank)
+        if request.push_id is not None and last is not None and last.push_id == request.push_id:
+            current = self._current(shard, request.rank)  # sent again: applied once already
+            return dataclasses.replace(last.result, current=current)
         grads = request.grads
         if grads is None:  # in the rank's slot: copied into the shard's gradient buffer
             grads = self._slots.grads(request).numpy()
@@ -348,10 +364,13 @@ class GroupShardHost(ReplicaRole, ShardCalls):
         )
         new_state = self._step(shard, step)
         self._version = version + 1
-        return PushResult(
+        result = PushResult(
             shard.shard_index, request.rank, request.read_version, version,
             self._current(shard, request.rank), new_state,
         )  # fmt: skip
+        if request.push_id is not None:
+            self._last_async[request.rank] = _AppliedPush(request.push_id, result)
+        return result
 
     def _push_sync(self, shard: Shard, request: PushRequest) -> PushResult:
         version = self._version

@@ -9,8 +9,8 @@ comes back as the exception type the server raised (``ValueError``, ``TypeError`
 :class:`~shardopt.core.errors.GroupTimeoutError`, ...), with the server's message. A call that
 finds no gateway (UNAVAILABLE, not sent by a server) is tried again with backoff for
 ``reconnect_s``; each step carries its id, so a step tried again after its answer was lost is
-applied once (its gradients pushed again: a restarted gateway has none; so in a sync shard
-group, not an async one, whose steps are not tried again). An LBFGS step
+applied once (its gradients pushed again: a restarted gateway has none; in a shard group a
+sync push is matched by version, an async one by the step's id). An LBFGS step
 (``ClosureStep``) only while the gateway has asked for no evaluation; a pull another call
 overtook (``PullConflictError``) at once, a few times (one policy: ``_retrying``).
 
@@ -361,8 +361,7 @@ class GatewaySession(Backend):
             self._stub.PushGradients(requests(), metadata=self._metadata)
             return self._stub.Step(step, metadata=self._metadata)
 
-        once = self._group is None or self._group["mode"] == "sync"  # async applies every push
-        reply = self._retrying(push_and_step, None if once else 0.0)
+        reply = self._retrying(push_and_step)  # (async too: each push carries the step's id)
         self._next_step += 1
         self.last_pushes = list(reply.pushes)
         self.shard_map.set_state_order(reply.state_order)

@@ -207,6 +207,7 @@ class ShardGroupMember(RayShards):
         self.last_push: list[PushResult] = []
         self.holder = holder
         self._resend = False  # the next push repeats one whose answer was lost (resend_at)
+        self._push_id: int | None = None  # (async) the next push's id (push_as)
         self.first_version = 0  # the version this member adopted when it attached
         self._heartbeats: _Heartbeats | None = None
         self.shard_map = ShardMap(config.num_shards)
@@ -398,6 +399,12 @@ class ShardGroupMember(RayShards):
         ``last_push``: ``applied_version`` None). The scale of a GradScaler is applied here,
         as GradScaler applies it to an optimizer that does not take it.
         """
+        try:
+            return self._step(closure, scaling)
+        finally:
+            self._push_id = None  # an id names one step's pushes (push_as)
+
+    def _step(self, closure: Callable[[], Any] | None, scaling: AmpScaling | None) -> Any:
         loss = None
         shards = self.shard_map.live_shards()
         results: dict[int, PushResult] = {}
@@ -481,8 +488,9 @@ class ShardGroupMember(RayShards):
             in_slot = self.data_path.in_slot(s)
             grads = None if in_slot else to_numpy(flat)
             requests[s] = PushRequest(
-                self.rank, self.versions[s], options, grads, has_grad, sparse, self._resend
-            )
+                self.rank, self.versions[s], options, grads, has_grad, sparse, self._resend,
+                self._push_id,
+            )  # fmt: skip
             if in_slot:
                 held.append(s)
                 continue
@@ -558,6 +566,15 @@ class ShardGroupMember(RayShards):
             )
         self.versions = [version] * self.num_shards
         self._resend = True
+
+    def push_as(self, push_id: int) -> None:
+        """(Async) gives the next step's pushes an id (a gateway session's step id): a shard
+        that applied this rank's push with that id answers it again without applying it (its
+        answer was lost and the step is sent again, ``PushRequest.push_id``). Sync rounds are
+        made idempotent by version instead (:meth:`resend_at`)."""
+        if self.config.mode != "async":
+            raise ValueError(f"group {self.name!r}: push ids are for async mode")
+        self._push_id = push_id
 
     def detach(self) -> None:
         """Lets go of the group without leaving it: a held member (``holder``) stays attached

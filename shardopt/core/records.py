@@ -176,6 +176,10 @@ class PushRequest:
     """(sync) this rank's push for ``read_version`` may have reached the shard already, its
     answer lost (a gateway restarted): answered from the round it was counted in, never
     applied twice nor refused as a second push."""
+    push_id: int | None = None
+    """(async) an id the rank gives this push (a gateway session's step id): a push with the id
+    of the rank's last applied one (its answer was lost, it was sent again) is answered as that
+    one was, with the shard's current parameters, and not applied again."""
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ group and rank (never creating the group: one that ended is not resumed) and ado
 current parameters and versions. In sync mode a client's step ``i`` is the push for version
 ``first_version + i``: the first step after a resume, or a step whose id the shards are past, is
 pushed again marked as a resend (:meth:`~shardopt.client.shard_group.ShardGroupMember.
-resend_at`), so a shard that counted it or applied its round answers it once; async group
-members are resumed, but a step whose answer was lost is not repeated (the client does not try
-it again).
+resend_at`), so a shard that counted it or applied its round answers it once. In async mode
+each step's pushes carry its id (:meth:`~shardopt.client.shard_group.ShardGroupMember.push_as`):
+a shard that applied the rank's push with that id answers it again instead of applying it.
 
 Talks to: the store actor and shard hosts (Ray); the servicer's session table and ledger.
 """
@@ -242,6 +242,8 @@ def repeat_from(session: Session, step_id: int) -> None:
             if session.resend_next or backend.versions != [version] * backend.num_shards:
                 backend.resend_at(version)
             session.resend_next = False
+        else:  # an async push with the id of one the shard applied is answered, not applied
+            backend.push_as(step_id)
         return
     if not isinstance(backend, LocalShards) or not backend.per_tensor:  # LBFGS
         return
