@@ -53,7 +53,6 @@ import ray
 import torch
 
 import shardopt
-from shardopt.client.gateway_session import receive_parameters
 from shardopt.core import chunk_codec, wire
 from shardopt.core.proto import pb
 from shardopt.gateway import serve
@@ -236,13 +235,14 @@ def client_measures(spec: dict[str, Any]) -> tuple[dict[str, Measure], Callable[
         return time.perf_counter() - start
 
     staging = [torch.empty_like(p) for p in model]  # the client's reused pull buffers
+    pull_metadata = metadata + chunk_codec.SPANNING  # as the client asks
 
     def pull() -> float:
         start = time.perf_counter()
         answers = stub.PullParameters(
-            pb.PullParametersRequest(session_id=session_id), metadata=metadata
+            pb.PullParametersRequest(session_id=session_id), metadata=pull_metadata
         )
-        receive_parameters(answers, staging)
+        chunk_codec.receive_parameters(answers, staging)
         return time.perf_counter() - start
 
     measures.update({PUSH: push, STEP_RPC: step, PULL: pull})

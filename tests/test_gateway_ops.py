@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_lbfgs import PROBLEMS, assert_close_state, closure_for, make_params
 
 import shardopt
-from shardopt.core import wire
+from shardopt.core import chunk_codec, wire
 from shardopt.core.errors import ERROR_TYPE_KEY
 from shardopt.core.proto import pb
 from shardopt.gateway import Limits, serve
@@ -352,6 +352,14 @@ def test_transfers_reuse_one_counted_buffer_per_session(gateway, stub):
             assert_same_tensors(pull(stub, session_id), ref)
             assert [t.data_ptr() for t in session.transfer] == staged  # the same memory
         assert ledger.transfer_bytes == before + session.nbytes
+        # a client that accepts chunks spanning tensors gets both parameters in one message
+        request = pb.PullParametersRequest(session_id=session_id)
+        answers = list(stub.PullParameters(request, metadata=auth(TOKEN) + chunk_codec.SPANNING))
+        assert len(answers) == 2  # the header and one chunk (88 bytes)
+        assert_same_tensors(
+            chunk_codec.receive_parameters(iter(answers), [torch.empty_like(p) for p in params]),
+            ref,
+        )
     finally:
         close_session(stub, session_id)
     assert ledger.transfer_bytes == before

@@ -129,24 +129,6 @@ PULL_ATTEMPTS = 5
 (another thread of the client stepping meanwhile)."""
 
 
-def receive_parameters(answers: Iterator[Any], into: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Receives a PullParameters stream (its header, then its chunks) into ``into``, whose
-    dtypes and shapes the header must declare.
-
-    Raises:
-        WireError: a header or chunks that do not match ``into`` (what was received may be
-            partly written into ``into``).
-    """
-    first = next(answers)
-    if first.WhichOneof("kind") != "header":
-        raise wire.WireError("a PullParameters stream must start with its header")
-    nbytes = sum(t.numel() * t.element_size() for t in into)
-    receiver = wire.TensorReceiver(list(first.header.params), nbytes, what="parameter", into=into)
-    for answer in answers:
-        receiver.add(answer.chunk)
-    return receiver.finish()
-
-
 def assign(param: torch.Tensor, value: torch.Tensor) -> None:
     """``param.copy_(value)`` (an in-place write autograd sees), by one plain memcpy where the
     tensors allow it (:func:`~shardopt.core.chunk_codec.copy_bytes`)."""
@@ -248,6 +230,7 @@ class GatewaySession(Backend):
         self._channel = open_channel(address, tls)
         self._stub = chunk_codec.stub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._pull_metadata = self._metadata + chunk_codec.SPANNING
         self._session: dict[str, str | None] = {"id": None}
         self._finalizer = weakref.finalize(
             self, _close_session, self._channel, self._stub, self._metadata, self._session
@@ -376,8 +359,8 @@ class GatewaySession(Backend):
         staging = self._staging(params)  # a pull that fails part-way leaves params as they were
         request = pb.PullParametersRequest(session_id=self.session_id)
         values = self._retrying(
-            lambda: receive_parameters(
-                self._stub.PullParameters(request, metadata=self._metadata), staging
+            lambda: chunk_codec.receive_parameters(
+                self._stub.PullParameters(request, metadata=self._pull_metadata), staging
             ),
             conflicts=PULL_ATTEMPTS - 1,
         )
