@@ -331,9 +331,9 @@ def push_gradients(stub: Any, metadata: Any, session_id: str, grads: list[torch.
 
     def requests() -> Iterator[Any]:
         yield pb.PushGradientsRequest(header=header)
-        yield from chunk_codec.encoded_chunks(grads)
+        yield from chunk_codec.spanning_chunks(grads)  # this gateway takes them (see its pulls)
 
-    return stub.PushGradients(requests(), metadata=metadata)
+    return stub.PushGradients(requests(), metadata=metadata + chunk_codec.SPANNING)
 
 
 def client_main(spec_json: str) -> None:

@@ -352,10 +352,27 @@ def test_transfers_reuse_one_counted_buffer_per_session(gateway, stub):
             assert_same_tensors(pull(stub, session_id), ref)
             assert [t.data_ptr() for t in session.transfer] == staged  # the same memory
         assert ledger.transfer_bytes == before + session.nbytes
-        # a client that accepts chunks spanning tensors gets both parameters in one message
+        # a client that accepts chunks spanning tensors gets both parameters in one message,
+        # and is told that pushes take them too (only with the metadata that says they span)
         request = pb.PullParametersRequest(session_id=session_id)
-        answers = list(stub.PullParameters(request, metadata=auth(TOKEN) + chunk_codec.SPANNING))
+        call = stub.PullParameters(request, metadata=auth(TOKEN) + chunk_codec.SPANNING)
+        answers = list(call)
         assert len(answers) == 2  # the header and one chunk (88 bytes)
+        assert chunk_codec.asks_spanning(call.initial_metadata())
+        header = pb.PushGradientsHeader(session_id=session_id, params=[0, 1],
+                                        grads=[wire.spec_of(p) for p in params])  # fmt: skip
+
+        def spanning():
+            yield pb.PushGradientsRequest(header=header)
+            for data in chunk_codec.spanning_chunks([torch.ones_like(p) for p in params]):
+                yield pb.PushGradientsRequest.FromString(data)
+
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.PushGradients(spanning(), metadata=auth(TOKEN))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        spans = auth(TOKEN) + chunk_codec.SPANNING
+        assert stub.PushGradients(spanning(), metadata=spans).bytes == 88
+        assert all(torch.equal(p.grad, torch.ones_like(p)) for p in session.params)
         assert_same_tensors(
             chunk_codec.receive_parameters(iter(answers), [torch.empty_like(p) for p in params]),
             ref,
@@ -411,6 +428,7 @@ def test_a_pull_that_a_step_overtakes_is_refused_whole_and_the_client_pulls_agai
         backend._stub.PullParameters = overtaken
         backend.pull_params()
         assert len(tries) == 2
+        assert backend._push_spans  # the gateway said (at open) its pushes take spanning chunks
         assert torch.equal(param, torch.full_like(param, -0.5))  # the state after the step
     finally:
         backend._stub.PullParameters = real

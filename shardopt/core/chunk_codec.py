@@ -195,15 +195,28 @@ def spanning_chunks(tensors: list[torch.Tensor], chunk_bytes: int = CHUNK_BYTES)
 
 
 SPANNING = (("shardopt-chunks", "span"),)
-"""Request metadata with which a client says it accepts chunks that span tensors in the
-answers of a stream (``PullParameters``): the gateway then sends :func:`spanning_chunks`;
-without it (any other client), one tensor's bytes per chunk."""
+"""Metadata that says "chunks may span tensors". A client sends it with ``PullParameters``
+when it accepts such chunks in the answers: the gateway then sends :func:`spanning_chunks` and
+the same metadata back (initial metadata: "my pushes take them too"); a client that heard it
+sends it with ``PushGradients`` whose chunks span. Any other client sends and gets one tensor's
+bytes per chunk."""
 
 
 def asks_spanning(metadata: Any) -> bool:
-    """Whether a call's invocation metadata carries :data:`SPANNING`."""
+    """Whether a call's metadata carries :data:`SPANNING`."""
     key, value = SPANNING[0]
     return any(k == key and v == value for k, v in metadata or ())
+
+
+def answer_chunks(context: Any) -> Callable[[list[torch.Tensor]], Iterator[bytes]]:
+    """How a server cuts the tensors of its answers to the call of ``context`` (a
+    ``grpc.ServicerContext``, before its first answer): :func:`spanning_chunks` where the client
+    asked for them, telling it so (:data:`SPANNING` as initial metadata), else
+    :func:`encoded_chunks`."""
+    if not asks_spanning(context.invocation_metadata()):
+        return encoded_chunks
+    context.send_initial_metadata(SPANNING)
+    return spanning_chunks
 
 
 def serialize(message: Any) -> bytes:

@@ -285,6 +285,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                 upload = GradientUpload(
                     header, session.params, session.names, session.nbytes,
                     self.limits.upload_budget(session.nbytes), into,
+                    spans=chunk_codec.asks_spanning(context.invocation_metadata()),
                 )  # fmt: skip
                 held = self.ledger.hold(
                     session.principal, upload.declared, (session.session_id, session.nbytes)
@@ -372,12 +373,9 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             # streamed straight from the parameters without the lock (a slow reader never holds
             # up the session): each chunk is encoded, then checked to have been read while no
             # call held the lock, else the pull is refused as a whole (the client pulls again)
-            # (chunks that span tensors where the client accepts them: as few messages as the
-            # bytes need, many small tensors included)
+            encode = chunk_codec.answer_chunks(context)  # before the header (sends metadata)
             specs = [wire.spec_of(p, n) for p, n in zip(params, names)]
             yield pb.PullParametersReply(header=pb.PullParametersHeader(params=specs))
-            spans = chunk_codec.asks_spanning(context.invocation_metadata())
-            encode = chunk_codec.spanning_chunks if spans else chunk_codec.encoded_chunks
             for chunk in encode(params):
                 if session.lock.generation != unchanged:
                     raise PullConflictError(
