@@ -10,7 +10,10 @@ default, about 100 MB; ``--quick``: 1M) and AdamW (lr 1e-3, weight decay 1e-2), 
   is PushGradients + Step + PullParameters;
 * its pieces, through the raw stub on a session of their own: the PushGradients stream (from
   the header to the reply), the PullParameters stream (until every tensor is assembled, as the
-  client does, into reused buffers) and the Step RPC alone (after an untimed push);
+  client does, into reused buffers) and the Step RPC alone (after an untimed push); both
+  streams with chunks that span tensors, as the client sends and asks for them
+  (``chunk_codec.SPANNING``: as many 1 MiB messages as the raw streams', one per tensor at
+  least without it);
 * shardopt in-cluster: the same class without ``address`` (the proxy talks to the Ray actors),
   with shared memory and with ``shared_memory=False`` (Ray's object store);
 * torch fused: ``torch.optim.AdamW(fused=True)`` in the client's process, the floor;

@@ -411,6 +411,7 @@ def test_a_pull_that_a_step_overtakes_is_refused_whole_and_the_client_pulls_agai
     param = torch.zeros(8 << 20)
     opt = shardopt.SGD([param], lr=0.5, address=address, token=TOKEN)
     backend = opt.backend
+    assert backend._push_spans  # the gateway said (at open) its pushes take spanning chunks
     real, tries = backend._stub.PullParameters, []
 
     def overtaken(request, metadata):  # the real stream; a real step between its chunks
@@ -428,7 +429,6 @@ def test_a_pull_that_a_step_overtakes_is_refused_whole_and_the_client_pulls_agai
         backend._stub.PullParameters = overtaken
         backend.pull_params()
         assert len(tries) == 2
-        assert backend._push_spans  # the gateway said (at open) its pushes take spanning chunks
         assert torch.equal(param, torch.full_like(param, -0.5))  # the state after the step
     finally:
         backend._stub.PullParameters = real
