@@ -10,7 +10,10 @@ default, about 100 MB; ``--quick``: 1M) and AdamW (lr 1e-3, weight decay 1e-2), 
   is PushGradients + Step + PullParameters;
 * its pieces, through the raw stub on a session of their own: the PushGradients stream (from
   the header to the reply), the PullParameters stream (until every tensor is assembled, as the
-  client does, into reused buffers) and the Step RPC alone (after an untimed push);
+  client does, into reused buffers) and the Step RPC alone (after an untimed push); both
+  streams with chunks that span tensors, as the client sends and asks for them
+  (``chunk_codec.SPANNING``: as many 1 MiB messages as the raw streams', one per tensor at
+  least without it);
 * shardopt in-cluster: the same class without ``address`` (the proxy talks to the Ray actors),
   with shared memory and with ``shared_memory=False`` (Ray's object store);
 * torch fused: ``torch.optim.AdamW(fused=True)`` in the client's process, the floor;
@@ -53,7 +56,6 @@ import ray
 import torch
 
 import shardopt
-from shardopt.client.gateway_session import receive_parameters
 from shardopt.core import chunk_codec, wire
 from shardopt.core.proto import pb
 from shardopt.gateway import serve
@@ -236,13 +238,14 @@ def client_measures(spec: dict[str, Any]) -> tuple[dict[str, Measure], Callable[
         return time.perf_counter() - start
 
     staging = [torch.empty_like(p) for p in model]  # the client's reused pull buffers
+    pull_metadata = metadata + chunk_codec.SPANNING  # as the client asks
 
     def pull() -> float:
         start = time.perf_counter()
         answers = stub.PullParameters(
-            pb.PullParametersRequest(session_id=session_id), metadata=metadata
+            pb.PullParametersRequest(session_id=session_id), metadata=pull_metadata
         )
-        receive_parameters(answers, staging)
+        chunk_codec.receive_parameters(answers, staging)
         return time.perf_counter() - start
 
     measures.update({PUSH: push, STEP_RPC: step, PULL: pull})
@@ -331,9 +334,9 @@ def push_gradients(stub: Any, metadata: Any, session_id: str, grads: list[torch.
 
     def requests() -> Iterator[Any]:
         yield pb.PushGradientsRequest(header=header)
-        yield from chunk_codec.encoded_chunks(grads)
+        yield from chunk_codec.spanning_chunks(grads)  # this gateway takes them (see its pulls)
 
-    return stub.PushGradients(requests(), metadata=metadata)
+    return stub.PushGradients(requests(), metadata=metadata + chunk_codec.SPANNING)
 
 
 def client_main(spec_json: str) -> None:

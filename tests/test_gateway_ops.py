@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_lbfgs import PROBLEMS, assert_close_state, closure_for, make_params
 
 import shardopt
-from shardopt.core import wire
+from shardopt.core import chunk_codec, wire
 from shardopt.core.errors import ERROR_TYPE_KEY
 from shardopt.core.proto import pb
 from shardopt.gateway import Limits, serve
@@ -352,6 +352,31 @@ def test_transfers_reuse_one_counted_buffer_per_session(gateway, stub):
             assert_same_tensors(pull(stub, session_id), ref)
             assert [t.data_ptr() for t in session.transfer] == staged  # the same memory
         assert ledger.transfer_bytes == before + session.nbytes
+        # a client that accepts chunks spanning tensors gets both parameters in one message,
+        # and is told that pushes take them too (only with the metadata that says they span)
+        request = pb.PullParametersRequest(session_id=session_id)
+        call = stub.PullParameters(request, metadata=auth(TOKEN) + chunk_codec.SPANNING)
+        answers = list(call)
+        assert len(answers) == 2  # the header and one chunk (88 bytes)
+        assert chunk_codec.asks_spanning(call.initial_metadata())
+        header = pb.PushGradientsHeader(session_id=session_id, params=[0, 1],
+                                        grads=[wire.spec_of(p) for p in params])  # fmt: skip
+
+        def spanning():
+            yield pb.PushGradientsRequest(header=header)
+            for data in chunk_codec.spanning_chunks([torch.ones_like(p) for p in params]):
+                yield pb.PushGradientsRequest.FromString(data)
+
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.PushGradients(spanning(), metadata=auth(TOKEN))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        spans = auth(TOKEN) + chunk_codec.SPANNING
+        assert stub.PushGradients(spanning(), metadata=spans).bytes == 88
+        assert all(torch.equal(p.grad, torch.ones_like(p)) for p in session.params)
+        assert_same_tensors(
+            chunk_codec.receive_parameters(iter(answers), [torch.empty_like(p) for p in params]),
+            ref,
+        )
     finally:
         close_session(stub, session_id)
     assert ledger.transfer_bytes == before
@@ -386,6 +411,7 @@ def test_a_pull_that_a_step_overtakes_is_refused_whole_and_the_client_pulls_agai
     param = torch.zeros(8 << 20)
     opt = shardopt.SGD([param], lr=0.5, address=address, token=TOKEN)
     backend = opt.backend
+    assert backend._push_spans  # the gateway said (at open) its pushes take spanning chunks
     real, tries = backend._stub.PullParameters, []
 
     def overtaken(request, metadata):  # the real stream; a real step between its chunks

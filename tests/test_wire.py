@@ -126,6 +126,45 @@ def test_encoded_chunks_are_protobufs_messages_and_read_back_without_copies():
         assert torch.equal(got, want)
 
 
+def test_spanning_chunks_take_as_many_messages_as_the_bytes_need():
+    """A stream cut as one run of bytes: each chunk starts where the last ended, in whichever
+    tensor that is (empty ones skipped), and runs on into the next ones; only a receiver that
+    accepts spanning chunks takes them, and never past the last declared tensor."""
+    from shardopt.core.proto import pb
+
+    tensors = [torch.arange(5.0), torch.zeros(0), torch.ones(2, dtype=torch.float64),
+               torch.tensor(7, dtype=torch.int32), torch.arange(9.0)]  # fmt: skip
+    total = sum(t.numel() * t.element_size() for t in tensors)  # 20 + 16 + 4 + 36 bytes
+    specs = [wire.spec_of(t) for t in tensors]
+    for chunk_bytes in (1, 8, 12, 36, total, 1 << 20):
+        encoded = list(chunk_codec.spanning_chunks(tensors, chunk_bytes))
+        assert len(encoded) == -(-total // chunk_bytes)
+        receiver = wire.TensorReceiver(specs, total, spans=True)
+        for data in encoded:
+            fast = chunk_codec.read_chunk(data)
+            plain = pb.PullParametersReply.FromString(data).chunk  # protobuf reads the same
+            assert (fast.chunk.index, fast.chunk.offset, bytes(fast.chunk.data)) == (
+                plain.index, plain.offset, plain.data,
+            )  # fmt: skip
+            receiver.add(fast.chunk)
+        assert all(torch.equal(a, b) for a, b in zip(receiver.finish(), tensors))
+    first, second = [
+        chunk_codec.read_chunk(d).chunk for d in chunk_codec.spanning_chunks(tensors, 24)
+    ][:2]
+    assert (first.index, first.offset, second.index, second.offset) == (0, 0, 2, 4)
+    with pytest.raises(wire.WireError, match="do not fit its 20 bytes$"):  # not without spans
+        wire.TensorReceiver(specs, total).add(first)
+    receiver = wire.TensorReceiver(specs[:2], 20, spans=True)  # past the last tensor
+    with pytest.raises(wire.WireError, match="or the declared tensors after it"):
+        receiver.add(first)
+    receiver = wire.TensorReceiver(specs, total, spans=True)
+    with pytest.raises(wire.WireError, match="out of order"):
+        receiver.add(second)
+    assert chunk_codec.asks_spanning([("authorization", "x"), *chunk_codec.SPANNING])
+    assert not chunk_codec.asks_spanning([("shardopt-chunks", "other")])
+    assert list(chunk_codec.spanning_chunks([torch.zeros(0)])) == []
+
+
 def test_unusual_or_malformed_messages_go_to_protobuf():
     """Valid encodings the fast path does not take (repeated or unknown fields, headers) parse as
     protobuf parses them; truncated ones are refused as protobuf refuses them."""

@@ -130,24 +130,6 @@ PULL_ATTEMPTS = 5
 (another thread of the client stepping meanwhile)."""
 
 
-def receive_parameters(answers: Iterator[Any], into: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Receives a PullParameters stream (its header, then its chunks) into ``into``, whose
-    dtypes and shapes the header must declare.
-
-    Raises:
-        WireError: a header or chunks that do not match ``into`` (what was received may be
-            partly written into ``into``).
-    """
-    first = next(answers)
-    if first.WhichOneof("kind") != "header":
-        raise wire.WireError("a PullParameters stream must start with its header")
-    nbytes = sum(t.numel() * t.element_size() for t in into)
-    receiver = wire.TensorReceiver(list(first.header.params), nbytes, what="parameter", into=into)
-    for answer in answers:
-        receiver.add(answer.chunk)
-    return receiver.finish()
-
-
 def assign(param: torch.Tensor, value: torch.Tensor) -> None:
     """``param.copy_(value)`` (an in-place write autograd sees), by one plain memcpy where the
     tensors allow it (:func:`~shardopt.core.chunk_codec.copy_bytes`)."""
@@ -249,6 +231,8 @@ class GatewaySession(Backend):
         self._channel = open_channel(address, tls)
         self._stub = chunk_codec.stub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._span_metadata = self._metadata + chunk_codec.SPANNING
+        self._push_spans = False  # whether the gateway said its pushes take spanning chunks
         self._session: dict[str, str | None] = {"id": None}
         self._finalizer = weakref.finalize(
             self, _close_session, self._channel, self._stub, self._metadata, self._session
@@ -354,9 +338,12 @@ class GatewaySession(Backend):
         header, tensors = gradients_of(params)
         header.session_id = self.session_id
 
+        spans = self._push_spans  # (the gateway said so in the last pull's metadata)
+        encode = chunk_codec.spanning_chunks if spans else chunk_codec.encoded_chunks
+
         def requests() -> Iterator[Any]:
             yield pb.PushGradientsRequest(header=header)
-            yield from chunk_codec.encoded_chunks(tensors)
+            yield from encode(tensors)
 
         groups = wire.encode_groups(self._params.groups, with_ids=False)
         step = pb.StepRequest(
@@ -364,7 +351,9 @@ class GatewaySession(Backend):
         )
 
         def push_and_step() -> Any:  # the gradients again with each try: a new gateway has none
-            self._stub.PushGradients(requests(), metadata=self._metadata)
+            self._stub.PushGradients(
+                requests(), metadata=self._span_metadata if spans else self._metadata
+            )
             return self._stub.Step(step, metadata=self._metadata)
 
         reply = self._retrying(push_and_step)  # (async too: each push carries the step's id)
@@ -380,12 +369,15 @@ class GatewaySession(Backend):
         params = self._params.flat()
         staging = self._staging(params)  # a pull that fails part-way leaves params as they were
         request = pb.PullParametersRequest(session_id=self.session_id)
-        values = self._retrying(
-            lambda: receive_parameters(
-                self._stub.PullParameters(request, metadata=self._metadata), staging
-            ),
-            conflicts=PULL_ATTEMPTS - 1,
-        )
+
+        def attempt() -> list[torch.Tensor]:
+            answers = self._stub.PullParameters(request, metadata=self._span_metadata)
+            values = chunk_codec.receive_parameters(answers, staging)
+            said = getattr(answers, "initial_metadata", None)  # (any iterator of answers will do)
+            self._push_spans = said is not None and chunk_codec.asks_spanning(said())
+            return values
+
+        values = self._retrying(attempt, conflicts=PULL_ATTEMPTS - 1)
         for pid, (p, value) in enumerate(zip(params, values)):
             assign(p, value)
             self.shard_map.record(pid, p)

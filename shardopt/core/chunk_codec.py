@@ -12,7 +12,10 @@ messages):
 - :func:`parser`: a deserializer that reads a chunk message as a :class:`ChunkMessage` whose
   ``chunk.data`` is a view into the received bytes (no copy), and leaves any other message
   (headers, or a chunk written in an unusual but valid form) to protobuf;
+- :func:`spanning_chunks`: the same bytes cut as one run across tensors (as few messages as the
+  bytes need), for a receiver that asked for them (:data:`SPANNING`);
 - :func:`serialize`: the serializer of both sides, which passes pre-encoded bytes through;
+- :func:`receive_parameters`: a PullParameters stream received into given tensors;
 - :func:`copy_bytes`: a tensor copied into another by one plain memcpy (the gateway's
   snapshots for pulls).
 
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from shardopt.core import wire
 from shardopt.core.wire import CHUNK_BYTES
 
 CHUNK_FIELD = 2
@@ -91,14 +95,19 @@ def _read_varint(data: memoryview, pos: int, end: int) -> tuple[int, int] | None
 
 def encode_chunk(index: int, offset: int, data: memoryview | bytes) -> bytes:
     """One serialized ``{chunk: {index, offset, data}}`` message (one copy of ``data``)."""
+    return _encoded(index, offset, (data,), len(data))
+
+
+def _encoded(index: int, offset: int, pieces: tuple | list, size: int) -> bytes:
+    """A chunk message whose ``data`` is ``pieces`` one after the other (``size`` bytes)."""
     inner = bytearray()
     if index:
         inner += _INDEX_TAG + _varint(index)
     if offset:
         inner += _OFFSET_TAG + _varint(offset)
-    inner += _DATA_TAG + _varint(len(data))
-    head = _CHUNK_TAG + _varint(len(inner) + len(data)) + bytes(inner)
-    return b"".join((head, data))
+    inner += _DATA_TAG + _varint(size)
+    head = _CHUNK_TAG + _varint(len(inner) + size) + bytes(inner)
+    return b"".join((head, *pieces))
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
@@ -155,12 +164,88 @@ def encoded_chunks(tensors: list[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) 
         yield from tensor_chunks(index, tensor, chunk_bytes)
 
 
+def spanning_chunks(tensors: list[torch.Tensor], chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Every tensor's bytes as one run, cut into chunk messages of ``chunk_bytes`` (the last
+    one shorter), each encoded as it is asked for.
+
+    A chunk names the tensor and offset where its bytes start and may run on into the next
+    tensors (empty ones are skipped), so a stream of many small tensors takes as many messages
+    as its bytes need, not one per tensor at least. Only a receiver that accepts such chunks
+    (``TensorReceiver(spans=True)``) reads them: a sender uses them where the receiver said it
+    does (:data:`SPANNING`).
+    """
+    views = [(i, v) for i, v in ((i, _byte_view(t)) for i, t in enumerate(tensors)) if len(v)]
+    pieces: list[memoryview] = []
+    start: tuple[int, int] | None = None
+    size = 0
+    for index, view in views:
+        pos = 0
+        while pos < len(view):
+            take = min(len(view) - pos, chunk_bytes - size)
+            if start is None:
+                start = (index, pos)
+            pieces.append(view[pos : pos + take])
+            size += take
+            pos += take
+            if size == chunk_bytes:
+                yield _encoded(*start, pieces, size)
+                pieces, start, size = [], None, 0
+    if start is not None:
+        yield _encoded(*start, pieces, size)
+
+
+SPANNING = (("shardopt-chunks", "span"),)
+"""Metadata that says "chunks may span tensors". A client sends it with ``PullParameters``
+when it accepts such chunks in the answers: the gateway then sends :func:`spanning_chunks` and
+the same metadata back (initial metadata: "my pushes take them too"); a client that heard it
+sends it with ``PushGradients`` whose chunks span. Any other client sends and gets one tensor's
+bytes per chunk."""
+
+
+def asks_spanning(metadata: Any) -> bool:
+    """Whether a call's metadata carries :data:`SPANNING`."""
+    key, value = SPANNING[0]
+    return any(k == key and v == value for k, v in metadata or ())
+
+
+def answer_chunks(context: Any) -> Callable[[list[torch.Tensor]], Iterator[bytes]]:
+    """How a server cuts the tensors of its answers to the call of ``context`` (a
+    ``grpc.ServicerContext``, before its first answer): :func:`spanning_chunks` where the client
+    asked for them, telling it so (:data:`SPANNING` as initial metadata), else
+    :func:`encoded_chunks`."""
+    if not asks_spanning(context.invocation_metadata()):
+        return encoded_chunks
+    context.send_initial_metadata(SPANNING)
+    return spanning_chunks
+
+
 def serialize(message: Any) -> bytes:
     """A message's bytes: pre-encoded chunks as they are, anything else by protobuf."""
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 # ----- decoding -----------------------------------------------------------------------------
+
+
+def receive_parameters(answers: Iterator[Any], into: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Receives a PullParameters stream (its header, then its chunks) into ``into``, whose
+    dtypes and shapes the header must declare. Its chunks may span tensors (a client asks for
+    them with :data:`SPANNING`; a gateway that does not know it sends one tensor's bytes per
+    chunk, which are taken too).
+
+    Raises:
+        WireError: a header or chunks that do not match ``into`` (what was received may be
+            partly written into ``into``).
+    """
+    first = next(answers)
+    if first.WhichOneof("kind") != "header":
+        raise wire.WireError("a PullParameters stream must start with its header")
+    nbytes = sum(t.numel() * t.element_size() for t in into)
+    specs = list(first.header.params)
+    receiver = wire.TensorReceiver(specs, nbytes, what="parameter", into=into, spans=True)
+    for answer in answers:
+        receiver.add(answer.chunk)
+    return receiver.finish()
 
 
 def read_chunk(data: bytes) -> ChunkMessage | None:

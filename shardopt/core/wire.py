@@ -121,6 +121,10 @@ class TensorReceiver:
             shape are then what the spec must declare), or None for a tensor to allocate when
             its first chunk arrives (then ``expected`` says what it must be, if anything); by
             default each is allocated. A stream that fails part-way leaves them partly written.
+        spans: whether a chunk may run on past the end of its tensor into the next ones (a
+            stream the sender cut as one run of bytes: see
+            :func:`shardopt.core.chunk_codec.spanning_chunks`); its bytes still may not run
+            past the last declared tensor.
 
     Raises:
         LimitError: the specs declare more than ``max_bytes``.
@@ -135,7 +139,9 @@ class TensorReceiver:
         what: str = "tensor",
         names: list[str] | None = None,
         into: list[torch.Tensor] | None = None,
+        spans: bool = False,
     ) -> None:
+        self._spans = spans
         if into is not None:
             if len(into) != len(specs):
                 raise WireError(f"{len(specs)} {what}s declared, {len(into)} expected")
@@ -206,23 +212,36 @@ class TensorReceiver:
                 f"expected {self._what} {self._index} at offset {self._offset}"
             )
         nbytes = self._checked[self._index][2]
-        if not chunk.data or self._offset + len(chunk.data) > nbytes:
-            raise WireError(
-                f"{self._what} {self._index}: {len(chunk.data)} bytes at offset {self._offset} "
-                f"do not fit its {nbytes} bytes"
-            )
-        if self._offset == 0:
-            self._target = memoryview(self._tensor(self._index).view(-1).view(torch.uint8).numpy())
         n = len(chunk.data)
-        # a plain memcpy: torch's copy would wake its thread pool for every chunk, whose
-        # spinning threads take the CPU from the threads receiving the next chunks
-        self._target[self._offset : self._offset + n] = chunk.data
-        self._offset += n
-        self.bytes_received += n
-        if self._offset == nbytes:
-            self._index += 1
-            self._offset = 0
-            self._target = None
+        fits = self._offset + n <= nbytes or (
+            self._spans and self.bytes_received + n <= self.declared
+        )
+        if not n or not fits:
+            raise WireError(
+                f"{self._what} {self._index}: {n} bytes at offset {self._offset} "
+                f"do not fit its {nbytes} bytes"
+                + (" or the declared tensors after it" if self._spans else "")
+            )
+        data, done = chunk.data, 0
+        while done < n:  # more than once only for a chunk that spans tensors
+            if done:
+                self._advance_past_empty()
+                nbytes = self._checked[self._index][2]
+            if self._offset == 0:
+                tensor = self._tensor(self._index)
+                self._target = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+            take = min(n - done, nbytes - self._offset)
+            # a plain memcpy: torch's copy would wake its thread pool for every chunk, whose
+            # spinning threads take the CPU from the threads receiving the next chunks
+            piece = data if take == n else memoryview(data)[done : done + take]
+            self._target[self._offset : self._offset + take] = piece
+            self._offset += take
+            self.bytes_received += take
+            done += take
+            if self._offset == nbytes:
+                self._index += 1
+                self._offset = 0
+                self._target = None
 
     @property
     def complete(self) -> bool:

@@ -33,6 +33,7 @@ class GradientUpload:
             sparse gradient's indices and duplicates can outweigh its parameter).
         into: tensors shaped as ``params`` to receive dense gradients into (a session's
             transfer buffer), or None to allocate them as they arrive.
+        spans: whether chunks may span tensors (a client that said its chunks do).
 
     Raises:
         ValueError: indices that are not increasing, name no declared parameter, or name a
@@ -48,6 +49,7 @@ class GradientUpload:
         dense_bytes: int,
         sparse_bytes: int,
         into: list[torch.Tensor] | None = None,
+        spans: bool = False,
     ) -> None:
         dense = list(header.params)
         sparse = list(getattr(header, "sparse_params", ()))
@@ -80,6 +82,7 @@ class GradientUpload:
             what="gradient",
             names=labels,
             into=None if into is None else [into[i] for i in dense] + [None] * len(sparse_specs),
+            spans=spans,
         )
 
     @staticmethod

@@ -285,6 +285,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                 upload = GradientUpload(
                     header, session.params, session.names, session.nbytes,
                     self.limits.upload_budget(session.nbytes), into,
+                    spans=chunk_codec.asks_spanning(context.invocation_metadata()),
                 )  # fmt: skip
                 held = self.ledger.hold(
                     session.principal, upload.declared, (session.session_id, session.nbytes)
@@ -372,16 +373,16 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             # streamed straight from the parameters without the lock (a slow reader never holds
             # up the session): each chunk is encoded, then checked to have been read while no
             # call held the lock, else the pull is refused as a whole (the client pulls again)
+            encode = chunk_codec.answer_chunks(context)  # before the header (sends metadata)
             specs = [wire.spec_of(p, n) for p, n in zip(params, names)]
             yield pb.PullParametersReply(header=pb.PullParametersHeader(params=specs))
-            for index, param in enumerate(params):
-                for chunk in chunk_codec.tensor_chunks(index, param):
-                    if session.lock.generation != unchanged:
-                        raise PullConflictError(
-                            "the session's parameters changed while they were being pulled (a "
-                            "call such as Step or LoadStateDict ran during the pull); pull again"
-                        )
-                    yield chunk
+            for chunk in encode(params):
+                if session.lock.generation != unchanged:
+                    raise PullConflictError(
+                        "the session's parameters changed while they were being pulled (a "
+                        "call such as Step or LoadStateDict ran during the pull); pull again"
+                    )
+                yield chunk
 
     @_handled
     def PushParameters(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
