@@ -94,7 +94,8 @@ COMMIT_WAIT_S = 5.0
 
 @dataclasses.dataclass(frozen=True)
 class _AppliedPush:
-    """(async) a rank's last applied push that carried an id, and its answer."""
+    """(async) a rank's last applied push that carried an id, and its answer (kept without its
+    parameters, which a repeat answers at the current version: no old object stays pinned)."""
 
     push_id: int
     result: PushResult
@@ -369,7 +370,8 @@ class GroupShardHost(ReplicaRole, ShardCalls):
             self._current(shard, request.rank), new_state,
         )  # fmt: skip
         if request.push_id is not None:
-            self._last_async[request.rank] = _AppliedPush(request.push_id, result)
+            kept = dataclasses.replace(result, current=ParamsAt(self._version, None))
+            self._last_async[request.rank] = _AppliedPush(request.push_id, kept)
         return result
 
     def _push_sync(self, shard: Shard, request: PushRequest) -> PushResult:

@@ -20,7 +20,6 @@ Talks to: a gateway over gRPC (this process joins no Ray cluster).
 from __future__ import annotations
 
 import builtins
-import contextlib
 import datetime
 import logging
 import os
@@ -308,8 +307,11 @@ class GatewaySession(Backend):
         # sent once (a second open would hold a second session), so first wait, up to
         # reconnect_s, for a connection: a channel whose last try met no gateway (or that shares
         # gRPC's subchannel with one that did) fails a call at once until its backoff ends
-        with contextlib.suppress(grpc.FutureTimeoutError):
-            grpc.channel_ready_future(self._channel).result(timeout=self._reconnect_s)
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=self._reconnect_s)
+        except grpc.FutureTimeoutError:
+            ready.cancel()  # (it would watch the channel until it connects)
         session = self._call(self._stub.OpenSession, requests, retry=False)
         self._session["id"] = session.session_id
         self.shard_map = ShardMap.with_owners(session.num_shards, tuple(session.owners), params)
