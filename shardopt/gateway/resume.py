@@ -395,7 +395,12 @@ class StoreLink:
             self.drop(session.session_id)
 
     def drop(self, session_id: str) -> None:
-        self.store.drop.remote(session_id)
+        """Drops a record and waits for it (a close returns once no restart can resume it); a
+        store that cannot answer now keeps the record until its reaper expires it."""
+        try:
+            ray.get(self.store.drop.remote(session_id))
+        except ray.exceptions.RayError:
+            logger.warning("session %s: dropping its record failed", session_id, exc_info=True)
 
     # ----- beats ------------------------------------------------------------------------------
 
