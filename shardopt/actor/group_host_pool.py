@@ -13,17 +13,14 @@ reservation), not elastic, not replicated (their hosts come and go with fail-ove
 sizes up to :data:`MAX_POOLED_WORLD_SIZE` (a pooled host is started with the thread count such
 a group needs). A host is reused only for the very same actor options (resources, runtime
 environment...). At most :data:`MAX_IDLE_HOSTS` wait, each at most :data:`IDLE_TIMEOUT_S`;
-the registry kills the others.
+the registry kills the others (the bookkeeping is :class:`~shardopt.core.idle_pool.IdlePool`'s).
 
 Talks to nothing: the registry starts, recycles and kills the hosts it holds.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Any
-
+from shardopt.core.idle_pool import IdlePool
 from shardopt.core.records import GroupConfig
 
 MAX_POOLED_WORLD_SIZE = 64
@@ -47,48 +44,9 @@ def poolable(config: GroupConfig) -> bool:
     )
 
 
-@dataclass
-class _Idle:
-    host: Any
-    key: str
-    since: float
-
-
-class GroupHostPool:
-    """The idle hosts, oldest first. Not thread-safe: the registry calls it under its lock."""
+class GroupHostPool(IdlePool):
+    """The idle hosts, by options key (see :class:`~shardopt.core.idle_pool.IdlePool`). Not
+    thread-safe: the registry calls it under its lock."""
 
     def __init__(self, max_idle: int = MAX_IDLE_HOSTS, idle_timeout_s: float = IDLE_TIMEOUT_S):
-        self.max_idle = max_idle
-        self.idle_timeout_s = idle_timeout_s
-        self._idle: list[_Idle] = []
-
-    def take(self, key: str, count: int) -> list[Any]:
-        """Up to ``count`` idle hosts started with options ``key`` (most recently used first)."""
-        taken: list[Any] = []
-        for entry in reversed(list(self._idle)):
-            if len(taken) == count:
-                break
-            if entry.key == key:
-                self._idle.remove(entry)
-                taken.append(entry.host)
-        return taken
-
-    def give(self, host: Any, key: str) -> list[Any]:
-        """Keeps ``host``; returns the hosts the pool lets go of (the oldest beyond
-        ``max_idle``): the caller kills them."""
-        self._idle.append(_Idle(host, key, time.monotonic()))
-        excess = len(self._idle) - self.max_idle
-        if excess <= 0:
-            return []
-        dropped, self._idle = self._idle[:excess], self._idle[excess:]
-        return [e.host for e in dropped]
-
-    def expired(self) -> list[Any]:
-        """Takes out the hosts idle longer than ``idle_timeout_s`` (the caller kills them)."""
-        now = time.monotonic()
-        old = [e for e in self._idle if now - e.since > self.idle_timeout_s]
-        self._idle = [e for e in self._idle if e not in old]
-        return [e.host for e in old]
-
-    def __len__(self) -> int:
-        return len(self._idle)
+        super().__init__(max_idle, idle_timeout_s)

@@ -30,6 +30,7 @@ import ray
 from shardopt.actor.host import NAMESPACE, ShardHost, kill_actors
 from shardopt.actor.placement import options_key
 from shardopt.core.errors import ShardUnavailableError
+from shardopt.core.idle_pool import IdlePool
 
 logger = logging.getLogger(__name__)
 
@@ -229,19 +230,20 @@ host_pool = HostPool()
 
 class IdleReplicaHosts:
     """The dedicated replica hosts of this process's closed optimizers, emptied, kept for the
-    next optimizer's replicas (starting one costs seconds). At most ``max_idle``; a replicated
-    optimizer takes one only on another node than its shard's primary, where there is one."""
+    next optimizer's replicas (starting one costs seconds). At most ``max_idle`` (the oldest
+    is killed beyond); a replicated optimizer takes one only on another node than its shard's
+    primary, where there is one."""
 
     def __init__(self, max_idle: int = 8) -> None:
         self._lock = threading.Lock()
-        self._idle: list[tuple[Any, str, str]] = []  # (host, options key, node id)
+        self._idle = IdlePool(max_idle)  # items: hosts; node: the node each runs on
         self._cluster: str | None = None  # the Ray session they belong to
-        self.max_idle = max_idle
 
     def _reset_if_new_cluster(self) -> None:
         cluster = _cluster_id()
         if cluster != self._cluster:
-            self._cluster, self._idle = cluster, []
+            self._cluster = cluster
+            self._idle.clear()  # another cluster's actors: not ours to kill
 
     def take(self, actor_options: dict[str, Any], avoid_node: str | None) -> Any | None:
         """An idle host started with ``actor_options`` and not on ``avoid_node`` that still
@@ -250,24 +252,21 @@ class IdleReplicaHosts:
         while True:
             with self._lock:
                 self._reset_if_new_cluster()
-                found = next(
-                    (e for e in reversed(self._idle) if e[1] == key and e[2] != avoid_node), None
-                )
-                if found is None:
-                    return None
-                self._idle.remove(found)
+                taken = self._idle.take(key, accept=lambda idle: idle.node != avoid_node)
+            if not taken:
+                return None
             try:
-                info = ray.get(found[0].info.remote(), timeout=30)
+                info = ray.get(taken[0].info.remote(), timeout=30)
             except Exception as err:  # died while idle
                 logger.debug("idle replica host unusable: %s", err)
                 continue
             if not info["shards"]:
-                return found[0]
-            kill_actors([found[0]])
+                return taken[0]
+            kill_actors(taken)
 
     def give(self, host: Any, actor_options: dict[str, Any], owner: str) -> None:
         """Drops owner ``owner``'s shards from ``host`` and keeps it, or kills it (it does not
-        answer, holds other shards, or the pool is full)."""
+        answer or holds other shards); kills the oldest idle host beyond ``max_idle``."""
         key = options_key(actor_options)
         try:
             keys = ray.get(host.info.remote(), timeout=30)["shards"]
@@ -277,13 +276,13 @@ class IdleReplicaHosts:
             logger.debug("replica host not kept: %s", err)
             kill_actors([host])
             return
+        if info["shards"]:
+            kill_actors([host])
+            return
         with self._lock:
             self._reset_if_new_cluster()
-            keep = not info["shards"] and len(self._idle) < self.max_idle
-            if keep:
-                self._idle.append((host, key, info["node_id"]))
-        if not keep:
-            kill_actors([host])
+            dropped = self._idle.give(host, key, info["node_id"])
+        kill_actors(dropped)
 
 
 idle_replica_hosts = IdleReplicaHosts()

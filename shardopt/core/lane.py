@@ -57,21 +57,47 @@ class LaneAddress:
     token: bytes
 
 
-def _read_exactly(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
+def recv_into(sock: socket.socket, view: memoryview) -> None:
+    """Fills ``view`` from the socket (no intermediate bytes objects).
+
+    Raises:
+        LaneBroken: the other end closed first.
+    """
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
             raise LaneBroken("the other end closed the lane")
-        data += chunk
+        got += k
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    """The next ``n`` bytes from the socket (see :func:`recv_into`)."""
+    data = bytearray(n)
+    recv_into(sock, memoryview(data))
     return bytes(data)
 
 
+def end_sockets(conn: socket.socket | None, listener: socket.socket) -> None:
+    """Shuts a lane's connection (if any: its peer's next call fails at once) and its
+    listener; either may be closed already."""
+    if conn is not None:
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.close()
+    try:
+        listener.close()
+    except OSError:
+        pass
+
+
 def _read_frame(sock: socket.socket) -> bytes:
-    (length,) = _LENGTH.unpack(_read_exactly(sock, _LENGTH.size))
+    (length,) = _LENGTH.unpack(read_exactly(sock, _LENGTH.size))
     if length > MAX_FRAME_BYTES:
         raise LaneBroken(f"a lane frame of {length} bytes (at most {MAX_FRAME_BYTES})")
-    return _read_exactly(sock, length)
+    return read_exactly(sock, length)
 
 
 def _write_frame(sock: socket.socket, payload: bytes) -> None:
@@ -122,7 +148,7 @@ class LaneServer:
                 self._forget_path()
             self._conn = conn
             conn.settimeout(ACCEPT_TIMEOUT_S)
-            if not hmac.compare_digest(_read_exactly(conn, TOKEN_BYTES), self.address.token):
+            if not hmac.compare_digest(read_exactly(conn, TOKEN_BYTES), self.address.token):
                 logger.warning("a step lane refused a client with the wrong token")
                 return
             conn.settimeout(None)
@@ -142,17 +168,7 @@ class LaneServer:
     def close(self) -> None:
         """Ends the lane (the client's next call raises :class:`LaneBroken`)."""
         self._closed = True
-        conn = self._conn
-        if conn is not None:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
-        try:
-            self._listener.close()
-        except OSError:
-            pass
+        end_sockets(self._conn, self._listener)
         self._forget_path()
 
 

@@ -45,7 +45,10 @@ from shardopt.core.lane import (
     MAX_FRAME_BYTES,
     TOKEN_BYTES,
     LaneBroken,
+    end_sockets,
     picklable_error,
+    read_exactly,
+    recv_into,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,25 +76,9 @@ class NetLaneAddress:
     nbytes: int
 
 
-def _read_exactly(sock: socket.socket, n: int) -> bytes:
-    data = bytearray(n)
-    _recv_into(sock, memoryview(data))
-    return bytes(data)
-
-
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
-    """Fills ``view`` from the socket (no intermediate bytes objects)."""
-    got, n = 0, len(view)
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if not k:
-            raise LaneBroken("the other end closed the lane")
-        got += k
-
-
 def _read_header(sock: socket.socket, nbytes: int, payload_optional: bool) -> tuple[int, int]:
     """The next frame's (metadata length, payload length), checked against the bounds."""
-    magic, meta_len, payload_len = HEADER.unpack(_read_exactly(sock, HEADER.size))
+    magic, meta_len, payload_len = HEADER.unpack(read_exactly(sock, HEADER.size))
     if magic != MAGIC:
         raise LaneBroken("not a network lane frame")
     if meta_len > MAX_FRAME_BYTES:
@@ -145,7 +132,7 @@ class NetLaneServer:
             if self._closed:
                 return
             conn.settimeout(ACCEPT_TIMEOUT_S)
-            if not hmac.compare_digest(_read_exactly(conn, TOKEN_BYTES), self.address.token):
+            if not hmac.compare_digest(read_exactly(conn, TOKEN_BYTES), self.address.token):
                 logger.warning("a network lane refused a client with the wrong token")
                 return
             conn.settimeout(None)
@@ -153,8 +140,8 @@ class NetLaneServer:
             view = memoryview(self._buffer)
             while True:
                 meta_len, _ = _read_header(conn, self._nbytes, payload_optional=False)
-                meta = _read_exactly(conn, meta_len)
-                _recv_into(conn, view)
+                meta = read_exactly(conn, meta_len)
+                recv_into(conn, view)
                 self._answer(conn, pickle.loads(meta))
         except (OSError, EOFError, pickle.UnpicklingError) as err:  # gone, closed, or refused
             if not self._closed:
@@ -180,17 +167,7 @@ class NetLaneServer:
     def close(self) -> None:
         """Ends the lane (the client's next call raises :class:`LaneBroken`)."""
         self._closed = True
-        conn = self._conn
-        if conn is not None:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
-        try:
-            self._listener.close()
-        except OSError:
-            pass
+        end_sockets(self._conn, self._listener)
 
 
 class NetLaneClient:
@@ -250,9 +227,9 @@ class NetLaneClient:
         """
         try:
             meta_len, payload_len = _read_header(self._sock, self.nbytes, payload_optional=True)
-            meta = _read_exactly(self._sock, meta_len)
+            meta = read_exactly(self._sock, meta_len)
             if payload_len:
-                _recv_into(self._sock, memoryview(self.params))
+                recv_into(self._sock, memoryview(self.params))
             ok, answer = pickle.loads(meta)
         except (OSError, EOFError, pickle.UnpicklingError) as err:
             self.close()
