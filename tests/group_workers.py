@@ -139,3 +139,100 @@ class GroupWorker:
         if self.opt is not None:
             self.opt.close()
             self.opt = None
+
+
+# ----- users' loops, and a group computed with plain torch ----------------------------------------
+
+INF = float("inf")
+
+
+def scaled_steps(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    clip: bool,
+    scheduler: Any = None,
+) -> list[tuple[list[torch.Tensor], float, float]]:
+    """GradScaler's standard loop (scale, backward, [unscale_, clip_grad_norm_], step, update,
+    [scheduler.step()]) over ``batches``; returns (parameters, scale, lr) after each step."""
+    trajectory = []
+    for x, y in batches:
+        opt.zero_grad()
+        scaler.scale(loss_of(model, x, y)).backward()
+        if clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        scaler.step(opt)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        lr = opt.param_groups[0]["lr"]
+        trajectory.append(([p.detach().clone() for p in model.parameters()], scaler.get_scale(), lr))
+    return trajectory
+
+
+class ReferenceGroup:
+    """A shard group computed here with plain torch, for bit-exact comparisons: one torch
+    optimizer over the group's parameters (the shards) and one :meth:`member` optimizer per
+    rank, whose ``step()`` hands the rank's gradients to it as a group member pushes them.
+
+    ``"sync"``: a round applies the rank-order sum of all ranks' gradients divided by the world
+    size, with the lowest rank's hyperparameters, and every rank adopts the result. ``"async"``:
+    each push is applied as it is and only the pushing rank adopts the result. A member is a
+    plain optimizer to GradScaler (it unscales the gradients and skips the step on an inf), as
+    a group member is.
+    """
+
+    def __init__(self, world_size: int, mode: str, make_optimizer: Any, seed: int = 0) -> None:
+        self.world_size, self.mode = world_size, mode
+        self.server = make_model(seed)
+        self.optimizer: torch.optim.Optimizer = make_optimizer(self.server.parameters())
+        self.models = [make_model(seed) for _ in range(world_size)]
+        self._round: dict[int, tuple[list[torch.Tensor], dict[str, Any]]] = {}
+        self._members: dict[int, torch.optim.Optimizer] = {}
+        self.rounds = 0
+
+    def member(self, rank: int) -> torch.optim.Optimizer:
+        """Rank ``rank``'s optimizer (its param group holds ``lr`` and ``betas``)."""
+        hyper = {k: v for k, v in self.optimizer.defaults.items() if k in ("lr", "betas")}
+        self._members[rank] = _Member(self, rank, self.models[rank].parameters(), hyper)
+        return self._members[rank]
+
+    def state_dict(self, rank: int) -> dict[str, Any]:
+        """The group's state dict as rank ``rank`` sees it: the shards' state, its own
+        hyperparameters (a worker's ``param_groups`` are its own, as a scheduler left them)."""
+        own = {k: v for k, v in self._members[rank].param_groups[0].items() if k != "params"}
+        state = self.optimizer.state_dict()
+        state["param_groups"][0].update(own)
+        return state
+
+    @torch.no_grad()
+    def push(self, rank: int, member: torch.optim.Optimizer) -> None:
+        grads = [p.grad.clone() for p in self.models[rank].parameters()]
+        options = {k: v for k, v in member.param_groups[0].items() if k != "params"}
+        self._round[rank] = (grads, options)
+        if self.mode == "sync" and len(self._round) < self.world_size:
+            return
+        ranks = sorted(self._round)
+        self.optimizer.param_groups[0].update(self._round[ranks[0]][1])
+        for j, p in enumerate(self.server.parameters()):
+            total = self._round[ranks[0]][0][j].clone()
+            for r in ranks[1:]:
+                total.add_(self._round[r][0][j])
+            p.grad = total.div_(len(ranks)) if self.mode == "sync" else total
+        self.optimizer.step()
+        self.rounds += 1
+        for r in ranks:
+            for mine, shard in zip(self.models[r].parameters(), self.server.parameters()):
+                mine.copy_(shard)
+        self._round = {}
+
+
+class _Member(torch.optim.Optimizer):
+    def __init__(self, group: ReferenceGroup, rank: int, params: Any, hyper: dict) -> None:
+        super().__init__(params, hyper)
+        self._reference, self._rank = group, rank
+
+    def step(self, closure: Any = None) -> None:
+        self._reference.push(self._rank, self)

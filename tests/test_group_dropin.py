@@ -1,0 +1,227 @@
+"""Shard-group workers run as users run them, each pinned to torch's numbers bit for bit.
+
+- ``torch.amp.GradScaler``'s standard loop (with and without ``unscale_`` and clipping, an lr
+  scheduler stepping every step) on the workers of a sync group (shared memory and step lanes)
+  and of an async group, with a step whose gradients overflow: skipped on every shard.
+- ``torch.compile`` around ``opt.step()`` and around the whole training step, with an lr
+  scheduler whose every new lr must reach the shards.
+- ``overlap=True`` with a group is refused (a group member packs its gradients at ``step()``).
+
+The reference is :class:`group_workers.ReferenceGroup`: plain torch, the group's rule (rank-order
+sum over the world size in sync mode, each push as it is in async mode) applied by hand.
+"""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from group_workers import INF, ReferenceGroup, make_model, scaled_steps
+from helpers import assert_same, assert_same_state_dict, batch
+
+import shardopt
+from shardopt.client.shard_group import list_groups
+
+LR = 0.05
+STEPS = 5
+INF_STEP = 2
+
+
+@pytest.fixture
+def name():
+    """A fresh group name, torn down after the test."""
+    group = f"dropin-{uuid.uuid4().hex[:8]}"
+    yield group
+    shardopt.close_group(group)
+
+
+def batches(rank: int, inf_ranks: tuple[int, ...] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank ``rank``'s minibatch of every step; at INF_STEP those of ``inf_ranks`` overflow."""
+    out = []
+    for k in range(STEPS):
+        x, y = batch(100 * rank + k, n=4)
+        if k == INF_STEP and rank in inf_ranks:
+            x[0, 0] = INF
+        out.append((x, y))
+    return out
+
+
+def torch_adamw(params):
+    """What a group's shards run for the default ``shardopt.AdamW``: torch's fused kernel."""
+    return torch.optim.AdamW(params, lr=LR, fused=True)
+
+
+def halving(opt):
+    """An lr scheduler that changes every group's lr at every step."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5**k)
+
+
+def scaler():
+    return torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+
+
+def in_lockstep(reference, step):
+    """The reference's two sync ranks, step by step: ``step(rank, k)`` gives (_, scale, lr);
+    each rank's parameters are read once the round is complete."""
+    runs = [[], []]
+    for k in range(STEPS):
+        done = [step(r, k) for r in range(2)]
+        for r, (_, scale, lr) in enumerate(done):
+            runs[r].append(([p.detach().clone() for p in reference.models[r].parameters()], scale, lr))
+    return runs
+
+
+def assert_same_runs(got, want):
+    for rank, (mine, ref) in enumerate(zip(got, want)):
+        for k, ((params, scale, lr), (ref_params, ref_scale, ref_lr)) in enumerate(zip(mine, ref)):
+            assert (scale, lr) == (ref_scale, ref_lr), (rank, k)
+            assert_same(params, ref_params, f"rank {rank} step {k}")
+
+
+def assert_group_state(opt, reference, rank):
+    got, want = opt.state_dict(), reference.state_dict(rank)
+    for group in got["param_groups"] + want["param_groups"]:
+        group.pop("fused")  # shardopt reports the user's choice (None), not the kernel it ran
+    assert_same_state_dict(got, want)
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["scaled", "unscale_-clip"])
+def test_sync_group_grad_scaler_loop_with_a_scheduler_gives_torchs_numbers(name, clip):
+    """Both workers overflow at INF_STEP (as DDP's all-reduced gradients would on every rank):
+    both skip, no shard changes, both scales shrink. Each worker unscales and clips its own
+    gradients before the average (DDP clips the average)."""
+    data = [batches(r, inf_ranks=(0, 1)) for r in range(2)]
+
+    def work(rank):
+        model = make_model(0)
+        opt = shardopt.AdamW(model.parameters(), lr=LR, group=name, world_size=2, rank=rank,
+                             num_shards=2, timeout=30)  # fmt: skip
+        assert opt.uses_shared_memory == [True, True] and len(opt.group.lanes) == 2
+        trajectory = scaled_steps(model, opt, scaler(), data[rank], clip, halving(opt))
+        return opt, trajectory
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(work, range(2)))
+    reference = ReferenceGroup(2, "sync", torch_adamw)
+    members = [reference.member(r) for r in range(2)]
+    scalers, schedulers = [scaler(), scaler()], [halving(m) for m in members]
+    want = in_lockstep(
+        reference,
+        lambda r, k: scaled_steps(
+            reference.models[r], members[r], scalers[r], data[r][k : k + 1], clip, schedulers[r]
+        )[0],
+    )
+    assert reference.rounds == STEPS - 1
+    assert want[0][INF_STEP][1] == want[0][INF_STEP - 1][1] / 2  # the reference skipped
+    assert_same_runs([trajectory for _, trajectory in results], want)
+    opt = results[0][0]
+    assert opt.group.versions == [STEPS - 1] * 2  # the inf step reached no shard
+    assert_group_state(opt, reference, 0)
+    for opt, _ in results:
+        opt.close()
+
+
+def test_async_group_grad_scaler_loop_skips_only_the_overflowing_worker(name):
+    """Two async workers take turns (one thread: a fixed order of pushes); rank 1 overflows at
+    INF_STEP and skips alone: its scale shrinks, rank 0's pushes go on being applied."""
+    data = [batches(r, inf_ranks=(1,)) for r in range(2)]
+    models = [make_model(0), make_model(0)]
+    opts = [
+        shardopt.AdamW(models[r].parameters(), lr=LR, group=name, world_size=2, rank=r,
+                       num_shards=2, mode="async", timeout=30)  # fmt: skip
+        for r in range(2)
+    ]
+    reference = ReferenceGroup(2, "async", torch_adamw)
+    members = [reference.member(r) for r in range(2)]
+    runs = {
+        "shardopt": (models, opts, [scaler(), scaler()], [halving(o) for o in opts]),
+        "torch": (reference.models, members, [scaler(), scaler()], [halving(m) for m in members]),
+    }
+    got, want = [[], []], [[], []]
+    for k in range(STEPS):
+        for r in range(2):
+            for label, out in (("shardopt", got), ("torch", want)):
+                model, opt, scale, schedule = (part[r] for part in runs[label])
+                out[r] += scaled_steps(model, opt, scale, data[r][k : k + 1], True, schedule)
+    assert reference.rounds == 2 * STEPS - 1
+    assert want[1][INF_STEP][1] == want[1][INF_STEP - 1][1] / 2
+    assert want[0][INF_STEP][1] == want[0][INF_STEP - 1][1]  # (growth_interval 2: no growth)
+    assert_same_runs(got, want)
+    assert opts[1].group.versions == [2 * STEPS - 1] * 2  # rank 1 pushed last
+    assert_group_state(opts[1], reference, 1)
+    for opt in opts:
+        opt.close()
+
+
+@pytest.mark.parametrize("compiled", ["step", "training-step"])
+def test_compiled_group_step_with_a_scheduler_gives_torchs_numbers(name, compiled):
+    """``torch.compile(opt.step)`` (or the whole training step, with graph breaks at the
+    push) on both workers of a sync group; OneCycleLR's new lr reaches the shards each step."""
+    data = [batches(r) for r in range(2)]
+
+    def one_cycle(opt):
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=STEPS)
+
+    def run(model, opt, rank):
+        scheduler = one_cycle(opt)
+        if compiled == "step":
+            step = torch.compile(opt.step, backend="eager")
+
+            def train(x, y):
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                step()
+
+        else:
+
+            @torch.compile(backend="eager")
+            def train(x, y):
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+
+        trajectory = []
+        for x, y in data[rank]:
+            train(x, y)
+            scheduler.step()
+            params = [p.detach().clone() for p in model.parameters()]
+            trajectory.append((params, 1.0, opt.param_groups[0]["lr"]))
+        return trajectory
+
+    def work(rank):
+        model = make_model(0)
+        opt = shardopt.AdamW(model.parameters(), lr=LR, group=name, world_size=2, rank=rank,
+                             num_shards=2, timeout=30)  # fmt: skip
+        return opt, run(model, opt, rank)
+
+    torch._dynamo.reset()
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(work, range(2)))
+    reference = ReferenceGroup(2, "sync", torch_adamw)
+    members = [reference.member(r) for r in range(2)]
+    schedulers = [one_cycle(m) for m in members]
+
+    def step(r, k):
+        members[r].zero_grad()
+        torch.nn.functional.mse_loss(reference.models[r](data[r][k][0]), data[r][k][1]).backward()
+        members[r].step()
+        schedulers[r].step()
+        return None, 1.0, members[r].param_groups[0]["lr"]
+
+    want = in_lockstep(reference, step)
+    assert len({lr for _, _, lr in want[0]}) == STEPS  # a new lr every step
+    assert_same_runs([trajectory for _, trajectory in results], want)
+    assert_group_state(results[1][0], reference, 1)
+    for opt, _ in results:
+        opt.close()
+
+
+def test_overlap_with_a_group_is_refused(name):
+    """A group member packs its gradients at ``step()``: ``overlap=True`` would be silently
+    ignored, so it is refused (as with ``address=``), before any group is made."""
+    with pytest.raises(ValueError, match="overlap"):
+        shardopt.AdamW(make_model(0).parameters(), lr=LR, group=name, world_size=1, rank=0,
+                       num_shards=1, overlap=True)  # fmt: skip
+    assert name not in list_groups()
