@@ -167,8 +167,8 @@ def scaled_steps(
         scaler.update()
         if scheduler is not None:
             scheduler.step()
-        lr = opt.param_groups[0]["lr"]
-        trajectory.append(([p.detach().clone() for p in model.parameters()], scaler.get_scale(), lr))
+        params = [p.detach().clone() for p in model.parameters()]
+        trajectory.append((params, scaler.get_scale(), opt.param_groups[0]["lr"]))
     return trajectory
 
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from group_workers import INF, ReferenceGroup, make_model, scaled_steps
-from helpers import assert_same, assert_same_state_dict, batch
+from helpers import assert_same, assert_same_state_dict, batch, loss_of
 
 import shardopt
 from shardopt.client.shard_group import list_groups
@@ -48,6 +48,12 @@ def batches(rank: int, inf_ranks: tuple[int, ...] = ()) -> list[tuple[torch.Tens
     return out
 
 
+def attach(name, model, rank, **options):
+    """Rank ``rank`` of the two-worker group ``name`` (two shards), training ``model``."""
+    options = {"world_size": 2, "rank": rank, "num_shards": 2, "timeout": 30, **options}
+    return shardopt.AdamW(model.parameters(), lr=LR, group=name, **options)
+
+
 def torch_adamw(params):
     """What a group's shards run for the default ``shardopt.AdamW``: torch's fused kernel."""
     return torch.optim.AdamW(params, lr=LR, fused=True)
@@ -69,7 +75,8 @@ def in_lockstep(reference, step):
     for k in range(STEPS):
         done = [step(r, k) for r in range(2)]
         for r, (_, scale, lr) in enumerate(done):
-            runs[r].append(([p.detach().clone() for p in reference.models[r].parameters()], scale, lr))
+            params = [p.detach().clone() for p in reference.models[r].parameters()]
+            runs[r].append((params, scale, lr))
     return runs
 
 
@@ -96,8 +103,7 @@ def test_sync_group_grad_scaler_loop_with_a_scheduler_gives_torchs_numbers(name,
 
     def work(rank):
         model = make_model(0)
-        opt = shardopt.AdamW(model.parameters(), lr=LR, group=name, world_size=2, rank=rank,
-                             num_shards=2, timeout=30)  # fmt: skip
+        opt = attach(name, model, rank)
         assert opt.uses_shared_memory == [True, True] and len(opt.group.lanes) == 2
         trajectory = scaled_steps(model, opt, scaler(), data[rank], clip, halving(opt))
         return opt, trajectory
@@ -123,16 +129,42 @@ def test_sync_group_grad_scaler_loop_with_a_scheduler_gives_torchs_numbers(name,
         opt.close()
 
 
+def test_sync_worker_that_overflows_alone_leaves_the_others_waiting(name):
+    """GradScaler decides on each worker alone (README, caveats): rank 1 overflows and skips,
+    rank 0's push waits for it until ``timeout``, fails naming rank 1 and is withdrawn. No
+    shard changes; the scales part ways."""
+    models = [make_model(0), make_model(0)]
+    opts = [attach(name, models[r], r, timeout=1) for r in range(2)]
+    scalers = [scaler(), scaler()]
+    before = [p.detach().clone() for p in models[0].parameters()]
+
+    def work(rank):
+        x, y = batches(rank, inf_ranks=(1,))[INF_STEP]
+        scalers[rank].scale(loss_of(models[rank], x, y)).backward()
+        scalers[rank].step(opts[rank])
+        scalers[rank].update()
+
+    with ThreadPoolExecutor(2) as pool:
+        waited, skipped = pool.submit(work, 0), pool.submit(work, 1)
+        skipped.result()
+        with pytest.raises(shardopt.GroupTimeoutError, match=r"rank\(s\) \[1\]"):
+            waited.result()
+    assert scalers[1].get_scale() == 2.0**11
+    for opt, model in zip(opts, models):
+        opt.pull_params()
+        assert_same([p.detach() for p in model.parameters()], before)
+        assert opt.group.versions == [0, 0]
+    assert opts[0].state_dict()["state"] == {}
+    for opt in opts:
+        opt.close()
+
+
 def test_async_group_grad_scaler_loop_skips_only_the_overflowing_worker(name):
     """Two async workers take turns (one thread: a fixed order of pushes); rank 1 overflows at
     INF_STEP and skips alone: its scale shrinks, rank 0's pushes go on being applied."""
     data = [batches(r, inf_ranks=(1,)) for r in range(2)]
     models = [make_model(0), make_model(0)]
-    opts = [
-        shardopt.AdamW(models[r].parameters(), lr=LR, group=name, world_size=2, rank=r,
-                       num_shards=2, mode="async", timeout=30)  # fmt: skip
-        for r in range(2)
-    ]
+    opts = [attach(name, models[r], r, mode="async") for r in range(2)]
     reference = ReferenceGroup(2, "async", torch_adamw)
     members = [reference.member(r) for r in range(2)]
     runs = {
@@ -192,8 +224,7 @@ def test_compiled_group_step_with_a_scheduler_gives_torchs_numbers(name, compile
 
     def work(rank):
         model = make_model(0)
-        opt = shardopt.AdamW(model.parameters(), lr=LR, group=name, world_size=2, rank=rank,
-                             num_shards=2, timeout=30)  # fmt: skip
+        opt = attach(name, model, rank)
         return opt, run(model, opt, rank)
 
     torch._dynamo.reset()
