@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import helpers
 import torch
-from helpers import batch, loss_of
+from helpers import assert_same, assert_same_state_dict, batch, loss_of
 
 import shardopt
 
@@ -143,7 +144,33 @@ class GroupWorker:
 
 # ----- users' loops, and a group computed with plain torch ----------------------------------------
 
-INF = float("inf")
+STEPS = 5
+"""How many steps the users' loops below run."""
+INF_STEP = 2
+"""The step whose gradients overflow (on the ranks a test chooses)."""
+
+
+def user_batches(
+    rank: int, inf_ranks: tuple[int, ...] = ()
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank ``rank``'s minibatch of every step; at INF_STEP those of ``inf_ranks`` overflow."""
+    out = []
+    for k in range(STEPS):
+        x, y = batch(100 * rank + k, n=4)
+        if k == INF_STEP and rank in inf_ranks:
+            x[0, 0] = float("inf")
+        out.append((x, y))
+    return out
+
+
+def grad_scaler() -> torch.amp.GradScaler:
+    """A CPU GradScaler whose scale grows every second step without an inf (and halves on one)."""
+    return torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+
+
+def halving(opt: torch.optim.Optimizer) -> Any:
+    """An lr scheduler that changes every group's lr at every step."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5**k)
 
 
 def scaled_steps(
@@ -170,6 +197,65 @@ def scaled_steps(
         params = [p.detach().clone() for p in model.parameters()]
         trajectory.append((params, scaler.get_scale(), opt.param_groups[0]["lr"]))
     return trajectory
+
+
+def scaled_sync_run(
+    make_member: Any, clip: bool, lr: float
+) -> tuple[list[shardopt.ShardedOptimizer], ReferenceGroup]:
+    """Two sync workers (threads), each ``make_member(model, rank)`` running GradScaler's loop
+    (:func:`scaled_steps`, a :func:`halving` lr) on its :func:`user_batches`, both overflowing
+    at INF_STEP; checks every step against a :class:`ReferenceGroup` running fused AdamW
+    (what the shards run) and returns the workers' optimizers and the reference."""
+    data = [user_batches(r, inf_ranks=(0, 1)) for r in range(2)]
+
+    def work(rank: int) -> tuple[shardopt.ShardedOptimizer, list]:
+        model = make_model(0)
+        opt = make_member(model, rank)
+        return opt, scaled_steps(model, opt, grad_scaler(), data[rank], clip, halving(opt))
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(work, range(2)))
+    reference = ReferenceGroup(2, "sync", lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True))
+    members = [reference.member(r) for r in range(2)]
+    scalers, schedulers = [grad_scaler(), grad_scaler()], [halving(m) for m in members]
+    want = in_lockstep(
+        reference,
+        lambda r, k: scaled_steps(
+            reference.models[r], members[r], scalers[r], data[r][k : k + 1], clip, schedulers[r]
+        )[0],
+    )
+    assert reference.rounds == STEPS - 1
+    assert want[0][INF_STEP][1] == want[0][INF_STEP - 1][1] / 2  # the reference skipped
+    assert_same_runs([trajectory for _, trajectory in results], want)
+    return [opt for opt, _ in results], reference
+
+
+def in_lockstep(reference: ReferenceGroup, step: Any) -> list[list]:
+    """The reference's two sync ranks, step by step: ``step(rank, k)`` gives (_, scale, lr);
+    each rank's parameters are read once the round is complete."""
+    runs: list[list] = [[], []]
+    for k in range(STEPS):
+        done = [step(r, k) for r in range(2)]
+        for r, (_, scale, lr) in enumerate(done):
+            params = [p.detach().clone() for p in reference.models[r].parameters()]
+            runs[r].append((params, scale, lr))
+    return runs
+
+
+def assert_same_runs(got: list[list], want: list[list]) -> None:
+    """Each rank's (parameters, scale, lr) after every step, bit for bit."""
+    for rank, (mine, ref) in enumerate(zip(got, want)):
+        for k, ((params, scale, lr), (ref_params, ref_scale, ref_lr)) in enumerate(zip(mine, ref)):
+            assert (scale, lr) == (ref_scale, ref_lr), (rank, k)
+            assert_same(params, ref_params, f"rank {rank} step {k}")
+
+
+def assert_group_state(opt: torch.optim.Optimizer, reference: ReferenceGroup, rank: int) -> None:
+    """``opt``'s state dict is the reference group's as rank ``rank`` sees it."""
+    got, want = opt.state_dict(), reference.state_dict(rank)
+    for group in got["param_groups"] + want["param_groups"]:
+        group.pop("fused")  # shardopt reports the user's choice (None), not the kernel it ran
+    assert_same_state_dict(got, want)
 
 
 class ReferenceGroup:

@@ -18,15 +18,26 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from group_workers import INF, ReferenceGroup, make_model, scaled_steps
-from helpers import assert_same, assert_same_state_dict, batch, loss_of
+from group_workers import (
+    INF_STEP,
+    STEPS,
+    ReferenceGroup,
+    assert_group_state,
+    assert_same_runs,
+    grad_scaler,
+    halving,
+    in_lockstep,
+    make_model,
+    scaled_steps,
+    scaled_sync_run,
+    user_batches,
+)
+from helpers import assert_same, loss_of
 
 import shardopt
 from shardopt.client.shard_group import list_groups
 
 LR = 0.05
-STEPS = 5
-INF_STEP = 2
 
 
 @pytest.fixture
@@ -37,15 +48,9 @@ def name():
     shardopt.close_group(group)
 
 
-def batches(rank: int, inf_ranks: tuple[int, ...] = ()) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Rank ``rank``'s minibatch of every step; at INF_STEP those of ``inf_ranks`` overflow."""
-    out = []
-    for k in range(STEPS):
-        x, y = batch(100 * rank + k, n=4)
-        if k == INF_STEP and rank in inf_ranks:
-            x[0, 0] = INF
-        out.append((x, y))
-    return out
+def torch_adamw(params):
+    """What a group's shards run for the default ``shardopt.AdamW``: torch's fused kernel."""
+    return torch.optim.AdamW(params, lr=LR, fused=True)
 
 
 def attach(name, model, rank, **options):
@@ -54,78 +59,21 @@ def attach(name, model, rank, **options):
     return shardopt.AdamW(model.parameters(), lr=LR, group=name, **options)
 
 
-def torch_adamw(params):
-    """What a group's shards run for the default ``shardopt.AdamW``: torch's fused kernel."""
-    return torch.optim.AdamW(params, lr=LR, fused=True)
-
-
-def halving(opt):
-    """An lr scheduler that changes every group's lr at every step."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5**k)
-
-
-def scaler():
-    return torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
-
-
-def in_lockstep(reference, step):
-    """The reference's two sync ranks, step by step: ``step(rank, k)`` gives (_, scale, lr);
-    each rank's parameters are read once the round is complete."""
-    runs = [[], []]
-    for k in range(STEPS):
-        done = [step(r, k) for r in range(2)]
-        for r, (_, scale, lr) in enumerate(done):
-            params = [p.detach().clone() for p in reference.models[r].parameters()]
-            runs[r].append((params, scale, lr))
-    return runs
-
-
-def assert_same_runs(got, want):
-    for rank, (mine, ref) in enumerate(zip(got, want)):
-        for k, ((params, scale, lr), (ref_params, ref_scale, ref_lr)) in enumerate(zip(mine, ref)):
-            assert (scale, lr) == (ref_scale, ref_lr), (rank, k)
-            assert_same(params, ref_params, f"rank {rank} step {k}")
-
-
-def assert_group_state(opt, reference, rank):
-    got, want = opt.state_dict(), reference.state_dict(rank)
-    for group in got["param_groups"] + want["param_groups"]:
-        group.pop("fused")  # shardopt reports the user's choice (None), not the kernel it ran
-    assert_same_state_dict(got, want)
-
-
 @pytest.mark.parametrize("clip", [False, True], ids=["scaled", "unscale_-clip"])
 def test_sync_group_grad_scaler_loop_with_a_scheduler_gives_torchs_numbers(name, clip):
     """Both workers overflow at INF_STEP (as DDP's all-reduced gradients would on every rank):
     both skip, no shard changes, both scales shrink. Each worker unscales and clips its own
     gradients before the average (DDP clips the average)."""
-    data = [batches(r, inf_ranks=(0, 1)) for r in range(2)]
 
-    def work(rank):
-        model = make_model(0)
+    def member(model, rank):
         opt = attach(name, model, rank)
         assert opt.uses_shared_memory == [True, True] and len(opt.group.lanes) == 2
-        trajectory = scaled_steps(model, opt, scaler(), data[rank], clip, halving(opt))
-        return opt, trajectory
+        return opt
 
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(work, range(2)))
-    reference = ReferenceGroup(2, "sync", torch_adamw)
-    members = [reference.member(r) for r in range(2)]
-    scalers, schedulers = [scaler(), scaler()], [halving(m) for m in members]
-    want = in_lockstep(
-        reference,
-        lambda r, k: scaled_steps(
-            reference.models[r], members[r], scalers[r], data[r][k : k + 1], clip, schedulers[r]
-        )[0],
-    )
-    assert reference.rounds == STEPS - 1
-    assert want[0][INF_STEP][1] == want[0][INF_STEP - 1][1] / 2  # the reference skipped
-    assert_same_runs([trajectory for _, trajectory in results], want)
-    opt = results[0][0]
-    assert opt.group.versions == [STEPS - 1] * 2  # the inf step reached no shard
-    assert_group_state(opt, reference, 0)
-    for opt, _ in results:
+    opts, reference = scaled_sync_run(member, clip, LR)
+    assert opts[0].group.versions == [STEPS - 1] * 2  # the inf step reached no shard
+    assert_group_state(opts[0], reference, 0)
+    for opt in opts:
         opt.close()
 
 
@@ -135,11 +83,11 @@ def test_sync_worker_that_overflows_alone_leaves_the_others_waiting(name):
     shard changes; the scales part ways."""
     models = [make_model(0), make_model(0)]
     opts = [attach(name, models[r], r, timeout=1) for r in range(2)]
-    scalers = [scaler(), scaler()]
+    scalers = [grad_scaler(), grad_scaler()]
     before = [p.detach().clone() for p in models[0].parameters()]
 
     def work(rank):
-        x, y = batches(rank, inf_ranks=(1,))[INF_STEP]
+        x, y = user_batches(rank, inf_ranks=(1,))[INF_STEP]
         scalers[rank].scale(loss_of(models[rank], x, y)).backward()
         scalers[rank].step(opts[rank])
         scalers[rank].update()
@@ -162,14 +110,19 @@ def test_sync_worker_that_overflows_alone_leaves_the_others_waiting(name):
 def test_async_group_grad_scaler_loop_skips_only_the_overflowing_worker(name):
     """Two async workers take turns (one thread: a fixed order of pushes); rank 1 overflows at
     INF_STEP and skips alone: its scale shrinks, rank 0's pushes go on being applied."""
-    data = [batches(r, inf_ranks=(1,)) for r in range(2)]
+    data = [user_batches(r, inf_ranks=(1,)) for r in range(2)]
     models = [make_model(0), make_model(0)]
     opts = [attach(name, models[r], r, mode="async") for r in range(2)]
     reference = ReferenceGroup(2, "async", torch_adamw)
     members = [reference.member(r) for r in range(2)]
     runs = {
-        "shardopt": (models, opts, [scaler(), scaler()], [halving(o) for o in opts]),
-        "torch": (reference.models, members, [scaler(), scaler()], [halving(m) for m in members]),
+        "shardopt": (models, opts, [grad_scaler(), grad_scaler()], [halving(o) for o in opts]),
+        "torch": (
+            reference.models,
+            members,
+            [grad_scaler(), grad_scaler()],
+            [halving(m) for m in members],
+        ),
     }
     got, want = [[], []], [[], []]
     for k in range(STEPS):
@@ -191,7 +144,7 @@ def test_async_group_grad_scaler_loop_skips_only_the_overflowing_worker(name):
 def test_compiled_group_step_with_a_scheduler_gives_torchs_numbers(name, compiled):
     """``torch.compile(opt.step)`` (or the whole training step, with graph breaks at the
     push) on both workers of a sync group; OneCycleLR's new lr reaches the shards each step."""
-    data = [batches(r) for r in range(2)]
+    data = [user_batches(r) for r in range(2)]
 
     def one_cycle(opt):
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=STEPS)
