@@ -59,15 +59,28 @@ def attach(name, model, rank, **options):
     return shardopt.AdamW(model.parameters(), lr=LR, group=name, **options)
 
 
-@pytest.mark.parametrize("clip", [False, True], ids=["scaled", "unscale_-clip"])
-def test_sync_group_grad_scaler_loop_with_a_scheduler_gives_torchs_numbers(name, clip):
+DATA_PATHS = {
+    "shm": ({}, ([True, True], 2)),  # gradient slots, parameter buffers, step lanes
+    "object_store": ({"shared_memory": False}, ([False, False], 0)),
+    "share_params": ({"share_params": True}, ([True, True], 2)),
+}
+"""A group worker's options, and what it then uses: (shared memory per shard, push lanes)."""
+
+
+@pytest.mark.parametrize(
+    ("clip", "data_path"),
+    [(False, "shm"), (True, "shm"), (True, "object_store"), (True, "share_params")],
+    ids=["scaled", "unscale_-clip", "unscale_-clip-object_store", "unscale_-clip-share_params"],
+)
+def test_sync_group_grad_scaler_loop_with_a_scheduler_gives_torchs_numbers(name, clip, data_path):
     """Both workers overflow at INF_STEP (as DDP's all-reduced gradients would on every rank):
     both skip, no shard changes, both scales shrink. Each worker unscales and clips its own
     gradients before the average (DDP clips the average)."""
+    options, uses = DATA_PATHS[data_path]
 
     def member(model, rank):
-        opt = attach(name, model, rank)
-        assert opt.uses_shared_memory == [True, True] and len(opt.group.lanes) == 2
+        opt = attach(name, model, rank, **options)
+        assert (opt.uses_shared_memory, len(opt.group.lanes)) == uses
         return opt
 
     opts, reference = scaled_sync_run(member, clip, LR)
