@@ -13,6 +13,7 @@ sum over the world size in sync mode, each push as it is in async mode) applied 
 
 from __future__ import annotations
 
+import io
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,7 +33,7 @@ from group_workers import (
     scaled_sync_run,
     user_batches,
 )
-from helpers import assert_same, loss_of
+from helpers import assert_same, assert_same_state_dict, loss_of
 
 import shardopt
 from shardopt.client.shard_group import list_groups
@@ -212,6 +213,58 @@ def test_compiled_group_step_with_a_scheduler_gives_torchs_numbers(name, compile
     assert_same_runs([trajectory for _, trajectory in results], want)
     assert_group_state(results[1][0], reference, 1)
     for opt, _ in results:
+        opt.close()
+
+
+def test_hf_and_lightning_style_loops_on_a_sync_group(name):
+    """HF Trainer round-trips a fresh optimizer's state dict and reloads checkpoints with
+    ``weights_only=True``; Lightning steps with a closure (forward and backward) and then its
+    scheduler. On both workers of a sync group, at once."""
+    data = [user_batches(r) for r in range(2)]
+
+    def work(rank):
+        model = make_model(0)
+        opt = attach(name, model, rank)
+        opt.load_state_dict(opt.state_dict())  # (before any step, as HF does)
+        scheduler = halving(opt)
+        trajectory = []
+        for x, y in data[rank]:
+
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = loss_of(model, x, y)
+                loss.backward()
+                return loss
+
+            loss = opt.step(closure=closure)
+            assert isinstance(loss, torch.Tensor)
+            scheduler.step()
+            params = [p.detach().clone() for p in model.parameters()]
+            trajectory.append((params, 1.0, opt.param_groups[0]["lr"]))
+        saved = io.BytesIO()
+        torch.save(opt.state_dict(), saved)
+        saved.seek(0)
+        return opt, trajectory, torch.load(saved, weights_only=True)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(work, range(2)))
+    reference = ReferenceGroup(2, "sync", torch_adamw)
+    members = [reference.member(r) for r in range(2)]
+    schedulers = [halving(m) for m in members]
+
+    def step(r, k):
+        members[r].zero_grad()
+        loss_of(reference.models[r], *data[r][k]).backward()
+        members[r].step()
+        schedulers[r].step()
+        return None, 1.0, members[r].param_groups[0]["lr"]
+
+    assert_same_runs([trajectory for _, trajectory, _ in results], in_lockstep(reference, step))
+    loaded, want = results[1][2], reference.state_dict(1)
+    for group in loaded["param_groups"] + want["param_groups"]:
+        group.pop("fused")
+    assert_same_state_dict(loaded, want)
+    for opt, _, _ in results:
         opt.close()
 
 
