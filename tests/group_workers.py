@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import helpers
 import torch
-from helpers import batch, loss_of
+from helpers import assert_same, assert_same_state_dict, batch, loss_of
 
 import shardopt
 
@@ -139,3 +140,185 @@ class GroupWorker:
         if self.opt is not None:
             self.opt.close()
             self.opt = None
+
+
+# ----- users' loops, and a group computed with plain torch ----------------------------------------
+
+STEPS = 5
+"""How many steps the users' loops below run."""
+INF_STEP = 2
+"""The step whose gradients overflow (on the ranks a test chooses)."""
+
+
+def user_batches(
+    rank: int, inf_ranks: tuple[int, ...] = ()
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank ``rank``'s minibatch of every step; at INF_STEP those of ``inf_ranks`` overflow."""
+    out = []
+    for k in range(STEPS):
+        x, y = batch(100 * rank + k, n=4)
+        if k == INF_STEP and rank in inf_ranks:
+            x[0, 0] = float("inf")
+        out.append((x, y))
+    return out
+
+
+def grad_scaler() -> torch.amp.GradScaler:
+    """A CPU GradScaler whose scale grows every second step without an inf (and halves on one)."""
+    return torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+
+
+def halving(opt: torch.optim.Optimizer) -> Any:
+    """An lr scheduler that changes every group's lr at every step."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5**k)
+
+
+def scaled_steps(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    clip: bool,
+    scheduler: Any = None,
+) -> list[tuple[list[torch.Tensor], float, float]]:
+    """GradScaler's standard loop (scale, backward, [unscale_, clip_grad_norm_], step, update,
+    [scheduler.step()]) over ``batches``; returns (parameters, scale, lr) after each step."""
+    trajectory = []
+    for x, y in batches:
+        opt.zero_grad()
+        scaler.scale(loss_of(model, x, y)).backward()
+        if clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        scaler.step(opt)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        params = [p.detach().clone() for p in model.parameters()]
+        trajectory.append((params, scaler.get_scale(), opt.param_groups[0]["lr"]))
+    return trajectory
+
+
+def scaled_sync_run(
+    make_member: Any, clip: bool, lr: float
+) -> tuple[list[shardopt.ShardedOptimizer], ReferenceGroup]:
+    """Two sync workers (threads), each ``make_member(model, rank)`` running GradScaler's loop
+    (:func:`scaled_steps`, a :func:`halving` lr) on its :func:`user_batches`, both overflowing
+    at INF_STEP; checks every step against a :class:`ReferenceGroup` running fused AdamW
+    (what the shards run) and returns the workers' optimizers and the reference."""
+    data = [user_batches(r, inf_ranks=(0, 1)) for r in range(2)]
+
+    def work(rank: int) -> tuple[shardopt.ShardedOptimizer, list]:
+        model = make_model(0)
+        opt = make_member(model, rank)
+        return opt, scaled_steps(model, opt, grad_scaler(), data[rank], clip, halving(opt))
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(work, range(2)))
+    reference = ReferenceGroup(2, "sync", lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True))
+    members = [reference.member(r) for r in range(2)]
+    scalers, schedulers = [grad_scaler(), grad_scaler()], [halving(m) for m in members]
+    want = in_lockstep(
+        reference,
+        lambda r, k: scaled_steps(
+            reference.models[r], members[r], scalers[r], data[r][k : k + 1], clip, schedulers[r]
+        )[0],
+    )
+    assert reference.rounds == STEPS - 1
+    assert want[0][INF_STEP][1] == want[0][INF_STEP - 1][1] / 2  # the reference skipped
+    assert_same_runs([trajectory for _, trajectory in results], want)
+    return [opt for opt, _ in results], reference
+
+
+def in_lockstep(reference: ReferenceGroup, step: Any) -> list[list]:
+    """The reference's two sync ranks, step by step: ``step(rank, k)`` gives (_, scale, lr);
+    each rank's parameters are read once the round is complete."""
+    runs: list[list] = [[], []]
+    for k in range(STEPS):
+        done = [step(r, k) for r in range(2)]
+        for r, (_, scale, lr) in enumerate(done):
+            params = [p.detach().clone() for p in reference.models[r].parameters()]
+            runs[r].append((params, scale, lr))
+    return runs
+
+
+def assert_same_runs(got: list[list], want: list[list]) -> None:
+    """Each rank's (parameters, scale, lr) after every step, bit for bit."""
+    for rank, (mine, ref) in enumerate(zip(got, want)):
+        for k, ((params, scale, lr), (ref_params, ref_scale, ref_lr)) in enumerate(zip(mine, ref)):
+            assert (scale, lr) == (ref_scale, ref_lr), (rank, k)
+            assert_same(params, ref_params, f"rank {rank} step {k}")
+
+
+def assert_group_state(opt: torch.optim.Optimizer, reference: ReferenceGroup, rank: int) -> None:
+    """``opt``'s state dict is the reference group's as rank ``rank`` sees it."""
+    got, want = opt.state_dict(), reference.state_dict(rank)
+    for group in got["param_groups"] + want["param_groups"]:
+        group.pop("fused")  # shardopt reports the user's choice (None), not the kernel it ran
+    assert_same_state_dict(got, want)
+
+
+class ReferenceGroup:
+    """A shard group computed here with plain torch, for bit-exact comparisons: one torch
+    optimizer over the group's parameters (the shards) and one :meth:`member` optimizer per
+    rank, whose ``step()`` hands the rank's gradients to it as a group member pushes them.
+
+    ``"sync"``: a round applies the rank-order sum of all ranks' gradients divided by the world
+    size, with the lowest rank's hyperparameters, and every rank adopts the result. ``"async"``:
+    each push is applied as it is and only the pushing rank adopts the result. A member is a
+    plain optimizer to GradScaler (it unscales the gradients and skips the step on an inf), as
+    a group member is.
+    """
+
+    def __init__(self, world_size: int, mode: str, make_optimizer: Any, seed: int = 0) -> None:
+        self.world_size, self.mode = world_size, mode
+        self.server = make_model(seed)
+        self.optimizer: torch.optim.Optimizer = make_optimizer(self.server.parameters())
+        self.models = [make_model(seed) for _ in range(world_size)]
+        self._round: dict[int, tuple[list[torch.Tensor], dict[str, Any]]] = {}
+        self._members: dict[int, torch.optim.Optimizer] = {}
+        self.rounds = 0
+
+    def member(self, rank: int) -> torch.optim.Optimizer:
+        """Rank ``rank``'s optimizer (its param group holds ``lr`` and ``betas``)."""
+        hyper = {k: v for k, v in self.optimizer.defaults.items() if k in ("lr", "betas")}
+        self._members[rank] = _Member(self, rank, self.models[rank].parameters(), hyper)
+        return self._members[rank]
+
+    def state_dict(self, rank: int) -> dict[str, Any]:
+        """The group's state dict as rank ``rank`` sees it: the shards' state, its own
+        hyperparameters (a worker's ``param_groups`` are its own, as a scheduler left them)."""
+        own = {k: v for k, v in self._members[rank].param_groups[0].items() if k != "params"}
+        state = self.optimizer.state_dict()
+        state["param_groups"][0].update(own)
+        return state
+
+    @torch.no_grad()
+    def push(self, rank: int, member: torch.optim.Optimizer) -> None:
+        grads = [p.grad.clone() for p in self.models[rank].parameters()]
+        options = {k: v for k, v in member.param_groups[0].items() if k != "params"}
+        self._round[rank] = (grads, options)
+        if self.mode == "sync" and len(self._round) < self.world_size:
+            return
+        ranks = sorted(self._round)
+        self.optimizer.param_groups[0].update(self._round[ranks[0]][1])
+        for j, p in enumerate(self.server.parameters()):
+            total = self._round[ranks[0]][0][j].clone()
+            for r in ranks[1:]:
+                total.add_(self._round[r][0][j])
+            p.grad = total.div_(len(ranks)) if self.mode == "sync" else total
+        self.optimizer.step()
+        self.rounds += 1
+        for r in ranks:
+            for mine, shard in zip(self.models[r].parameters(), self.server.parameters()):
+                mine.copy_(shard)
+        self._round = {}
+
+
+class _Member(torch.optim.Optimizer):
+    def __init__(self, group: ReferenceGroup, rank: int, params: Any, hyper: dict) -> None:
+        super().__init__(params, hyper)
+        self._reference, self._rank = group, rank
+
+    def step(self, closure: Any = None) -> None:
+        self._reference.push(self._rank, self)

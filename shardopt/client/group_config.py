@@ -42,14 +42,21 @@ def make_config(
     elastic: bool = False,
     heartbeat_timeout: datetime.timedelta | float = HEARTBEAT_TIMEOUT,
     replicate: int = 0,
+    overlap: bool = False,
 ) -> GroupConfig:
     """Checks a worker's group options.
 
     Raises:
         ValueError: a missing or out-of-range ``world_size``/``rank``, an unknown ``mode``,
             ``max_staleness`` without async mode or negative, a bad placement, ``elastic``
-            with async mode, ``replicate`` with async mode or above :data:`MAX_GROUP_REPLICAS`.
+            with async mode, ``replicate`` with async mode or above :data:`MAX_GROUP_REPLICAS`,
+            ``overlap`` (a member has no gradients in flight before ``step()``).
     """
+    if overlap:
+        raise ValueError(
+            "overlap=True applies to an optimizer's own shards: a shard group's member hands "
+            "its gradients over at step() (into its slots, or in its push), so drop overlap"
+        )
     if replicate and mode != "sync":
         raise ValueError(
             f"Invalid replicate: {replicate!r} for a shard group in {mode!r} mode: replicas of "

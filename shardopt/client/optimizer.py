@@ -91,7 +91,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             (post-accumulate-grad hooks), so ``step()`` waits only for what is left. Gradients
             changed in place after backward (clipping, GradScaler) are noticed by their
             version counters and sent again; writes through ``grad.data`` are invisible to
-            version counters and are not seen.
+            version counters and are not seen. A shard group refuses it.
         share_params: with shared memory, re-point the user's CPU parameters into the shards'
             buffers, so a step copies no parameters back. The tensors stay the same objects
             but their storage moves: views taken of them earlier no longer follow them. (A
@@ -290,7 +290,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         """The one backend this optimizer uses, chosen once (see :mod:`shardopt.client.backend`):
         a gateway session (``address``), a shard group's member (``group``), or shards of this
         process (:attr:`_local_backend`)."""
-        settings = dict(rank=rank, actor_options=actor_options, **group_settings)
+        settings = dict(rank=rank, actor_options=actor_options, overlap=overlap, **group_settings)
         if address is not None:  # the group's options are checked here, before connecting
             config = make_config(num_shards=num_shards or 1, **settings) if group else None
             request = group_request(group, rank, config)

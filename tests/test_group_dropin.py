@@ -1,0 +1,277 @@
+"""Shard-group workers run as users run them, each pinned to torch's numbers bit for bit.
+
+- ``torch.amp.GradScaler``'s standard loop (with and without ``unscale_`` and clipping, an lr
+  scheduler stepping every step) on the workers of a sync group (shared memory and step lanes)
+  and of an async group, with a step whose gradients overflow: skipped on every shard.
+- ``torch.compile`` around ``opt.step()`` and around the whole training step, with an lr
+  scheduler whose every new lr must reach the shards.
+- ``overlap=True`` with a group is refused (a group member packs its gradients at ``step()``).
+
+The reference is :class:`group_workers.ReferenceGroup`: plain torch, the group's rule (rank-order
+sum over the world size in sync mode, each push as it is in async mode) applied by hand.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from group_workers import (
+    INF_STEP,
+    STEPS,
+    ReferenceGroup,
+    assert_group_state,
+    assert_same_runs,
+    grad_scaler,
+    halving,
+    in_lockstep,
+    make_model,
+    scaled_steps,
+    scaled_sync_run,
+    user_batches,
+)
+from helpers import assert_same, assert_same_state_dict, loss_of
+
+import shardopt
+from shardopt.client.shard_group import list_groups
+
+LR = 0.05
+
+
+@pytest.fixture
+def name():
+    """A fresh group name, torn down after the test."""
+    group = f"dropin-{uuid.uuid4().hex[:8]}"
+    yield group
+    shardopt.close_group(group)
+
+
+def torch_adamw(params):
+    """What a group's shards run for the default ``shardopt.AdamW``: torch's fused kernel."""
+    return torch.optim.AdamW(params, lr=LR, fused=True)
+
+
+def attach(name, model, rank, **options):
+    """Rank ``rank`` of the two-worker group ``name`` (two shards), training ``model``."""
+    options = {"world_size": 2, "rank": rank, "num_shards": 2, "timeout": 30, **options}
+    return shardopt.AdamW(model.parameters(), lr=LR, group=name, **options)
+
+
+DATA_PATHS = {
+    "shm": ({}, ([True, True], 2)),  # gradient slots, parameter buffers, step lanes
+    "object_store": ({"shared_memory": False}, ([False, False], 0)),
+    "share_params": ({"share_params": True}, ([True, True], 2)),
+}
+"""A group worker's options, and what it then uses: (shared memory per shard, push lanes)."""
+
+
+@pytest.mark.parametrize(
+    ("clip", "data_path"),
+    [(False, "shm"), (True, "shm"), (True, "object_store"), (True, "share_params")],
+    ids=["scaled", "unscale_-clip", "unscale_-clip-object_store", "unscale_-clip-share_params"],
+)
+def test_sync_group_grad_scaler_loop_with_a_scheduler_gives_torchs_numbers(name, clip, data_path):
+    """Both workers overflow at INF_STEP (as DDP's all-reduced gradients would on every rank):
+    both skip, no shard changes, both scales shrink. Each worker unscales and clips its own
+    gradients before the average (DDP clips the average)."""
+    options, uses = DATA_PATHS[data_path]
+
+    def member(model, rank):
+        opt = attach(name, model, rank, **options)
+        assert (opt.uses_shared_memory, len(opt.group.lanes)) == uses
+        return opt
+
+    opts, reference = scaled_sync_run(member, clip, LR)
+    assert opts[0].group.versions == [STEPS - 1] * 2  # the inf step reached no shard
+    assert_group_state(opts[0], reference, 0)
+    for opt in opts:
+        opt.close()
+
+
+def test_sync_worker_that_overflows_alone_leaves_the_others_waiting(name):
+    """GradScaler decides on each worker alone (README, caveats): rank 1 overflows and skips,
+    rank 0's push waits for it until ``timeout``, fails naming rank 1 and is withdrawn. No
+    shard changes; the scales part ways."""
+    models = [make_model(0), make_model(0)]
+    opts = [attach(name, models[r], r, timeout=1) for r in range(2)]
+    scalers = [grad_scaler(), grad_scaler()]
+    before = [p.detach().clone() for p in models[0].parameters()]
+
+    def work(rank):
+        x, y = user_batches(rank, inf_ranks=(1,))[INF_STEP]
+        scalers[rank].scale(loss_of(models[rank], x, y)).backward()
+        scalers[rank].step(opts[rank])
+        scalers[rank].update()
+
+    with ThreadPoolExecutor(2) as pool:
+        waited, skipped = pool.submit(work, 0), pool.submit(work, 1)
+        skipped.result()
+        with pytest.raises(shardopt.GroupTimeoutError, match=r"rank\(s\) \[1\]"):
+            waited.result()
+    assert scalers[1].get_scale() == 2.0**11
+    for opt, model in zip(opts, models):
+        opt.pull_params()
+        assert_same([p.detach() for p in model.parameters()], before)
+        assert opt.group.versions == [0, 0]
+    assert opts[0].state_dict()["state"] == {}
+    for opt in opts:
+        opt.close()
+
+
+def test_async_group_grad_scaler_loop_skips_only_the_overflowing_worker(name):
+    """Two async workers take turns (one thread: a fixed order of pushes); rank 1 overflows at
+    INF_STEP and skips alone: its scale shrinks, rank 0's pushes go on being applied."""
+    data = [user_batches(r, inf_ranks=(1,)) for r in range(2)]
+    models = [make_model(0), make_model(0)]
+    opts = [attach(name, models[r], r, mode="async") for r in range(2)]
+    reference = ReferenceGroup(2, "async", torch_adamw)
+    members = [reference.member(r) for r in range(2)]
+    runs = {
+        "shardopt": (models, opts, [grad_scaler(), grad_scaler()], [halving(o) for o in opts]),
+        "torch": (
+            reference.models,
+            members,
+            [grad_scaler(), grad_scaler()],
+            [halving(m) for m in members],
+        ),
+    }
+    got, want = [[], []], [[], []]
+    for k in range(STEPS):
+        for r in range(2):
+            for label, out in (("shardopt", got), ("torch", want)):
+                model, opt, scale, schedule = (part[r] for part in runs[label])
+                out[r] += scaled_steps(model, opt, scale, data[r][k : k + 1], True, schedule)
+    assert reference.rounds == 2 * STEPS - 1
+    assert want[1][INF_STEP][1] == want[1][INF_STEP - 1][1] / 2
+    assert want[0][INF_STEP][1] == want[0][INF_STEP - 1][1]  # (growth_interval 2: no growth)
+    assert_same_runs(got, want)
+    assert opts[1].group.versions == [2 * STEPS - 1] * 2  # rank 1 pushed last
+    assert_group_state(opts[1], reference, 1)
+    for opt in opts:
+        opt.close()
+
+
+@pytest.mark.parametrize("compiled", ["step", "training-step"])
+def test_compiled_group_step_with_a_scheduler_gives_torchs_numbers(name, compiled):
+    """``torch.compile(opt.step)`` (or the whole training step, with graph breaks at the
+    push) on both workers of a sync group; OneCycleLR's new lr reaches the shards each step."""
+    data = [user_batches(r) for r in range(2)]
+
+    def one_cycle(opt):
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=STEPS)
+
+    def run(model, opt, rank):
+        scheduler = one_cycle(opt)
+        if compiled == "step":
+            step = torch.compile(opt.step, backend="eager")
+
+            def train(x, y):
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                step()
+
+        else:
+
+            @torch.compile(backend="eager")
+            def train(x, y):
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+
+        trajectory = []
+        for x, y in data[rank]:
+            train(x, y)
+            scheduler.step()
+            params = [p.detach().clone() for p in model.parameters()]
+            trajectory.append((params, 1.0, opt.param_groups[0]["lr"]))
+        return trajectory
+
+    def work(rank):
+        model = make_model(0)
+        opt = attach(name, model, rank)
+        return opt, run(model, opt, rank)
+
+    torch._dynamo.reset()
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(work, range(2)))
+    reference = ReferenceGroup(2, "sync", torch_adamw)
+    members = [reference.member(r) for r in range(2)]
+    schedulers = [one_cycle(m) for m in members]
+
+    def step(r, k):
+        members[r].zero_grad()
+        torch.nn.functional.mse_loss(reference.models[r](data[r][k][0]), data[r][k][1]).backward()
+        members[r].step()
+        schedulers[r].step()
+        return None, 1.0, members[r].param_groups[0]["lr"]
+
+    want = in_lockstep(reference, step)
+    assert len({lr for _, _, lr in want[0]}) == STEPS  # a new lr every step
+    assert_same_runs([trajectory for _, trajectory in results], want)
+    assert_group_state(results[1][0], reference, 1)
+    for opt, _ in results:
+        opt.close()
+
+
+def test_hf_and_lightning_style_loops_on_a_sync_group(name):
+    """HF Trainer round-trips a fresh optimizer's state dict and reloads checkpoints with
+    ``weights_only=True``; Lightning steps with a closure (forward and backward) and then its
+    scheduler. On both workers of a sync group, at once."""
+    data = [user_batches(r) for r in range(2)]
+
+    def work(rank):
+        model = make_model(0)
+        opt = attach(name, model, rank)
+        opt.load_state_dict(opt.state_dict())  # (before any step, as HF does)
+        scheduler = halving(opt)
+        trajectory = []
+        for x, y in data[rank]:
+
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = loss_of(model, x, y)
+                loss.backward()
+                return loss
+
+            loss = opt.step(closure=closure)
+            assert isinstance(loss, torch.Tensor)
+            scheduler.step()
+            params = [p.detach().clone() for p in model.parameters()]
+            trajectory.append((params, 1.0, opt.param_groups[0]["lr"]))
+        saved = io.BytesIO()
+        torch.save(opt.state_dict(), saved)
+        saved.seek(0)
+        return opt, trajectory, torch.load(saved, weights_only=True)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(work, range(2)))
+    reference = ReferenceGroup(2, "sync", torch_adamw)
+    members = [reference.member(r) for r in range(2)]
+    schedulers = [halving(m) for m in members]
+
+    def step(r, k):
+        members[r].zero_grad()
+        loss_of(reference.models[r], *data[r][k]).backward()
+        members[r].step()
+        schedulers[r].step()
+        return None, 1.0, members[r].param_groups[0]["lr"]
+
+    assert_same_runs([trajectory for _, trajectory, _ in results], in_lockstep(reference, step))
+    loaded, want = results[1][2], reference.state_dict(1)
+    for group in loaded["param_groups"] + want["param_groups"]:
+        group.pop("fused")
+    assert_same_state_dict(loaded, want)
+    for opt, _, _ in results:
+        opt.close()
+
+
+def test_overlap_with_a_group_is_refused(name):
+    """A group member packs its gradients at ``step()``: ``overlap=True`` would be silently
+    ignored, so it is refused (as with ``address=``), before any group is made."""
+    with pytest.raises(ValueError, match="overlap"):
+        shardopt.AdamW(make_model(0).parameters(), lr=LR, group=name, world_size=1, rank=0,
+                       num_shards=1, overlap=True)  # fmt: skip
+    assert name not in list_groups()
