@@ -200,13 +200,14 @@ def scaled_steps(
 
 
 def scaled_sync_run(
-    make_member: Any, clip: bool, lr: float
+    make_member: Any, clip: bool, lr: float, inf_ranks: tuple[int, ...] = (0, 1)
 ) -> tuple[list[shardopt.ShardedOptimizer], ReferenceGroup]:
     """Two sync workers (threads), each ``make_member(model, rank)`` running GradScaler's loop
-    (:func:`scaled_steps`, a :func:`halving` lr) on its :func:`user_batches`, both overflowing
-    at INF_STEP; checks every step against a :class:`ReferenceGroup` running fused AdamW
-    (what the shards run) and returns the workers' optimizers and the reference."""
-    data = [user_batches(r, inf_ranks=(0, 1)) for r in range(2)]
+    (:func:`scaled_steps`, a :func:`halving` lr) on its :func:`user_batches`, those of
+    ``inf_ranks`` overflowing at INF_STEP (they vote to skip that round, which then updates
+    nothing); checks every step against a :class:`ReferenceGroup` running fused AdamW (what
+    the shards run) and returns the workers' optimizers and the reference."""
+    data = [user_batches(r, inf_ranks=inf_ranks) for r in range(2)]
 
     def work(rank: int) -> tuple[shardopt.ShardedOptimizer, list]:
         model = make_model(0)
@@ -218,14 +219,20 @@ def scaled_sync_run(
     reference = ReferenceGroup(2, "sync", lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True))
     members = [reference.member(r) for r in range(2)]
     scalers, schedulers = [grad_scaler(), grad_scaler()], [halving(m) for m in members]
-    want = in_lockstep(
-        reference,
-        lambda r, k: scaled_steps(
+
+    def step(r: int, k: int) -> tuple:
+        done = scaled_steps(
             reference.models[r], members[r], scalers[r], data[r][k : k + 1], clip, schedulers[r]
-        )[0],
-    )
+        )[0]
+        if k == INF_STEP and r in inf_ranks:  # its scaler skipped the member's step: the vote
+            reference.push(r, None)
+        return done
+
+    want = in_lockstep(reference, step)
     assert reference.rounds == STEPS - 1
-    assert want[0][INF_STEP][1] == want[0][INF_STEP - 1][1] / 2  # the reference skipped
+    for r in range(2):  # the reference skipped; the scales of ranks that found no inf grew
+        halved = want[r][INF_STEP][1] == want[r][INF_STEP - 1][1] / 2
+        assert halved == (r in inf_ranks)
     assert_same_runs([trajectory for _, trajectory in results], want)
     return [opt for opt, _ in results], reference
 
@@ -294,21 +301,28 @@ class ReferenceGroup:
         return state
 
     @torch.no_grad()
-    def push(self, rank: int, member: torch.optim.Optimizer) -> None:
-        grads = [p.grad.clone() for p in self.models[rank].parameters()]
-        options = {k: v for k, v in member.param_groups[0].items() if k != "params"}
-        self._round[rank] = (grads, options)
+    def push(self, rank: int, member: torch.optim.Optimizer | None) -> None:
+        """Rank ``rank``'s gradients into the round (``member`` None: a sync rank whose
+        GradScaler found an inf votes to skip the round: no update, every rank adopts the
+        parameters as they are)."""
+        if member is None:
+            self._round[rank] = None
+        else:
+            grads = [p.grad.clone() for p in self.models[rank].parameters()]
+            options = {k: v for k, v in member.param_groups[0].items() if k != "params"}
+            self._round[rank] = (grads, options)
         if self.mode == "sync" and len(self._round) < self.world_size:
             return
         ranks = sorted(self._round)
-        self.optimizer.param_groups[0].update(self._round[ranks[0]][1])
-        for j, p in enumerate(self.server.parameters()):
-            total = self._round[ranks[0]][0][j].clone()
-            for r in ranks[1:]:
-                total.add_(self._round[r][0][j])
-            p.grad = total.div_(len(ranks)) if self.mode == "sync" else total
-        self.optimizer.step()
-        self.rounds += 1
+        if all(self._round[r] is not None for r in ranks):
+            self.optimizer.param_groups[0].update(self._round[ranks[0]][1])
+            for j, p in enumerate(self.server.parameters()):
+                total = self._round[ranks[0]][0][j].clone()
+                for r in ranks[1:]:
+                    total.add_(self._round[r][0][j])
+                p.grad = total.div_(len(ranks)) if self.mode == "sync" else total
+            self.optimizer.step()
+            self.rounds += 1
         for r in ranks:
             for mine, shard in zip(self.models[r].parameters(), self.server.parameters()):
                 mine.copy_(shard)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import uuid
 
+import grpc
 import pytest
 import torch
-from gateway_helpers import TOKEN
+from gateway_helpers import TOKEN, auth, close_session, code_of, open_session, pull, push, step
 from group_workers import (
     INF_STEP,
     STEPS,
@@ -29,10 +30,11 @@ from group_workers import (
     scaled_sync_run,
     user_batches,
 )
-from helpers import assert_same_state_dict, loss_of
+from helpers import assert_same, assert_same_state_dict, loss_of
 from reference import run_as_shards
 
 import shardopt
+from shardopt.core.proto import pb
 from shardopt.gateway import Limits, serve
 
 LR = 0.05
@@ -115,19 +117,36 @@ def test_compiled_remote_step_with_a_scheduler_gives_torchs_numbers(address, com
     remote.close()
 
 
-def test_group_members_over_the_gateway_under_grad_scaler_give_torchs_numbers(address):
-    """Two sync members over gRPC, each unscaling and clipping its own gradients; both
-    overflow at INF_STEP and skip it, and the group's shards skip it too."""
+@pytest.mark.parametrize("inf_ranks", [(0, 1), (1,)], ids=["both-overflow", "one-overflows"])
+def test_group_members_over_the_gateway_under_grad_scaler_give_torchs_numbers(address, inf_ranks):
+    """Two sync members over gRPC, each unscaling and clipping its own gradients; at INF_STEP
+    the members of ``inf_ranks`` overflow and vote to skip the round (``StepRequest.skip``), so
+    the group's shards skip it and no member waits for another (one overflowing alone too)."""
     name = f"dropin-{uuid.uuid4().hex[:6]}"
 
     def member(model, rank):
         return shardopt.AdamW(
             model.parameters(), lr=LR, address=address, token=TOKEN, group=name, world_size=2,
-            rank=rank, num_shards=2, timeout=30,
+            rank=rank, num_shards=2, timeout=10,
         )  # fmt: skip
 
-    opts, reference = scaled_sync_run(member, True, LR)
-    assert [p.applied_version for p in opts[0].backend.last_pushes] == [STEPS - 2] * 2
+    opts, reference = scaled_sync_run(member, True, LR, inf_ranks)
+    assert [p.applied_version for p in opts[0].backend.last_pushes] == [STEPS - 1] * 2
     assert_group_state(opts[1], reference, 1)
     for opt in opts:
         opt.close()
+
+
+def test_a_vote_to_skip_is_refused_outside_a_sync_group_and_changes_nothing(stub):
+    """``StepRequest.skip`` is a sync group member's vote: a plain session's is refused
+    (FAILED_PRECONDITION), and its staged gradients, parameters and state stay as they were (the
+    next Step applies the staged gradients as torch would)."""
+    params = [torch.ones(3), torch.ones(2)]
+    session = open_session(stub, params, hyperparameters={"lr": 0.5}).session_id
+    push(stub, session, [torch.ones(3), torch.ones(2)])
+    skip = pb.StepRequest(session_id=session, skip=True)
+    assert code_of(lambda: stub.Step(skip, metadata=auth())) == grpc.StatusCode.FAILED_PRECONDITION
+    assert_same(pull(stub, session), params)
+    step(stub, session)  # the gradients pushed before the refused vote
+    assert_same(pull(stub, session), [torch.full((3,), 0.5), torch.full((2,), 0.5)])
+    close_session(stub, session)

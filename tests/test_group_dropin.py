@@ -33,7 +33,7 @@ from group_workers import (
     scaled_sync_run,
     user_batches,
 )
-from helpers import assert_same, assert_same_state_dict, loss_of
+from helpers import assert_same_state_dict, loss_of
 
 import shardopt
 from shardopt.client.shard_group import list_groups
@@ -85,38 +85,24 @@ def test_sync_group_grad_scaler_loop_with_a_scheduler_gives_torchs_numbers(name,
         return opt
 
     opts, reference = scaled_sync_run(member, clip, LR)
-    assert opts[0].group.versions == [STEPS - 1] * 2  # the inf step reached no shard
+    assert opts[0].group.versions == [STEPS] * 2  # both voted to skip: the round updated nothing
     assert_group_state(opts[0], reference, 0)
     for opt in opts:
         opt.close()
 
 
-def test_sync_worker_that_overflows_alone_leaves_the_others_waiting(name):
-    """GradScaler decides on each worker alone (README, caveats): rank 1 overflows and skips,
-    rank 0's push waits for it until ``timeout``, fails naming rank 1 and is withdrawn. No
-    shard changes; the scales part ways."""
-    models = [make_model(0), make_model(0)]
-    opts = [attach(name, models[r], r, timeout=1) for r in range(2)]
-    scalers = [grad_scaler(), grad_scaler()]
-    before = [p.detach().clone() for p in models[0].parameters()]
-
-    def work(rank):
-        x, y = user_batches(rank, inf_ranks=(1,))[INF_STEP]
-        scalers[rank].scale(loss_of(models[rank], x, y)).backward()
-        scalers[rank].step(opts[rank])
-        scalers[rank].update()
-
-    with ThreadPoolExecutor(2) as pool:
-        waited, skipped = pool.submit(work, 0), pool.submit(work, 1)
-        skipped.result()
-        with pytest.raises(shardopt.GroupTimeoutError, match=r"rank\(s\) \[1\]"):
-            waited.result()
-    assert scalers[1].get_scale() == 2.0**11
-    for opt, model in zip(opts, models):
-        opt.pull_params()
-        assert_same([p.detach() for p in model.parameters()], before)
-        assert opt.group.versions == [0, 0]
-    assert opts[0].state_dict()["state"] == {}
+def test_a_sync_worker_that_overflows_alone_skips_the_round_for_every_worker(name):
+    """GradScaler decides on each worker alone: at INF_STEP rank 1's scaler finds an inf, rank
+    0's does not. Rank 1 still takes part in the round: it votes to skip it (a push without
+    gradients), so the round updates no shard and nobody waits for a timeout, as one rank's inf
+    skips a DDP step on every rank. Both workers' parameters and the state stay the
+    reference's; the scales part ways (only rank 1's halves: DDP's ranks would share one)."""
+    opts, reference = scaled_sync_run(
+        lambda model, rank: attach(name, model, rank, timeout=10), False, LR, inf_ranks=(1,)
+    )
+    assert opts[0].group.versions == [STEPS] * 2  # the skipped round counts: no update
+    assert_group_state(opts[0], reference, 0)
+    assert [p["step"].item() for p in opts[1].state_dict()["state"].values()] == [STEPS - 1] * 4
     for opt in opts:
         opt.close()
 

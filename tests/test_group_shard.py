@@ -107,6 +107,26 @@ def test_async_staleness_bound():
     assert torch.equal(params_of(answers[2], layout), torch.full((3,), -1.0))
 
 
+def test_a_vote_to_skip_skips_the_round_for_every_rank_and_async_refuses_it():
+    """A rank whose GradScaler found an inf votes to skip (no gradients): the round updates
+    nothing, every rank is answered (skipped) at its version + 1, a resend of the vote is
+    answered from that round, the next round applies as usual; an async host refuses votes."""
+    host, layout = make_host()
+    vote = replace(request(1, 0, 0, layout), grads=None, has_grad=(False,), skip=True)
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda p: host.push("unit/0", p), [request(0, 0, 1, layout), vote]))
+    assert [(a.applied_version, a.skipped) for a in answers] == [(0, True), (0, True)]
+    assert host.version() == 1 and torch.equal(host._shard.params[0], torch.zeros(3))
+    assert torch.equal(params_of(answers[0], layout), torch.zeros(3))
+    assert host.push("unit/0", replace(vote, resend=True)).skipped  # answered once, from its round
+    first, second = both(host, layout, 1)
+    assert not first.skipped and torch.equal(params_of(first, layout), torch.full((3,), -0.75))
+    async_host, layout = make_host(mode="async")
+    with pytest.raises(ValueError, match="sync mode"):
+        async_host.push("unit/0", replace(vote, rank=0))
+    assert async_host.version() == 0
+
+
 # ----- shared memory: gradient slots for the ranks on the shard's node ---------------------------
 
 

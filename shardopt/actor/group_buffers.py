@@ -164,7 +164,9 @@ class RoundSum:
         """Adds the next ranks of ``ranks`` (the round's, in order) that have arrived."""
         for rank in ranks[len(self._added) :]:
             request = arrived.get(rank)
-            if request is None or not self._slots.has_gradients(request):
+            if request is None or request.skip:
+                return  # (a skip vote: the round updates nothing, its sum is never used)
+            if not self._slots.has_gradients(request):
                 return  # a push without gradients fails the whole round in finish()
             self._add(request)
 

@@ -60,11 +60,13 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class AppliedRound:
-    """The last round a shard applied: its version, participants and new state ids."""
+    """The last round a shard applied: its version, participants and new state ids, and
+    whether a rank's vote skipped it."""
 
     version: int
     participants: tuple[int, ...]
     new_state_ids: tuple[int, ...]
+    skipped: bool = False
 
 
 class ReplicaLinks:
@@ -137,7 +139,9 @@ def repeat_answer(
     if elastic and rank not in last.participants:
         return None
     v = last.version
-    return PushResult(index, rank, v, v, current, last.new_state_ids, last.participants)
+    return PushResult(
+        index, rank, v, v, current, last.new_state_ids, last.participants, last.skipped
+    )
 
 
 def relink(
@@ -204,7 +208,8 @@ class ReplicaRole:
                 )
             new_state = self._step(shard, step)
             self._version += 1
-            self._last_round = AppliedRound(step.step_id, participants, new_state)
+            skipped = not any(step.has_grad) and not step.sparse_grads  # (as its primary's)
+            self._last_round = AppliedRound(step.step_id, participants, new_state, skipped)
 
     def add_replica(self, key: str, replica: Any) -> None:
         """Builds a new replica on ``replica`` (a started host) from an export of this primary

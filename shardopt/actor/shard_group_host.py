@@ -254,7 +254,7 @@ class GroupShardHost(ReplicaRole, ShardCalls):
             self._round, self._params, self._last_round = {}, None, last_round
 
     def _step_round(
-        self, shard: Shard, step: StepRequest, participants: tuple[int, ...]
+        self, shard: Shard, step: StepRequest, participants: tuple[int, ...], skipped: bool
     ) -> tuple[int, ...]:
         """Steps the shard for a round; with replicas, they get the round first (all step in
         parallel) and have applied it before this returns (a lost one is dropped)."""
@@ -263,7 +263,7 @@ class GroupShardHost(ReplicaRole, ShardCalls):
         new_state = self._step(shard, step)
         if links:
             links.wait(refs, step.step_id, self.config.timeout_s)
-        self._last_round = AppliedRound(step.step_id, participants, new_state)
+        self._last_round = AppliedRound(step.step_id, participants, new_state, skipped)
         return new_state
 
     def _checked(self, key: str) -> Shard:
@@ -342,6 +342,8 @@ class GroupShardHost(ReplicaRole, ShardCalls):
     # ----- the two modes ----------------------------------------------------------------------
 
     def _push_async(self, shard: Shard, request: PushRequest) -> PushResult:
+        if request.skip:
+            raise ValueError("a vote to skip a round is for sync mode: an async rank skips alone")
         version = self._version
         limit = self.config.max_staleness
         if limit is not None and version - request.read_version > limit:
@@ -406,7 +408,7 @@ class GroupShardHost(ReplicaRole, ShardCalls):
             raise outcome
         return PushResult(
             shard.shard_index, request.rank, version, version, self._current(shard, request.rank),
-            outcome.new_state_ids, outcome.participants,
+            outcome.new_state_ids, outcome.participants, outcome.skipped,
         )  # fmt: skip
 
     def _withdraw(self, rank: int) -> None:
@@ -520,7 +522,12 @@ class GroupShardHost(ReplicaRole, ShardCalls):
                     f"{sorted(round_)}"
                 )
             requests = [round_[r] for r in participants]
-            has_grad, sparse = self._sum.finish(requests, divisor)
+            skipped = any(r.skip for r in requests)
+            if skipped:  # a rank's GradScaler found an inf: a step without gradients changes
+                self._sum.reset()  # nothing (the shard and its replicas still count it)
+                has_grad, sparse = (False,) * len(shard.layout), {}
+            else:
+                has_grad, sparse = self._sum.finish(requests, divisor)
             step = StepRequest(
                 step_id=version,
                 group_options=requests[0].group_options,
@@ -528,7 +535,7 @@ class GroupShardHost(ReplicaRole, ShardCalls):
                 has_grad=has_grad,
                 sparse_grads=sparse,
             )
-            new_state = self._step_round(shard, step, participants)
+            new_state = self._step_round(shard, step, participants, skipped)
             self._version = version + 1
             outcome: PushResult | BaseException = PushResult(
                 shard.shard_index,
@@ -538,6 +545,7 @@ class GroupShardHost(ReplicaRole, ShardCalls):
                 ParamsAt(self._version, None),  # each rank's parameters are answered by _current
                 new_state,
                 participants,
+                skipped,
             )
         except Exception as exc:  # every rank of the round gets the shard's error
             outcome = exc

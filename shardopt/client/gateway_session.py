@@ -39,7 +39,7 @@ from shardopt.client.shard_map import ShardMap
 from shardopt.core import chunk_codec, errors, wire
 from shardopt.core.amp import AmpScaling
 from shardopt.core.proto import pb
-from shardopt.core.records import GroupConfig, ShardStatus
+from shardopt.core.records import ShardStatus
 
 logger = logging.getLogger(__name__)
 
@@ -84,27 +84,6 @@ def raised(err: grpc.RpcError) -> BaseException:
     if kind is KeyError and "session" in message:
         kind = errors.OptimizerClosedError
     return kind(message)
-
-
-def group_request(
-    name: str | None, rank: int | None, config: GroupConfig | None
-) -> dict[str, Any] | None:
-    """A shard group's options as the gateway's ``GroupOptions`` fields (None: no group).
-
-    Placement is not among them: the gateway's operator decides it.
-    """
-    if name is None or config is None:
-        return None
-    options: dict[str, Any] = {
-        "name": name,
-        "world_size": config.world_size,
-        "rank": rank,
-        "mode": config.mode,
-        "timeout_seconds": config.timeout_s,
-    }
-    if config.max_staleness is not None:
-        options["max_staleness"] = config.max_staleness
-    return options
 
 
 def open_channel(address: str, tls: bool | str | os.PathLike | None) -> grpc.Channel:
@@ -201,7 +180,8 @@ class GatewaySession(Backend):
         tls: False/None for plaintext, True for TLS with the system's roots, or the path of a
             PEM file of root certificates (e.g. a self-signed server certificate).
         num_shards: the shards asked for (None: the gateway decides).
-        group: a shard group's options (:func:`group_request`), or None.
+        group: a shard group's options (see :func:`~shardopt.client.group_config.group_request`)
+            or None.
         reconnect_s: how long a call retries, with backoff, while no gateway answers (a
             gateway restarting with ``--session-store`` resumes the session); 0: never.
     """
@@ -332,8 +312,15 @@ class GatewaySession(Backend):
         if self._closure_steps:
             return self._closure_step(closure)
         loss = self._params.evaluate(closure)
-        if scaling is not None and not self._params.unscale_here(scaling):
-            return loss  # skipped, as scaler.step skips on an inf
+        if scaling is not None and not self._params.unscale_here(scaling):  # skipped, as
+            if self._group is not None and self._group["mode"] == "sync":  # scaler.step does
+                skip = pb.StepRequest(
+                    session_id=self.session_id, step_id=self._next_step, skip=True
+                )
+                reply = self._retrying(lambda: self._stub.Step(skip, metadata=self._metadata))
+                self._next_step += 1  # (the round waited for this member's vote)
+                self.last_pushes = list(reply.pushes)
+            return loss
         params = self._params.flat()
         if self.shard_map.any_changed(params):
             self.push_params()  # changed in place since the last step (as the Ray path)

@@ -1,6 +1,7 @@
 """A shard group worker's options, checked: :func:`make_config` builds the group's
 :class:`~shardopt.core.records.GroupConfig` (mode, world size and rank, staleness bound, timeout,
-placement, elasticity, replicas) or raises a ``ValueError`` that names the option to change.
+placement, elasticity, replicas) or raises a ``ValueError`` that names the option to change;
+:func:`group_request` gives them as a gateway's ``GroupOptions`` fields.
 
 Talks to: :mod:`shardopt.actor.placement` (the placement strategies and resource bundles it
 checks); nothing else (no Ray calls).
@@ -107,3 +108,24 @@ def make_config(
         heartbeat_timeout_s=timeout_seconds(heartbeat_timeout) if elastic else 10.0,
         replicate=int(replicate),
     )
+
+
+def group_request(
+    name: str | None, rank: int | None, config: GroupConfig | None
+) -> dict[str, Any] | None:
+    """A shard group's options as the gateway's ``GroupOptions`` fields (None: no group).
+
+    Placement is not among them: the gateway's operator decides it.
+    """
+    if name is None or config is None:
+        return None
+    options: dict[str, Any] = {
+        "name": name,
+        "world_size": config.world_size,
+        "rank": rank,
+        "mode": config.mode,
+        "timeout_seconds": config.timeout_s,
+    }
+    if config.max_staleness is not None:
+        options["max_staleness"] = config.max_staleness
+    return options

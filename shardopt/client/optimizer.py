@@ -26,7 +26,8 @@ import torch
 from shardopt.checkpoint.format import SaveHandle
 from shardopt.client import state_file
 from shardopt.client.backend import Backend, ParamSource
-from shardopt.client.gateway_session import GatewaySession, group_request
+from shardopt.client.gateway_session import GatewaySession
+from shardopt.client.group_config import group_request
 from shardopt.client.local import LocalShards
 from shardopt.client.replication import replica_interval
 from shardopt.client.runtime import ensure_ray
@@ -89,9 +90,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             possible. ``False`` forces the object store. (A group's shards too.)
         overlap: copy each gradient towards its shard as soon as backward has produced it
             (post-accumulate-grad hooks), so ``step()`` waits only for what is left. Gradients
-            changed in place after backward (clipping, GradScaler) are noticed by their
-            version counters and sent again; writes through ``grad.data`` are invisible to
-            version counters and are not seen. A shard group refuses it.
+            changed in place after backward (clipping, GradScaler) are sent again (by version
+            counters: writes through ``grad.data`` are not seen). A shard group refuses it.
         share_params: with shared memory, re-point the user's CPU parameters into the shards'
             buffers, so a step copies no parameters back. The tensors stay the same objects
             but their storage moves: views taken of them earlier no longer follow them. (A

@@ -318,8 +318,7 @@ class ShardGroupMember(RayShards):
 
     @torch.no_grad()
     def pull_params(self, at_least: int = 0) -> None:
-        """Copies every shard's current parameters into the worker's tensors (once the shards
-        are at version ``at_least``)."""
+        """Copies the shards' parameters into the worker's tensors (once at ``at_least``)."""
         shards = self.shard_map.live_shards()
         refs = [self.handles[s].pull(self.rank, at_least) for s in shards]
         params = self._params.flat()
@@ -411,8 +410,11 @@ class ShardGroupMember(RayShards):
         for _ in range(MAX_STALE_RETRIES):
             loss = self._params.evaluate(closure)
             if scaling is not None:
-                if not self._params.unscale_here(scaling):
-                    return loss  # skipped, as scaler.step skips on an inf
+                if not self._params.unscale_here(scaling):  # an inf: scaler.step skips
+                    if self.config.mode != "sync":
+                        return loss
+                    self._push(shards, results, skip=True)  # the round waits for this vote
+                    break
                 self.data_path.forget_shipped()
             rejected = self._push(shards, results)
             if not rejected or closure is None:
@@ -469,12 +471,14 @@ class ShardGroupMember(RayShards):
         warnings.warn(message, RuntimeWarning, stacklevel=4)
         self.pull_params(at_least=admission.first_round)
 
-    def _push(self, shards: list[int], results: dict[int, PushResult]) -> list[int]:
+    def _push(
+        self, shards: list[int], results: dict[int, PushResult], skip: bool = False
+    ) -> list[int]:
         """One push to ``shards``; returns the shards that rejected it as too stale.
 
         Pushes to shards on other nodes go out as each is packed; those to shards on this
         node once every shard is packed (their updates would slow the packing down, and it
-        theirs), through the shard's lane where it has one.
+        theirs), through the shard's lane where it has one. ``skip``: votes through Ray.
         """
         params = self._params.flat()
         options = self._params.options()
@@ -482,6 +486,13 @@ class ShardGroupMember(RayShards):
         requests: dict[int, PushRequest] = {}
         held: list[int] = []
         for s in shards:
+            if skip:
+                none = (False,) * len(self.shard_map.slots(s))
+                requests[s] = PushRequest(
+                    self.rank, self.versions[s], options, None, none, {}, self._resend, None, True
+                )
+                pending[self.handles[s].push(requests[s])] = s
+                continue
             flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params)
             if not touched and self.config.mode == "async":
                 continue  # nothing to apply; sync still pushes: the round needs every rank

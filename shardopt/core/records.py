@@ -180,6 +180,10 @@ class PushRequest:
     """(async) an id the rank gives this push (a gateway session's step id): a push with the id
     of the rank's last applied one (its answer was lost, it was sent again) is answered as that
     one was, with the shard's current parameters, and not applied again."""
+    skip: bool = False
+    """(sync) the rank's GradScaler found an inf or NaN in its gradients: it votes to skip the
+    round, which then updates no shard (as one rank's inf skips a DDP step on every rank); it
+    carries no gradients."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,8 @@ class PushResult:
     new_state_ids: tuple[int, ...]
     participants: tuple[int, ...] = ()
     """(sync) the ranks whose gradients the round averaged."""
+    skipped: bool = False
+    """(sync) a rank voted to skip the round (:attr:`PushRequest.skip`): nothing was updated."""
 
     @property
     def staleness(self) -> int | None:

@@ -316,14 +316,16 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         with self._use(context, request.session_id) as session, session.lock:
             if session.refused is not None:
                 raise ShardoptError(session.refused)
-            if not session.grads_ready:
+            if request.skip:
+                session.check_vote()  # before anything changes
+            elif not session.grads_ready:
                 raise ShardoptError("no gradients staged: call PushGradients before each Step")
             if request.HasField("step_id"):
                 repeat_from(session, request.step_id)
             if request.param_groups:
                 self._update_groups(session, request.param_groups)
             try:
-                session.optimizer.step()
+                (session.vote_skip if request.skip else session.optimizer.step)()
             finally:
                 session.unstage()
             return _stepped(session)

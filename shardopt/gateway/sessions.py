@@ -19,10 +19,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from shardopt.client.optimizer import ShardedOptimizer
+from shardopt.core.errors import ShardoptError
 from shardopt.core.events import emit
 from shardopt.gateway.admission import scope_of
 from shardopt.gateway.quotas import Hold, Ledger
@@ -116,6 +118,28 @@ class Session:
         if self.staged_transfer is not None:
             self.release_transfer(self.staged_transfer)
             self.staged_transfer = None
+
+    def check_vote(self) -> None:
+        """Raises ShardoptError unless the session is a sync group member (only a member votes
+        to skip a round: any other session skips a step by not sending it)."""
+        group = self.optimizer.group
+        if group is None or group.config.mode != "sync":
+            raise ShardoptError(
+                "only a sync shard group's member votes to skip a round: any other session "
+                "skips a step by not sending it"
+            )
+
+    def vote_skip(self) -> None:
+        """(Call with ``lock`` held, after :meth:`check_vote`) a sync group member's step whose
+        client's GradScaler found an inf: the member steps as under a scaler that found one, so
+        it votes to skip the group's round (it updates no shard) rather than leave the other
+        members waiting."""
+        optimizer: Any = self.optimizer  # GradScaler's attributes (see shardopt.core.amp)
+        optimizer.grad_scale, optimizer.found_inf = None, torch.ones(())
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
 
     # ----- the transfer buffer ---------------------------------------------------------------
 
