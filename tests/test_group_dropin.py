@@ -107,6 +107,28 @@ def test_a_sync_worker_that_overflows_alone_skips_the_round_for_every_worker(nam
         opt.close()
 
 
+def test_an_async_workers_state_dict_round_trip_keeps_the_others_pushes(name):
+    """HF Trainer and Accelerate round-trip a new optimizer's state dict. In an async group the
+    other workers push in between: the round trip must not put back the state as it was read
+    (their pushes' moments and step counts would be lost while the parameters moved on)."""
+    models = [make_model(0), make_model(0)]
+    opts = [attach(name, models[r], r, mode="async") for r in range(2)]
+    x, y = user_batches(0)[0]
+    for opt, model in zip(opts, models):
+        loss_of(model, x, y).backward()
+        opt.step()
+    read = opts[0].state_dict()  # rank 0's new optimizer's round trip starts
+    for _ in range(3):  # rank 1 pushes meanwhile
+        opts[1].zero_grad()
+        loss_of(models[1], x, y).backward()
+        opts[1].step()
+    opts[0].load_state_dict(read)  # ... and ends
+    assert [s["step"].item() for s in opts[0].state_dict()["state"].values()] == [5.0] * 4
+    assert_same_state_dict(opts[0].state_dict(), opts[1].state_dict())
+    for opt in opts:
+        opt.close()
+
+
 def test_async_group_grad_scaler_loop_skips_only_the_overflowing_worker(name):
     """Two async workers take turns (one thread: a fixed order of pushes); rank 1 overflows at
     INF_STEP and skips alone: its scale shrinks, rank 0's pushes go on being applied."""

@@ -297,6 +297,31 @@ def test_state_dict_equals_torch_and_survives_weights_only_load(pair):
     assert_same_state_dict(loaded, ref.state_dict())
 
 
+def test_a_state_dict_round_trip_changes_nothing_and_any_change_is_loaded(pair):
+    """``load_state_dict(state_dict())`` (HF Trainer and Accelerate run it on every new
+    optimizer) leaves the shards as they are; a state dict read before a step, or with a tensor
+    changed in place or replaced, is loaded as given."""
+    model, opt, _, _ = pair
+    for k in range(2):
+        train_step(model, opt, k)
+    first = opt.state_dict()
+    opt.load_state_dict(first)  # a round trip
+    assert_same_state_dict(opt.state_dict(), first)
+    later = copy.deepcopy(opt.state_dict())
+    train_step(model, opt, 2)
+    opt.load_state_dict(first)  # read before that step: the shards go back to it
+    assert_same_state_dict(opt.state_dict(), first)
+    edited = opt.state_dict()
+    edited["state"][0]["exp_avg"].zero_()  # in place: its version counter moves
+    edited["state"][1]["exp_avg_sq"] = torch.ones_like(edited["state"][1]["exp_avg_sq"])
+    opt.load_state_dict(edited)
+    got = opt.state_dict()["state"]
+    assert torch.equal(got[0]["exp_avg"], torch.zeros_like(got[0]["exp_avg"]))
+    assert torch.equal(got[1]["exp_avg_sq"], torch.ones_like(got[1]["exp_avg_sq"]))
+    opt.load_state_dict(later)
+    assert_same_state_dict(opt.state_dict(), later)
+
+
 def test_round_trip_torch_to_shardopt_and_back():
     torch_model, sharded_model, control = make_model(), make_model(), make_model()
     torch_opt = run_as_shards(torch.optim.Adam(torch_model.parameters(), lr=1e-2, amsgrad=True))

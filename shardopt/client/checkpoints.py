@@ -20,6 +20,8 @@ Talks to: shards through :class:`~shardopt.client.handles.ShardHandle`; the form
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -33,7 +35,11 @@ from shardopt.client.handles import ShardHandle
 from shardopt.client.runtime import ray_get, settle
 from shardopt.client.shard_map import ShardMap
 from shardopt.core.buffers import pack_tree
+from shardopt.core.events import emit
+from shardopt.core.metrics import CHECKPOINT_BYTES, CHECKPOINT_SECONDS
 from shardopt.core.param_groups import check_param_groups
+
+logger = logging.getLogger(__name__)
 
 
 def save(
@@ -190,3 +196,15 @@ def prepare_on_shards(
         error = ray_get(h.prepare_load(token, options, pack_tree(state)))
         answers.append((error, tuple(state)))
     return answers
+
+
+def checkpoint_done(operation: str, path: str, start: float, commit: Any) -> None:
+    """Counts a committed save or a load, and logs it as one event line."""
+    seconds = time.perf_counter() - start
+    CHECKPOINT_SECONDS.labels(operation).observe(seconds)
+    fields: dict[str, Any] = {"path": path, "seconds": seconds}
+    if commit is not None:  # what the commit record lists (over gRPC, the gateway counts)
+        nbytes = sum(entry["size"] for entry in commit.files.values())
+        CHECKPOINT_BYTES.labels(operation).inc(nbytes)
+        fields.update(files=len(commit.files), bytes=nbytes, signed=commit.signature_key_id)
+    emit(logger, "checkpoint_committed" if operation == "save" else "checkpoint_loaded", **fields)

@@ -26,18 +26,19 @@ import torch
 from shardopt.checkpoint.format import SaveHandle
 from shardopt.client import state_file
 from shardopt.client.backend import Backend, ParamSource
+from shardopt.client.checkpoints import checkpoint_done
 from shardopt.client.gateway_session import GatewaySession
 from shardopt.client.group_config import group_request
 from shardopt.client.local import LocalShards
 from shardopt.client.replication import replica_interval
 from shardopt.client.runtime import ensure_ray
 from shardopt.client.shard_group import HEARTBEAT_TIMEOUT, ShardGroupMember, make_config
+from shardopt.client.state_reads import StateReads
 from shardopt.client.state_view import ShardStateView
 from shardopt.client.transport import check_transport
 from shardopt.core.amp import scaling_of
 from shardopt.core.errors import OptimizerClosedError
-from shardopt.core.events import emit
-from shardopt.core.metrics import CHECKPOINT_BYTES, CHECKPOINT_SECONDS, STEP_SECONDS
+from shardopt.core.metrics import STEP_SECONDS
 from shardopt.core.param_groups import (
     check_param_groups,
     copy_param_groups,
@@ -49,18 +50,6 @@ from shardopt.core.plan import ShardPlan
 from shardopt.core.records import ShardStatus
 
 logger = logging.getLogger(__name__)
-
-
-def _checkpoint_done(operation: str, path: str, start: float, commit: Any) -> None:
-    """Counts a committed save or a load, and logs it as one event line."""
-    seconds = time.perf_counter() - start
-    CHECKPOINT_SECONDS.labels(operation).observe(seconds)
-    fields: dict[str, Any] = {"path": path, "seconds": seconds}
-    if commit is not None:  # what the commit record lists (over gRPC, the gateway counts)
-        nbytes = sum(entry["size"] for entry in commit.files.values())
-        CHECKPOINT_BYTES.labels(operation).inc(nbytes)
-        fields.update(files=len(commit.files), bytes=nbytes, signed=commit.signature_key_id)
-    emit(logger, "checkpoint_committed" if operation == "save" else "checkpoint_loaded", **fields)
 
 
 def default_num_shards() -> int:
@@ -263,7 +252,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
         )  # fmt: skip
         self._backend = self._make_backend(source, **options)
         self._params = source
-        self.state = ShardStateView(self)
+        self._state_reads = StateReads()  # what state_dict() returned (round trips)
+        self.state = ShardStateView(self, self._state_reads)
 
     _local_backend: type[LocalShards] = LocalShards
     """The backend for shards of this process (shardopt.LBFGS plugs in its own here)."""
@@ -365,6 +355,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self._group_splits.append(split)
         if backend is None:  # torch's constructor adding the first groups
             return
+        self._state_reads.changed()
         try:
             backend.add_param_group(len(self.param_groups) - 1)
         except BaseException:
@@ -391,6 +382,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 own error is raised).
         """
         backend = self.backend
+        self._state_reads.changed()
         start = time.perf_counter()
         loss = backend.step(closure, scaling_of(self))
         seconds = time.perf_counter() - start
@@ -437,6 +429,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             result = post_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        self._state_reads.note(state_dict.get("state") if isinstance(state_dict, dict) else None)
         return state_dict
 
     def save_state_dict(self, path: str | os.PathLike) -> None:
@@ -492,7 +485,9 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     f"state of parameter id {key!r} must be a dict, got {type(value).__name__}"
                 )
             state[id_map[key]] = value
-        backend.load_state(state, tuple(group_options(g) for g in saved_groups))
+        if not self._state_reads.unchanged(state_dict["state"]):  # (a round trip: as it is)
+            self._state_reads.changed()
+            backend.load_state(state, tuple(group_options(g) for g in saved_groups))
         self._adopt_saved_groups(saved_groups)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -546,7 +541,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         start = time.perf_counter()
         handle = self.backend.save_checkpoint(os.fspath(path), blocking, key)
         where = os.fspath(path)
-        handle.on_commit(lambda commit: _checkpoint_done("save", where, start, commit))
+        handle.on_commit(lambda commit: checkpoint_done("save", where, start, commit))
         return handle
 
     def load_checkpoint(self, path: str | os.PathLike, *, key: bytes | None = None) -> None:
@@ -568,9 +563,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 ``key``), metadata that is not DCP's, or a checkpoint of other parameter groups.
         """
         start = time.perf_counter()
+        self._state_reads.changed()
         saved_groups = self.backend.load_checkpoint(os.fspath(path), key)
         self._adopt_saved_groups(saved_groups)
-        _checkpoint_done("load", os.fspath(path), start, None)
+        checkpoint_done("load", os.fspath(path), start, None)
 
     # ----- inspection and lifecycle ---------------------------------------------------------
 

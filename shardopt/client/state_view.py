@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from shardopt.client.backend import Backend
+from shardopt.client.state_reads import StateReads
 
 
 class ShardStateView(MutableMapping):
@@ -25,10 +26,12 @@ class ShardStateView(MutableMapping):
 
     Args:
         optimizer: the optimizer whose state this is (held weakly: it owns the view).
+        reads: its record of the last ``state_dict()``, told of every write here.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, reads: StateReads):
         self._optimizer = weakref.ref(optimizer)
+        self._reads = reads
 
     @property
     def _opt(self) -> Any:
@@ -75,6 +78,7 @@ class ShardStateView(MutableMapping):
             raise TypeError(
                 f"optimizer state of a parameter must be a dict, got {type(value).__name__}"
             )
+        self._reads.changed()
         self._shards.set_param_state(pid, value)
 
     def __delitem__(self, param: torch.Tensor) -> None:
