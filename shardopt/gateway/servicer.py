@@ -101,14 +101,15 @@ def _build(
     groups: list[dict], optimizer_class: type, kwargs: dict[str, Any], holder: str | None
 ) -> ShardedOptimizer:
     """A session's optimizer: LBFGS runs its vectors on the shards (stepped by ClosureStep); a
-    group member with a session store is held by it (``holder``: it outlives this process)."""
+    group member with a session store is held by it (``holder``: it outlives this process); a
+    plain one's tensors here are its shards' own where they share memory (``share_params``)."""
     if optimizer_class is torch.optim.LBFGS:
         if "group" in kwargs:
             raise ValueError("LBFGS runs one closure over all its shards: it joins no group")
         return LBFGS(groups, **kwargs)
     if holder is not None and "group" in kwargs:
         return HeldGroupOptimizer(groups, optimizer_class, holder, False, **kwargs)
-    return ShardedOptimizer(groups, optimizer_class, **kwargs)
+    return ShardedOptimizer(groups, optimizer_class, share_params="group" not in kwargs, **kwargs)
 
 
 def _stepped(session: Session) -> Any:
