@@ -249,6 +249,26 @@ def in_lockstep(reference: ReferenceGroup, step: Any) -> list[list]:
     return runs
 
 
+def plain_reference_run(
+    data: list[list[tuple[torch.Tensor, torch.Tensor]]], make_scheduler: Any, lr: float
+) -> tuple[ReferenceGroup, list[list]]:
+    """A sync :class:`ReferenceGroup` of two ranks (fused AdamW, lr ``lr``) stepping on their
+    ``data`` in lockstep, each with ``make_scheduler(member)`` stepped after every step: the
+    reference and each rank's (parameters, 1.0, lr) after every step."""
+    reference = ReferenceGroup(2, "sync", lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True))
+    members = [reference.member(r) for r in range(2)]
+    schedulers = [make_scheduler(m) for m in members]
+
+    def step(r: int, k: int) -> tuple:
+        members[r].zero_grad()
+        loss_of(reference.models[r], *data[r][k]).backward()
+        members[r].step()
+        schedulers[r].step()
+        return None, 1.0, members[r].param_groups[0]["lr"]
+
+    return reference, in_lockstep(reference, step)
+
+
 def assert_same_runs(got: list[list], want: list[list]) -> None:
     """Each rank's (parameters, scale, lr) after every step, bit for bit."""
     for rank, (mine, ref) in enumerate(zip(got, want)):

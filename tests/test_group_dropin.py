@@ -27,8 +27,8 @@ from group_workers import (
     assert_same_runs,
     grad_scaler,
     halving,
-    in_lockstep,
     make_model,
+    plain_reference_run,
     scaled_steps,
     scaled_sync_run,
     user_batches,
@@ -205,18 +205,7 @@ def test_compiled_group_step_with_a_scheduler_gives_torchs_numbers(name, compile
     torch._dynamo.reset()
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(work, range(2)))
-    reference = ReferenceGroup(2, "sync", torch_adamw)
-    members = [reference.member(r) for r in range(2)]
-    schedulers = [one_cycle(m) for m in members]
-
-    def step(r, k):
-        members[r].zero_grad()
-        torch.nn.functional.mse_loss(reference.models[r](data[r][k][0]), data[r][k][1]).backward()
-        members[r].step()
-        schedulers[r].step()
-        return None, 1.0, members[r].param_groups[0]["lr"]
-
-    want = in_lockstep(reference, step)
+    reference, want = plain_reference_run(data, one_cycle, LR)
     assert len({lr for _, _, lr in want[0]}) == STEPS  # a new lr every step
     assert_same_runs([trajectory for _, trajectory in results], want)
     assert_group_state(results[1][0], reference, 1)
@@ -256,18 +245,8 @@ def test_hf_and_lightning_style_loops_on_a_sync_group(name):
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(work, range(2)))
-    reference = ReferenceGroup(2, "sync", torch_adamw)
-    members = [reference.member(r) for r in range(2)]
-    schedulers = [halving(m) for m in members]
-
-    def step(r, k):
-        members[r].zero_grad()
-        loss_of(reference.models[r], *data[r][k]).backward()
-        members[r].step()
-        schedulers[r].step()
-        return None, 1.0, members[r].param_groups[0]["lr"]
-
-    assert_same_runs([trajectory for _, trajectory, _ in results], in_lockstep(reference, step))
+    reference, want = plain_reference_run(data, halving, LR)
+    assert_same_runs([trajectory for _, trajectory, _ in results], want)
     loaded, want = results[1][2], reference.state_dict(1)
     for group in loaded["param_groups"] + want["param_groups"]:
         group.pop("fused")
