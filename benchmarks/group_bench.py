@@ -47,9 +47,10 @@ at the same world size) and writes every sample to ``benchmarks/results/group_be
 "nodes" share this machine's cores: the figures measure the data path (object store, gloo on
 loopback, the shards' averaging), not a real network. A group worker pushes to a shard on
 another node over a network lane (TCP, the data inline; each record's ``lanes`` gives every
-worker's open lanes and how many are network lanes); ``SHARDOPT_NET_LANES=0`` in the
-environment sends those pushes through Ray's object store instead (``meta.net_lanes``), to
-compare.
+worker's open lanes and how many are network lanes), and so does the plain optimizer to its
+shards on other nodes (each ``plain`` record's ``transports``: ``network_lane``,
+``shared_memory`` or ``object_store`` per shard); ``SHARDOPT_NET_LANES=0`` in the environment
+sends both through Ray's object store instead (``meta.net_lanes``), to compare.
 
 Talks to: Ray (a local ``Cluster``, actors), torch.distributed (gloo) and shardopt's groups.
 """
@@ -191,13 +192,15 @@ class BenchWorker:
         lanes = self.opt.group.lanes
         return len(lanes), lanes.net
 
-    def setup_plain(self, num_shards: int) -> None:
-        """A plain sharded optimizer (no group), with the group's number of shards."""
+    def setup_plain(self, num_shards: int) -> list[str]:
+        """A plain sharded optimizer (no group), with the group's number of shards; returns
+        how each shard is reached (``shard_status()``'s transports)."""
         self.mode = "plain"
         self.model = self.trained = make_model(self.workload)
         self.opt = shardopt.AdamW(
             self.model.parameters(), lr=self.workload.lr, num_shards=num_shards
         )
+        return [st.transport for st in self.opt.shard_status()]
 
     def run(self, steps: int) -> dict[str, Any]:
         """``steps`` training steps; their times (ms), the wall time, async staleness."""
@@ -273,7 +276,7 @@ def run_config(workers: list[Any], mode: str, args: argparse.Namespace) -> dict[
             port = ray.get(workers[0].free_port.remote())
             ray.get([w.setup_ddp.remote(port, n) for w in workers])
         elif mode == "plain":
-            ray.get(workers[0].setup_plain.remote(args.shards))
+            record["transports"] = ray.get(workers[0].setup_plain.remote(args.shards))
         else:
             group = f"group-bench-{uuid.uuid4().hex[:8]}-{mode}-{n}"
             record["group"] = group

@@ -27,8 +27,9 @@ import torch
 from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
 from shardopt.checkpoint.integrity import Commit
-from shardopt.core.buffers import PackedTree
+from shardopt.core.buffers import PackedTree, to_numpy
 from shardopt.core.lane import LaneAddress, LaneServer
+from shardopt.core.net_lane import NetLaneAddress, NetLaneServer
 from shardopt.core.records import (
     ParamBlock,
     ParamUpdate,
@@ -247,12 +248,13 @@ class ShardHost(ShardCalls):
     Hosts are pooled and reused by :mod:`shardopt.client.runtime`, so a new optimizer does not
     pay for a new worker process. Ray runs one call at a time on it, so the optimizers whose
     shards it holds take turns. A shard whose client is on this node may also be stepped through a
-    step lane (:meth:`open_lane`), on the lane's thread: a lock keeps every call one at a time.
+    step lane (:meth:`open_lane`), one whose client is on another node through a network lane
+    (:meth:`open_net_lane`), each on the lane's thread: a lock keeps every call one at a time.
     """
 
     def __init__(self) -> None:
         self._shards: dict[str, Shard] = {}
-        self._lanes: dict[str, LaneServer] = {}
+        self._lanes: dict[str, LaneServer | NetLaneServer] = {}
         self._lock = threading.RLock()  # Ray's calls and the lanes' steps take turns
         self.device = actor_device()
 
@@ -271,13 +273,55 @@ class ShardHost(ShardCalls):
         with self._lock:
             if self._shards[key].shared_buffers() is None:
                 return None
-            old = self._lanes.pop(key, None)
-            if old is not None:
-                old.close()
+            self._close_lane(key)
             lane = self._lanes[key] = LaneServer(
                 lambda request: self.step(key, request), name=f"shardopt-lane-{key}"
             )
             return lane.address
+
+    def open_net_lane(self, key: str) -> NetLaneAddress | None:
+        """Opens a network lane (:mod:`shardopt.core.net_lane`) to shard ``key`` for a client on
+        another node: a step's gradients come over TCP straight into the shard's gradient
+        buffer, and the answer carries the parameters inline, sent from the shard's own
+        parameter buffer (no object store either way). None for a shard on a GPU or in shared
+        memory (its client is on this node). The lane closes when the shard's buffers move
+        (:meth:`add_param_group`); the client opens another."""
+        import ray
+
+        with self._lock:
+            shard = self._shards[key]
+            grads = shard.grad_buffer()
+            if shard.shared_buffers() is not None or grads.device.type != "cpu":
+                return None
+            self._close_lane(key)
+
+            def serve(request: Any, received: Any) -> tuple[StepResult, torch.Tensor]:
+                if not isinstance(request, StepRequest):
+                    raise TypeError(f"a step lane carries steps, not {type(request).__name__}")
+                with self._using(key) as current:
+                    if current.grad_buffer().data_ptr() != grads.data_ptr():  # moved meanwhile
+                        raise RuntimeError(f"shard {key}: its buffers moved; the lane is stale")
+                    result = self.step(key, replace(request, grads=None, return_params=False))
+                    return result, current.param_buffer()
+
+            lane = self._lanes[key] = NetLaneServer(
+                ray.util.get_node_ip_address(), shard.layout.nbytes, serve,
+                name=f"shardopt-net-lane-{key}", into=to_numpy(grads),
+            )  # fmt: skip
+            return lane.address
+
+    def add_param_group(
+        self, key: str, options: dict[str, Any], block: ParamBlock
+    ) -> SharedBuffers | None:
+        with self._lock:
+            if isinstance(self._lanes.get(key), NetLaneServer):  # its byte size changes
+                self._close_lane(key)
+            return super().add_param_group(key, options, block)
+
+    def _close_lane(self, key: str) -> None:
+        lane = self._lanes.pop(key, None)
+        if lane is not None:
+            lane.close()
 
     def create(
         self,
@@ -324,9 +368,7 @@ class ShardHost(ShardCalls):
 
     def drop(self, key: str) -> None:
         with self._lock:
-            lane = self._lanes.pop(key, None)
-            if lane is not None:
-                lane.close()
+            self._close_lane(key)
             shard = self._shards.pop(key, None)
             if shard is not None:
                 shard.close()

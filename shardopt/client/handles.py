@@ -55,6 +55,10 @@ class ShardHandle:
         """A step lane to this shard (:mod:`shardopt.core.lane`; a ``ShardHost``'s only)."""
         return self.host.open_lane.remote(self.key)
 
+    def open_net_lane(self) -> Any:
+        """A network lane to this shard (:mod:`shardopt.core.net_lane`; a ``ShardHost``'s only)."""
+        return self.host.open_net_lane.remote(self.key)
+
     # ----- optimizer state ------------------------------------------------------------------
 
     def state(self, param_ids: tuple[int, ...] | None = None) -> Any:

@@ -1,11 +1,11 @@
-"""A client's step lanes (:mod:`shardopt.core.lane`) to the shards on its node, a group worker's
-network lanes (:mod:`shardopt.core.net_lane`) to its group's shards on other nodes, and the
-wait for the first answer among lanes and Ray refs.
+"""A client's step lanes (:mod:`shardopt.core.lane`) to the shards on its node, its network lanes
+(:mod:`shardopt.core.net_lane`) to CPU shards on other nodes, and the wait for the first answer
+among lanes and Ray refs.
 
 Both the plain optimizer (:mod:`shardopt.client.local`) and a shard group's worker
 (:mod:`shardopt.client.shard_group`) send the step's small request over a lane where the shard
-shares memory with them, and through Ray otherwise; a group worker sends its gradients for a
-shard on another node over a network lane, where the group has one. A lane belongs to the
+shares memory with them, and through Ray otherwise; both send their gradients for a shard on
+another node over a network lane, where they have one. A lane belongs to the
 shard host it was opened on: once a shard's handle changes (its host replaced), its lane is no
 longer used.
 
@@ -31,12 +31,12 @@ logger = logging.getLogger(__name__)
 LANE_TYPES = (LaneClient, NetLaneClient)
 """The lanes' client ends (an answer :func:`first_answer` returns is one, or a Ray ref)."""
 NET_LANES_ENV = "SHARDOPT_NET_LANES"
-"""Set to ``0`` to send a group worker's pushes to shards on other nodes through Ray (as before
+"""Set to ``0`` to send steps and group pushes to shards on other nodes through Ray (as before
 network lanes; for comparisons)."""
 
 
 def net_lanes_enabled() -> bool:
-    """Whether group workers open network lanes (unless :data:`NET_LANES_ENV` is ``0``)."""
+    """Whether clients open network lanes (unless :data:`NET_LANES_ENV` is ``0``)."""
     return os.environ.get(NET_LANES_ENV, "1") != "0"
 
 

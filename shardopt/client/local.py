@@ -31,7 +31,7 @@ from shardopt.client import transport as transport_module
 from shardopt.client.backend import ParamSource
 from shardopt.client.data_path import DataPath, GradShipper
 from shardopt.client.handles import ShardHandle
-from shardopt.client.lanes import Lanes, answer_of, first_answer
+from shardopt.client.lanes import Lanes, answer_of, first_answer, net_lanes_enabled
 from shardopt.client.ray_shards import RayShards
 from shardopt.client.replication import Replicas
 from shardopt.client.runtime import drop_shards, host_pool, ray_get
@@ -42,8 +42,9 @@ from shardopt.core.errors import PartialStepError, ShardUnavailableError
 from shardopt.core.events import emit
 from shardopt.core.lane import LaneBroken, LaneClient
 from shardopt.core.metrics import SHARD_STEP_SECONDS, STEP_BYTES
+from shardopt.core.net_lane import NetLaneClient
 from shardopt.core.param_groups import group_options
-from shardopt.core.records import ShardSpec, StepRequest
+from shardopt.core.records import ShardSpec, ShardStatus, StepRequest
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class LocalShards(RayShards):
         self._choose_transports(transport, client)
         self.shard_map.note_state(chain.from_iterable(ids for ids, _ in created))
         self.lanes = Lanes()
+        self._net_lanes = shared_memory is not False and net_lanes_enabled()
         if self.per_tensor and not replicate:  # replicas export from primaries in Ray's order
             self._open_lanes()
         if replicate:
@@ -186,16 +188,25 @@ class LocalShards(RayShards):
                 p.register_post_accumulate_grad_hook(GradShipper(self.data_path, first + j))
         return blocks
 
-    def _open_lanes(self) -> None:
-        """Opens a step lane (:mod:`shardopt.core.lane`) to each shard in shared memory.
+    def _open_lanes(self, net_only: bool = False) -> None:
+        """Opens a step lane (:mod:`shardopt.core.lane`) to each shard in shared memory, and a
+        network lane (:mod:`shardopt.core.net_lane`) to each CPU shard on another node (unless
+        ``shared_memory=False`` or ``SHARDOPT_NET_LANES=0``; only these with ``net_only``).
 
         Not with replicas: a replica's refresh sends its primary an export that the next step
         must not overtake, and a step through a lane would (Ray keeps one caller's calls in
         order; a lane does not wait for them).
         """
-        shared = [s for s in range(self.num_shards) if self.data_path.shared_params(s) is not None]
-        addresses = ray_get([self.handles[s].open_lane() for s in shared])
-        for s, address in zip(shared, addresses):
+        live = range(self.num_shards)
+        shared = [s for s in live if not net_only and self.data_path.shared_params(s) is not None]
+        remote = [
+            s
+            for s in live
+            if self._net_lanes and self.host_nodes[s] != self._node and not self._direct(s)
+        ]
+        calls = [self.handles[s].open_lane() for s in shared]
+        addresses = ray_get(calls + [self.handles[s].open_net_lane() for s in remote])
+        for s, address in zip(shared + remote, addresses):
             self.lanes.open(s, self.handles[s], address)
 
     def handle(self, shard: int) -> ShardHandle:
@@ -281,7 +292,7 @@ class LocalShards(RayShards):
             if self.host_nodes[s] == self._node:
                 held.append(s)
             else:  # its update runs on other CPUs while this process packs the next shard's
-                pending[self.handles[s].step(outgoing[s])] = s
+                pending[self._send_step(s, outgoing[s], flat)] = s
             touched_slots[s] = touched
             sent[s] = (request, flat)
         for s in held:  # their updates would slow the packing down, and it theirs
@@ -295,6 +306,8 @@ class LocalShards(RayShards):
                 answer, s = first_answer(pending)
                 try:
                     result = answer_of(answer)
+                    if isinstance(answer, NetLaneClient) and answer.has_params:  # sent inline
+                        result = replace(result, params=answer.params)
                 except LaneBroken as err:  # Ray knows whether the shard is gone; it applies it once
                     logger.debug("shard %d: %s; step %d goes through Ray", s, err, step_id)
                     self.lanes.close(s)
@@ -343,11 +356,19 @@ class LocalShards(RayShards):
         self.shard_map.note_state(new_state)
         return loss
 
-    def _send_step(self, shard: int, request: StepRequest) -> Any:
+    def _send_step(self, shard: int, request: StepRequest, flat: Any = None) -> Any:
         """Sends a step to a shard: through its lane where it has one and the request is
-        small (no sparse gradients), else through Ray. Returns what to wait on."""
+        small (no sparse gradients; on a network lane, dense gradients, sent from ``flat``,
+        and no parameters written since the last step), else through Ray. Returns what to
+        wait on."""
         if not request.sparse_grads:
-            lane = self.lanes.send(shard, self.handles[shard], request)
+            if not self.lanes.is_net(shard):
+                lane = self.lanes.send(shard, self.handles[shard], request)
+            elif request.grads is not None and request.params_in is None:
+                inline = replace(request, grads=None)
+                lane = self.lanes.send(shard, self.handles[shard], inline, flat)
+            else:
+                lane = None
             if lane is not None:
                 return lane
         return self.handles[shard].step(request)
@@ -426,6 +447,14 @@ class LocalShards(RayShards):
         flat = self._params.flat()
         for s, shard_buffers in enumerate(buffers):
             self.data_path.map_shared(s, shard_buffers, flat)
+        if self.per_tensor and self.replicas is None:  # the hosts closed their network lanes
+            self._open_lanes(net_only=True)
+
+    def status(self) -> list[ShardStatus]:
+        return [
+            replace(st, transport="network_lane") if self.lanes.is_net(s) else st
+            for s, st in enumerate(super().status())
+        ]
 
     # ----- inspection and lifecycle ---------------------------------------------------------
 

@@ -1,12 +1,14 @@
-"""A network lane: a TCP connection between a group worker and one shard on another node, carrying
-the step's data itself (gradients in, parameters back inline in the answer).
+"""A network lane: a TCP connection between a group worker (or a plain optimizer's client) and one
+shard on another node, carrying the step's data itself (gradients in, parameters back inline in
+the answer).
 
 A worker whose shard is on another node otherwise goes through Ray's object store at every
 step: a ``ray.put`` of its gradients, a fetch across raylets, a Ray task, then the parameters as
 a ref inside the answer (another put and fetch). A network lane streams the bytes instead, as
 DDP's gloo does: the worker sends a fixed binary header, a small metadata frame and the
 gradient bytes straight from its packed buffer; the shard receives them with ``recv_into``
-straight into a receive buffer allocated once for that rank, and answers with a header, the
+straight into a receive buffer allocated once for that rank (a plain shard's: its own gradient
+buffer), and answers with a header, the
 answer's metadata and the parameter bytes sent from the shard's own memory, which the worker
 receives with ``recv_into`` into a buffer allocated once.
 
@@ -104,12 +106,28 @@ class NetLaneServer:
         serve: see :data:`Serve`; an exception it raises goes back to the client, which raises
             it.
         name: names the thread.
+        into: where the payloads are received (``nbytes`` uint8, e.g. a shard's gradient
+            buffer); by default a buffer of the lane's own.
     """
 
-    def __init__(self, bind: str, nbytes: int, serve: Serve, name: str = "shardopt-net-lane"):
+    def __init__(
+        self,
+        bind: str,
+        nbytes: int,
+        serve: Serve,
+        name: str = "shardopt-net-lane",
+        into: np.ndarray | None = None,
+    ):
         self._serve = serve
         self._nbytes = nbytes
-        self._buffer = np.empty(nbytes, dtype=np.uint8)  # this rank's gradients land here
+        if into is None:
+            into = np.empty(nbytes, dtype=np.uint8)
+        elif into.dtype != np.uint8 or into.shape != (nbytes,):
+            raise ValueError(
+                f"a lane of {nbytes} bytes receives into as many uint8, not {into.dtype} "
+                f"{into.shape}"
+            )
+        self._buffer = into  # the payloads land here
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.bind((bind, 0))

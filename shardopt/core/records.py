@@ -146,7 +146,8 @@ class ShardStatus:
     last_step_id: int
     transport: str = "object_store"
     """How tensors travel between the client and this shard: ``shared_memory``,
-    ``object_store``, or a Ray Direct Transport (``cuda_ipc``, ``nixl``); set by the client."""
+    ``network_lane``, ``object_store``, or a Ray Direct Transport (``cuda_ipc``, ``nixl``); set
+    by the client."""
 
 
 @dataclass(frozen=True)
