@@ -68,8 +68,8 @@ def close_lane(host, key: str) -> None:
 
 
 def test_shards_on_another_node_step_over_network_lanes_bit_identical_to_torch(cluster):
-    """Steps over network lanes equal ``torch.optim.AdamW(fused=True)`` bit for bit, send
-    nothing through Ray, survive ``add_param_group`` (new lanes) and fall back to Ray, with the
+    """Steps over network lanes (a GradScaler's step too) equal ``torch.optim.AdamW(fused=True)``
+    bit for bit, send nothing through Ray, survive ``add_param_group`` (new lanes) and fall back to Ray, with the
     same bits, for parameters written in place, a lane the host closed, and a lane taken over by
     a client with the wrong token."""
     node = other_node()
@@ -92,6 +92,17 @@ def test_shards_on_another_node_step_over_network_lanes_bit_identical_to_torch(c
 
     for k in range(3):
         check(freeze_last=k == 1)
+    assert through_ray.calls == [0, 0]
+    gen = torch.Generator().manual_seed(2)  # under a GradScaler: its scale goes with the step
+    x = torch.randn(5, model[0].in_features, generator=gen)
+    for m, o in ((model, opt), (reference, torch_opt)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+        o.zero_grad()
+        scaler.scale(m(x).square().mean()).backward()
+        scaler.step(o)
+        scaler.update()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
     assert through_ray.calls == [0, 0]
 
     with torch.no_grad():  # written in place: sent with the next step, through Ray
