@@ -315,6 +315,26 @@ def test_mismatched_worker_is_refused_and_the_group_is_untouched(name, change, m
     first.close()
 
 
+def test_equal_actor_options_made_apart_are_the_same_and_others_are_refused(name):
+    """Ray's scheduling strategies compare by identity; two workers each making the same
+    ``NodeAffinitySchedulingStrategy`` ask for the same hosts, one with another ``soft`` does
+    not and is refused, saying so."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = ray.get_runtime_context().get_node_id()
+
+    def pinned(soft: bool) -> dict:
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(head, soft=soft)}
+
+    first = attach(name, 3, 0, actor_options=pinned(False))
+    second = attach(name, 3, 1, actor_options=pinned(False))
+    with pytest.raises(ValueError, match="actor_options is .*soft.*here"):
+        attach(name, 3, 2, actor_options=pinned(True))
+    assert list_groups()[name]["members"] == [0, 1]
+    first.close()
+    second.close()
+
+
 def test_duplicate_rank_is_refused(name):
     first = attach(name, 2, 0)
     with pytest.raises(ValueError, match="rank 0 is already attached"):

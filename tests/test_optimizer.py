@@ -561,7 +561,11 @@ def test_shared_memory_leaves_nothing_in_dev_shm():
 
 
 def test_shard_hosts_are_reused():
-    """A new optimizer borrows the pooled hosts: no new actor processes."""
+    """A new optimizer borrows the pooled hosts: no new actor processes, also when its actor
+    options hold a Ray scheduling strategy equal to (not the same object as) the last one's."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from shardopt.client.runtime import host_pool
 
     m = make_model()
@@ -572,6 +576,16 @@ def test_shard_hosts_are_reused():
     assert {h.host._actor_id for h in again.backend.handles} == hosts
     again.close()
     assert host_pool is not None
+    head = ray.get_runtime_context().get_node_id()  # options made apart, equal: the same hosts
+    pinned = [
+        {"scheduling_strategy": NodeAffinitySchedulingStrategy(head, soft=False)} for _ in "ab"
+    ]
+    first = shardopt.SGD(m.parameters(), lr=0.1, num_shards=2, actor_options=pinned[0])
+    hosts = {h.host._actor_id for h in first.backend.handles}
+    first.close()
+    second = shardopt.SGD(m.parameters(), lr=0.1, num_shards=2, actor_options=pinned[1])
+    assert {h.host._actor_id for h in second.backend.handles} == hosts
+    second.close()
 
 
 @pytest.mark.gpu

@@ -67,14 +67,18 @@ def close_lane(host, key: str) -> None:
     ray.get(host.__ray_call__.remote(lambda self, k: self._close_lane(k), key))
 
 
-def test_shards_on_another_node_step_over_network_lanes_bit_identical_to_torch(cluster):
+@pytest.mark.parametrize("overlap", [False, True], ids=["packed", "overlap"])
+def test_shards_on_another_node_step_over_network_lanes_bit_identical_to_torch(cluster, overlap):
     """Steps over network lanes (a GradScaler's step too) equal ``torch.optim.AdamW(fused=True)``
-    bit for bit, send nothing through Ray, survive ``add_param_group`` (new lanes) and fall back to Ray, with the
-    same bits, for parameters written in place, a lane the host closed, and a lane taken over by
-    a client with the wrong token."""
+    bit for bit, send nothing through Ray, survive ``add_param_group`` (new lanes) and fall
+    back to Ray, with the same bits, for parameters written in place, a lane the host closed,
+    and a lane taken over by a client with the wrong token. With ``overlap=True`` the gradients
+    are packed during backward and go over the same lanes."""
     node = other_node()
     model, reference = make_model(), make_model()
-    opt = shardopt.AdamW(model.parameters(), num_shards=2, actor_options=pinned(node), **HYPER)
+    opt = shardopt.AdamW(
+        model.parameters(), num_shards=2, actor_options=pinned(node), overlap=overlap, **HYPER
+    )
     torch_opt = torch.optim.AdamW(reference.parameters(), fused=True, **HYPER)
     backend = opt.backend
     assert set(backend.host_nodes) == {node}

@@ -5,13 +5,15 @@
 and group options) and the one the group was created with, in words; the registry
 (:mod:`shardopt.actor.shard_group_registry`) refuses the worker with it.
 
-Talks to: nothing (pure; the registry calls it).
+Talks to: nothing (pure; the registry calls it). Actor options compare as
+:func:`~shardopt.actor.placement.options_key` keys them.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields
 
+from shardopt.actor.placement import options_key
 from shardopt.core.records import GroupConfig, GroupSignature
 
 
@@ -62,6 +64,8 @@ def signature_mismatch(name: str, group: GroupSignature, mine: GroupSignature) -
         return problem
     for f in fields(GroupConfig):
         ours, theirs = getattr(mine.config, f.name), getattr(group.config, f.name)
+        if f.name == "actor_options":  # Ray's scheduling strategies compare by identity
+            ours, theirs = options_key(dict(ours)), options_key(dict(theirs))
         if ours != theirs:
             return f"{f.name} is {ours!r} here, {theirs!r} in group {name!r}"
     return None

@@ -30,10 +30,27 @@ STRATEGIES = ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")
 DEFAULT_SHARD_RESOURCES: dict[str, float] = {"CPU": 1.0}
 
 
+def _by_value(value: Any) -> Any:
+    """``json.dumps``'s fallback for an option's value: an object with attributes (a Ray
+    scheduling strategy, a placement group) as its type and attributes, anything else (an id)
+    as its ``repr``. Ray's strategies have no ``__eq__`` and a ``repr`` with their address, so
+    two equal ones made apart would otherwise be two keys."""
+    attributes = getattr(value, "__dict__", None)
+    if isinstance(attributes, dict):
+        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        return {"__type__": kind, **{str(k): v for k, v in attributes.items()}}
+    return repr(value)
+
+
 def options_key(actor_options: dict[str, Any]) -> str:
     """Ray actor options as a key that equal options share (pools of idle shard hosts reuse a
-    host only for the very options it was started with)."""
-    return json.dumps(dict(actor_options), sort_keys=True, default=repr)
+    host only for the very options it was started with; a shard group's workers must ask for
+    the same ones). Equal options made apart (a ``NodeAffinitySchedulingStrategy`` for the same
+    node, say) give the same key."""
+    try:
+        return json.dumps(dict(actor_options), sort_keys=True, default=_by_value)
+    except ValueError:  # a circular structure: by repr, as before
+        return json.dumps(dict(actor_options), sort_keys=True, default=repr)
 
 
 def normalize_strategy(placement: str | None) -> str | None:
