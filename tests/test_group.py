@@ -335,6 +335,39 @@ def test_equal_actor_options_made_apart_are_the_same_and_others_are_refused(name
     second.close()
 
 
+def test_options_key_compares_ray_strategies_by_value():
+    """Pools and group signatures key actor options by value: equal strategies made apart are
+    one key; a placement group counts by its id (its bundle cache fills in later)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import (
+        NodeAffinitySchedulingStrategy,
+        PlacementGroupSchedulingStrategy,
+    )
+
+    from shardopt.actor.placement import options_key
+
+    head = ray.get_runtime_context().get_node_id()
+
+    def key(strategy) -> str:
+        return options_key({"num_cpus": 1, "scheduling_strategy": strategy})
+
+    assert key(NodeAffinitySchedulingStrategy(head, soft=False)) == key(
+        NodeAffinitySchedulingStrategy(head, soft=False)
+    )
+    assert key(NodeAffinitySchedulingStrategy(head, soft=False)) != key(
+        NodeAffinitySchedulingStrategy(head, soft=True)
+    )
+    pg = placement_group([{"CPU": 0.01}, {"CPU": 0.01}])
+    try:
+        ray.get(pg.ready(), timeout=30)
+        before = key(PlacementGroupSchedulingStrategy(pg, 0))
+        assert pg.bundle_specs  # fills the cache
+        assert key(PlacementGroupSchedulingStrategy(pg, 0)) == before
+        assert key(PlacementGroupSchedulingStrategy(pg, 1)) != before
+    finally:
+        remove_placement_group(pg)
+
+
 def test_duplicate_rank_is_refused(name):
     first = attach(name, 2, 0)
     with pytest.raises(ValueError, match="rank 0 is already attached"):

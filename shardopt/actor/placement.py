@@ -35,6 +35,8 @@ def _by_value(value: Any) -> Any:
     scheduling strategy, a placement group) as its type and attributes, anything else (an id)
     as its ``repr``. Ray's strategies have no ``__eq__`` and a ``repr`` with their address, so
     two equal ones made apart would otherwise be two keys."""
+    if isinstance(value, PlacementGroup):  # its id (its bundle cache fills in later)
+        return {"__type__": "PlacementGroup", "id": value.id.hex()}
     attributes = getattr(value, "__dict__", None)
     if isinstance(attributes, dict):
         kind = f"{type(value).__module__}.{type(value).__qualname__}"
