@@ -140,8 +140,20 @@ def test_shards_on_another_node_step_over_network_lanes_bit_identical_to_torch(c
     assert through_ray.calls[0] >= calls[0] + 2 and through_ray.calls[1] == calls[1]
     assert [st.transport for st in opt.shard_status()] == ["object_store", "network_lane"]
 
-    handle = backend.handles[1]  # a new lane for shard 1 replaces the client's; an intruder
-    address = ray.get(handle.open_net_lane())  # connects to it with a wrong token
+    handle = backend.handles[1]  # its buffers move under the lane (as a restarted gateway's
+    ray.get(handle.host.reattach.remote(handle.key, False))  # reattach moves them): the step
+    calls = list(through_ray.calls)  # is answered "broken" unapplied and goes through Ray
+    check()
+    assert through_ray.calls == [calls[0] + 1, calls[1] + 1]
+    assert backend.lanes.net == 0
+    address = ray.get(handle.open_net_lane())  # a new lane to it, and its old client end
+    backend.lanes.open(1, handle, address)  # swapped for one to the new lane
+    calls = list(through_ray.calls)
+    check()
+    assert through_ray.calls == [calls[0] + 1, calls[1]]
+
+    address = ray.get(handle.open_net_lane())  # a new lane replaces the client's; an intruder
+    # connects to it with a wrong token
     assert address is not None and address.nbytes > 0
     intruder = socket.create_connection((address.host, address.port), timeout=10)
     wrong = bytes(len(address.token))

@@ -28,7 +28,7 @@ from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
 from shardopt.checkpoint.integrity import Commit
 from shardopt.core.buffers import PackedTree, to_numpy
-from shardopt.core.lane import LaneAddress, LaneServer
+from shardopt.core.lane import LaneAddress, LaneBroken, LaneServer
 from shardopt.core.net_lane import NetLaneAddress, NetLaneServer
 from shardopt.core.records import (
     ParamBlock,
@@ -285,7 +285,9 @@ class ShardHost(ShardCalls):
         buffer, and the answer carries the parameters inline, sent from the shard's own
         parameter buffer (no object store either way). None for a shard on a GPU or in shared
         memory (its client is on this node). The lane closes when the shard's buffers move
-        (:meth:`add_param_group`); the client opens another."""
+        (:meth:`add_param_group`; the client opens another); a step that finds them moved
+        otherwise (:meth:`reattach`) is answered :class:`~shardopt.core.lane.LaneBroken`
+        unapplied, and the client sends it through Ray."""
         import ray
 
         with self._lock:
@@ -300,7 +302,7 @@ class ShardHost(ShardCalls):
                     raise TypeError(f"a step lane carries steps, not {type(request).__name__}")
                 with self._using(key) as current:
                     if current.grad_buffer().data_ptr() != grads.data_ptr():  # moved meanwhile
-                        raise RuntimeError(f"shard {key}: its buffers moved; the lane is stale")
+                        raise LaneBroken(f"shard {key}: its buffers moved")  # sent through Ray
                     result = self.step(key, replace(request, grads=None, return_params=False))
                     return result, current.param_buffer()
 
