@@ -184,3 +184,27 @@ def test_network_lanes_are_off_with_the_environment_switch_or_shared_memory_off(
     )
     assert opt.backend.lanes.net == 0
     opt.close()
+
+
+def test_shards_spread_over_nodes_use_shared_memory_here_and_network_lanes_elsewhere(cluster):
+    """Shards spread over the nodes: each one on this node in shared memory (a Unix step
+    lane), each one elsewhere over a network lane, in one step; torch's numbers."""
+    head = ray.get_runtime_context().get_node_id()
+    model, reference = make_model(), make_model()
+    opt = shardopt.AdamW(
+        model.parameters(), num_shards=3, actor_options={"scheduling_strategy": "SPREAD"}, **HYPER
+    )
+    torch_opt = torch.optim.AdamW(reference.parameters(), fused=True, **HYPER)
+    backend = opt.backend
+    expected = ["shared_memory" if n == head else "network_lane" for n in backend.host_nodes]
+    assert [st.transport for st in opt.shard_status()] == expected
+    assert len(backend.lanes) == 3
+    through_ray = RayStepCounter(backend.handles)
+    ours, theirs = stepper(model, opt, 3), stepper(reference, torch_opt, 3)
+    for _ in range(3):
+        ours()
+        theirs()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            assert torch.equal(p, q)
+    assert through_ray.calls == [0, 0, 0]
+    opt.close()
