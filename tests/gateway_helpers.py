@@ -9,6 +9,7 @@ and still stepping afterwards.
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -150,6 +151,35 @@ def guarded_victim(stub, token=TOKEN, bystander_token=OTHER_TOKEN) -> Iterator[V
         victim.bystander_steps()
     finally:
         victim.close()
+
+
+def drain(process: subprocess.Popen) -> subprocess.Popen:
+    """Reads a server's further output on a thread (into ``process.output``), so that its pipe
+    never fills and blocks it (call after the last :func:`wait_for_line`); see :func:`stopped`."""
+    process.output = []
+
+    def read() -> None:
+        for line in process.stdout:
+            process.output.append(line)
+
+    process.drainer = threading.Thread(target=read, name="server-output", daemon=True)
+    process.drainer.start()
+    return process
+
+
+def stopped(process: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
+    """A drained server's exit code, once it exits, and its output since :func:`drain`.
+
+    Raises:
+        AssertionError: it did not exit within ``timeout`` (with the end of its output).
+    """
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tail = "".join(process.output)[-8000:]
+        raise AssertionError(f"the server did not exit in {timeout} s; it said:\n{tail}") from None
+    process.drainer.join(10)
+    return code, "".join(process.output)
 
 
 def wait_for_line(process: subprocess.Popen, prefix: str, timeout: float = 120) -> str:

@@ -20,7 +20,16 @@ import grpc
 import pytest
 import ray
 import torch
-from gateway_helpers import OTHER_TOKEN, TOKEN, auth, code_of, open_session, push, wait_for_line
+from gateway_helpers import (
+    OTHER_TOKEN,
+    TOKEN,
+    auth,
+    code_of,
+    drain,
+    open_session,
+    push,
+    wait_for_line,
+)
 from group_workers import make_model as group_model
 from group_workers import sync_reference
 from helpers import (
@@ -66,7 +75,8 @@ def start_gateway(tmp_path, store: str, port: int = 0, *flags: str) -> tuple[sub
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     try:
-        return process, wait_for_line(process, "serving on ").removeprefix("serving on ")
+        address = wait_for_line(process, "serving on ").removeprefix("serving on ")
+        return drain(process), address
     except BaseException:
         process.kill()
         raise

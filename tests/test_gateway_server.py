@@ -21,9 +21,11 @@ from gateway_helpers import (
     auth,
     close_session,
     code_of,
+    drain,
     guarded_victim,
     open_session,
     push,
+    stopped,
     wait_for_line,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -69,6 +71,7 @@ def test_serve_command_trains_a_client_and_shuts_down_gracefully(tmp_path):
     )  # fmt: skip
     try:
         address = wait_for_line(process, "serving on ").removeprefix("serving on ")
+        drain(process)
         assert health_of(address) == health_pb2.HealthCheckResponse.SERVING
         model = torch.nn.Linear(3, 1)
         opt = shardopt.SGD(
@@ -83,8 +86,8 @@ def test_serve_command_trains_a_client_and_shuts_down_gracefully(tmp_path):
         assert (saved / ".metadata").exists()
         verify(saved, key=read_key(key_file))  # signed
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-        assert "shutting down" in process.stdout.read()
+        code, output = stopped(process)
+        assert code == 0 and "shutting down" in output, output
         with pytest.raises(shardopt.ShardUnavailableError):
             opt.step()
     finally:
@@ -154,6 +157,7 @@ def test_serve_flags_hold_a_tenant_to_its_quotas(tmp_path):
     )  # fmt: skip
     try:
         address = wait_for_line(process, "serving on ").removeprefix("serving on ")
+        drain(process)
         with grpc.insecure_channel(address) as channel:
             stub = rpc.OptimizerServiceStub(channel)
             with guarded_victim(stub, TOKEN, OTHER_TOKEN) as victim:
@@ -189,7 +193,8 @@ def test_serve_flags_hold_a_tenant_to_its_quotas(tmp_path):
                 close_session(stub, attack().session_id, attacker)  # its quota is free again
             assert not marker.exists()
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
+        code, output = stopped(process)
+        assert code == 0, output
     finally:
         if process.poll() is None:
             process.kill()

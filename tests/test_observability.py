@@ -17,9 +17,9 @@ import uuid
 import pytest
 import ray
 import torch
+from gateway_helpers import drain, stopped, wait_for_line
 from helpers import events_in
 from test_gateway_ops import sample, scrape
-from test_gateway_server import wait_for_line
 
 import shardopt
 from shardopt.cli import main
@@ -97,7 +97,7 @@ def served(tmp_path):
     try:
         metrics = wait_for_line(process, "metrics on ").removeprefix("metrics on ")
         address = wait_for_line(process, "serving on ").removeprefix("serving on ")
-        yield process, address, int(metrics.rpartition(":")[2]), tmp_path
+        yield drain(process), address, int(metrics.rpartition(":")[2]), tmp_path
     finally:
         if process.poll() is None:
             process.kill()
@@ -145,8 +145,9 @@ def test_serve_metrics_status_and_event_lines(served, capsys):
 
     opt.close()
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 0
-    events = events_in(process.stdout.read())
+    code, output = stopped(process)
+    assert code == 0, output
+    events = events_in(output)
     kinds = [e["event"] for e in events]
     assert {"session_opened", "session_closed", "gateway_stopping"} <= set(kinds)
     opened = next(e for e in events if e["event"] == "session_opened")
