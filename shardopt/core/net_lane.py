@@ -8,9 +8,8 @@ a ref inside the answer (another put and fetch). A network lane streams the byte
 DDP's gloo does: the worker sends a fixed binary header, a small metadata frame and the
 gradient bytes straight from its packed buffer; the shard receives them with ``recv_into``
 straight into a receive buffer allocated once for that rank (a plain shard's: its own gradient
-buffer), and answers with a header, the
-answer's metadata and the parameter bytes sent from the shard's own memory, which the worker
-receives with ``recv_into`` into a buffer allocated once.
+buffer), and answers with a header, the answer's metadata and the parameter bytes sent from the
+shard's own memory, which the worker receives with ``recv_into`` into a buffer allocated once.
 
 :class:`NetLaneServer` runs in the shard's process: a thread that listens on the node's address
 (as Ray reports it), on an ephemeral port, accepts exactly one connection within
