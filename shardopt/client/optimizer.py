@@ -27,6 +27,7 @@ from shardopt.checkpoint.format import SaveHandle
 from shardopt.client import state_file
 from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.checkpoints import checkpoint_done
+from shardopt.client.copying import CopyRules, made_with
 from shardopt.client.gateway_session import GatewaySession
 from shardopt.client.group_config import group_request
 from shardopt.client.local import LocalShards
@@ -60,7 +61,7 @@ def default_num_shards() -> int:
     return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
 
 
-class ShardedOptimizer(torch.optim.Optimizer):
+class ShardedOptimizer(CopyRules, torch.optim.Optimizer):
     """Any ``torch.optim`` optimizer, with its state and master parameters sharded on Ray actors.
 
     Behaves as ``optimizer_class(params, **defaults)`` would, step for step and in its
@@ -175,6 +176,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         reconnect_timeout: datetime.timedelta | float = datetime.timedelta(minutes=2),
         **defaults: Any,
     ) -> None:
+        self._made_with = made_with(locals())  # for copy.deepcopy (see shardopt.client.copying)
         if not (
             isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)
         ):
