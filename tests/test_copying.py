@@ -55,30 +55,41 @@ def _run_both(pairs, steps=2):
             square_step(model, opt, x)
 
 
-@pytest.mark.parametrize("where", ["ray", "gateway", "lbfgs"])
-def test_deepcopy_makes_an_independent_optimizer_as_torchs_does(where, tmp_path):
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    gw = serve("127.0.0.1", 0, tokens=[TOKEN], checkpoint_dir=str(tmp_path_factory.mktemp("gw")))
+    yield {"address": f"127.0.0.1:{gw.port}", "token": TOKEN}
+    gw.stop(1)
+
+
+ADAM = (torch.optim.Adam, {"lr": 0.05, "fused": True})
+LBFGS = (torch.optim.LBFGS, {"lr": 0.5, "history_size": 4})
+CASES = {
+    "ray": (lambda ps, _: shardopt.Adam(ps, **ADAM[1], num_shards=2, split=False), *ADAM),
+    "ray-lbfgs": (lambda ps, _: shardopt.LBFGS(ps, **LBFGS[1], num_shards=1), *LBFGS),
+    "gateway": (lambda ps, gw: shardopt.Adam(ps, **ADAM[1], num_shards=2, **gw), *ADAM),
+    "gateway-lbfgs": (lambda ps, gw: shardopt.LBFGS(ps, **LBFGS[1], num_shards=1, **gw), *LBFGS),
+}
+
+
+@pytest.mark.parametrize("where", list(CASES))
+def test_deepcopy_makes_an_independent_optimizer_as_torchs_does(where, request):
     """``copy.deepcopy((model, opt))``: the copy steps the copied model's parameters on shards
-    of its own, from the original's state and param groups (the scheduler's lr included), and
-    the two go on apart, each step for step with torch's copies."""
-    gateway = None
-    if where == "gateway":
-        gateway = serve("127.0.0.1", 0, tokens=[TOKEN], checkpoint_dir=str(tmp_path))
-        remote = {"address": f"127.0.0.1:{gateway.port}", "token": TOKEN}
-        factory = lambda ps: shardopt.AdamW(ps, lr=0.05, fused=True, num_shards=2, **remote)  # noqa: E731
-        torch_class, hyper = torch.optim.AdamW, {"lr": 0.05, "fused": True}
-    elif where == "lbfgs":
-        factory = lambda ps: shardopt.LBFGS(ps, lr=0.5, history_size=4, num_shards=1)  # noqa: E731
-        torch_class, hyper = torch.optim.LBFGS, {"lr": 0.5, "history_size": 4}
-    else:
-        factory = lambda ps: shardopt.Adam(ps, lr=0.05, fused=True, num_shards=2, split=False)  # noqa: E731
-        torch_class, hyper = torch.optim.Adam, {"lr": 0.05, "fused": True}
+    of its own (a session of its own), from the original's state and param groups (the
+    scheduler's lr included), and the two go on apart, each step for step with torch's
+    copies."""
+    make, torch_class, hyper = CASES[where]
+    remote = request.getfixturevalue("gateway") if where.startswith("gateway") else None
+    factory = lambda ps: make(ps, remote)  # noqa: E731
     torch.manual_seed(0)
     model, opt, twin, want = _pair(factory, torch_class, **hyper)
     copies = []
     try:
         model_copy, opt_copy = copy.deepcopy((model, opt))
         copies.append(opt_copy)
-        if where == "lbfgs":  # torch's own deep copy of LBFGS loses its _params: built anew
+        if (
+            torch_class is torch.optim.LBFGS
+        ):  # torch's own deep copy of LBFGS loses its _params: built anew
             twin_copy = copy.deepcopy(twin)
             want_copy = torch_class(twin_copy.parameters(), **hyper)
             want_copy.load_state_dict(copy.deepcopy(want.state_dict()))  # torch aliases it
@@ -117,8 +128,6 @@ def test_deepcopy_makes_an_independent_optimizer_as_torchs_does(where, tmp_path)
     finally:
         for o in (opt, *copies):
             o.close()
-        if gateway is not None:
-            gateway.stop(1)
 
 
 def test_shallow_copies_and_pickles_are_refused_and_change_nothing(tmp_path):
@@ -153,13 +162,16 @@ def test_shallow_copies_and_pickles_are_refused_and_change_nothing(tmp_path):
         opt.close()
 
 
-def test_a_shard_group_member_cannot_be_copied():
-    torch.manual_seed(0)
+@pytest.mark.parametrize("where", ["ray", "gateway"])
+def test_a_shard_group_member_cannot_be_copied(where, request):
+    """A copy would be a second process's optimizer claiming the same rank: refused, in the
+    cluster and through a gateway, and the member steps on."""
+    remote = request.getfixturevalue("gateway") if where == "gateway" else {}
     model = make_model(0)
-    opt = shardopt.SGD(model.parameters(), lr=0.1, num_shards=1, group="copy-me", world_size=1,
-                       rank=0)  # fmt: skip
+    opt = shardopt.SGD(model.parameters(), lr=0.1, num_shards=1, group=f"copy-me-{where}",
+                       world_size=1, rank=0, **remote)  # fmt: skip
     try:
-        with pytest.raises(TypeError, match="shard group's member .* cannot be copied"):
+        with pytest.raises(TypeError, match=r"shard group's member .* rank 0\) cannot be copied"):
             copy.deepcopy(opt)
         square_step(model, opt, torch.randn(4, 6))  # still a member, stepping
     finally:

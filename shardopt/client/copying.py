@@ -39,13 +39,13 @@ class CopyRules:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         opt: Any = self
-        if opt.group is not None:
-            raise TypeError(
-                f"a shard group's member ({type(self).__name__}, group {opt.group.name!r}) "
-                "cannot be copied: its rank is this process's place in the group. Copy its "
-                "state_dict() instead"
-            )
         options, defaults = self._made_with
+        if options.get("group") is not None:  # in the cluster or through a gateway
+            raise TypeError(
+                f"a shard group's member ({type(self).__name__}, group {options['group']!r}, "
+                f"rank {options.get('rank')}) cannot be copied: its rank is this process's "
+                "place in the group. Copy its state_dict() instead"
+            )
         groups = [
             {
                 **{k: copy.deepcopy(v, memo) for k, v in group.items() if k != "params"},
