@@ -176,3 +176,38 @@ def test_a_shard_group_member_cannot_be_copied(where, request):
         square_step(model, opt, torch.randn(4, 6))  # still a member, stepping
     finally:
         opt.close()
+
+
+def test_copies_and_pickles_of_the_state_are_snapshots_as_torchs():
+    """``copy.deepcopy(opt.state)`` and a pickle of it are torch's kind of snapshot (a
+    ``defaultdict`` of the parameters' states, fresh tensors), not a live view that later steps
+    would change; a deep copy with the model keys it by the model's copies."""
+    torch.manual_seed(0)
+    model, opt, twin, want = _pair(
+        lambda ps: shardopt.AdamW(ps, lr=0.05, fused=True, num_shards=2),
+        torch.optim.AdamW, lr=0.05, fused=True,
+    )  # fmt: skip
+    try:
+        saved, reference = copy.deepcopy(opt.state), copy.deepcopy(want.state)
+        pickled = pickle.loads(pickle.dumps(opt.state))
+        model_copy, state_copy = copy.deepcopy((model, opt.state))
+        for got in (saved, pickled, state_copy):
+            assert type(got) is type(reference) and got.default_factory is dict
+            assert [p.shape for p in got] == [p.shape for p in reference]
+            assert all(torch.equal(a, b) for a, b in zip(got, reference))  # the keys: params
+            assert_same_state_dict(
+                {"state": dict(enumerate(got.values())), "param_groups": []},
+                {"state": dict(enumerate(reference.values())), "param_groups": []},
+            )
+        assert list(state_copy) == list(model_copy.parameters())
+        assert not any(p is q for p, q in zip(saved, model.parameters()))
+        _run_both([(model, opt), (twin, want)])
+        assert_same_state_dict(  # the snapshots stayed as they were; the state moved on
+            {"state": dict(enumerate(saved.values())), "param_groups": []},
+            {"state": dict(enumerate(reference.values())), "param_groups": []},
+        )
+        assert not torch.equal(next(iter(opt.state.values()))["exp_avg"],
+                               next(iter(saved.values()))["exp_avg"])  # fmt: skip
+        assert_same_state_dict(opt.state_dict(), want.state_dict())
+    finally:
+        opt.close()

@@ -11,7 +11,9 @@ Talks to: the optimizer's public face (``param_groups``, ``backend``) and, throu
 
 from __future__ import annotations
 
+import copy
 import weakref
+from collections import defaultdict
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
@@ -83,6 +85,26 @@ class ShardStateView(MutableMapping):
 
     def __delitem__(self, param: torch.Tensor) -> None:
         raise TypeError("shardopt does not support deleting a parameter's optimizer state")
+
+    def snapshot(self, memo: dict[int, Any] | None = None) -> defaultdict:
+        """The state as torch keeps it, detached from the shards: a ``defaultdict(dict)`` of
+        ``{param: state}`` in torch's order, of fresh tensors (what ``copy.deepcopy`` and
+        ``pickle`` make of a torch optimizer's ``state``); with a deep copy's ``memo``, keyed by
+        its copies of the parameters."""
+        params = [p for g in self._opt.param_groups for p in g["params"]]
+        gathered: dict[int, Any] = {}
+        for part in self._shards.state_parts():
+            gathered.update(part)
+        out: defaultdict = defaultdict(dict)
+        for pid in self._shards.state_order:
+            out[params[pid] if memo is None else copy.deepcopy(params[pid], memo)] = gathered[pid]
+        return out
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> defaultdict:
+        return self.snapshot(memo)  # a copy of a live view would stay live
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.snapshot().__reduce_ex__(protocol)
 
     def __repr__(self) -> str:
         return f"ShardStateView({len(self)} parameters with state)"
