@@ -104,12 +104,7 @@ class DataPath:
         self._mapped[shard] = mapped
         self._mapped_from[shard] = buffers
         if self._share_params:
-            layout = self._map.layout(shard)
-            for j, slot in enumerate(self._map.slots(shard)):
-                p = params[slot.pid]
-                if p.device.type == "cpu" and slot.rows is None:  # a piece stays a copy
-                    p.data = layout.view(mapped[0], j)
-                    self._map.record(slot.pid, p)
+            share_params_into(mapped[0], self._map, shard, params)
 
     def close(self) -> None:
         """Drops the mappings (the memory goes once the shards drop theirs)."""
@@ -287,6 +282,21 @@ class DataPath:
         finally:
             handle.drop_state(token)
         return tree
+
+
+def share_params_into(
+    buffer: torch.Tensor, shard_map: ShardMap, shard: int, params: list[torch.Tensor]
+) -> None:
+    """Re-points the user's parameters that ``shard`` holds into its parameter ``buffer``
+    (``share_params``): whole CPU tensors in torch's default layout only. A piece of a split
+    tensor, or a tensor in another memory format (``channels_last``), stays a copy: re-pointing
+    it would change its layout under the user's model."""
+    layout = shard_map.layout(shard)
+    for j, slot in enumerate(shard_map.slots(shard)):
+        p = params[slot.pid]
+        if p.device.type == "cpu" and slot.rows is None and p.is_contiguous():
+            p.data = layout.view(buffer, j)
+            shard_map.record(slot.pid, p)
 
 
 STATE_CHUNK_BYTES = 16 << 20

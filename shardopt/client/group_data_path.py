@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from shardopt.client.data_path import DataPath
+from shardopt.client.data_path import DataPath, share_params_into
 from shardopt.client.shard_map import ShardMap
 from shardopt.core import shm
 from shardopt.core.records import RankBuffers
@@ -46,12 +46,7 @@ class GroupDataPath(DataPath):
         if buffers.param_path is not None:
             mapped = self._group_params[shard] = shm.attach(buffers.param_path, buffers.nbytes)
             if self._share_group_params:
-                layout = self._group_map.layout(shard)
-                for j, slot in enumerate(self._group_map.slots(shard)):
-                    p = params[slot.pid]
-                    if p.device.type == "cpu" and slot.rows is None:
-                        p.data = layout.view(mapped, j)
-                        self._group_map.record(slot.pid, p)
+                share_params_into(mapped, self._group_map, shard, params)
         self._slots[shard] = shm.attach(buffers.grad_path, buffers.nbytes)
 
     def in_slot(self, shard: int) -> bool:

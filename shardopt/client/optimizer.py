@@ -84,7 +84,8 @@ class ShardedOptimizer(CopyRules, torch.optim.Optimizer):
             counters: writes through ``grad.data`` are not seen). A shard group refuses it.
         share_params: with shared memory, re-point the user's CPU parameters into the shards'
             buffers, so a step copies no parameters back. The tensors stay the same objects
-            but their storage moves: views taken of them earlier no longer follow them. (A
+            but their storage moves: views taken of them earlier no longer follow them
+            (``channels_last`` ones keep their layout and are copied). (A
             sync group's workers on its shards' node then share one copy of the parameters.)
         group: attach this worker to the named shard group (created by the first worker to
             arrive): many workers, one sharded optimizer (README; :mod:`~.shard_group`).
