@@ -545,47 +545,6 @@ def test_share_params_updates_user_tensors_without_copies():
     opt.close()
 
 
-@pytest.mark.parametrize("group", [None, "share-channels-last"])
-def test_share_params_keeps_channels_last_parameters_in_their_layout(group):
-    """``share_params`` re-points parameters in torch's default layout only: a ``channels_last``
-    convolution weight keeps its memory format (re-pointed it would silently become contiguous
-    under the user's model) and is copied back instead; torch's numbers either way."""
-
-    def conv_model():
-        torch.manual_seed(0)
-        convs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
-        return convs.to(memory_format=torch.channels_last)
-
-    models = [conv_model() for _ in range(2)]
-    grouped = {"group": group, "world_size": 1, "rank": 0} if group else {}
-    opt = shardopt.AdamW(models[0].parameters(), lr=0.1, fused=True, num_shards=2,
-                         share_params=True, **grouped)  # fmt: skip
-    ref = torch.optim.AdamW(models[1].parameters(), lr=0.1, fused=True)
-    try:
-        data_path = opt.backend.data_path
-        mapped = [data_path.group_params(s) if group else data_path.shared_params(s)
-                  for s in range(2)]  # fmt: skip
-
-        def shared(p):
-            return any(m.data_ptr() <= p.data_ptr() < m.data_ptr() + m.numel() for m in mapped)
-
-        params = list(models[0].parameters())
-        weights = [p for p in params if p.dim() == 4]
-        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
-        assert not any(shared(p) for p in weights)  # copies
-        assert all(shared(p) for p in params if p.dim() == 1)  # biases: re-pointed
-        for _ in range(3):
-            x = torch.randn(2, 3, 9, 9).to(memory_format=torch.channels_last)
-            for model, o in zip(models, (opt, ref)):
-                o.zero_grad()
-                model(x).square().mean().backward()
-                o.step()
-            assert_same_params(*models)
-        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
-    finally:
-        opt.close()
-
-
 def test_shared_memory_leaves_nothing_in_dev_shm():
     import os
 

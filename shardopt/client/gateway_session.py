@@ -38,6 +38,7 @@ from shardopt.client.backend import Backend, ParamSource
 from shardopt.client.shard_map import ShardMap
 from shardopt.core import chunk_codec, errors, wire
 from shardopt.core.amp import AmpScaling
+from shardopt.core.param_groups import lay_out_state
 from shardopt.core.proto import pb
 from shardopt.core.records import ShardStatus
 
@@ -421,7 +422,13 @@ class GatewaySession(Backend):
         receiver = wire.TensorReceiver(list(header.tensors), 1 << 62, what="state tensor")
         for answer in answers:
             receiver.add(answer.chunk)
-        yield wire.decode_value(header.state_dict, receiver.finish())["state"]
+        state = wire.decode_value(header.state_dict, receiver.finish())["state"]
+        params = self._params.flat()  # laid out as torch's state of each parameter is
+        known = range(len(params))
+        yield {
+            pid: lay_out_state(value, params[pid]) if pid in known else value
+            for pid, value in state.items()
+        }
 
     def load_state(self, state: dict[int, dict[str, Any]], options: tuple[dict, ...]) -> None:
         groups, start = [], 0

@@ -28,7 +28,7 @@ from shardopt.client.runtime import ray_get
 from shardopt.client.shard_map import ShardMap
 from shardopt.core.buffers import pack_tree, tensors_in
 from shardopt.core.mapped_files import page_out
-from shardopt.core.param_groups import group_options, place_state
+from shardopt.core.param_groups import group_options, lay_out_state, place_state
 from shardopt.core.records import ShardStatus
 
 
@@ -81,19 +81,21 @@ class RayShards(Backend):
             )
 
     def _placed(self, part: dict[int, Any]) -> dict[int, Any]:
-        """State of parameters not on the CPU moved where torch keeps it: on the parameter's
-        device (``step`` on the CPU unless its group is fused or capturable), as
+        """State where and as torch keeps it: on the parameter's device (``step`` on the CPU
+        unless its group is fused or capturable) and, for a parameter in another layout than
+        the shards' (``channels_last``), in the parameter's (:func:`lay_out_state`), as
         ``torch.optim``'s own state of those parameters is."""
         params = self._params.flat()
-        if all(params[pid].device.type == "cpu" for pid in part):
+        if all(params[pid].device.type == "cpu" and params[pid].is_contiguous() for pid in part):
             return part
         groups, group_of = self._params.groups, self._params.group_indices()
-        return {
-            pid: place_state(value, params[pid].device, groups[group_of[pid]])
-            if params[pid].device.type != "cpu"
-            else value
-            for pid, value in part.items()
-        }
+        placed = {}
+        for pid, value in part.items():
+            param = params[pid]
+            if param.device.type != "cpu":
+                value = place_state(value, param.device, groups[group_of[pid]])
+            placed[pid] = value if param.is_contiguous() else lay_out_state(value, param)
+        return placed
 
     def _receive_state(
         self, shard: int, request: Any, param_ids: tuple[int, ...] | None
@@ -133,6 +135,8 @@ class RayShards(Backend):
     def stream_state_file(
         self, path: str, order: list[int], param_groups: list[dict[str, Any]]
     ) -> bool:
+        if not all(p.is_contiguous() for p in self._params.flat()):
+            return False  # its state is laid out as the parameter (see _placed): gathered
         state_file.save_state_file(path, self.shard_map, self.handles, order, param_groups)
         return True
 

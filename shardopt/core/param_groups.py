@@ -135,6 +135,22 @@ def run_options(
     return options
 
 
+def lay_out_state(value: Any, param: torch.Tensor) -> Any:
+    """A parameter's optimizer state with each tensor shaped as the parameter laid out as the
+    parameter is, as torch's own state is: torch makes it with ``zeros_like(p)``, which keeps a
+    ``channels_last`` or transposed parameter's strides, and its fused kernels take state and
+    parameter to share them (a state laid out otherwise gives them wrong numbers). A tensor
+    already laid out so is kept, not copied."""
+    if isinstance(value, torch.Tensor):
+        if value.shape != param.shape or value.stride() == param.stride():
+            return value
+        laid = torch.empty_like(param, dtype=value.dtype, device=value.device)
+        return value if laid.stride() == value.stride() else laid.copy_(value)
+    if isinstance(value, dict):
+        return {k: lay_out_state(v, param) for k, v in value.items()}
+    return value
+
+
 def place_state(value: Any, device: torch.device, options: dict[str, Any], key: Any = None) -> Any:
     """A parameter's optimizer state with its tensors where torch keeps them for a parameter on
     ``device`` in a group with ``options``: every tensor on ``device``, but ``step`` on the CPU
