@@ -264,6 +264,39 @@ def test_state_view(pair):
         opt.state[torch.zeros(1)]
 
 
+def test_state_changed_in_place_reaches_the_shards_as_in_torch(pair):
+    """``opt.state[p]`` is torch's state itself: a moment zeroed in place, one scaled, a view of
+    one filled, ``step`` replaced reach the shards (a read shows them; the next steps are
+    torch's, step for step). A dict read before a step and changed after it is not applied
+    (the shards moved on without it) and the next use of the optimizer says so."""
+    model, opt, reference, ref = pair
+    train_step(model, opt, 0)
+    train_step(reference, ref, 0)
+    params, ref_params = list(model.parameters()), list(reference.parameters())
+    for o, ps in ((opt, params), (ref, ref_params)):
+        o.state[ps[0]]["exp_avg"].zero_()
+        state = o.state[ps[1]]
+        state["exp_avg_sq"].mul_(2.0)
+        state["step"] = torch.tensor(10.0)
+        o.state[ps[2]]["exp_avg"][0].fill_(1.0)  # through a view: the same version counter
+    assert not opt.state[params[0]]["exp_avg"].any()  # read back before any step
+    assert float(opt.state[params[1]]["step"]) == 10.0
+    for k in (1, 2):
+        train_step(model, opt, k)
+        train_step(reference, ref, k)
+        assert_same_params(model, reference)
+    assert_same_state_dict(opt.state_dict(), ref.state_dict())
+    stale = opt.state[params[3]]
+    train_step(model, opt, 3)
+    train_step(reference, ref, 3)
+    stale["exp_avg"].zero_()  # in torch this would change the live state; here it cannot
+    with pytest.warns(RuntimeWarning, match=r"ids \[3\] was changed in place .* not applied"):
+        train_step(model, opt, 4)
+    train_step(reference, ref, 4)
+    assert_same_params(model, reference)  # as torch without that change
+    assert_same_state_dict(opt.state_dict(), ref.state_dict())
+
+
 def test_user_changes_to_params_reach_the_shards(pair):
     model, opt, reference, ref = pair
     train_step(model, opt, 0)

@@ -34,6 +34,7 @@ from shardopt.client.local import LocalShards
 from shardopt.client.replication import replica_interval
 from shardopt.client.runtime import ensure_ray
 from shardopt.client.shard_group import HEARTBEAT_TIMEOUT, ShardGroupMember, make_config
+from shardopt.client.state_handouts import Handouts
 from shardopt.client.state_reads import StateReads
 from shardopt.client.state_view import ShardStateView
 from shardopt.client.transport import check_transport
@@ -56,9 +57,7 @@ logger = logging.getLogger(__name__)
 def default_num_shards() -> int:
     """One shard per GPU where the cluster has GPUs, else one per alive node."""
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus >= 1:
-        return gpus
-    return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+    return gpus if gpus >= 1 else max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
 
 
 class ShardedOptimizer(CopyRules, torch.optim.Optimizer):
@@ -256,7 +255,8 @@ class ShardedOptimizer(CopyRules, torch.optim.Optimizer):
         self._backend = self._make_backend(source, **options)
         self._params = source
         self._state_reads = StateReads()  # what state_dict() returned (round trips)
-        self.state = ShardStateView(self, self._state_reads)
+        self._handouts = Handouts(self._state_reads)  # what opt.state[p] handed out
+        self.state = ShardStateView(self, self._state_reads, self._handouts)
 
     _local_backend: type[LocalShards] = LocalShards
     """The backend for shards of this process (shardopt.LBFGS plugs in its own here)."""
@@ -304,8 +304,9 @@ class ShardedOptimizer(CopyRules, torch.optim.Optimizer):
 
     @property
     def backend(self) -> Backend:
-        """Where this optimizer's shards are and how its tensors reach them."""
+        """The shards' backend (what was changed in place in ``opt.state[p]`` goes first)."""
         self._check_open()
+        self._handouts.settle(self._backend)
         return self._backend  # type: ignore[return-value]
 
     @property
@@ -324,8 +325,7 @@ class ShardedOptimizer(CopyRules, torch.optim.Optimizer):
 
     @property
     def group(self) -> ShardGroupMember | None:
-        """This worker's shard group membership (versions, ``last_push``; elastic:
-        ``members()``, ``participants``), or None."""
+        """This worker's shard group membership (versions, ``last_push``, ``members()``)."""
         backend = self._backend
         return backend if isinstance(backend, ShardGroupMember) else None
 

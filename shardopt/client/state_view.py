@@ -3,7 +3,8 @@
 torch code reads ``opt.state[p]`` (and DCP checks ``if not opt.state``), Lightning writes it back
 when moving state between devices. The view keeps only the keys on the client (which parameters
 have state, in torch's insertion order); values are fetched from the owning shard on access and
-written back to it on assignment. Nothing is cached, so it never goes stale.
+written back to it on assignment, or when changed in place (:mod:`~.state_handouts`). Nothing
+is cached, so it never goes stale.
 
 Talks to: the optimizer's public face (``param_groups``, ``backend``) and, through the backend
 (:mod:`shardopt.client.backend`), the shards.
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from shardopt.client.backend import Backend
+from shardopt.client.state_handouts import Handouts
 from shardopt.client.state_reads import StateReads
 
 
@@ -29,11 +31,16 @@ class ShardStateView(MutableMapping):
     Args:
         optimizer: the optimizer whose state this is (held weakly: it owns the view).
         reads: its record of the last ``state_dict()``, told of every write here.
+        handouts: where the dicts ``view[p]`` hands out are noted (what the user changes in
+            them in place is written back before the shards are next used).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, reads: StateReads):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, reads: StateReads, handouts: Handouts
+    ) -> None:
         self._optimizer = weakref.ref(optimizer)
         self._reads = reads
+        self._handouts = handouts
 
     @property
     def _opt(self) -> Any:
@@ -61,16 +68,17 @@ class ShardStateView(MutableMapping):
         return pid is not None and self._shards.shard_map.has_state(pid)
 
     def __getitem__(self, param: torch.Tensor) -> dict[str, Any]:
-        """A copy of ``param``'s state from its shard; ``{}`` when it has none (as defaultdict)."""
+        """A copy of ``param``'s state from its shard; ``{}`` when it has none (as defaultdict).
+        What is changed in it in place (a tensor, a value set or removed) is written back to
+        the shard before the shards are next used (see :mod:`~.state_handouts`)."""
         pid = self._id_of(param)
         if pid is None:
             raise KeyError(param)
-        if not self._shards.shard_map.has_state(pid):
-            return {}
-        for part in self._shards.state_parts((pid,)):
-            if pid in part:
-                return part[pid]
-        return {}
+        state: dict[str, Any] = {}
+        if self._shards.shard_map.has_state(pid):
+            for part in self._shards.state_parts((pid,)):
+                state = part.get(pid, state)
+        return self._handouts.hand_out(pid, state)
 
     def __setitem__(self, param: torch.Tensor, value: dict[str, Any]) -> None:
         pid = self._id_of(param)
