@@ -65,6 +65,27 @@ def remote_and_torch(address, algorithm="AdamW"):
     return models, remote, run_as_shards(plain(models[1].parameters(), **hyper))
 
 
+def test_remote_state_changed_in_place_reaches_the_gateway_as_in_torch(address):
+    """``opt.state[p]["exp_avg"].zero_()`` (a moment reset, as pruning or re-warming code does)
+    through a remote session: the change reaches the gateway's shards before the next step,
+    which is torch's."""
+    models, remote, local = remote_and_torch(address)
+    try:
+        for k in range(3):
+            gen = torch.Generator().manual_seed(k)
+            x, y = torch.randn(4, 6, generator=gen), torch.randn(4, 2, generator=gen)
+            for model, opt in zip(models, (remote, local)):
+                opt.zero_grad()
+                loss_of(model, x, y).backward()
+                opt.step()
+                if k == 0:
+                    opt.state[next(model.parameters())]["exp_avg"].zero_()
+            assert_same(list(models[0].parameters()), list(models[1].parameters()))
+        assert_same_state_dict(remote.state_dict(), local.state_dict())
+    finally:
+        remote.close()
+
+
 @pytest.mark.parametrize("clip", [False, True], ids=["scaled", "unscale_-clip"])
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_remote_grad_scaler_loop_with_a_scheduler_gives_torchs_numbers(address, algorithm, clip):
