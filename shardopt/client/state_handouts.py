@@ -2,14 +2,15 @@
 
 torch's ``opt.state[p]`` is the state itself: ``opt.state[p]["exp_avg"].zero_()`` or
 ``opt.state[p]["step"] = ...`` change it. shardopt's view hands out a copy fetched from the
-shard, so such changes would be lost silently. :class:`Handouts` keeps each dict it hands out
-(with its keys, each tensor's version counter, other values as they are) and, before the
-shards are next used for anything (the proxy's ``backend``, which every call and every read of
-the state goes through), writes back to its shard every dict changed since: a value replaced,
-added or removed, a tensor changed in place. The dicts are then expired (held weakly): the
-shards' state moves on without them (a step), so a dict changed after that is not written
-back; the next use of the shards warns about it (``RuntimeWarning``) instead. Writes through
-``tensor.data`` are invisible to version counters, as for parameters.
+shard (a plain dict, as torch's), so such changes would be lost silently. :class:`Handouts`
+keeps each dict it hands out (with its keys, each tensor's version counter, other values as
+they are) and, before the shards are next used for anything (the proxy's ``backend``, which
+every call and every read of the state goes through), writes back to its shard every dict
+changed since: a value replaced, added or removed, a tensor changed in place. The dicts are
+then expired: the shards' state moves on without them (a step), so a dict changed after that
+is not written back; the use of the shards after that warns about it (``RuntimeWarning``),
+and forgets it (the dicts are held until then only). Writes through ``tensor.data`` are
+invisible to version counters, as for parameters.
 
 Talks to: the backend's ``set_param_state``.
 """
@@ -25,15 +26,8 @@ import torch
 from shardopt.client.state_reads import StateReads
 
 
-class HandedState(dict):
-    """A parameter's state as ``optimizer.state[p]`` handed it out (a dict that can be
-    referenced weakly)."""
-
-    __slots__ = ("__weakref__",)
-
-
 class Handouts:
-    """The dicts handed out since the shards were last used, and the expired ones still alive.
+    """The dicts handed out since the shards were last used, and those of the use before.
 
     Args:
         reads: the proxy's record of its last ``state_dict()``, told of every write back.
@@ -41,37 +35,33 @@ class Handouts:
 
     def __init__(self, reads: StateReads) -> None:
         self._reads = reads
-        # (pid, the dict, its marks); held until the next settle, as a change made in place
-        # through a dict dropped at once (opt.state[p]["exp_avg"].zero_()) must still count
-        self._live: list[tuple[int, HandedState, Any]] = []
-        self._expired: list[tuple[int, weakref.ref, Any]] = []  # alive only while the user's
+        # (pid, the dict, its marks), held: a change made in place through a dict dropped at
+        # once (opt.state[p]["exp_avg"].zero_()) must still count
+        self._live: list[tuple[int, dict, Any]] = []
+        self._expired: list[tuple[int, dict, Any]] = []
         self._settling = False
 
-    def hand_out(self, pid: int, state: dict[str, Any]) -> HandedState:
-        """``state`` (parameter ``pid``'s, fresh from its shard) as the dict to hand out."""
-        out = HandedState(state)
-        self._live.append((pid, out, _marks(out)))
-        return out
+    def hand_out(self, pid: int, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` (parameter ``pid``'s, fresh from its shard), noted as handed out."""
+        self._live.append((pid, state, _marks(state)))
+        return state
 
     def settle(self, backend: Any) -> None:
         """Writes back the live dicts changed since they were handed out, then expires them;
-        warns about expired dicts changed since they expired (not written back)."""
+        warns about the expired ones changed since they expired (not written back), and
+        forgets those."""
         if self._settling or not (self._live or self._expired):
             return
         self._settling = True  # writing back uses the backend, which would settle again
         try:
-            expired, stale = [], []
-            for pid, ref, marks in self._expired:
-                state = ref()
-                if state is not None:
-                    (expired if _same(state, marks) else stale).append((pid, ref, marks))
-            live, self._live, self._expired = self._live, [], expired
+            stale = sorted({pid for pid, state, marks in self._expired if not _same(state, marks)})
+            live, self._live, self._expired = self._live, [], []
             if stale:
                 warnings.warn(
-                    f"optimizer.state of parameter ids {sorted({pid for pid, _, _ in stale})} "
-                    "was changed in place after the shards moved on (a step, a load, a read "
-                    "of the state since it was read): not applied. Read optimizer.state[p] "
-                    "again and change that, or assign optimizer.state[p] = ...",
+                    f"optimizer.state of parameter ids {stale} was changed in place after the "
+                    "shards moved on (a step, a load, a read of the state since it was read): "
+                    "not applied. Read optimizer.state[p] again and change that, or assign "
+                    "optimizer.state[p] = ...",
                     RuntimeWarning,
                     stacklevel=4,
                 )
@@ -79,7 +69,7 @@ class Handouts:
                 if not _same(state, marks):
                     self._reads.changed()
                     backend.set_param_state(pid, dict(state))
-                self._expired.append((pid, weakref.ref(state), _marks(state)))
+                self._expired.append((pid, state, _marks(state)))
         finally:
             self._settling = False
 
