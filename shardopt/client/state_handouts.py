@@ -18,12 +18,9 @@ Talks to: the backend's ``set_param_state``.
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Any
 
-import torch
-
-from shardopt.client.state_reads import StateReads
+from shardopt.client.state_reads import StateReads, mark, same
 
 
 class Handouts:
@@ -74,28 +71,27 @@ class Handouts:
             self._settling = False
 
 
+class _Items(list):
+    """The marks of a list's or a tuple's items, and which of the two it was."""
+
+    def __init__(self, kind: type, items: list) -> None:
+        super().__init__(items)
+        self.kind = kind
+
+
 def _marks(value: Any) -> Any:
-    """What :func:`_same` compares ``value`` with later."""
-    if isinstance(value, torch.Tensor):
-        return (weakref.ref(value), value._version)
+    """What :func:`_same` compares ``value`` with later: :func:`state_reads.mark` of each
+    value, inside dicts, lists and tuples too (LBFGS's state holds lists of tensors)."""
     if isinstance(value, dict):
         return {k: _marks(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return (type(value), [_marks(v) for v in value])
-    return (value,)
+        return _Items(type(value), [_marks(v) for v in value])
+    return mark(value)
 
 
 def _same(value: Any, marks: Any) -> bool:
-    """Whether ``value`` is still what ``marks`` noted: the same keys, the same tensors
-    unchanged in place, equal other values."""
-    if isinstance(value, torch.Tensor):
-        return (
-            isinstance(marks, tuple)
-            and len(marks) == 2
-            and isinstance(marks[0], weakref.ref)
-            and marks[0]() is value
-            and value._version == marks[1]
-        )
+    """Whether ``value`` is still what ``marks`` noted: the same keys and items, the same
+    tensors unchanged in place, equal other values (:func:`state_reads.same`)."""
     if isinstance(value, dict):
         return (
             isinstance(marks, dict)
@@ -104,17 +100,9 @@ def _same(value: Any, marks: Any) -> bool:
         )
     if isinstance(value, (list, tuple)):
         return (
-            isinstance(marks, tuple)
-            and len(marks) == 2
-            and marks[0] is type(value)
-            and isinstance(marks[1], list)
-            and len(marks[1]) == len(value)
-            and all(_same(v, m) for v, m in zip(value, marks[1]))
+            isinstance(marks, _Items)
+            and marks.kind is type(value)
+            and len(marks) == len(value)
+            and all(_same(v, m) for v, m in zip(value, marks))
         )
-    if not (isinstance(marks, tuple) and len(marks) == 1):
-        return False
-    held = marks[0]
-    try:
-        return type(value) is type(held) and bool(value == held)
-    except Exception:  # a value whose == does not give a bool: taken as changed
-        return False
+    return isinstance(marks, tuple) and same(value, marks)

@@ -32,7 +32,7 @@ class StateReads:
     def note(self, state: Any) -> None:
         """Notes the ``state`` a ``state_dict()`` returns."""
         try:
-            self._read = {k: {n: _mark(v) for n, v in per.items()} for k, per in state.items()}
+            self._read = {k: {n: mark(v) for n, v in per.items()} for k, per in state.items()}
         except (AttributeError, TypeError):  # (a hook returned something else) no round trips
             self._read = None
 
@@ -47,19 +47,23 @@ class StateReads:
             if not isinstance(per, dict) or per.keys() != marks.keys():
                 return False
             for name, value in per.items():
-                if not _same(value, marks[name]):
+                if not same(value, marks[name]):
                     return False
         return True
 
 
-def _mark(value: Any) -> tuple[Any, int | None]:
+def mark(value: Any) -> tuple[Any, int | None]:
+    """What :func:`same` compares ``value`` with later: a tensor weakly, with its version
+    counter; anything else as it is."""
     if isinstance(value, torch.Tensor):
         return weakref.ref(value), value._version
     return value, None
 
 
-def _same(value: Any, mark: tuple[Any, int | None]) -> bool:
-    held, version = mark
+def same(value: Any, marked: tuple[Any, int | None]) -> bool:
+    """Whether ``value`` is still what :func:`mark` noted: the same tensor, unchanged in place,
+    or an equal value. A container is taken as changed (it may hold changed tensors)."""
+    held, version = marked
     if isinstance(value, torch.Tensor):
         return version is not None and held() is value and value._version == version
     if version is not None or isinstance(value, (dict, list, tuple)):
