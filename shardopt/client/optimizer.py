@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
 
-import ray
 import torch
 
 from shardopt.checkpoint.format import SaveHandle
@@ -31,8 +30,9 @@ from shardopt.client.copying import CopyRules, made_with
 from shardopt.client.gateway_session import GatewaySession
 from shardopt.client.group_config import group_request
 from shardopt.client.local import LocalShards
+from shardopt.client.param_forms import FormRules
 from shardopt.client.replication import replica_interval
-from shardopt.client.runtime import ensure_ray
+from shardopt.client.runtime import default_num_shards, ensure_ray
 from shardopt.client.shard_group import HEARTBEAT_TIMEOUT, ShardGroupMember, make_config
 from shardopt.client.state_handouts import Handouts
 from shardopt.client.state_reads import StateReads
@@ -54,13 +54,7 @@ from shardopt.core.records import ShardStatus
 logger = logging.getLogger(__name__)
 
 
-def default_num_shards() -> int:
-    """One shard per GPU where the cluster has GPUs, else one per alive node."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    return gpus if gpus >= 1 else max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
-
-
-class ShardedOptimizer(CopyRules, torch.optim.Optimizer):
+class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
     """Any ``torch.optim`` optimizer, with its state and master parameters sharded on Ray actors.
 
     Behaves as ``optimizer_class(params, **defaults)`` would, step for step and in its
@@ -254,6 +248,7 @@ class ShardedOptimizer(CopyRules, torch.optim.Optimizer):
         )  # fmt: skip
         self._backend = self._make_backend(source, **options)
         self._params = source
+        self._note_forms(options)  # dtypes and shapes as placed (see param_forms)
         self._state_reads = StateReads()  # what state_dict() returned (round trips)
         self._handouts = Handouts(self._state_reads)  # what opt.state[p] handed out
         self.state = ShardStateView(self, self._state_reads, self._handouts)
@@ -365,6 +360,7 @@ class ShardedOptimizer(CopyRules, torch.optim.Optimizer):
             self.param_groups.pop()
             self._group_splits.pop()
             raise
+        self._note_forms()
 
     @torch.compiler.disable  # moves bytes to other processes: nothing to trace
     @torch.no_grad()
@@ -384,6 +380,7 @@ class ShardedOptimizer(CopyRules, torch.optim.Optimizer):
                 without replicas; with them every shard is rolled back first and the shard's
                 own error is raised).
         """
+        self._follow_forms()  # a model converted after the optimizer was made (param_forms)
         backend = self.backend
         self._state_reads.changed()
         start = time.perf_counter()
@@ -463,6 +460,7 @@ class ShardedOptimizer(CopyRules, torch.optim.Optimizer):
             TypeError: the state holds objects other than tensors, numbers, strings and plain
                 containers.
         """
+        self._follow_forms()
         backend = self.backend
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -566,6 +564,7 @@ class ShardedOptimizer(CopyRules, torch.optim.Optimizer):
                 ``key``), metadata that is not DCP's, or a checkpoint of other parameter groups.
         """
         start = time.perf_counter()
+        self._follow_forms()
         self._state_reads.changed()
         saved_groups = self.backend.load_checkpoint(os.fspath(path), key)
         self._adopt_saved_groups(saved_groups)

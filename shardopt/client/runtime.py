@@ -56,6 +56,12 @@ def ensure_ray() -> None:
     ray.init(**kwargs)
 
 
+def default_num_shards() -> int:
+    """One shard per GPU where the cluster has GPUs, else one per alive node."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return gpus if gpus >= 1 else max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+
+
 def _cluster_id() -> str:
     ctx = ray.get_runtime_context()
     return f"{ctx.gcs_address}/{ctx.get_job_id()}"

@@ -176,8 +176,7 @@ def serve(
             checkpoint URL of an unknown protocol.
         ImportError: the file system package of the checkpoint URL is not installed.
     """
-    from shardopt.client.optimizer import default_num_shards
-    from shardopt.client.runtime import ensure_ray, host_pool
+    from shardopt.client.runtime import default_num_shards, ensure_ray, host_pool
 
     limits = limits or Limits()
     if tokens is not None:

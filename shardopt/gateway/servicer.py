@@ -30,13 +30,10 @@ import ray
 import torch
 
 from shardopt.client.lbfgs import LBFGS
-from shardopt.client.optimizer import ShardedOptimizer, default_num_shards
+from shardopt.client.optimizer import ShardedOptimizer
+from shardopt.client.runtime import default_num_shards
 from shardopt.core import chunk_codec, wire
-from shardopt.core.errors import (
-    AccessDeniedError,
-    PullConflictError,
-    ShardoptError,
-)
+from shardopt.core.errors import AccessDeniedError, PullConflictError, ShardoptError
 from shardopt.core.events import emit
 from shardopt.core.param_groups import group_options
 from shardopt.core.proto import pb, rpc
