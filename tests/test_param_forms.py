@@ -16,7 +16,9 @@ from gateway_helpers import TOKEN
 from helpers import assert_same_params, assert_same_state_dict, make_model, square_step
 
 import shardopt
+from shardopt.core.errors import QuotaExceededError
 from shardopt.gateway import serve
+from shardopt.gateway.quotas import Limits
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +250,28 @@ def test_a_shard_group_member_refuses_a_converted_model(where, request):
         square_step(model, opt, torch.randn(4, 6))
     finally:
         opt.close()
+
+
+def test_a_re_placement_the_gateway_refuses_leaves_the_session_as_it_was():
+    """Re-placing through a gateway opens a second session for a moment: where the token's
+    quota allows one, the gateway's QuotaExceededError reaches the user with a note saying
+    why, and the first session steps on once the model is converted back."""
+    gw = serve("127.0.0.1", 0, tokens=[TOKEN], limits=Limits(max_sessions_per_token=1))
+    model, twin = make_model(0), make_model(0)
+    opt = shardopt.SGD(model.parameters(), lr=0.1, momentum=0.9, num_shards=2,
+                       address=f"127.0.0.1:{gw.port}", token=TOKEN)  # fmt: skip
+    want = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    try:
+        model.double()
+        with pytest.raises(QuotaExceededError) as refused:
+            square_step(model, opt, torch.randn(4, 6, dtype=torch.float64))
+        assert any("re-placing the shards" in note for note in refused.value.__notes__)
+        model.float()
+        for x in _inputs(model):
+            square_step(model, opt, x)
+            square_step(twin, want, x)
+        assert_same_params(model, twin)
+        assert_same_state_dict(opt.state_dict(), want.state_dict())
+    finally:
+        opt.close()
+        gw.stop(1)

@@ -108,22 +108,29 @@ class FormRules:
                 "the optimizer (or before its first step), or make a new optimizer and load a "
                 "state dict into it"
             )
-        self._replace_shards(old, params)
+        self._replace_shards(old, params, what)
 
-    def _replace_shards(self, old: Any, params: list[torch.Tensor]) -> None:
-        """New shards over ``params`` as they are, with ``old``'s state; then ``old`` closed."""
+    def _replace_shards(self, old: Any, params: list[torch.Tensor], what: str) -> None:
+        """New shards over ``params`` as they are, with ``old``'s state; then ``old`` closed.
+        If that fails (a gateway's session quota, say), ``old`` stays as it was."""
         opt: Any = self
         state: dict[int, Any] = {}
         for part in old.state_parts():
             state.update(part)
         order = [pid for pid in old.state_order if pid in state]
         options = {**self._placed_with, "num_shards": old.num_shards}
-        new = opt._make_backend(opt._params, **options)
+        new = None
         try:
+            new = opt._make_backend(opt._params, **options)
             if state:
                 new.load_state({pid: state[pid] for pid in order}, opt._params.options())
-        except BaseException:
-            new.close()
+        except Exception as err:
+            err.add_note(
+                f"shardopt was re-placing the shards in the parameters' new form ({what}); they "
+                "are as they were: convert the model before making the optimizer to avoid this"
+            )
+            if new is not None:
+                new.close()
             raise
         opt._backend = new
         opt._state_reads.changed()
