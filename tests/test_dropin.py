@@ -7,6 +7,7 @@
   skipped inf step), with and without ``overlap``: torch's fused kernels take the scale as
   torch's own fused optimizers do; other algorithms are unscaled as GradScaler unscales them.
 - ``torch.compile`` around ``opt.step()`` (torch's "compiling the optimizer" recipe).
+- Param groups holding what torch lets them hold: names, a lambda, an object of a local class.
 """
 
 from __future__ import annotations
@@ -216,3 +217,53 @@ def test_compiled_training_step_equals_torch():
         compiled(models[1], ref, x)
         assert_same_tensors(list(models[0].parameters()), list(models[1].parameters()))
     opt.close()
+
+
+# ----- what param groups may hold --------------------------------------------------------------
+
+
+class _Tag:  # a class plain pickle cannot find by name once it is local (below)
+    pass
+
+
+@pytest.mark.parametrize("shared_memory", [None, False], ids=["lane", "object-store"])
+def test_param_groups_holding_callables_and_objects_step_as_torch(shared_memory):
+    """torch keeps whatever a param group holds; code puts names, callables and objects there
+    (a per-group clip function, a module reference). The step lane pickled its requests with
+    plain pickle and failed on a lambda (``PicklingError``) where Ray's own path took it."""
+
+    class Local(_Tag):
+        pass
+
+    def groups(model):
+        return [
+            {
+                "params": list(model[0].parameters()),
+                "name": "enc",
+                "clip": lambda g: g.clamp(-1, 1),
+            },
+            {"params": list(model[2:].parameters()), "owner": Local(), "lr": 0.05},
+        ]
+
+    model, twin = make_model(0), make_model(0)
+    opt = shardopt.SGD(
+        groups(model), lr=0.1, momentum=0.9, num_shards=2, shared_memory=shared_memory
+    )
+    want = torch.optim.SGD(groups(twin), lr=0.1, momentum=0.9)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            x = torch.randn(4, 6, generator=gen)
+            for m, o in ((model, opt), (twin, want)):
+                o.zero_grad()
+                m(x).square().mean().backward()
+                o.step()
+        assert_same_tensors(list(model.parameters()), list(twin.parameters()))
+        got, expected = opt.state_dict(), want.state_dict()
+        assert_same_state_dict(
+            {"state": got["state"], "param_groups": []},
+            {"state": expected["state"], "param_groups": []},
+        )
+        assert [g["name"] for g in opt.param_groups[:1]] == ["enc"]
+    finally:
+        opt.close()

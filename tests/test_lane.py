@@ -54,6 +54,31 @@ def test_a_lane_answers_and_raises_the_shards_own_errors():
         server.close()
 
 
+def test_both_lanes_carry_requests_plain_pickle_cannot_take():
+    """A step request carries the param groups' options, and torch lets a group hold a lambda:
+    both lanes pickle such a request as Ray does (cloudpickle) instead of failing."""
+    import numpy as np
+
+    from shardopt.core.net_lane import NetLaneClient, NetLaneServer
+
+    offset = 3
+    request = {"options": ({"lr": 0.1, "clip": lambda g: g + offset},)}
+    server = LaneServer(lambda r: r["options"][0]["clip"](4))
+    client = LaneClient(server.address)
+    net_server = NetLaneServer(
+        "127.0.0.1", 4, lambda r, payload: (r["options"][0]["clip"](1), None)
+    )
+    net_client = NetLaneClient(net_server.address)
+    try:
+        client.send(request)
+        assert client.receive() == 7
+        net_client.send(request, np.zeros(4, dtype=np.uint8))
+        assert net_client.receive() == 4
+    finally:
+        for end in (client, server, net_client, net_server):
+            end.close()
+
+
 def test_a_lane_leaves_no_socket_behind_once_its_client_is_in():
     server = LaneServer(_serve)
     path = server.address.path

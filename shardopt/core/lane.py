@@ -13,7 +13,9 @@ checks the client's token (a random secret handed out through Ray) before it rea
 else, then serves one request at a time with the function it was given. :class:`LaneClient` is
 the client's end. Frames are a length and a pickle: both ends are processes of one Ray job on
 one node (Ray pickles the same records between them), and the token keeps any other process of
-the same user from speaking first. A lane that breaks raises :class:`LaneBroken`: the caller
+the same user from speaking first. A request that plain pickle cannot take (a param group
+holding a lambda, which torch allows) is pickled as Ray does, by cloudpickle
+(:func:`dump_request`). A lane that breaks raises :class:`LaneBroken`: the caller
 sends the same request through Ray instead (steps carry ids, so a shard applies each once).
 
 Talks to nothing but sockets and the file system.
@@ -38,6 +40,20 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("!Q")
+
+
+def dump_request(request: Any) -> bytes:
+    """``request`` pickled: by plain pickle, or where that fails on a value a user put in it (a
+    lambda or a local class in a param group's options) by cloudpickle, as Ray pickles the
+    same request on its own path. Either loads with ``pickle.loads`` in a Ray worker."""
+    try:
+        return pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        from ray import cloudpickle
+
+        return cloudpickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 TOKEN_BYTES = 32
 ACCEPT_TIMEOUT_S = 120.0
 """How long a lane waits for its client to connect before it closes."""
@@ -198,7 +214,7 @@ class LaneClient:
         if self.closed:
             raise LaneBroken("the lane is closed")
         try:
-            _write_frame(self._sock, pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL))
+            _write_frame(self._sock, dump_request(request))
         except OSError as err:
             self.close()
             raise LaneBroken(f"the step lane broke: {err}") from err

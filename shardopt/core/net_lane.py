@@ -46,6 +46,7 @@ from shardopt.core.lane import (
     MAX_FRAME_BYTES,
     TOKEN_BYTES,
     LaneBroken,
+    dump_request,
     end_sockets,
     picklable_error,
     read_exactly,
@@ -226,7 +227,7 @@ class NetLaneClient:
         view = _bytes_view(payload)
         if view.nbytes != self.nbytes:
             raise ValueError(f"a payload of {view.nbytes} bytes on a lane of {self.nbytes}")
-        meta = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+        meta = dump_request(request)
         try:
             self._sock.sendall(HEADER.pack(MAGIC, len(meta), view.nbytes) + meta)
             self._sock.sendall(view)
