@@ -6,6 +6,7 @@ which change nothing.
 
 from __future__ import annotations
 
+import copy
 import time
 import urllib.request
 
@@ -115,9 +116,57 @@ def test_lbfgs_options_are_bounded(stub):
     for hyper, code in (
         ({"history_size": 21}, grpc.StatusCode.RESOURCE_EXHAUSTED),
         ({"line_search_fn": "backtracking", "history_size": 5}, INVALID),
+        ({"history_size": 5.5}, INVALID),  # torch trims at len == history_size: never
+        ({"history_size": 0}, INVALID),
+        ({"history_size": -1}, INVALID),
+        ({"history_size": True}, INVALID),
     ):
         assert code_of(lambda h=hyper: open_session(stub, params, optimizer="LBFGS",
                                                     hyperparameters=h)) == code  # fmt: skip
+
+
+def test_lbfgs_history_cannot_outgrow_the_bound_by_updates_or_loads(address):
+    """The bound on LBFGS's history held at opening only: a tenant could raise ``history_size``
+    past it with an update (accepted, then the history grew past the quota, two vectors of the
+    session's size per iteration), or make torch's trim never fire (a float, a shrink below the
+    history it holds, a loaded history longer than its group's ``history_size``). Each is
+    refused now before anything changes, and the session goes on as torch's."""
+    loss_fn, shapes = PROBLEMS["rosenbrock"]
+    kwargs = dict(max_iter=4, history_size=3, line_search_fn="strong_wolfe")
+    mine, theirs = make_params(shapes), make_params(shapes)
+    opt = shardopt.LBFGS(mine, num_shards=2, address=address, token=TOKEN, **kwargs)
+    ref = torch.optim.LBFGS(theirs, **kwargs)
+    try:
+        opt.step(closure_for(loss_fn, mine, opt, []))
+        ref.step(closure_for(loss_fn, theirs, ref, []))
+        before = opt.state_dict()
+        for size, error in ((21, shardopt.QuotaExceededError), (20.5, ValueError),
+                            (2, ValueError), (0, ValueError)):  # fmt: skip
+            opt.param_groups[0]["history_size"] = size
+            with pytest.raises(error, match="history_size"):
+                opt.step(closure_for(loss_fn, mine, opt, []))
+            opt.param_groups[0]["history_size"] = 3
+            assert_same_state_dict(opt.state_dict(), before)
+        longer = torch.optim.LBFGS(make_params(shapes), **{**kwargs, "history_size": 5})
+        for _ in range(3):
+            longer.step(closure_for(loss_fn, longer.param_groups[0]["params"], longer, []))
+        saved = longer.state_dict()
+        assert len(saved["state"][0]["old_dirs"]) > 3
+        saved["param_groups"][0]["history_size"] = 3
+        with pytest.raises(ValueError, match="history of .* entries; its group's history_size"):
+            opt.load_state_dict(saved)
+        uneven = copy.deepcopy(ref.state_dict())  # torch hands out its own state dicts
+        uneven["state"][0]["ro"] = uneven["state"][0]["ro"][:-1]
+        with pytest.raises(ValueError, match="unequal lengths"):
+            opt.load_state_dict(uneven)
+        assert_same_state_dict(opt.state_dict(), before)
+        for _ in range(2):
+            opt.step(closure_for(loss_fn, mine, opt, []))
+            ref.step(closure_for(loss_fn, theirs, ref, []))
+        assert_same_tensors(mine, theirs, 1e-8)
+        assert_close_state(opt.state_dict(), ref.state_dict(), 1e-6)
+    finally:
+        opt.close()
 
 
 def test_closure_step_streams_that_break_the_protocol_change_nothing(stub):

@@ -56,19 +56,20 @@ def test_a_lane_answers_and_raises_the_shards_own_errors():
 
 def test_both_lanes_carry_requests_plain_pickle_cannot_take():
     """A step request carries the param groups' options, and torch lets a group hold a lambda:
-    both lanes pickle such a request as Ray does (cloudpickle) instead of failing."""
+    the client's lanes pickle such a request as Ray does (cloudpickle) instead of failing."""
     import numpy as np
 
+    from shardopt.client.lanes import dump_request
     from shardopt.core.net_lane import NetLaneClient, NetLaneServer
 
     offset = 3
     request = {"options": ({"lr": 0.1, "clip": lambda g: g + offset},)}
     server = LaneServer(lambda r: r["options"][0]["clip"](4))
-    client = LaneClient(server.address)
+    client = LaneClient(server.address, dump_request)
     net_server = NetLaneServer(
         "127.0.0.1", 4, lambda r, payload: (r["options"][0]["clip"](1), None)
     )
-    net_client = NetLaneClient(net_server.address)
+    net_client = NetLaneClient(net_server.address, dump_request)
     try:
         client.send(request)
         assert client.receive() == 7

@@ -222,3 +222,37 @@ def test_checkpoint_round_trip_and_plain_torch(tmp_path):
             assert_same_tensors(params, first, 1e-8)
     opt.close()
     runs[0][1].close()
+
+
+def test_a_loaded_history_torch_could_not_step_on_from_is_refused(tmp_path):
+    """A state dict or checkpoint whose history is longer than its group's ``history_size``
+    (torch trims only at equality: it would grow two vectors every iteration from then on) or
+    whose lists differ in length (torch fails mid-step) is refused, and nothing changes."""
+    loss_fn, shapes = PROBLEMS["rosenbrock"]
+    kwargs = dict(line_search_fn="strong_wolfe", history_size=5, max_iter=6)
+    grown = make_params(shapes)
+    source = shardopt.LBFGS(grown, num_shards=2, **kwargs)
+    params = make_params(shapes)
+    opt = shardopt.LBFGS(params, num_shards=2, **{**kwargs, "history_size": 3})
+    try:
+        for o, ps in ((source, grown), (opt, params)):
+            o.step(closure_for(loss_fn, ps, o, []))
+        source.param_groups[0]["history_size"] = 3  # torch allows it; its history stays at 5
+        saved = source.state_dict()
+        assert len(saved["state"][0]["old_dirs"]) == 5
+        source.save_checkpoint(tmp_path / "long")
+        before = opt.state_dict()
+        with pytest.raises(ValueError, match="history of 5 entries; its group's history_size is 3"):
+            opt.load_state_dict(saved)
+        with pytest.raises(ValueError, match="history of 5 entries"):
+            opt.load_checkpoint(tmp_path / "long")
+        uneven = opt.state_dict()
+        uneven["state"][0]["old_stps"] = uneven["state"][0]["old_stps"][:-1]
+        with pytest.raises(ValueError, match="unequal lengths"):
+            opt.load_state_dict(uneven)
+        assert_close_state(opt.state_dict(), before, 0.0)
+        assert opt.param_groups[0]["history_size"] == 3
+        opt.step(closure_for(loss_fn, params, opt, []))  # steps on
+    finally:
+        source.close()
+        opt.close()

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import select
 from typing import Any
 
 import ray
+from ray import cloudpickle
 
 from shardopt.client.runtime import ray_get
-from shardopt.core.lane import LaneAddress, LaneBroken, LaneClient
+from shardopt.core.lane import LaneAddress, LaneBroken, LaneClient, plain_dumps
 from shardopt.core.net_lane import NetLaneAddress, NetLaneClient
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,17 @@ LANE_TYPES = (LaneClient, NetLaneClient)
 NET_LANES_ENV = "SHARDOPT_NET_LANES"
 """Set to ``0`` to send steps and group pushes to shards on other nodes through Ray (as before
 network lanes; for comparisons)."""
+
+
+def dump_request(request: Any) -> bytes:
+    """``request`` pickled for a lane: by plain pickle, or where that fails on a value a user
+    put in it (a lambda or a local class's object in a param group's options, which torch
+    keeps) by cloudpickle, as Ray pickles the same request on its own path. Either loads with
+    ``pickle.loads`` in the shard's Ray worker."""
+    try:
+        return plain_dumps(request)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return cloudpickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def net_lanes_enabled() -> bool:
@@ -54,9 +67,9 @@ class Lanes:
             return
         try:
             if isinstance(address, NetLaneAddress):
-                self._lanes[shard] = (owner, NetLaneClient(address))
+                self._lanes[shard] = (owner, NetLaneClient(address, dump_request))
             else:
-                self._lanes[shard] = (owner, LaneClient(address))
+                self._lanes[shard] = (owner, LaneClient(address, dump_request))
         except LaneBroken as err:
             logger.debug("shard %d: %s", shard, err)
 

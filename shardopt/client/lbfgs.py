@@ -37,8 +37,37 @@ from shardopt.client.optimizer import ShardedOptimizer
 from shardopt.client.vector_machine import ShardedVector, VectorMachine
 from shardopt.core.amp import AmpScaling
 from shardopt.core.buffers import readonly_tensor, to_numpy
+from shardopt.core.param_groups import group_options
 
 _VECTOR_KEYS = ("d", "old_dirs", "old_stps", "prev_flat_grad")
+
+
+def _check_history(state: dict[str, Any], history_size: Any) -> None:
+    """A loaded LBFGS history must be one torch's step can go on from: ``old_dirs``,
+    ``old_stps`` and ``ro`` equally long, no longer than ``history_size`` (torch trims only
+    when the length equals it: a longer one would grow by two vectors every iteration), and
+    ``al`` long enough for the next iteration. torch takes any and fails, or grows, later.
+
+    Raises:
+        ValueError: a history that breaks these.
+    """
+    lists = {k: state[k] for k in ("old_dirs", "old_stps", "ro") if isinstance(state.get(k), list)}
+    lengths = {len(v) for v in lists.values()}
+    if len(lengths) > 1:
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in lists.items())
+        raise ValueError(f"loaded state dict has an LBFGS history of unequal lengths ({sizes})")
+    length = lengths.pop() if lengths else 0
+    if isinstance(history_size, int) and length > history_size:
+        raise ValueError(
+            f"loaded state dict has an LBFGS history of {length} entries; its group's "
+            f"history_size is {history_size}"
+        )
+    al = state.get("al")
+    needed = min(length + 1, history_size) if isinstance(history_size, int) else length
+    if isinstance(al, list) and len(al) < needed:
+        raise ValueError(
+            f"loaded state dict has an LBFGS 'al' of {len(al)} entries; {needed} are needed"
+        )
 
 
 class LBFGSShards(LocalShards):
@@ -378,11 +407,13 @@ class LBFGSShards(LocalShards):
     def set_param_state(self, pid: int, value: dict[str, Any]) -> None:
         if pid != 0:
             raise KeyError("torch's LBFGS keeps its state under the first parameter only")
-        self._lbfgs_state = self._scatter(self._validated(value))
+        history_size = self._params.groups[0]["history_size"]
+        self._lbfgs_state = self._scatter(self._validated(value, history_size))
         self.shard_map.set_state_order([0])
 
-    def _validated(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Checks a torch LBFGS state and casts it as torch would (floating tensors to dtype)."""
+    def _validated(self, state: dict[str, Any], history_size: Any) -> dict[str, Any]:
+        """Checks a torch LBFGS state (its history as its group's ``history_size`` allows) and
+        casts it as torch would (floating tensors to dtype)."""
         if not isinstance(state, dict):
             raise TypeError(f"LBFGS state must be a dict, got {type(state).__name__}")
 
@@ -404,6 +435,7 @@ class LBFGSShards(LocalShards):
         checked = {key: cast(value, key) for key, value in state.items()}
         if isinstance(checked.get("old_dirs"), list) != isinstance(checked.get("old_stps"), list):
             raise ValueError("loaded state dict has old_dirs and old_stps of different kinds")
+        _check_history(checked, history_size)
         return checked
 
     def _scatter(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -438,7 +470,8 @@ class LBFGSShards(LocalShards):
                 f"loaded state dict has LBFGS state under parameter id(s) {unknown}; "
                 "torch's LBFGS keeps it under the first parameter only"
             )
-        checked = self._validated(state[0]) if 0 in state else {}
+        history_size = options[0].get("history_size") if options else None
+        checked = self._validated(state[0], history_size) if 0 in state else {}
         self._lbfgs_state = self._scatter(checked)
         self.shard_map.set_state_order([0] if checked else [])
 
@@ -454,7 +487,8 @@ class LBFGSShards(LocalShards):
             path, self._params.groups, self.shard_map.num_params, key
         )
         ids = list(range(self.shard_map.num_params))
-        self.load_state(checkpoint.read_params_state(commit, ids), ())
+        options = tuple(group_options(g) for g in saved_groups)  # its history_size bounds
+        self.load_state(checkpoint.read_params_state(commit, ids), options)
         return saved_groups
 
 

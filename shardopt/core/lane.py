@@ -13,9 +13,9 @@ checks the client's token (a random secret handed out through Ray) before it rea
 else, then serves one request at a time with the function it was given. :class:`LaneClient` is
 the client's end. Frames are a length and a pickle: both ends are processes of one Ray job on
 one node (Ray pickles the same records between them), and the token keeps any other process of
-the same user from speaking first. A request that plain pickle cannot take (a param group
-holding a lambda, which torch allows) is pickled as Ray does, by cloudpickle
-(:func:`dump_request`). A lane that breaks raises :class:`LaneBroken`: the caller
+the same user from speaking first. The client's end pickles requests with the ``dumps`` it is
+given (the client's layer passes one that falls back to cloudpickle, as Ray does, for what a
+user may put in a param group: a lambda). A lane that breaks raises :class:`LaneBroken`: the caller
 sends the same request through Ray instead (steps carry ids, so a shard applies each once).
 
 Talks to nothing but sockets and the file system.
@@ -42,16 +42,13 @@ logger = logging.getLogger(__name__)
 _LENGTH = struct.Struct("!Q")
 
 
-def dump_request(request: Any) -> bytes:
-    """``request`` pickled: by plain pickle, or where that fails on a value a user put in it (a
-    lambda or a local class in a param group's options) by cloudpickle, as Ray pickles the
-    same request on its own path. Either loads with ``pickle.loads`` in a Ray worker."""
-    try:
-        return pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
-    except (pickle.PicklingError, AttributeError, TypeError):
-        from ray import cloudpickle
+Dumps = Callable[[Any], bytes]
+"""How a client's end pickles its requests (the client's layer may pass one that takes more
+than plain pickle: :func:`shardopt.client.lanes.dump_request`)."""
 
-        return cloudpickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+
+def plain_dumps(request: Any) -> bytes:
+    return pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 TOKEN_BYTES = 32
@@ -195,7 +192,8 @@ class LaneClient:
         LaneBroken: (from the constructor) the lane cannot be reached.
     """
 
-    def __init__(self, address: LaneAddress) -> None:
+    def __init__(self, address: LaneAddress, dumps: Dumps = plain_dumps) -> None:
+        self._dumps = dumps
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.connect(address.path)
@@ -214,7 +212,7 @@ class LaneClient:
         if self.closed:
             raise LaneBroken("the lane is closed")
         try:
-            _write_frame(self._sock, dump_request(request))
+            _write_frame(self._sock, self._dumps(request))
         except OSError as err:
             self.close()
             raise LaneBroken(f"the step lane broke: {err}") from err

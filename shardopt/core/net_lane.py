@@ -45,10 +45,11 @@ from shardopt.core.lane import (
     ACCEPT_TIMEOUT_S,
     MAX_FRAME_BYTES,
     TOKEN_BYTES,
+    Dumps,
     LaneBroken,
-    dump_request,
     end_sockets,
     picklable_error,
+    plain_dumps,
     read_exactly,
     recv_into,
 )
@@ -196,7 +197,8 @@ class NetLaneClient:
         LaneBroken: (from the constructor) the lane cannot be reached.
     """
 
-    def __init__(self, address: NetLaneAddress) -> None:
+    def __init__(self, address: NetLaneAddress, dumps: Dumps = plain_dumps) -> None:
+        self._dumps = dumps
         self.nbytes = address.nbytes
         self.params = np.empty(address.nbytes, dtype=np.uint8)
         self.has_params = False
@@ -227,7 +229,7 @@ class NetLaneClient:
         view = _bytes_view(payload)
         if view.nbytes != self.nbytes:
             raise ValueError(f"a payload of {view.nbytes} bytes on a lane of {self.nbytes}")
-        meta = dump_request(request)
+        meta = self._dumps(request)
         try:
             self._sock.sendall(HEADER.pack(MAGIC, len(meta), view.nbytes) + meta)
             self._sock.sendall(view)

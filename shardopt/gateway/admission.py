@@ -147,16 +147,38 @@ def check_group_options(options: dict[str, Any], where: str) -> dict[str, Any]:
     return dict(options)
 
 
-def check_group_update(optimizer_class: type, merged: dict[str, Any], where: str) -> None:
-    """Runs torch's own checks on a param group's options after an update.
+def check_group_update(
+    optimizer_class: type,
+    merged: dict[str, Any],
+    where: str,
+    limits: Limits | None = None,
+    before: dict[str, Any] | None = None,
+) -> None:
+    """Runs torch's own checks on a param group's options after an update, and this gateway's
+    bounds on LBFGS's history (at every update: opening, updates, loads).
 
     torch checks hyperparameters in the constructor only; a throwaway ``optimizer_class``
     over one 1x1 tensor, built with the group's constructor arguments, checks them the same way.
 
+    Args:
+        limits: the gateway's limits (default ones if None).
+        before: the group's options before this update, if it has any: LBFGS's
+            ``history_size`` may not shrink (torch never trims a history longer than it, so it
+            would grow without a bound).
+
     Raises:
-        ValueError, TypeError: what torch raises for these options.
+        ValueError, TypeError: what torch raises for these options, or a shrinking history.
+        QuotaExceededError: an LBFGS history longer than the gateway allows.
     """
     check_group_options(merged, where)
+    if issubclass(optimizer_class, torch.optim.LBFGS):
+        _check_lbfgs(merged, limits or Limits(), where)
+        was = (before or {}).get("history_size")
+        if isinstance(was, int) and merged.get("history_size", was) < was:
+            raise ValueError(
+                f"{where}: LBFGS history_size cannot shrink during a session ({was} to "
+                f"{merged['history_size']}): torch never trims the history it holds"
+            )
     allowed = constructor_options(optimizer_class)
     kwargs = {k: v for k, v in merged.items() if k in allowed}
     try:
@@ -233,16 +255,21 @@ def optimizer_kwargs(
     return kwargs
 
 
-def _check_lbfgs(options: dict[str, Any], limits: Limits) -> None:
+def _check_lbfgs(options: dict[str, Any], limits: Limits, where: str = "LBFGS") -> None:
     """LBFGS's history is its memory on the shards: up to ``2 * history_size + 4`` vectors of
-    the parameters' size. Bounded by ``Limits.max_lbfgs_history``; torch's line search only.
+    the parameters' size. Bounded by ``Limits.max_lbfgs_history``; an int from 1 (torch
+    trims the history only when its length equals ``history_size``: a float or a number below
+    1 never does, and the history would grow by two vectors every iteration); torch's line
+    search only.
 
     Raises:
         QuotaExceededError: a longer history.
-        ValueError: another line search.
+        ValueError: a history_size that is not a positive int, or another line search.
     """
     history = options.get("history_size", 100)
-    if isinstance(history, int) and history > limits.max_lbfgs_history:
+    if not isinstance(history, int) or isinstance(history, bool) or history < 1:
+        raise ValueError(f"{where}: Invalid history_size: {history!r} (an int >= 1)")
+    if history > limits.max_lbfgs_history:
         raise QuotaExceededError(
             f"LBFGS history_size={history}: this gateway allows at most "
             f"{limits.max_lbfgs_history} (each entry holds two vectors of the parameters' size)"

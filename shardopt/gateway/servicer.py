@@ -196,7 +196,8 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             for i, g in enumerate(spec.param_groups)
         ]
         for i, options in enumerate(group_specs):
-            check_group_update(optimizer_class, {**hyperparameters, **options}, f"param group {i}")
+            merged = {**hyperparameters, **options}
+            check_group_update(optimizer_class, merged, f"param group {i}", self.limits)
         names = [s.name or f"params[{i}]" for i, s in enumerate(spec.params)]
         receiver = wire.TensorReceiver(
             list(spec.params), self.limits.max_session_bytes, what="parameter", names=names
@@ -417,9 +418,10 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             check_group_options(wire.decode_options(g.options), f"param group {i}")
             for i, g in enumerate(groups)
         ]
+        cls = optimizer.optimizer_class
         for i, (group, options) in enumerate(zip(optimizer.param_groups, decoded)):
             merged = {**group_options(group), **options}
-            check_group_update(optimizer.optimizer_class, merged, f"param group {i}")
+            check_group_update(cls, merged, f"param group {i}", self.limits, group_options(group))
         for group, options in zip(optimizer.param_groups, decoded):  # all checked: now apply
             group.update(options)
 
@@ -462,8 +464,8 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
             options = check_group_options(
                 wire.decode_options(header.group.options), "the new param group"
             )
-            merged = {**optimizer.defaults, **options}
-            check_group_update(optimizer.optimizer_class, merged, "the new param group")
+            merged, cls = {**optimizer.defaults, **options}, optimizer.optimizer_class
+            check_group_update(cls, merged, "the new param group", self.limits)
             nbytes = receiver.declared
             self.ledger.grow_session(session.principal, nbytes)
             try:
@@ -525,9 +527,10 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
                 groups = state_dict["param_groups"]
                 if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
                     raise ValueError("a state dict's 'param_groups' is a list of dicts")
+                cls = optimizer.optimizer_class
                 for i, group in enumerate(groups):
                     options = {k: v for k, v in group.items() if k not in NOT_OPTIONS}
-                    check_group_update(optimizer.optimizer_class, options, f"param group {i}")
+                    check_group_update(cls, options, f"param group {i}", self.limits)
                 with session.lock:
                     optimizer.load_state_dict(state_dict)
                     if self.store is not None:  # an LBFGS session's state is in its record
