@@ -15,8 +15,9 @@ the client's end. Frames are a length and a pickle: both ends are processes of o
 one node (Ray pickles the same records between them), and the token keeps any other process of
 the same user from speaking first. The client's end pickles requests with the ``dumps`` it is
 given (the client's layer passes one that falls back to cloudpickle, as Ray does, for what a
-user may put in a param group: a lambda). A lane that breaks raises :class:`LaneBroken`: the caller
-sends the same request through Ray instead (steps carry ids, so a shard applies each once).
+user may put in a param group: a lambda). A lane that breaks raises :class:`LaneBroken`: the
+caller sends the same request through Ray instead (steps carry ids, so a shard applies each
+once).
 
 Talks to nothing but sockets and the file system.
 """
@@ -40,7 +41,6 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("!Q")
-
 
 Dumps = Callable[[Any], bytes]
 """How a client's end pickles its requests (the client's layer may pass one that takes more
