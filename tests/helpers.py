@@ -86,6 +86,19 @@ def square_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -
     return _step(opt, lambda: model(x).square().mean())
 
 
+def closure_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> torch.Tensor:
+    """One step on the mean square of ``model(x)`` through a closure (LBFGS needs one; the
+    others run it first); returns the closure's loss."""
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    return opt.step(closure)
+
+
 def run_steps(
     model: nn.Sequential,
     opt: torch.optim.Optimizer,

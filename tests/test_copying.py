@@ -14,23 +14,11 @@ import pytest
 import ray
 import torch
 from gateway_helpers import TOKEN
-from helpers import assert_same_params, assert_same_state_dict, make_model
+from helpers import assert_same_params, assert_same_state_dict, closure_step, make_model
 
 import shardopt
 from shardopt.core.errors import OptimizerClosedError
 from shardopt.gateway import serve
-
-
-def square_step(model, opt, x):
-    """One step on the mean square of ``model(x)``, through a closure (LBFGS needs one)."""
-
-    def closure():
-        opt.zero_grad()
-        loss = model(x).square().mean()
-        loss.backward()
-        return loss
-
-    return opt.step(closure)
 
 
 def _pair(factory, torch_class, seed=0, **hyper):
@@ -41,8 +29,8 @@ def _pair(factory, torch_class, seed=0, **hyper):
     scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt, want)]
     for _ in range(2):
         x = torch.randn(4, 6)
-        square_step(model, opt, x)
-        square_step(twin, want, x)
+        closure_step(model, opt, x)
+        closure_step(twin, want, x)
         for sched in scheds:
             sched.step()
     return model, opt, twin, want
@@ -52,7 +40,7 @@ def _run_both(pairs, steps=2):
     for _ in range(steps):
         x = torch.randn(4, 6)
         for model, opt in pairs:
-            square_step(model, opt, x)
+            closure_step(model, opt, x)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +161,7 @@ def test_a_shard_group_member_cannot_be_copied(where, request):
     try:
         with pytest.raises(TypeError, match=r"shard group's member .* rank 0\) cannot be copied"):
             copy.deepcopy(opt)
-        square_step(model, opt, torch.randn(4, 6))  # still a member, stepping
+        closure_step(model, opt, torch.randn(4, 6))  # still a member, stepping
     finally:
         opt.close()
 

@@ -13,7 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 from gateway_helpers import TOKEN
-from helpers import assert_same_params, assert_same_state_dict, make_model, square_step
+from helpers import (
+    assert_same_params,
+    assert_same_state_dict,
+    closure_step,
+    make_model,
+    square_step,
+)
 
 import shardopt
 from shardopt.core.errors import QuotaExceededError
@@ -43,16 +49,14 @@ def _grow(model):
     last.bias.data = torch.randn(last.out_features + 2, generator=gen)
 
 
-def closure_step(model, opt, x):
-    """One step on the mean square of ``model(x)`` through a closure (LBFGS needs one)."""
-
-    def closure():
-        opt.zero_grad()
-        loss = model(x).square().mean()
-        loss.backward()
-        return loss
-
-    return opt.step(closure)
+def _steps_as_torch(model, opt, twin, want, inputs, step=square_step):
+    """Steps both optimizers on each input: the parameters (dtype, shape and bits) are torch's
+    after every step, the state dict after the last."""
+    for x in inputs:
+        step(model, opt, x)
+        step(twin, want, x)
+        assert_same_params(model, twin)
+    assert_same_state_dict(opt.state_dict(), want.state_dict())
 
 
 CONVERSIONS = {
@@ -82,11 +86,7 @@ def test_a_model_converted_before_its_first_step_is_updated_in_its_new_form(
     try:
         for m in (model, twin):
             CONVERSIONS[conversion](m)
-        for x in _inputs(model):
-            square_step(model, opt, x)
-            square_step(twin, want, x)
-            assert_same_params(model, twin)
-        assert_same_state_dict(opt.state_dict(), want.state_dict())
+        _steps_as_torch(model, opt, twin, want, _inputs(model))
         dtype = next(twin.parameters()).dtype
         assert opt.state[model[0].weight]["exp_avg"].dtype == dtype
     finally:
@@ -106,11 +106,7 @@ def test_the_speed_options_and_replicas_follow_a_converted_model(options):
     try:
         model.double()
         twin.double()
-        for x in _inputs(model):
-            square_step(model, opt, x)
-            square_step(twin, want, x)
-            assert_same_params(model, twin)
-        assert_same_state_dict(opt.state_dict(), want.state_dict())
+        _steps_as_torch(model, opt, twin, want, _inputs(model))
     finally:
         opt.close()
 
@@ -179,11 +175,7 @@ def test_converting_parameters_that_have_state_is_refused_and_changes_nothing(wh
         model.float()
         twin.float()
         want.load_state_dict(before)  # torch's failed step may have changed its state
-        for x in xs[1:]:
-            square_step(model, opt, x)
-            square_step(twin, want, x)
-        assert_same_params(model, twin)
-        assert_same_state_dict(opt.state_dict(), want.state_dict())
+        _steps_as_torch(model, opt, twin, want, xs[1:])
     finally:
         opt.close()
 
@@ -197,11 +189,7 @@ def test_lbfgs_converted_before_its_first_step_and_refused_after():
     try:
         model.double()
         twin.double()
-        for x in _inputs(model, 2):
-            closure_step(model, opt, x)
-            closure_step(twin, want, x)
-        assert_same_params(model, twin)
-        assert_same_state_dict(opt.state_dict(), want.state_dict())
+        _steps_as_torch(model, opt, twin, want, _inputs(model, 2), closure_step)
         model.float()
         with pytest.raises(RuntimeError, match="optimizer state was made for the old form"):
             closure_step(model, opt, torch.randn(4, 6))
@@ -226,11 +214,7 @@ def test_a_state_dict_loaded_after_converting_lands_in_the_new_form():
             m.load_state_dict(source.state_dict())
             o.load_state_dict(saved)
         assert_same_state_dict(opt.state_dict(), want.state_dict())
-        for x in _inputs(model, 2, seed=5):
-            square_step(model, opt, x)
-            square_step(twin, want, x)
-        assert_same_params(model, twin)
-        assert_same_state_dict(opt.state_dict(), want.state_dict())
+        _steps_as_torch(model, opt, twin, want, _inputs(model, 2, seed=5))
     finally:
         opt.close()
 
@@ -268,11 +252,7 @@ def test_a_re_placement_the_gateway_refuses_leaves_the_session_as_it_was():
             square_step(model, opt, torch.randn(4, 6, dtype=torch.float64))
         assert any("re-placing the shards" in note for note in refused.value.__notes__)
         model.float()
-        for x in _inputs(model):
-            square_step(model, opt, x)
-            square_step(twin, want, x)
-        assert_same_params(model, twin)
-        assert_same_state_dict(opt.state_dict(), want.state_dict())
+        _steps_as_torch(model, opt, twin, want, _inputs(model))
     finally:
         opt.close()
         gw.stop(1)
