@@ -8,6 +8,7 @@
   torch's own fused optimizers do; other algorithms are unscaled as GradScaler unscales them.
 - ``torch.compile`` around ``opt.step()`` (torch's "compiling the optimizer" recipe).
 - Param groups holding what torch lets them hold: names, a lambda, an object of a local class.
+- Parameters clipped between steps (WGAN), through the tensor and through ``p.data``.
 """
 
 from __future__ import annotations
@@ -265,5 +266,43 @@ def test_param_groups_holding_callables_and_objects_step_as_torch(shared_memory)
             {"state": expected["state"], "param_groups": []},
         )
         assert [g["name"] for g in opt.param_groups[:1]] == ["enc"]
+    finally:
+        opt.close()
+
+
+# ----- parameters written between steps --------------------------------------------------------
+
+
+@pytest.mark.parametrize("write", ["no_grad", "data+push_params", "data+share_params"])
+def test_a_critic_clipped_between_steps_as_wgan_does_gives_torchs_numbers(write):
+    """WGAN clips its critic's weights after every step. Through the tensor under
+    ``torch.no_grad()`` the clip moves the version counters and reaches the shards; through
+    ``p.data`` it does not, and ``push_params()`` (or ``share_params=True``) is what the README
+    says to use: each gives torch's numbers."""
+    model, twin = make_model(0), make_model(0)
+    options = {"share_params": True} if write == "data+share_params" else {}
+    opt = shardopt.RMSprop(model.parameters(), lr=5e-3, num_shards=2, **options)
+    want = torch.optim.RMSprop(twin.parameters(), lr=5e-3)
+
+    def clip(m, o):
+        for p in m.parameters():
+            if write == "no_grad" or o is want:
+                with torch.no_grad():
+                    p.clamp_(-0.05, 0.05)
+            else:
+                p.data.clamp_(-0.05, 0.05)
+        if write == "data+push_params" and o is opt:
+            o.push_params()
+
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            x = torch.randn(4, 6, generator=gen)
+            for m, o in ((model, opt), (twin, want)):
+                o.zero_grad()
+                m(x).square().mean().backward()
+                o.step()
+                clip(m, o)
+        assert_same_tensors(list(model.parameters()), list(twin.parameters()))
     finally:
         opt.close()
