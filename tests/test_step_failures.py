@@ -5,7 +5,8 @@ dense one for SparseAdam, complex parameters an algorithm cannot take, a gradien
 shape, dtype or device) is refused with torch's own exception before any shard is asked, and
 every shard is left as it was. A failure on some shards after others applied the step (a user's
 optimizer raising on one shard) is a :class:`~shardopt.PartialStepError` that names the shards;
-with replicas every shard is rolled back first and nothing of the step is applied.
+with replicas every shard is rolled back first and nothing of the step is applied. A step every
+shard refuses raises the shards' (torch's) own error.
 """
 
 from __future__ import annotations
@@ -173,6 +174,43 @@ def _explosive_run(params, opt, explode_at=None, steps=5):
             continue
         opt.step()
     return errors
+
+
+@pytest.mark.parametrize("where", ["ray", "gateway"])
+def test_a_step_every_shard_refuses_raises_torchs_own_error(where):
+    """``amsgrad`` turned on after the first step: torch's Adam raises KeyError (no
+    ``max_exp_avg_sq`` in its state) before it updates anything, and so does every shard. No
+    shard applied the step, so the shards agree: torch's own error is raised (it was a
+    PartialStepError naming no shard that applied it), and with amsgrad off again the
+    optimizer goes on as torch's."""
+    from gateway_helpers import TOKEN
+
+    from shardopt.gateway import serve
+
+    gateway = serve("127.0.0.1", 0, tokens=[TOKEN]) if where == "gateway" else None
+    remote = {"address": f"127.0.0.1:{gateway.port}", "token": TOKEN} if gateway else {}
+    params, reference = _params(), _params()
+    opt = shardopt.Adam(params, lr=0.1, foreach=False, num_shards=2, **remote)
+    ref = torch.optim.Adam(reference, lr=0.1, foreach=False)
+    try:
+        for k in range(3):
+            for ps, o in ((params, opt), (reference, ref)):
+                o.zero_grad()
+                _backward(ps, k)
+                o.param_groups[0]["amsgrad"] = k == 1
+                if k == 1:
+                    with pytest.raises(KeyError, match="max_exp_avg_sq") as refused:
+                        o.step()
+                    continue
+                o.step()
+            if k == 1:
+                assert type(refused.value) is KeyError
+        assert_same_tensors(params, reference)
+        assert_same_state_dict(opt.state_dict(), ref.state_dict())
+    finally:
+        opt.close()
+        if gateway is not None:
+            gateway.stop(1)
 
 
 def test_a_step_failing_on_one_shard_names_who_applied_it():

@@ -380,7 +380,8 @@ class LocalShards(RayShards):
         sent: dict[int, tuple[StepRequest, torch.Tensor]],
     ) -> None:
         """Raises for a step some shards refused: after rolling every shard back from its
-        replica where there are replicas, else naming the shards that applied it."""
+        replica where there are replicas, else naming the shards that applied it (where none
+        did, the first shard's own error, as torch's optimizer raises it)."""
         failed = sorted(failures)
         applied = sorted(set(sent) - set(failures))
         first = failures[failed[0]]
@@ -406,6 +407,9 @@ class LocalShards(RayShards):
                 logger.error(note)
                 raise first
             where += f"; shard(s) {stuck} could not be rolled back from their replicas"
+        if not applied:  # no shard moved on: the shards agree, as torch's optimizer would
+            first.add_note(f"shardopt: {where}; no shard applied it")
+            raise first
         raise PartialStepError(
             f"{where}; shard(s) {applied} applied it, so the shards now disagree about step "
             f"{step_id} (the parameters here hold their values after it; a failed shard may "
