@@ -408,7 +408,8 @@ class LocalShards(RayShards):
                 raise first
             where += f"; shard(s) {stuck} could not be rolled back from their replicas"
         if not applied:  # no shard moved on: the shards agree, as torch's optimizer would
-            first.add_note(f"shardopt: {where}; no shard applied it")
+            if hasattr(first, "add_note"):  # Python 3.11+
+                first.add_note(f"shardopt: {where}; no shard applied it")
             raise first
         raise PartialStepError(
             f"{where}; shard(s) {applied} applied it, so the shards now disagree about step "

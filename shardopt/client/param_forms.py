@@ -125,10 +125,12 @@ class FormRules:
             if state:
                 new.load_state({pid: state[pid] for pid in order}, opt._params.options())
         except Exception as err:
-            err.add_note(
-                f"shardopt was re-placing the shards in the parameters' new form ({what}); they "
-                "are as they were: convert the model before making the optimizer to avoid this"
-            )
+            if hasattr(err, "add_note"):  # Python 3.11+
+                err.add_note(
+                    f"shardopt was re-placing the shards in the parameters' new form ({what}); "
+                    "they are as they were: convert the model before making the optimizer to "
+                    "avoid this"
+                )
             if new is not None:
                 new.close()
             raise
