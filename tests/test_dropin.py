@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_same_state_dict, assert_same_tensors, make_model
+from helpers import assert_same_state_dict, assert_same_tensors, make_model, square_step
 from reference import run_as_shards
 from torch import nn
 
@@ -256,9 +256,7 @@ def test_param_groups_holding_callables_and_objects_step_as_torch(shared_memory)
         for _ in range(3):
             x = torch.randn(4, 6, generator=gen)
             for m, o in ((model, opt), (twin, want)):
-                o.zero_grad()
-                m(x).square().mean().backward()
-                o.step()
+                square_step(m, o, x)
         assert_same_tensors(list(model.parameters()), list(twin.parameters()))
         got, expected = opt.state_dict(), want.state_dict()
         assert_same_state_dict(
@@ -299,9 +297,7 @@ def test_a_critic_clipped_between_steps_as_wgan_does_gives_torchs_numbers(write)
         for _ in range(3):
             x = torch.randn(4, 6, generator=gen)
             for m, o in ((model, opt), (twin, want)):
-                o.zero_grad()
-                m(x).square().mean().backward()
-                o.step()
+                square_step(m, o, x)
                 clip(m, o)
         assert_same_tensors(list(model.parameters()), list(twin.parameters()))
     finally:
