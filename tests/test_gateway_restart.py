@@ -360,14 +360,18 @@ def test_a_record_is_json_data_that_round_trips():
     and text that is not a record is refused."""
     record = SessionRecord(
         session_id="s", principal="p" * 64, optimizer="Adam",
-        kwargs={"lr": 0.1 + 2e-17, "betas": (0.9, 0.999), "eps": float("inf"), "num_shards": 2},
+        kwargs={"lr": 0.1 + 2e-17, "betas": (0.9, 0.999), "eps": float("inf"), "num_shards": 2,
+                "default_dtype": torch.float64},
         groups=(((0, 1), {"lr": 0.1, "amsgrad": False, "nested": [1, {2: None}]}),),
         names=("a", "b"), specs=(("torch.float32", (2, 3)), ("torch.float64", ())), nbytes=32,
         hosts=("host/x",), keys=("k/0",), placed=(1,), pieces=(((0, 0, 2),), ((0, 0, 1),)),
         lbfgs={"state": {"t": {"tensor": "torch.float32", "value": 0.25}}, "machine": {}},
     )  # fmt: skip
     assert record_from_json(record_to_json(record)) == record
-    for text in ('{"session_id": {"x": 1}}', '{"code": "os.system"}', "[1]"):
+    for text in (
+        '{"session_id": {"x": 1}}', '{"code": "os.system"}', "[1]",
+        '{"kwargs": {"d": [["default_dtype", {"dtype": ["int64"]}]]}}',
+    ):  # fmt: skip
         with pytest.raises((ValueError, TypeError)):
             record_from_json(text)
 

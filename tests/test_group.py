@@ -293,6 +293,7 @@ def test_async_staleness_bound_is_never_exceeded(name):
         ({"dtype": torch.float64}, "dtype 'float64' here, 'float32'"),
         ({"named": True}, "name"),
         ({"split": False}, r"split \(per param group\) is \[False\] here, \[True\] in group"),
+        ({"default_dtype": torch.float64}, r"default dtype .* is float64 here, float32 in group"),
     ],
 )
 def test_mismatched_worker_is_refused_and_the_group_is_untouched(name, change, message):
@@ -309,7 +310,7 @@ def test_mismatched_worker_is_refused_and_the_group_is_untouched(name, change, m
             params, change.get("optimizer", torch.optim.AdamW), group=name,
             world_size=change.get("world_size", 2), rank=1, mode=change.get("mode", "sync"),
             num_shards=2, timeout=30, **({"split": change["split"]} if "split" in change else {}),
-            **hyper,
+            default_dtype=change.get("default_dtype"), **hyper,
         )  # fmt: skip
     assert list_groups()[name]["members"] == [0]
     first.close()

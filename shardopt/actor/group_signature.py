@@ -45,6 +45,11 @@ def signature_mismatch(name: str, group: GroupSignature, mine: GroupSignature) -
             f"split (per param group) is {list(mine.group_splits)} here, "
             f"{list(group.group_splits)} in group {name!r}"
         )
+    if mine.default_dtype != group.default_dtype:
+        return (
+            f"the default dtype (torch.get_default_dtype()) is {mine.default_dtype} here, "
+            f"{group.default_dtype} in group {name!r}"
+        )
     if len(group.params) != len(mine.params):
         return (
             f"this worker has {len(mine.params)} parameters, group {name!r} has {len(group.params)}"

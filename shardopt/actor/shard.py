@@ -34,6 +34,7 @@ from shardopt.core.buffers import (
     to_numpy,
     unpack_tree,
 )
+from shardopt.core.default_dtype import running_under
 from shardopt.core.param_groups import (
     fuses_by_default,
     is_fusable,
@@ -94,16 +95,16 @@ class Shard:
         self._adopt(spec.params, force=True)
         self._optimizer_class = spec.optimizer_class
         self._defaults = spec.defaults
+        self._default_dtype = spec.default_dtype
         self._fusable = [
             is_fusable(self._params_in_group(g)) for g in range(len(spec.group_options))
         ]
-        self.optimizer: torch.optim.Optimizer = spec.optimizer_class(
-            [
-                {**self._run_options(options, g), "params": self._params_in_group(g)}
-                for g, options in enumerate(spec.group_options)
-            ],
-            **spec.defaults,
-        )
+        groups = [
+            {**self._run_options(options, g), "params": self._params_in_group(g)}
+            for g, options in enumerate(spec.group_options)
+        ]
+        with running_under(self._default_dtype):  # Adagrad makes its state here
+            self.optimizer: torch.optim.Optimizer = spec.optimizer_class(groups, **spec.defaults)
         self._known_state = 0
         self._last_step_id = -1
         self._last_result: StepResult | None = None
@@ -116,7 +117,9 @@ class Shard:
 
     def _run_options(self, options: dict[str, Any], group: int) -> dict[str, Any]:
         """A group's options as this shard runs them: fused where torch's default is not asked."""
-        if self._fusable[group] and fuses_by_default(self._optimizer_class, options):
+        if self._fusable[group] and fuses_by_default(
+            self._optimizer_class, options, self._default_dtype
+        ):
             return {**options, "fused": True}
         return options
 
@@ -296,7 +299,8 @@ class Shard:
                 p.grad = self._grads[i]
             else:
                 p.grad = None
-        step_scaled(self.optimizer, request.scaling)
+        with running_under(self._default_dtype):
+            step_scaled(self.optimizer, request.scaling)
         for p in self._params:
             p.grad = None
         rows_only = (
@@ -348,7 +352,7 @@ class Shard:
         options = tuple(
             {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
         )
-        spec = ShardSpec(self._optimizer_class, self._defaults, options, block)
+        spec = ShardSpec(self._optimizer_class, self._defaults, options, block, self._default_dtype)
         return ShardExport(spec, self.state(), self._last_step_id, self._last_result)
 
     def restore(self, export: ShardExport) -> None:
@@ -369,7 +373,8 @@ class Shard:
 
     def run_vectors(self, program: list[tuple]) -> list[Any]:
         """Runs a program of named-vector operations (sharded LBFGS); see shardopt.actor.vectors."""
-        return self.vectors.run(program)
+        with running_under(self._default_dtype):  # torch's LBFGS mixes numbers and tensors
+            return self.vectors.run(program)
 
     # ----- state ------------------------------------------------------------------------------
 
@@ -494,7 +499,8 @@ class Shard:
             for g, options in enumerate(group_options):
                 ids = [i for i, grp in enumerate(self._group_of) if grp == g]
                 groups.append({**self._run_options(options, g), "params": ids})
-            opt.load_state_dict({"state": local_state, "param_groups": groups})
+            with running_under(self._default_dtype):  # a step given as a number becomes one
+                opt.load_state_dict({"state": local_state, "param_groups": groups})
             self._check_shapes(old[0], opt.state)
             self._pending_loads[token] = (opt.state, opt.param_groups)
             return None

@@ -275,6 +275,7 @@ class GatewaySession(Backend):
             hyperparameters=wire.encode_options(self._params.defaults),
             params=[wire.spec_of(p, n) for p, n in zip(params, names)],
             num_shards=num_shards or 0,
+            default_dtype=wire.WIRE_DTYPES[self._params.default_dtype],
         )
         spec.param_groups.extend(wire.encode_groups(self._params.groups))
         if group is not None:

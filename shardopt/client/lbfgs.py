@@ -502,7 +502,8 @@ class LBFGS(ShardedOptimizer):
         params: the parameters (one group, as torch's LBFGS requires).
         lr, max_iter, max_eval, tolerance_grad, tolerance_change, history_size, line_search_fn:
             as ``torch.optim.LBFGS``.
-        num_shards, actor_options, shared_memory: as :class:`~shardopt.ShardedOptimizer`.
+        num_shards, actor_options, shared_memory, default_dtype: as
+            :class:`~shardopt.ShardedOptimizer`.
         address, token, tls: a gateway's ``host:port`` and how to reach it: the gateway runs
             the step (its vectors on its shards) and asks this process to evaluate the
             closure where the algorithm needs it.
@@ -544,6 +545,7 @@ class LBFGS(ShardedOptimizer):
         token: str | None = None,
         tls: bool | str | os.PathLike | None = None,
         reconnect_timeout: datetime.timedelta | float = datetime.timedelta(minutes=2),
+        default_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -555,6 +557,7 @@ class LBFGS(ShardedOptimizer):
             token=token,
             tls=tls,
             reconnect_timeout=reconnect_timeout,
+            default_dtype=default_dtype,
             lr=lr,
             max_iter=max_iter,
             max_eval=max_eval,

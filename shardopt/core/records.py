@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from shardopt.core.amp import AmpScaling
 from shardopt.core.buffers import FlatLayout, PackedTree
@@ -38,6 +39,8 @@ class ShardSpec:
     defaults: dict[str, Any]
     group_options: tuple[dict[str, Any], ...]
     params: ParamBlock
+    default_dtype: torch.dtype = torch.float32
+    """The client's default dtype, which the optimizer runs under (:mod:`.default_dtype`)."""
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,8 @@ class GroupSignature:
     config: GroupConfig
     group_splits: tuple[bool, ...] = ()
     """Per param group: whether its tensors may be split across shards."""
+    default_dtype: str = "float32"
+    """The default dtype the group's shards run under (:mod:`.default_dtype`)."""
 
 
 @dataclass(frozen=True)

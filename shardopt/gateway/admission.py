@@ -37,6 +37,7 @@ import torch
 
 from shardopt.actor.placement import normalize_resources, normalize_strategy
 from shardopt.checkpoint.storage import location
+from shardopt.core.default_dtype import DEFAULT_DTYPES
 from shardopt.core.errors import QuotaExceededError
 from shardopt.gateway.auth import principal_of
 from shardopt.gateway.quotas import Limits
@@ -250,9 +251,29 @@ def optimizer_kwargs(
             f"{max_shards} (shardopt serve --max-shards)"
         )
     kwargs["num_shards"] = num_shards
+    kwargs["default_dtype"] = _default_dtype(spec.default_dtype)
     if spec.HasField("group") and spec.group.name:
         kwargs.update(_group_kwargs(spec.group, principal, limits, shards))
     return kwargs
+
+
+def _default_dtype(code: int) -> torch.dtype:
+    """The session's default dtype (``SessionSpec.default_dtype``; unset: float32).
+
+    Raises:
+        ValueError: a dtype torch cannot make the default.
+    """
+    from shardopt.core import wire
+
+    if not code:
+        return torch.float32
+    dtype = wire.DTYPES.get(code)
+    if dtype not in DEFAULT_DTYPES:
+        raise ValueError(
+            f"Invalid default_dtype: {code} (FLOAT32, FLOAT64, FLOAT16 or BFLOAT16: the "
+            "client's torch.get_default_dtype())"
+        )
+    return dtype
 
 
 def _check_lbfgs(options: dict[str, Any], limits: Limits, where: str = "LBFGS") -> None:

@@ -47,6 +47,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from shardopt.core.default_dtype import DEFAULT_DTYPES
+
 logger = logging.getLogger(__name__)
 
 BEAT_S = 0.5
@@ -79,7 +83,8 @@ class SessionRecord:
     """The hash of the token that opened it: only that token may use it."""
     optimizer: str
     kwargs: dict[str, Any]
-    """The admitted hyperparameters and ``num_shards`` (plain values)."""
+    """The admitted hyperparameters, ``num_shards`` and ``default_dtype`` (plain values and
+    default dtypes)."""
     groups: tuple[tuple[tuple[int, ...], dict[str, Any]], ...]
     """Each param group's parameter indices and options."""
     names: tuple[str, ...]
@@ -112,6 +117,7 @@ class SessionRecord:
 
 
 _RELOADED = "(the gateway before the store's restart)"
+_DEFAULT_DTYPES = {str(d).removeprefix("torch."): d for d in DEFAULT_DTYPES}
 _UPDATABLE = frozenset({"steps", "lbfgs", "stepping"})
 
 
@@ -125,6 +131,8 @@ def _encode(value: Any) -> Any:
         return {"l": [_encode(v) for v in value]}
     if isinstance(value, dict):
         return {"d": [[_encode(k), _encode(v)] for k, v in value.items()]}
+    if isinstance(value, torch.dtype) and value in DEFAULT_DTYPES:
+        return {"dtype": [str(value).removeprefix("torch.")]}
     raise TypeError(f"a session record holds plain values only, not a {type(value).__name__}")
 
 
@@ -140,6 +148,8 @@ def _decode(value: Any) -> Any:
                 return [_decode(v) for v in items]
             if tag == "d" and all(isinstance(kv, list) and len(kv) == 2 for kv in items):
                 return {_decode(k): _decode(v) for k, v in items}
+            if tag == "dtype" and len(items) == 1 and str(items[0]) in _DEFAULT_DTYPES:
+                return _DEFAULT_DTYPES[items[0]]
     raise ValueError(f"not a session record's value: {value!r:.80}")
 
 
