@@ -21,9 +21,14 @@ from helpers import assert_same_state_dict, assert_same_tensors
 
 from shardopt.core import wire
 from shardopt.core.proto import pb, tensors_pb
+from shardopt.gateway.quotas import Limits
 
 TOKEN = "token-of-client-a-0123456789"
 OTHER_TOKEN = "token-of-client-b-9876543210"
+WARM_POOL = Limits(idle_shard_hosts=4)
+"""A gateway's default limits, but keeping four idle shard hosts (not a session's default
+one): the tests around it make two-shard optimizers in this process too, which would each
+start new host actors (seconds each) while the gateway trims the shared pool to one."""
 
 
 def auth(token: str = TOKEN) -> tuple[tuple[str, str], ...]:

@@ -13,7 +13,7 @@ import pickle
 import pytest
 import ray
 import torch
-from gateway_helpers import TOKEN
+from gateway_helpers import TOKEN, WARM_POOL
 from helpers import assert_same_params, assert_same_state_dict, closure_step, make_model
 
 import shardopt
@@ -45,7 +45,13 @@ def _run_both(pairs, steps=2):
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    gw = serve("127.0.0.1", 0, tokens=[TOKEN], checkpoint_dir=str(tmp_path_factory.mktemp("gw")))
+    gw = serve(
+        "127.0.0.1",
+        0,
+        tokens=[TOKEN],
+        checkpoint_dir=str(tmp_path_factory.mktemp("gw")),
+        limits=WARM_POOL,
+    )
     yield {"address": f"127.0.0.1:{gw.port}", "token": TOKEN}
     gw.stop(1)
 

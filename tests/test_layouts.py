@@ -20,7 +20,7 @@ import copy
 
 import pytest
 import torch
-from gateway_helpers import TOKEN
+from gateway_helpers import TOKEN, WARM_POOL
 from helpers import assert_same_params, assert_same_state_dict, assert_same_tensors
 from torch import nn
 
@@ -68,7 +68,13 @@ def run(pairs, steps, seed):
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    gw = serve("127.0.0.1", 0, tokens=[TOKEN], checkpoint_dir=str(tmp_path_factory.mktemp("gw")))
+    gw = serve(
+        "127.0.0.1",
+        0,
+        tokens=[TOKEN],
+        checkpoint_dir=str(tmp_path_factory.mktemp("gw")),
+        limits=WARM_POOL,
+    )
     yield {"address": f"127.0.0.1:{gw.port}", "token": TOKEN}
     gw.stop(1)
 

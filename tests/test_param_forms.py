@@ -10,9 +10,11 @@ refused where state exists, with nothing changed.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-from gateway_helpers import TOKEN
+from gateway_helpers import TOKEN, WARM_POOL
 from helpers import (
     assert_same_params,
     assert_same_state_dict,
@@ -29,7 +31,13 @@ from shardopt.gateway.quotas import Limits
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    gw = serve("127.0.0.1", 0, tokens=[TOKEN], checkpoint_dir=str(tmp_path_factory.mktemp("gw")))
+    gw = serve(
+        "127.0.0.1",
+        0,
+        tokens=[TOKEN],
+        checkpoint_dir=str(tmp_path_factory.mktemp("gw")),
+        limits=WARM_POOL,
+    )
     yield {"address": f"127.0.0.1:{gw.port}", "token": TOKEN}
     gw.stop(1)
 
@@ -256,3 +264,112 @@ def test_a_re_placement_the_gateway_refuses_leaves_the_session_as_it_was():
     finally:
         opt.close()
         gw.stop(1)
+
+
+def _listed(model):
+    return list(model.parameters())
+
+
+LIST_CHANGES = {
+    # opt, the model: what code does to the lists torch steps (instead of add_param_group)
+    "appended": lambda o, m: o.param_groups[0]["params"].extend(_listed(m)[4:]),
+    "removed": lambda o, m: o.param_groups[0]["params"].remove(_listed(m)[0]),
+    "replaced": lambda o, m: o.param_groups[0].__setitem__(
+        "params", _listed(m)[2::-1] + _listed(m)[4:]
+    ),
+    "moved": lambda o, m: o.param_groups[1]["params"].insert(0, o.param_groups[0]["params"].pop()),
+    "group-appended": lambda o, m: o.param_groups.append(
+        {**o.param_groups[1], "params": _listed(m)[4:]}
+    ),
+    "group-removed": lambda o, m: o.param_groups.pop(1),
+}
+
+
+@pytest.mark.parametrize("change", list(LIST_CHANGES))
+@pytest.mark.parametrize("where", ["shared-memory", "object-store", "gateway"])
+def test_tensors_added_to_or_removed_from_a_groups_list_are_stepped_as_torch(
+    change, where, request
+):
+    """Code that appends to ``param_groups[g]["params"]``, removes from it, replaces it or
+    moves a tensor to another group, after steps: torch steps exactly the tensors listed from
+    then on; so do the shards (re-placed, every listed tensor's state carried over; a removed
+    one's dropped with a warning). Before, appended tensors were silently not stepped and the
+    gradients of the others went to the wrong tensors."""
+    options = request.getfixturevalue("gateway") if where == "gateway" else WHERE[where]
+    model, twin = make_model(0), make_model(0)
+    hyper = {"lr": 0.05, "foreach": False}
+
+    def groups(m):
+        return [{"params": _listed(m)[:3]}, {"params": _listed(m)[3:4], "lr": 0.01}]
+
+    opt = shardopt.Adam(groups(model), num_shards=2, **hyper, **options)
+    want = torch.optim.Adam(groups(twin), **hyper)
+    try:
+        xs = _inputs(model, 4)
+        for x in xs[:2]:
+            square_step(model, opt, x)
+            square_step(twin, want, x)
+        LIST_CHANGES[change](opt, model)
+        LIST_CHANGES[change](want, twin)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for x in xs[2:]:
+                square_step(model, opt, x)
+                square_step(twin, want, x)
+                assert_same_params(model, twin)
+        dropped = [w for w in caught if "is dropped" in str(w.message)]
+        removed = change in ("removed", "group-removed")
+        assert len(dropped) == removed
+        if not removed:  # torch's state_dict fails on state of a tensor it no longer lists
+            assert_same_state_dict(opt.state_dict(), want.state_dict())
+    finally:
+        opt.close()
+
+
+def test_a_tensor_appended_to_a_list_has_state_only_once_stepped_and_can_be_dropped():
+    """``opt.state`` follows the lists too: a tensor just appended has no state (``{}``, as
+    torch's defaultdict gives); ``del opt.state[p]`` (or ``pop``) drops a tensor's state, and
+    its next step starts it afresh, as torch's."""
+    model, twin = make_model(0), make_model(0)
+    opt = shardopt.Adam(_listed(model)[:4], lr=0.05, foreach=False, num_shards=2)
+    want = torch.optim.Adam(_listed(twin)[:4], lr=0.05, foreach=False)
+    try:
+        xs = _inputs(model, 3)
+        square_step(model, opt, xs[0])
+        square_step(twin, want, xs[0])
+        for o, m in ((opt, model), (want, twin)):
+            o.param_groups[0]["params"].append(m[4].weight)
+        assert opt.state[model[4].weight] == {}
+        assert model[4].weight not in opt.state and twin[4].weight not in want.state
+        for o, m in ((opt, model), (want, twin)):
+            del o.state[m[0].weight]
+            o.state.pop(m[2].weight)
+        with pytest.raises(KeyError):
+            del opt.state[model[0].weight]  # no state now: KeyError, as torch's defaultdict
+        assert_same_state_dict(opt.state_dict(), want.state_dict())
+        _steps_as_torch(model, opt, twin, want, xs[1:])
+    finally:
+        opt.close()
+
+
+@pytest.mark.parametrize("where", ["ray", "gateway"])
+def test_list_changes_are_refused_where_state_spans_them(where, request):
+    """A shard group's member (the workers agreed on the parameters) and LBFGS with state (one
+    vector over all parameters) refuse a changed list before sending anything."""
+    remote = request.getfixturevalue("gateway") if where == "gateway" else {}
+    model = make_model(0)
+    member = shardopt.SGD(_listed(model)[:4], lr=0.1, num_shards=1, group=f"lists-{where}",
+                          world_size=1, rank=0, **remote)  # fmt: skip
+    lbfgs = shardopt.LBFGS(_listed(model)[:4], lr=0.5, num_shards=1, **remote)
+    try:
+        closure_step(model, lbfgs, torch.randn(4, 6))
+        for opt, message in ((member, "a shard group's parameters are fixed"),
+                             (lbfgs, "LBFGS's state is one vector")):  # fmt: skip
+            opt.param_groups[0]["params"].append(model[4].weight)
+            with pytest.raises(RuntimeError, match=message):
+                closure_step(model, opt, torch.randn(4, 6))
+            opt.param_groups[0]["params"].pop()
+            closure_step(model, opt, torch.randn(4, 6))
+    finally:
+        member.close()
+        lbfgs.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from shardopt.client.shard_map import ShardMap
 from shardopt.core.amp import AmpScaling, unscale_here
 from shardopt.core.param_groups import group_options
 from shardopt.core.plan import ShardPlan
-from shardopt.core.records import ShardStatus
+from shardopt.core.records import ParamBlock, ShardSpec, ShardStatus
 from shardopt.core.step_checks import StepInputCheck
 
 
@@ -38,7 +39,7 @@ class ParamSource:
     """The proxy's parameters as a backend sees them: the user's tensors and group options.
 
     Holds the proxy weakly (``param_groups`` is replaced by loads, so it is read each time), and
-    the class and hyperparameters the shards run.
+    the class and hyperparameters the shards run, and the default dtype they run it under.
     """
 
     def __init__(
@@ -48,10 +49,14 @@ class ParamSource:
         defaults: dict[str, Any],
         run_options: Callable[[dict[str, Any], list[torch.Tensor]], dict[str, Any]],
         group_splits: list[bool] | None = None,
+        default_dtype: torch.dtype = torch.float32,
     ) -> None:
         self._optimizer = weakref.ref(optimizer)
         self.optimizer_class = optimizer_class
         self.defaults = defaults
+        self.default_dtype = default_dtype
+        """The client's default dtype when the optimizer was made (:mod:`.default_dtype`)."""
+        self._pinned: list[dict[str, Any]] | None = None
         self._checks = StepInputCheck(optimizer_class, defaults, run_options)
         self.group_splits = group_splits if group_splits is not None else []
         """Per param group: whether its tensors may be split across shards (row ranges)."""
@@ -64,7 +69,17 @@ class ParamSource:
 
     @property
     def groups(self) -> list[dict[str, Any]]:
-        return self._proxy().param_groups
+        return self._pinned if self._pinned is not None else self._proxy().param_groups
+
+    @contextmanager
+    def pinned(self, groups: list[dict[str, Any]]) -> Iterator[None]:
+        """Reads as ``groups`` for the block: the param groups as a backend placed them, so
+        that it reads its state by its own ids after the user's lists changed (param_forms)."""
+        self._pinned = groups
+        try:
+            yield
+        finally:
+            self._pinned = None
 
     @property
     def full_defaults(self) -> dict[str, Any]:
@@ -90,6 +105,10 @@ class ParamSource:
     def options(self) -> tuple[dict[str, Any], ...]:
         """Every group's hyperparameters, as they are now (schedulers write them)."""
         return tuple(group_options(g) for g in self.groups)
+
+    def spec(self, block: ParamBlock, options: tuple[dict[str, Any], ...]) -> ShardSpec:
+        """What a shard holding ``block`` is made with (``options``: :meth:`options`)."""
+        return ShardSpec(self.optimizer_class, self.defaults, options, block, self.default_dtype)
 
     def packed_groups(self, id_type: type = int) -> list[dict[str, Any]]:
         """``param_groups`` as torch's state_dict has them: parameters by id, in order."""

@@ -93,10 +93,7 @@ class LocalShards(RayShards):
         self.replicas: Replicas | None = None
         blocks = self._place(params.flat(), params.group_indices(), params.splittable())
         options = params.options()
-        specs = [
-            ShardSpec(params.optimizer_class, params.defaults, options, blocks[s])
-            for s in range(num_shards)
-        ]
+        specs = [params.spec(blocks[s], options) for s in range(num_shards)]
         self._node = ray.get_runtime_context().get_node_id()  # this process's
         direct_ok = self.per_tensor and not replicate  # replicas take numpy gradients
         if transport == "object_store" or (direct_ok and transport_module.is_direct(transport)):
@@ -218,7 +215,7 @@ class LocalShards(RayShards):
         """A spec for ``shard`` from this process's copy of its parameters (to rebuild it)."""
         params = self._params
         block = self.shard_map.block_of(shard, params.flat(), params.group_indices())
-        return ShardSpec(params.optimizer_class, params.defaults, params.options(), block)
+        return params.spec(block, params.options())
 
     @property
     def uses_shared_memory(self) -> list[bool]:

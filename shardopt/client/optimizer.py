@@ -39,9 +39,11 @@ from shardopt.client.state_reads import StateReads
 from shardopt.client.state_view import ShardStateView
 from shardopt.client.transport import check_transport
 from shardopt.core.amp import scaling_of
+from shardopt.core.default_dtype import check_default_dtype
 from shardopt.core.errors import OptimizerClosedError
 from shardopt.core.metrics import STEP_SECONDS
 from shardopt.core.param_groups import (
+    adopt_saved_groups,
     check_param_groups,
     copy_param_groups,
     group_options,
@@ -122,6 +124,9 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
         reconnect_timeout: with ``address``: how long a call retries, with backoff, while no
             gateway answers (one restarting with ``--session-store`` resumes the session; a
             step is then sent again under its id and applied once); 0: fail at once.
+        default_dtype: the default dtype the shards run torch's code under, as torch.optim
+            would in this process (``step`` is float64 under a float64 default); None:
+            ``torch.get_default_dtype()`` now.
         **defaults: ``optimizer_class``'s hyperparameters.
 
     Raises:
@@ -168,6 +173,7 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
         token: str | None = None,
         tls: bool | str | os.PathLike | None = None,
         reconnect_timeout: datetime.timedelta | float = datetime.timedelta(minutes=2),
+        default_dtype: torch.dtype | None = None,
         **defaults: Any,
     ) -> None:
         self._made_with = made_with(locals())  # for copy.deepcopy (see shardopt.client.copying)
@@ -206,9 +212,9 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
                 "--placement/--shard-resources): placement and shard_resources cannot be set"
             )
         if isinstance(params, torch.Tensor):
-            raise TypeError(
-                "params argument given to the optimizer should be "
-                "an iterable of Tensors or dicts, but got " + torch.typename(params)
+            raise TypeError(  # torch's words
+                "params argument given to the optimizer should be an iterable of Tensors or "
+                "dicts, but got " + torch.typename(params)
             )
         params = list(params)
         # The real class validates every hyperparameter with torch's own errors and tells us its
@@ -229,13 +235,11 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
                 "graph connects the update on the shards to the parameters here",
                 stacklevel=2,
             )
+        dtype = self._made_with[0]["default_dtype"] = check_default_dtype(default_dtype)
         source = ParamSource(
-            self,
-            optimizer_class,
-            dict(defaults),
-            lambda o, ps: run_options(optimizer_class, o, ps),
-            self._group_splits,
-        )
+            self, optimizer_class, dict(defaults),
+            lambda o, ps: run_options(optimizer_class, o, ps, dtype), self._group_splits, dtype,
+        )  # fmt: skip
         options = dict(
             num_shards=num_shards, actor_options=dict(actor_options or {}),
             shared_memory=shared_memory, overlap=overlap, share_params=share_params,
@@ -334,7 +338,8 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
         """Adds a param group (torch's semantics); its parameters go to the least-loaded shards."""
         backend = getattr(self, "_backend", None)
         if backend is not None:
-            self._check_open()
+            self._follow_forms(forms=False)  # new ids follow the parameters as listed now
+            backend = self._backend
         if isinstance(param_group, dict) and "split" in param_group:  # shardopt's, not torch's
             param_group = dict(param_group)
             asked = param_group.pop("split")
@@ -390,11 +395,8 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
         return loss
 
     def pull_params(self) -> None:
-        """Copies the shards' current parameters into this process's tensors.
-
-        A step does this by itself; in a shard group, other workers' steps move the
-        parameters in between (async mode), and a worker may want them before its next step.
-        """
+        """Copies the shards' current parameters into this process's tensors (a step does this
+        by itself; in an async shard group, other workers' steps move them in between)."""
         self.backend.pull_params()
 
     def push_params(self) -> None:
@@ -413,6 +415,7 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
             ``{"state": {id: {...}}, "param_groups": [...]}``, equal to what
             ``optimizer_class.state_dict()`` gives for the same run (tensors on its devices).
         """
+        self._follow_forms(forms=False)  # the state by the parameters as listed now (param_forms)
         backend = self.backend
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
@@ -442,6 +445,7 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
         runs them first, as :meth:`state_dict` does.
         """
         path = os.fspath(path)
+        self._follow_forms(forms=False)
         backend = self.backend
         hooks = self._optimizer_state_dict_pre_hooks or self._optimizer_state_dict_post_hooks
         if hooks or not backend.stream_state_file(
@@ -494,17 +498,7 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
             post_hook(self)
 
     def _adopt_saved_groups(self, saved_groups: list[dict[str, Any]]) -> None:
-        """Takes a loaded state dict's group options, keeping this optimizer's tensors (torch's
-        ``update_group``)."""
-        new_groups = []
-        for group, saved in zip(self.param_groups, saved_groups):
-            saved["params"] = group["params"]
-            if "param_names" in group and "param_names" not in saved:
-                saved["param_names"] = group["param_names"]
-            for name, default in self.defaults.items():
-                saved.setdefault(name, default)
-            new_groups.append(saved)
-        self.param_groups = new_groups
+        self.param_groups = adopt_saved_groups(self.param_groups, saved_groups, self.defaults)
 
     # ----- checkpoints ----------------------------------------------------------------------
 
@@ -540,6 +534,7 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
             CheckpointInUseError: another save to ``path`` is in progress.
         """
         start = time.perf_counter()
+        self._follow_forms(forms=False)
         handle = self.backend.save_checkpoint(os.fspath(path), blocking, key)
         where = os.fspath(path)
         handle.on_commit(lambda commit: checkpoint_done("save", where, start, commit))

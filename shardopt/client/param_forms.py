@@ -1,4 +1,5 @@
-"""Parameters whose dtype or shape changed under the optimizer, and what the shards do about it.
+"""Parameters whose dtype or shape changed under the optimizer, or that were added to or removed
+from its param groups' lists, and what the shards do about it.
 
 torch.optim holds the user's tensors themselves. Converting a model after its optimizer was made
 (``model.half()``, ``model.to(torch.bfloat16)``, ``model.double()``; Lightning Fabric's
@@ -23,6 +24,15 @@ every parameter's dtype and shape with what it placed and, where one changed:
   the param groups carried over, then the old shards released. From there the numbers are
   torch's.
 
+The same holds for the param groups' lists themselves: code that appends a tensor to
+``optimizer.param_groups[0]["params"]`` (rather than calling ``add_param_group``), removes one,
+or replaces a group's list has torch update exactly the tensors listed from the next step. The
+proxy compares the listed tensors with those it placed (by identity, group by group) and
+re-places the shards over the lists as they are, the state of every tensor still listed
+carried over (a removed tensor's state is dropped, with a warning: torch keeps it but neither
+steps it nor can put it in a state dict). LBFGS with state, and a shard group's member, refuse
+as above.
+
 Talks to: the optimizer it is mixed into (:class:`~shardopt.ShardedOptimizer`: its parameters,
 backend and ``_make_backend``) and, through the backends, the shards.
 """
@@ -30,6 +40,7 @@ backend and ``_make_backend``) and, through the backends, the shards.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -50,24 +61,29 @@ def describe(form: Form) -> str:
 
 
 class FormRules:
-    """What :class:`~shardopt.ShardedOptimizer` does when its parameters change dtype or shape
-    (a mixin; see the module docstring)."""
+    """What :class:`~shardopt.ShardedOptimizer` does when its parameters change dtype or shape,
+    or its param groups' lists of parameters change (a mixin; see the module docstring)."""
 
     _forms: list[Form]
+    _placed_groups: list[dict[str, Any]]
     _placed_with: dict[str, Any]
 
     def _note_forms(self, options: dict[str, Any] | None = None) -> None:
         """Records the form of each parameter placed since the last call (all of them the
-        first time), and with ``options`` what the backend was made with."""
+        first time), the param groups as placed, and with ``options`` what the backend was
+        made with."""
         opt: Any = self
         if options is not None:
             self._placed_with, self._forms = options, []
         params = opt._params.flat()
         self._forms.extend(form_of(p) for p in params[len(self._forms) :])
+        self._placed_groups = [{**g, "params": list(g["params"])} for g in opt.param_groups]
 
-    def _follow_forms(self) -> None:
-        """Re-places the shards if a parameter changed form and none of the changed ones has
-        state; refuses (RuntimeError) if one has. Does nothing where none changed.
+    def _follow_forms(self, forms: bool = True) -> None:
+        """Re-places the shards if a parameter changed form, or the param groups' parameters
+        changed, and no changed parameter has state; refuses (RuntimeError) if one has. Does
+        nothing where nothing changed. With ``forms=False`` (reading state: torch's is as it
+        was) changed forms alone do nothing.
 
         Raises:
             RuntimeError: a changed parameter has optimizer state, or this is a shard group's
@@ -77,29 +93,55 @@ class FormRules:
         opt: Any = self
         opt._check_open()
         params = opt._params.flat()
-        changed = [
-            pid
-            for pid, (p, (dtype, shape)) in enumerate(zip(params, self._forms))
-            if p.dtype is not dtype or p.shape != shape
+        members = [p for g in self._placed_groups for p in g["params"]]
+        sizes = [len(g["params"]) for g in opt.param_groups]
+        placed_sizes = [len(g["params"]) for g in self._placed_groups]
+        if sizes == placed_sizes and all(p is q for p, q in zip(params, members)):
+            placed = list(range(len(params)))  # every parameter where it was placed
+        else:
+            where = {id(p): pid for pid, p in enumerate(members)}
+            placed = [where.get(id(p)) for p in params]
+        changed = [  # placed ids of those that changed form
+            old
+            for p, old in zip(params, placed)
+            if old is not None
+            and (p.dtype is not self._forms[old][0] or p.shape != self._forms[old][1])
         ]
-        if not changed:
+        moved = sizes != placed_sizes or placed != list(range(len(members)))
+        if not moved and (not changed or not forms):
             return
         old = opt._backend
+        with opt._params.pinned(self._placed_groups):  # the old shards' ids
+            opt._handouts.settle(old)  # state changed in place goes to the shards it came from
         with_state = set(old.state_order)
-        if not opt._local_backend.per_tensor:  # LBFGS: one state for all parameters
-            with_state = set(changed) if with_state else set()
+        lbfgs_state = bool(with_state) and not opt._local_backend.per_tensor
+        if lbfgs_state:  # LBFGS: one state for all parameters
+            with_state = set(changed)
         stateful = [pid for pid in changed if pid in with_state]
-        pid = (stateful or changed)[0]
-        others = len(changed) - 1
-        what = (
-            f"parameter {pid} is {describe(form_of(params[pid]))} now but its shards hold it as "
-            f"{describe(self._forms[pid])} (changed after the optimizer was made"
-            + (f"; {others} more changed)" if others else ")")
-        )
+        if changed:
+            pid = (stateful or changed)[0]
+            others = len(changed) - 1
+            what = (
+                f"parameter {pid} is {describe(form_of(members[pid]))} now but its shards hold "
+                f"it as {describe(self._forms[pid])} (changed after the optimizer was made"
+                + (f"; {others} more changed)" if others else ")")
+            )
+        else:
+            added = sum(pid is None for pid in placed)
+            removed = len(set(range(len(members))) - set(placed))
+            what = (
+                "the parameters in param_groups changed after the optimizer was made "
+                f"({added} added, {removed} removed; use add_param_group to add a group)"
+            )
         if self._placed_with.get("group") is not None:
             raise RuntimeError(
                 f"{what}: a shard group's parameters are fixed when the group forms. Convert the "
-                "model before making the optimizer, in every worker"
+                "model, or change the param groups, before making the optimizer, in every worker"
+            )
+        if moved and lbfgs_state:
+            raise RuntimeError(
+                f"{what}: LBFGS's state is one vector over all its parameters, made for the old "
+                "ones. Make a new optimizer for the new parameters"
             )
         if stateful:
             raise RuntimeError(
@@ -108,39 +150,55 @@ class FormRules:
                 "the optimizer (or before its first step), or make a new optimizer and load a "
                 "state dict into it"
             )
-        self._replace_shards(old, params, what)
+        self._replace_shards(old, params, placed, what)
 
-    def _replace_shards(self, old: Any, params: list[torch.Tensor], what: str) -> None:
-        """New shards over ``params`` as they are, with ``old``'s state; then ``old`` closed.
-        If that fails (a gateway's session quota, say), ``old`` stays as it was."""
+    def _replace_shards(
+        self, old: Any, params: list[torch.Tensor], placed: list[int | None], what: str
+    ) -> None:
+        """New shards over ``params`` as they are (``placed``: each one's id on ``old``, None
+        for a new one), with ``old``'s state; then ``old`` closed. If that fails (a gateway's
+        session quota, say), ``old`` stays as it was."""
         opt: Any = self
         state: dict[int, Any] = {}
-        for part in old.state_parts():
-            state.update(part)
-        order = [pid for pid in old.state_order if pid in state]
+        with opt._params.pinned(self._placed_groups):  # read by the old shards' ids
+            for part in old.state_parts():
+                state.update(part)
+        new_id = {pid: i for i, pid in enumerate(placed) if pid is not None}
+        dropped = sorted(set(state) - set(new_id))
+        carried = {
+            new_id[pid]: state[pid] for pid in old.state_order if pid in new_id and pid in state
+        }
         options = {**self._placed_with, "num_shards": old.num_shards}
         new = None
         try:
             new = opt._make_backend(opt._params, **options)
-            if state:
-                new.load_state({pid: state[pid] for pid in order}, opt._params.options())
+            if carried:
+                new.load_state(carried, opt._params.options())
         except Exception as err:
             if hasattr(err, "add_note"):  # Python 3.11+
                 err.add_note(
-                    f"shardopt was re-placing the shards in the parameters' new form ({what}); "
-                    "they are as they were: convert the model before making the optimizer to "
-                    "avoid this"
+                    f"shardopt was re-placing the shards for the parameters as they are now "
+                    f"({what}); the shards are as they were: make such changes before making "
+                    "the optimizer to avoid this"
                 )
             if new is not None:
                 new.close()
             raise
         opt._backend = new
         opt._state_reads.changed()
-        self._forms = [form_of(p) for p in params]
+        self._forms = []
+        self._note_forms()
+        if dropped:
+            warnings.warn(
+                f"{what}: the optimizer state of the {len(dropped)} parameter(s) removed "
+                f"(ids {dropped} as they were) is dropped, as the param groups no longer hold "
+                "them",
+                stacklevel=4,
+            )
         logger.info(
-            "parameters changed dtype or shape before they had state: re-placed on %d new "
-            "shards (%s)",
+            "parameters changed before they had state: re-placed on %d new shards (%s; %s)",
             new.num_shards,
             type(new).__name__,
+            what,
         )
         old.close()

@@ -215,11 +215,7 @@ class ShardGroupMember(RayShards):
         self.lanes = Lanes()  # to shards on this node answering in shared memory, and on others
         blocks = self.shard_map.place(params.flat(), params.group_indices(), params.splittable())
         options = params.options()
-        specs = [
-            ShardSpec(params.optimizer_class, params.defaults, options, blocks[s])
-            for s in range(config.num_shards)
-        ]
-        self._join(specs, resume)
+        self._join([params.spec(blocks[s], options) for s in range(config.num_shards)], resume)
 
     def signature(self) -> GroupSignature:
         params = []
@@ -240,6 +236,7 @@ class ShardGroupMember(RayShards):
                 g < len(self._params.group_splits) and self._params.group_splits[g]
                 for g in range(len(self._params.groups))
             ),
+            default_dtype=str(self._params.default_dtype).removeprefix("torch."),
         )
 
     def _join(self, specs: list[ShardSpec], resume: bool = False) -> GroupMembership:

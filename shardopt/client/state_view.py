@@ -23,6 +23,7 @@ import torch
 from shardopt.client.backend import Backend
 from shardopt.client.state_handouts import Handouts
 from shardopt.client.state_reads import StateReads
+from shardopt.core.param_groups import group_options
 
 
 class ShardStateView(MutableMapping):
@@ -51,7 +52,11 @@ class ShardStateView(MutableMapping):
 
     @property
     def _shards(self) -> Backend:
-        return self._opt.backend  # refuses once the optimizer is closed
+        opt = self._opt
+        opt._follow_forms(
+            forms=False
+        )  # parameters added to or removed from param_groups (param_forms)
+        return opt.backend  # refuses once the optimizer is closed
 
     def _id_of(self, param: object) -> int | None:
         return self._shards.shard_map.id_of(param)
@@ -92,7 +97,18 @@ class ShardStateView(MutableMapping):
         self._shards.set_param_state(pid, value)
 
     def __delitem__(self, param: torch.Tensor) -> None:
-        raise TypeError("shardopt does not support deleting a parameter's optimizer state")
+        """Drops ``param``'s state, as ``del`` (or ``pop``) does on torch's: its next step
+        starts it afresh. The shards load the state without it (all of it passes here)."""
+        shards = self._shards
+        pid = self._id_of(param)
+        if pid is None or not shards.shard_map.has_state(pid):
+            raise KeyError(param)
+        state: dict[int, Any] = {}
+        for part in shards.state_parts():
+            state.update(part)
+        kept = {i: state[i] for i in shards.state_order if i != pid and i in state}
+        self._reads.changed()
+        shards.load_state(kept, tuple(group_options(g) for g in self._opt.param_groups))
 
     def snapshot(self, memo: dict[int, Any] | None = None) -> defaultdict:
         """The state as torch keeps it, detached from the shards: a ``defaultdict(dict)`` of

@@ -52,6 +52,22 @@ def check_param_groups(groups: list[dict[str, Any]], saved: list[dict[str, Any]]
     return saved_groups
 
 
+def adopt_saved_groups(
+    groups: list[dict[str, Any]], saved_groups: list[dict[str, Any]], defaults: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """A loaded state dict's groups with ``groups``' tensors (and names, where the saved ones
+    have none), every default filled in: torch's ``update_group``."""
+    new_groups = []
+    for group, saved in zip(groups, saved_groups):
+        saved["params"] = group["params"]
+        if "param_names" in group and "param_names" not in saved:
+            saved["param_names"] = group["param_names"]
+        for name, default in defaults.items():
+            saved.setdefault(name, default)
+        new_groups.append(saved)
+    return new_groups
+
+
 FUSED_BY_DEFAULT: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW)
 """Classes whose shards run torch's fused kernel when the user chose neither fused nor foreach.
 
@@ -61,10 +77,15 @@ to rounding (torch's own tests compare them with default tolerances). With ``fus
 """
 
 
-def fuses_by_default(optimizer_class: type, options: dict[str, Any]) -> bool:
-    """Whether a shard runs a group with these options fused although the user did not ask."""
+def fuses_by_default(
+    optimizer_class: type, options: dict[str, Any], default_dtype: torch.dtype = torch.float32
+) -> bool:
+    """Whether a shard runs a group with these options fused although the user did not ask:
+    not under a float64 default dtype, where torch's own path keeps ``step`` in float64 and
+    the fused kernel in float32."""
     return (
         optimizer_class in FUSED_BY_DEFAULT
+        and default_dtype != torch.float64
         and options.get("fused") is None
         and options.get("foreach") is None
         and not options.get("differentiable")
@@ -126,11 +147,14 @@ def split_choice(optimizer_class: type, asked: bool | None, where: str) -> bool:
 
 
 def run_options(
-    optimizer_class: type, options: dict[str, Any], params: list[torch.Tensor]
+    optimizer_class: type,
+    options: dict[str, Any],
+    params: list[torch.Tensor],
+    default_dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
     """A group's options as a shard runs them: fused where torch's default is not asked for
     and the kernel takes the group's tensors."""
-    if is_fusable(params) and fuses_by_default(optimizer_class, options):
+    if is_fusable(params) and fuses_by_default(optimizer_class, options, default_dtype):
         return {**options, "fused": True}
     return options
 
