@@ -9,6 +9,8 @@
 - ``torch.compile`` around ``opt.step()`` (torch's "compiling the optimizer" recipe).
 - Param groups holding what torch lets them hold: names, a lambda, an object of a local class.
 - Parameters clipped between steps (WGAN), through the tensor and through ``p.data``.
+- Gradient accumulation over micro-batches, with autocast, a GradScaler, clipping and
+  ``overlap``.
 """
 
 from __future__ import annotations
@@ -300,5 +302,43 @@ def test_a_critic_clipped_between_steps_as_wgan_does_gives_torchs_numbers(write)
                 square_step(m, o, x)
                 clip(m, o)
         assert_same_tensors(list(model.parameters()), list(twin.parameters()))
+    finally:
+        opt.close()
+
+
+# ----- gradient accumulation (HF Trainer, Lightning's accumulate_grad_batches) ----------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"overlap": True}, {"overlap": True, "share_params": True}, {"shared_memory": False}],
+    ids=str,
+)
+def test_accumulated_gradients_scaled_and_clipped_give_torchs_numbers(options):
+    """Three micro-batches per step under autocast and a GradScaler (one step's scale
+    overflows and is skipped), ``unscale_``, clipping, ``zero_grad(set_to_none=False)`` every
+    other step: with ``overlap`` each backward's hooks send a gradient that the next backward
+    adds to in place, and only the last one counts."""
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, 6, generator=gen) for _ in range(12)]
+    model, twin = make_model(0), make_model(0)
+    opt = shardopt.AdamW(model.parameters(), lr=0.01, foreach=False, num_shards=2, **options)
+    want = torch.optim.AdamW(twin.parameters(), lr=0.01, foreach=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2) for _ in "ab"]
+    try:
+        for step in range(4):
+            for m, o, scaler in ((model, opt, scalers[0]), (twin, want, scalers[1])):
+                for x in xs[3 * step : 3 * step + 3]:
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        loss = m(x).square().mean() / 3
+                    scaler.scale(loss * (1e30 if step == 1 else 1)).backward()
+                scaler.unscale_(o)
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+                scaler.step(o)
+                scaler.update()
+                o.zero_grad(set_to_none=step % 2 == 0)
+            assert_same_tensors(list(model.parameters()), list(twin.parameters()))
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        assert_same_state_dict(opt.state_dict(), want.state_dict())
     finally:
         opt.close()
