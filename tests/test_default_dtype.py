@@ -169,3 +169,28 @@ def test_threads_under_different_defaults_never_see_each_others():
     assert len(seen) == 6 * 200 * 2
     assert all(want == got for want, got in seen)
     assert torch.get_default_dtype() == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("cls", "hyper"),
+    [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), (torch.optim.Adam, {"lr": 0.01})],
+    ids=["SGD", "Adam"],
+)
+@pytest.mark.parametrize("where", ["cluster", "gateway"])
+def test_a_grad_scaler_under_a_float64_default(float64_default, address, where, cls, hyper):
+    """GradScaler's unscale (on the shards, or here for a gateway) keeps its ``found_inf`` in
+    float32, as GradScaler does, whatever the default dtype (a float64 one failed the step:
+    ``found_inf must be a float tensor``)."""
+    model, twin = make_model(0), make_model(0)
+    remote = {"address": address, "token": TOKEN} if where == "gateway" else {}
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in "ab"]
+    with shardopt.ShardedOptimizer(model.parameters(), cls, num_shards=2, **remote, **hyper) as opt:
+        want = cls(twin.parameters(), **hyper)
+        for x in _inputs(3):
+            for m, o, scaler in ((model, opt, scalers[0]), (twin, want, scalers[1])):
+                o.zero_grad()
+                scaler.scale(m(x).square().mean()).backward()
+                scaler.step(o)
+                scaler.update()
+            assert_same_params(model, twin)
+        assert_same_state_dict(opt.state_dict(), want.state_dict())

@@ -83,7 +83,7 @@ def _unscale(grads: Iterable[torch.Tensor], inv_scale: torch.Tensor) -> None:
     for grad in grads:
         by_kind[(grad.device, grad.dtype)].append(grad)
     for (device, _), group in by_kind.items():
-        found_inf = torch.zeros(1, device=device)
+        found_inf = torch.zeros(1, dtype=torch.float32, device=device)  # whatever the default
         torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale.to(device))
 
 
