@@ -66,6 +66,8 @@ class FormRules:
 
     _forms: list[Form]
     _placed_groups: list[dict[str, Any]]
+    _placed_members: list[torch.Tensor]
+    _placed_sizes: list[int]
     _placed_with: dict[str, Any]
 
     def _note_forms(self, options: dict[str, Any] | None = None) -> None:
@@ -78,6 +80,8 @@ class FormRules:
         params = opt._params.flat()
         self._forms.extend(form_of(p) for p in params[len(self._forms) :])
         self._placed_groups = [{**g, "params": list(g["params"])} for g in opt.param_groups]
+        self._placed_members = [p for g in self._placed_groups for p in g["params"]]
+        self._placed_sizes = [len(g["params"]) for g in self._placed_groups]
 
     def _follow_forms(self, forms: bool = True) -> None:
         """Re-places the shards if a parameter changed form, or the param groups' parameters
@@ -93,9 +97,8 @@ class FormRules:
         opt: Any = self
         opt._check_open()
         params = opt._params.flat()
-        members = [p for g in self._placed_groups for p in g["params"]]
+        members, placed_sizes = self._placed_members, self._placed_sizes
         sizes = [len(g["params"]) for g in opt.param_groups]
-        placed_sizes = [len(g["params"]) for g in self._placed_groups]
         if sizes == placed_sizes and all(p is q for p, q in zip(params, members)):
             placed = list(range(len(params)))  # every parameter where it was placed
         else:
@@ -131,7 +134,7 @@ class FormRules:
             removed = len(set(range(len(members))) - set(placed))
             what = (
                 "the parameters in param_groups changed after the optimizer was made "
-                f"({added} added, {removed} removed; use add_param_group to add a group)"
+                f"({added} added, {removed} removed, or moved between groups)"
             )
         if self._placed_with.get("group") is not None:
             raise RuntimeError(
