@@ -11,6 +11,7 @@
 - Parameters clipped between steps (WGAN), through the tensor and through ``p.data``.
 - Gradient accumulation over micro-batches, with autocast, a GradScaler, clipping and
   ``overlap``.
+- DataLoader workers forked while the optimizer lives.
 """
 
 from __future__ import annotations
@@ -339,6 +340,34 @@ def test_accumulated_gradients_scaled_and_clipped_give_torchs_numbers(options):
                 o.zero_grad(set_to_none=step % 2 == 0)
             assert_same_tensors(list(model.parameters()), list(twin.parameters()))
         assert scalers[0].get_scale() == scalers[1].get_scale()
+        assert_same_state_dict(opt.state_dict(), want.state_dict())
+    finally:
+        opt.close()
+
+
+# ----- DataLoader workers forked from the training process -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"share_params": True, "overlap": True}, {"shared_memory": False}], ids=str
+)
+def test_dataloader_workers_forked_with_the_optimizer_alive_change_nothing(options):
+    """``DataLoader(num_workers=2)`` forks its workers (Linux's default) each epoch while the
+    optimizer lives: they inherit the proxy, its lanes and its shared-memory mappings, and exit
+    with them; the optimizer steps on as torch's."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(torch.randn(48, 6, generator=torch.Generator().manual_seed(2)))
+    model, twin = make_model(0), make_model(0)
+    opt = shardopt.AdamW(model.parameters(), lr=0.01, foreach=False, num_shards=2, **options)
+    want = torch.optim.AdamW(twin.parameters(), lr=0.01, foreach=False)
+    try:
+        for _ in range(2):
+            loader = DataLoader(data, batch_size=16, num_workers=2, multiprocessing_context="fork")
+            for (x,) in loader:
+                square_step(model, opt, x)
+                square_step(twin, want, x)
+        assert_same_tensors(list(model.parameters()), list(twin.parameters()))
         assert_same_state_dict(opt.state_dict(), want.state_dict())
     finally:
         opt.close()
