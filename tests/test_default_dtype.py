@@ -89,10 +89,12 @@ def test_a_float64_default_gives_torchs_state_and_numbers(
         shardopt.close_group(options["group"])
 
 
-def test_lbfgs_under_a_float64_default_is_torchs(float64_default):
+@pytest.mark.parametrize("where", ["cluster", "gateway"])
+def test_lbfgs_under_a_float64_default_is_torchs(float64_default, address, where):
     """One shard: bit for bit (more sum the dot products in another order)."""
     model, twin = make_model(0), make_model(0)
-    with shardopt.LBFGS(model.parameters(), lr=0.5, max_iter=4, num_shards=1) as opt:
+    remote = {"address": address, "token": TOKEN} if where == "gateway" else {}
+    with shardopt.LBFGS(model.parameters(), lr=0.5, max_iter=4, num_shards=1, **remote) as opt:
         want = torch.optim.LBFGS(twin.parameters(), lr=0.5, max_iter=4)
         _run_as_torch(opt, model, twin, want, step=closure_step)
 
