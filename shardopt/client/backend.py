@@ -199,6 +199,13 @@ class Backend(ABC):
         """The optimizer state by global id (all, or ``param_ids``), one shard's part at a time
         (fresh CPU tensors)."""
 
+    def gathered_state(self) -> dict[int, Any]:
+        """Every parameter's state by global id: all of :meth:`state_parts` at once."""
+        state: dict[int, Any] = {}
+        for part in self.state_parts():
+            state.update(part)
+        return state
+
     @abstractmethod
     def load_state(self, state: dict[int, dict[str, Any]], options: tuple[dict, ...]) -> None:
         """Replaces the optimizer state and the groups' options on every shard, all or nothing.

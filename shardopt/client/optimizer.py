@@ -419,9 +419,7 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
         backend = self.backend
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        gathered: dict[int, Any] = {}
-        for part in backend.state_parts():
-            gathered.update(part)
+        gathered = backend.gathered_state()
         order = backend.state_order
         order += sorted(set(gathered) - set(order))
         state_dict = {

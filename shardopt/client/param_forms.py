@@ -162,10 +162,8 @@ class FormRules:
         for a new one), with ``old``'s state; then ``old`` closed. If that fails (a gateway's
         session quota, say), ``old`` stays as it was."""
         opt: Any = self
-        state: dict[int, Any] = {}
         with opt._params.pinned(self._placed_groups):  # read by the old shards' ids
-            for part in old.state_parts():
-                state.update(part)
+            state = old.gathered_state()
         new_id = {pid: i for i, pid in enumerate(placed) if pid is not None}
         dropped = sorted(set(state) - set(new_id))
         carried = {

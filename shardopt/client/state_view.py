@@ -52,41 +52,42 @@ class ShardStateView(MutableMapping):
 
     @property
     def _shards(self) -> Backend:
+        """The backend, after following changes to the param groups' lists (param_forms):
+        read once per operation."""
         opt = self._opt
-        opt._follow_forms(
-            forms=False
-        )  # parameters added to or removed from param_groups (param_forms)
+        opt._follow_forms(forms=False)
         return opt.backend  # refuses once the optimizer is closed
-
-    def _id_of(self, param: object) -> int | None:
-        return self._shards.shard_map.id_of(param)
 
     def __len__(self) -> int:
         return len(self._shards.state_order)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        order = self._shards.state_order
         params = [p for g in self._opt.param_groups for p in g["params"]]
-        return iter([params[pid] for pid in self._shards.state_order])
+        return iter([params[pid] for pid in order])
 
     def __contains__(self, param: object) -> bool:
-        pid = self._id_of(param)
-        return pid is not None and self._shards.shard_map.has_state(pid)
+        shards = self._shards
+        pid = shards.shard_map.id_of(param)
+        return pid is not None and shards.shard_map.has_state(pid)
 
     def __getitem__(self, param: torch.Tensor) -> dict[str, Any]:
         """A copy of ``param``'s state from its shard; ``{}`` when it has none (as defaultdict).
         What is changed in it in place (a tensor, a value set or removed) is written back to
         the shard before the shards are next used (see :mod:`~.state_handouts`)."""
-        pid = self._id_of(param)
+        shards = self._shards
+        pid = shards.shard_map.id_of(param)
         if pid is None:
             raise KeyError(param)
         state: dict[str, Any] = {}
-        if self._shards.shard_map.has_state(pid):
-            for part in self._shards.state_parts((pid,)):
+        if shards.shard_map.has_state(pid):
+            for part in shards.state_parts((pid,)):
                 state = part.get(pid, state)
         return self._handouts.hand_out(pid, state)
 
     def __setitem__(self, param: torch.Tensor, value: dict[str, Any]) -> None:
-        pid = self._id_of(param)
+        shards = self._shards
+        pid = shards.shard_map.id_of(param)
         if pid is None:
             raise KeyError("only parameters of this optimizer can have optimizer state")
         if not isinstance(value, dict):
@@ -94,18 +95,16 @@ class ShardStateView(MutableMapping):
                 f"optimizer state of a parameter must be a dict, got {type(value).__name__}"
             )
         self._reads.changed()
-        self._shards.set_param_state(pid, value)
+        shards.set_param_state(pid, value)
 
     def __delitem__(self, param: torch.Tensor) -> None:
         """Drops ``param``'s state, as ``del`` (or ``pop``) does on torch's: its next step
         starts it afresh. The shards load the state without it (all of it passes here)."""
         shards = self._shards
-        pid = self._id_of(param)
+        pid = shards.shard_map.id_of(param)
         if pid is None or not shards.shard_map.has_state(pid):
             raise KeyError(param)
-        state: dict[int, Any] = {}
-        for part in shards.state_parts():
-            state.update(part)
+        state = shards.gathered_state()
         kept = {i: state[i] for i in shards.state_order if i != pid and i in state}
         self._reads.changed()
         shards.load_state(kept, tuple(group_options(g) for g in self._opt.param_groups))
@@ -115,12 +114,11 @@ class ShardStateView(MutableMapping):
         ``{param: state}`` in torch's order, of fresh tensors (what ``copy.deepcopy`` and
         ``pickle`` make of a torch optimizer's ``state``); with a deep copy's ``memo``, keyed by
         its copies of the parameters."""
+        shards = self._shards
         params = [p for g in self._opt.param_groups for p in g["params"]]
-        gathered: dict[int, Any] = {}
-        for part in self._shards.state_parts():
-            gathered.update(part)
+        gathered = shards.gathered_state()
         out: defaultdict = defaultdict(dict)
-        for pid in self._shards.state_order:
+        for pid in shards.state_order:
             out[params[pid] if memo is None else copy.deepcopy(params[pid], memo)] = gathered[pid]
         return out
 
