@@ -67,12 +67,35 @@ def threads_per_shard(node_ids: list[str], reserved: bool) -> list[int | None]:
     keeps the client idle, so the shards may use the whole node. Left to Ray (None) when the
     shards ``reserved`` CPUs of their own.
     """
-    import ray
 
     if reserved:
         return [None] * len(node_ids)
-    cpus = {n["NodeID"]: int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes()}
+    cpus = _node_cpus()
     return [max(1, cpus.get(node, 1) // node_ids.count(node)) for node in node_ids]
+
+
+def _node_cpus() -> dict[str, int]:
+    import ray
+
+    return {n["NodeID"]: int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes()}
+
+
+def threads_left(
+    here: str, node_ids: list[str], devices: list[str], threads: list[int | None], reserved: float
+) -> int | None:
+    """Torch threads the client may use for its copies while a step runs: the CPUs of its
+    node (``here``) that the CPU shards there leave free, at least one (see
+    :mod:`shardopt.core.omp_threads`); None (as many as it has) when no CPU shard runs there.
+
+    Args:
+        threads: each shard's torch threads (:func:`threads_per_shard`; None where its CPUs
+            were ``reserved``: that many each).
+    """
+    local = [s for s, node in enumerate(node_ids) if node == here and devices[s] == "cpu"]
+    if not local:
+        return None
+    used = sum(reserved if threads[s] is None else threads[s] for s in local)
+    return max(1, int(_node_cpus().get(here, 1) - used))
 
 
 def actor_device() -> torch.device:

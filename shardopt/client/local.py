@@ -25,7 +25,7 @@ from typing import Any
 import ray
 import torch
 
-from shardopt.actor.host import threads_per_shard
+from shardopt.actor.host import threads_left, threads_per_shard
 from shardopt.checkpoint.integrity import Commit
 from shardopt.client import transport as transport_module
 from shardopt.client.backend import ParamSource
@@ -36,6 +36,7 @@ from shardopt.client.ray_shards import RayShards
 from shardopt.client.replication import Replicas
 from shardopt.client.runtime import drop_shards, host_pool, ray_get
 from shardopt.client.shard_map import ShardMap
+from shardopt.core import omp_threads
 from shardopt.core.amp import AmpScaling
 from shardopt.core.buffers import to_numpy
 from shardopt.core.errors import PartialStepError, ShardUnavailableError
@@ -68,6 +69,8 @@ class LocalShards(RayShards):
     per_tensor = True
     """Whether its shards step their tensors on their own (LBFGS's backend does not)."""
     kind = "local"
+    copy_threads: int | None = None
+    """Torch threads for the client's copies during a step (``threads_left``; None: all)."""
 
     def __init__(
         self,
@@ -134,6 +137,9 @@ class LocalShards(RayShards):
         self.host_nodes = [info["node_id"] for info in infos]
         self._host_infos = infos
         self.threads = threads_per_shard(self.host_nodes, "num_cpus" in actor_options)
+        devices = [info["device"] for info in infos]
+        reserved = float(actor_options.get("num_cpus", 1))
+        self.copy_threads = threads_left(here, self.host_nodes, devices, self.threads, reserved)
         return hosts, shared
 
     def _open_shards(
@@ -243,6 +249,12 @@ class LocalShards(RayShards):
 
     def step(self, closure: Callable[[], Any] | None, scaling: AmpScaling | None) -> Any:
         loss = self._params.evaluate(closure)
+        with omp_threads.at_most(self.copy_threads):  # the copies leave this node's CPUs alone
+            self._update(scaling)
+        return loss
+
+    def _update(self, scaling: AmpScaling | None) -> None:
+        """Packs and sends every shard's step, and copies each one's parameters back."""
         if scaling is not None and scaling.grad_scale is None:
             self.data_path.forget_shipped()  # scaler.unscale_ wrote without a version bump
         params = self._params.flat()
@@ -351,7 +363,6 @@ class LocalShards(RayShards):
                 grads = to_numpy(flat) if any(request.has_grad) else None
                 replicas.step(s, replace(request, grads=grads, return_params=False))
         self.shard_map.note_state(new_state)
-        return loss
 
     def _send_step(self, shard: int, request: StepRequest, flat: Any = None) -> Any:
         """Sends a step to a shard: through its lane where it has one and the request is

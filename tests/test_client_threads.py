@@ -1,0 +1,126 @@
+"""The client's torch threads during a step (shardopt.core.omp_threads, LocalShards.copy_threads).
+
+A step's copies on the client run on one OpenMP thread where CPU shards on its node take the
+node's CPUs (so that no idle OpenMP worker spins on the CPUs the shards step on), and only in
+the thread that steps and only for the update: the closure, other threads and everything after
+the step keep their team size.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import ray
+import torch
+from helpers import assert_same_params, make_model, square_step
+
+import shardopt
+from shardopt.actor.host import threads_left
+from shardopt.core import omp_threads
+
+needs_openmp = pytest.mark.skipif(
+    omp_threads.runtime() is None or torch.get_num_threads() < 2,
+    reason="needs torch on an OpenMP runtime with 2 threads or more",
+)
+
+
+@needs_openmp
+def test_at_most_cuts_this_threads_team_and_restores_it():
+    before = torch.get_num_threads()
+    seen: dict[str, int] = {}
+
+    def other() -> None:
+        seen["other"] = torch.get_num_threads()
+
+    with omp_threads.at_most(1):
+        seen["inside"] = torch.get_num_threads()
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        with omp_threads.at_most(1):  # nested: no change, and the outer block's size after it
+            seen["nested"] = torch.get_num_threads()
+        seen["after nested"] = torch.get_num_threads()
+    assert seen == {"inside": 1, "other": before, "nested": 1, "after nested": 1}
+    assert torch.get_num_threads() == before
+    with pytest.raises(KeyError):  # restored on the way out of an exception too
+        with omp_threads.at_most(1):
+            raise KeyError("x")
+    assert torch.get_num_threads() == before
+
+
+@needs_openmp
+def test_at_most_leaves_the_team_alone_for_none_or_more_threads():
+    before = torch.get_num_threads()
+    for limit in (None, before, before + 3):
+        with omp_threads.at_most(limit):
+            assert torch.get_num_threads() == before
+    with omp_threads.at_most(0):  # at least one thread
+        assert torch.get_num_threads() == 1
+
+
+@needs_openmp
+def test_copies_under_one_thread_give_the_same_bytes():
+    src = torch.randn(3_000_000)
+    want = src.clone()
+    got = torch.empty_like(src)
+    with omp_threads.at_most(1):
+        got.copy_(src)
+    assert torch.equal(got, want)
+
+
+def test_threads_left_counts_the_cpus_the_shards_on_this_node_leave():
+    here = ray.get_runtime_context().get_node_id()
+    cpus = int(ray.cluster_resources()["CPU"])  # the session's one node
+    assert threads_left(here, [here, here], ["cpu", "cpu"], [cpus // 2, cpus // 2], 1) == 1
+    assert threads_left(here, [here], ["cpu"], [1], 1) == cpus - 1
+    assert threads_left(here, [here, here], ["cpu", "cpu"], [None, None], 1.0) == cpus - 2
+    assert threads_left(here, ["elsewhere"], ["cpu"], [cpus], 1) is None
+    assert threads_left(here, [here], ["cuda:0"], [None], 1) is None
+
+
+@needs_openmp
+def test_a_steps_copies_run_on_one_thread_and_the_closure_on_all():
+    before = torch.get_num_threads()
+    model, ref = make_model(seed=3), make_model(seed=3)
+    opt = shardopt.Adam(model.parameters(), lr=0.01, num_shards=2)
+    want = torch.optim.Adam(ref.parameters(), lr=0.01, fused=True)  # what the shards run
+    backend = opt._backend
+    assert backend.copy_threads == 1  # two CPU shards on this node take its CPUs
+    seen: dict[str, list[int]] = {"pack": [], "copy back": [], "closure": []}
+    pack, copy_back = backend.data_path.pack_grads, backend.shard_map.copy_back
+
+    def spy(name, method):
+        def call(*args, **kwargs):
+            seen[name].append(torch.get_num_threads())
+            return method(*args, **kwargs)
+
+        return call
+
+    backend.data_path.pack_grads = spy("pack", pack)
+    backend.shard_map.copy_back = spy("copy back", copy_back)
+    try:
+        for seed in range(3):
+            x = torch.randn(5, 6, generator=torch.Generator().manual_seed(seed))
+            square_step(ref, want, x)
+            square_step(model, opt, x)
+            assert_same_params(model, ref)
+            assert torch.get_num_threads() == before
+
+            def closure(x: torch.Tensor = x) -> torch.Tensor:
+                seen["closure"].append(torch.get_num_threads())
+                opt.zero_grad()
+                loss = model(x).square().mean()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            want.zero_grad()
+            ref(x).square().mean().backward()
+            want.step()
+            assert_same_params(model, ref)
+    finally:
+        opt.close()
+    assert set(seen["pack"]) == {1} and set(seen["copy back"]) == {1}
+    assert seen["closure"] == [before] * 3
+    assert torch.get_num_threads() == before
