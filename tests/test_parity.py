@@ -129,6 +129,45 @@ def test_parity_with_complex_params(case: ParityCase):
     run_parity(case, SHARD_COUNTS)
 
 
+@pytest.mark.parametrize("algorithm", ["Adam", "AdamW"])
+@pytest.mark.parametrize("layout", ["one group", "two groups"])
+def test_a_group_with_a_complex_parameter_runs_torchs_default_path_on_every_shard(
+    algorithm, layout
+):
+    """torch's ``fused=True`` refuses a param group with a complex parameter, so such a group
+    gets the numbers of torch's default path, for its real parameters too: a shard that holds
+    only real ones of it must not pick the fused kernel (it did, and its state drifted from
+    torch's in the last bits); a group of real parameters beside it still runs fused."""
+    torch.manual_seed(0)
+    values = [torch.randn(3, 4, dtype=torch.complex64), torch.randn(5), torch.randn(2, 3)]
+    ref_params = [torch.nn.Parameter(v.clone()) for v in values]
+    params = [torch.nn.Parameter(v.clone()) for v in values]
+    cls = getattr(torch.optim, algorithm)
+    refused = cls([torch.nn.Parameter(values[0].clone())], fused=True)
+    refused.param_groups[0]["params"][0].grad = torch.ones_like(values[0])
+    with pytest.raises(RuntimeError, match="fused=True"):
+        refused.step()
+    groups = [ref_params] if layout == "one group" else [ref_params[:1], ref_params[1:]]
+    # as shards run it: a group of real parameters fused, the complex one's on torch's path
+    reference = run_as_shards(cls([{"params": g} for g in groups], lr=0.01))
+    groups = [params] if layout == "one group" else [params[:1], params[1:]]
+    opt = getattr(shardopt, algorithm)([{"params": g} for g in groups], lr=0.01, num_shards=2)
+    try:
+        if layout == "one group":
+            assert [s.fused for s in opt.shard_status()] == [False, False]
+        for step in range(4):
+            for ps, o in ((ref_params, reference), (params, opt)):
+                gen = torch.Generator().manual_seed(step)
+                o.zero_grad()
+                weights = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in ps]
+                sum((p * w).abs().sum() for p, w in zip(ps, weights)).backward()
+                o.step()
+            assert_same(params, ref_params, f"params after step {step}")
+        assert_same_state_dict(opt.state_dict(), reference.state_dict())
+    finally:
+        opt.close()
+
+
 @pytest.mark.parametrize("case", _as_params(default_cases()))
 def test_parity_more_shards_than_tensors(case: ParityCase):
     """5 shards over 3 tensors: two shards hold nothing and must stay out of the way."""

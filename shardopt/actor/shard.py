@@ -96,8 +96,10 @@ class Shard:
         self._optimizer_class = spec.optimizer_class
         self._defaults = spec.defaults
         self._default_dtype = spec.default_dtype
+        self._unfused = set(spec.params.unfused_groups)
         self._fusable = [
-            is_fusable(self._params_in_group(g)) for g in range(len(spec.group_options))
+            g not in self._unfused and is_fusable(self._params_in_group(g))
+            for g in range(len(spec.group_options))
         ]
         groups = [
             {**self._run_options(options, g), "params": self._params_in_group(g)}
@@ -219,8 +221,9 @@ class Shard:
             The shard's shared buffers, which move when parameters were added.
         """
         new_params = self._adopt(block)
-        self._fusable.append(is_fusable(new_params))
-        group = len(self._fusable) - 1
+        group = len(self._fusable)
+        self._unfused.update(block.unfused_groups)
+        self._fusable.append(group not in self._unfused and is_fusable(new_params))
         self.optimizer.add_param_group({**self._run_options(options, group), "params": new_params})
         self._note_new_state()
         return self.shared_buffers()
@@ -348,6 +351,7 @@ class Shard:
             )
             if self._pieces
             else (),
+            unfused_groups=tuple(sorted(self._unfused)),
         )
         options = tuple(
             {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups

@@ -25,6 +25,7 @@ import torch
 
 from shardopt.checkpoint.format import RowRange
 from shardopt.core.buffers import FlatLayout, readonly_tensor, to_numpy
+from shardopt.core.param_groups import unfused_groups
 from shardopt.core.plan import Piece, ShardPlan, TensorSize
 from shardopt.core.records import ParamBlock
 
@@ -188,6 +189,7 @@ class ShardMap:
         for j, p in enumerate(new_params):
             self._ids_by_tensor[id(p)] = first + j
         self._where.extend([] for _ in new_params)
+        unfused = unfused_groups(new_params, groups)
         blocks = []
         for s in range(self.num_shards):
             picks = sorted(per_shard[s], key=lambda jp: jp[0])
@@ -209,6 +211,7 @@ class ShardMap:
                     layout=layout,
                     values=to_numpy(layout.pack([t.detach().cpu() for t in tensors])),
                     rows=tuple(rows) if any(r is not None for r in rows) else (),
+                    unfused_groups=unfused,
                 )
             )
             self._layouts[s] = self._layouts[s].extended(list(zip(layout.shapes, layout.dtypes)))
@@ -234,6 +237,7 @@ class ShardMap:
             layout=layout,
             values=to_numpy(layout.pack(tensors)),
             rows=tuple(rows) if any(r is not None for r in rows) else (),
+            unfused_groups=unfused_groups(params, groups),
         )
 
     # ----- what the client last sent or wrote -----------------------------------------------

@@ -98,6 +98,12 @@ def is_fusable(params: list[torch.Tensor]) -> bool:
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
+def unfused_groups(params: list[torch.Tensor], groups: list[int]) -> tuple[int, ...]:
+    """The param groups (``groups[i]``: parameter ``i``'s) holding a tensor that torch's fused
+    kernels do not take: torch refuses ``fused=True`` for such a group as a whole."""
+    return tuple(sorted({g for p, g in zip(params, groups, strict=True) if not is_fusable([p])}))
+
+
 SPLITS_BY_DEFAULT: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.SGD,
     torch.optim.Adam,

@@ -29,6 +29,10 @@ class ParamBlock:
     layout: FlatLayout
     values: np.ndarray
     rows: tuple[tuple[int, int] | None, ...] = ()
+    unfused_groups: tuple[int, ...] = ()
+    """Groups with a tensor torch's fused kernels do not take (a complex one) on any shard: as
+    in torch, where ``fused=True`` refuses such a group, they run torch's default path on every
+    shard, also where this shard's part of them is all real."""
 
 
 @dataclass(frozen=True)
