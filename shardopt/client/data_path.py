@@ -69,6 +69,8 @@ class DataPath:
         self._stage_on: list[tuple[torch.device, bool]] = [(torch.device("cpu"), False)] * n
         self._shipped: dict[int, tuple[int, int]] = {}  # id -> the gradient's (ptr, version)
         self._coalesced: dict[int, torch.Tensor] = {}  # id -> its sparse gradient, this step
+        self._views: dict[tuple[int, int], tuple[torch.Tensor, FlatLayout, list[torch.Tensor]]]
+        self._views = {}  # (shard, buffer address) -> the buffer, its layout, its typed views
         self.closed = False
 
     # ----- shared memory --------------------------------------------------------------------
@@ -94,6 +96,7 @@ class DataPath:
             if self._mapped_from.get(shard) == buffers:
                 return
         self.forget_shipped(shard)  # gradients shipped early went to the buffers replaced here
+        self._forget_views(shard)
         self._mapped_from.pop(shard, None)
         if buffers is None:
             self._mapped[shard] = None
@@ -111,6 +114,23 @@ class DataPath:
         self.closed = True
         self._mapped = [None] * len(self._mapped)
         self._mapped_from.clear()
+        self._views.clear()
+
+    def views(self, shard: int, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Typed views of each of ``shard``'s tensors inside ``flat``, one of its buffers here
+        (mapped or staging). Made once per buffer and layout: they stay from step to step, and
+        a step then costs no Python per tensor to find its bytes."""
+        layout = self._map.layout(shard)
+        key = (shard, flat.data_ptr())
+        cached = self._views.get(key)
+        if cached is None or cached[0] is not flat or cached[1] is not layout:
+            views = [layout.view(flat, j) for j in range(len(layout))]
+            cached = self._views[key] = (flat, layout, views)
+        return cached[2]
+
+    def _forget_views(self, shard: int) -> None:
+        for key in [k for k in self._views if k[0] == shard]:
+            del self._views[key]
 
     # ----- gradients ------------------------------------------------------------------------
 
@@ -121,6 +141,7 @@ class DataPath:
         if self._stage_on[shard] != (device, pin):
             self._stage_on[shard] = (device, pin)
             self._staging[shard] = None
+            self._forget_views(shard)
             self.forget_shipped(shard)
 
     def grad_buffer(self, shard: int) -> torch.Tensor:
@@ -132,6 +153,7 @@ class DataPath:
         staging = self._staging[shard]
         if staging is None or staging.numel() != layout.nbytes:
             device, pin = self._stage_on[shard]
+            self._forget_views(shard)
             staging = self._staging[shard] = layout.empty(device, pin_memory=pin)
             self.forget_shipped(shard)
         return staging
@@ -157,7 +179,7 @@ class DataPath:
             return
         with torch.no_grad():
             for shard, j in self._map.pieces_of(pid):
-                target = self._map.layout(shard).view(self.grad_buffer(shard), j)
+                target = self.views(shard, self.grad_buffer(shard))[j]
                 target.copy_(self._map.piece(shard, j, grad))
         self._shipped[pid] = (grad.data_ptr(), grad._version)
 
@@ -173,8 +195,8 @@ class DataPath:
             The buffer, which slots hold a dense gradient, the sparse gradients by slot, and
             the slots whose parameter has any gradient (the ones the step will change).
         """
-        layout = self._map.layout(shard)
         flat = self.grad_buffer(shard)
+        views = self.views(shard, flat)
         has_grad, sparse, touched = [], {}, []
         for j, slot in enumerate(self._map.slots(shard)):
             pid = slot.pid
@@ -188,9 +210,7 @@ class DataPath:
                 has_grad.append(False)
                 continue
             if self._shipped.get(pid) != (grad.data_ptr(), grad._version):
-                layout.view(flat, j).copy_(
-                    grad if slot.rows is None else grad[slot.rows[0] : slot.rows[1]]
-                )
+                views[j].copy_(grad if slot.rows is None else grad[slot.rows[0] : slot.rows[1]])
             has_grad.append(True)
         return flat, tuple(has_grad), sparse, touched
 

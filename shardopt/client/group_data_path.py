@@ -40,6 +40,7 @@ class GroupDataPath(DataPath):
         with ``share_params``, re-points the CPU parameters (whole tensors) into the shard's."""
         self._slots.pop(shard, None)
         self._group_params.pop(shard, None)
+        self._forget_views(shard)
         self.forget_shipped(shard)
         if buffers is None:
             return

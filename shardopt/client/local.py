@@ -344,7 +344,10 @@ class LocalShards(RayShards):
                 if result.rows_only:  # the rows its sparse gradients touched changed, no others
                     rows = {j: grad.touched_rows() for j, grad in sent[s][0].sparse_grads.items()}
                 if shared_values is not None:
-                    self.shard_map.copy_back(s, shared_values, params, touched_slots[s], rows=rows)
+                    views = self.data_path.views(s, shared_values)
+                    self.shard_map.copy_back(
+                        s, shared_values, params, touched_slots[s], rows=rows, views=views
+                    )
                 elif result.params is not None:
                     STEP_BYTES.labels("in").inc(result.params.nbytes)
                     self.shard_map.copy_back(s, result.params, params, touched_slots[s])

@@ -361,14 +361,15 @@ class ShardGroupMember(RayShards):
     ) -> None:
         """Copies a shard's answered parameters into the worker's tensors: ``inline`` (received
         over a network lane), else from the object store or the shard's shared buffer."""
-        values = current.params
+        values, views = current.params, None
         if inline is not None:
             values = inline
         elif values is None:
             values = self.data_path.group_params(shard)
+            views = self.data_path.views(shard, values)  # the same buffer every step
         else:
             values = ray_get(values)
-        self.shard_map.copy_back(shard, values, params)
+        self.shard_map.copy_back(shard, values, params, views=views)
         self.versions[shard] = current.version
 
     def push_params(self) -> None:

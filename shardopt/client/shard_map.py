@@ -278,12 +278,14 @@ class ShardMap:
         params: list[torch.Tensor],
         slots: Iterable[int] | None = None,
         rows: dict[int, Any] | None = None,
+        views: list[torch.Tensor] | None = None,
     ) -> None:
         """Copies ``shard``'s flat parameter buffer (a tensor, or a numpy array) into the user's
         tensors (all slots, or ``slots``), skipping tensors that already are views of it.
 
         Args:
             rows: by slot, the only rows to copy (those a sparse gradient touched).
+            views: the typed views of each tensor in ``values``, where the caller keeps them.
         """
         if not isinstance(values, torch.Tensor):
             values = readonly_tensor(values)
@@ -292,7 +294,7 @@ class ShardMap:
         for j in range(len(self._slots[shard])) if slots is None else slots:
             pid = self._slots[shard][j].pid
             p = params[pid]
-            source = layout.view(values, j)
+            source = layout.view(values, j) if views is None else views[j]
             target = self.piece(shard, j, p)
             if target.data_ptr() == source.data_ptr():  # share_params: already in place
                 pass
