@@ -67,7 +67,6 @@ def threads_per_shard(node_ids: list[str], reserved: bool) -> list[int | None]:
     keeps the client idle, so the shards may use the whole node. Left to Ray (None) when the
     shards ``reserved`` CPUs of their own.
     """
-
     if reserved:
         return [None] * len(node_ids)
     cpus = _node_cpus()
@@ -75,6 +74,7 @@ def threads_per_shard(node_ids: list[str], reserved: bool) -> list[int | None]:
 
 
 def _node_cpus() -> dict[str, int]:
+    """Each node's CPUs, by node id, as Ray counts them."""
     import ray
 
     return {n["NodeID"]: int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes()}
