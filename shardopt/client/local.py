@@ -249,8 +249,7 @@ class LocalShards(RayShards):
 
     def step(self, closure: Callable[[], Any] | None, scaling: AmpScaling | None) -> Any:
         loss = self._params.evaluate(closure)
-        with omp_threads.at_most(self.copy_threads):  # the copies leave this node's CPUs alone
-            self._update(scaling)
+        self._update(scaling)
         return loss
 
     def _update(self, scaling: AmpScaling | None) -> None:
@@ -269,43 +268,44 @@ class LocalShards(RayShards):
         touched_slots: dict[int, list[int]] = {}
         outgoing: dict[int, StepRequest] = {}
         held: list[int] = []  # shards on this node: sent once all are packed
-        for s in self.shard_map.live_shards():
-            changed = self.data_path.changed_params(s, params)
-            flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params, scaling)
-            shared = self.data_path.shared_params(s) is not None
-            if not touched:
-                if changed is not None:  # written already where shared; replicas need it
-                    ray_get(self.handle(s).set_params(changed))
-                continue
-            direct = None if sparse else self._direct(s)
-            request = StepRequest(
-                step_id=step_id,
-                group_options=options,
-                grads=None if shared or direct or not any(has_grad) else to_numpy(flat),
-                has_grad=has_grad,
-                sparse_grads=sparse,
-                params_in=changed,  # written already where shared (for a replica, a resend)
-                scaling=scaling,
-            )
-            if direct:  # GPU to GPU: sent at once, nothing competes with it for the CPUs
-                grads = ray.put(flat, _tensor_transport=direct) if any(has_grad) else None
-                pending[self.handles[s].step_direct(request, grads, direct)] = s
-                del grads  # RDT objects stay unchanged: dropped before the buffer is reused
-                touched_slots[s], sent[s] = touched, (request, flat)
-                continue
-            if not shared:
-                sparse_bytes = sum(g.indices.nbytes + g.values.nbytes for g in sparse.values())
-                grad_bytes = flat.numel() if request.grads is not None else 0
-                STEP_BYTES.labels("out").inc(grad_bytes + sparse_bytes)
-            outgoing[s] = replace(request, params_in=None) if shared else request
-            if self.host_nodes[s] == self._node:
-                held.append(s)
-            else:  # its update runs on other CPUs while this process packs the next shard's
-                pending[self._send_step(s, outgoing[s], flat)] = s
-            touched_slots[s] = touched
-            sent[s] = (request, flat)
-        for s in held:  # their updates would slow the packing down, and it theirs
-            pending[self._send_step(s, outgoing[s])] = s
+        with omp_threads.at_most(self.copy_threads):  # the shards here get this node's CPUs
+            for s in self.shard_map.live_shards():
+                changed = self.data_path.changed_params(s, params)
+                flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params, scaling)
+                shared = self.data_path.shared_params(s) is not None
+                if not touched:
+                    if changed is not None:  # written already where shared; replicas need it
+                        ray_get(self.handle(s).set_params(changed))
+                    continue
+                direct = None if sparse else self._direct(s)
+                request = StepRequest(
+                    step_id=step_id,
+                    group_options=options,
+                    grads=None if shared or direct or not any(has_grad) else to_numpy(flat),
+                    has_grad=has_grad,
+                    sparse_grads=sparse,
+                    params_in=changed,  # written already where shared (for a replica, a resend)
+                    scaling=scaling,
+                )
+                if direct:  # GPU to GPU: sent at once, nothing competes with it for the CPUs
+                    grads = ray.put(flat, _tensor_transport=direct) if any(has_grad) else None
+                    pending[self.handles[s].step_direct(request, grads, direct)] = s
+                    del grads  # RDT objects stay unchanged: dropped before the buffer is reused
+                    touched_slots[s], sent[s] = touched, (request, flat)
+                    continue
+                if not shared:
+                    sparse_bytes = sum(g.indices.nbytes + g.values.nbytes for g in sparse.values())
+                    grad_bytes = flat.numel() if request.grads is not None else 0
+                    STEP_BYTES.labels("out").inc(grad_bytes + sparse_bytes)
+                outgoing[s] = replace(request, params_in=None) if shared else request
+                if self.host_nodes[s] == self._node:
+                    held.append(s)
+                else:  # its update runs on other CPUs while this process packs the next shard's
+                    pending[self._send_step(s, outgoing[s], flat)] = s
+                touched_slots[s] = touched
+                sent[s] = (request, flat)
+            for s in held:  # their updates would slow the packing down, and it theirs
+                pending[self._send_step(s, outgoing[s])] = s
         self.data_path.forget_shipped()
         new_state: list[int] = []
         failures: dict[int, Exception] = {}
@@ -339,21 +339,9 @@ class LocalShards(RayShards):
                     result = replace(result, params=values)
                 seconds = time.perf_counter() - sent_at
                 SHARD_STEP_SECONDS.labels(optimizer, str(s)).observe(seconds)
-                shared_values = self.data_path.shared_params(s)
-                rows = None
-                if result.rows_only:  # the rows its sparse gradients touched changed, no others
-                    rows = {j: grad.touched_rows() for j, grad in sent[s][0].sparse_grads.items()}
-                if shared_values is not None:
-                    views = self.data_path.views(s, shared_values)
-                    self.shard_map.copy_back(
-                        s, shared_values, params, touched_slots[s], rows=rows, views=views
-                    )
-                elif result.params is not None:
-                    STEP_BYTES.labels("in").inc(result.params.nbytes)
-                    self.shard_map.copy_back(s, result.params, params, touched_slots[s])
-                else:  # sparse gradients that changed only their rows: those rows came back
-                    STEP_BYTES.labels("in").inc(sum(v.nbytes for v in result.rows.values()))
-                    self.shard_map.copy_rows(s, rows, result.rows, params)
+                last = not pending  # every shard done: this node's CPUs are free again
+                with omp_threads.at_most(None if last else self.copy_threads):
+                    self._take_params(s, result, sent[s][0], touched_slots[s], params)
                 new_state.extend(result.new_state_ids)
         finally:  # a lane whose answer was not read would hand it to the next step
             for answer, s in pending.items():
@@ -366,6 +354,31 @@ class LocalShards(RayShards):
                 grads = to_numpy(flat) if any(request.has_grad) else None
                 replicas.step(s, replace(request, grads=grads, return_params=False))
         self.shard_map.note_state(new_state)
+
+    def _take_params(
+        self,
+        s: int,
+        result: Any,
+        request: StepRequest,
+        touched: list[int],
+        params: list[torch.Tensor],
+    ) -> None:
+        """Copies shard ``s``'s new parameters (the slots ``touched``) into the user's tensors:
+        from its shared buffer, from its answer, or only the rows its sparse gradients
+        touched."""
+        shared_values = self.data_path.shared_params(s)
+        rows = None
+        if result.rows_only:  # the rows its sparse gradients touched changed, no others
+            rows = {j: grad.touched_rows() for j, grad in request.sparse_grads.items()}
+        if shared_values is not None:
+            views = self.data_path.views(s, shared_values)
+            self.shard_map.copy_back(s, shared_values, params, touched, rows=rows, views=views)
+        elif result.params is not None:
+            STEP_BYTES.labels("in").inc(result.params.nbytes)
+            self.shard_map.copy_back(s, result.params, params, touched)
+        else:  # sparse gradients that changed only their rows: those rows came back
+            STEP_BYTES.labels("in").inc(sum(v.nbytes for v in result.rows.values()))
+            self.shard_map.copy_rows(s, rows, result.rows, params)
 
     def _send_step(self, shard: int, request: StepRequest, flat: Any = None) -> Any:
         """Sends a step to a shard: through its lane where it has one and the request is
