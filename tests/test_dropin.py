@@ -12,15 +12,25 @@
 - Gradient accumulation over micro-batches, with autocast, a GradScaler, clipping and
   ``overlap``.
 - DataLoader workers forked while the optimizer lives.
+- DistributedDataParallel (2 gloo ranks, each with its own optimizer), with ``overlap``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import socket
 
 import pytest
+import ray
 import torch
-from helpers import assert_same_state_dict, assert_same_tensors, make_model, square_step
+from helpers import (
+    assert_same_state_dict,
+    assert_same_tensors,
+    make_model,
+    same_state_dict,
+    square_step,
+)
 from reference import run_as_shards
 from torch import nn
 
@@ -371,3 +381,73 @@ def test_dataloader_workers_forked_with_the_optimizer_alive_change_nothing(optio
         assert_same_state_dict(opt.state_dict(), want.state_dict())
     finally:
         opt.close()
+
+
+# ----- DistributedDataParallel ----------------------------------------------------------------
+
+
+class DDPRank:
+    """One rank of a 2-process ``DistributedDataParallel`` job (a Ray actor): a DDP model
+    stepped by torch's Adam as shards run it (fused) and its twin stepped by ``shardopt.Adam``
+    (its own shards), on this rank's own data."""
+
+    def run(self, rank: int, port: int, bucket_view: bool, overlap: bool) -> dict:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+        )
+        try:
+            base = make_model(0)
+            ref, mine = (
+                DistributedDataParallel(copy.deepcopy(base), gradient_as_bucket_view=bucket_view)
+                for _ in range(2)
+            )
+            want = run_as_shards(torch.optim.Adam(ref.parameters(), lr=0.01))
+            opt = shardopt.Adam(mine.parameters(), lr=0.01, num_shards=2, overlap=overlap)
+            try:
+                same = []
+                for step in range(3):
+                    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(10 * step + rank))
+                    square_step(ref, want, x)
+                    square_step(mine, opt, x)
+                    same.append(all(map(torch.equal, ref.parameters(), mine.parameters())))
+                state = same_state_dict(opt.state_dict(), want.state_dict())
+                return {
+                    "same": same,
+                    "state": state,
+                    "params": [p.detach() for p in ref.parameters()],
+                }
+            finally:
+                opt.close()
+        finally:
+            dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_ranks():
+    ranks = [ray.remote(num_cpus=0)(DDPRank).remote() for _ in range(2)]
+    yield ranks
+    for rank in ranks:
+        ray.kill(rank)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["after-backward", "overlap"])
+@pytest.mark.parametrize("bucket_view", [False, True], ids=["copied-grads", "bucket-view"])
+def test_distributed_data_parallel_ranks_step_as_torch(ddp_ranks, bucket_view, overlap):
+    """Each DDP rank with its own shardopt optimizer gets torch's numbers every step: DDP's
+    averaged gradients reach the shards, also when ``overlap`` ships gradients during backward
+    (before DDP's all-reduce has written the average), and with gradients that are views of
+    DDP's buckets."""
+    with socket.socket() as probe:  # a free port for the ranks' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = ray.get(
+        [r.run.remote(rank, port, bucket_view, overlap) for rank, r in enumerate(ddp_ranks)],
+        timeout=120,
+    )
+    for result in results:
+        assert result["same"] == [True, True, True]
+        assert result["state"]
+    assert_same_tensors(results[0]["params"], results[1]["params"])  # the ranks averaged
