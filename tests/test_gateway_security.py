@@ -492,3 +492,26 @@ def test_a_client_that_does_not_read_its_download_holds_no_thread_for_long():
             assert len(pull(stub, session.session_id, ATTACKER)[0]) == 16 * MiB  # reads work
     finally:
         gw.stop(1)
+
+
+def test_no_other_server_can_share_the_gateways_port(gateway, victim):
+    """gRPC binds with ``SO_REUSEPORT`` by default: a second gRPC server of the same user (a Ray
+    worker's, or an attacker's) could bind the gateway's port and the kernel would hand it some
+    of the tenants' connections (this is how a deploy test's client once met Ray's server and
+    ``UNIMPLEMENTED``). The gateway's socket shares with nobody, either way round."""
+    from concurrent import futures
+
+    intruder = grpc.server(futures.ThreadPoolExecutor(1))  # gRPC's defaults
+    with pytest.raises(RuntimeError, match="Failed to bind"):
+        intruder.add_insecure_port(f"127.0.0.1:{gateway.port}")
+    squatter = grpc.server(futures.ThreadPoolExecutor(1))
+    port = squatter.add_insecure_port("127.0.0.1:0")
+    squatter.start()
+    idle_before = host_pool.set_max_idle(None)
+    host_pool.set_max_idle(idle_before)
+    try:
+        with pytest.raises(OSError, match="cannot listen on"):
+            serve("127.0.0.1", port, tokens=[TOKEN])
+        assert host_pool.set_max_idle(idle_before) == idle_before  # a failed serve restores it
+    finally:
+        squatter.stop(0)

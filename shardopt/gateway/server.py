@@ -122,6 +122,14 @@ class Gateway:
         self.server.wait_for_termination()
 
 
+def _bind(add_port: Callable[[], int]) -> int:
+    """The port ``add_port`` bound, or 0 where it could not (gRPC raises or returns 0)."""
+    try:
+        return add_port()
+    except RuntimeError:  # "Failed to bind to address ..."
+        return 0
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 0,
@@ -209,6 +217,9 @@ def serve(
         options=[
             ("grpc.max_receive_message_length", wire.MESSAGE_LIMIT),
             ("grpc.max_send_message_length", wire.MESSAGE_LIMIT),
+            # gRPC binds with SO_REUSEPORT by default: another process of this user (a Ray
+            # worker's gRPC server, or anyone's) could share the port and take tenants' calls
+            ("grpc.so_reuseport", 0),
         ],
     )
     server.add_generic_rpc_handlers((_method_handlers(servicer),))
@@ -218,24 +229,26 @@ def serve(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{host}:{port}"
-    if tls_cert or tls_key:
-        if not (tls_cert and tls_key):
-            raise ValueError("TLS needs both a certificate and a key")
-        credentials = grpc.ssl_server_credentials(
-            [(pathlib.Path(tls_key).read_bytes(), pathlib.Path(tls_cert).read_bytes())]
-        )
-        bound = server.add_secure_port(address, credentials)
-    else:
-        bound = server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"cannot listen on {address}")
-    metrics_server = None
-    if metrics_port is not None:
-        try:
+    try:
+        if tls_cert or tls_key:
+            if not (tls_cert and tls_key):
+                raise ValueError("TLS needs both a certificate and a key")
+            credentials = grpc.ssl_server_credentials(
+                [(pathlib.Path(tls_key).read_bytes(), pathlib.Path(tls_cert).read_bytes())]
+            )
+            bound = _bind(lambda: server.add_secure_port(address, credentials))
+        else:
+            bound = _bind(lambda: server.add_insecure_port(address))
+        if bound == 0:
+            raise OSError(f"cannot listen on {address} (in use, or not this host's)")
+        metrics_server = None
+        if metrics_port is not None:
             metrics_server, metrics_port = start_http_server(metrics_port, metrics_host or host)
-        except BaseException:
-            server.stop(0)
-            raise
+    except BaseException:  # the pool as it was: this process's optimizers keep their hosts
+        server.stop(0)
+        host_pool.set_max_idle(previous_idle)
+        host_pool.set_starter(None)
+        raise
     server.start()
     servicer.start()
     COLLECTOR.add(servicer)
