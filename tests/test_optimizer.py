@@ -225,6 +225,29 @@ def test_step_hooks_run(pair):
     assert seen == ["pre", "post"]
 
 
+def test_global_step_hooks_see_only_the_users_steps(pair):
+    # torch.optim.optimizer's process-wide hooks (profilers, step counters) run for every
+    # optimizer's step: shardopt's checks of a step's inputs must not show up there as steps
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    model, opt, _, _ = pair
+    seen = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", o))),
+        register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append(("post", o))),
+    ]
+    try:
+        for k in range(2):
+            train_step(model, opt, k)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [(when, o is opt) for when, o in seen] == [("pre", True), ("post", True)] * 2
+
+
 def test_grad_scaler(pair):
     model, opt, reference, ref = pair
     for m, o in ((model, opt), (reference, ref)):

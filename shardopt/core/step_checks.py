@@ -120,8 +120,12 @@ class StepInputCheck:
             optimizer = self._class(groups, **self._defaults)
         except Exception:  # the real groups were accepted: a stand-in's quirk, not the user's
             return None
+        step = type(optimizer).step
+        # torch wraps every optimizer class's step to run the process's global step hooks and a
+        # profiler range: those belong to the user's steps, not to this probe of stand-ins
+        step = step.__wrapped__ if getattr(step, "hooked", False) else step
         try:
-            optimizer.step()
+            step(optimizer)
         except (RuntimeError, ValueError, TypeError) as err:
             return err
         return None
