@@ -130,7 +130,10 @@ def test_state_is_laid_out_as_torchs_and_fused_torch_takes_it(where, request, tm
         opt.push_params()  # (a group's worker sends in-place writes when told to)
         run([(model, opt), (twin, want)], 2, seed=4)
         close_params(model, twin)
-        assert_same_state_dict(opt.state_dict(), want.state_dict(), tol=TOL)
+        got, expected = opt.state_dict()["state"], want.state_dict()["state"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_same_tensors([got[i][key] for i in range(3)],
+                                [expected[i][key] for i in range(3)], tol=TOL)  # fmt: skip
     finally:
         opt.close()
 
@@ -172,5 +175,56 @@ def test_share_params_keeps_channels_last_parameters_in_their_layout(group):
                 o.step()
             assert_same_params(*models)
         assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    finally:
+        opt.close()
+
+
+@pytest.mark.parametrize(
+    "where", ["ray", "object_store", "share_params", "overlap", "group", "gateway"]
+)
+def test_gradients_laid_out_otherwise_than_their_parameters_give_torchs_numbers(where, request):
+    """A ``.grad`` need not have its parameter's strides: code that sets gradients itself (an
+    all-reduce into a flat buffer, ``p.grad = flat[a:b].view_as(p)``) or autograd through some
+    ops (pytorch#106951) gives such pairs. The shards get each gradient's values in its
+    parameter's order, so shardopt steps them as torch's per-tensor path does, fused kernel or
+    not. (torch 2.13's own fused CPU kernel reads such a pair as one memory order and steps the
+    wrong elements: 0.48 off after three steps of this test; CUDA's refuses the pair.)"""
+    options = {
+        "ray": {},
+        "object_store": {"shared_memory": False},
+        "share_params": {"share_params": True},
+        "overlap": {"overlap": True},
+        "group": {"group": "grad-layouts", "world_size": 1, "rank": 0},
+        "gateway": request.getfixturevalue("gateway") if where == "gateway" else {},
+    }[where]
+    gen = torch.Generator().manual_seed(5)
+    shapes = [((4, 3), None), ((2, 3, 4, 5), torch.channels_last), ((2, 3, 4, 5), None)]
+    inits = [torch.randn(s, generator=gen).contiguous(memory_format=f or torch.contiguous_format)
+             for s, f in shapes]  # fmt: skip
+    ours = [nn.Parameter(t.clone(memory_format=torch.preserve_format)) for t in inits]
+    theirs = [nn.Parameter(t.clone(memory_format=torch.preserve_format)) for t in inits]
+
+    def grads():
+        return [
+            torch.randn(3, 4, generator=gen).t(),  # transposed, on a contiguous parameter
+            torch.randn(2, 3, 4, 5, generator=gen),  # contiguous, on a channels_last one
+            torch.randn(2, 3, 4, 5, generator=gen).contiguous(memory_format=torch.channels_last),
+        ]
+
+    opt = shardopt.AdamW(ours, lr=0.1, weight_decay=0.1, num_shards=2, **options)
+    want = torch.optim.AdamW(theirs, lr=0.1, weight_decay=0.1, foreach=False)
+    try:
+        for _ in range(3):
+            for p, q, g in zip(ours, theirs, grads()):
+                assert g.stride() != p.stride()
+                p.grad, q.grad = g.clone(memory_format=torch.preserve_format), g.clone()
+            opt.step()
+            want.step()
+            assert_same_tensors(ours, theirs, tol=TOL)
+        assert [p.stride() for p in ours] == [p.stride() for p in theirs]
+        got, expected = opt.state_dict()["state"], want.state_dict()["state"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_same_tensors([got[i][key] for i in range(3)],
+                                [expected[i][key] for i in range(3)], tol=TOL)  # fmt: skip
     finally:
         opt.close()
