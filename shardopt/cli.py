@@ -449,23 +449,27 @@ def _run_serve(args: argparse.Namespace) -> int:
     checkpoint_key = _checkpoint_key(args)
     if args.ray_address:
         os.environ["RAY_ADDRESS"] = args.ray_address
-    gateway = serve(
-        args.host,
-        args.port,
-        tokens=tokens,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_key=checkpoint_key,
-        limits=_limits_of(args),
-        max_workers=args.max_workers,
-        placement=None if args.placement == "none" else args.placement,
-        shard_resources=args.shard_resources,
-        operator_tokens=operators,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        session_store=args.session_store,
-    )
+    try:
+        gateway = serve(
+            args.host,
+            args.port,
+            tokens=tokens,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_key=checkpoint_key,
+            limits=_limits_of(args),
+            max_workers=args.max_workers,
+            placement=None if args.placement == "none" else args.placement,
+            shard_resources=args.shard_resources,
+            operator_tokens=operators,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            session_store=args.session_store,
+        )
+    except OSError as err:  # the port or the metrics port is not this process's to have
+        print(f"shardopt serve: {err}")
+        return 1
     stopping = threading.Event()
 
     def stop(signum: int, frame: object) -> None:

@@ -151,6 +151,23 @@ class LocalCompose:
             time.sleep(0.5)
         raise AssertionError(f"{service}'s Ray node did not start:\n{self.log(service)}")
 
+    def start_gateway(self, attempts: int = 3) -> None:
+        """Starts the gateway on ports picked now, once the Ray nodes hold theirs: a Ray process
+        may have bound any port that was free before it started (a gateway that still meets
+        one fails to listen, loudly, and gets fresh ports)."""
+        for attempt in range(attempts):
+            for port in ("SHARDOPT_PORT", "SHARDOPT_METRICS_PORT"):
+                self.variables[port] = str(free_port())
+            self.start("gateway")
+            try:
+                self.healthy("gateway")
+                return
+            except AssertionError:
+                log = self.log("gateway")
+                if attempt + 1 == attempts or not re.search("cannot listen|in use", log):
+                    raise
+                self.stop("gateway")
+
     def log(self, service: str) -> str:
         return (self.tmp / f"{service}.log").read_text()[-4000:]
 
@@ -190,8 +207,7 @@ def test_the_compose_services_train_a_remote_client_and_shut_down(stack):
     for service in ("ray-worker-1", "ray-worker-2"):
         stack.start(service)
         stack.node_up(service)
-    stack.start("gateway")
-    stack.healthy("gateway")
+    stack.start_gateway()
     address = f"127.0.0.1:{stack.variables['SHARDOPT_PORT']}"
     token = stack.variables["SHARDOPT_TOKEN"]
 

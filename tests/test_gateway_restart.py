@@ -62,16 +62,21 @@ from shardopt.gateway.session_store import (
 )
 
 
-def start_gateway(tmp_path, store: str, port: int = 0, *flags: str) -> tuple[subprocess.Popen, str]:
+def serve_command(tmp_path, store: str, port: int = 0, *flags: str) -> list[str]:
+    """``shardopt serve`` with the session store ``store``, joined to this session's Ray."""
     tokens = tmp_path / "tokens"
     tokens.write_text(f"{TOKEN}\n{OTHER_TOKEN}\n")
+    return [
+        sys.executable, "-m", "shardopt", "serve", "--port", str(port),
+        "--token-file", str(tokens), "--session-store", store,
+        "--ray-address", ray.get_runtime_context().gcs_address, *flags,
+    ]  # fmt: skip
+
+
+def start_gateway(tmp_path, store: str, port: int = 0, *flags: str) -> tuple[subprocess.Popen, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     process = subprocess.Popen(
-        [
-            sys.executable, "-m", "shardopt", "serve", "--port", str(port),
-            "--token-file", str(tokens), "--session-store", store,
-            "--ray-address", ray.get_runtime_context().gcs_address, *flags,
-        ],
+        serve_command(tmp_path, store, port, *flags),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     try:
@@ -228,6 +233,56 @@ def test_idle_sessions_expire_across_restarts_and_without_a_gateway(tmp_path):
         with pytest.raises(shardopt.ShardUnavailableError):
             second.step()
     finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_a_gateway_that_cannot_listen_leaves_the_stores_sessions_alone(tmp_path):
+    """A `shardopt serve` started on a port it cannot have (in use) exits (code 1, one line
+    saying so) before it takes the session store over: the store keeps the session a stopped
+    gateway handed over, the next gateway resumes it, and its client goes on as torch. (Before,
+    the failed gateway resumed the session into itself, and its exit closed the session's
+    shards: the client's run was lost.)"""
+    from concurrent import futures
+
+    store = f"unbound-{uuid.uuid4().hex[:8]}"
+    process, address = start_gateway(tmp_path, store)
+    port = int(address.rsplit(":", 1)[1])
+    processes = [process]
+    squatter = grpc.server(futures.ThreadPoolExecutor(1))
+    taken = squatter.add_insecure_port("127.0.0.1:0")
+    squatter.start()
+    try:
+        model, reference = make_model(0), make_model(0)
+        opt = shardopt.Adam(
+            model.parameters(), lr=1e-2, address=address, token=TOKEN, num_shards=2,
+            reconnect_timeout=120,
+        )  # fmt: skip
+        want = torch.optim.Adam(reference.parameters(), lr=1e-2, fused=True)
+        for seed in range(2):
+            train_step(model, opt, seed)
+            train_step(reference, want, seed)
+        process.send_signal(signal.SIGTERM)  # graceful: hands its session over to the store
+        assert process.wait(60) == 0
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        failed = subprocess.run(
+            serve_command(tmp_path, store, taken), capture_output=True, text=True, env=env,
+            timeout=120,
+        )  # fmt: skip
+        assert failed.returncode == 1, failed.stdout + failed.stderr
+        assert f"shardopt serve: cannot listen on 127.0.0.1:{taken}" in failed.stdout
+        assert len(records_of(store)) == 1
+        process = start_gateway(tmp_path, store, port)[0]
+        processes.append(process)
+        for seed in range(2, 4):
+            train_step(model, opt, seed)
+            train_step(reference, want, seed)
+        assert_same_params(model, reference)
+        opt.close()
+        assert records_of(store) == []
+    finally:
+        squatter.stop(0)
         for p in processes:
             if p.poll() is None:
                 p.kill()

@@ -6,6 +6,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -134,6 +135,34 @@ def test_serve_refuses_an_embedded_ray_without_token_auth_or_a_placeholder_ray_t
     assert main(argv) == 2
     assert "RAY_AUTH_TOKEN is refused" in capsys.readouterr().out
     assert "RAY_ADDRESS" not in os.environ  # refused before anything was set up
+
+
+def test_serve_that_cannot_listen_says_so_and_lets_its_ports_go(tmp_path, capsys):
+    """A port in use (the gateway's, or its metrics port) ends `shardopt serve` with exit code 1
+    and one line that says which address, not a traceback; what it had bound is free again."""
+    from concurrent import futures
+
+    from shardopt.cli import main
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    squatter = grpc.server(futures.ThreadPoolExecutor(1))
+    taken = squatter.add_insecure_port("127.0.0.1:0")
+    squatter.start()
+    try:
+        argv = ["serve", "--host", "127.0.0.1", "--token-file", str(tokens)]
+        assert main([*argv, "--port", str(taken)]) == 1
+        out = capsys.readouterr().out
+        assert f"shardopt serve: cannot listen on 127.0.0.1:{taken}" in out
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]
+        assert main([*argv, "--port", str(free), "--metrics-port", str(taken)]) == 1
+        assert "shardopt serve: " in capsys.readouterr().out
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", free))  # the gRPC port it had bound was let go
+    finally:
+        squatter.stop(0)
 
 
 def test_serve_flags_hold_a_tenant_to_its_quotas(tmp_path):

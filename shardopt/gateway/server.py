@@ -206,7 +206,6 @@ def serve(
         limits, checkpoint_dir, shards, checkpoint_key,
         operators=[principal_of(t) for t in operator_tokens or ()], store=store,
     )  # fmt: skip
-    resumed = servicer.resume()  # before serving: no client sees a session missing
     idle = limits.idle_shard_hosts
     previous_idle = host_pool.set_max_idle(default_num_shards() if idle is None else idle)
     auth = [TokenAuthInterceptor(tokens, operator_tokens or ())] if tokens else []
@@ -229,7 +228,11 @@ def serve(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{host}:{port}"
+    metrics_server = None
     try:
+        if metrics_port is not None:  # first: a gRPC port bound by a server never started
+            # stays bound (gRPC lets it go only after start and stop)
+            metrics_server, metrics_port = start_http_server(metrics_port, metrics_host or host)
         if tls_cert or tls_key:
             if not (tls_cert and tls_key):
                 raise ValueError("TLS needs both a certificate and a key")
@@ -241,11 +244,14 @@ def serve(
             bound = _bind(lambda: server.add_insecure_port(address))
         if bound == 0:
             raise OSError(f"cannot listen on {address} (in use, or not this host's)")
-        metrics_server = None
-        if metrics_port is not None:
-            metrics_server, metrics_port = start_http_server(metrics_port, metrics_host or host)
+        # once the ports are this gateway's (a gateway that cannot listen must not take the
+        # store's sessions over) and before serving (no client sees its session missing)
+        resumed = servicer.resume()
     except BaseException:  # the pool as it was: this process's optimizers keep their hosts
         server.stop(0)
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         host_pool.set_max_idle(previous_idle)
         host_pool.set_starter(None)
         raise
