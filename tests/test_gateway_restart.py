@@ -23,6 +23,7 @@ import torch
 from gateway_helpers import (
     OTHER_TOKEN,
     TOKEN,
+    WARM_POOL,
     auth,
     code_of,
     drain,
@@ -286,6 +287,44 @@ def test_a_gateway_that_cannot_listen_leaves_the_stores_sessions_alone(tmp_path)
         for p in processes:
             if p.poll() is None:
                 p.kill()
+
+
+def test_an_in_process_gateway_puts_its_sessions_on_its_stores_hosts():
+    """`serve()` in a process whose host pool already holds shard hosts of its own (an
+    optimizer made and closed before): the gateway's sessions get hosts its session store
+    started and knows, so they are recorded, and the next gateway (here, in this process)
+    resumes them; the client goes on as torch. (Before, a session placed on the process's
+    earlier hosts was silently not recorded: no restart could resume it.)"""
+    earlier = shardopt.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, num_shards=2)
+    earlier.close()  # its hosts stay in this process's pool, idle
+    store = f"in-process-{uuid.uuid4().hex[:8]}"
+    first = serve("127.0.0.1", 0, tokens=[TOKEN], session_store=store, limits=WARM_POOL)
+    gateways = [first]
+    try:
+        model, reference = make_model(0), make_model(0)
+        opt = shardopt.Adam(
+            model.parameters(), lr=1e-2, address=f"127.0.0.1:{first.port}", token=TOKEN,
+            num_shards=2, reconnect_timeout=60,
+        )  # fmt: skip
+        want = torch.optim.Adam(reference.parameters(), lr=1e-2, fused=True)
+        for seed in range(2):
+            train_step(model, opt, seed)
+            train_step(reference, want, seed)
+        assert len(records_of(store)) == 1
+        first.stop(1)  # hands its session over
+        gateways.append(
+            serve("127.0.0.1", first.port, tokens=[TOKEN], session_store=store, limits=WARM_POOL)
+        )
+        assert len(gateways[-1].servicer.sessions.snapshot()) == 1
+        for seed in range(2, 4):
+            train_step(model, opt, seed)
+            train_step(reference, want, seed)
+        assert_same_params(model, reference)
+        opt.close()
+        assert records_of(store) == []
+    finally:
+        for gateway in gateways[1:]:
+            gateway.stop(1)
 
 
 def _fail_next_step(host, key: str) -> None:

@@ -79,6 +79,7 @@ class HostPool:
         self._prefix = uuid.uuid4().hex[:8]  # keys stay unique on hosts that outlive a process
         self._max_idle: int | None = None
         self._starter: Callable[[str, dict[str, Any]], Any] = _start_host
+        self._started_by: dict[int, Any] = {}  # id(host) -> the starter it came from
 
     def set_starter(self, starter: Callable[[str, dict[str, Any]], Any] | None) -> None:
         """Starts new hosts with ``starter(name, actor_options)`` (None: a plain Ray actor of
@@ -98,6 +99,7 @@ class HostPool:
             for host, load in zip(hosts, loads):
                 pooled.append(host)
                 self._load[id(host)] = load
+                self._started_by[id(host)] = self._starter
         self._trim()
 
     def set_max_idle(self, count: int | None) -> int | None:
@@ -124,20 +126,20 @@ class HostPool:
 
     def _trim(self) -> None:
         """Kills the idle hosts beyond the bound (the last started of each set of options
-        first)."""
+        first, and those of another starter than the current one, which it would not use,
+        before its own)."""
         doomed = []
         with self._lock:
             if self._max_idle is None:
                 return
-            kept = 0
-            for hosts in self._hosts.values():
-                for h in [h for h in hosts if not self._load.get(id(h))]:
-                    if kept < self._max_idle:
-                        kept += 1
-                        continue
-                    hosts.remove(h)
-                    self._load.pop(id(h), None)
-                    doomed.append(h)
+            idle = [(h, hosts) for hosts in self._hosts.values() for h in hosts
+                    if not self._load.get(id(h))]  # fmt: skip
+            idle.sort(key=lambda pair: self._started_by.get(id(pair[0])) is not self._starter)
+            for h, hosts in idle[self._max_idle :]:
+                hosts.remove(h)
+                self._load.pop(id(h), None)
+                self._started_by.pop(id(h), None)
+                doomed.append(h)
         kill_actors(doomed)
         if doomed:
             logger.info("stopped %d idle shard host(s)", len(doomed))
@@ -146,6 +148,7 @@ class HostPool:
         cluster = _cluster_id()
         if cluster != self._cluster:
             self._cluster, self._hosts, self._load = cluster, {}, {}
+            self._started_by = {}
 
     def acquire(
         self, count: int, actor_options: dict[str, Any] | None = None
@@ -179,15 +182,23 @@ class HostPool:
             self.release(chosen)
             with self._lock:
                 self._hosts[key] = [h for h in self._hosts[key] if all(h is not d for d in dead)]
+                for d in dead:
+                    self._started_by.pop(id(d), None)
         raise ShardUnavailableError("shard hosts died as they were started; see Ray's logs")
 
     def _choose(self, count: int, options: dict[str, Any], key: str) -> list[Any]:
         with self._lock:
             self._reset_if_new_cluster()
             hosts = self._hosts.setdefault(key, [])
-            while len(hosts) < count:  # named: found by `shardopt status`
-                hosts.append(self._starter(host_name(), options))
-            chosen = sorted(hosts, key=lambda h: (self._load.get(id(h), 0), hosts.index(h)))[:count]
+            # only the current starter's hosts: a gateway's session store can resume sessions
+            # on the hosts it started, not on those this process had started before
+            ours = [h for h in hosts if self._started_by.get(id(h)) is self._starter]
+            while len(ours) < count:  # named: found by `shardopt status`
+                host = self._starter(host_name(), options)
+                self._started_by[id(host)] = self._starter
+                hosts.append(host)
+                ours.append(host)
+            chosen = sorted(ours, key=lambda h: (self._load.get(id(h), 0), hosts.index(h)))[:count]
             chosen.sort(key=hosts.index)
             for h in chosen:
                 self._load[id(h)] = self._load.get(id(h), 0) + 1
@@ -207,6 +218,7 @@ class HostPool:
                 if any(h is host for h in hosts):
                     hosts[:] = [h for h in hosts if h is not host]
             self._load.pop(id(host), None)
+            self._started_by.pop(id(host), None)
 
     def new_owner_key(self) -> str:
         return f"{os.getpid()}-{self._prefix}-{next(self._keys)}"
