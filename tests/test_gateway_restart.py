@@ -239,6 +239,13 @@ def test_idle_sessions_expire_across_restarts_and_without_a_gateway(tmp_path):
                 p.kill()
 
 
+def train_both(model, opt, reference, want, seeds) -> None:
+    """The same train steps for shardopt's model and torch's."""
+    for seed in seeds:
+        train_step(model, opt, seed)
+        train_step(reference, want, seed)
+
+
 def test_a_gateway_that_cannot_listen_leaves_the_stores_sessions_alone(tmp_path):
     """A `shardopt serve` started on a port it cannot have (in use) exits (code 1, one line
     saying so) before it takes the session store over: the store keeps the session a stopped
@@ -261,9 +268,7 @@ def test_a_gateway_that_cannot_listen_leaves_the_stores_sessions_alone(tmp_path)
             reconnect_timeout=120,
         )  # fmt: skip
         want = torch.optim.Adam(reference.parameters(), lr=1e-2, fused=True)
-        for seed in range(2):
-            train_step(model, opt, seed)
-            train_step(reference, want, seed)
+        train_both(model, opt, reference, want, range(2))
         process.send_signal(signal.SIGTERM)  # graceful: hands its session over to the store
         assert process.wait(60) == 0
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -276,9 +281,7 @@ def test_a_gateway_that_cannot_listen_leaves_the_stores_sessions_alone(tmp_path)
         assert len(records_of(store)) == 1
         process = start_gateway(tmp_path, store, port)[0]
         processes.append(process)
-        for seed in range(2, 4):
-            train_step(model, opt, seed)
-            train_step(reference, want, seed)
+        train_both(model, opt, reference, want, range(2, 4))
         assert_same_params(model, reference)
         opt.close()
         assert records_of(store) == []
@@ -307,18 +310,14 @@ def test_an_in_process_gateway_puts_its_sessions_on_its_stores_hosts():
             num_shards=2, reconnect_timeout=60,
         )  # fmt: skip
         want = torch.optim.Adam(reference.parameters(), lr=1e-2, fused=True)
-        for seed in range(2):
-            train_step(model, opt, seed)
-            train_step(reference, want, seed)
+        train_both(model, opt, reference, want, range(2))
         assert len(records_of(store)) == 1
         first.stop(1)  # hands its session over
         gateways.append(
             serve("127.0.0.1", first.port, tokens=[TOKEN], session_store=store, limits=WARM_POOL)
         )
         assert len(gateways[-1].servicer.sessions.snapshot()) == 1
-        for seed in range(2, 4):
-            train_step(model, opt, seed)
-            train_step(reference, want, seed)
+        train_both(model, opt, reference, want, range(2, 4))
         assert_same_params(model, reference)
         opt.close()
         assert records_of(store) == []
