@@ -302,7 +302,7 @@ def test_an_in_process_gateway_puts_its_sessions_on_its_stores_hosts():
     earlier.close()  # its hosts stay in this process's pool, idle
     store = f"in-process-{uuid.uuid4().hex[:8]}"
     first = serve("127.0.0.1", 0, tokens=[TOKEN], session_store=store, limits=WARM_POOL)
-    gateways = [first]
+    running = [first]
     try:
         model, reference = make_model(0), make_model(0)
         opt = shardopt.Adam(
@@ -312,17 +312,18 @@ def test_an_in_process_gateway_puts_its_sessions_on_its_stores_hosts():
         want = torch.optim.Adam(reference.parameters(), lr=1e-2, fused=True)
         train_both(model, opt, reference, want, range(2))
         assert len(records_of(store)) == 1
+        running.remove(first)
         first.stop(1)  # hands its session over
-        gateways.append(
+        running.append(
             serve("127.0.0.1", first.port, tokens=[TOKEN], session_store=store, limits=WARM_POOL)
         )
-        assert len(gateways[-1].servicer.sessions.snapshot()) == 1
+        assert len(running[0].servicer.sessions.snapshot()) == 1
         train_both(model, opt, reference, want, range(2, 4))
         assert_same_params(model, reference)
         opt.close()
         assert records_of(store) == []
     finally:
-        for gateway in gateways[1:]:
+        for gateway in running:
             gateway.stop(1)
 
 
