@@ -241,15 +241,47 @@ def test_a_network_lane_carries_gradients_in_and_parameters_back_and_refuses_int
     host.close()
 
 
-def test_one_worker_steps_on_its_slot_without_a_copy():
-    host, layout = make_host(world_size=1)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_one_worker_steps_on_its_slot_without_a_copy(mode):
+    """A group of one: the worker's slot is the shard's gradient buffer and it reads the shard's
+    own parameter buffer (nobody else pushes), in either mode."""
+    host, layout = make_host(mode=mode, world_size=1)
     b = host.attach_shared("unit/0", 0, ray.get_runtime_context().get_node_id())
-    slot = shm.attach(b.grad_path, b.nbytes)
+    slot, reads = shm.attach(b.grad_path, b.nbytes), shm.attach(b.param_path, b.nbytes)
     layout.pack([torch.full((3,), 4.0)], out=slot)
     assert torch.equal(layout.view(host._shard.grad_buffer(), 0), torch.full((3,), 4.0))
     answer = host.push("unit/0", replace(request(0, 0, 0, layout), grads=None))
     assert answer.applied_version == 0 and answer.current.params is None
     assert torch.equal(host._shard.params[0], torch.full((3,), -2.0))
+    host._shard.params[0].add_(1.0)  # the worker reads the shard's own buffer, not a copy
+    assert torch.equal(layout.view(reads, 0), torch.full((3,), -1.0))
+    host.close()
+
+
+def test_async_steps_on_each_ranks_slot_where_it_is():
+    """Async with more ranks: each push is stepped on its rank's slot in place (the shard's
+    gradient buffer is not written), on what the slot holds at that push; a rank that attaches
+    again gets a new slot and its next push reads that one."""
+    host, layout = make_host(mode="async")
+    node = ray.get_runtime_context().get_node_id()
+    slots = {}
+    for r in range(2):
+        b = host.attach_shared("unit/0", r, node)
+        slots[r] = shm.attach(b.grad_path, b.nbytes)
+    host._shard.grad_buffer().fill_(0)
+    expected = torch.zeros(3)
+    for version, (rank, grad) in enumerate([(0, 2.0), (1, 3.0), (0, -1.0), (1, 0.5)]):
+        layout.pack([torch.full((3,), grad)], out=slots[rank])
+        answer = host.push("unit/0", replace(request(rank, version, 0, layout), grads=None))
+        expected -= 0.5 * grad
+        assert answer.applied_version == version
+        assert torch.equal(host._shard.params[0], expected)
+    assert not host._shard.grad_buffer().any()
+    b = host.attach_shared("unit/0", 1, node)  # attached again: a new slot
+    layout.pack([torch.full((3,), 8.0)], out=shm.attach(b.grad_path, b.nbytes))
+    layout.pack([torch.full((3,), 100.0)], out=slots[1])  # the old slot is not read any more
+    host.push("unit/0", replace(request(1, 4, 0, layout), grads=None))
+    assert torch.equal(host._shard.params[0], expected - 4.0)
     host.close()
 
 

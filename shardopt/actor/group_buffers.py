@@ -6,13 +6,15 @@ once (:meth:`RankSlots.attach`): a gradient slot of its own, a shared-memory fil
 shard's gradient buffer, which it fills at every step and pushes without sending the gradients
 (``PushRequest.grads`` None); and in sync mode the shard's own parameter buffer, which every
 rank on the node reads after a round (the buffer changes only when a round completes, and a
-round needs every rank's push, so nobody reads while it changes). With one worker in sync
-mode its slot *is* the shard's gradient buffer: nothing is copied at all. In async mode each
-push is applied on its own while other ranks read, so each rank gets a parameter buffer of its
-own, which the shard fills (:meth:`RankSlots.publish`) only when it answers that rank: the rank
-reads it before its next push, and nobody else writes it. A rank on another node answered
-over a network lane (:mod:`shardopt.actor.group_lanes`) gets such a buffer here too in async
-mode (:meth:`RankSlots.attach_remote`).
+round needs every rank's push, so nobody reads while it changes). With one worker (either
+mode) its slot *is* the shard's gradient buffer and it reads the shard's parameter buffer:
+nothing is copied at all. In async mode with more workers each push is applied on its own while
+other ranks read, so each rank gets a parameter buffer of its own, which the shard fills
+(:meth:`RankSlots.publish`) only when it answers that rank: the rank reads it before its next
+push, and nobody else writes it; the shard steps on the gradients where they are, in the rank's
+slot (:meth:`RankSlots.grad_tensors`). A rank on another node answered over a network lane
+(:mod:`shardopt.actor.group_lanes`) gets such a buffer here too in async mode
+(:meth:`RankSlots.attach_remote`).
 
 :class:`RoundSum` sums a sync round's gradients in rank order as the pushes arrive (rank ``k``
 is added as soon as ranks ``0..k`` are in), so that the last push finds most of the work done.
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from shardopt.actor.shard import Shard
-from shardopt.core import shm
+from shardopt.core import chunk_codec, shm
 from shardopt.core.buffers import readonly_tensor
 from shardopt.core.records import PushRequest, RankBuffers, SparseGrad
 
@@ -51,8 +53,10 @@ class RankSlots:
         self._shard = shard
         self._mode = mode
         self._world_size = world_size
+        self._own_reads = mode != "sync" and world_size > 1  # each rank a parameter buffer
         self._slots: dict[int, torch.Tensor] = {}  # rank -> its gradient buffer, mapped here
         self._reads: dict[int, torch.Tensor] = {}  # async: rank -> its own parameter buffer
+        self._grad_tensors: dict[int, tuple[object, list[torch.Tensor]]] = {}  # (layout, views)
         self._handed_out: list[str] = []  # files a worker maps and unlinks (removed at close)
 
     def attach(self, rank: int) -> RankBuffers | None:
@@ -62,22 +66,23 @@ class RankSlots:
         if buffers is None:
             return None
         try:
-            if self._mode == "sync" and self._world_size == 1:
+            if self._world_size == 1:
                 slot, grad_path = self._shard.grad_buffer(), shm.link(buffers.grad_path)
             else:
                 slot, grad_path = shm.create(buffers.nbytes)
             self._handed_out.append(grad_path)
             reads = None
-            if self._mode == "sync":
-                param_path = shm.link(buffers.param_path)
-            else:
+            if self._own_reads:
                 reads, param_path = shm.create(buffers.nbytes)
+            else:
+                param_path = shm.link(buffers.param_path)
             self._handed_out.append(param_path)
         except OSError as err:
             index = self._shard.shard_index
             logger.warning("shard %d: no shared buffers for rank %d (%s)", index, rank, err)
             return None
         self._slots[rank] = slot
+        self._grad_tensors.pop(rank, None)
         if reads is not None:
             self._reads[rank] = reads
         return RankBuffers(grad_path, param_path, buffers.nbytes)
@@ -85,7 +90,7 @@ class RankSlots:
     def attach_remote(self, rank: int) -> None:
         """``rank`` (on another node) is answered over a network lane: in async mode it gets a
         parameter buffer of its own here, which :meth:`publish` fills when it answers it."""
-        if self._mode != "sync" and rank not in self._reads:
+        if self._own_reads and rank not in self._reads:
             self._reads[rank] = torch.empty_like(self._shard.param_buffer())
 
     def inline_params(self, rank: int) -> torch.Tensor:
@@ -96,16 +101,23 @@ class RankSlots:
 
     def reads_shared_params(self, rank: int) -> bool:
         """Whether ``rank`` reads the parameters in shared memory: the shard's own buffer
-        (sync), or its own copy (async, see :meth:`publish`)."""
-        return rank in self._slots and (self._mode == "sync" or rank in self._reads)
+        (sync, or a group of one), or its own copy (async, see :meth:`publish`)."""
+        return rank in self._slots and (not self._own_reads or rank in self._reads)
 
     def publish(self, rank: int) -> None:
-        """Before an answer to ``rank``: in async mode, copies the shard's parameters into the
-        rank's own buffer (in sync mode it reads the shard's buffer itself)."""
+        """Before an answer to ``rank``: in async mode with more ranks, copies the shard's
+        parameters into the rank's own buffer (else it reads the shard's buffer itself). A
+        plain memcpy where it can be (torch's ``copy_`` hands it to a thread pool whose threads
+        wait for each other on a busy machine, see :func:`~shardopt.core.chunk_codec.copy_bytes`).
+        """
         reads = self._reads.get(rank)
         if reads is not None:
             flat = self._shard.param_buffer()
-            reads[: flat.numel()].copy_(flat)
+            target = reads[: flat.numel()]
+            if chunk_codec.copies_bytes(target, flat):
+                chunk_codec.copy_bytes(target, flat)
+            else:
+                target.copy_(flat)
 
     def has_gradients(self, request: PushRequest) -> bool:
         """Whether a push's gradients are at hand (sent with it, or in its rank's slot)."""
@@ -127,6 +139,27 @@ class RankSlots:
             )
         return slot
 
+    def grad_tensors(self, request: PushRequest) -> list[torch.Tensor] | None:
+        """(Async) the push's gradients where they are, as tensors laid out as the shard's
+        parameters, for the step to read in place: a rank's slot (made once per rank). None:
+        the gradients are already in the shard's gradient buffer (a group of one), or came
+        with the push (the step copies them there).
+
+        Raises:
+            ValueError: a push without gradients from a rank that has no slot here.
+        """
+        if request.grads is not None:
+            return None
+        slot = self.grads(request)
+        if slot.data_ptr() == self._shard.grad_buffer().data_ptr():
+            return None
+        layout = self._shard.layout
+        made = self._grad_tensors.get(request.rank)
+        if made is None or made[0] is not layout:
+            made = (layout, [layout.bind(slot, i) for i in range(len(layout))])
+            self._grad_tensors[request.rank] = made
+        return made[1]
+
     def close(self) -> None:
         """Removes the files handed out and not mapped yet (mappings stay valid)."""
         for path in self._handed_out:
@@ -134,6 +167,7 @@ class RankSlots:
         self._handed_out.clear()
         self._slots.clear()
         self._reads.clear()
+        self._grad_tensors.clear()
 
 
 class RoundSum:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -270,8 +271,16 @@ class Shard:
         """Parameters given state by the optimizer's constructor (Adagrad does this)."""
         return self._note_new_state()
 
-    def step(self, request: StepRequest) -> StepResult:
-        """Applies one step exactly once; a repeated ``step_id`` returns the earlier result."""
+    def step(
+        self, request: StepRequest, grad_tensors: Sequence[torch.Tensor] | None = None
+    ) -> StepResult:
+        """Applies one step exactly once; a repeated ``step_id`` returns the earlier result.
+
+        Args:
+            grad_tensors: the dense gradients where they are, laid out as this shard's
+                parameters (an async group rank's slot, read in place), instead of the
+                gradient buffer (``request.grads`` must then be None).
+        """
         if request.step_id <= self._last_step_id:
             last = self._last_result
             if request.step_id == self._last_step_id and last is not None:
@@ -299,7 +308,7 @@ class Shard:
                     p.shape,
                 ).coalesce()
             elif request.has_grad[i]:
-                p.grad = self._grads[i]
+                p.grad = self._grads[i] if grad_tensors is None else grad_tensors[i]
             else:
                 p.grad = None
         with running_under(self._default_dtype):

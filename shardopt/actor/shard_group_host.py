@@ -355,17 +355,19 @@ class GroupShardHost(ReplicaRole, ShardCalls):
         if request.push_id is not None and last is not None and last.push_id == request.push_id:
             current = self._current(shard, request.rank)  # sent again: applied once already
             return dataclasses.replace(last.result, current=current)
-        grads = request.grads
-        if grads is None:  # in the rank's slot: copied into the shard's gradient buffer
-            grads = self._slots.grads(request).numpy()
+        in_place = None  # the rank's slot, read where it is (or the shard's gradient buffer)
+        if request.grads is None:
+            if self._slots is None:
+                raise ValueError(f"rank {request.rank} pushed no gradients")
+            in_place = self._slots.grad_tensors(request)
         step = StepRequest(
             step_id=version,
             group_options=request.group_options,
-            grads=grads,
+            grads=request.grads,
             has_grad=request.has_grad,
             sparse_grads=request.sparse_grads,
         )
-        new_state = self._step(shard, step)
+        new_state = self._step(shard, step, in_place)
         self._version = version + 1
         result = PushResult(
             shard.shard_index, request.rank, request.read_version, version,
@@ -493,9 +495,11 @@ class GroupShardHost(ReplicaRole, ShardCalls):
                 elastic.decision = answer
 
     @staticmethod
-    def _step(shard: Shard, step: StepRequest) -> tuple[int, ...]:
+    def _step(
+        shard: Shard, step: StepRequest, grad_tensors: list[torch.Tensor] | None = None
+    ) -> tuple[int, ...]:
         start = time.perf_counter()
-        new_state = shard.step(step).new_state_ids
+        new_state = shard.step(step, grad_tensors).new_state_ids
         observe_step(shard, time.perf_counter() - start)
         return new_state
 
