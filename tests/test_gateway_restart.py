@@ -442,7 +442,7 @@ def _fail_next_group_push(host) -> None:
     applying anything."""
     shard = host._shard
 
-    def refuse(request):
+    def refuse(*request):
         del shard.step  # the class's own again
         raise RuntimeError("injected: this shard never saw the push")
 
