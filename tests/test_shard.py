@@ -590,7 +590,6 @@ def test_an_aborted_load_is_dropped():
 # ----- sparse gradients ---------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
 def test_sparse_grads_match_torch_sparse_adam():
     torch.manual_seed(3)
     tensors = [torch.randn(6, 3), torch.randn(4)]
@@ -611,7 +610,6 @@ def test_sparse_grads_match_torch_sparse_adam():
         twin.assert_in_sync()
 
 
-@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
 def test_sparse_adam_skips_params_without_a_sparse_grad():
     torch.manual_seed(4)
     twin = Twin(

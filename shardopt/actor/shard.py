@@ -306,6 +306,7 @@ class Shard:
                     readonly_tensor(sparse.indices).to(self.device),
                     readonly_tensor(sparse.values).to(self.device),
                     p.shape,
+                    check_invariants=True,  # an index outside p: an error, not a stray write
                 ).coalesce()
             elif request.has_grad[i]:
                 p.grad = self._grads[i] if grad_tensors is None else grad_tensors[i]

@@ -74,7 +74,9 @@ def unscale_sparse(grad: torch.Tensor, scaling: AmpScaling | None) -> torch.Tens
     if grad.dtype is torch.float16:
         grad = grad.coalesce()
     values = grad._values() * inv_scale
-    return torch.sparse_coo_tensor(grad._indices(), values, grad.shape, dtype=grad.dtype)
+    return torch.sparse_coo_tensor(  # the gradient's own indices: valid
+        grad._indices(), values, grad.shape, dtype=grad.dtype, check_invariants=False
+    )
 
 
 def _unscale(grads: Iterable[torch.Tensor], inv_scale: torch.Tensor) -> None:

@@ -46,7 +46,9 @@ def _stand_in(is_sparse: bool, dtype: torch.dtype, ndim: int) -> torch.Tensor:
     param = torch.zeros(shape, dtype=dtype)
     if is_sparse:
         indices = torch.zeros((max(ndim, 1), 0), dtype=torch.long)
-        param.grad = torch.sparse_coo_tensor(indices, torch.zeros(0, dtype=dtype), shape)
+        param.grad = torch.sparse_coo_tensor(
+            indices, torch.zeros(0, dtype=dtype), shape, check_invariants=True
+        )
     else:
         param.grad = torch.zeros_like(param)
     return param

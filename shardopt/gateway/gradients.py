@@ -129,5 +129,5 @@ class GradientUpload:
                     f"{self._names[i]}: a sparse gradient index is outside the parameter's "
                     f"size {list(param.shape)}"
                 )
-            grads[i] = torch.sparse_coo_tensor(indices, values, param.shape)
+            grads[i] = torch.sparse_coo_tensor(indices, values, param.shape, check_invariants=True)
         return grads
