@@ -320,6 +320,53 @@ def test_state_changed_in_place_reaches_the_shards_as_in_torch(pair):
     assert_same_state_dict(opt.state_dict(), ref.state_dict())
 
 
+def test_assigning_the_state_resets_it_as_in_torch(pair):
+    """Code resets a torch optimizer by assigning its state: ``opt.state = defaultdict(dict)``,
+    ``opt.__setstate__({"state": defaultdict(dict)})``, or a kept part of it. The shards kept
+    their state (only the proxy's attribute was replaced, and ``opt.state`` then showed none):
+    the next steps went on from the old moments, silently. Now the assignment replaces the
+    shards' state, step for step as torch; a bad one is refused and changes nothing."""
+    from collections import defaultdict
+
+    model, opt, reference, ref = pair
+    params, ref_params = list(model.parameters()), list(reference.parameters())
+    both = ((model, opt, params), (reference, ref, ref_params))
+    for k in range(2):
+        train_step(model, opt, k)
+        train_step(reference, ref, k)
+    kept = [{k: v.clone() for k, v in o.state[ps[1]].items()} for _, o, ps in both]
+    for _, o, _ in both:
+        o.state = defaultdict(dict)
+    assert len(opt.state) == 0 and not opt.state_dict()["state"]
+    for k in (2, 3):
+        train_step(model, opt, k)
+        train_step(reference, ref, k)
+        assert_same_params(model, reference)
+    assert_same_state_dict(opt.state_dict(), ref.state_dict())
+    for _, o, _ in both:
+        o.__setstate__({"state": defaultdict(dict)})
+    assert len(opt.state) == 0
+    for (_, o, ps), state in zip(both, kept):
+        o.state = defaultdict(dict, {ps[1]: state})  # one parameter's older state, kept
+    assert list(opt.state) == [params[1]]
+    for k in (4, 5):
+        train_step(model, opt, k)
+        train_step(reference, ref, k)
+        assert_same_params(model, reference)
+    assert_same_state_dict(opt.state_dict(), ref.state_dict())
+    before = opt.state_dict()
+    for bad, error in (
+        ({params[0]: {}, torch.zeros(1): {}}, KeyError),  # not a parameter of this optimizer
+        ({params[0]: 3.0}, TypeError),
+        ([params[0]], TypeError),
+    ):
+        with pytest.raises(error):
+            opt.state = bad
+        assert_same_state_dict(opt.state_dict(), before)
+    opt.state = opt.state  # itself: nothing changes
+    assert_same_state_dict(opt.state_dict(), before)
+
+
 def test_user_changes_to_params_reach_the_shards(pair):
     model, opt, reference, ref = pair
     train_step(model, opt, 0)

@@ -14,6 +14,10 @@ Instead:
   saying what to do instead (its ``state_dict()`` or a sharded checkpoint travels; the
   optimizer object does not). A pickle would carry a gateway's token and this cluster's
   placements to wherever it is loaded.
+- ``opt.__setstate__(d)`` (code calls it to reset an optimizer:
+  ``opt.__setstate__({"state": defaultdict(dict)})``) is torch's, with ``d["state"]`` assigned
+  to ``opt.state``: the shards' state is replaced (torch's writes the attribute dictionary,
+  which ``opt.state`` would not see).
 
 Talks to: the optimizer it copies (its constructor, ``state_dict`` and ``load_state_dict``).
 """
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import copy
 from typing import Any
+
+_NOT_GIVEN = object()
 
 
 def made_with(arguments: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -65,6 +71,13 @@ class CopyRules:
             raise
         memo[id(self)] = twin
         return twin
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        new_state = state.pop("state", _NOT_GIVEN)
+        super().__setstate__(state)  # type: ignore[misc]  # torch.optim.Optimizer's
+        if new_state is not _NOT_GIVEN:
+            self.state = new_state  # type: ignore[attr-defined]
 
     def __copy__(self) -> Any:
         raise TypeError(

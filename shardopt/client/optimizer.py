@@ -36,7 +36,7 @@ from shardopt.client.runtime import default_num_shards, ensure_ray
 from shardopt.client.shard_group import HEARTBEAT_TIMEOUT, ShardGroupMember, make_config
 from shardopt.client.state_handouts import Handouts
 from shardopt.client.state_reads import StateReads
-from shardopt.client.state_view import ShardStateView
+from shardopt.client.state_view import ShardStateView, StateAttribute
 from shardopt.client.transport import check_transport
 from shardopt.core.amp import scaling_of
 from shardopt.core.default_dtype import check_default_dtype
@@ -259,6 +259,7 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
 
     _local_backend: type[LocalShards] = LocalShards
     """The backend for shards of this process (shardopt.LBFGS plugs in its own here)."""
+    state = StateAttribute()  # the shards' state; assigning it replaces that (a reset)
 
     def _make_backend(
         self,

@@ -6,6 +6,10 @@ have state, in torch's insertion order); values are fetched from the owning shar
 written back to it on assignment, or when changed in place (:mod:`~.state_handouts`). Nothing
 is cached, so it never goes stale.
 
+``opt.state`` itself is a :class:`StateAttribute`: code resets a torch optimizer by assigning it
+(``opt.state = defaultdict(dict)``, or ``opt.__setstate__({"state": defaultdict(dict)})``), and
+an assignment replaces the shards' state with the mapping's (:meth:`ShardStateView.replace`).
+
 Talks to: the optimizer's public face (``param_groups``, ``backend``) and, through the backend
 (:mod:`shardopt.client.backend`), the shards.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 import copy
 import weakref
 from collections import defaultdict
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -109,6 +113,36 @@ class ShardStateView(MutableMapping):
         self._reads.changed()
         shards.load_state(kept, tuple(group_options(g) for g in self._opt.param_groups))
 
+    def replace(self, mapping: Mapping) -> None:
+        """Replaces all of the state with ``mapping``'s (``{param: state dict}``; a parameter
+        left out, or with an empty dict, starts afresh at its next step, as in torch), all or
+        nothing: checked before anything changes.
+
+        Raises:
+            TypeError: not a mapping, or a value that is not a dict.
+            KeyError: a key that is not a parameter of this optimizer.
+            ValueError: state a shard refuses (nothing changed anywhere).
+        """
+        if not isinstance(mapping, Mapping):
+            raise TypeError(
+                "optimizer state must be a mapping of parameters to dicts, got "
+                f"{type(mapping).__name__}"
+            )
+        shards = self._shards
+        state: dict[int, dict[str, Any]] = {}
+        for param, value in mapping.items():
+            pid = shards.shard_map.id_of(param)
+            if pid is None:
+                raise KeyError("only parameters of this optimizer can have optimizer state")
+            if not isinstance(value, dict):
+                raise TypeError(
+                    f"optimizer state of a parameter must be a dict, got {type(value).__name__}"
+                )
+            if value:
+                state[pid] = dict(value)
+        self._reads.changed()
+        shards.load_state(state, tuple(group_options(g) for g in self._opt.param_groups))
+
     def snapshot(self, memo: dict[int, Any] | None = None) -> defaultdict:
         """The state as torch keeps it, detached from the shards: a ``defaultdict(dict)`` of
         ``{param: state}`` in torch's order, of fresh tensors (what ``copy.deepcopy`` and
@@ -130,3 +164,32 @@ class ShardStateView(MutableMapping):
 
     def __repr__(self) -> str:
         return f"ShardStateView({len(self)} parameters with state)"
+
+
+class StateAttribute:
+    """``ShardedOptimizer.state``: reads give the optimizer's :class:`ShardStateView`; an
+    assignment replaces the shards' state with the mapping's (:meth:`ShardStateView.replace`),
+    as assigning ``state`` resets a torch optimizer. Until the view is installed (torch's
+    constructor assigns its ``defaultdict`` first, which Adagrad's fills) it is a plain value.
+    """
+
+    def __get__(self, opt: Any, owner: type | None = None) -> Any:
+        if opt is None:
+            return self
+        held = opt.__dict__
+        if "_state_view" in held:
+            return held["_state_view"]
+        if "_state_before_view" in held:
+            return held["_state_before_view"]
+        raise AttributeError("state")
+
+    def __set__(self, opt: Any, value: Any) -> None:
+        view = opt.__dict__.get("_state_view")
+        if view is None:
+            if isinstance(value, ShardStateView):
+                opt.__dict__.pop("_state_before_view", None)
+                opt.__dict__["_state_view"] = value
+            else:
+                opt.__dict__["_state_before_view"] = value
+        elif value is not view:
+            view.replace(value)
