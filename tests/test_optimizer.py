@@ -322,7 +322,8 @@ def test_state_changed_in_place_reaches_the_shards_as_in_torch(pair):
 
 def test_assigning_the_state_resets_it_as_in_torch(pair):
     """Code resets a torch optimizer by assigning its state: ``opt.state = defaultdict(dict)``,
-    ``opt.__setstate__({"state": defaultdict(dict)})``, or a kept part of it. The shards kept
+    ``opt.__setstate__({"state": defaultdict(dict)})``, or a kept part of it (or by
+    ``opt.state.clear()``, which held already, one parameter at a time). The shards kept
     their state (only the proxy's attribute was replaced, and ``opt.state`` then showed none):
     the next steps went on from the old moments, silently. Now the assignment replaces the
     shards' state, step for step as torch; a bad one is refused and changes nothing."""
@@ -365,6 +366,13 @@ def test_assigning_the_state_resets_it_as_in_torch(pair):
         assert_same_state_dict(opt.state_dict(), before)
     opt.state = opt.state  # itself: nothing changes
     assert_same_state_dict(opt.state_dict(), before)
+    for _, o, _ in both:
+        o.state.clear()  # the other way to reset: one load, not one per parameter
+    assert len(opt.state) == 0
+    train_step(model, opt, 6)
+    train_step(reference, ref, 6)
+    assert_same_params(model, reference)
+    assert_same_state_dict(opt.state_dict(), ref.state_dict())
 
 
 def test_user_changes_to_params_reach_the_shards(pair):

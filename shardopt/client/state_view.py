@@ -113,6 +113,12 @@ class ShardStateView(MutableMapping):
         self._reads.changed()
         shards.load_state(kept, tuple(group_options(g) for g in self._opt.param_groups))
 
+    def clear(self) -> None:
+        """Drops all of the state at once (``opt.state.clear()``, a reset): every parameter
+        starts afresh at its next step. (Mapping's own ``clear`` deletes one parameter at a
+        time, and each deletion reloads every shard's state.)"""
+        self.replace({})
+
     def replace(self, mapping: Mapping) -> None:
         """Replaces all of the state with ``mapping``'s (``{param: state dict}``; a parameter
         left out, or with an empty dict, starts afresh at its next step, as in torch), all or
