@@ -515,3 +515,23 @@ def test_no_other_server_can_share_the_gateways_port(gateway, victim):
         assert host_pool.set_max_idle(idle_before) == idle_before  # a failed serve restores it
     finally:
         squatter.stop(0)
+
+
+def test_state_that_would_overrun_the_fused_kernel_is_refused(address, victim):
+    """A tenant's LoadStateDict with state smaller than its parameter: torch's fused CPU
+    kernels, which the shards run, do not check and write past it. Before, the load was taken
+    (the session had no state yet to compare with) and the next step aborted the shard host,
+    with every other session on it. Now it is refused before anything changes, and the
+    victim's session (guarded) never notices."""
+    weight = torch.nn.Parameter(torch.ones(64, 64))
+    opt = shardopt.AdamW([weight], lr=0.1, num_shards=1, address=address, token=ATTACKER)
+    try:
+        groups = opt.state_dict()["param_groups"]
+        small = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
+        with pytest.raises(ValueError, match=r"'exp_avg' of shape \(2,\)"):
+            opt.load_state_dict({"state": {0: small}, "param_groups": groups})
+        weight.grad = torch.ones_like(weight)
+        opt.step()  # the session's shard is alive and steps from no state, as before the load
+        assert float(opt.state_dict()["state"][0]["step"]) == 1.0
+    finally:
+        opt.close()

@@ -592,6 +592,65 @@ def test_rejected_load_state_dict_changes_nothing(pair):
     _steps_like_untouched(model, opt, reference, ref, first_step=2)
 
 
+@pytest.mark.parametrize("how", ["load_state_dict", "state[p] ="])
+def test_state_a_fused_kernel_would_overrun_is_refused(how):
+    """torch's fused CPU kernels (the shards' default) do not check the state's shapes: torch
+    2.13's ``Adam(fused=True)`` stepping a (300, 300) parameter whose loaded ``exp_avg`` is
+    (2, 3) writes past it and aborts. A shardopt optimizer with no state yet (nothing to compare
+    a load with) took such state, and its next step killed the shard host (``malloc():
+    unaligned fastbin chunk detected``), whatever else it held. Every parameter's state is now
+    checked as a shard takes it: shapes, dtypes and one-number scalars, as torch keeps them."""
+    model, reference = make_model(), make_model()
+    opt = shardopt.AdamW(model.parameters(), lr=1e-2, num_shards=2)
+    ref = torch.optim.AdamW(reference.parameters(), lr=1e-2, fused=True)
+    try:
+        train_step(reference, ref, 0)
+        good = ref.state_dict()
+        first = list(model.parameters())[0]
+        bad_states = [
+            ("exp_avg", torch.zeros(2, 3), r"'exp_avg' of shape \(2, 3\)"),
+            ("exp_avg_sq", torch.zeros(first.shape[::-1]), r"expected \(9, 6\)"),
+            ("step", torch.ones(5), "'step' with 5 elements"),
+        ]
+        if how != "load_state_dict":  # (torch's load casts floating state to the parameter's)
+            bad_states.append(("exp_avg", torch.zeros(first.shape, dtype=torch.int8), "int8"))
+        for key, value, match in bad_states:
+            bad = copy.deepcopy(good)
+            bad["state"][0][key] = value
+            with pytest.raises(ValueError, match=match):
+                if how == "load_state_dict":
+                    opt.load_state_dict(bad)
+                else:
+                    opt.state[first] = bad["state"][0]
+            assert len(opt.state) == 0 and not opt.state_dict()["state"]
+        model.load_state_dict(reference.state_dict())  # (reaches the shards at the next step)
+        opt.load_state_dict(good)  # the shards are alive and take what is right
+        train_step(model, opt, 1)
+        train_step(reference, ref, 1)
+        assert_same_params(model, reference)
+        assert_same_state_dict(opt.state_dict(), ref.state_dict())
+    finally:
+        opt.close()
+
+
+def test_adafactor_factored_state_is_checked_too():
+    model = nn.Linear(6, 4)
+    opt = shardopt.Adafactor(model.parameters(), num_shards=1)
+    ref = torch.optim.Adafactor(nn.Linear(6, 4).parameters())
+    try:
+        ref.param_groups[0]["params"][0].grad = torch.ones(4, 6)
+        ref.param_groups[0]["params"][1].grad = torch.ones(4)
+        ref.step()
+        bad = copy.deepcopy(ref.state_dict())
+        bad["state"][0]["row_var"] = torch.zeros(1, 6)  # torch's is (4, 1)
+        with pytest.raises(ValueError, match=r"'row_var' of shape \(1, 6\).*expected \(4, 1\)"):
+            opt.load_state_dict(bad)
+        opt.load_state_dict(ref.state_dict())
+        assert_same_state_dict(opt.state_dict(), ref.state_dict())
+    finally:
+        opt.close()
+
+
 def test_closed_optimizer_refuses_work():
     m = make_model()
     with shardopt.SGD(m.parameters(), lr=0.1, num_shards=2) as opt:

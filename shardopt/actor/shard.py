@@ -53,6 +53,7 @@ from shardopt.core.records import (
     StepRequest,
     StepResult,
 )
+from shardopt.core.state_checks import check_param_state
 
 logger = logging.getLogger(__name__)
 
@@ -460,7 +461,10 @@ class Shard:
         local = self._local_of[param_id]
         p = self._params[local]
         group = self.optimizer.param_groups[self._group_of[local]]
-        self.optimizer.state[p] = place_state(unpack_tree(packed), p.device, group)
+        state = place_state(unpack_tree(packed), p.device, group)
+        before = self.optimizer.state.get(p)
+        check_param_state(self._optimizer_class, p, state, self._name(p), before)
+        self.optimizer.state[p] = state
         self._note_new_state()
 
     def prepare_load(
@@ -515,7 +519,8 @@ class Shard:
                 groups.append({**self._run_options(options, g), "params": ids})
             with running_under(self._default_dtype):  # a step given as a number becomes one
                 opt.load_state_dict({"state": local_state, "param_groups": groups})
-            self._check_shapes(old[0], opt.state)
+            for p, new_state in opt.state.items():  # (torch's fused kernels do not check)
+                check_param_state(self._optimizer_class, p, new_state, self._name(p), old[0].get(p))
             self._pending_loads[token] = (opt.state, opt.param_groups)
             return None
         except Exception as exc:  # reported to the proxy, which rejects the whole load
@@ -523,22 +528,8 @@ class Shard:
         finally:
             opt.__dict__.update(state=old[0], param_groups=old[1])
 
-    def _check_shapes(self, current: Any, loaded: Any) -> None:
-        for p, new_state in loaded.items():
-            old_state = current.get(p)
-            if not old_state:
-                continue
-            for key, value in new_state.items():
-                old_value = old_state.get(key)
-                if (
-                    isinstance(value, torch.Tensor)
-                    and isinstance(old_value, torch.Tensor)
-                    and value.shape != old_value.shape
-                ):
-                    raise ValueError(
-                        f"loaded state dict has {key!r} of shape {tuple(value.shape)} for "
-                        f"parameter id {self._id_of.get(id(p))}, expected {tuple(old_value.shape)}"
-                    )
+    def _name(self, p: torch.Tensor) -> str:
+        return f"parameter id {self._id_of.get(id(p))}"
 
     # ----- checkpoints (see shardopt.checkpoint) -------------------------------------------
 
