@@ -633,6 +633,40 @@ def test_state_a_fused_kernel_would_overrun_is_refused(how):
         opt.close()
 
 
+def test_expanded_state_is_laid_out_as_its_parameter():
+    """An expanded state tensor (stride 0, which ``torch.save`` keeps with its one-element
+    storage) has the right shape, and torch's fused kernel walks it as if it were dense: torch's
+    own fused ``AdamW`` writes past that storage and aborts. shardopt's transports deliver it
+    dense and the shard lays state out as its parameter whatever the path (a pin, not a fix):
+    the load gives torch's numbers, as with the dense values."""
+    import io
+
+    model, reference = make_model(), make_model()
+    opt = shardopt.AdamW(model.parameters(), lr=1e-2, num_shards=2)
+    ref = torch.optim.AdamW(reference.parameters(), lr=1e-2, fused=True)
+    try:
+        train_step(reference, ref, 0)
+        model.load_state_dict(reference.state_dict())
+        expanded = copy.deepcopy(ref.state_dict())
+        for state in expanded["state"].values():
+            state["exp_avg"] = torch.full((1,), 0.01).expand(state["exp_avg"].shape)
+        saved = io.BytesIO()
+        torch.save(expanded, saved)
+        saved.seek(0)
+        loaded = torch.load(saved, weights_only=True)
+        assert loaded["state"][0]["exp_avg"].stride() == (0, 0)  # a file keeps it expanded
+        opt.load_state_dict(loaded)
+        for state in ref.state.values():
+            state["exp_avg"].fill_(0.01)
+        for k in (1, 2):
+            train_step(model, opt, k)
+            train_step(reference, ref, k)
+            assert_same_params(model, reference)
+        assert_same_state_dict(opt.state_dict(), ref.state_dict())
+    finally:
+        opt.close()
+
+
 def test_adafactor_factored_state_is_checked_too():
     model = nn.Linear(6, 4)
     opt = shardopt.Adafactor(model.parameters(), num_shards=1)

@@ -463,7 +463,7 @@ class Shard:
         group = self.optimizer.param_groups[self._group_of[local]]
         state = place_state(unpack_tree(packed), p.device, group)
         before = self.optimizer.state.get(p)
-        check_param_state(self._optimizer_class, p, state, self._name(p), before)
+        state = check_param_state(self._optimizer_class, p, state, self._name(p), before)
         self.optimizer.state[p] = state
         self._note_new_state()
 
@@ -519,8 +519,10 @@ class Shard:
                 groups.append({**self._run_options(options, g), "params": ids})
             with running_under(self._default_dtype):  # a step given as a number becomes one
                 opt.load_state_dict({"state": local_state, "param_groups": groups})
-            for p, new_state in opt.state.items():  # (torch's fused kernels do not check)
-                check_param_state(self._optimizer_class, p, new_state, self._name(p), old[0].get(p))
+            for p, new_state in list(opt.state.items()):  # (torch's fused kernels do not check)
+                opt.state[p] = check_param_state(
+                    self._optimizer_class, p, new_state, self._name(p), old[0].get(p)
+                )
             self._pending_loads[token] = (opt.state, opt.param_groups)
             return None
         except Exception as exc:  # reported to the proxy, which rejects the whole load

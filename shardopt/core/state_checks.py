@@ -9,7 +9,11 @@ shard checks every parameter's state as it takes it (a load, ``opt.state[p] = ..
 what torch's own algorithms keep:
 
 - the tensors torch keeps in the parameter's shape (moments, buffers, accumulators, below)
-  must have its shape and dtype (after torch's load casts floating tensors to it);
+  must have its shape and dtype (after torch's load casts floating tensors to it), and are
+  laid out as the parameter (a copy where they are not: the fused kernels walk every tensor's
+  memory in the parameter's order, and torch's own fused ``Adam`` writes past an expanded
+  ``exp_avg``, which ``torch.save`` keeps with its one-element storage; shardopt's transports
+  already deliver tensors dense, this keeps it so whatever path a state takes);
 - ``step`` (and the other scalars) must hold one element;
 - Adafactor's factored second moments (``row_var``, ``col_var``) have the shapes torch gives
   them.
@@ -60,8 +64,9 @@ def check_param_state(
     state: Any,
     name: str,
     before: dict[str, Any] | None = None,
-) -> None:
-    """Refuses state that torch's kernels could not step ``param`` with safely.
+) -> Any:
+    """Refuses state that torch's kernels could not step ``param`` with safely; returns it
+    with each tensor kept in the parameter's shape laid out as the parameter.
 
     Args:
         optimizer_class: the algorithm the state is for.
@@ -75,7 +80,8 @@ def check_param_state(
         ValueError: a tensor of the wrong shape, dtype or size.
     """
     if not isinstance(state, dict):
-        return  # torch's own load refuses what is not a dict
+        return state  # torch's own load refuses what is not a dict
+    out = dict(state)
     torchs = optimizer_class.__module__.startswith("torch.optim")
     shape = tuple(param.shape)
     for key, value in state.items():
@@ -108,3 +114,21 @@ def check_param_state(
                 f"loaded state dict has {key!r} of shape {tuple(value.shape)} ({value.dtype}) "
                 f"for {name}, expected {expected}"
             )
+        if want_dtype is not None and value.stride() != _strides_of(param, want_shape):
+            out[key] = _laid_out(value, param if want_shape == shape else None)
+    return out
+
+
+def _strides_of(param: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides torch's own state of ``shape`` has for ``param`` (``zeros_like(param)``'s
+    for the parameter's shape, contiguous for another)."""
+    if shape == tuple(param.shape):
+        return torch.empty_like(param, device="meta").stride()
+    return torch.empty(shape, device="meta").stride()
+
+
+def _laid_out(value: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
+    """``value`` copied into a tensor laid out as ``like`` (contiguous without one)."""
+    if like is None:
+        return value.contiguous()
+    return torch.empty_like(like, dtype=value.dtype, device=value.device).copy_(value)
