@@ -91,13 +91,7 @@ class ShardStateView(MutableMapping):
 
     def __setitem__(self, param: torch.Tensor, value: dict[str, Any]) -> None:
         shards = self._shards
-        pid = shards.shard_map.id_of(param)
-        if pid is None:
-            raise KeyError("only parameters of this optimizer can have optimizer state")
-        if not isinstance(value, dict):
-            raise TypeError(
-                f"optimizer state of a parameter must be a dict, got {type(value).__name__}"
-            )
+        pid = _checked_id(shards, param, value)
         self._reads.changed()
         shards.set_param_state(pid, value)
 
@@ -137,13 +131,7 @@ class ShardStateView(MutableMapping):
         shards = self._shards
         state: dict[int, dict[str, Any]] = {}
         for param, value in mapping.items():
-            pid = shards.shard_map.id_of(param)
-            if pid is None:
-                raise KeyError("only parameters of this optimizer can have optimizer state")
-            if not isinstance(value, dict):
-                raise TypeError(
-                    f"optimizer state of a parameter must be a dict, got {type(value).__name__}"
-                )
+            pid = _checked_id(shards, param, value)
             if value:
                 state[pid] = dict(value)
         self._reads.changed()
@@ -170,6 +158,23 @@ class ShardStateView(MutableMapping):
 
     def __repr__(self) -> str:
         return f"ShardStateView({len(self)} parameters with state)"
+
+
+def _checked_id(shards: Backend, param: Any, value: Any) -> int:
+    """The id of ``param``, whose state ``value`` is to be set.
+
+    Raises:
+        KeyError: not a parameter of this optimizer.
+        TypeError: ``value`` is not a dict.
+    """
+    pid = shards.shard_map.id_of(param)
+    if pid is None:
+        raise KeyError("only parameters of this optimizer can have optimizer state")
+    if not isinstance(value, dict):
+        raise TypeError(
+            f"optimizer state of a parameter must be a dict, got {type(value).__name__}"
+        )
+    return pid
 
 
 class StateAttribute:
