@@ -592,8 +592,13 @@ def test_rejected_load_state_dict_changes_nothing(pair):
     _steps_like_untouched(model, opt, reference, ref, first_step=2)
 
 
+class SubclassedAdamW(torch.optim.AdamW):
+    """A user's subclass of a torch algorithm (it runs torch's kernels: checked as AdamW)."""
+
+
+@pytest.mark.parametrize("subclass", [False, True], ids=["AdamW", "subclass"])
 @pytest.mark.parametrize("how", ["load_state_dict", "state[p] ="])
-def test_state_a_fused_kernel_would_overrun_is_refused(how):
+def test_state_a_fused_kernel_would_overrun_is_refused(how, subclass):
     """torch's fused CPU kernels (the shards' default) do not check the state's shapes: torch
     2.13's ``Adam(fused=True)`` stepping a (300, 300) parameter whose loaded ``exp_avg`` is
     (2, 3) writes past it and aborts. A shardopt optimizer with no state yet (nothing to compare
@@ -601,7 +606,10 @@ def test_state_a_fused_kernel_would_overrun_is_refused(how):
     unaligned fastbin chunk detected``), whatever else it held. Every parameter's state is now
     checked as a shard takes it: shapes, dtypes and one-number scalars, as torch keeps them."""
     model, reference = make_model(), make_model()
-    opt = shardopt.AdamW(model.parameters(), lr=1e-2, num_shards=2)
+    if subclass:
+        opt = ShardedOptimizer(model.parameters(), SubclassedAdamW, lr=1e-2, num_shards=2)
+    else:
+        opt = shardopt.AdamW(model.parameters(), lr=1e-2, num_shards=2)
     ref = torch.optim.AdamW(reference.parameters(), lr=1e-2, fused=True)
     try:
         train_step(reference, ref, 0)
@@ -627,8 +635,9 @@ def test_state_a_fused_kernel_would_overrun_is_refused(how):
         opt.load_state_dict(good)  # the shards are alive and take what is right
         train_step(model, opt, 1)
         train_step(reference, ref, 1)
-        assert_same_params(model, reference)
-        assert_same_state_dict(opt.state_dict(), ref.state_dict())
+        if not subclass:  # (not fused by default: torch's numbers to rounding)
+            assert_same_params(model, reference)
+            assert_same_state_dict(opt.state_dict(), ref.state_dict())
     finally:
         opt.close()
 

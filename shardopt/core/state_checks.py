@@ -18,8 +18,9 @@ what torch's own algorithms keep:
 - Adafactor's factored second moments (``row_var``, ``col_var``) have the shapes torch gives
   them.
 
-An optimizer class that is not one of torch's keeps whatever it keeps: only the scalars and the
-shapes of state it held before are checked for it (:func:`check_param_state`'s ``before``).
+A subclass of one of torch's algorithms is checked as that algorithm (it runs its kernels). Any
+other optimizer class keeps whatever it keeps: only the scalars and the shapes of state it held
+before are checked for it (:func:`check_param_state`'s ``before``).
 
 Talks to nothing: pure functions over tensors.
 """
@@ -46,6 +47,14 @@ PARAM_SHAPED = frozenset(
 
 SCALARS = frozenset({"step", "eta", "mu", "mu_product"})
 """State keys torch's algorithms keep as one number."""
+
+
+def _is_torchs(optimizer_class: type) -> bool:
+    """Whether ``optimizer_class`` is one of torch's algorithms or a subclass of one."""
+    return any(
+        (c.__module__ + ".").startswith("torch.optim.") and c is not torch.optim.Optimizer
+        for c in optimizer_class.__mro__
+    )
 
 
 def _factored(shape: tuple[int, ...], key: str) -> tuple[int, ...] | None:
@@ -82,7 +91,7 @@ def check_param_state(
     if not isinstance(state, dict):
         return state  # torch's own load refuses what is not a dict
     out = dict(state)
-    torchs = optimizer_class.__module__.startswith("torch.optim")
+    torchs = _is_torchs(optimizer_class)
     shape = tuple(param.shape)
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
