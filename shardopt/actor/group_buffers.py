@@ -106,18 +106,13 @@ class RankSlots:
 
     def publish(self, rank: int) -> None:
         """Before an answer to ``rank``: in async mode with more ranks, copies the shard's
-        parameters into the rank's own buffer (else it reads the shard's buffer itself). A
-        plain memcpy where it can be (torch's ``copy_`` hands it to a thread pool whose threads
-        wait for each other on a busy machine, see :func:`~shardopt.core.chunk_codec.copy_bytes`).
+        parameters into the rank's own buffer (else it reads the shard's buffer itself), by one
+        plain memcpy where it can be (:func:`~shardopt.core.chunk_codec.copy_fast`).
         """
         reads = self._reads.get(rank)
         if reads is not None:
             flat = self._shard.param_buffer()
-            target = reads[: flat.numel()]
-            if chunk_codec.copies_bytes(target, flat):
-                chunk_codec.copy_bytes(target, flat)
-            else:
-                target.copy_(flat)
+            chunk_codec.copy_fast(reads[: flat.numel()], flat)
 
     def has_gradients(self, request: PushRequest) -> bool:
         """Whether a push's gradients are at hand (sent with it, or in its rank's slot)."""

@@ -355,11 +355,8 @@ class GroupShardHost(ReplicaRole, ShardCalls):
         if request.push_id is not None and last is not None and last.push_id == request.push_id:
             current = self._current(shard, request.rank)  # sent again: applied once already
             return dataclasses.replace(last.result, current=current)
-        in_place = None  # the rank's slot, read where it is (or the shard's gradient buffer)
-        if request.grads is None:
-            if self._slots is None:
-                raise ValueError(f"rank {request.rank} pushed no gradients")
-            in_place = self._slots.grad_tensors(request)
+        assert self._slots is not None  # made with the shard
+        in_place = self._slots.grad_tensors(request)  # the rank's slot, read where it is
         step = StepRequest(
             step_id=version,
             group_options=request.group_options,

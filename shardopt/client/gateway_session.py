@@ -112,11 +112,8 @@ PULL_ATTEMPTS = 5
 def assign(param: torch.Tensor, value: torch.Tensor) -> None:
     """``param.copy_(value)`` (an in-place write autograd sees), by one plain memcpy where the
     tensors allow it (:func:`~shardopt.core.chunk_codec.copy_bytes`)."""
-    if chunk_codec.copies_bytes(param, value):
-        chunk_codec.copy_bytes(param, value)
+    if chunk_codec.copy_fast(param, value):
         increment_version(param)
-    else:
-        param.copy_(value)
 
 
 def gradients_of(params: list[torch.Tensor], dense: bool = False) -> tuple[Any, list[Any]]:

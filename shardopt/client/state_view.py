@@ -181,7 +181,7 @@ class StateAttribute:
     """``ShardedOptimizer.state``: reads give the optimizer's :class:`ShardStateView`; an
     assignment replaces the shards' state with the mapping's (:meth:`ShardStateView.replace`),
     as assigning ``state`` resets a torch optimizer. Until the view is installed (torch's
-    constructor assigns its ``defaultdict`` first, which Adagrad's fills) it is a plain value.
+    constructor assigns its ``defaultdict`` first) it is a plain value.
     """
 
     def __get__(self, opt: Any, owner: type | None = None) -> Any:

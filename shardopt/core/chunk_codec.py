@@ -16,7 +16,8 @@ messages):
   bytes need), for a receiver that asked for them (:data:`SPANNING`);
 - :func:`serialize`: the serializer of both sides, which passes pre-encoded bytes through;
 - :func:`receive_parameters`: a PullParameters stream received into given tensors;
-- :func:`copy_bytes`: a tensor copied into another by one plain memcpy (the gateway's
+- :func:`copy_bytes`: a tensor copied into another by one plain memcpy (:func:`copy_fast`:
+  that where the tensors allow it, torch's ``copy_`` else) (the gateway's
   snapshots for pulls).
 
 :class:`shardopt.core.wire.TensorReceiver` then copies each view into its tensor: one copy on
@@ -143,6 +144,17 @@ def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
         raise ValueError("copy_bytes copies between contiguous CPU tensors of one dtype and shape")
     if dst.numel():
         memoryview(dst.detach().view(-1).view(torch.uint8).numpy())[:] = _byte_view(src)
+
+
+def copy_fast(dst: torch.Tensor, src: torch.Tensor) -> bool:
+    """Copies ``src`` into ``dst``: by :func:`copy_bytes` where :func:`copies_bytes` allows,
+    else by torch's ``copy_``. Returns whether it was the memcpy, which no autograd version
+    counter sees (``copy_`` bumps ``dst``'s)."""
+    if copies_bytes(dst, src):
+        copy_bytes(dst, src)
+        return True
+    dst.copy_(src)
+    return False
 
 
 def tensor_chunks(
