@@ -68,7 +68,8 @@ def remote_and_torch(address, algorithm="AdamW"):
 def test_remote_state_changed_in_place_reaches_the_gateway_as_in_torch(address):
     """``opt.state[p]["exp_avg"].zero_()`` (a moment reset, as pruning or re-warming code does)
     through a remote session: the change reaches the gateway's shards before the next step,
-    which is torch's."""
+    which is torch's; so does ``del opt.state[p]`` (that parameter starts afresh, last in the
+    state dict's order)."""
     models, remote, local = remote_and_torch(address)
     try:
         for k in range(3):
@@ -80,6 +81,8 @@ def test_remote_state_changed_in_place_reaches_the_gateway_as_in_torch(address):
                 opt.step()
                 if k == 0:
                     opt.state[next(model.parameters())]["exp_avg"].zero_()
+                if k == 1:
+                    del opt.state[list(model.parameters())[1]]
             assert_same(list(models[0].parameters()), list(models[1].parameters()))
         assert_same_state_dict(remote.state_dict(), local.state_dict())
     finally:

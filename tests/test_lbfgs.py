@@ -194,6 +194,29 @@ def test_state_view_and_errors():
     opt.close()
 
 
+def test_dropping_the_state_starts_afresh_as_torch():
+    """``del opt.state[params[0]]`` (where torch's LBFGS keeps all of its state) drops the
+    history, and the next step starts afresh as torch's does; other parameters have none."""
+    loss_fn, shapes = PROBLEMS["least_squares"]
+    mine, theirs = make_params(shapes), make_params(shapes)
+    opt = shardopt.LBFGS(mine, num_shards=2, max_iter=4, history_size=3)
+    ref = torch.optim.LBFGS(theirs, max_iter=4, history_size=3)
+    try:
+        for k in range(3):
+            if k == 2:
+                for o, ps in ((opt, mine), (ref, theirs)):
+                    with pytest.raises(KeyError):
+                        del o.state[ps[1]]
+                    del o.state[ps[0]]
+                assert len(opt.state) == 0 and opt.state_dict()["state"] == {}
+            opt.step(closure_for(loss_fn, mine, opt, []))
+            ref.step(closure_for(loss_fn, theirs, ref, []))
+            assert_same_tensors(mine, theirs, 1e-8)
+        assert_close_state(opt.state_dict(), ref.state_dict(), 1e-6)
+    finally:
+        opt.close()
+
+
 def test_checkpoint_round_trip_and_plain_torch(tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 

@@ -446,6 +446,45 @@ def test_split_in_a_shard_group():
         opt.close()
 
 
+@pytest.mark.parametrize("where", ["plain", "replicas", "group"])
+def test_dropping_one_tensors_state_asks_only_its_shards(where):
+    """``del opt.state[p]`` and ``pop`` drop the state of ``p`` on the shards holding its pieces
+    alone (they reloaded every shard's whole state for each deletion: seconds for a large
+    model). Torch's numbers and order follow: ``p`` starts afresh at its next step and comes
+    last in the state dict. With replicas, the replica drops it too: the primary holding a
+    piece of the dropped tensor is lost after the deletion, and the replica that takes over
+    has no state left for it."""
+    from shardopt.testing import kill
+
+    params, ref = _params(), _params()
+    options = {
+        "plain": {},
+        "replicas": {"replicate": True},
+        "group": {"group": f"drop-state-{where}", "world_size": 1, "rank": 0},
+    }[where]
+    opt = shardopt.Adam(params, lr=1e-2, fused=True, num_shards=3, **options)
+    want_opt = torch.optim.Adam(ref, lr=1e-2, fused=True)
+    try:
+        assert opt.plan.is_split(0)
+        _run(opt, params, 2)
+        _run(want_opt, ref, 2)
+        for o, ps in ((opt, params), (want_opt, ref)):
+            del o.state[ps[0]]  # the split tensor: a piece on every shard
+            assert set(o.state.pop(ps[2])) == {"step", "exp_avg", "exp_avg_sq"}
+        assert list(opt.state) == [params[1], params[3]]
+        with pytest.raises(KeyError):
+            del opt.state[params[0]]
+        assert_same_state_dict(opt.state_dict(), want_opt.state_dict())
+        if where == "replicas":
+            kill(opt.backend.handles[opt.plan.pieces[0][1].shard].host)
+        got, want = _run(opt, params, 2, 2), _run(want_opt, ref, 2, 2)
+        assert_same_tensors(got[-1], want[-1])
+        assert_same_state_dict(opt.state_dict(), want_opt.state_dict())
+        assert list(opt.state_dict()["state"]) == [1, 3, 0, 2]
+    finally:
+        opt.close()
+
+
 # ----- the balance the issue asked for ---------------------------------------------------------
 
 

@@ -212,6 +212,10 @@ class ShardCalls:
         with self._using(key) as shard:
             shard.set_param_state(param_id, packed)
 
+    def clear_param_state(self, key: str, param_id: int) -> None:
+        with self._using(key) as shard:
+            shard.clear_param_state(param_id)
+
     def prepare_load(
         self, key: str, token: str, group_options: tuple[dict[str, Any], ...], packed: PackedTree
     ) -> Exception | None:

@@ -467,6 +467,12 @@ class Shard:
         self.optimizer.state[p] = state
         self._note_new_state()
 
+    def clear_param_state(self, param_id: int) -> None:
+        """Drops one parameter's state (the proxy's ``del opt.state[p]``): its next step
+        starts it afresh, and it then comes last in the state's order, as in torch."""
+        self.optimizer.state.pop(self._params[self._local_of[param_id]], None)
+        self._known_state = len(self.optimizer.state)
+
     def prepare_load(
         self, token: str, group_options: tuple[dict[str, Any], ...], packed: PackedTree
     ) -> Exception | None:

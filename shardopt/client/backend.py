@@ -229,6 +229,14 @@ class Backend(ABC):
     def set_param_state(self, pid: int, value: dict[str, Any]) -> None:
         """Replaces one parameter's state on its shard (``opt.state[p] = value``)."""
 
+    def clear_param_state(self, pid: int, options: tuple[dict, ...]) -> None:
+        """Drops one parameter's state (``del opt.state[p]``; it has state): here by loading
+        all the state but its own with the groups' ``options``, for backends whose shards
+        cannot drop one parameter's state alone."""
+        state = self.gathered_state()
+        kept = {i: state[i] for i in self.state_order if i != pid and i in state}
+        self.load_state(kept, options)
+
     # ----- checkpoints, inspection, lifecycle -----------------------------------------------
 
     @abstractmethod

@@ -79,6 +79,9 @@ class ShardHandle:
     def set_param_state(self, param_id: int, packed: PackedTree) -> Any:
         return self.host.set_param_state.remote(self.key, param_id, packed)
 
+    def clear_param_state(self, param_id: int) -> Any:
+        return self.host.clear_param_state.remote(self.key, param_id)
+
     def prepare_load(
         self, token: str, group_options: tuple[dict[str, Any], ...], packed: PackedTree
     ) -> Any:

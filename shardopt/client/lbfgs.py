@@ -411,6 +411,9 @@ class LBFGSShards(LocalShards):
         self._lbfgs_state = self._scatter(self._validated(value, history_size))
         self.shard_map.set_state_order([0])
 
+    def clear_param_state(self, pid: int, options: tuple[dict, ...]) -> None:
+        self.load_state({}, options)  # the first parameter holds all of LBFGS's state
+
     def _validated(self, state: dict[str, Any], history_size: Any) -> dict[str, Any]:
         """Checks a torch LBFGS state (its history as its group's ``history_size`` allows) and
         casts it as torch would (floating tensors to dtype)."""

@@ -146,6 +146,11 @@ class RayShards(Backend):
         ray_get([self.handle(s).set_param_state(pid, pack_tree(v)) for s, v in pieces.items()])
         self.shard_map.note_state([pid])
 
+    def clear_param_state(self, pid: int, options: tuple[dict, ...]) -> None:
+        """Drops the state of ``pid`` on every shard holding a piece of it, and nothing else."""
+        ray_get([self.handle(s).clear_param_state(pid) for s in self.shard_map.shards_of(pid)])
+        self.shard_map.forget_state(pid)
+
     # ----- checkpoints ----------------------------------------------------------------------
 
     def save_checkpoint(self, path: str, blocking: bool, key: bytes | None) -> SaveHandle:

@@ -136,6 +136,11 @@ class MirroredHandle(ShardHandle):
         self._follow(lambda r: r.set_param_state(param_id, packed), True)
         return ref
 
+    def clear_param_state(self, param_id: int) -> Any:
+        ref = super().clear_param_state(param_id)
+        self._follow(lambda r: r.clear_param_state(param_id), True)
+        return ref
+
     def prepare_load(self, token: str, group_options: Any, packed: Any) -> Any:
         ref = super().prepare_load(token, group_options, packed)
         self._follow(lambda r: r.prepare_load(token, group_options, packed), False)

@@ -386,6 +386,10 @@ class ShardMap:
         for pid in sorted(param_ids):
             self._state_order.setdefault(pid, None)
 
+    def forget_state(self, pid: int) -> None:
+        """Removes an id whose state was dropped (it comes last once it has state again)."""
+        self._state_order.pop(pid, None)
+
     def set_state_order(self, param_ids: Iterable[int]) -> None:
         """Replaces the order (after a load)."""
         self._state_order = dict.fromkeys(param_ids)

@@ -97,15 +97,14 @@ class ShardStateView(MutableMapping):
 
     def __delitem__(self, param: torch.Tensor) -> None:
         """Drops ``param``'s state, as ``del`` (or ``pop``) does on torch's: its next step
-        starts it afresh. The shards load the state without it (all of it passes here)."""
+        starts it afresh, and it then comes last in the state's order. Only the shards
+        holding it are asked (over a gateway, and for LBFGS, the state is loaded without it)."""
         shards = self._shards
         pid = shards.shard_map.id_of(param)
         if pid is None or not shards.shard_map.has_state(pid):
             raise KeyError(param)
-        state = shards.gathered_state()
-        kept = {i: state[i] for i in shards.state_order if i != pid and i in state}
         self._reads.changed()
-        shards.load_state(kept, tuple(group_options(g) for g in self._opt.param_groups))
+        shards.clear_param_state(pid, tuple(group_options(g) for g in self._opt.param_groups))
 
     def clear(self) -> None:
         """Drops all of the state at once (``opt.state.clear()``, a reset): every parameter
