@@ -1,9 +1,10 @@
 """One optimizer step, timed: shardopt against torch's optimizers and the memory-bandwidth floor.
 
-    python benchmarks/step_bench.py [--sizes 10M,50M] [--repeats 7] [--quick]
+    python benchmarks/step_bench.py [--sizes 10M,50M] [--layers 2] [--repeats 7] [--quick]
 
 For each size N (float32 parameters shaped like a small transformer: an embedding, a few big
-matrices, their vectors) and for AdamW and SGD(momentum=0.9), it times one step of
+matrices, their vectors; ``--layers`` of them, 12 tensors each: a model of N parameters in many
+tensors shows the per-tensor costs) and for AdamW and SGD(momentum=0.9), it times one step of
 
 * torch foreach / torch fused / torch default: ``torch.optim`` in this process (``foreach=True``,
   ``fused=True``, and no choice, which on CPU is the for-loop that ZeRO's ranks and the RPC
@@ -254,6 +255,9 @@ def run_in_process(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = arg_parser(__doc__)
     parser.add_argument("--sizes", default=None, help="parameter counts (default 10M,50M)")
+    parser.add_argument(
+        "--layers", type=int, default=2, help="decoder layers: 12 tensors each (default 2)"
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed steps (default 7)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 10M, 3 repeats")
@@ -285,6 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(),
             "warmup": args.warmup,
             "repeats": args.repeats,
+            "layers": args.layers,
             "algorithms": {a: ALGORITHMS[a].hyperparameters for a in args.algos},
             "shapes": {},
         },
@@ -296,7 +301,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log("starting Ray and a pool of shard hosts per shardopt configuration")
         start_host_pools(args.shards)
     for size in args.sizes.split(","):
-        shapes = transformer_shapes(parse_size(size))
+        shapes = transformer_shapes(parse_size(size), args.layers)
         n = count_params(shapes)
         report["meta"]["shapes"][size] = shapes
         per_algo: dict[str, dict[str, dict[str, Any]]] = {a: {} for a in args.algos}

@@ -198,6 +198,7 @@ class DataPath:
         flat = self.grad_buffer(shard)
         views = self.views(shard, flat)
         has_grad, sparse, touched = [], {}, []
+        targets, sources = [], []
         for j, slot in enumerate(self._map.slots(shard)):
             pid = slot.pid
             grad = params[pid].grad
@@ -210,8 +211,11 @@ class DataPath:
                 has_grad.append(False)
                 continue
             if self._shipped.get(pid) != (grad.data_ptr(), grad._version):
-                views[j].copy_(grad if slot.rows is None else grad[slot.rows[0] : slot.rows[1]])
+                targets.append(views[j])
+                sources.append(grad if slot.rows is None else grad[slot.rows[0] : slot.rows[1]])
             has_grad.append(True)
+        if targets:  # one call: a copy_ each from Python costs more than a small tensor's copy
+            torch._foreach_copy_(targets, sources)
         return flat, tuple(has_grad), sparse, touched
 
     def _sparse_piece(

@@ -291,6 +291,7 @@ class ShardMap:
             values = readonly_tensor(values)
         layout = self._layouts[shard]
         rows = rows or {}
+        targets, sources, written = [], [], []
         for j in range(len(self._slots[shard])) if slots is None else slots:
             pid = self._slots[shard][j].pid
             p = params[pid]
@@ -302,8 +303,13 @@ class ShardMap:
                 index = torch.as_tensor(rows[j], device=target.device)
                 target.index_copy_(0, index, source[torch.as_tensor(rows[j])].to(target.device))
             else:
-                target.copy_(source)
-            self.record(pid, p)  # later pieces' copies bump it again, and record again
+                targets.append(target)
+                sources.append(source)
+            written.append(pid)
+        if targets:  # one call: a copy_ each from Python costs more than a small tensor's copy
+            torch._foreach_copy_(targets, sources)
+        for pid in written:  # later pieces' copies bump it again, and record again
+            self.record(pid, params[pid])
 
     @torch.no_grad()
     def copy_rows(
