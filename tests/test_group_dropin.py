@@ -6,6 +6,9 @@
 - ``torch.compile`` around ``opt.step()`` and around the whole training step, with an lr
   scheduler whose every new lr must reach the shards.
 - ``overlap=True`` with a group is refused (a group member packs its gradients at ``step()``).
+- Every worker's ``opt.state`` (which parameters have state, their state) follows the one state
+  the group shares: what the others' pushes made, dropped or loaded (DCP's helpers and
+  trainers decide by ``opt.state``'s emptiness).
 
 The reference is :class:`group_workers.ReferenceGroup`: plain torch, the group's rule (rank-order
 sum over the world size in sync mode, each push as it is in async mode) applied by hand.
@@ -19,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from torch.distributed.checkpoint.state_dict import _init_optim_state
 from group_workers import (
     INF_STEP,
     STEPS,
@@ -262,3 +266,92 @@ def test_overlap_with_a_group_is_refused(name):
         shardopt.AdamW(make_model(0).parameters(), lr=LR, group=name, world_size=1, rank=0,
                        num_shards=1, overlap=True)  # fmt: skip
     assert name not in list_groups()
+
+
+def _state_view(opt):
+    """What a worker's ``opt.state`` says: (parameter index, the state's step) in its order."""
+    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    return [(index[id(p)], float(state["step"])) for p, state in opt.state.items()]
+
+
+def _push(members, only=None):
+    """One step of each (optimizer, model) of ``members`` (in turn; a sync round's at once),
+    with the gradients of the parameters numbered ``only`` alone (all by default)."""
+
+    def step(member):
+        opt, model = member
+        opt.zero_grad()
+        loss_of(model, *user_batches(opt.group.rank)[0]).backward()
+        for i, p in enumerate(model.parameters()):
+            if only is not None and i not in only:
+                p.grad = None
+        opt.step()
+
+    if members[0][0].group.config.mode == "sync":
+        with ThreadPoolExecutor(len(members)) as pool:
+            list(pool.map(step, members))
+    else:
+        for member in members:
+            step(member)
+
+
+def test_an_async_worker_sees_the_state_the_others_made_dropped_and_loaded(name):
+    """One state takes every worker's pushes, so every worker's ``opt.state`` must show it:
+    rank 1 showed only what its own pushes created (after rank 0's first push, none at all:
+    ``len(opt.state)`` 0 and ``opt.state[p]`` ``{}`` while the shards held state). A worker
+    attaching to a group with state sees it at once: DCP's ``get_optimizer_state_dict`` steps
+    an optimizer whose state is empty (zero gradients, lr 0: torch's ``_init_optim_state``),
+    which on a group's shards would decay every moment and count a step. A state dropped or
+    loaded by another worker shows at the worker's next push to the shards holding it."""
+    models = [make_model(0), make_model(0)]
+    first = attach(name, models[0], 0, mode="async")
+    _push([(first, models[0])])
+    _push([(first, models[0])])
+    late = attach(name, models[1], 1, mode="async")
+    opts = [first, late]
+    assert _state_view(late) == _state_view(first) == [(i, 2.0) for i in range(4)]
+    before = late.state_dict()
+    _init_optim_state(late)  # as DCP's get_optimizer_state_dict does: must find the state
+    assert_same_state_dict(late.state_dict(), before)
+
+    _push(list(zip(opts, models)))  # the first push of each sees the other's
+    assert _state_view(late) == _state_view(first) == [(i, 4.0) for i in range(4)]
+
+    # rank 0 drops the state of parameter 1 (on the shard of 2 and 3; 0 is on the other) ...
+    assert [late.backend.shard_map.shards_of(i) for i in range(4)] == [[0], [1], [1], [1]]
+    del first.state[models[0][0].bias]
+    _push([(late, models[1])], only=(0, 2, 3))  # ... rank 1 learns it at its next step
+    assert _state_view(late) == [(0, 5.0), (2, 5.0), (3, 5.0)]
+    assert models[1][0].bias not in late.state and len(late.state) == 3
+
+    kept = first.state_dict()  # rank 0 loads a state dict with parameter 2's state only
+    kept["state"] = {2: kept["state"][2]}
+    first.load_state_dict(kept)
+    _push([(late, models[1])], only=(0, 3))  # 0's and 3's state made afresh after the load
+    assert sorted(_state_view(late)) == [(0, 1.0), (2, 5.0), (3, 1.0)]
+    assert sorted(late.state_dict()["state"]) == [0, 2, 3]
+    _push([(first, models[0])], only=(0, 1))  # rank 0 learns what rank 1's push made
+    assert _state_view(first) == [(2, 5.0), (0, 2.0), (3, 1.0), (1, 1.0)]  # torch's order
+    for opt in opts:
+        opt.close()
+
+
+def test_a_sync_worker_sees_a_state_another_worker_loaded(name):
+    """Rank 0 alone loads a state dict between rounds (a resume on one rank): rank 1's
+    ``opt.state`` follows at the next round, as rank 0's does (in torch's order on rank 0;
+    rank 1 keeps the places of what it knew)."""
+    models = [make_model(0), make_model(0)]
+    opts = [attach(name, models[r], r, timeout=30) for r in range(2)]
+    _push(list(zip(opts, models)))
+    assert _state_view(opts[0]) == _state_view(opts[1]) == [(i, 1.0) for i in range(4)]
+    kept = opts[0].state_dict()
+    kept["state"] = {1: kept["state"][1], 3: kept["state"][3]}
+    opts[0].load_state_dict(kept)
+    assert len(opts[0].state) == 2
+    _push(list(zip(opts, models)), only=(0, 1))
+    assert _state_view(opts[0]) == [(1, 2.0), (3, 1.0), (0, 1.0)]
+    assert list(opts[0].state_dict()["state"]) == [1, 3, 0]
+    assert sorted(_state_view(opts[1])) == [(0, 1.0), (1, 2.0), (3, 1.0)]
+    assert sorted(opts[1].state_dict()["state"]) == [0, 1, 3]
+    for opt in opts:
+        opt.close()

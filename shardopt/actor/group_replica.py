@@ -60,12 +60,11 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class AppliedRound:
-    """The last round a shard applied: its version, participants and new state ids, and
-    whether a rank's vote skipped it."""
+    """The last round a shard applied: its version and participants, and whether a rank's
+    vote skipped it."""
 
     version: int
     participants: tuple[int, ...]
-    new_state_ids: tuple[int, ...]
     skipped: bool = False
 
 
@@ -140,7 +139,7 @@ def repeat_answer(
         return None
     v = last.version
     return PushResult(
-        index, rank, v, v, current, last.new_state_ids, last.participants, last.skipped
+        index, rank, v, v, current, participants=last.participants, skipped=last.skipped
     )
 
 
@@ -206,10 +205,10 @@ class ReplicaRole:
                     f"replica of shard {shard.shard_index} of group {self.group!r} is at version "
                     f"{self._version}, its primary sent round {step.step_id}"
                 )
-            new_state = self._step(shard, step)
+            self._step(shard, step)
             self._version += 1
             skipped = not any(step.has_grad) and not step.sparse_grads  # (as its primary's)
-            self._last_round = AppliedRound(step.step_id, participants, new_state, skipped)
+            self._last_round = AppliedRound(step.step_id, participants, skipped)
 
     def add_replica(self, key: str, replica: Any) -> None:
         """Builds a new replica on ``replica`` (a started host) from an export of this primary

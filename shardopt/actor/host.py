@@ -38,6 +38,7 @@ from shardopt.core.records import (
     ShardStatus,
     SharedBuffers,
     SharedTree,
+    StateNews,
     StepRequest,
     StepResult,
 )
@@ -267,6 +268,10 @@ class ShardCalls:
     def status(self, key: str) -> ShardStatus:
         with self._using(key) as shard:
             return shard.status()
+
+    def state_news(self, key: str, seen: tuple[int, int] | None = None) -> StateNews:
+        with self._using(key) as shard:
+            return shard.state_news(seen)
 
 
 class ShardHost(ShardCalls):

@@ -13,9 +13,10 @@ Talks to: nothing directly; its host hands it the records of :mod:`shardopt.core
 
 from __future__ import annotations
 
+import itertools
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,7 @@ from shardopt.core.records import (
     ShardStatus,
     SharedBuffers,
     SharedTree,
+    StateNews,
     StepRequest,
     StepResult,
 )
@@ -110,6 +112,9 @@ class Shard:
         with running_under(self._default_dtype):  # Adagrad makes its state here
             self.optimizer: torch.optim.Optimizer = spec.optimizer_class(groups, **spec.defaults)
         self._known_state = 0
+        # changes whenever state is dropped or replaced (a step only adds): see state_news;
+        # random at the start, so that a shard rebuilt elsewhere never matches an old mark
+        self._state_epoch = uuid.uuid4().int >> 65
         self._last_step_id = -1
         self._last_result: StepResult | None = None
         self._packed_states: dict[str, np.ndarray] = {}  # token -> state packed for the proxy
@@ -266,7 +271,24 @@ class Shard:
         keys = list(self.optimizer.state.keys())
         new = keys[self._known_state :]
         self._known_state = len(keys)
-        return tuple(sorted(self._id_of[id(k)] for k in new if id(k) in self._id_of))
+        return self._ids_of(new, sort=True)
+
+    def state_news(self, seen: tuple[int, int] | None) -> StateNews:
+        """Which parameters have optimizer state here, for a reader that last had the
+        :class:`StateNews` whose ``mark`` was ``seen`` (see there)."""
+        state = self.optimizer.state
+        mark = (self._state_epoch, len(state))
+        if seen == mark:
+            return StateNews(mark, (), False)
+        if seen is not None and seen[0] == mark[0] and seen[1] <= mark[1]:
+            added = itertools.islice(state.keys(), seen[1], None)
+            return StateNews(mark, self._ids_of(added, sort=True), False)
+        return StateNews(mark, self._ids_of(state.keys()), True)
+
+    def _ids_of(self, params: Iterable[Any], sort: bool = False) -> tuple[int, ...]:
+        """The global ids of ``params`` (keys of the optimizer's state) that are this shard's."""
+        ids = [self._id_of[id(p)] for p in params if id(p) in self._id_of]
+        return tuple(sorted(ids) if sort else ids)
 
     def initial_state_ids(self) -> tuple[int, ...]:
         """Parameters given state by the optimizer's constructor (Adagrad does this)."""
@@ -472,6 +494,7 @@ class Shard:
         starts it afresh, and it then comes last in the state's order, as in torch."""
         self.optimizer.state.pop(self._params[self._local_of[param_id]], None)
         self._known_state = len(self.optimizer.state)
+        self._state_epoch += 1
 
     def prepare_load(
         self, token: str, group_options: tuple[dict[str, Any], ...], packed: PackedTree
@@ -573,6 +596,7 @@ class Shard:
         state, groups = self._pending_loads.pop(token)
         self.optimizer.__dict__.update(state=state, param_groups=groups)
         self._known_state = len(self.optimizer.state)
+        self._state_epoch += 1
 
     def abort_load(self, token: str) -> None:
         self._pending_loads.pop(token, None)

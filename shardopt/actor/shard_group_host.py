@@ -255,16 +255,15 @@ class GroupShardHost(ReplicaRole, ShardCalls):
 
     def _step_round(
         self, shard: Shard, step: StepRequest, participants: tuple[int, ...], skipped: bool
-    ) -> tuple[int, ...]:
+    ) -> None:
         """Steps the shard for a round; with replicas, they get the round first (all step in
         parallel) and have applied it before this returns (a lost one is dropped)."""
         links = self._replicas
         refs = links.send(step, shard.grad_buffer(), participants) if links else []
-        new_state = self._step(shard, step)
+        self._step(shard, step)
         if links:
             links.wait(refs, step.step_id, self.config.timeout_s)
-        self._last_round = AppliedRound(step.step_id, participants, new_state, skipped)
-        return new_state
+        self._last_round = AppliedRound(step.step_id, participants, skipped)
 
     def _checked(self, key: str) -> Shard:
         if self._shard is None or key != self._key:
@@ -320,24 +319,31 @@ class GroupShardHost(ReplicaRole, ShardCalls):
         return result
 
     def _push(self, key: str, request: PushRequest) -> PushResult:
+        """The mode's answer, with what the rank must learn of the shard's state (whoever
+        changed it since the rank last heard)."""
         with self._cond:
             shard = self._checked(key)
-            if request.read_version > self._version:
-                raise ValueError(
-                    f"rank {request.rank} pushed gradients for version {request.read_version} "
-                    f"of shard {shard.shard_index}, which is only at version {self._version}"
-                )
-            if self.config.mode == "sync":
-                last = self._last_round if self.config.replicate or request.resend else None
-                if last is not None and request.read_version == last.version == self._version - 1:
-                    repeat = repeat_answer(  # (a lane's answer carries no object ref)
-                        last, request.rank, self._elastic is not None,
-                        self._current(shard, request.rank), shard.shard_index,
-                    )  # fmt: skip
-                    if repeat is not None:
-                        return repeat  # a push resent after a fail-over: the round was applied
-                return self._push_sync(shard, request)
-            return self._push_async(shard, request)
+            result = self._push_in_mode(shard, request)
+            return dataclasses.replace(result, state_news=shard.state_news(request.state_seen))
+
+    def _push_in_mode(self, shard: Shard, request: PushRequest) -> PushResult:
+        """(Under the lock.)"""
+        if request.read_version > self._version:
+            raise ValueError(
+                f"rank {request.rank} pushed gradients for version {request.read_version} "
+                f"of shard {shard.shard_index}, which is only at version {self._version}"
+            )
+        if self.config.mode == "sync":
+            last = self._last_round if self.config.replicate or request.resend else None
+            if last is not None and request.read_version == last.version == self._version - 1:
+                repeat = repeat_answer(  # (a lane's answer carries no object ref)
+                    last, request.rank, self._elastic is not None,
+                    self._current(shard, request.rank), shard.shard_index,
+                )  # fmt: skip
+                if repeat is not None:
+                    return repeat  # a push resent after a fail-over: the round was applied
+            return self._push_sync(shard, request)
+        return self._push_async(shard, request)
 
     # ----- the two modes ----------------------------------------------------------------------
 
@@ -349,7 +355,7 @@ class GroupShardHost(ReplicaRole, ShardCalls):
         if limit is not None and version - request.read_version > limit:
             return PushResult(
                 shard.shard_index, request.rank, request.read_version, None,
-                self._current(shard, request.rank), (),
+                self._current(shard, request.rank),
             )  # fmt: skip
         last = self._last_async.get(request.rank)
         if request.push_id is not None and last is not None and last.push_id == request.push_id:
@@ -364,11 +370,11 @@ class GroupShardHost(ReplicaRole, ShardCalls):
             has_grad=request.has_grad,
             sparse_grads=request.sparse_grads,
         )
-        new_state = self._step(shard, step, in_place)
+        self._step(shard, step, in_place)
         self._version = version + 1
         result = PushResult(
             shard.shard_index, request.rank, request.read_version, version,
-            self._current(shard, request.rank), new_state,
+            self._current(shard, request.rank),
         )  # fmt: skip
         if request.push_id is not None:
             kept = dataclasses.replace(result, current=ParamsAt(self._version, None))
@@ -407,7 +413,7 @@ class GroupShardHost(ReplicaRole, ShardCalls):
             raise outcome
         return PushResult(
             shard.shard_index, request.rank, version, version, self._current(shard, request.rank),
-            outcome.new_state_ids, outcome.participants, outcome.skipped,
+            participants=outcome.participants, skipped=outcome.skipped,
         )  # fmt: skip
 
     def _withdraw(self, rank: int) -> None:
@@ -494,11 +500,10 @@ class GroupShardHost(ReplicaRole, ShardCalls):
     @staticmethod
     def _step(
         shard: Shard, step: StepRequest, grad_tensors: list[torch.Tensor] | None = None
-    ) -> tuple[int, ...]:
+    ) -> None:
         start = time.perf_counter()
-        new_state = shard.step(step, grad_tensors).new_state_ids
+        shard.step(step, grad_tensors)
         observe_step(shard, time.perf_counter() - start)
-        return new_state
 
     def _apply_round(
         self, shard: Shard, version: int, participants: tuple[int, ...] | None = None
@@ -536,7 +541,7 @@ class GroupShardHost(ReplicaRole, ShardCalls):
                 has_grad=has_grad,
                 sparse_grads=sparse,
             )
-            new_state = self._step_round(shard, step, participants, skipped)
+            self._step_round(shard, step, participants, skipped)
             self._version = version + 1
             outcome: PushResult | BaseException = PushResult(
                 shard.shard_index,
@@ -544,9 +549,8 @@ class GroupShardHost(ReplicaRole, ShardCalls):
                 version,
                 version,
                 ParamsAt(self._version, None),  # each rank's parameters are answered by _current
-                new_state,
-                participants,
-                skipped,
+                participants=participants,
+                skipped=skipped,
             )
         except Exception as exc:  # every rank of the round gets the shard's error
             outcome = exc

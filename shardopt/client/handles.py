@@ -122,3 +122,7 @@ class ShardHandle:
 
     def status(self) -> Any:
         return self.host.status.remote(self.key)
+
+    def state_news(self, seen: tuple[int, int] | None = None) -> Any:
+        """Which parameters have optimizer state on the shard (see ``StateNews``)."""
+        return self.host.state_news.remote(self.key, seen)

@@ -75,6 +75,7 @@ from shardopt.core.records import (
     PushResult,
     ShardSpec,
     ShardStatus,
+    StateNews,
 )
 
 logger = logging.getLogger(__name__)
@@ -209,6 +210,7 @@ class ShardGroupMember(RayShards):
         self._resend = False  # the next push repeats one whose answer was lost (resend_at)
         self._push_id: int | None = None  # (async) the next push's id (push_as)
         self.first_version = 0  # the version this member adopted when it attached
+        self._state_seen: dict[int, tuple[int, int]] = {}  # shard -> its last StateNews' mark
         self._heartbeats: _Heartbeats | None = None
         self.shard_map = ShardMap(config.num_shards)
         self.data_path = GroupDataPath(self.shard_map, share_params=share_params)
@@ -277,6 +279,9 @@ class ShardGroupMember(RayShards):
         try:
             self._map_shared()
             self.pull_params(at_least=membership.first_round)
+            # which parameters have state (the others' steps', or a constructor's): a push's
+            # answer then tells what changed since
+            self._learn_state(dict(enumerate(ray_get([h.state_news() for h in self.handles]))))
         except BaseException:
             self._finalizer()
             raise
@@ -424,7 +429,7 @@ class ShardGroupMember(RayShards):
                 f"{MAX_STALE_RETRIES} times in a row; raise max_staleness"
             )
         self.last_push = [results[s] for s in sorted(results)]
-        self.shard_map.note_state(i for r in self.last_push for i in r.new_state_ids)
+        self._learn_state({r.shard_index: r.state_news for r in self.last_push})
         if self._heartbeats is not None and self.rank not in self.participants:
             self._readmit()
         return loss
@@ -487,8 +492,9 @@ class ShardGroupMember(RayShards):
             if skip:
                 none = (False,) * len(self.shard_map.slots(s))
                 requests[s] = PushRequest(
-                    self.rank, self.versions[s], options, None, none, {}, self._resend, None, True
-                )
+                    self.rank, self.versions[s], options, None, none, {}, self._resend, None, True,
+                    self._state_seen.get(s),
+                )  # fmt: skip
                 pending[self.handles[s].push(requests[s])] = s
                 continue
             flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params)
@@ -498,7 +504,7 @@ class ShardGroupMember(RayShards):
             grads = None if in_slot else to_numpy(flat)
             requests[s] = PushRequest(
                 self.rank, self.versions[s], options, grads, has_grad, sparse, self._resend,
-                self._push_id,
+                self._push_id, state_seen=self._state_seen.get(s),
             )  # fmt: skip
             if in_slot:
                 held.append(s)
@@ -546,6 +552,24 @@ class ShardGroupMember(RayShards):
                 if isinstance(answer, LANE_TYPES):
                     self.lanes.close(s)
         return sorted(rejected)
+
+    def _learn_state(self, news: dict[int, StateNews | None]) -> None:
+        """Follows the shards' answers on which parameters have state (by shard): the ids
+        gained since this worker last heard, or a shard's whole list where state was dropped
+        or replaced meanwhile (another worker's load or deletion, or this one's own)."""
+        added: list[int] = []
+        whole: dict[int, tuple[int, ...]] = {}
+        for s, n in news.items():
+            if n is None:
+                continue
+            self._state_seen[s] = n.mark
+            if n.whole:
+                whole[s] = n.ids
+            else:
+                added.extend(n.ids)
+        if whole:
+            self.shard_map.reconcile_state(whole)
+        self.shard_map.note_state(added)
 
     def _fail_over(self, shard: int) -> None:
         """Replaces a lost primary by a replica (the registry does it once for the group)."""

@@ -17,6 +17,7 @@ Talks to nothing: the backends ask it where things are and copy through it.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -395,6 +396,23 @@ class ShardMap:
     def forget_state(self, pid: int) -> None:
         """Removes an id whose state was dropped (it comes last once it has state again)."""
         self._state_order.pop(pid, None)
+
+    def reconcile_state(self, whole: dict[int, tuple[int, ...]]) -> None:
+        """Takes every id with state on some shards (``whole``: shard -> its ids) as the truth
+        for those shards: an id they hold that is not among them lost its state (elsewhere: a
+        load, a deletion), one among them that is not known gained it: those come last, each
+        shard's in the order they gained it there, interleaved by id as a step meets them
+        (shards' lists merged by their heads); the others keep their place."""
+        holding = {pid for ids in whole.values() for pid in ids}
+        order = dict.fromkeys(
+            pid
+            for pid in self._state_order
+            if pid in holding or not any(s in whole for s in self.shards_of(pid))
+        )
+        gained = ([pid for pid in ids if pid not in order] for _, ids in sorted(whole.items()))
+        for pid in heapq.merge(*gained):
+            order.setdefault(pid, None)
+        self._state_order = order
 
     def set_state_order(self, param_ids: Iterable[int]) -> None:
         """Replaces the order (after a load)."""

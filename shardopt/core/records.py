@@ -169,6 +169,24 @@ class ShardExport:
 
 
 @dataclass(frozen=True)
+class StateNews:
+    """What a reader of a shard's optimizer state must learn to know which of its parameters
+    have state now, given what it saw last.
+
+    ``mark`` stands for the shard's state as of now (pass it back as the ``seen`` of the next
+    read): a number that changes whenever state is dropped or replaced (a load, a deletion),
+    and the count of parameters with state, which a step only raises. ``ids`` are the global
+    ids that gained state since ``seen`` (sorted, as torch meets them in a step), or, with
+    ``whole``, every id with state on the shard in its order: the reader drops what it knew of
+    this shard for it (state was dropped or replaced since, or it had seen nothing).
+    """
+
+    mark: tuple[int, int]
+    ids: tuple[int, ...]
+    whole: bool
+
+
+@dataclass(frozen=True)
 class PushRequest:
     """One worker's gradients for one shard of a group, computed on the shard's parameters at
     ``read_version`` (laid out as the shard's parameters, like :class:`StepRequest`; None:
@@ -192,6 +210,10 @@ class PushRequest:
     """(sync) the rank's GradScaler found an inf or NaN in its gradients: it votes to skip the
     round, which then updates no shard (as one rank's inf skips a DDP step on every rank); it
     carries no gradients."""
+    state_seen: tuple[int, int] | None = None
+    """The ``mark`` of the last :class:`StateNews` the rank had of this shard (None: none): the
+    answer tells it what changed since, whoever changed it (another rank's steps, loads or
+    deletions)."""
 
 
 @dataclass(frozen=True)
@@ -218,7 +240,8 @@ class PushResult:
     read_version: int
     applied_version: int | None
     current: ParamsAt
-    new_state_ids: tuple[int, ...]
+    state_news: StateNews | None = None
+    """Which parameters have state on the shard now, against the push's ``state_seen``."""
     participants: tuple[int, ...] = ()
     """(sync) the ranks whose gradients the round averaged."""
     skipped: bool = False
