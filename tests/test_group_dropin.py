@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from torch.distributed.checkpoint.state_dict import _init_optim_state
 from group_workers import (
     INF_STEP,
     STEPS,
@@ -38,6 +37,7 @@ from group_workers import (
     user_batches,
 )
 from helpers import assert_same_state_dict, loss_of
+from torch.distributed.checkpoint.state_dict import _init_optim_state
 
 import shardopt
 from shardopt.client.shard_group import list_groups

@@ -242,25 +242,25 @@ def test_first_step_reports_who_gained_state():
     assert twin.step(random_grads(twin)).new_state_ids == ()
 
 
-def test_state_news_tell_a_reader_what_changed_since_it_last_heard():
+def test_state_ledger_tells_a_reader_what_changed_since_it_last_heard():
     """A group's workers each follow the one state: the ids gained since their mark, or the
     whole list in the shard's order once state was dropped or replaced (or they know none)."""
     twin = adam_twin()
-    shard = twin.shard
-    nothing = shard.state_news(None)
+    shard, news = twin.shard, twin.shard.state_ledger.news
+    nothing = news(None)
     assert (nothing.ids, nothing.whole) == ((), True)
     twin.step(random_grads(twin, skip=(0, 3)))  # 3 and 12 gain state
-    seen = shard.state_news(nothing.mark)
+    seen = news(nothing.mark)
     assert (seen.ids, seen.whole, seen.mark[1]) == ((3, 12), False, 2)
-    assert shard.state_news(seen.mark).ids == ()  # nothing new
+    assert news(seen.mark).ids == ()  # nothing new
     twin.step(random_grads(twin, skip=(3,)))  # 7 gains state
-    assert shard.state_news(seen.mark).ids == (7,)
-    assert shard.state_news(None).ids == (12, 3, 7)  # a new reader: all, in the shard's order
+    assert news(seen.mark).ids == (7,)
+    assert news(None).ids == (12, 3, 7)  # a new reader: all, in the shard's (torch's) order
     shard.clear_param_state(12)  # a deletion: the whole list, for any reader
-    after = shard.state_news(seen.mark)
+    after = news(seen.mark)
     assert (after.ids, after.whole) == ((3, 7), True)
     shard.restore(shard.export())  # a load (here of the same state): whole again
-    assert shard.state_news(after.mark) == StateNews(shard.state_news(None).mark, (3, 7), True)
+    assert news(after.mark) == StateNews(news(None).mark, (3, 7), True)
 
 
 def test_slots_without_grad_are_skipped_like_grad_none():

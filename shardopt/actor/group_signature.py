@@ -1,5 +1,6 @@
 """Whether a worker may attach to a shard group: its signature against the group's.
 
+:func:`comparable` puts a worker's hyperparameters in a form that compares by value;
 :func:`signature_mismatch` names the first difference between a worker's
 :class:`~shardopt.core.records.GroupSignature` (its parameters, optimizer class, hyperparameters
 and group options) and the one the group was created with, in words; the registry
@@ -12,9 +13,24 @@ Talks to: nothing (pure; the registry calls it). Actor options compare as
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import Any
+
+import torch
 
 from shardopt.actor.placement import options_key
 from shardopt.core.records import GroupConfig, GroupSignature
+
+
+def comparable(value: Any) -> Any:
+    """A hyperparameter in a form that compares by value (tensors by their contents), as a
+    worker's signature holds it."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype), tuple(value.shape), tuple(value.flatten().tolist()))
+    if isinstance(value, (list, tuple)):
+        return tuple(comparable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, comparable(v)) for k, v in value.items()))
+    return value
 
 
 def _option_mismatch(where: str, ours: tuple, theirs: tuple, name: str) -> str | None:

@@ -271,7 +271,7 @@ class ShardCalls:
 
     def state_news(self, key: str, seen: tuple[int, int] | None = None) -> StateNews:
         with self._using(key) as shard:
-            return shard.state_news(seen)
+            return shard.state_ledger.news(seen)
 
 
 class ShardHost(ShardCalls):

@@ -13,15 +13,15 @@ Talks to: nothing directly; its host hands it the records of :mod:`shardopt.core
 
 from __future__ import annotations
 
-import itertools
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from shardopt.actor.state_ledger import StateLedger
 from shardopt.actor.vectors import VectorStore
 from shardopt.checkpoint import format as checkpoint
 from shardopt.checkpoint.format import RowRange
@@ -51,7 +51,6 @@ from shardopt.core.records import (
     ShardStatus,
     SharedBuffers,
     SharedTree,
-    StateNews,
     StepRequest,
     StepResult,
 )
@@ -111,10 +110,7 @@ class Shard:
         ]
         with running_under(self._default_dtype):  # Adagrad makes its state here
             self.optimizer: torch.optim.Optimizer = spec.optimizer_class(groups, **spec.defaults)
-        self._known_state = 0
-        # changes whenever state is dropped or replaced (a step only adds): see state_news;
-        # random at the start, so that a shard rebuilt elsewhere never matches an old mark
-        self._state_epoch = uuid.uuid4().int >> 65
+        self.state_ledger = StateLedger(lambda: self.optimizer.state, self._id_of)
         self._last_step_id = -1
         self._last_result: StepResult | None = None
         self._packed_states: dict[str, np.ndarray] = {}  # token -> state packed for the proxy
@@ -232,7 +228,7 @@ class Shard:
         self._unfused.update(block.unfused_groups)
         self._fusable.append(group not in self._unfused and is_fusable(new_params))
         self.optimizer.add_param_group({**self._run_options(options, group), "params": new_params})
-        self._note_new_state()
+        self.state_ledger.gained()
         return self.shared_buffers()
 
     def set_params(self, update: ParamUpdate) -> None:
@@ -266,33 +262,9 @@ class Shard:
 
     # ----- stepping ---------------------------------------------------------------------------
 
-    def _note_new_state(self) -> tuple[int, ...]:
-        """Global ids of parameters that gained optimizer state since the last call."""
-        keys = list(self.optimizer.state.keys())
-        new = keys[self._known_state :]
-        self._known_state = len(keys)
-        return self._ids_of(new, sort=True)
-
-    def state_news(self, seen: tuple[int, int] | None) -> StateNews:
-        """Which parameters have optimizer state here, for a reader that last had the
-        :class:`StateNews` whose ``mark`` was ``seen`` (see there)."""
-        state = self.optimizer.state
-        mark = (self._state_epoch, len(state))
-        if seen == mark:
-            return StateNews(mark, (), False)
-        if seen is not None and seen[0] == mark[0] and seen[1] <= mark[1]:
-            added = itertools.islice(state.keys(), seen[1], None)
-            return StateNews(mark, self._ids_of(added, sort=True), False)
-        return StateNews(mark, self._ids_of(state.keys()), True)
-
-    def _ids_of(self, params: Iterable[Any], sort: bool = False) -> tuple[int, ...]:
-        """The global ids of ``params`` (keys of the optimizer's state) that are this shard's."""
-        ids = [self._id_of[id(p)] for p in params if id(p) in self._id_of]
-        return tuple(sorted(ids) if sort else ids)
-
     def initial_state_ids(self) -> tuple[int, ...]:
         """Parameters given state by the optimizer's constructor (Adagrad does this)."""
-        return self._note_new_state()
+        return self.state_ledger.gained()
 
     def step(
         self, request: StepRequest, grad_tensors: Sequence[torch.Tensor] | None = None
@@ -361,7 +333,7 @@ class Shard:
         result = StepResult(
             step_id=request.step_id,
             params=params,
-            new_state_ids=self._note_new_state(),
+            new_state_ids=self.state_ledger.gained(),
             rows=rows,
             rows_only=rows_only,
         )
@@ -487,14 +459,13 @@ class Shard:
         before = self.optimizer.state.get(p)
         state = check_param_state(self._optimizer_class, p, state, self._name(p), before)
         self.optimizer.state[p] = state
-        self._note_new_state()
+        self.state_ledger.gained()
 
     def clear_param_state(self, param_id: int) -> None:
         """Drops one parameter's state (the proxy's ``del opt.state[p]``): its next step
         starts it afresh, and it then comes last in the state's order, as in torch."""
         self.optimizer.state.pop(self._params[self._local_of[param_id]], None)
-        self._known_state = len(self.optimizer.state)
-        self._state_epoch += 1
+        self.state_ledger.replaced()
 
     def prepare_load(
         self, token: str, group_options: tuple[dict[str, Any], ...], packed: PackedTree
@@ -595,8 +566,7 @@ class Shard:
     def commit_load(self, token: str) -> None:
         state, groups = self._pending_loads.pop(token)
         self.optimizer.__dict__.update(state=state, param_groups=groups)
-        self._known_state = len(self.optimizer.state)
-        self._state_epoch += 1
+        self.state_ledger.replaced()
 
     def abort_load(self, token: str) -> None:
         self._pending_loads.pop(token, None)

@@ -324,7 +324,8 @@ class GroupShardHost(ReplicaRole, ShardCalls):
         with self._cond:
             shard = self._checked(key)
             result = self._push_in_mode(shard, request)
-            return dataclasses.replace(result, state_news=shard.state_news(request.state_seen))
+            news = shard.state_ledger.news(request.state_seen)
+            return dataclasses.replace(result, state_news=news)
 
     def _push_in_mode(self, shard: Shard, request: PushRequest) -> PushResult:
         """(Under the lock.)"""

@@ -43,6 +43,7 @@ from typing import Any
 import ray
 import torch
 
+from shardopt.actor.group_signature import comparable
 from shardopt.actor.host import NAMESPACE
 from shardopt.actor.shard_group_registry import REGISTRY_NAME, GroupRegistry
 from shardopt.client.backend import ParamSource
@@ -75,24 +76,12 @@ from shardopt.core.records import (
     PushResult,
     ShardSpec,
     ShardStatus,
-    StateNews,
 )
 
 logger = logging.getLogger(__name__)
 
 MAX_STALE_RETRIES = 1000
 """How often ``step(closure)`` recomputes gradients rejected as too stale before giving up."""
-
-
-def _plain(value: Any) -> Any:
-    """A hyperparameter in a form that compares by value (tensors by their contents)."""
-    if isinstance(value, torch.Tensor):
-        return ("tensor", str(value.dtype), tuple(value.shape), tuple(value.flatten().tolist()))
-    if isinstance(value, (list, tuple)):
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _plain(v)) for k, v in value.items()))
-    return value
 
 
 def _leave(registry: Any, name: str, rank: int, elastic: _Heartbeats | None) -> None:
@@ -210,7 +199,6 @@ class ShardGroupMember(RayShards):
         self._resend = False  # the next push repeats one whose answer was lost (resend_at)
         self._push_id: int | None = None  # (async) the next push's id (push_as)
         self.first_version = 0  # the version this member adopted when it attached
-        self._state_seen: dict[int, tuple[int, int]] = {}  # shard -> its last StateNews' mark
         self._heartbeats: _Heartbeats | None = None
         self.shard_map = ShardMap(config.num_shards)
         self.data_path = GroupDataPath(self.shard_map, share_params=share_params)
@@ -229,8 +217,8 @@ class ShardGroupMember(RayShards):
         cls = self._params.optimizer_class
         return GroupSignature(
             optimizer_class=f"{cls.__module__}.{cls.__qualname__}",
-            defaults=_plain(self._params.full_defaults),
-            group_options=tuple(_plain(o) for o in self._params.options()),
+            defaults=comparable(self._params.full_defaults),
+            group_options=tuple(comparable(o) for o in self._params.options()),
             group_sizes=tuple(len(g["params"]) for g in self._params.groups),
             params=tuple(params),
             config=self.config,
@@ -281,7 +269,8 @@ class ShardGroupMember(RayShards):
             self.pull_params(at_least=membership.first_round)
             # which parameters have state (the others' steps', or a constructor's): a push's
             # answer then tells what changed since
-            self._learn_state(dict(enumerate(ray_get([h.state_news() for h in self.handles]))))
+            news = ray_get([h.state_news() for h in self.handles])
+            self.shard_map.learn_state(dict(enumerate(news)))
         except BaseException:
             self._finalizer()
             raise
@@ -429,7 +418,7 @@ class ShardGroupMember(RayShards):
                 f"{MAX_STALE_RETRIES} times in a row; raise max_staleness"
             )
         self.last_push = [results[s] for s in sorted(results)]
-        self._learn_state({r.shard_index: r.state_news for r in self.last_push})
+        self.shard_map.learn_state({r.shard_index: r.state_news for r in self.last_push})
         if self._heartbeats is not None and self.rank not in self.participants:
             self._readmit()
         return loss
@@ -493,7 +482,7 @@ class ShardGroupMember(RayShards):
                 none = (False,) * len(self.shard_map.slots(s))
                 requests[s] = PushRequest(
                     self.rank, self.versions[s], options, None, none, {}, self._resend, None, True,
-                    self._state_seen.get(s),
+                    self.shard_map.state_seen(s),
                 )  # fmt: skip
                 pending[self.handles[s].push(requests[s])] = s
                 continue
@@ -504,7 +493,7 @@ class ShardGroupMember(RayShards):
             grads = None if in_slot else to_numpy(flat)
             requests[s] = PushRequest(
                 self.rank, self.versions[s], options, grads, has_grad, sparse, self._resend,
-                self._push_id, state_seen=self._state_seen.get(s),
+                self._push_id, state_seen=self.shard_map.state_seen(s),
             )  # fmt: skip
             if in_slot:
                 held.append(s)
@@ -552,24 +541,6 @@ class ShardGroupMember(RayShards):
                 if isinstance(answer, LANE_TYPES):
                     self.lanes.close(s)
         return sorted(rejected)
-
-    def _learn_state(self, news: dict[int, StateNews | None]) -> None:
-        """Follows the shards' answers on which parameters have state (by shard): the ids
-        gained since this worker last heard, or a shard's whole list where state was dropped
-        or replaced meanwhile (another worker's load or deletion, or this one's own)."""
-        added: list[int] = []
-        whole: dict[int, tuple[int, ...]] = {}
-        for s, n in news.items():
-            if n is None:
-                continue
-            self._state_seen[s] = n.mark
-            if n.whole:
-                whole[s] = n.ids
-            else:
-                added.extend(n.ids)
-        if whole:
-            self.shard_map.reconcile_state(whole)
-        self.shard_map.note_state(added)
 
     def _fail_over(self, shard: int) -> None:
         """Replaces a lost primary by a replica (the registry does it once for the group)."""

@@ -28,7 +28,7 @@ from shardopt.checkpoint.format import RowRange
 from shardopt.core.buffers import FlatLayout, readonly_tensor, to_numpy
 from shardopt.core.param_groups import unfused_groups
 from shardopt.core.plan import Piece, ShardPlan, TensorSize
-from shardopt.core.records import ParamBlock
+from shardopt.core.records import ParamBlock, StateNews
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class ShardMap:
         self._ids_by_tensor: dict[int, int] = {}
         self._versions: list[list[tuple[int, int]]] = [[] for _ in range(num_shards)]
         self._state_order: dict[int, None] = {}
+        self._state_seen: dict[int, tuple[int, int]] = {}  # shard -> its last StateNews' mark
 
     @classmethod
     def with_owners(
@@ -396,6 +397,28 @@ class ShardMap:
     def forget_state(self, pid: int) -> None:
         """Removes an id whose state was dropped (it comes last once it has state again)."""
         self._state_order.pop(pid, None)
+
+    def state_seen(self, shard: int) -> tuple[int, int] | None:
+        """The mark of the last :class:`StateNews` of ``shard`` (a group push sends it)."""
+        return self._state_seen.get(shard)
+
+    def learn_state(self, news: dict[int, StateNews | None]) -> None:
+        """Follows the shards' news of which parameters have state (by shard): the ids gained
+        since the mark last learnt, or a shard's whole list where state was dropped or replaced
+        meanwhile (by any of a group's workers)."""
+        added: list[int] = []
+        whole: dict[int, tuple[int, ...]] = {}
+        for s, n in news.items():
+            if n is None:
+                continue
+            self._state_seen[s] = n.mark
+            if n.whole:
+                whole[s] = n.ids
+            else:
+                added.extend(n.ids)
+        if whole:
+            self.reconcile_state(whole)
+        self.note_state(added)
 
     def reconcile_state(self, whole: dict[int, tuple[int, ...]]) -> None:
         """Takes every id with state on some shards (``whole``: shard -> its ids) as the truth
