@@ -20,13 +20,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
-from shardopt.checkpoint.integrity import Commit
 from shardopt.core.buffers import PackedTree, to_numpy
 from shardopt.core.lane import LaneAddress, LaneBroken, LaneServer
 from shardopt.core.net_lane import NetLaneAddress, NetLaneServer
@@ -42,6 +41,9 @@ from shardopt.core.records import (
     StepRequest,
     StepResult,
 )
+
+if TYPE_CHECKING:  # (torch's DCP, imported by a shard's first checkpoint: see shard.py)
+    from shardopt.checkpoint.integrity import Commit
 
 NAMESPACE = "shardopt"
 """The Ray namespace of shardopt's named actors."""

@@ -16,16 +16,13 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from shardopt.actor.state_ledger import StateLedger
 from shardopt.actor.vectors import VectorStore
-from shardopt.checkpoint import format as checkpoint
-from shardopt.checkpoint.format import RowRange
-from shardopt.checkpoint.integrity import Commit
 from shardopt.core import shm
 from shardopt.core.amp import step_scaled
 from shardopt.core.buffers import (
@@ -43,6 +40,7 @@ from shardopt.core.param_groups import (
     place_state,
     sparse_step_keeps_other_rows,
 )
+from shardopt.core.plan import RowRange
 from shardopt.core.records import (
     ParamBlock,
     ParamUpdate,
@@ -55,6 +53,11 @@ from shardopt.core.records import (
     StepResult,
 )
 from shardopt.core.state_checks import check_param_state
+
+if TYPE_CHECKING:  # imported where a checkpoint is read or written: torch's DCP, which they
+    # import, is about a second of a shard host's start
+    from shardopt.checkpoint.format import ShardSave
+    from shardopt.checkpoint.integrity import Commit
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +118,7 @@ class Shard:
         self._last_result: StepResult | None = None
         self._packed_states: dict[str, np.ndarray] = {}  # token -> state packed for the proxy
         self._pending_loads: dict[str, tuple[Any, Any]] = {}
-        self._saves: dict[str, checkpoint.ShardSave] = {}
+        self._saves: dict[str, ShardSave] = {}
         self.vectors = VectorStore(self)
 
     # ----- parameters -------------------------------------------------------------------------
@@ -492,6 +495,8 @@ class Shard:
         Returns:
             The exception that rejected the state (or None), and the ids that have state.
         """
+        from shardopt.checkpoint import format as checkpoint  # (see TYPE_CHECKING above)
+
         found: list[int] = []
 
         def read() -> dict[int, Any]:
@@ -540,6 +545,8 @@ class Shard:
 
         The shard given ``param_groups`` also stores them (one shard does).
         """
+        from shardopt.checkpoint import format as checkpoint  # (see TYPE_CHECKING above)
+
         state: dict[str, Any] = {
             "state": {
                 str(pid): checkpoint.snapshot(v, self._pieces.get(pid))

@@ -71,6 +71,7 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from shardopt.checkpoint import integrity
 from shardopt.checkpoint.integrity import Commit, VerifyingReader
 from shardopt.checkpoint.storage import digests_written, location, store_at
+from shardopt.core.plan import RowRange
 
 # ----- shard side -------------------------------------------------------------------------------
 
@@ -148,24 +149,16 @@ def snapshot(value: Any, piece: RowRange | None = None) -> Any:
     return value
 
 
-@dataclass(frozen=True)
-class RowRange:
-    """Rows ``[start, stop)`` of a tensor of ``rows`` rows (a split parameter's piece)."""
-
-    start: int
-    stop: int
-    rows: int
-
-    def chunk(self, tensor: torch.Tensor) -> ChunkStorageMetadata:
-        """The chunk of the whole tensor that ``tensor`` (these rows of it) is."""
-        offsets = torch.Size([self.start] + [0] * (tensor.dim() - 1))
-        return ChunkStorageMetadata(offsets=offsets, sizes=tensor.size())
+def _chunk(piece: RowRange, tensor: torch.Tensor) -> ChunkStorageMetadata:
+    """The chunk of the whole tensor that ``tensor`` (the rows ``piece`` of it) is."""
+    offsets = torch.Size([piece.start] + [0] * (tensor.dim() - 1))
+    return ChunkStorageMetadata(offsets=offsets, sizes=tensor.size())
 
 
 def _write_as_rows(tensor: torch.Tensor, piece: RowRange) -> None:
     """Makes DCP's planner write ``tensor`` as a chunk (rows of a whole tensor), through the
     checkpointable hooks DCP looks for (as DTensor does)."""
-    chunk = piece.chunk(tensor)
+    chunk = _chunk(piece, tensor)
 
     def write_items(fqn: str, obj: Any) -> list[WriteItem]:
         return [
@@ -187,7 +180,7 @@ def _write_as_rows(tensor: torch.Tensor, piece: RowRange) -> None:
 def _read_as_rows(size: torch.Size, dtype: torch.dtype, piece: RowRange) -> torch.Tensor:
     """An empty tensor for rows of a saved whole tensor: DCP reads only what overlaps them."""
     tensor = torch.empty((piece.stop - piece.start, *size[1:]), dtype=dtype)
-    chunk = piece.chunk(tensor)
+    chunk = _chunk(piece, tensor)
     tensor.__create_chunk_list__ = lambda: [chunk]
     tensor.__get_tensor_shard__ = lambda index: tensor
     return tensor

@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 
-from shardopt.checkpoint.format import RowRange
 from shardopt.core.buffers import FlatLayout, readonly_tensor, to_numpy
 from shardopt.core.param_groups import unfused_groups
-from shardopt.core.plan import Piece, ShardPlan, TensorSize
+from shardopt.core.plan import Piece, RowRange, ShardPlan, TensorSize
 from shardopt.core.records import ParamBlock, StateNews
 
 

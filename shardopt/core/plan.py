@@ -67,6 +67,16 @@ class Piece:
 
 
 @dataclass(frozen=True)
+class RowRange:
+    """Rows ``[start, stop)`` of a tensor of ``rows`` rows (a split parameter's piece as a shard
+    holds it, and as a checkpoint writes and reads it)."""
+
+    start: int
+    stop: int
+    rows: int
+
+
+@dataclass(frozen=True)
 class ShardPlan:
     """Where every parameter (by global id) lives, and the bytes each shard holds.
 
