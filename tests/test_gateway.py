@@ -170,6 +170,36 @@ def test_add_param_group_and_checkpoints_over_grpc(address):
     remote.close()
 
 
+def test_every_client_of_an_async_group_over_grpc_sees_the_groups_state(address):
+    """The remote client of rank 1 sees the state rank 0's push made (its session's worker
+    showed only what its own pushes created: none, with Adam's moments on the shards)."""
+    name = f"grpc-{uuid.uuid4().hex[:6]}"
+    x = torch.randn(8, 5)
+    models = [model_and_copy()[0] for _ in range(2)]
+    opts = [
+        shardopt.AdamW(
+            models[rank].parameters(),
+            lr=0.01,
+            address=address,
+            token=TOKEN,
+            group=name,
+            world_size=2,
+            rank=rank,
+            num_shards=2,
+            mode="async",
+            timeout=60,
+        )  # fmt: skip
+        for rank in range(2)
+    ]
+    for rank in range(2):  # rank 0's push first: it gives every parameter its state
+        square_step(models[rank], opts[rank], x[rank * 4 : (rank + 1) * 4])
+    for opt, model in zip(opts, models):
+        assert [id(p) for p in opt.state] == [id(p) for p in model.parameters()]
+        assert [float(state["step"]) for state in opt.state.values()] == [2.0] * 4
+    for opt in opts:
+        opt.close()
+
+
 def test_sync_group_over_grpc_equals_one_worker(address):
     name = f"grpc-{uuid.uuid4().hex[:6]}"
     x = torch.randn(8, 5)
