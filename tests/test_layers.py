@@ -161,5 +161,6 @@ def test_a_shard_hosts_imports_stay_lean():
 
     assert shardopt.AdamW.__module__ == "shardopt.client.algorithms"
     assert {"AdamW", "ShardedOptimizer", "close_group"} <= set(dir(shardopt))
+    assert set(shardopt.__all__) == {*shardopt._HOME, "__version__"}  # the lists agree
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         shardopt.nope  # noqa: B018

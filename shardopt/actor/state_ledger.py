@@ -40,9 +40,8 @@ class StateLedger:
         """The ids that gained state since the last call (sorted, as torch meets them in a
         step: global ids follow the param groups' order)."""
         state = self._state()
-        new = itertools.islice(state.keys(), self._told, None)
-        self._told = len(state)
-        return self._ids(new, sort=True)
+        told, self._told = self._told, len(state)
+        return self._added(state, told)
 
     def replaced(self) -> None:
         """State was dropped or replaced (a load, a deletion): every reader's mark is stale,
@@ -57,10 +56,12 @@ class StateLedger:
         if seen == mark:
             return StateNews(mark, (), False)
         if seen is not None and seen[0] == mark[0] and seen[1] <= mark[1]:
-            added = itertools.islice(state.keys(), seen[1], None)
-            return StateNews(mark, self._ids(added, sort=True), False)
+            return StateNews(mark, self._added(state, seen[1]), False)
         return StateNews(mark, self._ids(state.keys()), True)
 
-    def _ids(self, params: Iterable[Any], sort: bool = False) -> tuple[int, ...]:
-        ids = [self._id_of[id(p)] for p in params if id(p) in self._id_of]
-        return tuple(sorted(ids) if sort else ids)
+    def _added(self, state: dict[Any, Any], count: int) -> tuple[int, ...]:
+        """The ids of the keys after the first ``count`` (sorted, as torch meets them in a step)."""
+        return tuple(sorted(self._ids(itertools.islice(state.keys(), count, None))))
+
+    def _ids(self, params: Iterable[Any]) -> tuple[int, ...]:
+        return tuple(self._id_of[id(p)] for p in params if id(p) in self._id_of)

@@ -416,10 +416,10 @@ class ShardMap:
             else:
                 added.extend(n.ids)
         if whole:
-            self.reconcile_state(whole)
+            self._reconcile_state(whole)
         self.note_state(added)
 
-    def reconcile_state(self, whole: dict[int, tuple[int, ...]]) -> None:
+    def _reconcile_state(self, whole: dict[int, tuple[int, ...]]) -> None:
         """Takes every id with state on some shards (``whole``: shard -> its ids) as the truth
         for those shards: an id they hold that is not among them lost its state (elsewhere: a
         load, a deletion), one among them that is not known gained it: those come last, each
