@@ -3,6 +3,11 @@
 Starting Ray takes seconds and each shard host actor a few more, so every test shares one Ray
 (and shardopt's pool of shard hosts). Tests that need a multi-node ``ray.cluster_utils.Cluster``
 (marked ``cluster``) run last, after this one is shut down.
+
+Under pytest-xdist (``scripts/test.sh`` runs ``-n 2 --dist loadgroup --no-loadscope-reorder``)
+each worker process is such a session with its own Ray: a test file's tests go to one worker
+together (its module fixtures are set up once) and the ``cluster`` tests all to one worker,
+after the files it ran.
 """
 
 from __future__ import annotations
@@ -21,9 +26,15 @@ S3 = LocalS3()
 """The session's S3 server (started by the ``s3`` fixture, when a test first asks for it)."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the xdist_group marks
 def pytest_collection_modifyitems(items):
-    """Multi-node tests replace the session's Ray with a Cluster: they run after all others."""
+    """Multi-node tests replace the session's Ray with a Cluster: they run after all others.
+    For ``--dist loadgroup``: a file's tests form one group, the multi-node ones another."""
     items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+    for item in items:
+        multi_node = item.get_closest_marker("cluster") is not None
+        group = "cluster" if multi_node else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)
