@@ -8,9 +8,9 @@
 #
 # The suite runs in SHARDOPT_TEST_WORKERS (default 2) pytest-xdist processes, each with its own
 # local Ray (tests/conftest.py): a test file's tests run in one process, in order, and the
-# multi-node tests all in one process, after its other tests. Most of the suite's time is
-# processes starting (shard hosts, gateways, Ray nodes) and waiting on each other: two processes
-# keep two cores busy.
+# multi-node tests all in one process, after its other tests. Most of the suite's CPU goes to
+# starting processes (shard hosts, gateways, Ray nodes), and a single test process leaves about
+# a third of two cores idle while it waits on them: a second one uses it.
 #
 # PYTHON (default: python3) creates the venv. torch==2.13.0 is installed before the project so
 # that pip keeps that build; pip's own settings (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, pip.conf)
