@@ -765,9 +765,9 @@ def test_shared_memory_leaves_nothing_in_dev_shm():
 
     m = make_model()
     with shardopt.Adam(m.parameters(), num_shards=2) as opt:
-        pids = {ray.get(h.host.info.remote())["pid"] for h in opt.backend.handles}
+        pids = {os.getpid(), *(ray.get(h.host.info.remote())["pid"] for h in opt.backend.handles)}
 
-        def files() -> set[str]:  # the shard hosts' (other test sessions may run beside this)
+        def files() -> set[str]:  # this process's and its hosts' (other test sessions run beside)
             return {f for f in os.listdir("/dev/shm") for p in pids if f"shardopt-{p}-" in f}
 
         assert files() == set()  # unlinked once both sides mapped them
