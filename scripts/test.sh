@@ -8,7 +8,7 @@
 #
 # The suite runs in SHARDOPT_TEST_WORKERS (default 2) pytest-xdist processes, each with its own
 # local Ray (tests/conftest.py): a test file's tests run in one process, in order, and the
-# multi-node tests all in one process, after its other tests. Most of the suite's CPU goes to
+# multi-node tests (tests/*_cluster.py) all in one process, first. Most of the suite's CPU goes to
 # starting processes (shard hosts, gateways, Ray nodes), and a single test process leaves about
 # a third of two cores idle while it waits on them: a second one uses it.
 #

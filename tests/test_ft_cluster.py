@@ -1,6 +1,6 @@
 """A whole node lost: its shards' replicas on other nodes take over, nothing is lost.
 
-Uses conftest's ``cluster`` (these tests run last) and adds a node of its own, the one it
+Uses conftest's ``cluster`` (these tests run first) and adds a node of its own, the one it
 removes, so the other cluster tests keep their three nodes.
 """
 

@@ -2,7 +2,7 @@
 
 Placement (one shard per node, refusals that say what to change), and workers that are Ray
 actors on different nodes, in sync and async mode. The cluster (conftest's ``cluster``) replaces
-the session's local Ray, so conftest runs these tests after every other test.
+the session's local Ray, so conftest runs these tests before every other test.
 """
 
 from __future__ import annotations

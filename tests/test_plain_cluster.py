@@ -1,6 +1,6 @@
 """A plain optimizer whose shards are on another node: its steps go over network lanes.
 
-Uses conftest's ``cluster`` (three raylets on this machine; these tests run last). The client is
+Uses conftest's ``cluster`` (three raylets on this machine; these tests run first). The client is
 this process, on the head; the shards are pinned to another node, so no shared memory: each
 step's gradients go over a TCP lane straight into the shard's gradient buffer and the
 parameters come back inline in the answer, where they used to go through Ray's object store.
