@@ -15,6 +15,7 @@ import torch
 from helpers import assert_same, events_in, make_model, run_steps
 
 import shardopt
+from shardopt.client.runtime import host_pool
 from shardopt.testing import inject_fault, kill
 
 STEPS = 6
@@ -165,6 +166,22 @@ def test_replicas_follow_loads_and_param_writes(refresh, killed):
     opt.close()
 
 
+def busy_hosts() -> int:
+    """The hosts of this process's pool that hold some live optimizer's shards."""
+    return len(host_pool.hosts()) - host_pool.idle_hosts()
+
+
+def assert_released_at_close(opt, shard: int, busy_before: int) -> None:
+    """``shard`` was rebuilt on a host of the pool: close() drops it there and gives the host
+    back (it held the shard's memory and stayed busy for good, so the pool never trimmed it)."""
+    rebuilt = opt.backend.handles[shard]
+    assert any(h is rebuilt.host for h in host_pool.hosts())
+    assert busy_hosts() > busy_before
+    opt.close()
+    assert rebuilt.key not in ray.get(rebuilt.host.info.remote())["shards"]
+    assert busy_hosts() == busy_before
+
+
 def test_losing_a_shard_and_its_replica_falls_back_to_the_checkpoint_and_says_so(tmp_path, caplog):
     def lose_shard_0(opt):
         kill(opt.backend.replicas.handles[0].host)
@@ -176,6 +193,7 @@ def test_losing_a_shard_and_its_replica_falls_back_to_the_checkpoint_and_says_so
         if step == 3:
             lose_shard_0(opt)  # steps 1 and 2 of its state are lost
 
+    busy_before = busy_hosts()
     model = make_model(sizes=SIZES)
     opt = adamw(model)
     with (
@@ -198,7 +216,7 @@ def test_losing_a_shard_and_its_replica_falls_back_to_the_checkpoint_and_says_so
         assert int(state[pid]["step"]) == 3
     for pid in opt.plan.params_of(1):
         assert int(state[pid]["step"]) == 5
-    opt.close()
+    assert_released_at_close(opt, 0, busy_before)
 
 
 def test_losing_both_without_a_checkpoint_warns_that_all_state_is_lost():
@@ -206,12 +224,13 @@ def test_losing_both_without_a_checkpoint_warns_that_all_state_is_lost():
         kill(opt.backend.replicas.handles[1].host)
         kill(opt.backend.handles[1].host)
 
+    busy_before = busy_hosts()
     with pytest.warns(RuntimeWarning, match="all of its optimizer state is lost: 3 step"):
         opt, _ = run(adamw, disrupt)
     state = opt.state_dict()["state"]
     for pid in opt.plan.params_of(1):
         assert int(state[pid]["step"]) == STEPS - 3  # started over at the loss
-    opt.close()
+    assert_released_at_close(opt, 1, busy_before)
 
 
 def test_replicate_is_refused_where_it_does_not_apply():

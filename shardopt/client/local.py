@@ -128,7 +128,7 @@ class LocalShards(RayShards):
         hosts, infos = host_pool.acquire(num_shards, actor_options)
         owner = host_pool.new_owner_key()
         self.handles = [ShardHandle(h, f"{owner}/{s}", s) for s, h in enumerate(hosts)]
-        self._finalizer = weakref.finalize(self, drop_shards, hosts, [h.key for h in self.handles])
+        self._drop_at_close(self.handles)
         here = self._node
         shared = [
             shared_memory is not False and info["node_id"] == here and info["device"] == "cpu"
@@ -141,6 +141,19 @@ class LocalShards(RayShards):
         reserved = float(actor_options.get("num_cpus", 1))
         self.copy_threads = threads_left(here, self.host_nodes, devices, self.threads, reserved)
         return hosts, shared
+
+    def _drop_at_close(self, handles: list[ShardHandle]) -> None:
+        """Drops these shards and releases their hosts to the pool at :meth:`close`, or when
+        this backend is collected (see :meth:`hold` for later ones)."""
+        self._held = ([h.host for h in handles], [h.key for h in handles])
+        self._finalizer = weakref.finalize(self, drop_shards, *self._held)
+
+    def hold(self, handle: ShardHandle) -> None:
+        """Takes a shard created later on a host of the pool (a lost shard rebuilt, see
+        :mod:`shardopt.client.replication`): dropped and its host released with the others."""
+        hosts, keys = self._held
+        hosts.append(handle.host)
+        keys.append(handle.key)
 
     def _open_shards(
         self, specs: list[ShardSpec], actor_options: dict[str, Any], shared_memory: bool | None

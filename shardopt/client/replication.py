@@ -110,6 +110,9 @@ class Replicated(Protocol):
     def lost_shared_memory(self, shard: int) -> None:
         """The shard's primary moved to a host that shares no memory with the client."""
 
+    def hold(self, handle: ShardHandle) -> None:
+        """A shard created on a host of the pool: dropped, and its host released, at close."""
+
 
 @dataclasses.dataclass(frozen=True)
 class MirroredHandle(ShardHandle):
@@ -478,6 +481,7 @@ class Replicas:
         shards = self._shards
         (host,), (info,) = host_pool.acquire(1, shards.actor_options)
         handle = ShardHandle(host, f"{host_pool.new_owner_key()}/{shard}", shard)
+        shards.hold(handle)  # released with the others (their finalizer's list)
         spec = shards.spec_now(shard)
         ray_get(host.create.remote(handle.key, shard, spec, False, shards.threads[shard]))
         lost_steps = request.step_id

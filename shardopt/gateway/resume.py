@@ -37,7 +37,6 @@ import logging
 import threading
 import time
 import uuid
-import weakref
 from typing import Any
 
 import ray
@@ -49,7 +48,7 @@ from shardopt.client.handles import ShardHandle
 from shardopt.client.lbfgs import LBFGSShards
 from shardopt.client.local import LocalShards
 from shardopt.client.optimizer import ShardedOptimizer
-from shardopt.client.runtime import drop_shards, host_pool, ray_get
+from shardopt.client.runtime import host_pool, ray_get
 from shardopt.client.shard_group import ShardGroupMember
 from shardopt.core.events import emit
 from shardopt.core.param_groups import group_options
@@ -138,7 +137,7 @@ class ResumedShards(LocalShards):
     ) -> list[tuple[tuple[int, ...], Any]]:
         hosts, keys = self._attachment.hosts, self._attachment.keys
         self.handles = [ShardHandle(h, k, s) for s, (h, k) in enumerate(zip(hosts, keys))]
-        self._finalizer = weakref.finalize(self, drop_shards, hosts, list(keys))
+        self._drop_at_close(self.handles)
         infos = ray_get([h.info.remote() for h in hosts])
         here = ray.get_runtime_context().get_node_id()
         shared = [
