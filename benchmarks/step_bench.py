@@ -1,6 +1,7 @@
 """One optimizer step, timed: shardopt against torch's optimizers and the memory-bandwidth floor.
 
     python benchmarks/step_bench.py [--sizes 10M,50M] [--layers 2] [--repeats 7] [--quick]
+    python benchmarks/step_bench.py --sizes 2M --layers 160 --configs local,shardopt --ray-cpus 4
 
 For each size N (float32 parameters shaped like a small transformer: an embedding, a few big
 matrices, their vectors; ``--layers`` of them, 12 tensors each: a model of N parameters in many
@@ -24,6 +25,11 @@ round), after waiting for the CPUs to go quiet. ZeRO and RPC then run in their o
 after the other, and time themselves the same way; the floor's kernels are timed again just before
 and after each of those phases, so that drift between phases shows. Each figure is the median of
 ``--repeats`` steps after ``--warmup`` steps.
+
+shardopt's configurations join the local Ray that ``--ray-cpus N`` starts with N logical CPUs
+(by default shardopt starts one with the machine's CPUs): N above the machine's cores is what
+the tests and some clusters give Ray; the shards' torch threads should then still fit the
+cores (the second line above: about 2,000 tensors, where a thread too many costs the most).
 
 Prints a table (medians, spread, ratios) and peak memory per process, and writes every sample to
 ``benchmarks/results/step_bench.json`` and a log-log plot to ``benchmarks/results/step_bench.png``
@@ -268,6 +274,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--settle", type=float, default=15.0, help="most seconds to wait for idle CPUs per cell"
     )
+    parser.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=None,
+        help="logical CPUs of the local Ray (default: the machine's; more, as tests and some "
+        "clusters give Ray, shows how shardopt splits the real ones)",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results folder")
     args = parser.parse_args(argv)
     args.sizes = args.sizes or ("10M" if args.quick else "10M,50M")
@@ -290,6 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "warmup": args.warmup,
             "repeats": args.repeats,
             "layers": args.layers,
+            "ray_cpus": args.ray_cpus,
             "algorithms": {a: ALGORITHMS[a].hyperparameters for a in args.algos},
             "shapes": {},
         },
@@ -297,6 +311,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cells": [],
         "phases": [],
     }
+    if args.ray_cpus:  # shardopt joins it (else it starts one with the machine's CPUs)
+        ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False)
     if args.shards:
         log("starting Ray and a pool of shard hosts per shardopt configuration")
         start_host_pools(args.shards)

@@ -1,4 +1,6 @@
-"""The client's torch threads during a step (shardopt.core.omp_threads, LocalShards.copy_threads).
+"""Torch threads: each CPU shard's (shardopt.actor.threads: the node's CPUs, and the machine's,
+split among the shards there) and the client's during a step (shardopt.core.omp_threads,
+LocalShards.copy_threads).
 
 A step's copies on the client run on one OpenMP thread while CPU shards on its node step on the
 node's CPUs (so that no idle OpenMP worker spins on the CPUs the shards step on), and only in
@@ -16,7 +18,7 @@ import torch
 from helpers import assert_same_params, make_model, square_step
 
 import shardopt
-from shardopt.actor.host import threads_left
+from shardopt.actor.threads import cgroup_cpu_quota, threads_left, usable_cpus
 from shardopt.core import omp_threads
 
 needs_openmp = pytest.mark.skipif(
@@ -72,11 +74,72 @@ def test_copies_under_one_thread_give_the_same_bytes():
 def test_threads_left_counts_the_cpus_the_shards_on_this_node_leave():
     here = ray.get_runtime_context().get_node_id()
     cpus = int(ray.cluster_resources()["CPU"])  # the session's one node
-    assert threads_left(here, [here, here], ["cpu", "cpu"], [cpus // 2, cpus // 2], 1) == 1
-    assert threads_left(here, [here], ["cpu"], [1], 1) == cpus - 1
-    assert threads_left(here, [here, here], ["cpu", "cpu"], [None, None], 1.0) == cpus - 2
-    assert threads_left(here, ["elsewhere"], ["cpu"], [cpus], 1) is None
-    assert threads_left(here, [here], ["cuda:0"], [None], 1) is None
+    left = threads_left  # with as many usable CPUs as Ray counts
+    assert left(here, [here, here], ["cpu", "cpu"], [cpus // 2, cpus // 2], 1, cpus) == 1
+    assert left(here, [here], ["cpu"], [1], 1, cpus) == cpus - 1
+    assert left(here, [here, here], ["cpu", "cpu"], [None, None], 1.0, cpus) == cpus - 2
+    assert left(here, ["elsewhere"], ["cpu"], [cpus], 1, cpus) is None
+    assert left(here, [here], ["cuda:0"], [None], 1, cpus) is None
+    # a machine with fewer CPUs than Ray was told: what the shards leave of those
+    assert left(here, [here], ["cpu"], [1], 1, cpus_here=cpus + 8) == cpus - 1
+    assert left(here, [here], ["cpu"], [1], 1, cpus_here=3) == 2
+    assert left(here, [here, here], ["cpu", "cpu"], [1, 1], 1, cpus_here=2) == 1
+
+
+def host_threads(host) -> int:
+    """The torch threads a shard host runs with."""
+    return ray.get(host.__ray_call__.remote(lambda self: torch.get_num_threads()))
+
+
+def test_shards_never_get_more_threads_than_the_machine_has_cpus():
+    """The session's Ray counts 4 CPUs (``ray.init(num_cpus=4)``), more than a 2-core machine
+    has: each shard's host gets the machine's CPUs split among the shards on it where they are
+    fewer than the node's (an AdamW step over 1,923 small tensors on 2 shards: 62.7 ms with 2
+    threads per shard on 2 cores, 30.3 ms with one); a single shard gets them all. (A group's
+    shards: test_group.py's pooled-hosts test; raylets sharing a machine: test_plain_cluster.py.)
+    """
+    node_cpus = int(ray.cluster_resources()["CPU"])
+    machine = usable_cpus()
+    for num_shards in (1, 2):
+        model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)])
+        with shardopt.AdamW(model.parameters(), num_shards=num_shards) as opt:
+            want = max(1, min(node_cpus // num_shards, machine // num_shards))
+            assert opt.backend.threads == [want] * num_shards
+            assert [host_threads(h.host) for h in opt.backend.handles] == [want] * num_shards
+            model(torch.randn(2, 4)).sum().backward()
+            opt.step()
+
+
+@pytest.mark.parametrize(
+    ("v2", "v1", "want"),
+    [
+        ("max 100000", None, None),  # no quota
+        ("400000 100000", None, 4),
+        ("150000 100000", None, 1),  # 1.5 CPUs: one thread's worth
+        ("50000 100000", None, 1),  # at least one
+        (None, ("-1", "100000"), None),  # cgroup v1, no quota
+        (None, ("300000", "100000"), 3),
+        (None, None, None),  # no cgroup files
+        ("garbage", ("200000", "100000"), 2),  # an unreadable v2 file: v1's
+    ],
+)
+def test_a_cgroup_cpu_quota_is_read_in_whole_cpus(tmp_path, v2, v1, want):
+    v2_path = tmp_path / "cpu.max"
+    v1_paths = (tmp_path / "cpu.cfs_quota_us", tmp_path / "cpu.cfs_period_us")
+    if v2 is not None:
+        v2_path.write_text(v2 + "\n")
+    if v1 is not None:
+        for path, value in zip(v1_paths, v1):
+            path.write_text(value + "\n")
+    assert cgroup_cpu_quota(str(v2_path), tuple(str(p) for p in v1_paths)) == want
+
+
+def test_usable_cpus_are_this_processs_affinity_within_its_quota():
+    import os
+
+    quota = cgroup_cpu_quota()
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus() == max(1, affinity if quota is None else min(affinity, quota))
 
 
 @needs_openmp

@@ -21,6 +21,7 @@ import torch
 from group_workers import GroupWorker, loss_of, make_data, make_model, reference_run
 
 import shardopt
+from shardopt.actor.threads import usable_cpus
 from shardopt.client.shard_group import list_groups
 from shardopt.client.shard_group import registry as group_registry
 
@@ -185,6 +186,10 @@ def test_a_closed_groups_hosts_serve_the_next_group_from_a_clean_start(name):
             i["pid"] for i in infos
         }
         assert not first_files & set(os.listdir("/dev/shm"))  # the first group's files
+        # each host's torch threads: the node's CPUs, or the machine's if fewer, split in two
+        cpus = min(int(ray.cluster_resources()["CPU"]), usable_cpus())
+        threads = [h.__ray_call__.remote(lambda self: torch.get_num_threads()) for h in hosts]
+        assert ray.get(threads) == [max(1, cpus // 2)] * 2
         assert len(second.opt.group.lanes) == 2
         second.train(x, y, steps=2)
         ray.get(hosts[0].__ray_call__.remote(_close_push_lane, 0))

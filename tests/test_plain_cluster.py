@@ -18,6 +18,7 @@ from helpers import make_model
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 import shardopt
+from shardopt.actor.threads import usable_cpus
 from shardopt.client import lanes as lanes_module
 
 pytestmark = pytest.mark.cluster
@@ -199,6 +200,12 @@ def test_shards_spread_over_nodes_use_shared_memory_here_and_network_lanes_elsew
     expected = ["shared_memory" if n == head else "network_lane" for n in backend.host_nodes]
     assert [st.transport for st in opt.shard_status()] == expected
     assert len(backend.lanes) == 3
+    # three raylets of 4 CPUs on one machine: the shards split the machine's CPUs, not 4 each
+    want = max(1, min(4, usable_cpus() // 3))
+    threads = [
+        h.host.__ray_call__.remote(lambda self: torch.get_num_threads()) for h in backend.handles
+    ]
+    assert ray.get(threads) == [want] * 3
     through_ray = RayStepCounter(backend.handles)
     ours, theirs = stepper(model, opt, 3), stepper(reference, torch_opt, 3)
     for _ in range(3):

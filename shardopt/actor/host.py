@@ -26,6 +26,7 @@ import torch
 
 from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
+from shardopt.actor.threads import usable_cpus
 from shardopt.core.buffers import PackedTree, to_numpy
 from shardopt.core.lane import LaneAddress, LaneBroken, LaneServer
 from shardopt.core.net_lane import NetLaneAddress, NetLaneServer
@@ -61,44 +62,6 @@ def kill_actors(actors: list[Any]) -> None:
                 ray.kill(actor)
             except Exception:  # already gone
                 pass
-
-
-def threads_per_shard(node_ids: list[str], reserved: bool) -> list[int | None]:
-    """Torch threads for each shard: its node's CPUs split among the shards there.
-
-    Ray starts actors with one thread (``OMP_NUM_THREADS=1``) unless they reserve CPUs; a step
-    keeps the client idle, so the shards may use the whole node. Left to Ray (None) when the
-    shards ``reserved`` CPUs of their own.
-    """
-    if reserved:
-        return [None] * len(node_ids)
-    cpus = _node_cpus()
-    return [max(1, cpus.get(node, 1) // node_ids.count(node)) for node in node_ids]
-
-
-def _node_cpus() -> dict[str, int]:
-    """Each node's CPUs, by node id, as Ray counts them."""
-    import ray
-
-    return {n["NodeID"]: int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes()}
-
-
-def threads_left(
-    here: str, node_ids: list[str], devices: list[str], threads: list[int | None], reserved: float
-) -> int | None:
-    """Torch threads the client may use for its copies while a step runs: the CPUs of its
-    node (``here``) that the CPU shards there leave free, at least one (see
-    :mod:`shardopt.core.omp_threads`); None (as many as it has) when no CPU shard runs there.
-
-    Args:
-        threads: each shard's torch threads (:func:`threads_per_shard`; None where its CPUs
-            were ``reserved``: that many each).
-    """
-    local = [s for s, node in enumerate(node_ids) if node == here and devices[s] == "cpu"]
-    if not local:
-        return None
-    used = sum(reserved if threads[s] is None else threads[s] for s in local)
-    return max(1, int(_node_cpus().get(here, 1) - used))
 
 
 def actor_device() -> torch.device:
@@ -418,8 +381,8 @@ class ShardHost(ShardCalls):
         ]
 
     def info(self) -> dict[str, Any]:
-        """The host's device, node, the GPUs Ray gave it, whether it has NIXL, its process id
-        and the shards it holds."""
+        """The host's device, node, the GPUs Ray gave it, whether it has NIXL, its process id,
+        the CPUs it can run on and the shards it holds."""
         import ray
 
         node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
@@ -429,5 +392,6 @@ class ShardHost(ShardCalls):
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else [],
             "nixl": importlib.util.find_spec("nixl") is not None,
             "pid": os.getpid(),
+            "cpus": usable_cpus(),
             "shards": sorted(self._shards),
         }

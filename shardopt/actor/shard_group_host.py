@@ -68,6 +68,7 @@ from shardopt.actor.group_replica import AppliedRound, ReplicaRole, repeat_answe
 from shardopt.actor.host import ShardCalls, actor_device, observe_step
 from shardopt.actor.metrics import observe
 from shardopt.actor.shard import Shard
+from shardopt.actor.threads import usable_cpus
 from shardopt.core.errors import GroupTimeoutError
 from shardopt.core.events import emit
 from shardopt.core.lane import LaneAddress
@@ -577,13 +578,14 @@ class GroupShardHost(ReplicaRole, ShardCalls):
         return self._params
 
     def info(self) -> dict[str, Any]:
-        """The host's device, node, the GPUs Ray gave it, process id, and the shared-memory
-        files its shard holds."""
+        """The host's device, node, the GPUs Ray gave it, process id, the CPUs it can run on,
+        and the shared-memory files its shard holds."""
         return {
             "device": str(self.device),
             "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "pid": os.getpid(),
+            "cpus": usable_cpus(),
             "shards": [self._key] if self._key else [],
             "shm_files": list(self._shard.shared_paths()) if self._shard is not None else [],
         }

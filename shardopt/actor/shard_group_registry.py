@@ -56,7 +56,8 @@ from shardopt.actor.group_host_pool import (
 )
 from shardopt.actor.group_replica import start_replica
 from shardopt.actor.group_signature import signature_mismatch
-from shardopt.actor.host import NAMESPACE, kill_actors, threads_per_shard
+from shardopt.actor.host import NAMESPACE, kill_actors
+from shardopt.actor.threads import threads_per_shard
 from shardopt.core.errors import OptimizerClosedError, ShardUnavailableError
 from shardopt.core.events import emit
 from shardopt.core.records import GroupConfig, GroupMembership, GroupSignature
@@ -298,7 +299,7 @@ class GroupRegistry:
             infos = ray.get([h.info.remote() for h in hosts])
             node_ids = [info["node_id"] for info in infos]
             reserved = config.placement is not None or "num_cpus" in dict(config.actor_options)
-            threads = threads_per_shard(node_ids, reserved)
+            threads = threads_per_shard(infos, reserved)
             keys = [f"{name}/{s}" for s in range(config.num_shards)]
             ray.get(
                 [h.create.remote(keys[s], s, spec_refs[s], threads[s]) for s, h in enumerate(hosts)]

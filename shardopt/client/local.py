@@ -25,7 +25,7 @@ from typing import Any
 import ray
 import torch
 
-from shardopt.actor.host import threads_left, threads_per_shard
+from shardopt.actor.threads import threads_left, threads_per_shard
 from shardopt.checkpoint.integrity import Commit
 from shardopt.client import transport as transport_module
 from shardopt.client.backend import ParamSource
@@ -136,7 +136,7 @@ class LocalShards(RayShards):
         ]
         self.host_nodes = [info["node_id"] for info in infos]
         self._host_infos = infos
-        self.threads = threads_per_shard(self.host_nodes, "num_cpus" in actor_options)
+        self.threads = threads_per_shard(infos, "num_cpus" in actor_options)
         devices = [info["device"] for info in infos]
         reserved = float(actor_options.get("num_cpus", 1))
         self.copy_threads = threads_left(here, self.host_nodes, devices, self.threads, reserved)
