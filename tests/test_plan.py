@@ -1,4 +1,7 @@
-"""Unit tests of shardopt.core.plan: the deterministic greedy placement of whole tensors."""
+"""Unit tests of shardopt.core.plan: the deterministic greedy placement of whole tensors.
+
+Most tests pin ZeroRedundancyOptimizer's rule by bytes alone (``tensor_cost=0``); the last ones
+the per-tensor cost the default adds (splitting: tests/test_split.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +9,11 @@ import random
 
 import pytest
 
-from shardopt.core.plan import ShardPlan
+from shardopt.core.plan import TENSOR_COST, ShardPlan, TensorSize
 
 
 def plan(param_bytes: list[int], num_shards: int) -> ShardPlan:
-    return ShardPlan.empty(num_shards).extended(param_bytes)
+    return ShardPlan.empty(num_shards).extended(param_bytes, tensor_cost=0)
 
 
 def reference_greedy(param_bytes: list[int], loads: list[int]) -> list[int]:
@@ -98,7 +101,7 @@ def test_matches_the_greedy_rule_and_is_balanced(seed, num_shards):
 def test_extended_never_moves_existing_params():
     first = plan([1000, 10, 10], 2)
     assert first.owners == (0, 1, 1)
-    second = first.extended([5, 2000, 7])
+    second = first.extended([5, 2000, 7], tensor_cost=0)
 
     assert second.owners[:3] == first.owners
     assert len(second.owners) == 6
@@ -113,7 +116,7 @@ def test_extended_in_steps_keeps_every_earlier_owner():
     p = ShardPlan.empty(3)
     for _ in range(6):
         before = p
-        p = p.extended([rng.randrange(1, 500) for _ in range(rng.randrange(0, 5))])
+        p = p.extended([rng.randrange(1, 500) for _ in range(rng.randrange(0, 5))], tensor_cost=0)
         assert p.owners[: len(before.owners)] == before.owners
         assert sum(p.shard_bytes) >= sum(before.shard_bytes)
     assert p.extended([]) == p
@@ -123,7 +126,7 @@ def test_plan_is_immutable():
     p = plan([1, 2], 2)
     with pytest.raises(AttributeError):
         p.owners = (0, 0)  # type: ignore[misc]
-    p.extended([3])
+    p.extended([3], tensor_cost=0)
     assert p.owners == (1, 0)
 
 
@@ -145,3 +148,40 @@ def test_describe_names_every_shard():
         "  shard 1: params [1], 8 bytes",
         "  shard 2: params [], 0 bytes",
     ]
+
+
+# ----- the per-tensor cost ------------------------------------------------------------------------
+
+
+def test_many_small_tensors_are_shared_out_not_piled_beside_a_big_one():
+    """A model whose embedding is 40 % of its bytes and the rest in many small tensors: by bytes
+    alone the embedding's shard gets few of the small tensors (each step's per-tensor work
+    lands on the other); with the per-tensor cost the shards' loads (bytes + a cost per
+    tensor) even out."""
+    sizes = [400_000 * 4] + [600 * 4] * 1000  # 1.6 MB, then 1,000 tensors of 2.4 KB
+    by_bytes = plan(sizes, 2)
+    assert [len(by_bytes.params_of(s)) for s in range(2)] == [168, 833]
+    p = ShardPlan.empty(2).extended(sizes)  # the default cost
+    assert p == ShardPlan.empty(2).extended(sizes, tensor_cost=TENSOR_COST)
+    counts = [len(p.params_of(s)) for s in range(2)]
+    assert counts[0] > 168 + 100
+    loads = [p.shard_bytes[s] + TENSOR_COST * counts[s] for s in range(2)]
+    assert abs(loads[0] - loads[1]) <= 600 * 4 + TENSOR_COST  # within one small tensor
+
+
+def test_tensor_cost_never_stops_a_split_by_bytes():
+    """A splittable tensor too big for any shard's bytes is cut by bytes as before, whatever
+    the shards' tensor counts; each piece then counts one tensor."""
+    sizes = [TensorSize(64_000, rows=500, splittable=True, row_numel=32)] + [40] * 30
+    p = ShardPlan.empty(2).extended(sizes, tensor_cost=1000)
+    q = ShardPlan.empty(2).extended(sizes, tensor_cost=0)
+    assert p.is_split(0) and p.pieces[0] == q.pieces[0]
+    assert p.shard_bytes[0] + p.shard_bytes[1] == sum([64_000] + [40] * 30)
+
+
+def test_tensor_cost_counts_the_tensors_a_shard_already_holds():
+    first = ShardPlan.empty(2).extended([404, 100, 100, 100, 100], tensor_cost=0)
+    assert first.shard_bytes == (404, 400)
+    assert [len(first.params_of(s)) for s in range(2)] == [1, 4]
+    assert first.extended([8], tensor_cost=0).owners[-1] == 1  # by bytes: the lighter
+    assert first.extended([8], tensor_cost=50).owners[-1] == 0  # 454 against 600

@@ -447,7 +447,8 @@ def export(
 
         batches = tqdm(batches, desc="export", unit="batch")
     for batch in batches:
-        state.update(read_params_state(commit, batch))
+        read = read_params_state(commit, batch)  # in the files' order
+        state.update((pid, read[pid]) for pid in batch if pid in read)  # in torch's: by id
     for group in groups:
         group["params"] = [int(p) for p in group["params"]]
     torch.save({"state": state, "param_groups": groups}, out)

@@ -61,7 +61,8 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
 
     Behaves as ``optimizer_class(params, **defaults)`` would, step for step and in its
     ``state_dict`` format, while each shard actor runs ``optimizer_class`` over its share of the
-    parameters (whole tensors, balanced by bytes).
+    parameters (balanced by bytes and tensor count; big tensors split by rows: see
+    :mod:`shardopt.core.plan`).
 
     Args:
         params: the parameters, or dicts defining param groups, or ``(name, tensor)`` pairs,
