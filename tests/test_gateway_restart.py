@@ -327,6 +327,49 @@ def test_an_in_process_gateway_puts_its_sessions_on_its_stores_hosts():
             gateway.stop(1)
 
 
+def test_a_session_placed_by_another_plan_rule_resumes_where_its_shards_are(monkeypatch):
+    """A session recorded by a gateway whose plan placed by bytes alone (shardopt before the
+    per-tensor cost) resumes under today's rule: the resumed gateway maps each parameter to
+    the pieces the record names, which the shards hold, not to where today's rule would put
+    it (which for this model is elsewhere: it refused to resume before)."""
+    from shardopt.core.plan import ShardPlan
+
+    model, reference = make_model(0), make_model(0)
+    sizes = [p.numel() * p.element_size() for p in model.parameters()]
+    by_bytes = ShardPlan.empty(2).extended(sizes, tensor_cost=0).owners
+    assert by_bytes != ShardPlan.empty(2).extended(sizes).owners
+    placing = ShardPlan.extended
+    monkeypatch.setattr(
+        ShardPlan, "extended", lambda plan, sizes, tensor_cost=0: placing(plan, sizes, 0)
+    )
+    store = f"other-rule-{uuid.uuid4().hex[:8]}"
+    first = serve("127.0.0.1", 0, tokens=[TOKEN], session_store=store, limits=WARM_POOL)
+    running = [first]
+    try:
+        opt = shardopt.Adam(
+            model.parameters(), lr=1e-2, address=f"127.0.0.1:{first.port}", token=TOKEN,
+            num_shards=2, reconnect_timeout=60,
+        )  # fmt: skip
+        want = torch.optim.Adam(reference.parameters(), lr=1e-2, fused=True)
+        train_both(model, opt, reference, want, range(2))
+        (record,) = records_of(store)
+        assert tuple(ps[0][0] for ps in record.pieces) == by_bytes
+        monkeypatch.undo()  # the next gateway is "upgraded"
+        running.remove(first)
+        first.stop(1)  # hands its session over
+        running.append(
+            serve("127.0.0.1", first.port, tokens=[TOKEN], session_store=store, limits=WARM_POOL)
+        )
+        (session,) = running[0].servicer.sessions.snapshot()
+        assert session.optimizer.plan.owners == by_bytes
+        train_both(model, opt, reference, want, range(2, 4))
+        assert_same_params(model, reference)
+        opt.close()
+    finally:
+        for gateway in running:
+            gateway.stop(1)
+
+
 def _fail_next_step(host, key: str) -> None:
     """Run inside a shard host (``__ray_call__``): its shard ``key`` refuses its next step
     before applying anything (as a gateway killed before the request reached it)."""

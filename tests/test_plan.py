@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from shardopt.core.plan import TENSOR_COST, ShardPlan, TensorSize
+from shardopt.core.plan import TENSOR_COST, Piece, ShardPlan, TensorSize
 
 
 def plan(param_bytes: list[int], num_shards: int) -> ShardPlan:
@@ -185,3 +185,28 @@ def test_tensor_cost_counts_the_tensors_a_shard_already_holds():
     assert [len(first.params_of(s)) for s in range(2)] == [1, 4]
     assert first.extended([8], tensor_cost=0).owners[-1] == 1  # by bytes: the lighter
     assert first.extended([8], tensor_cost=50).owners[-1] == 0  # 454 against 600
+
+
+def test_with_pieces_keeps_a_recorded_layout_and_refuses_one_that_does_not_fit():
+    """A resumed session's parameters go where its record says (whatever rule placed them):
+    the plan takes the pieces as given, with their bytes, and refuses pieces that do not lay
+    out each parameter's rows in order, one shard each."""
+    sizes = [TensorSize(4000, rows=10, splittable=True, row_numel=100), 64, 64]
+    made = ShardPlan.empty(2).extended(sizes, tensor_cost=0)
+    assert ShardPlan.empty(2).with_pieces(sizes, made.pieces) == made
+    given = ((Piece(1, 0, 4), Piece(0, 4, 10)), (Piece(1, 0, 1),), (Piece(1, 0, 1),))
+    p = ShardPlan.empty(2).with_pieces(sizes, given)
+    assert p.pieces == given and p.shard_bytes == (2400, 1600 + 128)
+    bad = {
+        "a gap": ((Piece(1, 0, 4), Piece(0, 5, 10)), given[1], given[2]),
+        "short": ((Piece(1, 0, 4), Piece(0, 4, 9)), given[1], given[2]),
+        "one shard twice": ((Piece(1, 0, 4), Piece(1, 4, 10)), given[1], given[2]),
+        "no such shard": ((Piece(2, 0, 10),), given[1], given[2]),
+        "no piece": ((), given[1], given[2]),
+    }
+    for what, pieces in bad.items():
+        with pytest.raises(ValueError, match="do not lay out"):
+            ShardPlan.empty(2).with_pieces(sizes, pieces)
+            pytest.fail(f"{what}: taken")
+    with pytest.raises(ValueError, match="pieces for 2 parameters, not 3"):
+        ShardPlan.empty(2).with_pieces(sizes, given[:2])

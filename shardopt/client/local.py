@@ -45,6 +45,7 @@ from shardopt.core.lane import LaneBroken, LaneClient
 from shardopt.core.metrics import SHARD_STEP_SECONDS, STEP_BYTES
 from shardopt.core.net_lane import NetLaneClient
 from shardopt.core.param_groups import group_options
+from shardopt.core.plan import Piece
 from shardopt.core.records import ShardSpec, ShardStatus, StepRequest
 
 logger = logging.getLogger(__name__)
@@ -195,10 +196,14 @@ class LocalShards(RayShards):
         return chosen if transport_module.is_direct(chosen) else None
 
     def _place(
-        self, new_params: list[torch.Tensor], groups: list[int], splittable: list[bool]
+        self,
+        new_params: list[torch.Tensor],
+        groups: list[int],
+        splittable: list[bool],
+        pieces: tuple[tuple[Piece, ...], ...] | None = None,
     ) -> list[Any]:
         first = self.shard_map.num_params
-        blocks = self.shard_map.place(new_params, groups, splittable)
+        blocks = self.shard_map.place(new_params, groups, splittable, pieces)
         if self._overlap:
             for j, p in enumerate(new_params):
                 p.register_post_accumulate_grad_hook(GradShipper(self.data_path, first + j))

@@ -164,10 +164,15 @@ class ShardMap:
     # ----- placing parameters ---------------------------------------------------------------
 
     def place(
-        self, new_params: list[torch.Tensor], groups: list[int], splittable: list[bool]
+        self,
+        new_params: list[torch.Tensor],
+        groups: list[int],
+        splittable: list[bool],
+        pieces: tuple[tuple[Piece, ...], ...] | None = None,
     ) -> list[ParamBlock]:
         """Assigns new parameters (appended after the existing ids) to shards, splitting the
-        ``splittable`` ones into row ranges where that balances the shards.
+        ``splittable`` ones into row ranges where that balances the shards, or where ``pieces``
+        says they are (a resumed session's recorded layout).
 
         Returns:
             Each shard's block of new pieces with their initial values (possibly empty).
@@ -182,7 +187,10 @@ class ShardMap:
             )
             for p, split in zip(new_params, splittable, strict=True)
         ]
-        self.plan = self.plan.extended(sizes)
+        if pieces is None:
+            self.plan = self.plan.extended(sizes)
+        else:
+            self.plan = self.plan.with_pieces(sizes, pieces)
         per_shard: list[list[tuple[int, Piece]]] = [[] for _ in range(self.num_shards)]
         for j, pieces in enumerate(self.plan.pieces[first:]):
             for piece in pieces:

@@ -161,6 +161,40 @@ class ShardPlan:
                 costs[piece.shard] += tensor_cost
         return ShardPlan(pieces=self.pieces + tuple(placed), shard_bytes=tuple(loads))
 
+    def with_pieces(
+        self, sizes: list[int | TensorSize], pieces: tuple[tuple[Piece, ...], ...]
+    ) -> ShardPlan:
+        """Appends new parameters where ``pieces`` says they are (a layout recorded earlier,
+        whatever rule made it), instead of placing them.
+
+        Raises:
+            ValueError: pieces that do not cover each parameter's rows in order, one shard
+                each, on this plan's shards.
+        """
+        sizes = [s if isinstance(s, TensorSize) else TensorSize(int(s)) for s in sizes]
+        if len(pieces) != len(sizes):
+            raise ValueError(f"pieces for {len(pieces)} parameters, not {len(sizes)}")
+        loads = list(self.shard_bytes)
+        for pid, (size, ps) in enumerate(zip(sizes, pieces), start=len(self.pieces)):
+            shards = [p.shard for p in ps]
+            rows = [(p.start, p.stop) for p in ps]
+            ends = [0] + [stop for _, stop in rows]
+            if (
+                not ps
+                or len(set(shards)) != len(shards)
+                or not all(0 <= shard < len(loads) for shard in shards)
+                or [start for start, _ in rows] != ends[:-1]
+                or ends[-1] != size.rows
+                or (len(rows) > 1 and any(start >= stop for start, stop in rows))
+            ):
+                raise ValueError(f"parameter {pid}: pieces {ps} do not lay out {size.rows} rows")
+            row_bytes = size.nbytes / size.rows if size.rows else 0
+            for p in ps:
+                loads[p.shard] += (
+                    size.nbytes if len(ps) == 1 else round((p.stop - p.start) * row_bytes)
+                )
+        return ShardPlan(pieces=self.pieces + tuple(pieces), shard_bytes=tuple(loads))
+
     @staticmethod
     def _split(size: TensorSize, loads: list[int], mean: float) -> tuple[Piece, ...]:
         """Fills the least-loaded shards up to ``mean`` with row ranges of one tensor, cut at

@@ -52,6 +52,7 @@ from shardopt.client.runtime import host_pool, ray_get
 from shardopt.client.shard_group import ShardGroupMember
 from shardopt.core.events import emit
 from shardopt.core.param_groups import group_options
+from shardopt.core.plan import Piece
 from shardopt.core.records import ShardSpec
 from shardopt.gateway.admission import OPTIMIZERS
 from shardopt.gateway.session_store import (
@@ -106,11 +107,13 @@ class ResumedShards(LocalShards):
         self, new_params: list[torch.Tensor], groups: list[int], splittable: list[bool]
     ) -> list[Any]:
         """Places every parameter as the session's placements did: its first groups at once,
-        then each added group on its own (the plan extends deterministically).
+        then each added group on its own, each parameter in the pieces the record names (what
+        the shards hold, whichever version's plan placed them); a record without pieces is
+        placed again (the plan extends deterministically).
 
         Raises:
-            ValueError: placements that do not cover the groups, or a layout other than the
-                recorded one (the shards hold other pieces than this would map).
+            ValueError: placements that do not cover the groups, recorded pieces that do not
+                lay out the parameters, or a layout other than the recorded one.
         """
         if self._replayed:  # a group added since the resume
             return super()._place(new_params, groups, splittable)
@@ -118,6 +121,9 @@ class ResumedShards(LocalShards):
         placed = self._attachment.placed or (max(groups, default=-1) + 1,)
         if sum(placed) != max(groups, default=-1) + 1:
             raise ValueError(f"placements of {sum(placed)} param groups for {max(groups) + 1}")
+        recorded = self._attachment.pieces
+        if recorded and len(recorded) != len(new_params):
+            raise ValueError(f"pieces of {len(recorded)} parameters for {len(new_params)}")
         blocks: list[Any] = []
         first_group = start = 0
         for count in placed:
@@ -125,9 +131,11 @@ class ResumedShards(LocalShards):
             while stop < len(groups) and groups[stop] < first_group + count:
                 stop += 1
             chosen = slice(start, stop)
-            blocks = super()._place(new_params[chosen], groups[chosen], splittable[chosen])
+            pieces = None
+            if recorded:
+                pieces = tuple(tuple(Piece(*p) for p in ps) for ps in recorded[chosen])
+            blocks = super()._place(new_params[chosen], groups[chosen], splittable[chosen], pieces)
             first_group, start = first_group + count, stop
-        recorded = self._attachment.pieces
         if recorded and pieces_of(self.shard_map) != recorded:
             raise ValueError("the parameters' layout is not the one recorded")
         return blocks  # unused: the shards exist (see _open_shards)
