@@ -292,6 +292,37 @@ def test_a_gateway_that_cannot_listen_leaves_the_stores_sessions_alone(tmp_path)
                 p.kill()
 
 
+def hand_over_in_process(store: str, model, reference, before=None, after=None) -> None:
+    """A remote Adam on 2 shards of an in-process gateway of session store ``store`` trains 2
+    steps beside torch's; the gateway stops (handing its session over), another one serves the
+    store in this process on its port, and 2 more steps follow: torch's numbers throughout.
+    ``before(gateway)`` runs before the restart, ``after(gateway)`` after it."""
+    first = serve("127.0.0.1", 0, tokens=[TOKEN], session_store=store, limits=WARM_POOL)
+    running = [first]
+    try:
+        opt = shardopt.Adam(
+            model.parameters(), lr=1e-2, address=f"127.0.0.1:{first.port}", token=TOKEN,
+            num_shards=2, reconnect_timeout=60,
+        )  # fmt: skip
+        want = torch.optim.Adam(reference.parameters(), lr=1e-2, fused=True)
+        train_both(model, opt, reference, want, range(2))
+        if before is not None:
+            before(first)
+        running.remove(first)
+        first.stop(1)  # hands its session over
+        running.append(
+            serve("127.0.0.1", first.port, tokens=[TOKEN], session_store=store, limits=WARM_POOL)
+        )
+        if after is not None:
+            after(running[0])
+        train_both(model, opt, reference, want, range(2, 4))
+        assert_same_params(model, reference)
+        opt.close()
+    finally:
+        for gateway in running:
+            gateway.stop(1)
+
+
 def test_an_in_process_gateway_puts_its_sessions_on_its_stores_hosts():
     """`serve()` in a process whose host pool already holds shard hosts of its own (an
     optimizer made and closed before): the gateway's sessions get hosts its session store
@@ -301,30 +332,15 @@ def test_an_in_process_gateway_puts_its_sessions_on_its_stores_hosts():
     earlier = shardopt.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1, num_shards=2)
     earlier.close()  # its hosts stay in this process's pool, idle
     store = f"in-process-{uuid.uuid4().hex[:8]}"
-    first = serve("127.0.0.1", 0, tokens=[TOKEN], session_store=store, limits=WARM_POOL)
-    running = [first]
-    try:
-        model, reference = make_model(0), make_model(0)
-        opt = shardopt.Adam(
-            model.parameters(), lr=1e-2, address=f"127.0.0.1:{first.port}", token=TOKEN,
-            num_shards=2, reconnect_timeout=60,
-        )  # fmt: skip
-        want = torch.optim.Adam(reference.parameters(), lr=1e-2, fused=True)
-        train_both(model, opt, reference, want, range(2))
+
+    def recorded(gateway) -> None:
         assert len(records_of(store)) == 1
-        running.remove(first)
-        first.stop(1)  # hands its session over
-        running.append(
-            serve("127.0.0.1", first.port, tokens=[TOKEN], session_store=store, limits=WARM_POOL)
-        )
-        assert len(running[0].servicer.sessions.snapshot()) == 1
-        train_both(model, opt, reference, want, range(2, 4))
-        assert_same_params(model, reference)
-        opt.close()
-        assert records_of(store) == []
-    finally:
-        for gateway in running:
-            gateway.stop(1)
+
+    def resumed(gateway) -> None:
+        assert len(gateway.servicer.sessions.snapshot()) == 1
+
+    hand_over_in_process(store, make_model(0), make_model(0), recorded, resumed)
+    assert records_of(store) == []
 
 
 def test_a_session_placed_by_another_plan_rule_resumes_where_its_shards_are(monkeypatch):
@@ -334,7 +350,7 @@ def test_a_session_placed_by_another_plan_rule_resumes_where_its_shards_are(monk
     it (which for this model is elsewhere: it refused to resume before)."""
     from shardopt.core.plan import ShardPlan
 
-    model, reference = make_model(0), make_model(0)
+    model = make_model(0)
     sizes = [p.numel() * p.element_size() for p in model.parameters()]
     by_bytes = ShardPlan.empty(2).extended(sizes, tensor_cost=0).owners
     assert by_bytes != ShardPlan.empty(2).extended(sizes).owners
@@ -343,31 +359,17 @@ def test_a_session_placed_by_another_plan_rule_resumes_where_its_shards_are(monk
         ShardPlan, "extended", lambda plan, sizes, tensor_cost=0: placing(plan, sizes, 0)
     )
     store = f"other-rule-{uuid.uuid4().hex[:8]}"
-    first = serve("127.0.0.1", 0, tokens=[TOKEN], session_store=store, limits=WARM_POOL)
-    running = [first]
-    try:
-        opt = shardopt.Adam(
-            model.parameters(), lr=1e-2, address=f"127.0.0.1:{first.port}", token=TOKEN,
-            num_shards=2, reconnect_timeout=60,
-        )  # fmt: skip
-        want = torch.optim.Adam(reference.parameters(), lr=1e-2, fused=True)
-        train_both(model, opt, reference, want, range(2))
+
+    def recorded_by_bytes(gateway) -> None:
         (record,) = records_of(store)
         assert tuple(ps[0][0] for ps in record.pieces) == by_bytes
-        monkeypatch.undo()  # the next gateway is "upgraded"
-        running.remove(first)
-        first.stop(1)  # hands its session over
-        running.append(
-            serve("127.0.0.1", first.port, tokens=[TOKEN], session_store=store, limits=WARM_POOL)
-        )
-        (session,) = running[0].servicer.sessions.snapshot()
+        monkeypatch.undo()  # the next gateway places by today's rule
+
+    def resumed_as_recorded(gateway) -> None:
+        (session,) = gateway.servicer.sessions.snapshot()
         assert session.optimizer.plan.owners == by_bytes
-        train_both(model, opt, reference, want, range(2, 4))
-        assert_same_params(model, reference)
-        opt.close()
-    finally:
-        for gateway in running:
-            gateway.stop(1)
+
+    hand_over_in_process(store, model, make_model(0), recorded_by_bytes, resumed_as_recorded)
 
 
 def _fail_next_step(host, key: str) -> None:
