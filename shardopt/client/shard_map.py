@@ -192,8 +192,8 @@ class ShardMap:
         else:
             self.plan = self.plan.with_pieces(sizes, pieces)
         per_shard: list[list[tuple[int, Piece]]] = [[] for _ in range(self.num_shards)]
-        for j, pieces in enumerate(self.plan.pieces[first:]):
-            for piece in pieces:
+        for j, placed in enumerate(self.plan.pieces[first:]):
+            for piece in placed:
                 per_shard[piece.shard].append((j, piece))
         for j, p in enumerate(new_params):
             self._ids_by_tensor[id(p)] = first + j
