@@ -343,8 +343,8 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
          "one token's session parameters plus its streams in flight, GiB"),
         ("--max-transfer-gib", _non_negative_float, d.max_transfer_bytes / GiB,
          "reusable transfer buffers of all sessions together (one per session, of its "
-         "parameters' size; beyond this, transfers allocate per call: slower, never refused), "
-         "GiB"),
+         "parameters' size, for gradients with no shard buffer to land in; beyond this, "
+         "transfers allocate per call: slower, never refused), GiB"),
         ("--max-sessions", _positive_int, d.max_sessions, "open sessions in all"),
         ("--max-sessions-per-token", _positive_int, d.max_sessions_per_token,
          "open sessions per token"),

@@ -7,6 +7,7 @@ which change nothing.
 from __future__ import annotations
 
 import copy
+import threading
 import time
 import urllib.request
 
@@ -375,38 +376,45 @@ def test_list_sessions_is_scoped_to_the_token_and_operators_see_all(stub):
 # ----- transfer buffers -------------------------------------------------------------------------
 
 
-def test_transfers_reuse_one_counted_buffer_per_session(gateway, stub):
-    """Pushes receive into one buffer per session, counted in the ledger and given back at
-    close; pulls send straight from the parameters (a pull while gradients are staged sends the
-    parameters, not the gradients), and every step is still torch's."""
-    params = [torch.randn(5, 3), torch.randn(7)]
+def test_pushes_land_straight_in_the_shards_gradient_buffers(gateway, stub):
+    """A push receives each gradient straight into its shard's gradient buffer where one shard
+    holds the parameter whole (so the step's packing copies nothing), and a parameter split
+    across shards into the session's one transfer buffer, reused from step to step, counted,
+    and given back at close (a session without split parameters never makes one). A pull while
+    gradients are staged sends the parameters, not the gradients, and every step is torch's."""
+    params = [torch.randn(64, 8), torch.randn(7)]  # 2 shards: the first split, the second whole
     ref = [p.clone().requires_grad_() for p in params]
     hyper = {"lr": 0.1, "momentum": 0.9}
     twin = torch.optim.SGD(ref, **hyper)
     ledger = gateway.servicer.ledger
     before = ledger.transfer_bytes
-    session_id = open_session(stub, params, hyperparameters=hyper, num_shards=1).session_id
+    session_id = open_session(stub, params, hyperparameters=hyper, num_shards=2).session_id
     try:
         (session,) = [s for s in gateway.servicer.sessions.snapshot() if s.session_id == session_id]
+        backend = session.optimizer.backend
+        assert backend.shard_map.is_split(0) and not backend.shard_map.is_split(1)
+        assert backend.grad_slot(0) is None
+        staged_at = []
         for k in range(3):
             grads = [torch.full_like(p, k + 1.0) for p in params]
             push(stub, session_id, grads)
             staged = [p.grad.data_ptr() for p in session.params]
-            assert staged == [t.data_ptr() for t in session.transfer]  # received in place
+            assert staged == [session.transfer[0].data_ptr(), backend.grad_slot(1).data_ptr()]
             assert_same_tensors(pull(stub, session_id), ref)
             step(stub, session_id)
             for r, g in zip(ref, grads):
                 r.grad = g
             twin.step()
             assert_same_tensors(pull(stub, session_id), ref)
-            assert [t.data_ptr() for t in session.transfer] == staged  # the same memory
+            staged_at.append(staged)
+        assert staged_at[0] == staged_at[1] == staged_at[2]  # the same memory every step
         assert ledger.transfer_bytes == before + session.nbytes
         # a client that accepts chunks spanning tensors gets both parameters in one message,
         # and is told that pushes take them too (only with the metadata that says they span)
         request = pb.PullParametersRequest(session_id=session_id)
         call = stub.PullParameters(request, metadata=auth(TOKEN) + chunk_codec.SPANNING)
         answers = list(call)
-        assert len(answers) == 2  # the header and one chunk (88 bytes)
+        assert len(answers) == 2  # the header and one chunk (2,076 bytes)
         assert chunk_codec.asks_spanning(call.initial_metadata())
         header = pb.PushGradientsHeader(session_id=session_id, params=[0, 1],
                                         grads=[wire.spec_of(p) for p in params])  # fmt: skip
@@ -420,15 +428,77 @@ def test_transfers_reuse_one_counted_buffer_per_session(gateway, stub):
             stub.PushGradients(spanning(), metadata=auth(TOKEN))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         spans = auth(TOKEN) + chunk_codec.SPANNING
-        assert stub.PushGradients(spanning(), metadata=spans).bytes == 88
+        assert stub.PushGradients(spanning(), metadata=spans).bytes == 4 * (512 + 7)
         assert all(torch.equal(p.grad, torch.ones_like(p)) for p in session.params)
         assert_same_tensors(
             chunk_codec.receive_parameters(iter(answers), [torch.empty_like(p) for p in params]),
             ref,
         )
+        whole = open_session(stub, params, hyperparameters=hyper, num_shards=1).session_id
+        try:
+            (one,) = [s for s in gateway.servicer.sessions.snapshot() if s.session_id == whole]
+            for _ in range(2):
+                push(stub, whole, [torch.ones_like(p) for p in params])
+                slots = [one.optimizer.backend.grad_slot(i).data_ptr() for i in range(2)]
+                assert [p.grad.data_ptr() for p in one.params] == slots
+                step(stub, whole)
+            assert one.transfer is None and ledger.transfer_bytes == before + session.nbytes
+        finally:
+            close_session(stub, whole)
     finally:
         close_session(stub, session_id)
     assert ledger.transfer_bytes == before
+
+
+def test_no_step_runs_while_a_push_streams_into_the_shards_buffers(gateway, stub):
+    """A push streams into the shards' gradient buffers, which a step packs into: while one
+    streams, Step and ClosureStep of its session are refused (FAILED_PRECONDITION, nothing
+    changed) and a second push receives into memory of its own; the last push to end is what
+    the next step uses, with torch's numbers."""
+    params = [torch.randn(4, 3), torch.randn(5)]
+    ref = [p.clone().requires_grad_() for p in params]
+    twin = torch.optim.SGD(ref, lr=0.1)
+    session_id = open_session(stub, params, num_shards=1).session_id
+    release = threading.Event()
+    slow_grads = [torch.full_like(p, 2.0) for p in params]
+    header = pb.PushGradientsHeader(session_id=session_id, params=[0, 1],
+                                    grads=[wire.spec_of(g) for g in slow_grads])  # fmt: skip
+
+    def slow():  # the first gradient, then a wait, then the second
+        chunks = list(wire.tensor_chunks(slow_grads))
+        yield pb.PushGradientsRequest(header=header)
+        yield pb.PushGradientsRequest(chunk=chunks[0])
+        release.wait(30)
+        for chunk in chunks[1:]:
+            yield pb.PushGradientsRequest(chunk=chunk)
+
+    try:
+        (session,) = [s for s in gateway.servicer.sessions.snapshot() if s.session_id == session_id]
+        streaming = stub.PushGradients.future(slow(), metadata=auth(TOKEN))
+        deadline = time.monotonic() + 10
+        while session.transfer_user is None:  # the slow push holds the buffers
+            assert time.monotonic() < deadline, "the slow push never claimed the buffers"
+            time.sleep(0.01)
+        push(stub, session_id, [torch.ones_like(p) for p in params])  # memory of its own
+        assert session.grads_ready and session.staged_transfer is None
+        for call in (
+            lambda: step(stub, session_id),
+            lambda: list(stub.ClosureStep(iter([pb.ClosureStepRequest(
+                start=pb.StepRequest(session_id=session_id))]), metadata=auth(TOKEN))),
+        ):  # fmt: skip
+            assert code_of(call) == grpc.StatusCode.FAILED_PRECONDITION
+        assert session.grads_ready  # the staged push is still there
+        assert_same_tensors(pull(stub, session_id), params)
+        release.set()
+        assert streaming.result(timeout=30).bytes == 4 * (12 + 5)
+        step(stub, session_id)  # the slow push ended last: its gradients
+        for r, g in zip(ref, slow_grads):
+            r.grad = g
+        twin.step()
+        assert_same_tensors(pull(stub, session_id), ref)
+    finally:
+        release.set()
+        close_session(stub, session_id)
 
 
 def test_a_pull_that_a_step_overtakes_is_refused_whole_and_the_client_pulls_again(

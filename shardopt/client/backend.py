@@ -256,6 +256,12 @@ class Backend(ABC):
         """The Ray node of each shard (None where this backend does not know it)."""
         return [None] * self.num_shards
 
+    def grad_slot(self, pid: int) -> torch.Tensor | None:
+        """Where the next step takes parameter ``pid``'s gradient from, as a tensor shaped as
+        the parameter, if there is one: a gradient written there and assigned to ``.grad`` is
+        not copied again (None: the step copies ``.grad`` wherever it is)."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Releases the shards. Idempotent."""

@@ -158,6 +158,19 @@ class DataPath:
             self.forget_shipped(shard)
         return staging
 
+    def grad_slot(self, pid: int) -> torch.Tensor | None:
+        """Where :meth:`pack_grads` puts parameter ``pid``'s gradient, as a tensor shaped as
+        it: its view in its shard's gradient buffer (the shared one, if mapped), for a
+        parameter one shard holds whole in a CPU buffer; None for a split one, or a buffer on
+        a GPU. A gradient written there and assigned to ``.grad`` costs the step no copy
+        (torch's ``copy_`` of a tensor onto itself returns at once)."""
+        pieces = self._map.pieces_of(pid)
+        if len(pieces) != 1:
+            return None
+        shard, j = pieces[0]
+        flat = self.grad_buffer(shard)
+        return self.views(shard, flat)[j] if flat.device.type == "cpu" else None
+
     def forget_shipped(self, shard: int | None = None) -> None:
         """Gradients shipped early must be packed again (of ``shard``, or of every shard)."""
         if shard is None:

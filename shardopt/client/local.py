@@ -248,6 +248,9 @@ class LocalShards(RayShards):
     def shard_nodes(self) -> list[str | None]:
         return list(self.host_nodes)
 
+    def grad_slot(self, pid: int) -> torch.Tensor | None:
+        return self.data_path.grad_slot(pid)
+
     @property
     def next_step_id(self) -> int:
         return self._next_step_id

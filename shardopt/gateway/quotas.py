@@ -76,11 +76,12 @@ class Limits:
     state_factor: int = 4
     """A loaded state dict may declare up to this many times its session's parameter bytes."""
     max_transfer_bytes: int = 8 * GiB
-    """Transfer buffers of all sessions together: each session keeps one, shaped as its
-    parameters, that its pushes receive gradients into and its pulls send from (no fresh
-    memory per call); a session that would pass this bound transfers through memory allocated
-    per call instead (slower, never refused). A token's transfer buffers never pass its
-    sessions' parameter bytes [--max-transfer-gib]."""
+    """Transfer buffers of all sessions together: a session whose optimizer has no gradient
+    buffer of its own for some parameter (one split across shards, a shard group member's)
+    keeps one, shaped as its parameters, that its pushes receive those gradients into (no
+    fresh memory per call); a session that would pass this bound receives into memory
+    allocated per call instead (slower, never refused). A token's transfer buffers never pass
+    its sessions' parameter bytes [--max-transfer-gib]."""
 
     def upload_budget(self, session_bytes: int) -> int:
         """The most one session's uploads in flight may declare together (its largest legal

@@ -279,8 +279,8 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         with self._use(context, header.session_id) as session:
             held = claim = None
             try:
-                with session.lock:  # received into the session's transfer buffer when free
-                    claim, into = session.claim_transfer(self.ledger) or (None, None)
+                with session.lock:  # received straight into the shards' buffers when free
+                    claim, into = session.claim_grad_targets(self.ledger) or (None, None)
                 upload = GradientUpload(
                     header, session.params, session.names, session.nbytes,
                     self.limits.upload_budget(session.nbytes), into,
@@ -315,6 +315,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         with self._use(context, request.session_id) as session, session.lock:
             if session.refused is not None:
                 raise ShardoptError(session.refused)
+            session.check_no_upload()
             if request.skip:
                 session.check_vote()  # before anything changes
             elif not session.grads_ready:
@@ -336,6 +337,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         with self._use(context, start.session_id) as session, session.lock:
             if session.refused is not None:
                 raise ShardoptError(session.refused)
+            session.check_no_upload()
             session.unstage()  # the closure computes the gradients
             if start.param_groups:
                 self._update_groups(session, start.param_groups)

@@ -77,14 +77,15 @@ class Session:
     saves: BackgroundSaves = field(default_factory=BackgroundSaves)
     """Checkpoint saves in the background, committed by WaitCheckpoint or at close."""
     transfer: list[torch.Tensor] | None = None
-    """Tensors shaped as ``params`` that pushes receive gradients into and pulls send from,
-    allocated on first use (see :meth:`claim_transfer`)."""
+    """Tensors shaped as ``params`` that pushes receive gradients into where the optimizer has
+    no gradient buffer of its own for them, allocated on first use (see
+    :meth:`claim_grad_targets`)."""
     transfer_user: object | None = None
-    """Who uses ``transfer`` now: an upload (until its gradients are stepped)."""
+    """Who uses the gradient targets now: an upload (until its gradients are stepped)."""
     transfer_bytes: int = 0
     """What ``transfer`` counts in the ledger."""
     staged_transfer: object | None = None
-    """The claim of the staged gradients, if they are in ``transfer``."""
+    """The claim of the staged gradients, if they are in the gradient targets."""
     recorded: bool = False
     """Whether a session store holds its record (a restarted gateway resumes it)."""
     record_kwargs: dict | None = None
@@ -143,9 +144,34 @@ class Session:
 
     # ----- the transfer buffer ---------------------------------------------------------------
 
+    def claim_grad_targets(self, ledger: Ledger) -> tuple[object, list[torch.Tensor]] | None:
+        """Where one push receives its gradients (call with ``lock`` held): a claim to give back
+        with :meth:`release_transfer`, and per parameter the tensor to receive into. That is
+        its place in its shard's gradient buffer where the optimizer has one for it (a
+        parameter one shard holds whole; the shard's shared memory where it runs on this
+        node), so the step's packing copies nothing; else its tensor of the session's transfer
+        buffer (:meth:`claim_transfer`).
+
+        None (the caller allocates as it goes) while gradients are staged or another push
+        holds the targets (a push must not overwrite what a step may still read), or when a
+        transfer buffer is needed and cannot be had.
+        """
+        if self.grads_ready or self.transfer_user is not None or self.closed:
+            return None
+        backend = self.optimizer.backend
+        slots = [backend.grad_slot(i) for i in range(len(self.params))]
+        if None not in slots:
+            self.transfer_user = claim = object()
+            return claim, slots
+        claimed = self.claim_transfer(ledger)
+        if claimed is None:
+            return None
+        claim, buffers = claimed
+        return claim, [s if s is not None else b for s, b in zip(slots, buffers)]
+
     def claim_transfer(self, ledger: Ledger) -> tuple[object, list[torch.Tensor]] | None:
-        """The session's transfer buffer for one upload or pull (call with ``lock`` held):
-        a claim to give back with :meth:`release_transfer` and tensors shaped as ``params``.
+        """The session's transfer buffer for one upload (call with ``lock`` held): a claim to
+        give back with :meth:`release_transfer` and tensors shaped as ``params``.
 
         Reusing the same memory spares each call the page faults of fresh memory (a large
         part of a transfer's cost). None (the caller allocates as it goes) when another call
@@ -162,6 +188,15 @@ class Session:
             self.transfer_bytes = self.nbytes
         self.transfer_user = claim = object()
         return claim, self.transfer
+
+    def check_no_upload(self) -> None:
+        """Raises ShardoptError while a push streams into the gradient targets (call with
+        ``lock`` held): a step that packs gradients there now would mix the two."""
+        if self.transfer_user is not None and self.transfer_user is not self.staged_transfer:
+            raise ShardoptError(
+                "a PushGradients of this session is still streaming into its gradient buffers; "
+                "step once it has ended"
+            )
 
     def release_transfer(self, claim: object) -> None:
         """Gives back a claim of :meth:`claim_transfer` (a no-op for any other)."""
