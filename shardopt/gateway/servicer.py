@@ -313,9 +313,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
     @_handled
     def Step(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._use(context, request.session_id) as session, session.lock:
-            if session.refused is not None:
-                raise ShardoptError(session.refused)
-            session.check_no_upload()
+            session.check_steppable()
             if request.skip:
                 session.check_vote()  # before anything changes
             elif not session.grads_ready:
@@ -335,9 +333,7 @@ class OptimizerGateway(rpc.OptimizerServiceServicer):
         requests = _messages(requests)
         start = _first(requests, "start")
         with self._use(context, start.session_id) as session, session.lock:
-            if session.refused is not None:
-                raise ShardoptError(session.refused)
-            session.check_no_upload()
+            session.check_steppable()
             session.unstage()  # the closure computes the gradients
             if start.param_groups:
                 self._update_groups(session, start.param_groups)

@@ -189,9 +189,12 @@ class Session:
         self.transfer_user = claim = object()
         return claim, self.transfer
 
-    def check_no_upload(self) -> None:
-        """Raises ShardoptError while a push streams into the gradient targets (call with
-        ``lock`` held): a step that packs gradients there now would mix the two."""
+    def check_steppable(self) -> None:
+        """Raises ShardoptError if the session's steps are refused (see :attr:`refused`), or
+        while a push streams into the gradient targets (call with ``lock`` held): a step that
+        packs gradients there now would mix the two."""
+        if self.refused is not None:
+            raise ShardoptError(self.refused)
         if self.transfer_user is not None and self.transfer_user is not self.staged_transfer:
             raise ShardoptError(
                 "a PushGradients of this session is still streaming into its gradient buffers; "
