@@ -9,8 +9,10 @@ default, about 100 MB; ``--quick``: 1M) and AdamW (lr 1e-3, weight decay 1e-2), 
   gateway started in this process (``shardopt.gateway.serve("127.0.0.1", 0, ...)``); one step
   is PushGradients + Step + PullParameters;
 * its pieces, through the raw stub on a session of their own: the PushGradients stream (from
-  the header to the reply), the PullParameters stream (until every tensor is assembled, as the
-  client does, into reused buffers) and the Step RPC alone (after an untimed push); both
+  the header to the reply; then an untimed Step, so that every piece starts from the state a
+  training loop leaves: nothing staged), the PullParameters stream (until every tensor is
+  assembled, as the client does, into reused buffers) and the Step RPC alone (after an untimed
+  push); both
   streams with chunks that span tensors, as the client sends and asks for them
   (``chunk_codec.SPANNING``: as many 1 MiB messages as the raw streams', one per tensor at
   least without it);
@@ -229,6 +231,8 @@ def client_measures(spec: dict[str, Any]) -> tuple[dict[str, Measure], Callable[
         elapsed = time.perf_counter() - start
         if reply.bytes != nbytes:
             raise RuntimeError(f"PushGradients staged {reply.bytes} bytes of {nbytes}")
+        # stepped, untimed, as a training loop does: the next piece finds nothing staged
+        stub.Step(pb.StepRequest(session_id=session_id), metadata=metadata)
         return elapsed
 
     def step() -> float:
