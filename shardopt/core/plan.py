@@ -75,6 +75,10 @@ class TensorSize:
         """How many cut units the tensor has (the last one may be short)."""
         return -(-self.rows // self.row_align)
 
+    def rows_bytes(self, start: int, stop: int) -> int:
+        """The bytes of rows ``[start, stop)`` (a piece's share of :attr:`nbytes`)."""
+        return round((stop - start) * (self.nbytes / self.rows))
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -153,12 +157,9 @@ class ShardPlan:
                 loads[cheapest] += size.nbytes
                 costs[cheapest] += size.nbytes + tensor_cost
                 continue
-            before = list(loads)
             placed[i] = self._split(size, loads, mean)
-            for s in range(n):
-                costs[s] += loads[s] - before[s]
             for piece in placed[i]:
-                costs[piece.shard] += tensor_cost
+                costs[piece.shard] += size.rows_bytes(piece.start, piece.stop) + tensor_cost
         return ShardPlan(pieces=self.pieces + tuple(placed), shard_bytes=tuple(loads))
 
     def with_pieces(
@@ -188,11 +189,8 @@ class ShardPlan:
                 or (len(rows) > 1 and any(start >= stop for start, stop in rows))
             ):
                 raise ValueError(f"parameter {pid}: pieces {ps} do not lay out {size.rows} rows")
-            row_bytes = size.nbytes / size.rows if size.rows else 0
             for p in ps:
-                loads[p.shard] += (
-                    size.nbytes if len(ps) == 1 else round((p.stop - p.start) * row_bytes)
-                )
+                loads[p.shard] += size.nbytes if len(ps) == 1 else size.rows_bytes(p.start, p.stop)
         return ShardPlan(pieces=self.pieces + tuple(pieces), shard_bytes=tuple(loads))
 
     @staticmethod
@@ -218,11 +216,10 @@ class ShardPlan:
             s, units = cuts[-1]
             cuts[-1] = (s, units + left)
         pieces, start = [], 0
-        row_bytes = size.nbytes / size.rows
         for s, units in cuts:
             stop = min(start + units * align, size.rows)
             pieces.append(Piece(s, start, stop))
-            loads[s] += round((stop - start) * row_bytes)
+            loads[s] += size.rows_bytes(start, stop)
             start = stop
         return tuple(pieces)
 
