@@ -10,7 +10,9 @@ The default run (4.2M parameters, 1/2/4 workers, both shapes) takes about 8 minu
 Each shape starts a ``ray.cluster_utils.Cluster`` on this machine: ``cluster`` is a head and
 ``--nodes - 1`` worker nodes (``--node-cpus`` logical CPUs and ``--object-store-mb`` of object
 store each), ``node`` one node with as many logical CPUs as the whole ``cluster`` shape. For
-each world size N, N worker actors are spread over its nodes (``scheduling_strategy="SPREAD"``).
+each world size N, N worker actors are spread over its nodes (``scheduling_strategy="SPREAD"``;
+with ``--worker-pg``, one bundle each of a ``SPREAD`` placement group instead, as Ray Train
+places its workers: a group without ``--placement`` then spreads its shards over those nodes).
 The same actors train, one configuration after the other, an MLP (``--layers`` linear layers
 of ``--width``, ReLU between) on a fixed batch of their own (MSE loss, AdamW lr 1e-3) with
 
@@ -70,6 +72,8 @@ from typing import Any
 import ray
 import torch
 from ray.cluster_utils import Cluster
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import nn
 
 import shardopt
@@ -348,6 +352,13 @@ def shape_nodes(shape: str, args: argparse.Namespace) -> tuple[int, int]:
     return args.nodes, args.node_cpus
 
 
+def worker_strategy(pg: PlacementGroup | None, rank: int) -> Any:
+    """Where worker ``rank`` goes: its bundle of ``pg``, else anywhere (Ray's ``SPREAD``)."""
+    if pg is None:
+        return "SPREAD"
+    return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
+
+
 def run_shape(shape: str, workload: Workload, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every world size and mode on one shape's cluster (started here and shut down)."""
     nodes, cpus = shape_nodes(shape, args)
@@ -355,11 +366,13 @@ def run_shape(shape: str, workload: Workload, args: argparse.Namespace) -> list[
     cluster = start_cluster(nodes, cpus, args.object_store_mb)
     records = []
     try:
-        remote_worker = ray.remote(BenchWorker).options(num_cpus=1, scheduling_strategy="SPREAD")
         for n in args.workers:
             log(f"{shape}, {n} worker(s): starting the actors")
+            pg = placement_group([{"CPU": 1}] * n, strategy="SPREAD") if args.worker_pg else None
             workers = [
-                remote_worker.remote(r, workload, args.threads, args.straggler_ms if r == 0 else 0)
+                ray.remote(BenchWorker)
+                .options(num_cpus=1, scheduling_strategy=worker_strategy(pg, r))
+                .remote(r, workload, args.threads, args.straggler_ms if r == 0 else 0)
                 for r in range(n)
             ]
             worker_nodes = ray.get([w.node_id.remote() for w in workers])
@@ -380,6 +393,8 @@ def run_shape(shape: str, workload: Workload, args: argparse.Namespace) -> list[
                 records.append(record)
             for w in workers:
                 ray.kill(w)
+            if pg is not None:
+                remove_placement_group(pg)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -402,6 +417,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "threads_per_worker": args.threads,
             "num_shards": args.shards,
             "placement": args.placement,
+            "worker_pg": args.worker_pg,
             "warmup": args.warmup,
             "steps": args.steps,
             "blocks": args.blocks,
@@ -458,6 +474,7 @@ def format_table(report: dict[str, Any]) -> str:
         + (f", in each of {meta['blocks']} rotating blocks" if meta.get("blocks", 1) > 1 else "")
         + f"; shardopt num_shards={meta['num_shards']}, "
         f"placement={meta['placement']}"
+        + ("; workers in a SPREAD placement group" if meta.get("worker_pg") else "")
         + (f"; rank 0 sleeps {meta['straggler_ms']:g} ms a step" if meta["straggler_ms"] else ""),
         f"{'shape':<9}{'config':<24}{'workers':>8}{'ms/step':>10}{'steps/s':>9}{'samples/s':>11}"
         f"{'vs DDP':>8}{'total samples/s':>17}{'total vs DDP':>14}{'vs plain':>9}"
@@ -501,6 +518,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--placement", default=None, help="shardopt placement, e.g. SPREAD (default: none)"
     )
+    parser.add_argument(
+        "--worker-pg", action="store_true",
+        help="workers in a SPREAD placement group, a bundle each (as Ray Train places them)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--nodes", type=int, default=3, help="nodes, head included (default 3)")
     parser.add_argument("--node-cpus", type=int, default=2, help="logical CPUs per node")

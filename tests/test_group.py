@@ -21,6 +21,7 @@ import torch
 from group_workers import GroupWorker, loss_of, make_data, make_model, reference_run
 
 import shardopt
+from shardopt.actor import placement
 from shardopt.actor.threads import usable_cpus
 from shardopt.client.shard_group import list_groups
 from shardopt.client.shard_group import registry as group_registry
@@ -508,3 +509,22 @@ def test_plain_optimizer_pull_params_restores_the_master_copy():
     for got, want in zip(model.parameters(), stepped):
         assert torch.equal(got.detach(), want)
     opt.close()
+
+
+@pytest.mark.parametrize(
+    ("shards", "nodes", "expected"),
+    [
+        (2, ("a",), ["a", "a"]),  # no placement group: the creating worker's node
+        (2, ("a", "b"), ["a", "b"]),
+        (2, ("a", "b", "c", "a"), ["a", "c"]),  # SPREAD bundles come round the nodes again
+        (3, ("a", "a", "b"), ["a", "a", "b"]),  # PACK: by how many bundles each node has
+        (2, (), [None, None]),
+    ],
+)
+def test_shards_go_beside_the_workers_in_bundle_order(shards, nodes, expected):
+    assert placement.beside_workers(shards, nodes) == expected
+
+
+def test_a_worker_outside_a_placement_group_is_laid_out_on_its_node():
+    """The driver belongs to no placement group (the cluster tests cover one that does)."""
+    assert placement.worker_nodes() == (ray.get_runtime_context().get_node_id(),)

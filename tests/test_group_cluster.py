@@ -7,6 +7,8 @@ the session's local Ray, so conftest runs these tests before every other test.
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 
 import pytest
@@ -20,7 +22,11 @@ from group_workers import (
     reference_run,
     sync_reference,
 )
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
 import shardopt
 from shardopt.client.shard_group import registry as group_registry
@@ -229,3 +235,91 @@ def test_workers_on_another_node_push_over_network_lanes(name):
         ray.get([w.close.remote() for w in ranks])
     finally:
         shardopt.close_group(group)
+
+
+def _node_of(actor: object) -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def test_shards_without_placement_go_beside_the_creating_worker(name, workers):
+    """Without a placement the shards go to the node of the worker that creates the group
+    (which then reaches them through shared memory), not to the registry's node; a closed
+    group's idle hosts serve the next group created on their node only; and the files of a
+    host that died there are removed on that node when its group ends."""
+    registry_node = ray.get(group_registry().__ray_call__.remote(_node_of))
+    nodes = ray.get([w.node_id.remote() for w in workers[:NODES]])
+    creator = next(r for r in range(NODES) if nodes[r] != registry_node)
+    other = next(r for r in range(NODES) if nodes[r] != nodes[creator])
+    first, second = workers[creator], workers[other]
+    x, y = make_data(8)
+    halves = [(x[:4], y[:4]), (x[4:], y[4:])]
+    options = dict(world_size=2, num_shards=2, timeout=60, **HYPER)
+    ray.get(first.attach.remote(0, group=name, rank=0, **options))
+    ray.get(second.attach.remote(0, group=name, rank=1, **options))
+    assert list(shardopt.list_groups()[name]["node_ids"]) == [nodes[creator]] * 2
+    assert ray.get([first.lanes.remote(), second.lanes.remote()]) == [(2, 0), (2, 2)]
+    results = ray.get([w.train.remote(*halves[r], 3) for r, w in enumerate((first, second))])
+    expected, _ = sync_reference(3, halves, **HYPER)
+    assert all(torch.equal(p, q) for p, q in zip(results[0], expected))
+    assert all(torch.equal(p, q) for p, q in zip(results[1], results[0]))
+    hosts, _ = ray.get(group_registry().primary_hosts.remote(name))
+    pooled = {h._actor_id.hex() for h in hosts}
+    ray.get([first.close.remote(), second.close.remote()])
+    assert name not in shardopt.list_groups()
+
+    elsewhere = f"{name}-elsewhere"  # created on another node: not the idle hosts
+    try:
+        ray.get(second.attach.remote(0, group=elsewhere, world_size=1, rank=0, num_shards=2))
+        assert list(shardopt.list_groups()[elsewhere]["node_ids"]) == [nodes[other]] * 2
+        hosts, _ = ray.get(group_registry().primary_hosts.remote(elsewhere))
+        assert not {h._actor_id.hex() for h in hosts} & pooled
+        assert ray.get(second.lanes.remote()) == (2, 0)
+    finally:
+        ray.get(second.close.remote())
+        shardopt.close_group(elsewhere)
+
+    again = f"{name}-again"  # created on the first node: its idle hosts, files there
+    ray.get(first.attach.remote(0, group=again, world_size=1, rank=0, num_shards=2))
+    try:
+        hosts, _ = ray.get(group_registry().primary_hosts.remote(again))
+        assert {h._actor_id.hex() for h in hosts} == pooled
+        info = ray.get(hosts[0].info.remote())
+        assert info["node_id"] == nodes[creator] != registry_node
+        assert len(info["shm_files"]) == 2 and all(os.path.exists(p) for p in info["shm_files"])
+        os.kill(info["pid"], signal.SIGKILL)
+    finally:
+        ray.get(first.close.remote())
+        shardopt.close_group(again)
+    assert again not in shardopt.list_groups()
+    assert not any(os.path.exists(p) for p in info["shm_files"])
+
+
+def test_shards_without_placement_spread_over_the_workers_placement_group(name):
+    """Workers in a placement group, one bundle each (as Ray Train's are): a group without a
+    placement spreads its shards over the bundles' nodes (shard ``s`` beside bundle
+    ``s * bundles // shards``), so each worker here has one shard beside it and one away."""
+    pg = placement_group([{"CPU": 1}] * 2, strategy="STRICT_SPREAD")
+    ray.get(pg.ready(), timeout=60)
+    bundles = [PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i) for i in (0, 1)]
+    ranks = [
+        ray.remote(GroupWorker).options(num_cpus=1, scheduling_strategy=bundle).remote()
+        for bundle in bundles
+    ]
+    try:
+        nodes = ray.get([w.node_id.remote() for w in ranks])
+        assert nodes[0] != nodes[1]
+        x, y = make_data(8)
+        halves = [(x[:4], y[:4]), (x[4:], y[4:])]
+        ray.get([w.attach.remote(0, group=name, world_size=2, rank=r, num_shards=2, timeout=60,
+                                 **HYPER) for r, w in enumerate(ranks)])  # fmt: skip
+        assert list(shardopt.list_groups()[name]["node_ids"]) == nodes
+        assert ray.get([w.lanes.remote() for w in ranks]) == [(2, 1), (2, 1)]
+        results = ray.get([w.train.remote(*halves[r], 3) for r, w in enumerate(ranks)])
+        expected, _ = sync_reference(3, halves, **HYPER)
+        assert all(torch.equal(p, q) for p, q in zip(results[0], expected))
+        assert all(torch.equal(p, q) for p, q in zip(results[1], results[0]))
+        ray.get([w.close.remote() for w in ranks])
+    finally:
+        for w in ranks:
+            ray.kill(w)
+        remove_placement_group(pg)

@@ -1,4 +1,5 @@
-"""Where shard actors go: Ray placement groups for one shard per node or per GPU.
+"""Where shard actors go: Ray placement groups for one shard per node or per GPU, and the
+nodes of a group's workers for a group without them.
 
 A shard group (or an optimizer) may ask for its shards to be placed with one of Ray's placement
 strategies (``STRICT_SPREAD``: one shard per node; ``SPREAD``: across nodes where possible;
@@ -6,6 +7,10 @@ strategies (``STRICT_SPREAD``: one shard per node; ``SPREAD``: across nodes wher
 CPU; ``{"GPU": 1}`` for one shard per GPU). What the cluster cannot satisfy is refused at once,
 from the nodes' total resources, with a message saying what to change; what it could satisfy
 but whose resources are in use fails after ``timeout_s`` with the same kind of message.
+
+A group without a placement goes where its workers are (:func:`worker_nodes`,
+:func:`beside_workers`): spread over the nodes of the placement group the creating worker runs
+in (Ray Train's workers each have a bundle of one), else on that worker's node.
 
 Talks to: Ray (``ray.nodes()``, placement groups).
 """
@@ -17,7 +22,13 @@ import logging
 from typing import Any
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shardopt.core.errors import PlacementError
@@ -167,6 +178,31 @@ def bundle_options(pg: PlacementGroup, index: int, bundle: dict[str, float]) -> 
     if custom:
         options["resources"] = custom
     return options
+
+
+def worker_nodes() -> tuple[str, ...]:
+    """The nodes this process's training job is laid out on, as far as Ray knows it here: those
+    of the bundles of the placement group this actor runs in, in bundle order (one per bundle),
+    else this process's node alone."""
+    here = ray.get_runtime_context().get_node_id()
+    try:
+        pg = get_current_placement_group()
+        if pg is None:
+            return (here,)
+        bundles = placement_group_table(pg).get("bundles_to_node_id") or {}
+        nodes = tuple(bundles[i] for i in sorted(bundles) if bundles[i])
+    except Exception as err:  # a Ray without the table: this node
+        logger.debug("placement group of this worker not read: %s", err)
+        return (here,)
+    return nodes or (here,)
+
+
+def beside_workers(num_shards: int, nodes: tuple[str, ...]) -> list[str | None]:
+    """Per shard, the node of the workers' ``nodes`` it goes to: spread over them in order
+    (shard ``s`` to ``nodes[s * len(nodes) // num_shards]``), or None without nodes."""
+    if not nodes:
+        return [None] * num_shards
+    return [nodes[s * len(nodes) // num_shards] for s in range(num_shards)]
 
 
 def release(pg: PlacementGroup | None) -> None:

@@ -4,15 +4,20 @@ The :class:`GroupRegistry` is one named, detached Ray actor per cluster (``shard
 the ``shardopt`` namespace). The first worker to attach to a group name creates the group: the
 registry starts its shard hosts (:class:`~shardopt.actor.shard_group_host.GroupShardHost`,
 detached and named ``group/<name>/shard/<i>``), placed as the group asks
-(:mod:`shardopt.actor.placement`), from that worker's parameters. A plain group (no placement,
-elasticity or replicas) takes idle hosts of closed groups from the registry's pool instead
-(:mod:`shardopt.actor.group_host_pool`; such hosts are named ``group-host/<id>``) and gives
-its hosts back to it when it closes. Later workers attach if they present the same
-:class:`~shardopt.core.records.GroupSignature` (parameter names, shapes and dtypes, optimizer
-class, hyperparameters, world size, mode...), and get a ``ValueError`` naming the first
-difference otherwise. An elastic group (``elastic=True``) also gets a coordinator
-(:class:`~shardopt.actor.group_membership.GroupMembers`, ``group/<name>/members``) that admits
-its workers (assigning ranks when they pass none) and decides each round's participants.
+(:mod:`shardopt.actor.placement`), from that worker's parameters. Without a placement (and
+without a scheduling strategy in its actor options) the hosts go where the workers are, where
+those nodes have room (a soft node affinity), not to wherever the registry runs: spread over
+the nodes of the placement group that worker runs in (a Ray Train worker's), else on that
+worker's node; workers there reach them through shared memory. A plain group (no placement,
+elasticity or replicas) takes idle hosts of closed groups on those nodes from the registry's
+pool instead (:mod:`shardopt.actor.group_host_pool`; such hosts are named
+``group-host/<id>``) and gives its hosts back to it when it closes. Later workers attach if
+they present the same :class:`~shardopt.core.records.GroupSignature` (parameter names, shapes
+and dtypes, optimizer class, hyperparameters, world size, mode...), and get a ``ValueError``
+naming the first difference otherwise. An elastic group (``elastic=True``)
+also gets a coordinator (:class:`~shardopt.actor.group_membership.GroupMembers`,
+``group/<name>/members``) that admits its workers (assigning ranks when they pass none) and
+decides each round's participants.
 
 The actor is created (and found) by :func:`shardopt.client.shard_group.registry`.
 
@@ -40,15 +45,16 @@ Talks to: Ray (named actors, the job table); workers' backends
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardopt.actor import placement
+from shardopt.actor.group_files import close_hosts, remove_files
 from shardopt.actor.group_host_pool import (
     POOLED_CONCURRENCY,
     GroupHostPool,
@@ -113,40 +119,6 @@ def _versions(hosts: list[Any], timeout_s: float = 30.0) -> dict[Any, int]:
     return alive
 
 
-def _close_hosts(hosts: list[Any], timeout_s: float = 10.0) -> list[Any]:
-    """Asks a group's shard hosts to remove their shared-memory files before they are killed.
-    Returns the hosts that did not (already dead)."""
-    refs = [h.close.remote() for h in hosts]
-    try:
-        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    except Exception as err:  # the cluster is going away
-        logger.debug("closing group hosts: %s", err)
-    failed = []
-    for host, ref in zip(hosts, refs):
-        try:
-            ray.get(ref, timeout=0)
-        except Exception as err:  # dead, or not done in time
-            logger.debug("group host not closed: %s", err)
-            failed.append(host)
-    return failed
-
-
-def _remove_files(files: dict[str, tuple[str, tuple[str, ...]]], hosts: list[Any]) -> None:
-    """Removes the shared-memory files of dead shard ``hosts`` (recorded when they were made:
-    actor id -> node, paths) that are on this node."""
-    here = ray.get_runtime_context().get_node_id()
-    for host in hosts:
-        node, paths = files.get(host._actor_id.hex(), ("", ()))
-        if not paths or node != here:
-            continue
-        from shardopt.core import shm  # torch: only where there are files to remove
-
-        for path in paths:
-            if os.path.dirname(path) == shm.SHM_DIR:
-                shm.remove(path)
-                logger.info("removed %s, a file of a lost group shard host", path)
-
-
 class GroupRegistry:
     """The cluster's shard groups by name: creation, attachment, lifetime. A plain class, made
     a named detached actor by :func:`shardopt.client.shard_group.registry`."""
@@ -168,6 +140,7 @@ class GroupRegistry:
         spec_refs: list[Any],
         actor_id: str | None = None,
         holder: str | None = None,
+        nodes: tuple[str, ...] = (),
     ) -> GroupMembership:
         """Attaches ``rank`` to group ``name``, creating the group if it does not exist.
 
@@ -178,6 +151,9 @@ class GroupRegistry:
             holder: what holds this member beyond its job (a gateway's session store), or
                 None; a rank attached under the same holder is attached again (re-attached by
                 a restarted gateway), not refused.
+            nodes: the nodes the worker's job is laid out on
+                (:func:`~shardopt.actor.placement.worker_nodes`); a group it creates without a
+                placement spreads its shards over them (none: where Ray puts them).
             spec_refs: object refs to the worker's shard specs (its initial parameters), one
                 per shard; only the shard hosts of a group being created read them.
 
@@ -191,7 +167,7 @@ class GroupRegistry:
             if group is None:
                 if not spec_refs:
                     raise LookupError(f"group {name!r} does not exist (any more): send specs")
-                group = self._create(name, signature, rank, job_id, spec_refs)
+                group = self._create(name, signature, rank, job_id, spec_refs, nodes)
                 self._groups[name] = group
             else:
                 problem = signature_mismatch(name, group.signature, signature)
@@ -239,6 +215,7 @@ class GroupRegistry:
         rank: int | None,
         job_id: str,
         spec_refs: list[Any],
+        nodes: tuple[str, ...] = (),
     ) -> _Group:
         from shardopt.actor.group_membership import GroupMembers
         from shardopt.actor.shard_group_host import (
@@ -254,6 +231,11 @@ class GroupRegistry:
                 config.num_shards, config.placement, bundle, f"shardopt/{name}", config.timeout_s
             )
             per_shard = [{**options, **p} for p in placed]
+        follows = config.placement is None and "scheduling_strategy" not in options
+        near = placement.beside_workers(config.num_shards, nodes if follows else ())
+        for o, node in zip(per_shard, near):  # by the workers: shared memory for them
+            if node is not None:
+                o["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
         coordinator = None
         if config.elastic:
             coordinator = (
@@ -268,9 +250,11 @@ class GroupRegistry:
                 .remote(name, config.num_shards, config.heartbeat_timeout_s, config.world_size)
             )
         remote_host = ray.remote(GroupShardHost)
-        hosts = self._pooled_hosts(name, config) if poolable(config) else []
-        hosts += [
-            remote_host.options(
+        pooled = self._pooled_hosts(name, config, near) if poolable(config) else []
+        hosts = [
+            pooled[s]
+            if s < len(pooled) and pooled[s] is not None
+            else remote_host.options(
                 name=(
                     f"group-host/{uuid.uuid4().hex[:12]}"  # serves one group after another
                     if poolable(config)
@@ -283,7 +267,7 @@ class GroupRegistry:
                 ),
                 **per_shard[s],
             ).remote(name, config, coordinator)
-            for s in range(len(hosts), config.num_shards)
+            for s in range(config.num_shards)
         ]
         k = config.replicate
         replicas = [
@@ -353,25 +337,36 @@ class GroupRegistry:
             return False
         kept = self._recycle(group) if poolable(group.signature.config) else []
         others = [h for h in group.shard_hosts if h not in kept]
-        _remove_files(group.files, _close_hosts(others))
+        remove_files(group.files, close_hosts(others))
         kill_actors([a for a in group.actors if a not in kept])
         placement.release(group.pg)
         emit(logger, "group_closed", group=name, members=sorted(group.members))
         return True
 
-    def _pooled_hosts(self, name: str, config: GroupConfig) -> list[Any]:
-        """Idle hosts from the pool (:mod:`shardopt.actor.group_host_pool`), now serving
-        group ``name``; a host that does not answer is killed and left out."""
+    def _pooled_hosts(
+        self, name: str, config: GroupConfig, nodes: list[str | None]
+    ) -> list[Any | None]:
+        """Per shard, an idle host from the pool (:mod:`shardopt.actor.group_host_pool`) on
+        that shard's node (any, where None), now serving group ``name``, or None: none there,
+        or one that did not answer (killed)."""
+        key = placement.options_key(config.actor_options)
+        taken: list[Any | None] = []
         with self._lock:
-            taken = self._pool.take(placement.options_key(config.actor_options), config.num_shards)
-        hosts = []
+            for node in nodes:
+                on_node = None if node is None else (lambda idle, n=node: idle.node == n)
+                taken += self._pool.take(key, 1, accept=on_node) or [None]
+        hosts: list[Any | None] = []
         for host in taken:
+            if host is None:
+                hosts.append(None)
+                continue
             try:
                 ray.get(host.reuse.remote(name, config), timeout=POOL_CALL_TIMEOUT_S)
                 hosts.append(host)
             except Exception as err:  # gone meanwhile: start another
                 logger.debug("pooled group host unusable: %s", err)
                 kill_actors([host])
+                hosts.append(None)
         return hosts
 
     def _recycle(self, group: _Group) -> list[Any]:
@@ -379,7 +374,7 @@ class GroupRegistry:
         key = placement.options_key(group.signature.config.actor_options)
         refs = [h.recycle.remote() for h in group.hosts]
         kept, excess = [], []
-        for host, ref in zip(group.hosts, refs):
+        for host, node, ref in zip(group.hosts, group.node_ids, refs):
             try:
                 if not ray.get(ref, timeout=POOL_CALL_TIMEOUT_S):
                     continue  # a push still in progress: it is killed with the group
@@ -388,7 +383,7 @@ class GroupRegistry:
                 continue
             kept.append(host)
             with self._lock:
-                excess += self._pool.give(host, key)
+                excess += self._pool.give(host, key, node)
         kill_actors(excess)
         return kept
 

@@ -99,7 +99,9 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
             over the workers that contributed; new ones join at a round boundary
             (:mod:`shardopt.actor.group_membership`; ``opt.group.members()``).
         placement: a Ray placement strategy for the group's shards: ``"STRICT_SPREAD"``
-            (one per node), ``"SPREAD"``, ``"PACK"``, ``"STRICT_PACK"``.
+            (one per node), ``"SPREAD"``, ``"PACK"``, ``"STRICT_PACK"``. None: beside the
+            workers (spread over the nodes of the creating worker's placement group, else on
+            its node; :func:`~shardopt.actor.placement.worker_nodes`).
         shard_resources: what each shard reserves under ``placement`` (default one CPU;
             ``{"GPU": 1}`` puts one shard per GPU).
         replicate: keep an in-memory replica of every shard on another node, so that a lost

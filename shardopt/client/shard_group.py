@@ -43,6 +43,7 @@ from typing import Any
 import ray
 import torch
 
+from shardopt.actor import placement
 from shardopt.actor.group_signature import comparable
 from shardopt.actor.host import NAMESPACE
 from shardopt.actor.shard_group_registry import REGISTRY_NAME, GroupRegistry
@@ -237,12 +238,11 @@ class ShardGroupMember(RayShards):
         job_id, actor_id = context.get_job_id(), context.get_actor_id()
         signature = self.signature()
 
+        nodes = placement.worker_nodes()  # where a group it creates puts its shards
+
         def join(spec_refs: list[Any]) -> GroupMembership:
-            return ray_get(
-                reg.join.remote(
-                    self.name, signature, self.rank, job_id, spec_refs, actor_id, self.holder
-                )
-            )
+            args = (self.name, signature, self.rank, job_id, spec_refs, actor_id, self.holder)
+            return ray_get(reg.join.remote(*args, nodes=nodes))
 
         # Only a worker that may create the group ships its initial parameters.
         creates = not resume and not ray.get(reg.exists.remote(self.name))
