@@ -78,10 +78,11 @@ def threads_per_shard(infos: Sequence[dict[str, Any]], reserved: bool) -> list[i
         return [None] * len(infos)
     nodes = _nodes()
     node_ids = [info["node_id"] for info in infos]
-    machines = [nodes.get(node, (1, node))[1] for node in node_ids]
+    known = [nodes.get(node, (1, node)) for node in node_ids]  # (logical CPUs, machine)
+    machines = [machine for _, machine in known]
     threads: list[int | None] = []
-    for node, machine, info in zip(node_ids, machines, infos):
-        per_node = nodes.get(node, (1, node))[0] // node_ids.count(node)
+    for node, (cpus, machine), info in zip(node_ids, known, infos):
+        per_node = cpus // node_ids.count(node)
         machine_cpus = info.get("cpus")
         per_machine = per_node if machine_cpus is None else machine_cpus // machines.count(machine)
         threads.append(max(1, min(per_node, per_machine)))
