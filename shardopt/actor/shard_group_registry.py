@@ -14,10 +14,10 @@ pool instead (:mod:`shardopt.actor.group_host_pool`; such hosts are named
 ``group-host/<id>``) and gives its hosts back to it when it closes. Later workers attach if
 they present the same :class:`~shardopt.core.records.GroupSignature` (parameter names, shapes
 and dtypes, optimizer class, hyperparameters, world size, mode...), and get a ``ValueError``
-naming the first difference otherwise. An elastic group (``elastic=True``)
-also gets a coordinator (:class:`~shardopt.actor.group_membership.GroupMembers`,
-``group/<name>/members``) that admits its workers (assigning ranks when they pass none) and
-decides each round's participants.
+naming the first difference otherwise. An elastic group (``elastic=True``) also gets a
+coordinator (:class:`~shardopt.actor.group_membership.GroupMembers`, ``group/<name>/members``)
+that admits its workers (assigning ranks when they pass none) and decides each round's
+participants.
 
 The actor is created (and found) by :func:`shardopt.client.shard_group.registry`.
 
