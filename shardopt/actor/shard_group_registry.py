@@ -250,10 +250,11 @@ class GroupRegistry:
                 .remote(name, config.num_shards, config.heartbeat_timeout_s, config.world_size)
             )
         remote_host = ray.remote(GroupShardHost)
-        pooled = self._pooled_hosts(name, config, near) if poolable(config) else []
+        fresh: list[Any | None] = [None] * config.num_shards  # a new host for every shard
+        pooled = self._pooled_hosts(name, config, near) if poolable(config) else fresh
         hosts = [
             pooled[s]
-            if s < len(pooled) and pooled[s] is not None
+            if pooled[s] is not None
             else remote_host.options(
                 name=(
                     f"group-host/{uuid.uuid4().hex[:12]}"  # serves one group after another
