@@ -21,7 +21,15 @@ default, about 100 MB; ``--quick``: 1M) and AdamW (lr 1e-3, weight decay 1e-2), 
 * torch fused: ``torch.optim.AdamW(fused=True)`` in the client's process, the floor;
 * the anchors, over the same number of bytes: a raw gRPC stream of 1 MiB ``bytes`` messages
   to a trivial generic-handler server (identity serializers, messages built once, up front) in
-  both directions, and a plain TCP socket on 127.0.0.1 in both directions.
+  both directions, and a plain TCP socket on 127.0.0.1 in both directions;
+* the floor of any design that copies each byte once on each side, over the same raw gRPC
+  server: its sender encodes every message from the tensors as it goes (one copy:
+  ``chunk_codec.spanning_chunks``, the encoder the client and the gateway use) and its receiver
+  copies every message into memory it keeps (a buffer of shared memory for pushes, as the
+  gateway's shards' buffers; a reused buffer for pulls, as the client's). The gateway's streams
+  copy each byte once a side too, and parse, check and count what they receive besides:
+  ``push / raw gRPC push, a copy a side`` is what that costs them. The copies themselves are
+  ``raw gRPC push, a copy a side / raw gRPC push``.
 
 Every server (gateway, raw gRPC, TCP) lives in this process. The client side runs twice: in
 this process (phase 1: client and servers share one GIL) and in a child process of its own
@@ -42,6 +50,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import mmap
 import pathlib
 import socket
 import subprocess
@@ -99,10 +108,12 @@ PUSH = "PushGradients stream"
 PULL = "PullParameters stream"
 GRPC_PUSH = "raw gRPC client stream"
 GRPC_PULL = "raw gRPC server stream"
+COPIED_PUSH = "raw gRPC push, a copy a side"
+COPIED_PULL = "raw gRPC pull, a copy a side"
 TCP_PUSH = "TCP client -> server"
 TCP_PULL = "TCP server -> client"
 STEP_ROWS = (TORCH, CORE_SHM, CORE_STORE, REMOTE, STEP_RPC)
-RATE_ROWS = (PUSH, GRPC_PUSH, TCP_PUSH, PULL, GRPC_PULL, TCP_PULL)
+RATE_ROWS = (PUSH, GRPC_PUSH, COPIED_PUSH, TCP_PUSH, PULL, GRPC_PULL, COPIED_PULL, TCP_PULL)
 PHASES = {"same_process": "client in gateway's process", "own_process": "client in own process"}
 log = logger("grpc_bench")
 
@@ -116,23 +127,40 @@ def byte_chunks(nbytes: int, chunk_bytes: int = wire.CHUNK_BYTES) -> list[bytes]
     return [data[o : o + chunk_bytes].tobytes() for o in range(0, nbytes, chunk_bytes)]
 
 
-def raw_grpc_server(nbytes: int) -> tuple[grpc.Server, int]:
-    """A trivial gRPC server: ``Push`` counts the bytes it is sent, ``Pull`` streams ``nbytes``.
-
-    Both carry ``bytes`` as they are (no serializers); ``Pull``'s messages are built once here.
-    """
+def raw_grpc_server(nbytes: int, tensors: list[torch.Tensor]) -> tuple[grpc.Server, int]:
+    """A trivial gRPC server: ``Push`` counts the bytes it is sent, ``Pull`` streams ``nbytes``,
+    both carrying ``bytes`` as they are (no serializers; ``Pull``'s messages built once here).
+    ``PushLanded`` copies every message it is sent into shared memory it keeps (an anonymous
+    shared mapping, the memory of the shards' buffers), one after the other; ``PullEncoded``
+    streams ``tensors`` (``nbytes`` in all) encoded as it goes, by the gateway's encoder."""
     chunks = byte_chunks(nbytes)
+    landing = mmap.mmap(-1, nbytes + (1 << 20))  # room for the messages' framing
+    target = memoryview(landing)
+    target[:] = bytes(len(target))  # touched once, as a shard's buffer is before a step
 
     def push(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         return sum(len(m) for m in requests).to_bytes(8, "little")
 
+    def push_landed(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        at = 0
+        for message in requests:
+            end = min(at + len(message), len(target))
+            target[at:end] = memoryview(message)[: end - at]
+            at = end
+        return at.to_bytes(8, "little")
+
     def pull(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         yield from chunks
+
+    def pull_encoded(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield from chunk_codec.spanning_chunks(tensors)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=CHANNEL_OPTIONS)
     handlers = {
         "Push": grpc.stream_unary_rpc_method_handler(push),
+        "PushLanded": grpc.stream_unary_rpc_method_handler(push_landed),
         "Pull": grpc.unary_stream_rpc_method_handler(pull),
+        "PullEncoded": grpc.unary_stream_rpc_method_handler(pull_encoded),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(RAW_SERVICE, handlers),))
     port = server.add_insecure_port(f"{LOOPBACK}:0")
@@ -276,7 +304,31 @@ def client_measures(spec: dict[str, Any]) -> tuple[dict[str, Measure], Callable[
             raise RuntimeError(f"the raw server sent {got} bytes of {nbytes}")
         return elapsed
 
+    raw_push_landed = raw.stream_unary(f"/{RAW_SERVICE}/PushLanded")
+    raw_pull_encoded = raw.unary_stream(f"/{RAW_SERVICE}/PullEncoded")
+    inbox_view = memoryview(bytearray(nbytes + (1 << 20)))  # reused, as the client's buffers
+
+    def copied_push() -> float:
+        start = time.perf_counter()
+        got = int.from_bytes(raw_push_landed(chunk_codec.spanning_chunks(grads)), "little")
+        elapsed = time.perf_counter() - start
+        if got < nbytes:
+            raise RuntimeError(f"the raw server landed {got} bytes of {nbytes}")
+        return elapsed
+
+    def copied_pull() -> float:
+        start = time.perf_counter()
+        at = 0
+        for message in raw_pull_encoded(b""):
+            inbox_view[at : at + len(message)] = message
+            at += len(message)
+        elapsed = time.perf_counter() - start
+        if at < nbytes:
+            raise RuntimeError(f"the raw server sent {at} bytes of {nbytes}")
+        return elapsed
+
     measures.update({GRPC_PUSH: grpc_push, GRPC_PULL: grpc_pull})
+    measures.update({COPIED_PUSH: copied_push, COPIED_PULL: copied_pull})
 
     conn = socket.create_connection((LOOPBACK, spec["tcp_port"]))
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -392,7 +444,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     log(f"Ray and the servers; {n:,} parameters ({nbytes / MB:.0f} MB)")
     gateway = serve(LOOPBACK, 0, tokens=[token])
-    raw_server, raw_port = raw_grpc_server(nbytes)
+    raw_server, raw_port = raw_grpc_server(nbytes, [p.detach() for p in make_params(shapes)])
     tcp = TcpServer(nbytes)
     spec = {
         "num_params": args.size,
@@ -478,8 +530,12 @@ def add_figures(report: dict[str, Any], nbytes: int) -> None:
             f"remote / {CORE_STORE}": ratio(remote, ms(CORE_STORE, core)),
             f"remote / {TORCH}": ratio(remote, ms(TORCH)),
             "push / raw gRPC push": ratio(rate(PUSH), rate(GRPC_PUSH)),
+            f"push / {COPIED_PUSH}": ratio(rate(PUSH), rate(COPIED_PUSH)),
+            f"{COPIED_PUSH} / raw gRPC push": ratio(rate(COPIED_PUSH), rate(GRPC_PUSH)),
             "push / TCP push": ratio(rate(PUSH), rate(TCP_PUSH)),
             "pull / raw gRPC pull": ratio(rate(PULL), rate(GRPC_PULL)),
+            f"pull / {COPIED_PULL}": ratio(rate(PULL), rate(COPIED_PULL)),
+            f"{COPIED_PULL} / raw gRPC pull": ratio(rate(COPIED_PULL), rate(GRPC_PULL)),
             "pull / TCP pull": ratio(rate(PULL), rate(TCP_PULL)),
             "remote / (push + Step + pull)": ratio(remote, parts),
         }
