@@ -1,9 +1,11 @@
-"""Smoke test of benchmarks/step_bench.py: its pieces run on a tiny model, so it does not rot.
+"""Smoke tests of the benchmarks (step_bench.py, split_bench.py, gpu_bench.py, grpc_bench.py):
+their pieces run on tiny models, so they do not rot.
 
 The benchmark's modules live next to the script, not in the package; the fixtures put that
 folder on ``sys.path`` (spawned children inherit it). Everything runs on about 100k parameters
 with one timed step: the in-process cell (torch, shardopt on the session's Ray, the floor), the
-whole CLI with its table, JSON and plot, and the ZeRO and RPC anchors (a few seconds each).
+whole CLI with its table, JSON and plot, and the ZeRO and RPC anchors (a few seconds each); the
+gRPC bench's gateway, raw servers and child client on 200k.
 """
 
 from __future__ import annotations
@@ -145,3 +147,26 @@ def test_gpu_bench_runs_on_a_cpu():
     assert all(s["error"] is None and s["median_ms"] > 0 for s in result["samples"].values())
     assert result["transports"]["shardopt cuda_ipc"] == ["object_store"]
     assert result["transports"]["shardopt object_store after"] == ["object_store"]
+
+
+def test_grpc_bench_times_every_row_against_its_anchors_and_floors():
+    """benchmarks/grpc_bench.py on a small model, the client in this process and in a child
+    process of its own: every row is timed in both phases (the in-cluster rows in the first),
+    and every ratio is there, the one-copy-a-side floors included."""
+    grpc_bench = _benchmark_module("grpc_bench")
+    args = grpc_bench.parse_args(
+        ["--size", "200K", "--repeats", "1", "--warmup", "0", "--settle", "0"]
+    )
+    report = grpc_bench.run(args)
+    phases = report["phases"]
+    assert set(phases) == set(grpc_bench.PHASES)
+    for key, phase in phases.items():
+        rows = grpc_bench.RATE_ROWS + (grpc_bench.REMOTE, grpc_bench.STEP_RPC, grpc_bench.TORCH)
+        for name in rows:
+            assert phase["samples"][name]["error"] is None, (key, name)
+            assert phase["samples"][name]["median_ms"] > 0, (key, name)
+        assert all(v is not None and v > 0 for v in phase["ratios"].values()), key
+    ratios = phases["own_process"]["ratios"]
+    assert f"push / {grpc_bench.COPIED_PUSH}" in ratios
+    assert f"{grpc_bench.COPIED_PULL} / raw gRPC pull" in ratios
+    assert "raw gRPC push, a copy a side" in grpc_bench.format_table(report)
