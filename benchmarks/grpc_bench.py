@@ -444,7 +444,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     log(f"Ray and the servers; {n:,} parameters ({nbytes / MB:.0f} MB)")
     gateway = serve(LOOPBACK, 0, tokens=[token])
-    raw_server, raw_port = raw_grpc_server(nbytes, [p.detach() for p in make_params(shapes)])
+    base = make_params(shapes)  # the in-cluster proxies' parameters, and the raw pull's bytes
+    raw_server, raw_port = raw_grpc_server(nbytes, [p.detach() for p in base])
     tcp = TcpServer(nbytes)
     spec = {
         "num_params": args.size,
@@ -458,12 +459,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     try:
         log("phase 1: the client in this process, with the in-cluster proxies")
-        base = make_params(shapes)
         cores = {CORE_SHM: in_cluster(base, None), CORE_STORE: in_cluster(base, False)}
         report["meta"]["in_cluster_shared_memory"] = {
             name: list(opt.uses_shared_memory) for name, opt in cores.items()
         }
-        del base
+        del base  # its gradients; the raw server keeps the values
         measures, close = client_measures(spec)
         measures.update({name: timed(opt.step) for name, opt in cores.items()})
         try:

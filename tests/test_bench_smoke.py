@@ -160,8 +160,8 @@ def test_grpc_bench_times_every_row_against_its_anchors_and_floors():
     report = grpc_bench.run(args)
     phases = report["phases"]
     assert set(phases) == set(grpc_bench.PHASES)
+    rows = grpc_bench.RATE_ROWS + (grpc_bench.REMOTE, grpc_bench.STEP_RPC, grpc_bench.TORCH)
     for key, phase in phases.items():
-        rows = grpc_bench.RATE_ROWS + (grpc_bench.REMOTE, grpc_bench.STEP_RPC, grpc_bench.TORCH)
         for name in rows:
             assert phase["samples"][name]["error"] is None, (key, name)
             assert phase["samples"][name]["median_ms"] > 0, (key, name)
