@@ -218,6 +218,33 @@ def test_late_joiner_gets_the_current_parameters(name):
     late.close()
 
 
+def test_async_workers_here_copy_the_shards_own_buffer_under_its_read_gate(name):
+    """Async workers on the shards' node copy the shards' own parameter buffers under their
+    read gates (the shard copies nothing per answer): a worker that pulls gets the newest
+    version and counts its next push from there. A worker whose parameters are its shared
+    buffer (share_params) gets a buffer of its own, which only its own answers change."""
+    x, y = make_data(8)
+    plain = attach(name, 2, 0, mode="async")
+    sharing = attach(name, 2, 1, mode="async", share_params=True)
+    paths = plain.opt.group.data_path, sharing.opt.group.data_path
+    assert all(paths[0].read_gate(s) is not None for s in range(2))
+    assert all(paths[1].read_gate(s) is None for s in range(2))
+    own = [paths[1].group_params(s) for s in range(2)]
+    spans = [(b.data_ptr(), b.data_ptr() + b.numel()) for b in own]
+    assert all(any(a <= p.data_ptr() < z for a, z in spans) for p in sharing.model.parameters())
+    plain.train(x[:4], y[:4], steps=1)  # version 1
+    at_two = sharing.train(x[4:], y[4:], steps=1)  # read at 0, applied at 1: version 2
+    assert sharing.push_log() == [(0, 0, 1, 1), (1, 0, 1, 1)]
+    plain.opt.pull_params()
+    assert plain.opt.group.versions == [2, 2]
+    assert all(torch.equal(p, q) for p, q in zip(plain.params(), at_two))
+    plain.train(x[:4], y[:4], steps=1)
+    assert plain.push_log()[-2:] == [(0, 2, 2, 0), (1, 2, 2, 0)]  # counted from what it read
+    assert all(torch.equal(p, q) for p, q in zip(sharing.params(), at_two))  # not its answer
+    plain.close()
+    sharing.close()
+
+
 def test_async_without_bound_applies_every_push(name):
     x, y = make_data(12)
 

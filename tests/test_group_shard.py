@@ -21,7 +21,8 @@ from shardopt.core.buffers import FlatLayout, readonly_tensor, to_numpy
 from shardopt.core.errors import GroupTimeoutError
 from shardopt.core.lane import LaneBroken, LaneClient
 from shardopt.core.net_lane import NetLaneClient
-from shardopt.core.records import GroupConfig, ParamBlock, PushRequest, ShardSpec
+from shardopt.core.read_gate import ReadGate
+from shardopt.core.records import GroupConfig, ParamBlock, ParamUpdate, PushRequest, ShardSpec
 
 OPTIONS = {"lr": 0.5, "momentum": 0.0, "dampening": 0, "weight_decay": 0, "nesterov": False,
            "maximize": False, "foreach": None, "differentiable": False, "fused": None}  # fmt: skip
@@ -168,11 +169,51 @@ def test_a_push_without_gradients_needs_a_slot():
     assert host.version() == 0
 
 
-def test_async_slot_push_answers_in_the_ranks_own_parameter_buffer():
-    """An async rank on the shard's node reads its answers in a buffer of its own: another
-    rank's push changes the shard, not what this rank reads, until this rank is answered."""
-    host, layout = make_host(mode="async")
+def test_async_ranks_copy_the_shards_buffer_under_its_read_gate_at_the_version_it_says():
+    """An async rank on the shard's node copies the shard's own parameter buffer under the read
+    gate (another rank's push changes what it reads, and the gate says which version that is).
+    While a rank holds the gate, a push waits for it; held past the group's timeout, the push
+    fails with GroupTimeoutError naming the cause and changes nothing. A state load waits too."""
+    host, layout = make_host(mode="async", timeout_s=0.5)
     b = host.attach_shared("unit/0", 1, ray.get_runtime_context().get_node_id())
+    reads = shm.attach(b.param_path, b.nbytes)
+    gate = ReadGate.open(b.gate_path)  # unlinks its name: nothing left behind
+    assert not os.path.exists(b.gate_path)
+    layout.pack([torch.full((3,), 2.0)], out=shm.attach(b.grad_path, b.nbytes))
+    answer = host.push("unit/0", replace(request(1, 0, 0, layout), grads=None))
+    assert answer.applied_version == 0 and answer.current.params is None
+    with gate.reading() as version:
+        assert version == 1 and torch.equal(layout.view(reads, 0), torch.full((3,), -1.0))
+    other = host.push("unit/0", request(0, 1, 1, layout))  # rank 0: through the object store
+    assert torch.equal(params_of(other, layout), torch.full((3,), -1.5))
+    with gate.reading() as version:  # the shard's own buffer: rank 0's push is in it
+        assert version == 2 and torch.equal(layout.view(reads, 0), torch.full((3,), -1.5))
+        with pytest.raises(GroupTimeoutError, match="held it for more than 0.5 s"):
+            host.push("unit/0", request(0, 2, 1, layout))
+        with pytest.raises(GroupTimeoutError, match="held it for more than"):
+            host.set_params("unit/0", ParamUpdate((0,), layout, to_numpy(torch.ones(3))))
+        assert host.version() == 2 and torch.equal(host._shard.params[0], torch.full((3,), -1.5))
+        assert torch.equal(layout.view(reads, 0), torch.full((3,), -1.5))
+    with ThreadPoolExecutor(1) as pool:
+        with gate.reading():
+            waiting = pool.submit(host.push, "unit/0", request(0, 2, 1, layout))
+            time.sleep(0.1)
+            assert not waiting.done()  # a push waits for the copy in progress
+        assert waiting.result().applied_version == 2
+    with gate.reading() as version:
+        assert version == 3 and torch.equal(layout.view(reads, 0), torch.full((3,), -2.0))
+    assert host.pull("unit/0", 1).params is None
+    gate.close()
+    host.close()
+
+
+def test_async_rank_sharing_its_parameters_reads_a_buffer_of_its_own():
+    """With ``own_copy`` (a worker with share_params: its parameters are the buffer it reads)
+    an async rank gets a buffer of its own that the shard fills only when it answers it:
+    another rank's push changes the shard, not what this rank's model holds."""
+    host, layout = make_host(mode="async")
+    b = host.attach_shared("unit/0", 1, ray.get_runtime_context().get_node_id(), own_copy=True)
+    assert b.gate_path is None
     reads = shm.attach(b.param_path, b.nbytes)
     layout.pack([torch.full((3,), 2.0)], out=shm.attach(b.grad_path, b.nbytes))
     answer = host.push("unit/0", replace(request(1, 0, 0, layout), grads=None))

@@ -4,17 +4,20 @@ the rank-order average of a sync round.
 A worker on the same node as a group shard asks for :class:`~shardopt.core.records.RankBuffers`
 once (:meth:`RankSlots.attach`): a gradient slot of its own, a shared-memory file laid out as the
 shard's gradient buffer, which it fills at every step and pushes without sending the gradients
-(``PushRequest.grads`` None); and in sync mode the shard's own parameter buffer, which every
-rank on the node reads after a round (the buffer changes only when a round completes, and a
-round needs every rank's push, so nobody reads while it changes). With one worker (either
-mode) its slot *is* the shard's gradient buffer and it reads the shard's parameter buffer:
-nothing is copied at all. In async mode with more workers each push is applied on its own while
-other ranks read, so each rank gets a parameter buffer of its own, which the shard fills
-(:meth:`RankSlots.publish`) only when it answers that rank: the rank reads it before its next
-push, and nobody else writes it; the shard steps on the gradients where they are, in the rank's
-slot (:meth:`RankSlots.grad_tensors`). A rank on another node answered over a network lane
-(:mod:`shardopt.actor.group_lanes`) gets such a buffer here too in async mode
-(:meth:`RankSlots.attach_remote`).
+(``PushRequest.grads`` None); and the shard's own parameter buffer, which it copies its
+parameters from. In sync mode every rank on the node reads it after a round (the buffer changes
+only when a round completes, and a round needs every rank's push, so nobody reads while it
+changes). With one worker (either mode) its slot *is* the shard's gradient buffer and it reads
+the shard's parameter buffer: nothing is copied at all. In async mode with more workers each
+push is applied on its own while other ranks copy, so they copy under a
+:class:`~shardopt.core.read_gate.ReadGate` (a shared lock; the shard changes its parameters
+under the exclusive one, :meth:`RankSlots.writing`, and the gate tells a rank the version it
+copied); the shard steps on the gradients where they are, in the rank's slot
+(:meth:`RankSlots.grad_tensors`). A rank whose parameters *are* the buffer it reads
+(``share_params``) must not see them change while it computes: in async mode it gets a
+parameter buffer of its own, which the shard fills (:meth:`RankSlots.publish`) only when it
+answers that rank. So does a rank on another node answered over a network lane
+(:mod:`shardopt.actor.group_lanes`, :meth:`RankSlots.attach_remote`).
 
 :class:`RoundSum` sums a sync round's gradients in rank order as the pushes arrive (rank ``k``
 is added as soon as ranks ``0..k`` are in), so that the last push finds most of the work done.
@@ -26,8 +29,9 @@ Talks to: the :class:`~shardopt.actor.shard.Shard` it serves; :mod:`shardopt.cor
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +39,8 @@ import torch
 from shardopt.actor.shard import Shard
 from shardopt.core import chunk_codec, shm
 from shardopt.core.buffers import readonly_tensor
+from shardopt.core.errors import GroupTimeoutError
+from shardopt.core.read_gate import ReadGate
 from shardopt.core.records import PushRequest, RankBuffers, SparseGrad
 
 logger = logging.getLogger(__name__)
@@ -53,15 +59,22 @@ class RankSlots:
         self._shard = shard
         self._mode = mode
         self._world_size = world_size
-        self._own_reads = mode != "sync" and world_size > 1  # each rank a parameter buffer
+        self._changes_while_read = mode != "sync" and world_size > 1  # pushes apply one by one
         self._slots: dict[int, torch.Tensor] = {}  # rank -> its gradient buffer, mapped here
         self._reads: dict[int, torch.Tensor] = {}  # async: rank -> its own parameter buffer
         self._grad_tensors: dict[int, tuple[object, list[torch.Tensor]]] = {}  # (layout, views)
         self._handed_out: list[str] = []  # files a worker maps and unlinks (removed at close)
+        self._gate: ReadGate | None = None  # async: the ranks copying the shard's buffer
 
-    def attach(self, rank: int) -> RankBuffers | None:
+    def attach(self, rank: int, own_copy: bool = False, version: int = 0) -> RankBuffers | None:
         """A rank's shared buffers (None: the shard's buffers are not in shared memory, or
-        ``/dev/shm`` has no room: that rank uses the object store)."""
+        ``/dev/shm`` has no room: that rank uses the object store).
+
+        Args:
+            own_copy: (async) the rank's parameters are the buffer it reads (``share_params``):
+                it gets one of its own, filled when it is answered, instead of the shard's.
+            version: the shard's version now (what the read gate says until the next change).
+        """
         buffers = self._shard.shared_buffers()
         if buffers is None:
             return None
@@ -71,11 +84,14 @@ class RankSlots:
             else:
                 slot, grad_path = shm.create(buffers.nbytes)
             self._handed_out.append(grad_path)
-            reads = None
-            if self._own_reads:
+            reads = gate_path = None
+            if self._changes_while_read and own_copy:
                 reads, param_path = shm.create(buffers.nbytes)
             else:
                 param_path = shm.link(buffers.param_path)
+                if self._changes_while_read:
+                    gate_path = self._opened_gate(version).link()
+                    self._handed_out.append(gate_path)
             self._handed_out.append(param_path)
         except OSError as err:
             index = self._shard.shard_index
@@ -83,14 +99,47 @@ class RankSlots:
             return None
         self._slots[rank] = slot
         self._grad_tensors.pop(rank, None)
+        self._reads.pop(rank, None)
         if reads is not None:
             self._reads[rank] = reads
-        return RankBuffers(grad_path, param_path, buffers.nbytes)
+        return RankBuffers(grad_path, param_path, buffers.nbytes, gate_path)
+
+    def _opened_gate(self, version: int) -> ReadGate:
+        if self._gate is None:
+            gate = ReadGate.create()
+            with gate.writing(timeout_s=0.0):  # nobody reads it yet
+                gate.set_version(version)
+            self._gate = gate
+        return self._gate
+
+    @contextlib.contextmanager
+    def writing(self, group: str, timeout_s: float, version: Callable[[], int]) -> Iterator[None]:
+        """A block that may change the shard's parameters: the ranks that copy them in place
+        (async) wait until it is done, and then read the version it leaves (``version()``);
+        see :class:`~shardopt.core.read_gate.ReadGate`.
+
+        Raises:
+            GroupTimeoutError: a rank held its copy's lock for more than ``timeout_s`` (the
+                block did not run).
+        """
+        gate = self._gate
+        if gate is None:
+            yield
+            return
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(gate.writing(timeout_s))
+            except TimeoutError as err:
+                raise GroupTimeoutError(f"group {group!r}: {err}") from None
+            try:
+                yield
+            finally:
+                gate.set_version(version())
 
     def attach_remote(self, rank: int) -> None:
         """``rank`` (on another node) is answered over a network lane: in async mode it gets a
         parameter buffer of its own here, which :meth:`publish` fills when it answers it."""
-        if self._own_reads and rank not in self._reads:
+        if self._changes_while_read and rank not in self._reads:
             self._reads[rank] = torch.empty_like(self._shard.param_buffer())
 
     def inline_params(self, rank: int) -> torch.Tensor:
@@ -100,14 +149,15 @@ class RankSlots:
         return self._shard.param_buffer() if reads is None else reads
 
     def reads_shared_params(self, rank: int) -> bool:
-        """Whether ``rank`` reads the parameters in shared memory: the shard's own buffer
-        (sync, or a group of one), or its own copy (async, see :meth:`publish`)."""
-        return rank in self._slots and (not self._own_reads or rank in self._reads)
+        """Whether ``rank`` reads the parameters in shared memory: the shard's own buffer, or
+        (async, ``own_copy``) its own (see :meth:`publish`)."""
+        return rank in self._slots
 
     def publish(self, rank: int) -> None:
-        """Before an answer to ``rank``: in async mode with more ranks, copies the shard's
-        parameters into the rank's own buffer (else it reads the shard's buffer itself), by one
-        plain memcpy where it can be (:func:`~shardopt.core.chunk_codec.copy_fast`).
+        """Before an answer to ``rank``: where it has a parameter buffer of its own (async,
+        ``own_copy`` or a network lane), copies the shard's parameters into it, by one plain
+        memcpy where it can be (:func:`~shardopt.core.chunk_codec.copy_fast`); the others read
+        the shard's buffer itself.
         """
         reads = self._reads.get(rank)
         if reads is not None:
@@ -163,6 +213,9 @@ class RankSlots:
         self._slots.clear()
         self._reads.clear()
         self._grad_tensors.clear()
+        if self._gate is not None:
+            self._gate.close()
+            self._gate = None
 
 
 class RoundSum:

@@ -29,12 +29,11 @@ Every other call of a shard (state, loads, checkpoints: :class:`~shardopt.actor.
 runs under the same lock, so a worker's proxy reaches a group's shards through the same typed
 handles as its own.
 
-Workers on the shard's node exchange gradients (and, in sync mode, parameters) through shared
-memory (:mod:`shardopt.actor.group_buffers`), and those on other nodes over network lanes
-(gradients in, parameters inline in the answer: :mod:`shardopt.actor.group_lanes`); a push
-that comes through Ray gets the parameters in the object store, put once per version. Elastic
-and replicated groups' hosts make no shared-memory files and open no lanes (their workers all
-go through the object store).
+Workers on the shard's node exchange gradients and parameters through shared memory (async:
+copied under a read gate; :mod:`shardopt.actor.group_buffers`), those on other nodes over
+network lanes (gradients in, parameters inline: :mod:`shardopt.actor.group_lanes`); a push
+through Ray gets the parameters in the object store, put once per version. Elastic and
+replicated groups' hosts make no shared-memory files and open no lanes (all through the store).
 
 With ``replicate=k`` a primary sends every round to its ``k`` replicas before answering, and
 a replica takes over when its primary is lost (:mod:`shardopt.actor.group_replica`).
@@ -181,9 +180,11 @@ class GroupShardHost(ReplicaRole, ShardCalls):
                 self._elastic = ElasticRounds(self._members, shard_index)
             return self._shard.initial_state_ids()
 
-    def attach_shared(self, key: str, rank: int, node_id: str) -> RankBuffers | None:
-        """Shared buffers for ``rank``, a worker on node ``node_id`` (None: not this node, or
-        no shared memory here: it pushes and pulls through the object store)."""
+    def attach_shared(
+        self, key: str, rank: int, node_id: str, own_copy: bool = False
+    ) -> RankBuffers | None:
+        """Shared buffers for ``rank``, a worker on node ``node_id`` (None: not here, or no shared
+        memory: it goes through the object store; ``own_copy``: :meth:`RankSlots.attach`)."""
         with self._cond:
             self._checked(key)
             if node_id != ray.get_runtime_context().get_node_id() or self._slots is None:
@@ -191,7 +192,7 @@ class GroupShardHost(ReplicaRole, ShardCalls):
             if self._elastic is not None or self.config.replicate:
                 return None  # ranks come and go, hosts fail over: through the object store
             self._withdraw(rank)  # its push waiting in the round had its gradients in the old slot
-            return self._slots.attach(rank)
+            return self._slots.attach(rank, own_copy=own_copy, version=self._version)
 
     def open_lane(self, key: str, rank: int) -> LaneAddress | None:
         """Opens a push lane (:mod:`shardopt.core.lane`) for ``rank``, a worker on this node
@@ -273,9 +274,16 @@ class GroupShardHost(ReplicaRole, ShardCalls):
 
     @contextlib.contextmanager
     def _using(self, key: str) -> Iterator[Shard]:
-        """The shard, between pushes (state, loads, checkpoints run under the group's lock)."""
-        with self._cond:
+        """The shard, between pushes (state, loads, checkpoints: under the lock, no one reading)."""
+        with self._cond, self._writing():
             yield self._checked(key)
+
+    def _writing(self) -> contextlib.AbstractContextManager[None]:
+        """(Under the lock.) A block that may change the shard's parameters: the async workers
+        copying them wait for it (:meth:`RankSlots.writing`)."""
+        if self._slots is None:
+            return contextlib.nullcontext()
+        return self._slots.writing(self.group, self.config.timeout_s, lambda: self._version)
 
     def step(self, key: str, request: StepRequest) -> StepResult:
         raise TypeError("a shard group's shard steps on its workers' pushes (push), not step()")
@@ -372,8 +380,9 @@ class GroupShardHost(ReplicaRole, ShardCalls):
             has_grad=request.has_grad,
             sparse_grads=request.sparse_grads,
         )
-        self._step(shard, step, in_place)
-        self._version = version + 1
+        with self._writing():
+            self._step(shard, step, in_place)
+            self._version = version + 1
         result = PushResult(
             shard.shard_index, request.rank, request.read_version, version,
             self._current(shard, request.rank),

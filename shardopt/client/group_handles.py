@@ -34,8 +34,8 @@ class GroupShardHandle(ShardHandle):
     def pull(self, rank: int | None = None, at_least: int = 0) -> Any:
         return self.host.pull.remote(self.key, rank, at_least)
 
-    def attach_shared(self, rank: int, node_id: str) -> Any:
-        return self.host.attach_shared.remote(self.key, rank, node_id)
+    def attach_shared(self, rank: int, node_id: str, own_copy: bool = False) -> Any:
+        return self.host.attach_shared.remote(self.key, rank, node_id, own_copy)
 
     def open_push_lane(self, rank: int) -> Any:
         return self.host.open_lane.remote(self.key, rank)

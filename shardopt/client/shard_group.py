@@ -31,6 +31,7 @@ through :mod:`shardopt.client.group_handles`) and an elastic group's coordinator
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -284,7 +285,8 @@ class ShardGroupMember(RayShards):
             return
         here = ray.get_runtime_context().get_node_id()
         local = [s for s, node in enumerate(self.membership.node_ids) if node == here]
-        answers = ray_get([self.handles[s].attach_shared(self.rank, here) for s in local])
+        own_copy = self.data_path.shares_params  # async: its parameters must not change under it
+        answers = ray_get([self.handles[s].attach_shared(self.rank, here, own_copy) for s in local])
         params = self._params.flat()
         for s, buffers in zip(local, answers):
             self.data_path.map_rank(s, buffers, params)
@@ -354,17 +356,21 @@ class ShardGroupMember(RayShards):
         self, shard: int, current: ParamsAt, params: list[torch.Tensor], inline: Any = None
     ) -> None:
         """Copies a shard's answered parameters into the worker's tensors: ``inline`` (received
-        over a network lane), else from the object store or the shard's shared buffer."""
-        values, views = current.params, None
+        over a network lane), else from the object store or the shard's shared buffer (async:
+        under its read gate, at the version the gate says, which may be newer than the
+        answer's)."""
+        values, views, gate = current.params, None, None
         if inline is not None:
             values = inline
         elif values is None:
             values = self.data_path.group_params(shard)
             views = self.data_path.views(shard, values)  # the same buffer every step
+            gate = self.data_path.read_gate(shard)
         else:
             values = ray_get(values)
-        self.shard_map.copy_back(shard, values, params, views=views)
-        self.versions[shard] = current.version
+        with gate.reading() if gate else contextlib.nullcontext(current.version) as version:
+            self.shard_map.copy_back(shard, values, params, views=views)
+        self.versions[shard] = version
 
     def push_params(self) -> None:
         params = self._params.flat()

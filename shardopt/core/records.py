@@ -63,11 +63,14 @@ class SharedBuffers:
 @dataclass(frozen=True)
 class RankBuffers:
     """One worker's shared-memory files on a group shard of its node: its own gradient slot,
-    and (sync mode) the shard's parameter buffer, which every rank there reads."""
+    the parameter buffer it reads (the shard's own, or in async mode with ``share_params`` one
+    of its own), and in async mode the :class:`~shardopt.core.read_gate.ReadGate` it copies
+    the shard's buffer under (None: it needs none)."""
 
     grad_path: str
     param_path: str | None
     nbytes: int
+    gate_path: str | None = None
 
 
 @dataclass(frozen=True)
