@@ -98,4 +98,16 @@ def test_nested_writes_lock_once_and_misuse_is_refused(tmp_path):
     path = gate._path
     reader.close()
     gate.close()
+    gate.close()  # (once is enough)
     assert not os.path.exists(path)
+
+    def ours() -> set[str]:
+        return {f for f in os.listdir("/dev/shm") if f.startswith(f"shardopt-{os.getpid()}-")}
+
+    fds, files = len(os.listdir("/proc/self/fd")), ours()
+    for _ in range(50):  # ends dropped without close() let go of their descriptors and file
+        dropped = ReadGate.create()
+        ReadGate.open(dropped.link())
+        del dropped
+    assert len(os.listdir("/proc/self/fd")) <= fds + 2
+    assert ours() <= files

@@ -24,6 +24,7 @@ import fcntl
 import os
 import struct
 import time
+import weakref
 from collections.abc import Iterator
 
 from shardopt.core import shm
@@ -38,6 +39,7 @@ class ReadGate:
         self._fd = fd
         self._path = path  # the writer's file, removed at close (readers' names are unlinked)
         self._depth = 0  # the writer's nested writing() blocks (its callers serialize them)
+        self._release = weakref.finalize(self, _release, fd, path)  # at close, or when collected
 
     @classmethod
     def create(cls) -> ReadGate:
@@ -123,9 +125,10 @@ class ReadGate:
 
     def close(self) -> None:
         """Closes this end (its lock goes with it); the writer's also removes its file."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if self._path is not None:
-            shm.remove(self._path)
-            self._path = None
+        self._release()
+
+
+def _release(fd: int, path: str | None) -> None:
+    os.close(fd)
+    if path is not None:
+        shm.remove(path)
