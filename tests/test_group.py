@@ -245,6 +245,31 @@ def test_async_workers_here_copy_the_shards_own_buffer_under_its_read_gate(name)
     sharing.close()
 
 
+def test_async_workers_never_copy_half_an_update(name):
+    """Three async workers push at once to one shard whose parameters they copy in shared
+    memory while the others' pushes apply. Gradients are all ones and SGD's lr 0.5, so the
+    parameters at version v are -0.5 * v in every element: after every step each worker's
+    parameters must be that, at the version it says it read (a copy that overlapped an
+    update would mix two versions)."""
+
+    def work(rank):
+        param = torch.nn.Parameter(torch.zeros(2_000_000))
+        opt = shardopt.SGD([param], lr=0.5, group=name, world_size=3, rank=rank,
+                           mode="async", num_shards=1, timeout=30)  # fmt: skip
+        assert opt.group.data_path.read_gate(0) is not None
+        seen = []
+        for _ in range(25):
+            param.grad = torch.ones_like(param)
+            opt.step()
+            seen.append((opt.group.versions[0], param.min().item(), param.max().item()))
+        opt.close()
+        return seen
+
+    seen = [entry for entries in run_ranks(3, work) for entry in entries]
+    assert all(low == high == -0.5 * version for version, low, high in seen), seen
+    assert max(version for version, _, _ in seen) >= 73  # every push applied (75 in all)
+
+
 def test_async_without_bound_applies_every_push(name):
     x, y = make_data(12)
 
