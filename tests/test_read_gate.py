@@ -35,9 +35,7 @@ def _reader(path: str, hold_s: float) -> subprocess.Popen:
 
 
 def test_a_reader_in_another_process_holds_the_writer_off_and_reads_the_version():
-    gate = ReadGate.create()
-    with gate.writing(timeout_s=1.0):
-        gate.set_version(7)
+    gate = ReadGate.create(version=7)
     reader = _reader(gate.link(), hold_s=1.5)
     try:
         assert reader.stdout.readline().strip() == "7"  # it holds the gate now

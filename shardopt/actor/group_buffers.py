@@ -106,10 +106,7 @@ class RankSlots:
 
     def _opened_gate(self, version: int) -> ReadGate:
         if self._gate is None:
-            gate = ReadGate.create()
-            with gate.writing(timeout_s=0.0):  # nobody reads it yet
-                gate.set_version(version)
-            self._gate = gate
+            self._gate = ReadGate.create(version)
         return self._gate
 
     @contextlib.contextmanager

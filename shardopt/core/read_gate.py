@@ -42,8 +42,8 @@ class ReadGate:
         self._release = weakref.finalize(self, _release, fd, path)  # at close, or when collected
 
     @classmethod
-    def create(cls) -> ReadGate:
-        """The writer's end, at version 0.
+    def create(cls, version: int = 0) -> ReadGate:
+        """The writer's end, at ``version`` (nobody reads it yet).
 
         Raises:
             OSError: ``/dev/shm`` has no room for it.
@@ -51,7 +51,7 @@ class ReadGate:
         _, path = shm.create(_VERSION.size)
         fd = os.open(path, os.O_RDWR)
         gate = cls(fd, path)
-        os.pwrite(fd, _VERSION.pack(0), 0)
+        os.pwrite(fd, _VERSION.pack(version), 0)
         return gate
 
     @classmethod
