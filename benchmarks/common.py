@@ -244,6 +244,34 @@ def _cpu_times() -> tuple[int, int] | None:
     return ticks[3] + ticks[4], sum(ticks)  # idle + iowait, all
 
 
+class MachineCpu:
+    """The machine's CPU use over a block: every process on it, this one's children and Ray's
+    included (``/proc/stat``).
+
+    Example:
+        >>> with MachineCpu() as cpu:
+        ...     work()
+        >>> cpu.busy_s, cpu.busy_fraction  # CPU-seconds not idle, and their share of the CPUs
+    """
+
+    def __init__(self) -> None:
+        self.busy_s: float | None = None
+        self.busy_fraction: float | None = None
+        self._before: tuple[int, int] | None = None
+
+    def __enter__(self) -> MachineCpu:
+        self._before = _cpu_times()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        after = _cpu_times()
+        if self._before is None or after is None or after[1] == self._before[1]:
+            return
+        idle, total = after[0] - self._before[0], after[1] - self._before[1]
+        self.busy_s = (total - idle) / os.sysconf("SC_CLK_TCK")
+        self.busy_fraction = 1.0 - idle / total
+
+
 def wait_for_quiet(
     max_busy: float = 0.2, window_s: float = 0.5, timeout_s: float = 15.0
 ) -> dict[str, float]:

@@ -45,9 +45,12 @@ in different orders, and AdamW's normalisation makes those rounding differences 
 ``(g0+g1)+(g2+g3)`` differs as much).
 
 Prints a table per shape (ms/step, steps/s per worker, samples/s over all workers, ratio to DDP
-at the same world size) and writes every sample to ``benchmarks/results/group_bench.json``. All the
-"nodes" share this machine's cores: the figures measure the data path (object store, gloo on
-loopback, the shards' averaging), not a real network. A group worker pushes to a shard on
+at the same world size, and what the timed steps cost the machine: the share of its CPUs busy
+and the CPU-milliseconds per sample, every process counted, from ``/proc/stat``; when the CPUs
+are all busy, the configuration with fewer CPU-ms per sample trains faster) and writes every
+sample to ``benchmarks/results/group_bench.json``. All the "nodes" share this machine's cores:
+the figures measure the data path (object store, gloo on loopback, the shards' averaging), not a
+real network. A group worker pushes to a shard on
 another node over a network lane (TCP, the data inline; each record's ``lanes`` gives every
 worker's open lanes and how many are network lanes), and so does the plain optimizer to its
 shards on other nodes (each ``plain`` record's ``transports``: ``network_lane``,
@@ -83,6 +86,7 @@ import shardopt
 from common import (
     LOOPBACK,
     RESULTS,
+    MachineCpu,
     arg_parser,
     comma_list,
     describe,
@@ -291,7 +295,8 @@ def run_config(workers: list[Any], mode: str, args: argparse.Namespace) -> dict[
             record["shard_nodes"] = ray.get(setups)[0]
             record["lanes"] = ray.get([w.lanes.remote() for w in workers])
         ray.get([w.run.remote(args.warmup) for w in workers])
-        runs = ray.get([w.run.remote(args.steps) for w in workers])
+        with MachineCpu() as cpu:
+            runs = ray.get([w.run.remote(args.steps) for w in workers])
         samples = [ms for r in runs for ms in r["samples_ms"]]
         median = statistics.median(samples)
         record.update(
@@ -302,6 +307,10 @@ def run_config(workers: list[Any], mode: str, args: argparse.Namespace) -> dict[
             total_samples_per_s=sum(args.steps * args.batch / r["wall_s"] for r in runs),
             samples_ms=[r["samples_ms"] for r in runs],
             last_loss=[r["loss"] for r in runs],
+            cpu_busy=cpu.busy_fraction,
+            cpu_ms_per_sample=(
+                cpu.busy_s * 1e3 / (n * args.steps * args.batch) if cpu.busy_s else None
+            ),
         )
         if mode == "async":
             stale = [s for r in runs for s in r["staleness"] if s is not None]
@@ -334,9 +343,18 @@ def merge_blocks(blocks: list[dict[str, Any]], args: argparse.Namespace) -> dict
         "steps_per_s": 1e3 / median,
         "samples_per_s": n * args.batch * 1e3 / median,
         "total_samples_per_s": statistics.median(b["total_samples_per_s"] for b in blocks),
+        **{
+            key: statistics.median(b[key] for b in blocks)
+            if all(b.get(key) for b in blocks)
+            else None
+            for key in ("cpu_busy", "cpu_ms_per_sample")
+        },
         "samples_ms": [sum((b["samples_ms"][r] for b in blocks), []) for r in range(n)],
         "blocks": [
-            {"median_ms": b["median_ms"], "total_samples_per_s": b["total_samples_per_s"]}
+            {
+                key: b.get(key)
+                for key in ("median_ms", "total_samples_per_s", "cpu_busy", "cpu_ms_per_sample")
+            }
             for b in blocks
         ],
     }
@@ -478,7 +496,7 @@ def format_table(report: dict[str, Any]) -> str:
         + (f"; rank 0 sleeps {meta['straggler_ms']:g} ms a step" if meta["straggler_ms"] else ""),
         f"{'shape':<9}{'config':<24}{'workers':>8}{'ms/step':>10}{'steps/s':>9}{'samples/s':>11}"
         f"{'vs DDP':>8}{'total samples/s':>17}{'total vs DDP':>14}{'vs plain':>9}"
-        "  same params on all workers",
+        f"{'CPUs busy':>10}{'CPU ms/sample':>14}  same params on all workers",
     ]
     for r in report["records"]:
         head = f"{r['shape']:<9}{LABELS[r['mode']]:<24}{r['workers']:>8}"
@@ -488,6 +506,8 @@ def format_table(report: dict[str, Any]) -> str:
         ratio = f"{r['ratio_vs_ddp']:.2f}" if r.get("ratio_vs_ddp") else "-"
         vs_plain = f"{r['time_vs_plain']:.2f}" if r.get("time_vs_plain") else "-"
         total = f"{r['total_ratio_vs_ddp']:.2f}" if r.get("total_ratio_vs_ddp") else "-"
+        busy = f"{r['cpu_busy']:.0%}" if r.get("cpu_busy") else "-"
+        per_sample = f"{r['cpu_ms_per_sample']:.3f}" if r.get("cpu_ms_per_sample") else "-"
         if "params_equal" in r:
             check = "yes" if r["params_equal"] else "NO"
         elif r["mode"] == "plain":
@@ -499,7 +519,8 @@ def format_table(report: dict[str, Any]) -> str:
             check += f"; max |sync - DDP| {r['max_abs_diff_to_ddp']:.1e}"
         lines.append(
             f"{head}{r['median_ms']:>10.1f}{r['steps_per_s']:>9.2f}{r['samples_per_s']:>11.0f}"
-            f"{ratio:>8}{r['total_samples_per_s']:>17.0f}{total:>14}{vs_plain:>9}  {check}"
+            f"{ratio:>8}{r['total_samples_per_s']:>17.0f}{total:>14}{vs_plain:>9}"
+            f"{busy:>10}{per_sample:>14}  {check}"
         )
     return "\n".join(lines)
 
