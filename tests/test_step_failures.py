@@ -240,6 +240,41 @@ def test_a_step_failing_on_one_shard_names_who_applied_it():
     opt.close()
 
 
+def test_a_shard_lost_while_the_step_is_sent_names_the_shards_that_applied_it():
+    """Each shard's step leaves as soon as its gradients are packed, so a shard that fails
+    while the next ones are packed has applied the step already. Here shard 1 has no gradient
+    but an in-place edit to receive (through Ray: no shared memory), and its host is dead:
+    shard 0 applied the step, its parameters come back, and the error names it (as for a
+    shard failing in its update)."""
+    import ray
+
+    params = _params()
+    # hosts of their own (a separate pool entry), since this test kills one
+    opt = shardopt.SGD(
+        params,
+        lr=0.5,
+        num_shards=2,
+        split=False,
+        shared_memory=False,
+        actor_options={"num_cpus": 0},
+    )
+    try:
+        on_0 = [p for p, s in zip(params, opt.plan.owners) if s == 0]
+        on_1 = [p for p, s in zip(params, opt.plan.owners) if s == 1]
+        before = [p.detach().clone() for p in on_0]
+        for p in on_0:
+            p.grad = torch.ones_like(p)
+        with torch.no_grad():
+            on_1[0].add_(1.0)  # an edit, sent on its own since shard 1 has no gradient
+        ray.kill(opt.backend.handles[1].host, no_restart=True)
+        with pytest.raises(shardopt.PartialStepError) as info:
+            opt.step()
+        assert (info.value.step_id, info.value.applied, info.value.failed) == (0, [0], [1])
+        assert_same_tensors([p.detach() for p in on_0], [b - 0.5 for b in before])
+    finally:
+        opt.close()
+
+
 @pytest.mark.parametrize(
     ("refresh", "shared_memory"),
     [

@@ -3,9 +3,10 @@
 :class:`LocalShards` places the parameters (:class:`~shardopt.client.shard_map.ShardMap`),
 creates one :class:`~shardopt.actor.shard.Shard` per shard on pooled hosts, and moves tensors
 through a :class:`~shardopt.client.data_path.DataPath`: shared memory with CPU shards on this
-node, Ray's object store otherwise. A step packs each shard's gradients into one flat buffer,
-the shards update in parallel with torch's own optimizer, and each shard's new parameters are
-copied into the user's tensors as soon as it answers. With ``replicate`` every shard has a
+node, Ray's object store otherwise. A step packs each shard's gradients into one flat buffer
+and sends the shard its step at once, the shards update in parallel with torch's own
+optimizer, and each shard's new parameters are copied into the user's tensors as soon as it
+answers. With ``replicate`` every shard has a
 replica (:mod:`shardopt.client.replication`).
 
 Talks to: shard hosts through :class:`~shardopt.client.handles.ShardHandle`; the host pool of
@@ -31,7 +32,7 @@ from shardopt.client import transport as transport_module
 from shardopt.client.backend import ParamSource
 from shardopt.client.data_path import DataPath, GradShipper
 from shardopt.client.handles import ShardHandle
-from shardopt.client.lanes import Lanes, answer_of, first_answer, net_lanes_enabled
+from shardopt.client.lanes import LANE_TYPES, Lanes, answer_of, first_answer, net_lanes_enabled
 from shardopt.client.ray_shards import RayShards
 from shardopt.client.replication import Replicas
 from shardopt.client.runtime import drop_shards, host_pool, ray_get
@@ -41,7 +42,7 @@ from shardopt.core.amp import AmpScaling
 from shardopt.core.buffers import to_numpy
 from shardopt.core.errors import PartialStepError, ShardUnavailableError
 from shardopt.core.events import emit
-from shardopt.core.lane import LaneBroken, LaneClient
+from shardopt.core.lane import LaneBroken
 from shardopt.core.metrics import SHARD_STEP_SECONDS, STEP_BYTES
 from shardopt.core.net_lane import NetLaneClient
 from shardopt.core.param_groups import group_options
@@ -288,48 +289,25 @@ class LocalShards(RayShards):
         pending: dict[Any, int] = {}
         touched_slots: dict[int, list[int]] = {}
         outgoing: dict[int, StepRequest] = {}
-        held: list[int] = []  # shards on this node: sent once all are packed
+        failures: dict[int, Exception] = {}
         with omp_threads.at_most(self.copy_threads):  # the shards here get this node's CPUs
             for s in self.shard_map.live_shards():
-                changed = self.data_path.changed_params(s, params)
-                flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params, scaling)
-                shared = self.data_path.shared_params(s) is not None
-                if not touched:
-                    if changed is not None:  # written already where shared; replicas need it
-                        ray_get(self.handle(s).set_params(changed))
-                    continue
-                direct = None if sparse else self._direct(s)
-                request = StepRequest(
-                    step_id=step_id,
-                    group_options=options,
-                    grads=None if shared or direct or not any(has_grad) else to_numpy(flat),
-                    has_grad=has_grad,
-                    sparse_grads=sparse,
-                    params_in=changed,  # written already where shared (for a replica, a resend)
-                    scaling=scaling,
-                )
-                if direct:  # GPU to GPU: sent at once, nothing competes with it for the CPUs
-                    grads = ray.put(flat, _tensor_transport=direct) if any(has_grad) else None
-                    pending[self.handles[s].step_direct(request, grads, direct)] = s
-                    del grads  # RDT objects stay unchanged: dropped before the buffer is reused
-                    touched_slots[s], sent[s] = touched, (request, flat)
-                    continue
-                if not shared:
-                    sparse_bytes = sum(g.indices.nbytes + g.values.nbytes for g in sparse.values())
-                    grad_bytes = flat.numel() if request.grads is not None else 0
-                    STEP_BYTES.labels("out").inc(grad_bytes + sparse_bytes)
-                outgoing[s] = replace(request, params_in=None) if shared else request
-                if self.host_nodes[s] == self._node:
-                    held.append(s)
-                else:  # its update runs on other CPUs while this process packs the next shard's
-                    pending[self._send_step(s, outgoing[s], flat)] = s
-                touched_slots[s] = touched
-                sent[s] = (request, flat)
-            for s in held:  # their updates would slow the packing down, and it theirs
-                pending[self._send_step(s, outgoing[s])] = s
+                try:
+                    out = self._pack_and_send(s, step_id, options, params, scaling)
+                except Exception as err:  # the shards sent apply it all the same: _step_failed
+                    if not pending:
+                        raise
+                    failures[s] = err
+                    break
+                except BaseException:  # interrupted: answers left unread would reach the next step
+                    self._close_unread(pending)
+                    raise
+                if out is not None:
+                    answer, request, outgoing[s], flat, touched_slots[s] = out
+                    pending[answer] = s
+                    sent[s] = (request, flat)
         self.data_path.forget_shipped()
         new_state: list[int] = []
-        failures: dict[int, Exception] = {}
         sent_at, optimizer = time.perf_counter(), self._params.optimizer_class.__name__
         try:
             while pending:  # copy each shard's parameters back as soon as it is done
@@ -364,10 +342,8 @@ class LocalShards(RayShards):
                 with omp_threads.at_most(None if last else self.copy_threads):
                     self._take_params(s, result, sent[s][0], touched_slots[s], params)
                 new_state.extend(result.new_state_ids)
-        finally:  # a lane whose answer was not read would hand it to the next step
-            for answer, s in pending.items():
-                if isinstance(answer, LaneClient):
-                    self.lanes.close(s)
+        finally:
+            self._close_unread(pending)
         if failures:
             self._step_failed(step_id, failures, sent)
         if replicas is not None:  # only now: until every shard has applied it, they roll back
@@ -375,6 +351,57 @@ class LocalShards(RayShards):
                 grads = to_numpy(flat) if any(request.has_grad) else None
                 replicas.step(s, replace(request, grads=grads, return_params=False))
         self.shard_map.note_state(new_state)
+
+    def _close_unread(self, pending: dict[Any, int]) -> None:
+        """Closes the lanes whose answers were not read (they would hand them to the next
+        step)."""
+        for answer, s in pending.items():
+            if isinstance(answer, LANE_TYPES):
+                self.lanes.close(s)
+
+    def _pack_and_send(
+        self,
+        s: int,
+        step_id: int,
+        options: tuple[dict[str, Any], ...],
+        params: list[torch.Tensor],
+        scaling: AmpScaling | None,
+    ) -> tuple[Any, StepRequest, StepRequest, torch.Tensor, list[int]] | None:
+        """Packs shard ``s``'s gradients and sends its step at once: one copying thread leaves
+        memory bandwidth unused, which this shard's update takes while the next one is packed.
+
+        Returns:
+            What to wait on, the step's request (for replicas and retries), the request sent,
+            the gradient buffer and the slots the step changes; None where it changes none.
+        """
+        changed = self.data_path.changed_params(s, params)
+        flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params, scaling)
+        shared = self.data_path.shared_params(s) is not None
+        if not touched:
+            if changed is not None:  # written already where shared; replicas need it
+                ray_get(self.handle(s).set_params(changed))
+            return None
+        direct = None if sparse else self._direct(s)
+        request = StepRequest(
+            step_id=step_id,
+            group_options=options,
+            grads=None if shared or direct or not any(has_grad) else to_numpy(flat),
+            has_grad=has_grad,
+            sparse_grads=sparse,
+            params_in=changed,  # written already where shared (for a replica, a resend)
+            scaling=scaling,
+        )
+        if direct:  # GPU to GPU
+            grads = ray.put(flat, _tensor_transport=direct) if any(has_grad) else None
+            answer = self.handles[s].step_direct(request, grads, direct)
+            del grads  # RDT objects stay unchanged: dropped before the buffer is reused
+            return answer, request, request, flat, touched
+        if not shared:
+            sparse_bytes = sum(g.indices.nbytes + g.values.nbytes for g in sparse.values())
+            grad_bytes = flat.numel() if request.grads is not None else 0
+            STEP_BYTES.labels("out").inc(grad_bytes + sparse_bytes)
+        sending = replace(request, params_in=None) if shared else request
+        return self._send_step(s, sending, flat), request, sending, flat, touched
 
     def _take_params(
         self,

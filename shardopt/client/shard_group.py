@@ -474,49 +474,45 @@ class ShardGroupMember(RayShards):
     ) -> list[int]:
         """One push to ``shards``; returns the shards that rejected it as too stale.
 
-        Pushes to shards on other nodes go out as each is packed; those to shards on this
-        node once every shard is packed (their updates would slow the packing down, and it
-        theirs), through the shard's lane where it has one. ``skip``: votes through Ray.
+        Each push goes out as soon as its shard's gradients are packed (the shard's work then
+        overlaps the packing of the next), through the shard's lane where it has one. ``skip``:
+        votes through Ray.
         """
         params = self._params.flat()
         options = self._params.options()
         pending: dict[Any, int] = {}
         requests: dict[int, PushRequest] = {}
-        held: list[int] = []
-        for s in shards:
-            if skip:
-                none = (False,) * len(self.shard_map.slots(s))
-                requests[s] = PushRequest(
-                    self.rank, self.versions[s], options, None, none, {}, self._resend, None, True,
-                    self.shard_map.state_seen(s),
-                )  # fmt: skip
-                pending[self.handles[s].push(requests[s])] = s
-                continue
-            flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params)
-            if not touched and self.config.mode == "async":
-                continue  # nothing to apply; sync still pushes: the round needs every rank
-            in_slot = self.data_path.in_slot(s)
-            grads = None if in_slot else to_numpy(flat)
-            requests[s] = PushRequest(
-                self.rank, self.versions[s], options, grads, has_grad, sparse, self._resend,
-                self._push_id, state_seen=self.shard_map.state_seen(s),
-            )  # fmt: skip
-            if in_slot:
-                held.append(s)
-                continue
-            lane = None
-            if self.lanes.is_net(s) and flat.device.type == "cpu":  # the gradients go inline
-                request = dataclasses.replace(requests[s], grads=None)
-                lane = self.lanes.send(s, self.handles[s], request, flat)
-            pending[lane if lane is not None else self.handles[s].push(requests[s])] = s
-        for s in held:
-            lane = self.lanes.send(s, self.handles[s], requests[s])
-            pending[lane if lane is not None else self.handles[s].push(requests[s])] = s
-        self.data_path.forget_shipped()
-        self._resend = False
         rejected = []
-        sent_at, mode = time.perf_counter(), self.config.mode
         try:
+            for s in shards:
+                if skip:
+                    none = (False,) * len(self.shard_map.slots(s))
+                    requests[s] = PushRequest(
+                        self.rank, self.versions[s], options, None, none, {}, self._resend, None,
+                        True, self.shard_map.state_seen(s),
+                    )  # fmt: skip
+                    pending[self.handles[s].push(requests[s])] = s
+                    continue
+                flat, has_grad, sparse, touched = self.data_path.pack_grads(s, params)
+                if not touched and self.config.mode == "async":
+                    continue  # nothing to apply; sync still pushes: the round needs every rank
+                in_slot = self.data_path.in_slot(s)
+                grads = None if in_slot else to_numpy(flat)
+                requests[s] = PushRequest(
+                    self.rank, self.versions[s], options, grads, has_grad, sparse, self._resend,
+                    self._push_id, state_seen=self.shard_map.state_seen(s),
+                )  # fmt: skip
+                if in_slot:
+                    lane = self.lanes.send(s, self.handles[s], requests[s])
+                elif self.lanes.is_net(s) and flat.device.type == "cpu":  # the gradients go inline
+                    request = dataclasses.replace(requests[s], grads=None)
+                    lane = self.lanes.send(s, self.handles[s], request, flat)
+                else:
+                    lane = None
+                pending[lane if lane is not None else self.handles[s].push(requests[s])] = s
+            self.data_path.forget_shipped()
+            self._resend = False
+            sent_at, mode = time.perf_counter(), self.config.mode
             while pending:  # adopt each shard's parameters as soon as it answers
                 answer, s = first_answer(pending)
                 try:
