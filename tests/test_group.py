@@ -580,3 +580,52 @@ def test_shards_go_beside_the_workers_in_bundle_order(shards, nodes, expected):
 def test_a_worker_outside_a_placement_group_is_laid_out_on_its_node():
     """The driver belongs to no placement group (the cluster tests cover one that does)."""
     assert placement.worker_nodes() == (ray.get_runtime_context().get_node_id(),)
+
+
+class _Interrupting(torch.Tensor):
+    """A gradient whose copy is interrupted (as Ctrl-C would, in the middle of a push)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch._foreach_copy_:
+            raise KeyboardInterrupt
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_push_interrupted_while_packing_leaves_no_answer_for_the_next_push(name, mode):
+    """The push to shard 0 left through its lane before shard 1's gradients were packed, and
+    the packing was interrupted: the lane whose answer was not read is closed, so the next
+    pushes read their own answers. With one worker, shard 0 applied the interrupted push and
+    shard 1 did not (SGD, lr 0.5, gradients of ones: the parameters count the updates); in
+    sync mode the worker pulls shard 0's new parameters first."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((16, 16), (12, 8), (7,))]
+    opt = shardopt.SGD(
+        params, lr=0.5, group=name, world_size=1, rank=0, mode=mode, num_shards=2,
+        split=False, timeout=30,
+    )  # fmt: skip
+    try:
+        owners = opt.plan.owners
+        assert sorted(set(owners)) == [0, 1]
+        before = [p.detach().clone() for p in params]
+        for p, s in zip(params, owners):
+            p.grad = torch.ones_like(p)
+            if s == 1:
+                p.grad = p.grad.as_subclass(_Interrupting)
+        with pytest.raises(KeyboardInterrupt):
+            opt.step()
+        for p in params:
+            p.grad = torch.ones_like(p)
+        if mode == "sync":  # shard 0 is a version ahead, and sync takes no stale gradients
+            opt.pull_params()
+        for _ in range(3):
+            opt.step()
+        want = [b.clone() for b in before]
+        for w, s in zip(want, owners):
+            for _ in range(4 if s == 0 else 3):
+                w.add_(torch.ones_like(w), alpha=-0.5)  # as torch's SGD steps
+        for p, w in zip(params, want):
+            assert torch.equal(p.detach(), w)
+    finally:
+        opt.close()
