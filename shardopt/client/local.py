@@ -6,8 +6,7 @@ through a :class:`~shardopt.client.data_path.DataPath`: shared memory with CPU s
 node, Ray's object store otherwise. A step packs each shard's gradients into one flat buffer
 and sends the shard its step at once, the shards update in parallel with torch's own
 optimizer, and each shard's new parameters are copied into the user's tensors as soon as it
-answers. With ``replicate`` every shard has a
-replica (:mod:`shardopt.client.replication`).
+answers. With ``replicate`` every shard has a replica (:mod:`shardopt.client.replication`).
 
 Talks to: shard hosts through :class:`~shardopt.client.handles.ShardHandle`; the host pool of
 :mod:`shardopt.client.runtime`.
