@@ -597,8 +597,10 @@ def test_a_push_interrupted_while_packing_leaves_no_answer_for_the_next_push(nam
     """The push to shard 0 left through its lane before shard 1's gradients were packed, and
     the packing was interrupted: the lane whose answer was not read is closed, so the next
     pushes read their own answers. With one worker, shard 0 applied the interrupted push and
-    shard 1 did not (SGD, lr 0.5, gradients of ones: the parameters count the updates); in
-    sync mode the worker pulls shard 0's new parameters first."""
+    shard 1 did not (SGD, lr 0.5, gradients of ones: the parameters count the updates). In
+    sync mode the next push is a resend of the interrupted version (as after a lost answer),
+    so the shards agree again: no half-applied push, and no stale gradients refused by one
+    shard and applied by the other."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((16, 16), (12, 8), (7,))]
     opt = shardopt.SGD(
@@ -617,15 +619,17 @@ def test_a_push_interrupted_while_packing_leaves_no_answer_for_the_next_push(nam
             opt.step()
         for p in params:
             p.grad = torch.ones_like(p)
-        if mode == "sync":  # shard 0 is a version ahead, and sync takes no stale gradients
-            opt.pull_params()
         for _ in range(3):
             opt.step()
+        # sync: the next push repeats the interrupted version, which shard 0 answers without
+        # applying it again and shard 1 applies: 3 updates each; async: 4 and 3
+        updates = {0: 3 if mode == "sync" else 4, 1: 3}
         want = [b.clone() for b in before]
         for w, s in zip(want, owners):
-            for _ in range(4 if s == 0 else 3):
+            for _ in range(updates[s]):
                 w.add_(torch.ones_like(w), alpha=-0.5)  # as torch's SGD steps
         for p, w in zip(params, want):
             assert torch.equal(p.detach(), w)
+        assert opt.backend.versions == ([3, 3] if mode == "sync" else [4, 3])
     finally:
         opt.close()

@@ -542,6 +542,8 @@ class ShardGroupMember(RayShards):
             for answer, s in pending.items():
                 if isinstance(answer, LANE_TYPES):
                     self.lanes.close(s)
+            if pending and self.config.mode == "sync":  # unanswered: their rounds may be done
+                self._resend = True  # so the next push repeats this version (see resend_at)
         return sorted(rejected)
 
     def _fail_over(self, shard: int) -> None:
