@@ -633,3 +633,43 @@ def test_a_push_interrupted_while_packing_leaves_no_answer_for_the_next_push(nam
         assert opt.backend.versions == ([3, 3] if mode == "sync" else [4, 3])
     finally:
         opt.close()
+
+
+def test_a_sync_push_interrupted_on_one_rank_completes_its_rounds_when_it_pushes_again(name):
+    """Two sync ranks; rank 1's first push reaches shard 0 and is interrupted before shard 1
+    (Ctrl-C while packing). Shard 0 applies its round with both ranks; shard 1's round waits
+    for rank 1, whose next push repeats the version: shard 0 answers it once, shard 1 applies
+    its round. Both ranks then hold the same parameters, every shard one update per round."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in ((16, 16), (12, 8), (7,))]
+
+    def work(rank):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = shardopt.SGD(
+            params, lr=0.5, group=name, world_size=2, rank=rank, mode="sync", num_shards=2,
+            split=False, timeout=30,
+        )  # fmt: skip
+        try:
+            owners = opt.plan.owners
+            for p, s in zip(params, owners):
+                p.grad = torch.ones_like(p)
+                if rank == 1 and s == 1:
+                    p.grad = p.grad.as_subclass(_Interrupting)
+            if rank == 1:
+                with pytest.raises(KeyboardInterrupt):
+                    opt.step()
+                for p in params:
+                    p.grad = torch.ones_like(p)
+            for _ in range(3):
+                opt.step()
+            return [p.detach().clone() for p in params], opt.backend.versions
+        finally:
+            opt.close()
+
+    (params_0, versions_0), (params_1, versions_1) = run_ranks(2, work)
+    assert versions_0 == versions_1 == [3, 3]
+    for a, b, t in zip(params_0, params_1, start):
+        want = t.clone()
+        for _ in range(3):
+            want.add_(torch.ones_like(want), alpha=-0.5)  # the mean of two ones, lr 0.5
+        assert torch.equal(a, want) and torch.equal(b, want)
