@@ -6,6 +6,10 @@ comparison of tensors, nested state and state dicts that every test uses.
 - Training: :func:`train_step` (one step on a seeded minibatch), :func:`square_step` (one step on
   given inputs), :func:`run_steps` (steps on a seeded stream of inputs; parameters and
   ``state_dict`` after).
+- Steps that stop half-way: :class:`InterruptedCopy` (a gradient whose copy raises
+  ``KeyboardInterrupt``), :func:`grads_of_ones`, :func:`interrupt_a_step`, and
+  :func:`sgd_on_ones` (what SGD's updates on those gradients give, to count the updates each
+  shard applied).
 - Comparing: :func:`assert_same` walks nested values (same types, same dict key order, tensors
   on the same device and equal); :func:`assert_same_tensors`, :func:`assert_same_params`,
   :func:`assert_same_state_dict` and its boolean form :func:`same_state_dict` are built on it.
@@ -117,6 +121,60 @@ def run_steps(
             before_step(step)
         square_step(model, opt, torch.randn(rows, model[0].in_features, generator=gen))
     return [p.detach().clone() for p in model.parameters()], opt.state_dict()
+
+
+# ----- steps that stop half-way ----------------------------------------------------------------
+
+
+class InterruptedCopy(torch.Tensor):
+    """A gradient whose copy into a shard's buffer raises ``KeyboardInterrupt``, as Ctrl-C would in
+    the middle of a step (``grad.as_subclass(InterruptedCopy)``)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch._foreach_copy_:
+            raise KeyboardInterrupt
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def grads_of_ones(
+    params: Sequence[torch.Tensor], owners: Sequence[int], interrupted: int | None = None
+) -> None:
+    """Gives every parameter a gradient of ones; those of shard ``interrupted`` (by ``owners``,
+    one shard per parameter) an :class:`InterruptedCopy` one."""
+    for p, shard in zip(params, owners):
+        p.grad = torch.ones_like(p)
+        if shard == interrupted:
+            p.grad = p.grad.as_subclass(InterruptedCopy)
+
+
+def interrupt_a_step(
+    opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], owners: Sequence[int]
+) -> None:
+    """A step on gradients of ones whose copy of shard 1's is interrupted (the step must raise
+    ``KeyboardInterrupt``); the gradients are then all plain ones again."""
+    grads_of_ones(params, owners, interrupted=1)
+    try:
+        opt.step()
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the step was not interrupted")
+    grads_of_ones(params, owners)
+
+
+def sgd_on_ones(
+    start: Sequence[torch.Tensor], updates: Sequence[int], lr: float = 0.5
+) -> list[torch.Tensor]:
+    """Each tensor of ``start`` after its number of ``updates`` of torch's SGD (no momentum) on
+    gradients of ones, update by update as torch applies them (bit for bit)."""
+    out = []
+    for tensor, count in zip(start, updates):
+        tensor = tensor.detach().clone()
+        for _ in range(count):
+            tensor.add_(torch.ones_like(tensor), alpha=-lr)
+        out.append(tensor)
+    return out
 
 
 # ----- comparing -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest
 import ray
 import torch
 from group_workers import GroupWorker, loss_of, make_data, make_model, reference_run
+from helpers import grads_of_ones, interrupt_a_step, sgd_on_ones
 
 import shardopt
 from shardopt.actor import placement
@@ -582,14 +583,12 @@ def test_a_worker_outside_a_placement_group_is_laid_out_on_its_node():
     assert placement.worker_nodes() == (ray.get_runtime_context().get_node_id(),)
 
 
-class _Interrupting(torch.Tensor):
-    """A gradient whose copy is interrupted (as Ctrl-C would, in the middle of a push)."""
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is torch._foreach_copy_:
-            raise KeyboardInterrupt
-        return super().__torch_function__(func, types, args, kwargs or {})
+def _sgd_member(name, params, world_size, rank, mode):
+    """SGD (lr 0.5) on ``params`` as ``rank`` of group ``name``: whole tensors on 2 shards."""
+    return shardopt.SGD(
+        params, lr=0.5, group=name, world_size=world_size, rank=rank, mode=mode, num_shards=2,
+        split=False, timeout=30,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -603,31 +602,18 @@ def test_a_push_interrupted_while_packing_leaves_no_answer_for_the_next_push(nam
     shard and applied by the other."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((16, 16), (12, 8), (7,))]
-    opt = shardopt.SGD(
-        params, lr=0.5, group=name, world_size=1, rank=0, mode=mode, num_shards=2,
-        split=False, timeout=30,
-    )  # fmt: skip
+    opt = _sgd_member(name, params, 1, 0, mode)
     try:
         owners = opt.plan.owners
         assert sorted(set(owners)) == [0, 1]
         before = [p.detach().clone() for p in params]
-        for p, s in zip(params, owners):
-            p.grad = torch.ones_like(p)
-            if s == 1:
-                p.grad = p.grad.as_subclass(_Interrupting)
-        with pytest.raises(KeyboardInterrupt):
-            opt.step()
-        for p in params:
-            p.grad = torch.ones_like(p)
+        interrupt_a_step(opt, params, owners)
         for _ in range(3):
             opt.step()
         # sync: the next push repeats the interrupted version, which shard 0 answers without
         # applying it again and shard 1 applies: 3 updates each; async: 4 and 3
         updates = {0: 3 if mode == "sync" else 4, 1: 3}
-        want = [b.clone() for b in before]
-        for w, s in zip(want, owners):
-            for _ in range(updates[s]):
-                w.add_(torch.ones_like(w), alpha=-0.5)  # as torch's SGD steps
+        want = sgd_on_ones(before, [updates[s] for s in owners])
         for p, w in zip(params, want):
             assert torch.equal(p.detach(), w)
         assert opt.backend.versions == ([3, 3] if mode == "sync" else [4, 3])
@@ -645,21 +631,13 @@ def test_a_sync_push_interrupted_on_one_rank_completes_its_rounds_when_it_pushes
 
     def work(rank):
         params = [torch.nn.Parameter(t.clone()) for t in start]
-        opt = shardopt.SGD(
-            params, lr=0.5, group=name, world_size=2, rank=rank, mode="sync", num_shards=2,
-            split=False, timeout=30,
-        )  # fmt: skip
+        opt = _sgd_member(name, params, 2, rank, "sync")
         try:
             owners = opt.plan.owners
-            for p, s in zip(params, owners):
-                p.grad = torch.ones_like(p)
-                if rank == 1 and s == 1:
-                    p.grad = p.grad.as_subclass(_Interrupting)
             if rank == 1:
-                with pytest.raises(KeyboardInterrupt):
-                    opt.step()
-                for p in params:
-                    p.grad = torch.ones_like(p)
+                interrupt_a_step(opt, params, owners)
+            else:
+                grads_of_ones(params, owners)
             for _ in range(3):
                 opt.step()
             return [p.detach().clone() for p in params], opt.backend.versions
@@ -668,8 +646,6 @@ def test_a_sync_push_interrupted_on_one_rank_completes_its_rounds_when_it_pushes
 
     (params_0, versions_0), (params_1, versions_1) = run_ranks(2, work)
     assert versions_0 == versions_1 == [3, 3]
-    for a, b, t in zip(params_0, params_1, start):
-        want = t.clone()
-        for _ in range(3):
-            want.add_(torch.ones_like(want), alpha=-0.5)  # the mean of two ones, lr 0.5
-        assert torch.equal(a, want) and torch.equal(b, want)
+    want = sgd_on_ones(start, [3] * len(start))  # the mean of two ones is ones
+    for a, b, w in zip(params_0, params_1, want):
+        assert torch.equal(a, w) and torch.equal(b, w)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_same_state_dict, assert_same_tensors
+from helpers import assert_same_state_dict, assert_same_tensors, interrupt_a_step, sgd_on_ones
 from torch import nn
 
 import shardopt
@@ -275,16 +275,6 @@ def test_a_shard_lost_while_the_step_is_sent_names_the_shards_that_applied_it():
         opt.close()
 
 
-class _Interrupting(torch.Tensor):
-    """A gradient whose copy is interrupted (as Ctrl-C would, in the middle of a step)."""
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is torch._foreach_copy_:
-            raise KeyboardInterrupt
-        return super().__torch_function__(func, types, args, kwargs or {})
-
-
 def test_a_step_interrupted_while_packing_leaves_no_answer_for_the_next_step():
     """Shard 0's step left through its lane before shard 1's gradients were packed, and the
     packing was interrupted: the lane whose answer was not read is closed, so the next steps
@@ -294,22 +284,12 @@ def test_a_step_interrupted_while_packing_leaves_no_answer_for_the_next_step():
     opt = shardopt.SGD(params, lr=0.5, num_shards=2, split=False)
     try:
         assert opt.uses_shared_memory == [True, True]
-        on_0 = [p for p, s in zip(params, opt.plan.owners) if s == 0]
-        on_1 = [p for p, s in zip(params, opt.plan.owners) if s == 1]
+        owners = opt.plan.owners
         before = [p.detach().clone() for p in params]
-        for p in on_0:
-            p.grad = torch.ones_like(p)
-        on_1[0].grad = torch.ones_like(on_1[0]).as_subclass(_Interrupting)
-        with pytest.raises(KeyboardInterrupt):
-            opt.step()
-        for p in params:
-            p.grad = torch.ones_like(p)
+        interrupt_a_step(opt, params, owners)
         for _ in range(3):
             opt.step()
-        want = [b.clone() for b in before]
-        for w, s in zip(want, opt.plan.owners):
-            for _ in range(4 if s == 0 else 3):
-                w.add_(torch.ones_like(w), alpha=-0.5)  # as torch's SGD steps
+        want = sgd_on_ones(before, [4 if s == 0 else 3 for s in owners])
         assert_same_tensors([p.detach() for p in params], want)
         opt.backend.pull_params()  # the shards' master copies say the same
         assert_same_tensors([p.detach() for p in params], want)
