@@ -7,7 +7,8 @@ configurations, its table) stays in the benchmark, and the step benchmark's work
 * timing: :class:`Samples` (one configuration's step times, or its error), :func:`rotate` and
   :func:`round_robin` (configurations take turns, the order rotating every round),
   :func:`timed`, :func:`back_to_back`;
-* the machine: :func:`wait_for_quiet` (idle CPUs before timing begins), peak-RSS probes,
+* the machine: :class:`MachineCpu` (the CPU time a block cost, every process counted),
+  :func:`wait_for_quiet` (idle CPUs before timing begins), peak-RSS probes,
   :func:`processes_with` (processes found in ``/proc``), :func:`free_port` on loopback;
 * the run: :func:`run_meta` (command, date, versions, CPUs), :func:`logger` (progress lines on
   stderr), the command line (:func:`arg_parser`, :func:`parse_size`, :func:`comma_list`),
@@ -285,16 +286,14 @@ def wait_for_quiet(
     """
     start = time.monotonic()
     busy = 0.0
-    before = _cpu_times()
-    while before is not None and time.monotonic() - start < timeout_s:
-        time.sleep(window_s)
-        after = _cpu_times()
-        if after is None or after[1] == before[1]:
+    while _cpu_times() is not None and time.monotonic() - start < timeout_s:
+        with MachineCpu() as window:
+            time.sleep(window_s)
+        if window.busy_fraction is None:
             break
-        busy = 1.0 - (after[0] - before[0]) / (after[1] - before[1])
+        busy = window.busy_fraction
         if busy <= max_busy:
             break
-        before = after
     return {"waited_s": time.monotonic() - start, "cpu_busy": busy}
 
 
