@@ -289,26 +289,23 @@ class LocalShards(RayShards):
         touched_slots: dict[int, list[int]] = {}
         outgoing: dict[int, StepRequest] = {}
         failures: dict[int, Exception] = {}
-        with omp_threads.at_most(self.copy_threads):  # the shards here get this node's CPUs
-            for s in self.shard_map.live_shards():
-                try:
-                    out = self._pack_and_send(s, step_id, options, params, scaling)
-                except Exception as err:  # the shards sent apply it all the same: _step_failed
-                    if not pending:
-                        raise
-                    failures[s] = err
-                    break
-                except BaseException:  # interrupted: answers left unread would reach the next step
-                    self._close_unread(pending)
-                    raise
-                if out is not None:
-                    answer, request, outgoing[s], flat, touched_slots[s] = out
-                    pending[answer] = s
-                    sent[s] = (request, flat)
-        self.data_path.forget_shipped()
         new_state: list[int] = []
-        sent_at, optimizer = time.perf_counter(), self._params.optimizer_class.__name__
-        try:
+        try:  # from the first send on: a lane whose answer is not read is closed at the end
+            with omp_threads.at_most(self.copy_threads):  # the shards here get this node's CPUs
+                for s in self.shard_map.live_shards():
+                    try:
+                        out = self._pack_and_send(s, step_id, options, params, scaling)
+                    except Exception as err:  # the shards sent apply it all the same: _step_failed
+                        if not pending:
+                            raise
+                        failures[s] = err
+                        break
+                    if out is not None:
+                        answer, request, outgoing[s], flat, touched_slots[s] = out
+                        pending[answer] = s
+                        sent[s] = (request, flat)
+            self.data_path.forget_shipped()
+            sent_at, optimizer = time.perf_counter(), self._params.optimizer_class.__name__
             while pending:  # copy each shard's parameters back as soon as it is done
                 answer, s = first_answer(pending)
                 try:
@@ -341,8 +338,10 @@ class LocalShards(RayShards):
                 with omp_threads.at_most(None if last else self.copy_threads):
                     self._take_params(s, result, sent[s][0], touched_slots[s], params)
                 new_state.extend(result.new_state_ids)
-        finally:
-            self._close_unread(pending)
+        finally:  # a lane whose answer was not read would hand it to the next step
+            for answer, s in pending.items():
+                if isinstance(answer, LANE_TYPES):
+                    self.lanes.close(s)
         if failures:
             self._step_failed(step_id, failures, sent)
         if replicas is not None:  # only now: until every shard has applied it, they roll back
@@ -350,13 +349,6 @@ class LocalShards(RayShards):
                 grads = to_numpy(flat) if any(request.has_grad) else None
                 replicas.step(s, replace(request, grads=grads, return_params=False))
         self.shard_map.note_state(new_state)
-
-    def _close_unread(self, pending: dict[Any, int]) -> None:
-        """Closes the lanes whose answers were not read (they would hand them to the next
-        step)."""
-        for answer, s in pending.items():
-            if isinstance(answer, LANE_TYPES):
-                self.lanes.close(s)
 
     def _pack_and_send(
         self,
