@@ -6,6 +6,7 @@ tests/test_group_cluster.py.
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from shardopt.actor import placement
 from shardopt.actor.threads import usable_cpus
 from shardopt.client.shard_group import list_groups
 from shardopt.client.shard_group import registry as group_registry
+from shardopt.core import shm
 
 HYPER = {"lr": 0.05, "weight_decay": 0.01}
 
@@ -495,11 +497,12 @@ def test_owner_close_keeps_the_group_until_the_others_detach(name):
     # a host SIGKILLed before the group ends: the registry removes its shared-memory files
     hosts, _ = ray.get(group_registry().primary_hosts.remote(name))
     info = ray.get(hosts[0].info.remote())
-    assert len(info["shm_files"]) == 2 and all(os.path.exists(p) for p in info["shm_files"])
+    made_there = glob.glob(f"{shm.SHM_DIR}/shardopt-{info['pid']}-*")  # the files it named
+    assert made_there and sorted(info["shm_files"]) == sorted(made_there)  # its read gate too
     os.kill(info["pid"], signal.SIGKILL)
     other.close()
     assert name not in list_groups()
-    assert not any(os.path.exists(p) for p in info["shm_files"])
+    assert not glob.glob(f"{shm.SHM_DIR}/shardopt-{info['pid']}-*")
 
 
 def test_group_ends_with_its_owners_job(name):

@@ -53,9 +53,10 @@ class RankSlots:
         shard: the group's shard held here (its buffers must be in shared memory).
         mode: the group's mode, ``"sync"`` or ``"async"``.
         world_size: the group's world size.
+        version: the shard's version now (what its read gate says until the next change).
     """
 
-    def __init__(self, shard: Shard, mode: str, world_size: int) -> None:
+    def __init__(self, shard: Shard, mode: str, world_size: int, version: int = 0) -> None:
         self._shard = shard
         self._mode = mode
         self._world_size = world_size
@@ -65,6 +66,17 @@ class RankSlots:
         self._grad_tensors: dict[int, tuple[object, list[torch.Tensor]]] = {}  # (layout, views)
         self._handed_out: list[str] = []  # files a worker maps and unlinks (removed at close)
         self._gate: ReadGate | None = None  # async: the ranks copying the shard's buffer
+        if self._changes_while_read and shard.shared_buffers() is not None:
+            try:  # made now, so that its name is among the files a registry removes for a
+                self._opened_gate(version)  # killed host (ShardGroupHost.info's shm_files)
+            except OSError:  # no room: made (or not) at an attach, as the buffers
+                pass
+
+    def shared_paths(self) -> tuple[str, ...]:
+        """The files in ``/dev/shm`` that stay named while the shard lives: its buffers' and
+        (async) the read gate's."""
+        gate = () if self._gate is None else (self._gate.path,)
+        return (*self._shard.shared_paths(), *gate)
 
     def attach(self, rank: int, own_copy: bool = False, version: int = 0) -> RankBuffers | None:
         """A rank's shared buffers (None: the shard's buffers are not in shared memory, or

@@ -163,12 +163,13 @@ class GroupShardHost(ReplicaRole, ShardCalls):
         """
         if num_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(num_threads)
-        shared = not (self.config.elastic or self.config.replicate)
+        config = self.config
+        shared = not (config.elastic or config.replicate)
         with self._cond:
             if self._shard is not None:  # (a replica made again from an export) its old files
                 self._shard.close()
             self._shard = Shard(shard_index, spec, self.device, shared_memory=shared)
-            self._slots = RankSlots(self._shard, self.config.mode, self.config.world_size)
+            self._slots = RankSlots(self._shard, config.mode, config.world_size, self._version)
             self._sum = RoundSum(self._slots, self._shard)
             if shared:  # its files go with the host (close() runs first when it is killed)
                 self._finalizers += [
@@ -201,9 +202,7 @@ class GroupShardHost(ReplicaRole, ShardCalls):
         groups (they have no shared memory). A lane pushes for its own rank only."""
         with self._cond:
             self._checked(key)
-            if self._slots is None:
-                return None
-            if self._elastic is not None or self.config.replicate:
+            if self._slots is None or self._elastic is not None or self.config.replicate:
                 return None
             if not self._slots.reads_shared_params(rank):
                 return None
@@ -588,7 +587,7 @@ class GroupShardHost(ReplicaRole, ShardCalls):
 
     def info(self) -> dict[str, Any]:
         """The host's device, node, the GPUs Ray gave it, process id, the CPUs it can run on,
-        and the shared-memory files its shard holds."""
+        and the shared-memory files its shard holds (its buffers, its read gate)."""
         return {
             "device": str(self.device),
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -596,5 +595,5 @@ class GroupShardHost(ReplicaRole, ShardCalls):
             "pid": os.getpid(),
             "cpus": usable_cpus(),
             "shards": [self._key] if self._key else [],
-            "shm_files": list(self._shard.shared_paths()) if self._shard is not None else [],
+            "shm_files": list(self._slots.shared_paths()) if self._slots is not None else [],
         }

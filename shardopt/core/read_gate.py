@@ -68,6 +68,13 @@ class ReadGate:
         shm.remove(path)
         return cls(fd, None)
 
+    @property
+    def path(self) -> str:
+        """The writer's file (its readers' names are gone once they opened them)."""
+        if self._path is None:
+            raise ValueError("a reader's end of a read gate has no file name")
+        return self._path
+
     def link(self) -> str:
         """A name for one more reader to :meth:`open`."""
         if self._path is None:
