@@ -11,6 +11,9 @@ shard refuses raises the shards' (torch's) own error.
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 from helpers import assert_same_state_dict, assert_same_tensors, interrupt_a_step, sgd_on_ones
@@ -271,6 +274,40 @@ def test_a_shard_lost_while_the_step_is_sent_names_the_shards_that_applied_it():
             opt.step()
         assert (info.value.step_id, info.value.applied, info.value.failed) == (0, [0], [1])
         assert_same_tensors([p.detach() for p in on_0], [b - 0.5 for b in before])
+    finally:
+        opt.close()
+
+
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["lane", "ray"])
+def test_a_shard_lost_while_the_others_step_names_the_shards_that_applied_it(shared_memory):
+    """Both shards are sent the step; shard 1's host is dead, so its answer is an error while
+    shard 0 applies it. Shard 0's parameters come back stepped and the error names it, with the
+    loss as its cause, instead of a bare ShardUnavailableError that hides that one shard moved
+    on (without replicas nothing rolls it back)."""
+    import ray
+
+    params = _params()
+    opt = shardopt.SGD(  # hosts of their own (a separate pool entry), since this test kills one
+        params, lr=0.5, num_shards=2, split=False, shared_memory=shared_memory,
+        actor_options={"num_cpus": 0},
+    )  # fmt: skip
+    try:
+        before = [p.detach().clone() for p in params]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        host = opt.backend.handles[1].host
+        pid = ray.get(host.info.remote())["pid"]
+        ray.kill(host, no_restart=True)  # asynchronous: its lane answers until the process ends
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(shardopt.PartialStepError) as info:
+            opt.step()
+        assert (info.value.step_id, info.value.applied, info.value.failed) == (0, [0], [1])
+        assert isinstance(info.value.__cause__, shardopt.ShardUnavailableError)
+        owners = opt.plan.owners
+        expected = [b - 0.5 if s == 0 else b for b, s in zip(before, owners)]
+        assert_same_tensors([p.detach() for p in params], expected)
     finally:
         opt.close()
 

@@ -317,10 +317,11 @@ class LocalShards(RayShards):
                     self.lanes.close(s)
                     pending[self.handles[s].step(outgoing[s])] = s
                     continue
-                except ShardUnavailableError:
-                    if replicas is None:
-                        raise
-                    pending[replicas.recover(s, *sent[s])] = s
+                except ShardUnavailableError as err:
+                    if replicas is None:  # the others may have applied it: see _step_failed
+                        failures[s] = err
+                    else:
+                        pending[replicas.recover(s, *sent[s])] = s
                     continue
                 except Exception as err:  # the others may have applied it: see _step_failed
                     failures[s] = err
