@@ -18,7 +18,11 @@ tensors shows the per-tensor costs) and for AdamW and SGD(momentum=0.9), it time
   values back in the user's tensors;
 * the floor, measured in the same loop: ``a.add_(b)`` and ``dst.copy_(src)`` over N floats; the
   step floor is the step's bytes (AdamW 28 B/param, SGD 20 B/param) at ``add_``'s bandwidth, the
-  shard-path floor adds one copy of the gradients in and one of the parameters out.
+  shard-path floor adds one copy of the gradients in and one of the parameters out;
+* the core floor, from torch fused and the copy each timed also on one thread (in the same loop):
+  the least time the CPU work of a step that copies (the update, two copies of N floats) takes
+  on this machine's cores, each piece at its fewest CPU-milliseconds, every core busy throughout
+  (``step_report.core_floor``). A design that copies cannot beat it, however it overlaps.
 
 The configurations in this process take turns round-robin in one loop (the order rotates every
 round), after waiting for the CPUs to go quiet. ZeRO and RPC then run in their own processes, one
@@ -52,6 +56,8 @@ import ray
 import torch
 
 import shardopt
+from shardopt.actor.threads import usable_cpus
+from shardopt.core import omp_threads
 
 # isort: split
 # the benchmark's own modules, next to this file
@@ -76,6 +82,9 @@ from step_report import (
     ADD,
     CLIENT,
     COPY,
+    COPY_1T,
+    CORE_FLOOR,
+    FUSED_1T,
     SHARD_FLOOR,
     STEP_FLOOR,
     add_ratios,
@@ -133,10 +142,13 @@ class Config:
 # ----- the configurations in this process -----------------------------------------------------
 
 
-def local_config(params: list[torch.nn.Parameter], spec: Algorithm, variant: dict) -> Config:
-    """``torch.optim.<Algorithm>`` over ``params`` (the local variants share one copy)."""
+def local_config(
+    params: list[torch.nn.Parameter], spec: Algorithm, variant: dict, single: bool = False
+) -> Config:
+    """``torch.optim.<Algorithm>`` over ``params`` (the local variants share one copy; each
+    has its own state), stepping on one OpenMP thread where ``single``."""
     opt = spec.optimizer_class(params, **spec.hyperparameters, **variant)
-    return Config(opt.step, facts={"kwargs": variant})
+    return Config(one_thread(opt.step) if single else opt.step, facts={"kwargs": variant})
 
 
 def shardopt_config(
@@ -191,9 +203,24 @@ def start_host_pools(shard_counts: tuple[int, ...]) -> None:
 
 
 def kernel_configs(n: int) -> dict[str, Config]:
-    """The floor's kernels: an in-place add and a copy over ``n`` floats."""
+    """The floor's kernels: an in-place add and a copy over ``n`` floats, and the copy on one
+    thread (as shardopt's client copies while the shards on its node step)."""
     a, b, dst = torch.rand(n), torch.rand(n), torch.empty(n)
-    return {ADD: Config(lambda: a.add_(b)), COPY: Config(lambda: dst.copy_(b))}
+    return {
+        ADD: Config(lambda: a.add_(b)),
+        COPY: Config(lambda: dst.copy_(b)),
+        COPY_1T: Config(one_thread(lambda: dst.copy_(b))),
+    }
+
+
+def one_thread(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` with this thread's torch ops on one OpenMP thread (as a shard host's update)."""
+
+    def run() -> object:
+        with omp_threads.at_most(1):
+            return step()
+
+    return run
 
 
 def run_in_process(
@@ -225,6 +252,8 @@ def run_in_process(
         (name, partial(local_config, base, spec, variant))
         for name, variant in (LOCAL_VARIANTS.items() if local else ())
     ]
+    if local:  # the shards' own work: torch's fused update on one thread (the core floor)
+        builders.append((FUSED_1T, partial(local_config, base, spec, {"fused": True}, True)))
     builders += [(shardopt_name(k), partial(shardopt_config, base, spec, k)) for k in shard_counts]
     k = max(shard_counts, default=0)
     if k:
@@ -343,7 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "quiet_before_timing": result.quiet,
                     "memory": result.memory,
                     "kernels": {k: result.records.get(k, {}).get("median_ms") for k in (ADD, COPY)},
-                    "floors": floors(result.records, ALGORITHMS[algo], n),
+                    "floors": floors(result.records, ALGORITHMS[algo], n, usable_cpus()),
                 }
             )
         for group, runner in (("zero", anchors.run_zero), ("rpc", anchors.run_rpc)):
@@ -370,6 +399,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f = _cell(report, size, algo)["floors"]
             per_algo[algo][STEP_FLOOR] = {"median_ms": f.get("step_floor_ms"), "derived": True}
             per_algo[algo][SHARD_FLOOR] = {"median_ms": f.get("shard_floor_ms"), "derived": True}
+            if f.get("core_floor_ms"):
+                per_algo[algo][CORE_FLOOR] = {"median_ms": f["core_floor_ms"], "derived": True}
             for config in _table_order(per_algo[algo], args.shards):
                 report["records"].append(
                     {
@@ -395,7 +426,8 @@ def _table_order(records: dict[str, Any], shard_counts: tuple[int, ...]) -> list
     order = [*LOCAL_VARIANTS, *anchors.ZERO_CONFIGS.values(), anchors.RPC_CONFIG]
     order += [shardopt_name(k) for k in shard_counts]
     order += [shardopt_name(max(shard_counts), True)] if shard_counts else []
-    order += [ADD, COPY, STEP_FLOOR, SHARD_FLOOR]
+    order.insert(order.index("torch fused") + 1, FUSED_1T)
+    order += [ADD, COPY, COPY_1T, STEP_FLOOR, SHARD_FLOOR, CORE_FLOOR]
     return [c for c in order if c in records] + [c for c in records if c not in order]
 
 

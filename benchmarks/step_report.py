@@ -19,24 +19,49 @@ from common import fixed
 from workload import ALGORITHMS, Algorithm
 
 ADD, COPY = "add_ (N floats)", "copy_ (N floats)"
-STEP_FLOOR, SHARD_FLOOR = "step floor", "shard-path floor"
+COPY_1T, FUSED_1T = "copy_ (N floats), 1 thread", "torch fused, 1 thread"
+STEP_FLOOR, SHARD_FLOOR, CORE_FLOOR = "step floor", "shard-path floor", "core floor"
 FOREACH, FUSED = "torch foreach", "torch fused"
 CLIENT = "client (local + shardopt configs + floor)"
 
 
-def floors(records: dict[str, dict[str, Any]], spec: Algorithm, n: int) -> dict[str, float]:
-    """Bandwidths from the kernels, and the least step time the step's bytes allow."""
+def floors(
+    records: dict[str, dict[str, Any]], spec: Algorithm, n: int, cpus: int
+) -> dict[str, float]:
+    """Bandwidths from the kernels, the least step time the step's bytes allow, and the least
+    time the CPU work of a step that copies allows on ``cpus`` cores (:func:`core_floor`)."""
     t_add, t_copy = records.get(ADD, {}).get("median_ms"), records.get(COPY, {}).get("median_ms")
     if not t_add or not t_copy:
         return {}
     step = spec.bytes_per_param / 12 * t_add  # add_ moves 12 B per float: read a, b; write a
-    return {
+    out = {
         "add_GBps": 12 * n / t_add / 1e6,
         "copy_GBps": 8 * n / t_copy / 1e6,
         "bytes_per_param": spec.bytes_per_param,
         "step_floor_ms": step,
         "shard_floor_ms": step + 2 * t_copy,
     }
+    times = {k: records.get(k, {}).get("median_ms") for k in (FUSED, FUSED_1T, COPY_1T)}
+    if all(times.values()):
+        out["core_floor_ms"] = core_floor(
+            times[FUSED],
+            times[FUSED_1T],
+            t_copy,
+            times[COPY_1T],
+            cpus,  # type: ignore[arg-type]
+        )
+    return out
+
+
+def core_floor(fused: float, fused_1t: float, copy: float, copy_1t: float, cpus: int) -> float:
+    """The least wall time of a step that copies every gradient in and every parameter out,
+    from the CPU time its pieces take: torch's fused update over the N parameters, and two
+    copies of N floats. Each piece costs at least the fewer CPU-milliseconds of its two timings
+    (on one thread, or on all ``cpus`` threads at ``cpus`` times its wall time), and ``cpus``
+    cores give at most ``cpus`` CPU-milliseconds per millisecond, however the pieces are split,
+    overlapped or pipelined. Contention between pieces that share the memory bus only adds."""
+    work = min(fused_1t, cpus * fused) + 2 * min(copy_1t, cpus * copy)
+    return work / cpus
 
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
@@ -50,7 +75,7 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
             f"x {ref}": (r["median_ms"] / anchors_ms[ref])
             if r.get("median_ms") and anchors_ms.get(ref)
             else None
-            for ref in (FOREACH, FUSED, STEP_FLOOR, SHARD_FLOOR)
+            for ref in (FOREACH, FUSED, STEP_FLOOR, SHARD_FLOOR, CORE_FLOOR)
         }
 
 
@@ -61,7 +86,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"one optimizer step, float32, median of {meta['repeats']} after {meta['warmup']} "
         f"warm-up; {meta['cpus']} CPUs, torch {meta['torch']}, ray {meta['ray']}",
         f"{'size':<6}{'algorithm':<19}{'config':<28}{'median ms':>10}{'IQR %':>7}"
-        f"{'x foreach':>10}{'x fused':>9}{'x step fl':>10}{'x shard fl':>11}",
+        f"{'x foreach':>10}{'x fused':>9}{'x step fl':>10}{'x shard fl':>11}{'x core fl':>10}",
     ]
 
     last = None
@@ -79,13 +104,15 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{fixed(r.get('median_ms'), 10, 1)}{fixed(_iqr_pct(r.get('samples_ms')), 7, 0)}"
                 f"{fixed(q.get('x ' + FOREACH), 10)}"
                 f"{fixed(q.get('x ' + FUSED), 9)}{fixed(q.get('x ' + STEP_FLOOR), 10)}"
-                f"{fixed(q.get('x ' + SHARD_FLOOR), 11)}"
+                f"{fixed(q.get('x ' + SHARD_FLOOR), 11)}{fixed(q.get('x ' + CORE_FLOOR), 10)}"
             )
         lines.append(row)
     lines.append(
         "IQR %: interquartile range over the median. step floor: the step's bytes (AdamW 28, SGD "
         "20 per param)\nat add_'s bandwidth; shard-path floor: step floor + 2 copies of N floats "
-        "(grads in, params out).\n* timed in processes of their own after the cell, so their "
+        "(grads in, params out);\ncore floor: the least time those copies and torch's fused "
+        "update allow with every core busy (their\nfewest CPU-ms, on one thread or on all, over "
+        "the cores).\n* timed in processes of their own after the cell, so their "
         "ratios span two phases: see the drift lines."
     )
     for c in report["cells"]:

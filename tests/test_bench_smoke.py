@@ -57,10 +57,12 @@ def test_in_process_cell_times_every_config(bench, names):
     )
     expected = [
         *bench.LOCAL_VARIANTS,
+        names.FUSED_1T,
         bench.shardopt_name(2),
         bench.shardopt_name(2, share_params=True),
         names.ADD,
         names.COPY,
+        names.COPY_1T,
     ]
     assert sorted(result.records) == sorted(expected)
     for name, record in result.records.items():
@@ -68,8 +70,19 @@ def test_in_process_cell_times_every_config(bench, names):
         assert len(record["samples_ms"]) == 1 and record["median_ms"] > 0
     assert len(result.records[bench.shardopt_name(2)]["facts"]["host_pids"]) == 2
     assert result.memory[names.CLIENT] > 0
-    floors = names.floors(result.records, bench.ALGORITHMS["adamw"], bench.count_params(shapes))
+    n = bench.count_params(shapes)
+    floors = names.floors(result.records, bench.ALGORITHMS["adamw"], n, cpus=2)
     assert 0 < floors["step_floor_ms"] < floors["shard_floor_ms"]
+    assert floors["core_floor_ms"] > 0
+
+
+def test_core_floor_takes_each_piece_at_its_fewest_cpu_ms(names):
+    # one thread is the cheaper way to run both pieces: (30 + 2 * 9) CPU-ms over 2 cores
+    assert names.core_floor(fused=16, fused_1t=30, copy=6, copy_1t=9, cpus=2) == 24
+    # a copy that scales perfectly costs as much on all cores: 2 * 4 = 8 CPU-ms each
+    assert names.core_floor(fused=16, fused_1t=30, copy=4, copy_1t=9, cpus=2) == 23
+    # four cores: the same CPU-ms, spread wider
+    assert names.core_floor(fused=8, fused_1t=30, copy=3, copy_1t=9, cpus=4) == 12
 
 
 def test_cli_writes_table_json_and_plot(bench, names, tmp_path, capsys):
@@ -78,13 +91,18 @@ def test_cli_writes_table_json_and_plot(bench, names, tmp_path, capsys):
     report = json.loads((tmp_path / "step_bench.json").read_text())
     configs = [r["config"] for r in report["records"]]
     assert configs == [
-        *bench.LOCAL_VARIANTS,
+        "torch foreach",
+        "torch fused",
+        names.FUSED_1T,
+        "torch default",
         "shardopt 1 shard",
         "shardopt 1 shard, share_params",
         names.ADD,
         names.COPY,
+        names.COPY_1T,
         names.STEP_FLOOR,
         names.SHARD_FLOOR,
+        names.CORE_FLOOR,
     ]
     fused = next(r for r in report["records"] if r["config"] == names.FUSED)
     assert math.isclose(fused["ratios"]["x torch fused"], 1.0)
