@@ -385,9 +385,12 @@ class ShardedOptimizer(CopyRules, FormRules, torch.optim.Optimizer):
             The closure's return value, or None, as ``torch.optim`` does.
 
         Raises:
-            PartialStepError: the step failed on some shards after others had applied it (only
-                without replicas; with them every shard is rolled back first and the shard's
-                own error is raised).
+            PartialStepError: the step failed on some shards (a shard's error, or its actor
+                lost) after others had applied it (only without replicas; with them a lost
+                shard is replaced and the step goes on, and for a shard's error every shard is
+                rolled back first and that error is raised).
+            ShardUnavailableError: a shard's actor was lost and no shard applied the step
+                (without replicas).
         """
         self._follow_forms()  # a model converted after the optimizer was made (param_forms)
         backend = self.backend
