@@ -597,12 +597,15 @@ def _sgd_member(name, params, world_size, rank, mode):
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_push_interrupted_while_packing_leaves_no_answer_for_the_next_push(name, mode):
     """The push to shard 0 left through its lane before shard 1's gradients were packed, and
-    the packing was interrupted: the lane whose answer was not read is closed, so the next
-    pushes read their own answers. With one worker, shard 0 applied the interrupted push and
-    shard 1 did not (SGD, lr 0.5, gradients of ones: the parameters count the updates). In
-    sync mode the next push is a resend of the interrupted version (as after a lost answer),
-    so the shards agree again: no half-applied push, and no stale gradients refused by one
-    shard and applied by the other."""
+    the packing was interrupted. In async mode the push waits for shard 0's answer before it
+    raises, so shard 0 applied it and its parameters came back; a late request would have
+    been dropped by the lane opened again for the next push, or read the next push's
+    gradients from the slot. In sync mode (the answer waits for the round) the lane whose
+    answer was not read is closed, so the next pushes read their own answers. With one
+    worker, shard 0 applied the interrupted push and shard 1 did not (SGD, lr 0.5, gradients
+    of ones: the parameters count the updates). In sync mode the next push is a resend of the
+    interrupted version (as after a lost answer), so the shards agree again: no half-applied
+    push, and no stale gradients refused by one shard and applied by the other."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((16, 16), (12, 8), (7,))]
     opt = _sgd_member(name, params, 1, 0, mode)

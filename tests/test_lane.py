@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 import pytest
 import ray
@@ -19,6 +20,7 @@ from helpers import assert_same_params, make_model, run_steps
 from reference import run_as_shards
 
 import shardopt
+from shardopt.client.lanes import first_answer
 from shardopt.core.lane import TOKEN_BYTES, LaneBroken, LaneClient, LaneServer
 
 
@@ -49,6 +51,28 @@ def test_a_lane_answers_and_raises_the_shards_own_errors():
             client.receive()
         client.send(7)  # the lane goes on after errors
         assert client.receive() == ("served", 7)
+    finally:
+        client.close()
+        server.close()
+
+
+def test_waiting_for_the_first_answer_gives_up_at_its_timeout_and_keeps_what_it_waits_on():
+    """(What a step stopped part-way does: first_answer with a timeout.) A lane whose shard
+    takes longer than the wait is still pending afterwards; an answer in time is taken."""
+    release = threading.Event()
+    server = LaneServer(lambda request: release.wait(30) and ("served", request))
+    client = LaneClient(server.address)
+    try:
+        client.send("slow")
+        pending = {client: 0}
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"no answer from shard\(s\) \[0\]"):
+            first_answer(pending, timeout_s=0.2)
+        assert 0.15 < time.monotonic() - started < 5
+        assert pending == {client: 0}
+        release.set()
+        assert first_answer(pending, timeout_s=10) == (client, 0) and not pending
+        assert client.receive() == ("served", "slow")
     finally:
         client.close()
         server.close()

@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import select
+import time
 from typing import Any
 
 import ray
@@ -122,24 +123,33 @@ class Lanes:
         return len(self._lanes)
 
 
-def first_answer(pending: dict[Any, int]) -> tuple[Any, int]:
+LAND_S = 10.0
+"""How long a step or push stopped part-way (Ctrl-C) waits for the shards it was sent to."""
+
+
+def first_answer(pending: dict[Any, int], timeout_s: float | None = None) -> tuple[Any, int]:
     """Takes out of ``pending`` (Ray refs and lanes, each to its shard) the first one whose
-    answer is in, waiting for it."""
+    answer is in, waiting for it (at most ``timeout_s``: then :class:`TimeoutError`)."""
     lanes = {k.fileno(): k for k in pending if isinstance(k, LANE_TYPES)}
     refs = [k for k in pending if not isinstance(k, LANE_TYPES)]
     poller = select.poll()  # not select(): a busy process's descriptors pass FD_SETSIZE
     for fd in lanes:
         poller.register(fd, select.POLLIN)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:  # both kinds at once only when some shards are on other nodes: poll in turn
+        wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1e3))
         if lanes:
-            ready = poller.poll(1 if refs else None)
+            ready = poller.poll(1 if refs else wait_ms)
             if ready:
                 lane = lanes[ready[0][0]]
                 return lane, pending.pop(lane)
         if refs:
-            done, _ = ray.wait(refs, num_returns=1, timeout=0.001 if lanes else None)
+            wait_s = None if wait_ms is None else wait_ms / 1e3
+            done, _ = ray.wait(refs, num_returns=1, timeout=0.001 if lanes else wait_s)
             if done:
                 return done[0], pending.pop(done[0])
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"no answer from shard(s) {sorted(pending.values())}")
 
 
 def answer_of(answer: Any) -> Any:

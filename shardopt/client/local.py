@@ -31,11 +31,12 @@ from shardopt.client import transport as transport_module
 from shardopt.client.backend import ParamSource
 from shardopt.client.data_path import DataPath, GradShipper
 from shardopt.client.handles import ShardHandle
-from shardopt.client.lanes import LANE_TYPES, Lanes, answer_of, first_answer, net_lanes_enabled
+from shardopt.client.lanes import LAND_S, LANE_TYPES, Lanes, first_answer, net_lanes_enabled
 from shardopt.client.ray_shards import RayShards
 from shardopt.client.replication import Replicas
 from shardopt.client.runtime import drop_shards, host_pool, ray_get
 from shardopt.client.shard_map import ShardMap
+from shardopt.client.step_flight import StepInFlight, result_of
 from shardopt.core import omp_threads
 from shardopt.core.amp import AmpScaling
 from shardopt.core.buffers import to_numpy
@@ -43,7 +44,6 @@ from shardopt.core.errors import PartialStepError, ShardUnavailableError
 from shardopt.core.events import emit
 from shardopt.core.lane import LaneBroken
 from shardopt.core.metrics import SHARD_STEP_SECONDS, STEP_BYTES
-from shardopt.core.net_lane import NetLaneClient
 from shardopt.core.param_groups import group_options
 from shardopt.core.plan import Piece
 from shardopt.core.records import ShardSpec, ShardStatus, StepRequest
@@ -284,72 +284,106 @@ class LocalShards(RayShards):
         replicas = self.replicas
         if replicas is not None:
             replicas.settle()
-        sent: dict[int, tuple[StepRequest, torch.Tensor]] = {}
-        pending: dict[Any, int] = {}
-        touched_slots: dict[int, list[int]] = {}
-        outgoing: dict[int, StepRequest] = {}
-        failures: dict[int, Exception] = {}
-        new_state: list[int] = []
+        flight = StepInFlight(step_id, params)
         try:  # from the first send on: a lane whose answer is not read is closed at the end
-            with omp_threads.at_most(self.copy_threads):  # the shards here get this node's CPUs
-                for s in self.shard_map.live_shards():
-                    try:
-                        out = self._pack_and_send(s, step_id, options, params, scaling)
-                    except Exception as err:  # the shards sent apply it all the same: _step_failed
-                        if not pending:
-                            raise
-                        failures[s] = err
-                        break
-                    if out is not None:
-                        answer, request, outgoing[s], flat, touched_slots[s] = out
-                        pending[answer] = s
-                        sent[s] = (request, flat)
-            self.data_path.forget_shipped()
-            sent_at, optimizer = time.perf_counter(), self._params.optimizer_class.__name__
-            while pending:  # copy each shard's parameters back as soon as it is done
-                answer, s = first_answer(pending)
-                try:
-                    result = answer_of(answer)
-                    if isinstance(answer, NetLaneClient) and answer.has_params:  # sent inline
-                        result = replace(result, params=answer.params)
-                except LaneBroken as err:  # Ray knows whether the shard is gone; it applies it once
-                    logger.debug("shard %d: %s; step %d goes through Ray", s, err, step_id)
-                    self.lanes.close(s)
-                    pending[self.handles[s].step(outgoing[s])] = s
-                    continue
-                except ShardUnavailableError as err:
-                    if replicas is None:  # the others may have applied it: see _step_failed
-                        failures[s] = err
-                    else:
-                        pending[replicas.recover(s, *sent[s])] = s
-                    continue
-                except Exception as err:  # the others may have applied it: see _step_failed
-                    failures[s] = err
-                    if self._direct(s):  # a failed transfer may have broken RDT's state
-                        logger.warning("shard %d: direct step failed (%s): object store", s, err)
-                        self.transports[s] = "object_store"  # type: ignore[index]
-                        self.data_path.stage_on(s, torch.device("cpu"), pin_memory=True)
-                    continue
-                if isinstance(result, tuple):  # a direct step: its parameters as a tensor
-                    result, values = result
-                    result = replace(result, params=values)
-                seconds = time.perf_counter() - sent_at
-                SHARD_STEP_SECONDS.labels(optimizer, str(s)).observe(seconds)
-                last = not pending  # every shard done: this node's CPUs are free again
-                with omp_threads.at_most(None if last else self.copy_threads):
-                    self._take_params(s, result, sent[s][0], touched_slots[s], params)
-                new_state.extend(result.new_state_ids)
+            self._send_all(flight, options, scaling)
+            self._answers(flight)
+        except BaseException:  # (Ctrl-C) the shards sent apply it all the same
+            self._let_land(flight)
+            raise
         finally:  # a lane whose answer was not read would hand it to the next step
-            for answer, s in pending.items():
+            for answer, s in flight.pending.items():
                 if isinstance(answer, LANE_TYPES):
                     self.lanes.close(s)
-        if failures:
-            self._step_failed(step_id, failures, sent)
-        if replicas is not None:  # only now: until every shard has applied it, they roll back
-            for s, (request, flat) in sent.items():
-                grads = to_numpy(flat) if any(request.has_grad) else None
-                replicas.step(s, replace(request, grads=grads, return_params=False))
-        self.shard_map.note_state(new_state)
+        if flight.failures:
+            self._step_failed(step_id, flight.failures, flight.sent)
+        self._replicate(flight.sent)  # only now: until every shard applied it, they roll back
+        self.shard_map.note_state(flight.new_state)
+
+    def _send_all(
+        self, flight: StepInFlight, options: tuple[dict[str, Any], ...], scaling: AmpScaling | None
+    ) -> None:
+        """Packs and sends each shard's step in turn."""
+        with omp_threads.at_most(self.copy_threads):  # the shards here get this node's CPUs
+            for s in self.shard_map.live_shards():
+                try:
+                    out = self._pack_and_send(s, flight.step_id, options, flight.params, scaling)
+                except Exception as err:  # the shards sent apply it all the same: _step_failed
+                    if not flight.pending:
+                        raise
+                    flight.failures[s] = err
+                    break
+                if out is not None:
+                    answer, request, flight.outgoing[s], flat, flight.touched[s] = out
+                    flight.pending[answer] = s
+                    flight.sent[s] = (request, flat)
+        self.data_path.forget_shipped()
+
+    def _answers(self, flight: StepInFlight) -> None:
+        """Reads each shard's answer as it comes, and copies its parameters back at once."""
+        replicas, pending, sent = self.replicas, flight.pending, flight.sent
+        sent_at, optimizer = time.perf_counter(), self._params.optimizer_class.__name__
+        while pending:
+            answer, s = first_answer(pending)
+            try:
+                result = result_of(answer)
+            except LaneBroken as err:  # Ray knows whether the shard is gone; it applies it once
+                logger.debug("shard %d: %s; step %d goes through Ray", s, err, flight.step_id)
+                self.lanes.close(s)
+                pending[self.handles[s].step(flight.outgoing[s])] = s
+                continue
+            except ShardUnavailableError as err:
+                if replicas is None:  # the others may have applied it: see _step_failed
+                    flight.failures[s] = err
+                else:
+                    pending[replicas.recover(s, *sent[s])] = s
+                continue
+            except Exception as err:  # the others may have applied it: see _step_failed
+                flight.failures[s] = err
+                if self._direct(s):  # a failed transfer may have broken RDT's state
+                    logger.warning("shard %d: direct step failed (%s): object store", s, err)
+                    self.transports[s] = "object_store"  # type: ignore[index]
+                    self.data_path.stage_on(s, torch.device("cpu"), pin_memory=True)
+                continue
+            flight.applied.append(s)
+            SHARD_STEP_SECONDS.labels(optimizer, str(s)).observe(time.perf_counter() - sent_at)
+            last = not pending  # every shard done: this node's CPUs are free again
+            with omp_threads.at_most(None if last else self.copy_threads):
+                self._take_params(s, result, sent[s][0], flight.touched[s], flight.params)
+            flight.new_state.extend(result.new_state_ids)
+
+    def _let_land(self, flight: StepInFlight) -> None:
+        """A step stopped part-way (Ctrl-C, or an error here): waits at most ``LAND_S`` for
+        the shards it was sent to, which apply it all the same, copies their parameters back
+        and sends it to their replicas. Else a late answer would meet the next step: the lane
+        opened again for it drops the request it finds unread, and the replica never gets it.
+        A shard that does not answer in time keeps its lane closed (``_update``'s finally)."""
+        deadline, pending = time.monotonic() + LAND_S, flight.pending
+        while pending:
+            try:
+                answer, s = first_answer(pending, max(0.0, deadline - time.monotonic()))
+            except Exception as err:  # (a TimeoutError) as without this wait: see above
+                logger.warning("step %d stopped part-way: %s in %g s", flight.step_id, err, LAND_S)
+                break
+            try:
+                result = result_of(answer)
+                request = flight.sent[s][0]
+                self._take_params(s, result, request, flight.touched[s], flight.params)
+            except Exception as err:  # it raises what stopped it; the shard's own is logged
+                logger.warning("step %d stopped part-way; shard %d: %s", flight.step_id, s, err)
+                continue
+            flight.applied.append(s)
+            flight.new_state.extend(result.new_state_ids)
+        self._replicate({s: flight.sent[s] for s in flight.applied})
+        self.shard_map.note_state(flight.new_state)
+
+    def _replicate(self, shards: dict[int, tuple[StepRequest, torch.Tensor]]) -> None:
+        """Sends the step to the replicas of ``shards`` (which applied it)."""
+        if self.replicas is None:
+            return
+        for s, (request, flat) in shards.items():
+            grads = to_numpy(flat) if any(request.has_grad) else None
+            self.replicas.step(s, replace(request, grads=grads, return_params=False))
 
     def _pack_and_send(
         self,

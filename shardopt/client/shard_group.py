@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import threading
 import time
 import warnings
 import weakref
@@ -58,8 +57,16 @@ from shardopt.client.group_config import (  # noqa: F401  (the group's options, 
 )
 from shardopt.client.group_data_path import GroupDataPath
 from shardopt.client.group_handles import GroupShardHandle, group_handles
+from shardopt.client.group_heartbeats import Heartbeats, leave_group
 from shardopt.client.handles import ShardHandle
-from shardopt.client.lanes import LANE_TYPES, Lanes, answer_of, first_answer, net_lanes_enabled
+from shardopt.client.lanes import (
+    LAND_S,
+    LANE_TYPES,
+    Lanes,
+    answer_of,
+    first_answer,
+    net_lanes_enabled,
+)
 from shardopt.client.ray_shards import RayShards
 from shardopt.client.runtime import ensure_ray, ray_get
 from shardopt.client.shard_map import ShardMap
@@ -84,43 +91,6 @@ logger = logging.getLogger(__name__)
 
 MAX_STALE_RETRIES = 1000
 """How often ``step(closure)`` recomputes gradients rejected as too stale before giving up."""
-
-
-def _leave(registry: Any, name: str, rank: int, elastic: _Heartbeats | None) -> None:
-    """Detaches a worker (run by close() or when its optimizer is collected)."""
-    if elastic is not None:
-        elastic.stop()
-    if not ray.is_initialized():
-        return
-    try:
-        registry.leave.remote(name, rank)
-        if elastic is not None and elastic.rank != rank:  # re-admitted under another rank
-            elastic.coordinator.leave.remote(elastic.rank)
-    except Exception:  # the cluster is going away
-        pass
-
-
-class _Heartbeats:
-    """A background thread telling an elastic group's coordinator that this worker is alive
-    (a few times per ``heartbeat_timeout``; never on the step's path)."""
-
-    def __init__(self, coordinator: Any, rank: int, timeout_s: float) -> None:
-        self.coordinator = coordinator
-        self.rank = rank
-        self._stop = threading.Event()
-        self._interval = timeout_s / 5
-        self._thread = threading.Thread(target=self._run, daemon=True, name="shardopt-heartbeat")
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.coordinator.heartbeat.remote(self.rank)
-            except Exception as err:  # Ray going away, or the group torn down
-                logger.debug("heartbeat not sent: %s", err)
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 def registry() -> Any:
@@ -201,7 +171,7 @@ class ShardGroupMember(RayShards):
         self._resend = False  # the next push repeats one whose answer was lost (resend_at)
         self._push_id: int | None = None  # (async) the next push's id (push_as)
         self.first_version = 0  # the version this member adopted when it attached
-        self._heartbeats: _Heartbeats | None = None
+        self._heartbeats: Heartbeats | None = None
         self.shard_map = ShardMap(config.num_shards)
         self.data_path = GroupDataPath(self.shard_map, share_params=share_params)
         self.lanes = Lanes()  # to shards on this node answering in shared memory, and on others
@@ -256,12 +226,12 @@ class ShardGroupMember(RayShards):
         self.membership = membership
         self.rank = membership.rank
         if membership.coordinator is not None:
-            self._heartbeats = _Heartbeats(
+            self._heartbeats = Heartbeats(
                 membership.coordinator, self.rank, self.config.heartbeat_timeout_s
             )
         self.handles: list[GroupShardHandle] = group_handles(membership, reg)
         self._finalizer = weakref.finalize(
-            self, _leave, reg, self.name, self.rank, self._heartbeats
+            self, leave_group, reg, self.name, self.rank, self._heartbeats
         )
         if not membership.created:
             logger.info("rank %d attached to existing group %r", self.rank, self.name)
@@ -538,6 +508,10 @@ class ShardGroupMember(RayShards):
                 results[s] = result
                 if result.applied_version is None:
                     rejected.append(s)
+        except BaseException:  # (Ctrl-C) an async push sent is applied all the same
+            if self.config.mode == "async":  # (a sync one waits for its round: see below)
+                self._let_land(pending, params)
+            raise
         finally:  # a lane whose answer was not read would hand it to the next push
             for answer, s in pending.items():
                 if isinstance(answer, LANE_TYPES):
@@ -545,6 +519,26 @@ class ShardGroupMember(RayShards):
             if pending and self.config.mode == "sync":  # unanswered: their rounds may be done
                 self._resend = True  # so the next push repeats this version (see resend_at)
         return sorted(rejected)
+
+    def _let_land(self, pending: dict[Any, int], params: list[torch.Tensor]) -> None:
+        """(async) A push stopped part-way: waits at most ``LAND_S`` for the shards it reached,
+        which apply it all the same, and adopts their parameters. Else a late request would
+        meet the next push: the lane opened again for it drops what it finds unread, or the
+        shard reads this push's gradients from the rank's slot after the next one wrote its own.
+        A shard that does not answer in time keeps its lane closed (``_push``'s finally)."""
+        deadline = time.monotonic() + LAND_S
+        while pending:
+            try:
+                answer, s = first_answer(pending, max(0.0, deadline - time.monotonic()))
+            except Exception as err:  # (a TimeoutError) as without this wait: see above
+                logger.warning("a push stopped part-way: %s in %g s", err, LAND_S)
+                break
+            try:
+                result: PushResult = answer_of(answer)
+                inline = answer.params if isinstance(answer, NetLaneClient) else None
+                self._adopt(s, result.current, params, inline)
+            except Exception as err:  # it raises what stopped it; the shard's own is logged
+                logger.warning("a push stopped part-way; shard %d: %s", s, err)
 
     def _fail_over(self, shard: int) -> None:
         """Replaces a lost primary by a replica (the registry does it once for the group)."""
