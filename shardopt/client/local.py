@@ -374,8 +374,11 @@ class LocalShards(RayShards):
                 continue
             flight.applied.append(s)
             flight.new_state.extend(result.new_state_ids)
-        self._replicate({s: flight.sent[s] for s in flight.applied})
-        self.shard_map.note_state(flight.new_state)
+        try:  # what stopped the step is what it raises
+            self._replicate({s: flight.sent[s] for s in flight.applied})
+            self.shard_map.note_state(flight.new_state)
+        except Exception as err:
+            logger.warning("step %d stopped part-way; its replicas: %s", flight.step_id, err)
 
     def _replicate(self, shards: dict[int, tuple[StepRequest, torch.Tensor]]) -> None:
         """Sends the step to the replicas of ``shards`` (which applied it)."""
