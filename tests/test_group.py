@@ -505,6 +505,24 @@ def test_owner_close_keeps_the_group_until_the_others_detach(name):
     assert not glob.glob(f"{shm.SHM_DIR}/shardopt-{info['pid']}-*")
 
 
+def test_close_returns_once_the_group_has_ended_and_its_files_are_gone(name):
+    """A script that closes its optimizer and then stops Ray (``ray.shutdown()``, the end of a
+    job on an embedded Ray) leaves nothing in /dev/shm: the last worker's close() waits for the
+    registry to end the group, its hosts' shared-memory files removed (before, close() only
+    sent the leave, and the files of a cluster stopped meanwhile stayed)."""
+    params = [torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8))]
+    opt = _sgd_member(name, params, 1, 0, "async")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    hosts, _ = ray.get(group_registry().primary_hosts.remote(name))
+    files = [f for info in ray.get([h.info.remote() for h in hosts]) for f in info["shm_files"]]
+    assert files and all(os.path.exists(f) for f in files)
+    opt.close()
+    assert [f for f in files if os.path.exists(f)] == []
+    assert name not in list_groups()
+
+
 def test_group_ends_with_its_owners_job(name):
     """A driver in another process (its own Ray job) creates a group and exits without closing."""
     address = ray.get_runtime_context().gcs_address

@@ -20,18 +20,33 @@ import ray
 logger = logging.getLogger(__name__)
 
 
-def leave_group(registry: Any, name: str, rank: int, elastic: Heartbeats | None) -> None:
-    """Detaches a worker (run by close() or when its optimizer is collected)."""
+LEAVE_WAIT_S = 30.0
+"""How long ``close()`` waits for the registry to let a worker go (and end its group)."""
+
+
+def leave_group(
+    registry: Any, name: str, rank: int, elastic: Heartbeats | None, wait_s: float | None = None
+) -> None:
+    """Detaches a worker (run by close() or when its optimizer is collected).
+
+    Args:
+        wait_s: (close()) wait at most this long for the registry to have let it go, and,
+            where it was the group's last worker, ended the group: its hosts closed and their
+            shared-memory files removed, before the caller goes on (and perhaps stops Ray).
+            Collecting an optimizer does not wait.
+    """
     if elastic is not None:
         elastic.stop()
     if not ray.is_initialized():
         return
     try:
-        registry.leave.remote(name, rank)
+        left = registry.leave.remote(name, rank)
         if elastic is not None and elastic.rank != rank:  # re-admitted under another rank
             elastic.coordinator.leave.remote(elastic.rank)
-    except Exception:  # the cluster is going away
-        pass
+        if wait_s is not None:
+            ray.get(left, timeout=wait_s)
+    except Exception as err:  # the cluster is going away, or the registry is busy
+        logger.debug("leaving group %r: %s", name, err)
 
 
 class Heartbeats:

@@ -57,7 +57,7 @@ from shardopt.client.group_config import (  # noqa: F401  (the group's options, 
 )
 from shardopt.client.group_data_path import GroupDataPath
 from shardopt.client.group_handles import GroupShardHandle, group_handles
-from shardopt.client.group_heartbeats import Heartbeats, leave_group
+from shardopt.client.group_heartbeats import LEAVE_WAIT_S, Heartbeats, leave_group
 from shardopt.client.handles import ShardHandle
 from shardopt.client.lanes import (
     LAND_S,
@@ -587,5 +587,8 @@ class ShardGroupMember(RayShards):
 
     def close(self) -> None:
         self.lanes.close_all()
-        self._finalizer()
+        leaving = self._finalizer.detach()  # close() waits for the registry; collecting does not
+        if leaving is not None:
+            _, leave, args, _ = leaving
+            leave(*args, wait_s=LEAVE_WAIT_S)
         self.data_path.close()
