@@ -20,6 +20,7 @@ import os
 import pickle
 import select
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -150,6 +151,24 @@ def first_answer(pending: dict[Any, int], timeout_s: float | None = None) -> tup
                 return done[0], pending.pop(done[0])
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError(f"no answer from shard(s) {sorted(pending.values())}")
+
+
+def land(pending: dict[Any, int], take: Callable[[Any, int], None], what: str) -> None:
+    """(A step or push stopped part-way) Reads the answers still ``pending``, waiting at most
+    ``LAND_S`` in all, and hands each to ``take(answer, shard)``. Whatever stopped the caller
+    is what it raises: a shard's own error here, or the time running out (the shards not heard
+    from stay in ``pending``), is only logged, naming ``what`` stopped."""
+    deadline = time.monotonic() + LAND_S
+    while pending:
+        try:
+            answer, s = first_answer(pending, max(0.0, deadline - time.monotonic()))
+        except Exception as err:  # (a TimeoutError) the caller closes what is left
+            logger.warning("%s stopped part-way: %s in %g s", what, err, LAND_S)
+            return
+        try:
+            take(answer, s)
+        except Exception as err:
+            logger.warning("%s stopped part-way; shard %d: %s", what, s, err)
 
 
 def answer_of(answer: Any) -> Any:

@@ -31,7 +31,7 @@ from shardopt.client import transport as transport_module
 from shardopt.client.backend import ParamSource
 from shardopt.client.data_path import DataPath, GradShipper
 from shardopt.client.handles import ShardHandle
-from shardopt.client.lanes import LAND_S, LANE_TYPES, Lanes, first_answer, net_lanes_enabled
+from shardopt.client.lanes import LANE_TYPES, Lanes, first_answer, land, net_lanes_enabled
 from shardopt.client.ray_shards import RayShards
 from shardopt.client.replication import Replicas
 from shardopt.client.runtime import drop_shards, host_pool, ray_get
@@ -358,22 +358,14 @@ class LocalShards(RayShards):
         and sends it to their replicas. Else a late answer would meet the next step: the lane
         opened again for it drops the request it finds unread, and the replica never gets it.
         A shard that does not answer in time keeps its lane closed (``_update``'s finally)."""
-        deadline, pending = time.monotonic() + LAND_S, flight.pending
-        while pending:
-            try:
-                answer, s = first_answer(pending, max(0.0, deadline - time.monotonic()))
-            except Exception as err:  # (a TimeoutError) as without this wait: see above
-                logger.warning("step %d stopped part-way: %s in %g s", flight.step_id, err, LAND_S)
-                break
-            try:
-                result = result_of(answer)
-                request = flight.sent[s][0]
-                self._take_params(s, result, request, flight.touched[s], flight.params)
-            except Exception as err:  # it raises what stopped it; the shard's own is logged
-                logger.warning("step %d stopped part-way; shard %d: %s", flight.step_id, s, err)
-                continue
+
+        def take(answer: Any, s: int) -> None:
+            result = result_of(answer)
+            self._take_params(s, result, flight.sent[s][0], flight.touched[s], flight.params)
             flight.applied.append(s)
             flight.new_state.extend(result.new_state_ids)
+
+        land(flight.pending, take, f"step {flight.step_id}")
         try:  # what stopped the step is what it raises
             self._replicate({s: flight.sent[s] for s in flight.applied})
             self.shard_map.note_state(flight.new_state)

@@ -60,11 +60,11 @@ from shardopt.client.group_handles import GroupShardHandle, group_handles
 from shardopt.client.group_heartbeats import LEAVE_WAIT_S, Heartbeats, leave_group
 from shardopt.client.handles import ShardHandle
 from shardopt.client.lanes import (
-    LAND_S,
     LANE_TYPES,
     Lanes,
     answer_of,
     first_answer,
+    land,
     net_lanes_enabled,
 )
 from shardopt.client.ray_shards import RayShards
@@ -526,19 +526,13 @@ class ShardGroupMember(RayShards):
         meet the next push: the lane opened again for it drops what it finds unread, or the
         shard reads this push's gradients from the rank's slot after the next one wrote its own.
         A shard that does not answer in time keeps its lane closed (``_push``'s finally)."""
-        deadline = time.monotonic() + LAND_S
-        while pending:
-            try:
-                answer, s = first_answer(pending, max(0.0, deadline - time.monotonic()))
-            except Exception as err:  # (a TimeoutError) as without this wait: see above
-                logger.warning("a push stopped part-way: %s in %g s", err, LAND_S)
-                break
-            try:
-                result: PushResult = answer_of(answer)
-                inline = answer.params if isinstance(answer, NetLaneClient) else None
-                self._adopt(s, result.current, params, inline)
-            except Exception as err:  # it raises what stopped it; the shard's own is logged
-                logger.warning("a push stopped part-way; shard %d: %s", s, err)
+
+        def adopt(answer: Any, s: int) -> None:
+            result: PushResult = answer_of(answer)
+            inline = answer.params if isinstance(answer, NetLaneClient) else None
+            self._adopt(s, result.current, params, inline)
+
+        land(pending, adopt, "a push")
 
     def _fail_over(self, shard: int) -> None:
         """Replaces a lost primary by a replica (the registry does it once for the group)."""
