@@ -84,6 +84,7 @@ from step_report import (
     COPY,
     COPY_1T,
     CORE_FLOOR,
+    FUSED,
     FUSED_1T,
     SHARD_FLOOR,
     STEP_FLOOR,
@@ -426,7 +427,7 @@ def _table_order(records: dict[str, Any], shard_counts: tuple[int, ...]) -> list
     order = [*LOCAL_VARIANTS, *anchors.ZERO_CONFIGS.values(), anchors.RPC_CONFIG]
     order += [shardopt_name(k) for k in shard_counts]
     order += [shardopt_name(max(shard_counts), True)] if shard_counts else []
-    order.insert(order.index("torch fused") + 1, FUSED_1T)
+    order.insert(order.index(FUSED) + 1, FUSED_1T)
     order += [ADD, COPY, COPY_1T, STEP_FLOOR, SHARD_FLOOR, CORE_FLOOR]
     return [c for c in order if c in records] + [c for c in records if c not in order]
 

@@ -41,15 +41,11 @@ def floors(
         "step_floor_ms": step,
         "shard_floor_ms": step + 2 * t_copy,
     }
-    times = {k: records.get(k, {}).get("median_ms") for k in (FUSED, FUSED_1T, COPY_1T)}
-    if all(times.values()):
-        out["core_floor_ms"] = core_floor(
-            times[FUSED],
-            times[FUSED_1T],
-            t_copy,
-            times[COPY_1T],
-            cpus,  # type: ignore[arg-type]
-        )
+    t_fused, t_fused_1t, t_copy_1t = (
+        records.get(k, {}).get("median_ms") for k in (FUSED, FUSED_1T, COPY_1T)
+    )
+    if t_fused and t_fused_1t and t_copy_1t:
+        out["core_floor_ms"] = core_floor(t_fused, t_fused_1t, t_copy, t_copy_1t, cpus)
     return out
 
 
